@@ -1,0 +1,97 @@
+"""Small HTTP helpers for the worker: bounded body reads, disconnect watching, error responses."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive
+
+from engines.errors import EngineError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def too_large(limit: int) -> EngineError:
+    return EngineError(
+        413, f"The request body is larger than the limit of {limit} bytes.", code="request_too_large"
+    )
+
+
+async def _until_disconnected(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Runs `work` (after the body was read) and cancels it the moment the client goes away.
+
+    Polling `request.is_disconnected()` would only notice between steps; watching the ASGI
+    receive channel notices at once, which is what frees the engine slot at once.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_until_disconnected(request.receive))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        watcher.cancel()
+        raise
+    if task in done:
+        watcher.cancel()
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    raise ClientDisconnected()
+
+
+def error_response(exc: EngineError) -> JSONResponse:
+    headers = {"retry-after": "1"} if exc.status in (429, 503) else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+async def on_engine_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, EngineError)
+    return error_response(exc)
+
+
+async def on_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    status = exc.status_code
+    message = {
+        404: f"No route for {request.url.path}.",
+        405: f"Method {request.method} not allowed here.",
+    }.get(status, str(exc.detail))
+    return error_response(EngineError(status, message, type="invalid_request_error"))
+
+
+async def on_unexpected(request: Request, exc: Exception) -> Response:
+    # A bug, not a client mistake: log it with the traceback, answer a clean OpenAI error.
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(EngineError(500, "Internal error in the engine worker.", code="internal_error"))

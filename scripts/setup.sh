@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Creates .venv and installs the project with every extra. Idempotent; safe to re-run.
+# torch is pinned to the CPU build (see pyproject.toml), so no CUDA wheels are pulled.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q -e '.[all]'
+# Tests run a private redis-server; install it where the machine lacks it.
+if ! command -v redis-server >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null
+  else
+    echo "redis-server is missing: install it (e.g. apt-get install redis-server)" >&2
+    exit 1
+  fi
+fi
