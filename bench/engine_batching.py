@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.procs import TINY_MODEL, worker  # noqa: E402
+from tests.procs import TINY_MODEL, worker
 
 MODEL = "tiny-llama"
 

@@ -32,3 +32,6 @@ def tiny_worker(logs_dir: Path) -> Iterator[Proc]:
         yield proc.wait_healthy()
     finally:
         proc.stop()
+
+
+pytest_plugins = ["tests.redis_fixtures"]

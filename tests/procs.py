@@ -89,3 +89,58 @@ def metric(text: str, name: str) -> float:
         if line.startswith(name + " ") or line.startswith(name + "{}"):
             return float(line.rsplit(" ", 1)[1])
     raise KeyError(name)
+
+
+def write_config(tmp: Path, name: str, config: dict[str, object]) -> Path:
+    import yaml
+
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def gateway(
+    tmp: Path, config: dict[str, object], *, name: str = "gateway", env: dict[str, str] | None = None, workers: int = 1
+) -> Proc:
+    port = free_port()
+    path = write_config(tmp, f"{name}-{port}", config)
+    args = [
+        sys.executable,
+        "-m",
+        "gateway.cli",
+        "serve",
+        "--config",
+        str(path),
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--log-level",
+        "info",
+    ]
+    return Proc(name, args, port, tmp / f"{name}-{port}.log", env=env or {})
+
+
+def fake_upstream(tmp: Path, *extra: str, name: str = "fake", port: int | None = None) -> Proc:
+    port = port or free_port()
+    args = [sys.executable, str(ROOT / "bench" / "fake_upstream.py"), "--port", str(port), *extra]
+    return Proc(name, args, port, tmp / f"{name}-{port}.log")
+
+
+def cpu_engine(name: str, port: int, *args: str) -> dict[str, object]:
+    """A managed CPU engine entry for a gateway config."""
+    return {"name": name, "kind": "cpu", "model": str(TINY_MODEL), "port": port, "args": ["--threads", "1", *args]}
+
+
+def child_pid_listening_on(parent_pid: int, port: int) -> int:
+    """The pid of the parent's child process started with `--port PORT` (a managed engine)."""
+    import psutil
+
+    for child in psutil.Process(parent_pid).children(recursive=True):
+        try:
+            cmd = child.cmdline()
+        except psutil.Error:
+            continue
+        if "--port" in cmd and cmd[cmd.index("--port") + 1] == str(port):
+            return child.pid
+    raise LookupError(f"no child of {parent_pid} serves port {port}")

@@ -130,9 +130,7 @@ def test_stop_string_is_honoured(client: openai.OpenAI) -> None:
 
 
 def test_n_choices_and_prompt_arrays(client: openai.OpenAI) -> None:
-    r = client.completions.create(
-        model=MODEL, prompt=["A", "The"], n=2, max_tokens=5, extra_body={"ignore_eos": True}
-    )
+    r = client.completions.create(model=MODEL, prompt=["A", "The"], n=2, max_tokens=5, extra_body={"ignore_eos": True})
     assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
     assert r.usage is not None and r.usage.completion_tokens == 20
     c = client.chat.completions.create(

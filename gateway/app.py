@@ -1,0 +1,91 @@
+"""build_app(settings): routes, middleware and lifespan; no logic of its own, no work at import."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncGenerator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from engines.http import ClientDisconnected
+from gateway.access import Access, OpenAccess
+from gateway.context import Gateway
+from gateway.errors import GatewayError
+from gateway.middleware import CatchAllMiddleware, RequestIdMiddleware
+from gateway.routes.openai import OpenAIRoutes
+from gateway.settings import Settings, multiprocess_dir, settings_from_env
+
+log = logging.getLogger(__name__)
+
+
+async def _gateway_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)
+    return exc.response()
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    messages = {404: f"No route for {request.url.path}.", 405: f"Method {request.method} not allowed here."}
+    message = messages.get(exc.status_code, str(exc.detail))
+    return GatewayError(exc.status_code, message, type="invalid_request_error").response()
+
+
+async def _disconnected(request: Request, exc: Exception) -> Response:
+    return Response(status_code=499)  # nobody is listening; nginx's code for it
+
+
+def build_app(settings: Settings, *, access: Access | None = None, multiprocess: str | None = None) -> Starlette:
+    gateway = Gateway.build(settings, multiprocess)
+    access = access or OpenAccess()
+    api = OpenAIRoutes(gateway, access)
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(request: Request) -> Response:
+        engines = {e.name: e.healthy for e in gateway.pool.engines.values()}
+        ok = any(engines.values())
+        return JSONResponse({"ready": ok, "engines": engines}, status_code=200 if ok else 503)
+
+    async def metrics(request: Request) -> Response:
+        return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncGenerator[None, None]:
+        await gateway.upstream.start()
+        gateway.pool.start()
+        try:
+            yield
+        finally:
+            await gateway.pool.stop()
+            await gateway.upstream.close()
+
+    routes = [
+        Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
+        Route("/v1/completions", api.completions, methods=["POST"]),
+        Route("/v1/embeddings", api.embeddings, methods=["POST"]),
+        Route("/v1/models", api.models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/ready", ready, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+    handlers = {
+        GatewayError: _gateway_error,
+        HTTPException: _http_error,
+        ClientDisconnected: _disconnected,
+    }
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
+    app.add_middleware(CatchAllMiddleware)
+    app.add_middleware(RequestIdMiddleware)  # added last: outermost
+    app.state.gateway = gateway
+    return app
+
+
+def app_from_env() -> Starlette:
+    """The factory uvicorn's worker processes call (`gateway.app:app_from_env`)."""
+    return build_app(settings_from_env(), multiprocess=multiprocess_dir())

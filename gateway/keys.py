@@ -1,0 +1,417 @@
+"""API keys in Redis: validation of admin payloads, the record, and secret -> key resolution.
+
+Layout (`gw` is the prefix; the braces are a Redis Cluster hash tag, so one key's record and its
+quota counters share a slot and one Lua script may touch them all):
+
+    gw:{key_<16 hex>}:rec     HASH of the record; numbers as strings, "" for null, JSON for lists
+    gw:keyhash:<sha256 hex>   STRING -> key id (the secret itself is never stored)
+    gw:keys                   SET of every key id, revoked ones included
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import math
+import re
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from gateway.errors import GatewayError, invalid
+
+SECRET_PREFIX = "sk-gw-"
+LIMITS = ("rpm", "tpm", "max_concurrent", "daily_tokens", "monthly_tokens")
+FIELDS = ("name", "models", *LIMITS, "expires_at", "metadata")
+MAX_LIMIT = 2**53 - 1  # Lua numbers are doubles: stay exact
+MAX_METADATA_ENTRIES = 50
+MAX_METADATA_CHARS = 16_384
+MAX_TIMESTAMP = 253_402_300_799.0  # 9999-12-31T23:59:59Z
+_ID = re.compile(r"key_[0-9a-f]{16}")
+REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    spec = "seconds" if ts == int(ts) else "milliseconds"
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec=spec).replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: str
+    name: str
+    models: tuple[str, ...] | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrent: int | None = None
+    daily_tokens: int | None = None
+    monthly_tokens: int | None = None
+    expires_at: float | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    created_at: float = 0.0
+    revoked_at: float | None = None
+    prefix: str = ""
+
+    @property
+    def limited(self) -> bool:
+        return any(getattr(self, name) is not None for name in LIMITS)
+
+    def usable(self, now: float) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
+
+    def may_use(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "api_key",
+            "name": self.name,
+            "prefix": self.prefix,
+            "models": list(self.models) if self.models is not None else None,
+            **{name: getattr(self, name) for name in LIMITS},
+            "expires_at": iso(self.expires_at),
+            "expires_at_unix": self.expires_at,
+            "metadata": dict(self.metadata),
+            "created_at": iso(self.created_at),
+            "created_at_unix": self.created_at,
+            "revoked": self.revoked_at is not None,
+            "revoked_at": iso(self.revoked_at),
+            "revoked_at_unix": self.revoked_at,
+        }
+
+
+# ---- validation ---------------------------------------------------------------------------------
+
+
+def validate_key_fields(payload: Any, *, partial: bool) -> dict[str, Any]:
+    """An admin payload -> clean fields (models as a tuple, expires_at as unix seconds)."""
+    if not isinstance(payload, dict):
+        raise invalid("The request body must be a JSON object.")
+    for name in payload:
+        if name not in FIELDS:
+            raise invalid(f"Unknown field {name!r}; expected some of: {', '.join(FIELDS)}.", param=str(name))
+    if not partial and "name" not in payload:
+        raise invalid("'name' is required.", param="name")
+    out: dict[str, Any] = {}
+    for name, value in payload.items():
+        out[name] = _CHECKS[name](name, value)
+    return out
+
+
+def _name(param: str, value: Any) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= 200:
+        raise invalid("'name' must be a string of 1 to 200 characters.", param=param)
+    return value
+
+
+def _models(param: str, value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list | tuple) or not value:
+        raise invalid("'models' must be a non-empty list of model names, or null for all models.", param=param)
+    if not all(isinstance(m, str) and m for m in value):
+        raise invalid("'models' must contain only non-empty strings.", param=param)
+    return tuple(dict.fromkeys(value))
+
+
+def _limit(param: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    # bool is an int subclass: `true` is not a limit
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid(f"'{param}' must be an integer >= 1, or null for no limit.", param=param)
+    if value < 1:
+        raise invalid(f"'{param}' must be >= 1 (got {value}); use null for no limit.", param=param)
+    if value > MAX_LIMIT:
+        raise invalid(f"'{param}' must be at most {MAX_LIMIT}.", param=param)
+    return value
+
+
+def _expires_at(param: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            when = datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise invalid(
+                f"'expires_at' is not an ISO 8601 date-time: {value!r} (e.g. 2030-01-31T12:00:00Z).", param=param
+            ) from None
+        ts = (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        ts = float(value)
+    else:
+        raise invalid("'expires_at' must be an ISO 8601 string, Unix seconds, or null.", param=param)
+    if not math.isfinite(ts) or not 0 <= ts <= MAX_TIMESTAMP:
+        raise invalid("'expires_at' is out of range.", param=param)
+    return ts
+
+
+def _metadata(param: str, value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise invalid("'metadata' must be a JSON object.", param=param)
+    if len(value) > MAX_METADATA_ENTRIES:
+        raise invalid(f"'metadata' may have at most {MAX_METADATA_ENTRIES} entries.", param=param)
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        raise invalid("'metadata' must be JSON-serialisable.", param=param) from None
+    if len(text) > MAX_METADATA_CHARS:
+        raise invalid(f"'metadata' must serialise to at most {MAX_METADATA_CHARS} characters.", param=param)
+    return dict(value)
+
+
+_CHECKS: dict[str, Any] = {
+    "name": _name,
+    "models": _models,
+    **dict.fromkeys(LIMITS, _limit),
+    "expires_at": _expires_at,
+    "metadata": _metadata,
+}
+
+
+# ---- the Redis record ---------------------------------------------------------------------------
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _num(value: str | None) -> float | None:
+    return float(value) if value else None
+
+
+def _int(value: str | None) -> int | None:
+    return int(value) if value else None
+
+
+def encode_fields(fields: Mapping[str, Any]) -> dict[str, str]:
+    """Validated fields -> HASH values: "" for null, JSON for models and metadata."""
+    out: dict[str, str] = {}
+    for name, value in fields.items():
+        if value is None:
+            out[name] = ""
+        elif name == "models":
+            out[name] = json.dumps(list(value))
+        elif name == "metadata":
+            out[name] = json.dumps(value)
+        elif name == "expires_at":
+            out[name] = repr(float(value))
+        else:
+            out[name] = str(value)
+    return out
+
+
+def texts(raw: Mapping[Any, Any]) -> dict[str, str]:
+    return {_text(k): _text(v) for k, v in raw.items()}
+
+
+def decode_record(raw: Mapping[Any, Any]) -> ApiKey | None:
+    if not raw:
+        return None
+    h = texts(raw)
+    models = h.get("models")
+    return ApiKey(
+        id=h["id"],
+        name=h.get("name", ""),
+        models=tuple(json.loads(models)) if models else None,
+        rpm=_int(h.get("rpm")),
+        tpm=_int(h.get("tpm")),
+        max_concurrent=_int(h.get("max_concurrent")),
+        daily_tokens=_int(h.get("daily_tokens")),
+        monthly_tokens=_int(h.get("monthly_tokens")),
+        expires_at=_num(h.get("expires_at")),
+        metadata=json.loads(h["metadata"]) if h.get("metadata") else {},
+        created_at=float(h.get("created_at") or 0),
+        revoked_at=_num(h.get("revoked_at")),
+        prefix=h.get("prefix", ""),
+    )
+
+
+def secret_hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def record_key(prefix: str, key_id: str) -> str:
+    return f"{prefix}:{{{key_id}}}:rec"
+
+
+# Both return the record after the write, so an admin change costs one round trip.
+_UPDATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+if #ARGV > 0 then redis.call('HSET', KEYS[1], unpack(ARGV)) end
+return redis.call('HGETALL', KEYS[1])
+"""
+_REVOKE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+if (redis.call('HGET', KEYS[1], 'revoked_at') or '') == '' then
+  redis.call('HSET', KEYS[1], 'revoked_at', ARGV[1])
+end
+return redis.call('HGETALL', KEYS[1])
+"""
+
+
+@dataclass
+class _Known:
+    key_id: str
+    key: ApiKey
+    fetched: float  # monotonic
+
+
+class KeyStore:
+    """Keys in Redis, with an in-process cache of secret hash -> key.
+
+    The hash -> id mapping never changes, so it is cached for good (LRU-bounded). The record
+    snapshot returned by `resolve` is at most `record_ttl` seconds old: it serves the paths that
+    do not admit (GET /v1/models) and the fail-open limiter. Admission itself reads the record
+    fresh inside its Lua script (gateway/quota.py), so a revoke or PATCH applies at once to
+    every replica. A known key therefore costs no Redis round trip here.
+    """
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        prefix: str = "gw",
+        *,
+        cache_size: int = 10_000,
+        record_ttl: float = 2.0,
+        timeout: float = 0.5,
+    ) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.cache_size = cache_size
+        self.record_ttl = record_ttl
+        self.timeout = timeout
+        self._index = f"{prefix}:keys"
+        self._known: OrderedDict[str, _Known] = OrderedDict()
+        self._update = redis.register_script(_UPDATE)
+        self._revoke = redis.register_script(_REVOKE)
+
+    def _rec(self, key_id: str) -> str:
+        return record_key(self.prefix, key_id)
+
+    async def create(self, fields: Mapping[str, Any]) -> tuple[ApiKey, str]:
+        """`fields` from validate_key_fields(partial=False). Returns the record and the secret."""
+        secret = SECRET_PREFIX + secrets.token_urlsafe(32)
+        key_id = "key_" + secrets.token_hex(8)
+        digest = secret_hash(secret)
+        record: dict[Any, str] = {
+            **encode_fields({name: None for name in FIELDS if name != "name"}),
+            **encode_fields(fields),
+            "id": key_id,
+            "hash": digest,
+            "prefix": secret[:10],
+            "created_at": repr(time.time()),
+            "revoked_at": "",
+        }
+        # No MULTI: the three keys live in different cluster slots. The mapping goes last, so it
+        # never points at a missing record.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(self._rec(key_id), mapping=record)
+            pipe.sadd(self._index, key_id)
+            pipe.set(f"{self.prefix}:keyhash:{digest}", key_id)
+            await pipe.execute()
+        key = decode_record(record)
+        assert key is not None
+        return key, secret
+
+    async def record_for(self, key_id: str) -> ApiKey | None:
+        if not _ID.fullmatch(key_id):
+            return None
+        return decode_record(await self.redis.hgetall(self._rec(key_id)))
+
+    async def get(self, key_id: str) -> ApiKey | None:
+        return await self.record_for(key_id)
+
+    async def list(self) -> list[ApiKey]:
+        ids = sorted(_text(i) for i in await self.redis.smembers(self._index))
+        if not ids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key_id in ids:
+                pipe.hgetall(self._rec(key_id))
+            raws = await pipe.execute()
+        keys = [k for k in map(decode_record, raws) if k is not None]
+        return sorted(keys, key=lambda k: (k.created_at, k.id))
+
+    async def update(self, key_id: str, fields: Mapping[str, Any]) -> ApiKey | None:
+        """`fields` from validate_key_fields(partial=True); a None value clears that field."""
+        if not _ID.fullmatch(key_id):
+            return None
+        args = [part for pair in encode_fields(fields).items() for part in pair]
+        key = decode_record(_pairs(await self._update(keys=[self._rec(key_id)], args=args)))
+        self._forget(key_id)
+        return key
+
+    async def revoke(self, key_id: str) -> ApiKey | None:
+        if not _ID.fullmatch(key_id):
+            return None
+        key = decode_record(_pairs(await self._revoke(keys=[self._rec(key_id)], args=[repr(time.time())])))
+        self._forget(key_id)
+        return key
+
+    async def resolve(self, secret: str) -> ApiKey | None:
+        """The request path: secret -> record, revoked or expired ones included (see usable())."""
+        if not secret.startswith(SECRET_PREFIX) or len(secret) > 200:
+            return None  # cannot be one of ours: no round trip
+        digest = secret_hash(secret)
+        known = self._known.get(digest)
+        if known is not None:
+            self._known.move_to_end(digest)
+            if time.monotonic() - known.fetched < self.record_ttl:
+                return known.key
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await self._load(digest, known)
+        except REDIS_DOWN:
+            if known is not None:
+                return known.key  # a stale snapshot lets fail-open mode serve known keys
+            raise GatewayError(
+                503, "Key store unavailable, retry shortly.", code="quota_unavailable", headers={"retry-after": "1"}
+            ) from None
+
+    async def _load(self, digest: str, known: _Known | None) -> ApiKey | None:
+        if known is None:
+            raw_id = await self.redis.get(f"{self.prefix}:keyhash:{digest}")
+            if raw_id is None:
+                return None  # unknown keys are not cached: a key made on another replica works at once
+            key_id = _text(raw_id)
+        else:
+            key_id = known.key_id
+        raw = texts(await self.redis.hgetall(self._rec(key_id)))
+        key = decode_record(raw)
+        if key is None or not hmac.compare_digest(raw.get("hash", ""), digest):
+            self._known.pop(digest, None)
+            return None
+        self._known[digest] = _Known(key_id, key, time.monotonic())
+        self._known.move_to_end(digest)
+        while len(self._known) > self.cache_size:
+            self._known.popitem(last=False)
+        return key
+
+    def _forget(self, key_id: str) -> None:
+        """Drop this replica's snapshot at once; other replicas catch up within record_ttl."""
+        for known in self._known.values():
+            if known.key_id == key_id:
+                known.fetched = -math.inf
+
+
+def _pairs(reply: Any) -> dict[Any, Any]:
+    """A Lua-returned HGETALL (a flat list) -> dict."""
+    if not reply:
+        return {}
+    return dict(zip(reply[::2], reply[1::2], strict=True))

@@ -1,0 +1,112 @@
+"""The gateway's Prometheus metrics. Label values come only from the config (models, engines),
+a fixed status set and key ids, never from free client input, so label sets stay bounded.
+
+With several uvicorn workers, prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR,
+set by the CLI) sums every worker's values into one scrape.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class GatewayMetrics:
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._multiprocess_dir = multiprocess_dir
+        r = self.registry
+        self.requests = Counter(
+            "gateway_requests",
+            "Requests by public model, engine and status.",
+            ["model", "engine", "status"],
+            registry=r,
+        )
+        self.key_requests = Counter(
+            "gateway_key_requests", "Requests by API key id and status.", ["key_id", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "gateway_request_duration_seconds",
+            "Whole request latency.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "gateway_time_to_first_token_seconds",
+            "Time to the first streamed chunk.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "gateway_inter_token_latency_seconds",
+            "Gap between streamed chunks.",
+            ["model"],
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter("gateway_prompt_tokens", "Prompt tokens.", ["model"], registry=r)
+        self.completion_tokens = Counter("gateway_completion_tokens", "Completion tokens.", ["model"], registry=r)
+        self.key_tokens = Counter(
+            "gateway_key_tokens", "Tokens by API key id and kind.", ["key_id", "kind"], registry=r
+        )
+        self.in_flight = Gauge(
+            "gateway_requests_in_flight", "Requests being served.", registry=r, multiprocess_mode="livesum"
+        )
+        self.streams = Gauge(
+            "gateway_streams_in_flight", "Streams being relayed.", registry=r, multiprocess_mode="livesum"
+        )
+        self.engine_healthy = Gauge(
+            "gateway_engine_healthy",
+            "1 when the engine passes health checks.",
+            ["engine"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.engine_outstanding = Gauge(
+            "gateway_engine_outstanding_requests",
+            "Requests in flight to the engine.",
+            ["engine"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.engine_waiting = Gauge(
+            "gateway_engine_waiting_requests",
+            "The engine's own waiting queue.",
+            ["engine"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.routing = Counter(
+            "gateway_routing_decisions", "Engines picked per model.", ["model", "engine"], registry=r
+        )
+        self.retries = Counter("gateway_retries", "Requests retried on another engine.", ["model"], registry=r)
+        self.upstream_errors = Counter(
+            "gateway_upstream_errors", "Upstream failures by engine and kind.", ["engine", "kind"], registry=r
+        )
+        self.client_disconnects = Counter(
+            "gateway_client_disconnects",
+            "Requests whose client went away before the end.",
+            ["model"],
+            registry=r,
+        )
+        self.quota_rejections = Counter(
+            "gateway_quota_rejections", "Requests refused by a quota, by limit.", ["limit"], registry=r
+        )
+        self.redis_errors = Counter("gateway_redis_errors", "Failed Redis operations.", registry=r)
+        self.fail_open = Counter(
+            "gateway_quota_fail_open",
+            "Requests admitted by the per-process limiter while Redis was down.",
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        if self._multiprocess_dir:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=self._multiprocess_dir)
+            return generate_latest(registry)
+        return generate_latest(self.registry)

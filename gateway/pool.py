@@ -1,0 +1,136 @@
+"""The engines as this gateway process sees them: health, its own outstanding count, reported load."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import aiohttp
+
+from gateway.metrics import GatewayMetrics
+from gateway.settings import EngineSettings, HealthSettings
+
+log = logging.getLogger(__name__)
+
+# Gauges an engine reports on /metrics that say how loaded it is: ours and vLLM's names.
+_WAITING = (b"engine_num_requests_waiting", b"vllm:num_requests_waiting")
+_RUNNING = (b"engine_num_requests_running", b"vllm:num_requests_running")
+_KV = (b"engine_kv_cache_usage_perc", b"vllm:kv_cache_usage_perc", b"vllm:gpu_cache_usage_perc")
+
+
+@dataclass
+class Engine:
+    settings: EngineSettings
+    healthy: bool = False
+    outstanding: int = 0  # requests this process has in flight there
+    waiting: float = 0.0  # the engine's own queue, from its last /metrics scrape
+    running: float = 0.0
+    kv_usage: float = 0.0
+    failures: int = 0
+    last_change: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    def load(self) -> float:
+        """Lower is better: what we have sent it plus what it says is queued."""
+        return self.outstanding + self.waiting
+
+
+def parse_load(text: bytes) -> tuple[float, float, float]:
+    waiting = running = kv = 0.0
+    for line in text.splitlines():
+        if not line or line[0] == 35:  # '#'
+            continue
+        name_end = min((i for i in (line.find(b"{"), line.find(b" ")) if i > 0), default=-1)
+        if name_end < 0:
+            continue
+        name = line[:name_end]
+        if name in _WAITING or name in _RUNNING or name in _KV:
+            try:
+                value = float(line.rsplit(b" ", 1)[1])
+            except ValueError:
+                continue
+            # vLLM labels its gauges per model (and engine index): sum them.
+            if name in _WAITING:
+                waiting += value
+            elif name in _RUNNING:
+                running += value
+            else:
+                kv = max(kv, value)
+    return waiting, running, kv
+
+
+class Pool:
+    def __init__(self, engines: tuple[EngineSettings, ...], health: HealthSettings, metrics: GatewayMetrics) -> None:
+        self.engines = {e.name: Engine(e) for e in engines}
+        self._health = health
+        self._metrics = metrics
+        self._task: asyncio.Task[None] | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._changed = asyncio.Event()
+
+    def start(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=self._health.timeout)
+        self._session = aiohttp.ClientSession(timeout=timeout)
+        self._task = asyncio.create_task(self._run(), name="health-checks")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._session:
+            await self._session.close()
+
+    def any_healthy(self) -> bool:
+        return any(e.healthy for e in self.engines.values())
+
+    def mark_failed(self, engine: Engine, why: str) -> None:
+        """Passive health: a refused connection takes the engine out until a check says otherwise."""
+        if engine.healthy:
+            log.warning("engine %s taken out of rotation: %s", engine.name, why)
+        self._set_health(engine, False)
+        self._changed.set()  # check it again soon rather than at the next interval
+
+    def _set_health(self, engine: Engine, healthy: bool) -> None:
+        if engine.healthy != healthy:
+            engine.healthy = healthy
+            engine.last_change = time.monotonic()
+            if healthy:
+                log.info("engine %s is healthy", engine.name)
+        self._metrics.engine_healthy.labels(engine.name).set(1 if healthy else 0)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.gather(*(self._check(e) for e in self.engines.values()))
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), self._health.interval)
+                await asyncio.sleep(0.1)  # a burst of failures yields one re-check, not many
+            except TimeoutError:
+                pass
+
+    async def _check(self, engine: Engine) -> None:
+        assert self._session is not None
+        s = engine.settings
+        headers = {"authorization": f"Bearer {s.api_key}"} if s.api_key else None
+        try:
+            async with self._session.get(s.url + s.health_path, headers=headers) as r:
+                ok = r.status == 200
+            if ok and s.metrics_path:
+                async with self._session.get(s.url + s.metrics_path, headers=headers) as r:
+                    if r.status == 200:
+                        engine.waiting, engine.running, engine.kv_usage = parse_load(await r.read())
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            ok = False
+        engine.failures = 0 if ok else engine.failures + 1
+        if ok:
+            self._set_health(engine, True)
+        elif engine.failures >= self._health.failures_to_eject:
+            self._set_health(engine, False)
+        m = self._metrics
+        m.engine_waiting.labels(engine.name).set(engine.waiting)
+        m.engine_outstanding.labels(engine.name).set(engine.outstanding)

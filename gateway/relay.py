@@ -1,0 +1,187 @@
+"""Upstream HTTP client and the SSE relay.
+
+Streams are relayed chunk by chunk as they arrive, as raw bytes: the relay only cuts at SSE event
+boundaries and parses the one event that carries the final usage. The client's pace drives the
+reads (a send must finish before the next upstream read), so a slow client holds back its own
+upstream through TCP flow control instead of growing the gateway's memory; a client that reads
+nothing for `send_timeout` is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from starlette.types import Message, Receive, Scope, Send
+
+from gateway.errors import GatewayError
+from gateway.settings import ServerSettings
+
+_DONE = b"data: [DONE]"
+_USAGE = b'"usage":{'
+
+
+@dataclass(slots=True)
+class StreamStats:
+    """What the relay saw; read by accounting when the stream ends."""
+
+    started: float = field(default_factory=time.perf_counter)
+    first_chunk: float = 0.0
+    last_chunk: float = 0.0
+    chunks: int = 0
+    on_gap: Callable[[float], None] | None = None  # inter-chunk latency, observed as it happens
+    usage: dict[str, Any] | None = None
+    done: bool = False  # the upstream finished the stream with [DONE]
+    disconnected: bool = False  # the client went away first
+    error: str | None = None  # why the upstream stream broke, if it did
+
+
+class Upstream:
+    def __init__(self, server: ServerSettings) -> None:
+        self._server = server
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, enable_cleanup_closed=True)
+        self._session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
+        )
+
+    async def close(self) -> None:
+        if self._session:
+            await self._session.close()
+
+    async def post(self, url: str, body: bytes, api_key: str | None, stream: bool) -> aiohttp.ClientResponse:
+        """Sends the request and returns once the response headers are in.
+
+        Raises aiohttp.ClientError / OSError when the engine cannot be reached, TimeoutError when
+        it does not answer in time.
+        """
+        assert self._session is not None
+        s = self._server
+        headers = {"content-type": "application/json"}
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
+        read = s.idle_timeout if stream else s.request_timeout
+        timeout = aiohttp.ClientTimeout(total=None, connect=s.connect_timeout, sock_read=read)
+        async with asyncio.timeout(s.first_byte_timeout if stream else s.request_timeout):
+            return await self._session.post(url, data=body, headers=headers, timeout=timeout)
+
+    async def read_all(self, response: aiohttp.ClientResponse) -> bytes:
+        async with asyncio.timeout(self._server.request_timeout):
+            return await response.read()
+
+
+def _event_end(buf: bytes) -> int:
+    """Index just past the last complete SSE event in buf (0 when there is none)."""
+    lf = buf.rfind(b"\n\n")
+    crlf = buf.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
+
+def take_usage(block: bytes, stats: StreamStats, strip: bool) -> bytes:
+    """Records the usage event's figures; drops that event when the client did not ask for it."""
+    events = block.split(b"\n\n")
+    kept = []
+    for event in events:
+        if _USAGE in event and event.startswith(b"data: "):
+            try:
+                payload = json.loads(event[6:])
+            except ValueError:
+                payload = None
+            if isinstance(payload, dict) and isinstance(payload.get("usage"), dict):
+                stats.usage = payload["usage"]
+                if strip and not payload.get("choices"):
+                    continue
+        kept.append(event)
+    return b"\n\n".join(kept)
+
+
+async def _until_disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class StreamRelay:
+    """An ASGI response that relays an upstream SSE stream."""
+
+    def __init__(
+        self,
+        upstream: aiohttp.ClientResponse,
+        headers: list[tuple[bytes, bytes]],
+        *,
+        strip_usage: bool,
+        send_timeout: float,
+        stats: StreamStats,
+    ) -> None:
+        self._upstream = upstream
+        self._headers = headers
+        self._strip = strip_usage
+        self._send_timeout = send_timeout
+        self.stats = stats
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        pump = asyncio.ensure_future(self._pump(send))
+        watcher = asyncio.ensure_future(_until_disconnected(receive))
+        try:
+            await asyncio.wait((pump, watcher), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            # Whoever is still running is not needed any more; closing the upstream response drops
+            # its connection, which is what makes the engine abort the request.
+            if not pump.done():
+                self.stats.disconnected = True
+                pump.cancel()
+            watcher.cancel()
+            await asyncio.gather(pump, watcher, return_exceptions=True)
+            self._upstream.close()
+        if pump.done() and not pump.cancelled() and (exc := pump.exception()) is not None:
+            if not isinstance(exc, (OSError, TimeoutError)):
+                raise exc
+            self.stats.disconnected = True
+
+    async def _send(self, send: Send, message: Message) -> None:
+        async with asyncio.timeout(self._send_timeout):
+            await send(message)
+
+    async def _pump(self, send: Send) -> None:
+        stats = self.stats
+        await send({"type": "http.response.start", "status": 200, "headers": self._headers})
+        content = self._upstream.content
+        buf = b""
+        try:
+            while True:
+                data = await content.readany()
+                if not data:
+                    break
+                now = time.perf_counter()
+                if stats.chunks:
+                    if stats.on_gap is not None:
+                        stats.on_gap(now - stats.last_chunk)
+                else:
+                    stats.first_chunk = now
+                stats.last_chunk = now
+                stats.chunks += 1
+                buf = buf + data if buf else data
+                end = _event_end(buf)
+                if not end:
+                    continue
+                block, buf = buf[:end], buf[end:]
+                if _USAGE in block:
+                    block = take_usage(block, stats, self._strip)
+                if _DONE in block:
+                    stats.done = True
+                if block:
+                    await self._send(send, {"type": "http.response.body", "body": block, "more_body": True})
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            stats.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if not stats.done:
+            # The engine died or stalled mid-stream: tell the client in-band, then end cleanly.
+            stats.error = stats.error or "the engine closed the stream before it finished"
+            error = GatewayError(502, f"The upstream engine failed mid-stream ({stats.error}).", code="upstream_error")
+            await self._send(send, {"type": "http.response.body", "body": error.sse(), "more_body": True})
+        await self._send(send, {"type": "http.response.body", "body": b"", "more_body": False})

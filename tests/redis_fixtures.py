@@ -1,0 +1,100 @@
+"""A private redis-server for tests (never the shared one on 6379): one per session, flushed per test.
+
+Registered as a plugin in tests/conftest.py: `pytest_plugins = ["tests.redis_fixtures"]`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.procs import free_port
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+@dataclass
+class RedisServer:
+    binary: str
+    port: int
+    dir: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        """Start (or restart after kill()) on the same port, and wait until PING answers."""
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        log = (self.dir / "redis.log").open("ab")
+        self.proc = subprocess.Popen([*args, "--dir", str(self.dir)], stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}: see {self.dir / 'redis.log'}")
+            try:
+                with self.client() as client:
+                    client.ping()
+                return self
+            except redis.exceptions.ConnectionError:
+                time.sleep(0.02)
+        raise RuntimeError(f"redis-server on port {self.port} did not answer PING within {timeout}s")
+
+    def kill(self) -> None:
+        """SIGKILL: the server vanishes with no goodbye, as in a crash."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, host="127.0.0.1", socket_timeout=2, socket_connect_timeout=2)
+
+    def flush(self) -> None:
+        with self.client() as client:
+            client.flushall()
+
+
+@pytest.fixture(scope="session")
+def redis_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        # CI must never pass by skipping
+        if IN_CI:
+            pytest.fail("redis-server is not on PATH (required under CI)")
+        pytest.skip("redis-server is not on PATH")
+    server = RedisServer(binary, free_port(), tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_server(redis_session: RedisServer) -> RedisServer:
+    """The session server, running (a test may have killed it) and empty."""
+    if not redis_session.running:
+        redis_session.start()
+    redis_session.flush()
+    return redis_session
