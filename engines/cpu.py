@@ -112,9 +112,7 @@ class CpuEngine:
             cache = processor.cache
             total = int(cache.num_blocks)
             used = round(total * (1.0 - float(cache.compute_free_capacity())))
-        return EngineStats(
-            running=self._running, waiting=self._waiting, kv_blocks_used=used, kv_blocks_total=total
-        )
+        return EngineStats(running=self._running, waiting=self._waiting, kv_blocks_used=used, kv_blocks_total=total)
 
     def is_alive(self) -> bool:
         return self._manager is not None and self._manager.is_running()
@@ -123,9 +121,7 @@ class CpuEngine:
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int
     ) -> AsyncGenerator[list[int], None]:
         if self._waiting >= self.config.max_waiting:
-            raise EngineError(
-                429, "The engine's waiting queue is full; retry later.", code="engine_overloaded"
-            )
+            raise EngineError(429, "The engine's waiting queue is full; retry later.", code="engine_overloaded")
         if not self.is_alive():
             raise EngineError(503, "The engine is not running.", code="engine_unavailable")
         outputs: asyncio.Queue[GenerationOutput] = asyncio.Queue()

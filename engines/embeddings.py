@@ -50,9 +50,7 @@ class EmbeddingEngine:
         out: list[list[float]] = []
         with self._lock, torch.inference_mode():
             for start in range(0, len(texts), self._max_batch):
-                batch = self._tokenizer(
-                    texts[start : start + self._max_batch], padding=True, return_tensors="pt"
-                )
+                batch = self._tokenizer(texts[start : start + self._max_batch], padding=True, return_tensors="pt")
                 hidden = self._model(**batch).last_hidden_state
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)

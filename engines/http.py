@@ -37,9 +37,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def too_large(limit: int) -> EngineError:
-    return EngineError(
-        413, f"The request body is larger than the limit of {limit} bytes.", code="request_too_large"
-    )
+    return EngineError(413, f"The request body is larger than the limit of {limit} bytes.", code="request_too_large")
 
 
 async def _until_disconnected(receive: Receive) -> None:

@@ -21,17 +21,11 @@ class _StatsCollector(Collector):
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         s = self._stats()
-        yield GaugeMetricFamily(
-            "engine_num_requests_running", "Requests in the running batch.", value=s.running
-        )
-        yield GaugeMetricFamily(
-            "engine_num_requests_waiting", "Requests waiting to join the batch.", value=s.waiting
-        )
+        yield GaugeMetricFamily("engine_num_requests_running", "Requests in the running batch.", value=s.running)
+        yield GaugeMetricFamily("engine_num_requests_waiting", "Requests waiting to join the batch.", value=s.waiting)
         yield GaugeMetricFamily("engine_kv_blocks_used", "KV cache blocks in use.", value=s.kv_blocks_used)
         yield GaugeMetricFamily("engine_kv_blocks_total", "KV cache blocks in all.", value=s.kv_blocks_total)
-        yield GaugeMetricFamily(
-            "engine_kv_cache_usage_perc", "Fraction of the KV cache in use.", value=s.kv_usage
-        )
+        yield GaugeMetricFamily("engine_kv_cache_usage_perc", "Fraction of the KV cache in use.", value=s.kv_usage)
 
 
 class WorkerMetrics:
@@ -41,9 +35,7 @@ class WorkerMetrics:
         self.requests = Counter(
             "engine_requests", "Finished requests by endpoint and status.", ["endpoint", "status"], registry=r
         )
-        self.aborted = Counter(
-            "engine_requests_aborted", "Requests aborted by a client disconnect.", registry=r
-        )
+        self.aborted = Counter("engine_requests_aborted", "Requests aborted by a client disconnect.", registry=r)
         self.prompt_tokens = Counter("engine_prompt_tokens", "Prompt tokens processed.", registry=r)
         self.generation_tokens = Counter("engine_generation_tokens", "Tokens generated.", registry=r)
         self.ttft = Histogram(

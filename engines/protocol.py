@@ -156,11 +156,7 @@ def _message(index: int, message: Any) -> dict[str, str]:
         # Content parts: only text parts can reach a text model.
         texts = []
         for part in content:
-            if (
-                not isinstance(part, dict)
-                or part.get("type") != "text"
-                or not isinstance(part.get("text"), str)
-            ):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise invalid(f"'{param}.content' parts must be text parts for this model.", param=param)
             texts.append(part["text"])
         content = "".join(texts)

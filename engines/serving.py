@@ -56,9 +56,7 @@ class Serving:
                 if isinstance(p, str):
                     prompts.append(engine.text_prompt(p))
                 elif max(p) >= vocab:
-                    raise invalid(
-                        f"Token id {max(p)} is outside the vocabulary (size {vocab}).", param="prompt"
-                    )
+                    raise invalid(f"Token id {max(p)} is outside the vocabulary (size {vocab}).", param="prompt")
                 else:
                     prompts.append(list(p))
         longest = max(len(p) for p in prompts)
@@ -269,8 +267,6 @@ async def full_response(serving: Serving, prepared: Prepared) -> dict[str, objec
         "object": "text_completion",
         "created": created,
         "model": serving.model_name,
-        "choices": [
-            {"index": i, "text": texts[i], "logprobs": None, "finish_reason": finish[i]} for i in range(total)
-        ],
+        "choices": [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": finish[i]} for i in range(total)],
         "usage": usage,
     }

@@ -34,9 +34,7 @@ class TextStream:
         if self.stopped:
             return ""
         self._ids.extend(token_ids)
-        prefix = self._tokenizer.decode(
-            self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=True
-        )
+        prefix = self._tokenizer.decode(self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
         full = self._tokenizer.decode(self._ids[self._prefix_offset :], skip_special_tokens=True)
         # An incomplete UTF-8 sequence decodes to U+FFFD: wait for the rest of the character.
         if len(full) > len(prefix) and not full.endswith("\ufffd"):

@@ -94,9 +94,7 @@ def build_app(state: WorkerState, engine: Any = None) -> Starlette:
 
     async def embeddings(request: Request) -> Response:
         if state.embedder is None:
-            raise EngineError(
-                404, f"The model '{state.model_name}' does not serve embeddings.", param="model"
-            )
+            raise EngineError(404, f"The model '{state.model_name}' does not serve embeddings.", param="model")
         parsed = protocol.parse_embedding(await parse(request))
         check_model(parsed.model)
         vectors, tokens = await state.embedder.embed(parsed.inputs)
@@ -150,9 +148,7 @@ def build_app(state: WorkerState, engine: Any = None) -> Starlette:
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
 
 
-async def _count_abort(
-    chunks: AsyncGenerator[bytes, None], metrics: WorkerMetrics
-) -> AsyncGenerator[bytes, None]:
+async def _count_abort(chunks: AsyncGenerator[bytes, None], metrics: WorkerMetrics) -> AsyncGenerator[bytes, None]:
     finished = False
     try:
         async for chunk in chunks:
@@ -196,9 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     from engines.embeddings import DEFAULT_EMBEDDING_MODEL
 
     args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub: weights are local
     metrics = WorkerMetrics()
     engine = None
