@@ -29,6 +29,7 @@ class Ticket:
     principal: Principal
     admission: Any = None
     headers: dict[str, str] = field(default_factory=dict)
+    prompt_estimate: int = 0  # counted at admission; charged when the engine reports no usage
     handed_over: bool = False  # a stream took over the engine slot and the accounting
 
     def header_pairs(self) -> list[tuple[bytes, bytes]]:
@@ -39,6 +40,10 @@ ANONYMOUS = Principal()
 
 
 class Access(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
     async def authenticate(self, request: Request) -> Principal: ...
 
     async def admit(self, principal: Principal, model: str, body: dict[str, Any]) -> Ticket: ...
@@ -47,6 +52,12 @@ class Access(Protocol):
 
 
 class OpenAccess:
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
     async def authenticate(self, request: Request) -> Principal:
         return ANONYMOUS
 

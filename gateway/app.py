@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -39,9 +41,46 @@ async def _disconnected(request: Request, exc: Exception) -> Response:
     return Response(status_code=499)  # nobody is listening; nginx's code for it
 
 
-def build_app(settings: Settings, *, access: Access | None = None, multiprocess: str | None = None) -> Starlette:
+@dataclass
+class _RedisParts:
+    access: Access
+    admin_routes: list[Route]
+    store: Any  # RouteStore
+    client: Any  # redis.asyncio.Redis
+
+
+def _redis_parts(settings: Settings, gateway: Gateway) -> _RedisParts:
+    """Keys, quotas, the route store and the admin API: everything that needs Redis."""
+    import redis.asyncio as aioredis
+
+    from gateway.auth import KeyedAccess
+    from gateway.keys import KeyStore
+    from gateway.quota import Quota
+    from gateway.route_store import RouteStore
+    from gateway.routes.admin import AdminRoutes
+    from gateway.tokens import PromptCounter
+
+    r = settings.redis
+    assert r.url is not None
+    client = aioredis.Redis.from_url(r.url, socket_timeout=r.timeout, socket_connect_timeout=r.timeout)
+    keys = KeyStore(client, r.prefix, timeout=2 * r.timeout)
+    quota = Quota(
+        client, r.prefix, lease_ttl=settings.auth.lease_ttl, failure_mode=r.failure_mode, redis_timeout=r.timeout
+    )
+    store = RouteStore(client, r.prefix, gateway.router, {e.name: e for e in settings.engines})
+    counter = PromptCounter({m.name: m.tokenizer for m in settings.models})
+    access: Access = OpenAccess()
+    if settings.auth.enabled:
+        access = KeyedAccess(keys, quota, counter, settings.auth, gateway.metrics)
+    engines = {e.name: e for e in settings.engines}
+    admin = AdminRoutes(settings.auth.admin_key, keys, quota, gateway.router, store, engines)
+    return _RedisParts(access, admin.routes(), store, client)
+
+
+def build_app(settings: Settings, *, multiprocess: str | None = None) -> Starlette:
     gateway = Gateway.build(settings, multiprocess)
-    access = access or OpenAccess()
+    parts = _redis_parts(settings, gateway) if settings.redis.url else None
+    access: Access = parts.access if parts else OpenAccess()
     api = OpenAIRoutes(gateway, access)
 
     async def health(request: Request) -> Response:
@@ -59,9 +98,16 @@ def build_app(settings: Settings, *, access: Access | None = None, multiprocess:
     async def lifespan(app: Starlette) -> AsyncGenerator[None, None]:
         await gateway.upstream.start()
         gateway.pool.start()
+        await access.start()
+        if parts:
+            parts.store.start()  # follows route changes made on any replica
         try:
             yield
         finally:
+            if parts:
+                await parts.store.stop()
+                await parts.client.aclose()
+            await access.stop()
             await gateway.pool.stop()
             await gateway.upstream.close()
 
@@ -73,6 +119,7 @@ def build_app(settings: Settings, *, access: Access | None = None, multiprocess:
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        *(parts.admin_routes if parts else []),
     ]
     handlers = {
         GatewayError: _gateway_error,

@@ -9,6 +9,7 @@ import shutil
 import sys
 import tempfile
 
+from gateway.keys_cli import add_keys_commands
 from gateway.settings import CONFIG_ENV, ConfigError, load_settings
 
 log = logging.getLogger("gateway")
@@ -78,12 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="validate a config file and exit")
     c.add_argument("--config", required=True)
     c.set_defaults(func=check)
-    try:
-        from gateway.keys_cli import add_keys_commands
-    except ImportError:
-        pass
-    else:
-        add_keys_commands(sub)
+    add_keys_commands(sub)
     return parser
 
 

@@ -39,6 +39,7 @@ DAY_TTL = 40 * 86400
 MONTH_TTL = 400 * 86400
 LEASE_KEEP_MS = 3_600_000
 WARN_EVERY = 10.0
+TOKEN_LIMITS = ("tpm_exceeded", "daily_tokens_exceeded", "monthly_tokens_exceeded")
 
 _ADMIT = """
 local rec = redis.call('HMGET', KEYS[1], 'created_at', 'revoked_at', 'expires_at', 'models',
@@ -186,10 +187,10 @@ def refusal(code: str, used: int, limit: int, reserve: int, win: Window, headers
         msg, wait = f"Rate limit reached: {limit} tokens per minute, {used} used", win.minute_left
     else:
         msg, wait = f"Too many concurrent requests: the limit is {limit}", 1.0
-    if code != "concurrency_exceeded":
+    if code in TOKEN_LIMITS:
         msg += f", this request reserves {reserve} (prompt + max_tokens)"
-    if code in ("tpm_exceeded", "daily_tokens_exceeded", "monthly_tokens_exceeded") and reserve > limit:
-        msg += "; it can never fit, lower max_tokens"
+        if reserve > limit:
+            msg += "; it can never fit, lower max_tokens"
     retry = max(1, math.ceil(wait))
     kind = "insufficient_quota" if code.endswith("_tokens_exceeded") else "rate_limit_exceeded"
     return GatewayError(
@@ -393,8 +394,8 @@ class Quota:
 
     def _failed(self, op: str, exc: BaseException) -> None:
         self.redis_errors += 1
-        self._skip_until = time.monotonic() + self.breaker
         now = time.monotonic()
+        self._skip_until = now + self.breaker
         if now - self._warned >= WARN_EVERY:
             self._warned = now
             if self.failure_mode == "open":

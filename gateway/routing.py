@@ -24,10 +24,15 @@ class Router:
     def __init__(self, pool: Pool, models: tuple[ModelSettings, ...], rng: random.Random | None = None) -> None:
         self._pool = pool
         self._rng = rng or random.Random()
-        self.routes: dict[str, tuple[RouteSettings, ...]] = {m.name: m.routes for m in models}
+        self._configured: dict[str, tuple[RouteSettings, ...]] = {m.name: m.routes for m in models}
+        self.routes = dict(self._configured)
 
-    def replace_routes(self, routes: Mapping[str, tuple[RouteSettings, ...]]) -> None:
-        self.routes = {**self.routes, **routes}
+    def apply_overrides(self, overrides: Mapping[str, tuple[RouteSettings, ...]]) -> None:
+        """Routes changed at run time (admin API) replace the configured ones of those models."""
+        self.routes = {**self._configured, **{m: r for m, r in overrides.items() if m in self._configured}}
+
+    def configured(self, model: str) -> tuple[RouteSettings, ...]:
+        return self._configured[model]
 
     def knows(self, model: str) -> bool:
         return model in self.routes

@@ -261,6 +261,19 @@ def _route(r: _Reader, path: str, data: Any, public: str, engines: dict[str, Eng
     )
 
 
+def parse_routes(
+    data: Any, model: str, engines: Mapping[str, EngineSettings], source: str
+) -> tuple[RouteSettings, ...]:
+    """Routes sent to the admin API, checked as strictly as the config's."""
+    r = _Reader(source)
+    if not isinstance(data, list) or not data:
+        raise r.fail("routes", "must be a non-empty list")
+    routes = tuple(_route(r, f"routes[{i}].", route, model, dict(engines)) for i, route in enumerate(data))
+    if sum(route.weight for route in routes) <= 0:
+        raise r.fail("routes", "the weights must not all be 0")
+    return routes
+
+
 def parse_settings(
     data: Any, source: str = "<config>", base_dir: Path | None = None, env: Mapping[str, str] | None = None
 ) -> Settings:
@@ -297,6 +310,8 @@ def parse_settings(
     auth = _simple(r, data, "auth", AuthSettings)
     admin_key = env.get("GATEWAY_ADMIN_KEY") or None
     auth = AuthSettings(auth.enabled, admin_key, auth.admin_is_client, auth.default_max_tokens, auth.lease_ttl)
+    if auth.enabled and not redis.url:
+        raise r.fail("auth.enabled", "API keys and quotas need Redis: set redis.url or GATEWAY_REDIS_URL")
     server = _simple(r, data, "server", ServerSettings)
     if server.workers < 1:
         raise r.fail("server.workers", "must be at least 1")
@@ -343,3 +358,9 @@ def settings_from_env() -> Settings:
 
 def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def admin_client_settings(url: str | None) -> tuple[str, str | None]:
+    """For the `keys` CLI: the gateway's address and the admin key, from flags or the environment."""
+    base = url or os.environ.get("GATEWAY_URL") or "http://127.0.0.1:8080"
+    return base.rstrip("/"), os.environ.get("GATEWAY_ADMIN_KEY") or None

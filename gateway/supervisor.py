@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -78,6 +79,10 @@ class Supervisor:
     def _spawn(self, p: ManagedProcess) -> None:
         e = p.engine
         env = {**os.environ, "HF_HUB_OFFLINE": "1", **e.env}
+        if e.kind == "vllm":
+            from gateway.vllm_launch import vllm_env
+
+            env.update(vllm_env(e, os.path.join(tempfile.gettempdir(), f"llm-gateway-vllm-{e.name}")))
         cmd = engine_command(e)
         log.info("starting engine %s: %s", e.name, " ".join(cmd))
         p.proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)

@@ -223,7 +223,7 @@ def test_client_disconnect_aborts_in_engine(gw: Proc) -> None:
 
 
 def test_engine_killed_mid_stream(gw: Proc) -> None:
-    a_port, b_port = gw.engine_ports  # type: ignore[attr-defined]
+    a_port, _ = gw.engine_ports  # type: ignore[attr-defined]
     assert gw.proc is not None
     a_pid = child_pid_listening_on(gw.proc.pid, a_port)
     body = {"model": MODEL, "prompt": "Once", "max_tokens": 200, "stream": True, "ignore_eos": True}
@@ -260,9 +260,10 @@ def test_engine_killed_mid_stream(gw: Proc) -> None:
     deadline = time.monotonic() + 90
     while True:
         try:
-            if child_pid_listening_on(gw.proc.pid, a_port) != a_pid and httpx.get(gw.url + "/ready").json()[
-                "engines"
-            ]["a"]:
+            if (
+                child_pid_listening_on(gw.proc.pid, a_port) != a_pid
+                and httpx.get(gw.url + "/ready").json()["engines"]["a"]
+            ):
                 break
         except LookupError:
             pass

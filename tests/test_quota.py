@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -243,8 +244,8 @@ def test_refresh_keeps_a_long_lease(redis_server: RedisServer) -> None:
     async def body(store: KeyStore, quota: Quota, client: aioredis.Redis) -> None:
         key = await new_key(store, max_concurrent=1)
         stream = await quota.admit(key, MODEL, 20)
-        for _ in range(4):
-            await asyncio.sleep(0.15)
+        for _ in range(5):  # 0.5 s in all, past lease_ttl; refreshed every lease_ttl / 3
+            await asyncio.sleep(0.1)
             await quota.refresh_leases([stream])
         assert (await refused(quota.admit(key, MODEL, 20))).code == "concurrency_exceeded"
         await quota.release(stream, 1, 1)
@@ -396,3 +397,38 @@ def test_local_limiter() -> None:
     with pytest.raises(GatewayError) as err:
         limiter.admit(revoked, MODEL, 1, T, win, "l5")
     assert err.value.status == 401
+
+
+def test_admission_is_one_round_trip(redis_server: RedisServer) -> None:
+    async def body(store: KeyStore, quota: Quota, client: aioredis.Redis) -> None:
+        key = await new_key(store, rpm=1000, tpm=10**6, max_concurrent=100, daily_tokens=10**7)
+        await quota.release(await quota.admit(key, MODEL, 5), 1, 1)  # loads both scripts
+        sent: list[str] = []
+        execute = client.execute_command
+
+        async def counting(*args: Any, **options: Any) -> Any:
+            sent.append(str(args[0]))
+            return await execute(*args, **options)
+
+        client.execute_command = counting  # type: ignore[method-assign]
+        for _ in range(10):
+            await quota.release(await quota.admit(key, MODEL, 5), 1, 1)
+        assert sent == ["EVALSHA"] * 20
+
+    run(redis_server, body)
+
+
+def test_hung_redis_fails_within_the_deadline(redis_server: RedisServer) -> None:
+    async def body(store: KeyStore, quota: Quota, client: aioredis.Redis) -> None:
+        key = await new_key(store)
+        await quota.admit(key, MODEL, 1)
+        assert redis_server.proc is not None
+        redis_server.proc.send_signal(signal.SIGSTOP)  # alive but silent, like a black-holed host
+        try:
+            started = time.monotonic()
+            assert (await refused(quota.admit(key, MODEL, 1))).status == 503
+            assert time.monotonic() - started < 1.0
+        finally:
+            redis_server.proc.send_signal(signal.SIGCONT)
+
+    run(redis_server, body)

@@ -120,8 +120,12 @@ class OpenAIRoutes:
         principal = await self.access.authenticate(request)
         body = parse_request(await read_body(request, gw.settings.server.max_body_bytes), endpoint)
         model = body["model"]
-        if not gw.router.knows(model) or not principal.may_use(model):
+        if not gw.router.knows(model):
             raise GatewayError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
+        if not principal.may_use(model):
+            raise GatewayError(
+                403, f"This key may not use the model '{model}'.", param="model", code="model_not_allowed"
+            )
         stream = bool(body.get("stream"))
         ticket = await self.access.admit(principal, model, body)
         started = time.perf_counter()

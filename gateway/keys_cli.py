@@ -1,0 +1,92 @@
+"""`llm-gateway keys create|list|get|update|revoke|usage`: the admin API from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import httpx
+
+from gateway.settings import admin_client_settings
+
+LIMITS = ("rpm", "tpm", "max_concurrent", "daily_tokens", "monthly_tokens")
+
+
+def add_keys_commands(sub: Any) -> None:
+    keys = sub.add_parser("keys", help="manage API keys through the admin API")
+    keys.add_argument("--url", help="the gateway (default: $GATEWAY_URL or http://127.0.0.1:8080)")
+    ops = keys.add_subparsers(dest="op", required=True)
+
+    def limits(p: argparse.ArgumentParser) -> None:
+        for name in LIMITS:
+            p.add_argument(f"--{name.replace('_', '-')}", type=int, dest=name)
+        p.add_argument("--models", help="comma-separated public model names (default: all)")
+        p.add_argument("--expires-at", help="ISO 8601 or unix seconds")
+        p.add_argument("--metadata", help="a JSON object")
+
+    create = ops.add_parser("create", help="create a key; prints the secret once")
+    create.add_argument("--name", required=True)
+    limits(create)
+    ops.add_parser("list", help="list keys")
+    for op in ("get", "revoke", "usage"):
+        ops.add_parser(op).add_argument("id")
+    update = ops.add_parser("update", help="change a key's limits")
+    update.add_argument("id")
+    update.add_argument("--name")
+    limits(update)
+    keys.set_defaults(func=run)
+
+
+def _fields(args: argparse.Namespace) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    if getattr(args, "name", None):
+        fields["name"] = args.name
+    for name in LIMITS:
+        if getattr(args, name, None) is not None:
+            fields[name] = getattr(args, name)
+    if args.models:
+        fields["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
+    if args.expires_at:
+        fields["expires_at"] = int(args.expires_at) if args.expires_at.isdigit() else args.expires_at
+    if args.metadata:
+        fields["metadata"] = json.loads(args.metadata)
+    return fields
+
+
+def run(args: argparse.Namespace) -> int:
+    url, admin_key = admin_client_settings(args.url)
+    if not admin_key:
+        print("llm-gateway keys: set GATEWAY_ADMIN_KEY to the gateway's admin key", file=sys.stderr)
+        return 2
+    headers = {"authorization": f"Bearer {admin_key}"}
+    requests = {
+        "create": ("POST", "/admin/keys"),
+        "list": ("GET", "/admin/keys"),
+        "get": ("GET", "/admin/keys/{id}"),
+        "update": ("PATCH", "/admin/keys/{id}"),
+        "revoke": ("DELETE", "/admin/keys/{id}"),
+        "usage": ("GET", "/admin/keys/{id}/usage"),
+    }
+    method, path = requests[args.op]
+    body = _fields(args) if args.op in ("create", "update") else None
+    try:
+        r = httpx.request(method, url + path.format(id=getattr(args, "id", "")), json=body, headers=headers, timeout=10)
+    except httpx.HTTPError as exc:
+        print(f"llm-gateway keys: cannot reach {url}: {exc}", file=sys.stderr)
+        return 1
+    is_json = r.headers.get("content-type", "").startswith("application/json")
+    payload: dict[str, Any] = r.json() if is_json else {"raw": r.text}
+    if r.status_code >= 400:
+        print(f"llm-gateway keys: {r.status_code}: {payload.get('error', {}).get('message', r.text)}", file=sys.stderr)
+        return 1
+    if args.op == "list":
+        for key in payload["data"]:
+            state = "revoked" if key.get("revoked") else "active"
+            print(f"{key['id']}\t{key['name']}\t{state}\t{key.get('prefix', '')}…")
+        return 0
+    print(json.dumps(payload, indent=2))
+    if args.op == "create":
+        print("The secret above is shown once; store it now.", file=sys.stderr)
+    return 0

@@ -1,0 +1,84 @@
+"""Model routes changed at run time (canary weights, rollback), shared by every replica via Redis.
+
+A change is written to one hash and announced on a channel; every gateway process applies it on
+the announcement, and re-reads the hash every few seconds too, so a replica that missed a message
+(Redis restarted, subscription dropped) still converges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import asdict
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from gateway.routing import Router
+from gateway.settings import ConfigError, EngineSettings, RouteSettings, parse_routes
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 5.0
+
+
+def routes_json(routes: tuple[RouteSettings, ...]) -> list[dict[str, Any]]:
+    return [{**asdict(r), "engines": list(r.engines)} for r in routes]
+
+
+class RouteStore:
+    def __init__(self, redis: aioredis.Redis, prefix: str, router: Router, engines: dict[str, EngineSettings]) -> None:
+        self._redis = redis
+        self._hash = f"{prefix}:routes"
+        self._channel = f"{prefix}:routes:changed"
+        self._router = router
+        self._engines = engines
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._follow(), name="route-store")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def put(self, model: str, routes: tuple[RouteSettings, ...]) -> None:
+        await self._redis.hset(self._hash, model, json.dumps(routes_json(routes)))
+        await self._redis.publish(self._channel, model)
+        await self.reload()
+
+    async def reset(self, model: str) -> None:
+        await self._redis.hdel(self._hash, model)
+        await self._redis.publish(self._channel, model)
+        await self.reload()
+
+    async def reload(self) -> None:
+        raw = await self._redis.hgetall(self._hash)
+        overrides: dict[str, tuple[RouteSettings, ...]] = {}
+        for name, value in raw.items():
+            model = name.decode() if isinstance(name, bytes) else name
+            try:
+                overrides[model] = parse_routes(json.loads(value), model, self._engines, f"redis {self._hash}")
+            except (ValueError, ConfigError) as exc:  # e.g. names an engine no longer configured
+                log.warning("ignoring stored routes of %s: %s", model, exc)
+        self._router.apply_overrides(overrides)
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+                await pubsub.subscribe(self._channel)
+                try:
+                    await self.reload()
+                    while True:
+                        # A change announced, or the periodic re-read: either way, read the hash.
+                        await pubsub.get_message(timeout=POLL_SECONDS)
+                        await self.reload()
+                finally:
+                    await pubsub.aclose()
+            except (RedisError, OSError) as exc:
+                log.warning("route store: Redis unreachable (%s); keeping the current routes", exc)
+                await asyncio.sleep(1.0)

