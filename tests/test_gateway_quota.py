@@ -25,7 +25,7 @@ TINY = "tiny-llama"
 def config(redis: RedisServer, tiny: Proc, fake: Proc, failure_mode: str = "closed") -> dict[str, Any]:
     return {
         "health": {"interval": 0.3},
-        "redis": {"url": redis.url, "failure_mode": failure_mode, "timeout": 0.25},
+        "redis": {"url": redis.url, "failure_mode": failure_mode, "timeout": 1.0},
         "auth": {"enabled": True, "default_max_tokens": 16},
         "engines": [
             {"name": "tiny", "kind": "openai", "url": tiny.url},

@@ -24,17 +24,21 @@ T = datetime(2030, 1, 15, 12, 0, 10, tzinfo=UTC).timestamp()  # 50 s before the 
 MODEL = "tiny"
 
 
-def connect(server: RedisServer, decode: bool = False) -> aioredis.Redis:
+# Generous by default: CI machines are shared and noisy. The fault tests pass a short one.
+TIMEOUT = 1.0
+
+
+def connect(server: RedisServer, decode: bool = False, timeout: float = TIMEOUT) -> aioredis.Redis:
     return aioredis.Redis.from_url(
-        server.url, socket_timeout=0.25, socket_connect_timeout=0.25, decode_responses=decode
+        server.url, socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=decode
     )
 
 
-def run(server: RedisServer, body: Body, *, decode: bool = False, **quota_kw: Any) -> Any:
+def run(server: RedisServer, body: Body, *, decode: bool = False, timeout: float = TIMEOUT, **quota_kw: Any) -> Any:
     async def main() -> Any:
-        client = connect(server, decode)
+        client = connect(server, decode, timeout)
         try:
-            return await body(KeyStore(client), Quota(client, **quota_kw), client)
+            return await body(KeyStore(client), Quota(client, redis_timeout=timeout, **quota_kw), client)
         finally:
             await client.aclose()
 
@@ -176,7 +180,7 @@ def test_concurrent_admissions_never_overspend(redis_server: RedisServer) -> Non
     async def body(store: KeyStore, quota: Quota, client: aioredis.Redis) -> None:
         key = await new_key(store, daily_tokens=500)
         other = connect(redis_server)
-        replicas = [quota, Quota(other)]
+        replicas = [quota, Quota(other, redis_timeout=TIMEOUT)]
         rng = random.Random(7)
         try:
             results = await asyncio.gather(
@@ -344,7 +348,7 @@ def test_fail_closed_and_recovery(redis_server: RedisServer) -> None:
                 await asyncio.sleep(0.1)
         assert quota.fail_open_admissions == 0
 
-    run(redis_server, body)
+    run(redis_server, body, timeout=0.25)
 
 
 def test_fail_open_and_recovery(redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
@@ -431,4 +435,4 @@ def test_hung_redis_fails_within_the_deadline(redis_server: RedisServer) -> None
         finally:
             redis_server.proc.send_signal(signal.SIGCONT)
 
-    run(redis_server, body)
+    run(redis_server, body, timeout=0.25)
