@@ -218,15 +218,20 @@ def _engine(r: _Reader, index: int, data: Any, base_dir: Path) -> EngineSettings
     model = r.get(data, "model", path, str, None)
     if not model:
         raise r.fail(f"{path}model", "is required for a managed engine")
-    if "/" in model and not model.startswith("/") and (base_dir / model).exists():
-        model = str((base_dir / model).resolve())
+    model = _resolve(model, base_dir) or model
     python = r.get(data, "python", path, str, None)
     if common["served_model_name"] is None:
         common["served_model_name"] = Path(model).name
     return EngineSettings(url=f"http://127.0.0.1:{port}", model=model, port=port, python=python, **common)
 
 
-def _model(r: _Reader, index: int, data: Any, engines: dict[str, EngineSettings]) -> ModelSettings:
+def _resolve(path: str | None, base_dir: Path) -> str | None:
+    if path and not Path(path).is_absolute() and (base_dir / path).exists():
+        return str((base_dir / path).resolve())
+    return path
+
+
+def _model(r: _Reader, index: int, data: Any, engines: dict[str, EngineSettings], base_dir: Path) -> ModelSettings:
     path = f"models[{index}]."
     if not isinstance(data, Mapping):
         raise r.fail(path[:-1], "must be a mapping")
@@ -240,7 +245,8 @@ def _model(r: _Reader, index: int, data: Any, engines: dict[str, EngineSettings]
     parsed = tuple(_route(r, f"{path}routes[{i}].", route, name, engines) for i, route in enumerate(routes))
     if sum(route.weight for route in parsed) <= 0:
         raise r.fail(f"{path}routes", "the weights must not all be 0")
-    return ModelSettings(name=name, routes=parsed, tokenizer=r.get(data, "tokenizer", path, str, None))
+    tokenizer = _resolve(r.get(data, "tokenizer", path, str, None), base_dir)
+    return ModelSettings(name=name, routes=parsed, tokenizer=tokenizer)
 
 
 def _route(r: _Reader, path: str, data: Any, public: str, engines: dict[str, EngineSettings]) -> RouteSettings:
@@ -298,7 +304,7 @@ def parse_settings(
     raw_models = data.get("models")
     if not isinstance(raw_models, list) or not raw_models:
         raise r.fail("models", "must be a non-empty list")
-    models = tuple(_model(r, i, m, engines) for i, m in enumerate(raw_models))
+    models = tuple(_model(r, i, m, engines, base_dir) for i, m in enumerate(raw_models))
     names = [m.name for m in models]
     if len(names) != len(set(names)):
         raise r.fail("models", "two models share a name")
