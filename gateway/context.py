@@ -25,4 +25,5 @@ class Gateway:
     def build(cls, settings: Settings, multiprocess_dir: str | None = None) -> Gateway:
         metrics = GatewayMetrics(multiprocess_dir)
         pool = Pool(settings.engines, settings.health, metrics)
-        return cls(settings, metrics, pool, Router(pool, settings.models), Upstream(settings.server))
+        router = Router(pool, settings.models, routing=settings.routing)
+        return cls(settings, metrics, pool, router, Upstream(settings.server))

@@ -36,10 +36,36 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class RoutingSettings:
+    # least_loaded: the engine with the fewest outstanding + queued requests.
+    # prefix_affinity: requests whose prompts start alike go to the same engine (its prefix cache
+    # then hits), unless that engine is busier than the least-loaded one by more than max_imbalance.
+    strategy: str = "least_loaded"
+    prefix_chars: int = 1024
+    max_imbalance: int = 4
+
+
+@dataclass(frozen=True)
 class HealthSettings:
     interval: float = 1.0
     timeout: float = 2.0
     failures_to_eject: int = 1
+
+
+@dataclass(frozen=True)
+class VllmSettings:
+    """vLLM engine arguments, turned into `vllm serve` flags by gateway/vllm_launch.py."""
+
+    dtype: str | None = None  # auto, float16, bfloat16, float32 (float32 on AVX2 CPUs)
+    max_model_len: int | None = None
+    tensor_parallel_size: int | None = None
+    pipeline_parallel_size: int | None = None
+    gpu_memory_utilization: float | None = None
+    enable_prefix_caching: bool | None = None
+    enforce_eager: bool | None = None
+    max_num_seqs: int | None = None
+    kv_cache_space_gib: float | None = None  # CPU builds only: VLLM_CPU_KVCACHE_SPACE
+    startup_timeout: float = 300.0  # vLLM compiles at start: a minute or more on CPU
 
 
 @dataclass(frozen=True)
@@ -57,6 +83,7 @@ class EngineSettings:
     metrics_path: str | None = "/metrics"
     api_key: str | None = None  # sent upstream as a bearer token (external engines)
     max_restarts_per_minute: int = 10
+    vllm: VllmSettings = field(default_factory=VllmSettings)
 
     @property
     def managed(self) -> bool:
@@ -99,6 +126,7 @@ class Settings:
     source: str
     server: ServerSettings
     health: HealthSettings
+    routing: RoutingSettings
     engines: tuple[EngineSettings, ...]
     models: tuple[ModelSettings, ...]
     redis: RedisSettings
@@ -181,6 +209,7 @@ def _engine(r: _Reader, index: int, data: Any, base_dir: Path) -> EngineSettings
         "metrics_path",
         "api_key_env",
         "max_restarts_per_minute",
+        "vllm",
     )
     r.known(data, path, allowed)
     name = r.get(data, "name", path, str, None)
@@ -207,6 +236,10 @@ def _engine(r: _Reader, index: int, data: Any, base_dir: Path) -> EngineSettings
         "served_model_name": r.get(data, "served_model_name", path, str, None),
         "max_restarts_per_minute": r.get(data, "max_restarts_per_minute", path, int, 10, 1),
     }
+    if "vllm" in data:
+        if kind != "vllm":
+            raise r.fail(f"{path}vllm", "only engines of kind vllm take vllm arguments")
+        common["vllm"] = _vllm(r, data["vllm"], f"{path}vllm.")
     if kind == "openai":
         url = r.get(data, "url", path, str, None)
         if not url or not url.startswith(("http://", "https://")):
@@ -219,7 +252,7 @@ def _engine(r: _Reader, index: int, data: Any, base_dir: Path) -> EngineSettings
     if not model:
         raise r.fail(f"{path}model", "is required for a managed engine")
     model = _resolve(model, base_dir) or model
-    python = r.get(data, "python", path, str, None)
+    python = _resolve(r.get(data, "python", path, str, None), base_dir)
     if common["served_model_name"] is None:
         common["served_model_name"] = Path(model).name
     return EngineSettings(url=f"http://127.0.0.1:{port}", model=model, port=port, python=python, **common)
@@ -229,6 +262,31 @@ def _resolve(path: str | None, base_dir: Path) -> str | None:
     if path and not Path(path).is_absolute() and (base_dir / path).exists():
         return str((base_dir / path).resolve())
     return path
+
+
+def _vllm(r: _Reader, data: Any, path: str) -> VllmSettings:
+    if not isinstance(data, Mapping):
+        raise r.fail(path[:-1], "must be a mapping")
+    r.known(data, path, _dataclass_fields(VllmSettings))
+    kinds: dict[str, type] = {
+        "dtype": str,
+        "max_model_len": int,
+        "tensor_parallel_size": int,
+        "pipeline_parallel_size": int,
+        "gpu_memory_utilization": float,
+        "enable_prefix_caching": bool,
+        "enforce_eager": bool,
+        "max_num_seqs": int,
+        "kv_cache_space_gib": float,
+        "startup_timeout": float,
+    }
+    values = {k: r.get(data, k, path, kind, None, 0 if kind in (int, float) else None) for k, kind in kinds.items()}
+    utilisation = values["gpu_memory_utilization"]
+    if utilisation is not None and not 0 < utilisation <= 1:
+        raise r.fail(f"{path}gpu_memory_utilization", f"must be in (0, 1], got {utilisation}")
+    if values["startup_timeout"] is None:
+        values["startup_timeout"] = VllmSettings.startup_timeout
+    return VllmSettings(**values)
 
 
 def _model(r: _Reader, index: int, data: Any, engines: dict[str, EngineSettings], base_dir: Path) -> ModelSettings:
@@ -287,7 +345,7 @@ def parse_settings(
     env = os.environ if env is None else env
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: the file must hold a mapping")
-    r.known(data, "", ("server", "health", "engines", "models", "redis", "auth"))
+    r.known(data, "", ("server", "health", "routing", "engines", "models", "redis", "auth"))
     base_dir = base_dir or Path.cwd()
     raw_engines = data.get("engines")
     if not isinstance(raw_engines, list) or not raw_engines:
@@ -318,6 +376,9 @@ def parse_settings(
     auth = AuthSettings(auth.enabled, admin_key, auth.admin_is_client, auth.default_max_tokens, auth.lease_ttl)
     if auth.enabled and not redis.url:
         raise r.fail("auth.enabled", "API keys and quotas need Redis: set redis.url or GATEWAY_REDIS_URL")
+    routing = _simple(r, data, "routing", RoutingSettings)
+    if routing.strategy not in ("least_loaded", "prefix_affinity"):
+        raise r.fail("routing.strategy", f"must be least_loaded or prefix_affinity, got {routing.strategy!r}")
     server = _simple(r, data, "server", ServerSettings)
     if server.workers < 1:
         raise r.fail("server.workers", "must be at least 1")
@@ -325,6 +386,7 @@ def parse_settings(
         source=source,
         server=server,
         health=_simple(r, data, "health", HealthSettings),
+        routing=routing,
         engines=tuple(engines.values()),
         models=models,
         redis=redis,

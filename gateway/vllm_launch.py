@@ -32,8 +32,25 @@ def vllm_command(engine: EngineSettings, python: str) -> list[str]:
     ]
     if engine.served_model_name:
         cmd += ["--served-model-name", engine.served_model_name]
+    v = engine.vllm
+    flags: list[tuple[str, object]] = [
+        ("--dtype", v.dtype),
+        ("--max-model-len", v.max_model_len),
+        ("--tensor-parallel-size", v.tensor_parallel_size),
+        ("--pipeline-parallel-size", v.pipeline_parallel_size),
+        ("--gpu-memory-utilization", v.gpu_memory_utilization),
+        ("--max-num-seqs", v.max_num_seqs),
+    ]
+    cmd += [part for flag, value in flags if value is not None for part in (flag, str(value))]
+    if v.enable_prefix_caching is not None:
+        cmd.append("--enable-prefix-caching" if v.enable_prefix_caching else "--no-enable-prefix-caching")
+    if v.enforce_eager:
+        cmd.append("--enforce-eager")
     return [*cmd, *engine.args]
 
 
 def vllm_env(engine: EngineSettings, cache_root: str) -> dict[str, str]:
-    return {**CPU_ENV, "VLLM_CACHE_ROOT": cache_root, **engine.env}
+    env = {**CPU_ENV, "VLLM_CACHE_ROOT": cache_root}
+    if engine.vllm.kv_cache_space_gib is not None:
+        env["VLLM_CPU_KVCACHE_SPACE"] = f"{engine.vllm.kv_cache_space_gib:g}"
+    return {**env, **engine.env}

