@@ -260,7 +260,8 @@ def _engine(r: _Reader, index: int, data: Any, base_dir: Path) -> EngineSettings
 
 def _resolve(path: str | None, base_dir: Path) -> str | None:
     if path and not Path(path).is_absolute() and (base_dir / path).exists():
-        return str((base_dir / path).resolve())
+        # abspath, not resolve(): a venv's python is a symlink that must stay one.
+        return os.path.abspath(base_dir / path)
     return path
 
 

@@ -8,14 +8,19 @@ environment variables are needed; see ../shared/ENGINES-ON-CPU.md.
 
 from __future__ import annotations
 
+import os
+
 from gateway.settings import EngineSettings
 
-# Defaults for the CPU build; the config's `env` overrides any of them. Harmless on GPUs.
-CPU_ENV = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB; the default fraction fails on small NUMA nodes
-    "VLLM_CPU_OMP_THREADS_BIND": "all",
-    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-}
+
+def cpu_env() -> dict[str, str]:
+    """Defaults for the CPU build; the config's `env` overrides any of them. Ignored on GPUs."""
+    last = max(0, (os.cpu_count() or 1) - 1)
+    return {
+        "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB; the default fraction fails on small NUMA nodes
+        "VLLM_CPU_OMP_THREADS_BIND": f"0-{last}",  # all cores (by default one is held back)
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+    }
 
 
 def vllm_command(engine: EngineSettings, python: str) -> list[str]:
@@ -29,6 +34,7 @@ def vllm_command(engine: EngineSettings, python: str) -> list[str]:
         "127.0.0.1",
         "--port",
         str(engine.port),
+        "--disable-uvicorn-access-log",  # the gateway already counts every request
     ]
     if engine.served_model_name:
         cmd += ["--served-model-name", engine.served_model_name]
@@ -50,7 +56,7 @@ def vllm_command(engine: EngineSettings, python: str) -> list[str]:
 
 
 def vllm_env(engine: EngineSettings, cache_root: str) -> dict[str, str]:
-    env = {**CPU_ENV, "VLLM_CACHE_ROOT": cache_root}
+    env = {**cpu_env(), "VLLM_CACHE_ROOT": cache_root}
     if engine.vllm.kv_cache_space_gib is not None:
         env["VLLM_CPU_KVCACHE_SPACE"] = f"{engine.vllm.kv_cache_space_gib:g}"
     return {**env, **engine.env}
