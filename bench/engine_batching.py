@@ -17,9 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.loadgen import run_level
 from tests.procs import TINY_MODEL, worker
 
 MODEL = "tiny-llama"
@@ -30,39 +29,11 @@ def prompts(count: int) -> list[str]:
     return [f"{subjects[i % len(subjects)]} number {i} is" for i in range(count)]
 
 
-async def stream_one(client: httpx.AsyncClient, url: str, prompt: str, tokens: int) -> tuple[float, int]:
-    body = {
-        "model": MODEL,
-        "prompt": prompt,
-        "max_tokens": tokens,
-        "stream": True,
-        "ignore_eos": True,
-        "stream_options": {"include_usage": True},
-    }
-    start = time.perf_counter()
-    ttft = 0.0
-    completion = 0
-    async with client.stream("POST", url + "/v1/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            if not ttft:
-                ttft = time.perf_counter() - start
-            if '"usage":{' in line:
-                completion = int(line.split('"completion_tokens":')[1].split(",")[0])
-    return ttft, completion
-
-
 async def concurrent_run(url: str, clients: int, tokens: int) -> tuple[float, float]:
     """Returns (aggregate tokens/s, median TTFT in ms) for `clients` streams started together."""
-    async with httpx.AsyncClient(timeout=300) as client:
-        start = time.perf_counter()
-        results = await asyncio.gather(*(stream_one(client, url, p, tokens) for p in prompts(clients)))
-        elapsed = time.perf_counter() - start
-    total = sum(c for _, c in results)
-    assert total == clients * tokens, (total, clients * tokens)
-    return total / elapsed, statistics.median(t for t, _ in results) * 1000
+    body = {"model": MODEL, "prompt": "The license", "max_tokens": tokens, "ignore_eos": True}
+    result = await run_level(url, clients, 1, body)
+    return result.tokens_per_s, result.ttft_ms
 
 
 def sequential_generate(count: int, tokens: int, threads: int) -> float:
