@@ -89,6 +89,11 @@ class EngineSettings:
     def managed(self) -> bool:
         return self.kind in MANAGED_KINDS
 
+    @property
+    def startup_timeout(self) -> float:
+        """How long a managed engine may take to answer /health before it is restarted."""
+        return self.vllm.startup_timeout if self.kind == "vllm" else 120.0
+
 
 @dataclass(frozen=True)
 class RouteSettings:

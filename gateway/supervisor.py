@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -54,6 +55,7 @@ class ManagedProcess:
     engine: EngineSettings
     proc: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
+    healthy_once: bool = False  # answered /health since this start
     backoff: float = BACKOFF_START
     restarts: deque[float] = field(default_factory=lambda: deque(maxlen=100))
     next_start: float = 0.0
@@ -95,6 +97,8 @@ class Supervisor:
                 if p.proc is None or p.proc.poll() is None:
                     if p.proc is not None and now - p.started_at > STABLE_AFTER:
                         p.backoff = BACKOFF_START
+                    if p.proc is not None and not p.healthy_once:
+                        self._check_startup(p, now)
                     continue
                 if not p.next_start:
                     p.next_start = now + p.backoff
@@ -112,6 +116,18 @@ class Supervisor:
                     p.restarts.append(now)
                     p.next_start = 0.0
                     self._spawn(p)
+
+    def _check_startup(self, p: ManagedProcess, now: float) -> None:
+        """An engine that never becomes healthy (hung loading, wedged compile) is killed and restarted."""
+        assert p.proc is not None
+        try:
+            with urllib.request.urlopen(p.engine.url + p.engine.health_path, timeout=1) as r:
+                p.healthy_once = r.status == 200
+        except (OSError, ValueError):
+            pass
+        if not p.healthy_once and now - p.started_at > p.engine.startup_timeout:
+            log.warning("engine %s not healthy %.0fs after start; killing it", p.engine.name, p.engine.startup_timeout)
+            p.proc.kill()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()

@@ -298,3 +298,24 @@ def test_503_when_all_engines_down_then_recovery(logs_dir: Path) -> None:
     finally:
         gw.stop()
         up.stop()
+
+
+def test_several_workers_share_engines_and_sum_metrics(logs_dir: Path) -> None:
+    up = fake_upstream(logs_dir, "--model", "m", name="multi").start().wait_healthy()
+    config = {
+        "engines": [{"name": "e", "kind": "openai", "url": up.url}],
+        "models": [{"name": "m", "routes": [{"engine": "e"}]}],
+        "auth": {"enabled": False},
+    }
+    gw = gateway(logs_dir, config, name="gw-multi", workers=2).start()
+    try:
+        gw.wait_healthy("/ready", timeout=60)
+        body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+        for _ in range(20):  # a new connection each: the kernel spreads them over the workers
+            assert httpx.post(gw.url + "/v1/chat/completions", json=body).status_code == 200
+        for _ in range(3):  # whichever worker answers the scrape reports every worker's counts
+            text = httpx.get(gw.url + "/metrics").text
+            assert labelled(text, "gateway_requests_total", model="m", status="200") == 20
+    finally:
+        gw.stop()
+        up.stop()
