@@ -21,7 +21,7 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.continuous_batching.requests import GenerationOutput, RequestStatus
 
 from engines.engine import EngineStats
-from engines.errors import EngineError
+from engines.errors import EngineError, invalid
 from engines.protocol import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,10 @@ class CpuEngine:
             self._manager = None
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        try:
+            text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # the template's own raise_exception(), e.g. a role it does not know
+            raise invalid(f"The model's chat template rejected the messages: {exc}", param="messages") from None
         return list(self._tokenizer.encode(text, add_special_tokens=False))
 
     def text_prompt(self, text: str) -> list[int]:

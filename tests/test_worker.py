@@ -250,6 +250,7 @@ BAD_INPUTS = [
         400,
         "n",
     ),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, 400, "messages"),
     ("/v1/completions", {"model": MODEL, "prompt": "word " * 3000}, 400, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": {"a": 1}}, 400, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": [10**7]}, 400, "prompt"),
