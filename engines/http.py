@@ -22,22 +22,33 @@ class ClientDisconnected(Exception):
     pass
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+class BodyTooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"The request body is larger than the limit of {limit} bytes.")
+        self.limit = limit
+
+
+async def read_limited(request: Request, limit: int) -> bytes:
+    """The whole body, refused (BodyTooLarge) as soon as it is known to exceed `limit`: a huge
+    upload is never buffered in full."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large(limit)
+        raise BodyTooLarge(limit)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise too_large(limit)
+            raise BodyTooLarge(limit)
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-def too_large(limit: int) -> EngineError:
-    return EngineError(413, f"The request body is larger than the limit of {limit} bytes.", code="request_too_large")
+async def read_body(request: Request, limit: int) -> bytes:
+    try:
+        return await read_limited(request, limit)
+    except BodyTooLarge as exc:
+        raise EngineError(413, str(exc), code="request_too_large") from None
 
 
 async def _until_disconnected(receive: Receive) -> None:

@@ -14,6 +14,7 @@ from gateway.errors import GatewayError, invalid
 from gateway.keys import KeyStore, validate_key_fields
 from gateway.quota import Quota
 from gateway.route_store import RouteStore, routes_json
+from gateway.routes.openai import read_body
 from gateway.routing import Router
 from gateway.settings import ConfigError, EngineSettings, parse_routes
 
@@ -58,9 +59,7 @@ class AdminRoutes:
             raise GatewayError(403, "This key may not use the admin API.", code="not_admin")
 
     async def _json(self, request: Request) -> Any:
-        raw = await request.body()
-        if len(raw) > MAX_ADMIN_BODY:
-            raise GatewayError(413, f"Admin requests are limited to {MAX_ADMIN_BODY} bytes.", code="request_too_large")
+        raw = await read_body(request, MAX_ADMIN_BODY)
         try:
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:

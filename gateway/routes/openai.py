@@ -13,7 +13,7 @@ import aiohttp
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from engines.http import ClientDisconnected, unless_disconnected
+from engines.http import BodyTooLarge, ClientDisconnected, read_limited, unless_disconnected
 from gateway.access import Access, Ticket
 from gateway.context import Gateway
 from gateway.errors import GatewayError, invalid
@@ -47,21 +47,10 @@ EMBEDDINGS = Endpoint("/v1/embeddings", "input", False)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _too_large(limit: int) -> GatewayError:
-    return GatewayError(413, f"The request body is larger than the limit of {limit} bytes.", code="request_too_large")
+    try:
+        return await read_limited(request, limit)
+    except BodyTooLarge as exc:
+        raise GatewayError(413, str(exc), code="request_too_large") from None
 
 
 def parse_request(raw: bytes, endpoint: Endpoint) -> dict[str, Any]:
