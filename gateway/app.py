@@ -13,13 +13,14 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from engines.http import ClientDisconnected
 from gateway.access import Access, OpenAccess
 from gateway.context import Gateway
 from gateway.errors import GatewayError
 from gateway.middleware import CatchAllMiddleware, RequestIdMiddleware
-from gateway.routes.openai import OpenAIRoutes
+from gateway.routes.openai import CHAT, COMPLETIONS, EMBEDDINGS, OpenAIRoutes
 from gateway.settings import Settings, multiprocess_dir, settings_from_env
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def _redis_parts(settings: Settings, gateway: Gateway) -> _RedisParts:
     return _RedisParts(access, admin.routes(), store, client)
 
 
-def build_app(settings: Settings, *, multiprocess: str | None = None) -> Starlette:
+def build_app(settings: Settings, *, multiprocess: str | None = None) -> FastPath:
     gateway = Gateway.build(settings, multiprocess)
     parts = _redis_parts(settings, gateway) if settings.redis.url else None
     access: Access = parts.access if parts else OpenAccess()
@@ -130,9 +131,28 @@ def build_app(settings: Settings, *, multiprocess: str | None = None) -> Starlet
     app.add_middleware(CatchAllMiddleware)
     app.add_middleware(RequestIdMiddleware)  # added last: outermost
     app.state.gateway = gateway
-    return app
+    return FastPath(app, api)
 
 
-def app_from_env() -> Starlette:
+class FastPath:
+    """POSTs to the OpenAI endpoints go straight to their handler; everything else (admin,
+    metrics, health, lifespan, wrong methods) to the Starlette app. On a relayed stream this saves
+    four send wrappers per chunk."""
+
+    def __init__(self, app: Starlette, api: OpenAIRoutes) -> None:
+        self.app = app
+        self.state = app.state
+        self._api = api
+        self._hot = {e.path: e for e in (CHAT, COMPLETIONS, EMBEDDINGS)}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint = self._hot.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if endpoint is not None and scope["method"] == "POST":
+            await self._api.asgi(scope, receive, send, endpoint)
+        else:
+            await self.app(scope, receive, send)
+
+
+def app_from_env() -> FastPath:
     """The factory uvicorn's worker processes call (`gateway.app:app_from_env`)."""
     return build_app(settings_from_env(), multiprocess=multiprocess_dir())

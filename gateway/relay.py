@@ -10,19 +10,20 @@ nothing for `send_timeout` is dropped.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import orjson
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway.errors import GatewayError
 from gateway.settings import ServerSettings
 
 _DONE = b"data: [DONE]"
+_JSON_HEADERS = {"content-type": "application/json"}
 _USAGE = b'"usage":{'
 
 
@@ -45,6 +46,11 @@ class Upstream:
     def __init__(self, server: ServerSettings) -> None:
         self._server = server
         self._session: aiohttp.ClientSession | None = None
+        # Built once: per-request construction shows up in profiles.
+        self._auth_headers: dict[str, dict[str, str]] = {}
+        s = server
+        self._stream_timeout = aiohttp.ClientTimeout(total=None, connect=s.connect_timeout, sock_read=s.idle_timeout)
+        self._whole_timeout = aiohttp.ClientTimeout(total=None, connect=s.connect_timeout, sock_read=s.request_timeout)
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, enable_cleanup_closed=True)
@@ -63,13 +69,12 @@ class Upstream:
         it does not answer in time.
         """
         assert self._session is not None
-        s = self._server
-        headers = {"content-type": "application/json"}
+        headers = _JSON_HEADERS
         if api_key:
-            headers["authorization"] = f"Bearer {api_key}"
-        read = s.idle_timeout if stream else s.request_timeout
-        timeout = aiohttp.ClientTimeout(total=None, connect=s.connect_timeout, sock_read=read)
-        async with asyncio.timeout(s.first_byte_timeout if stream else s.request_timeout):
+            headers = self._auth_headers.get(api_key) or {**_JSON_HEADERS, "authorization": f"Bearer {api_key}"}
+            self._auth_headers[api_key] = headers
+        timeout = self._stream_timeout if stream else self._whole_timeout
+        async with asyncio.timeout(self._server.first_byte_timeout if stream else self._server.request_timeout):
             return await self._session.post(url, data=body, headers=headers, timeout=timeout)
 
     async def read_all(self, response: aiohttp.ClientResponse) -> bytes:
@@ -91,7 +96,7 @@ def take_usage(block: bytes, stats: StreamStats, strip: bool) -> bytes:
     for event in events:
         if _USAGE in event and event.startswith(b"data: "):
             try:
-                payload = json.loads(event[6:])
+                payload = orjson.loads(event[6:])
             except ValueError:
                 payload = None
             if isinstance(payload, dict) and isinstance(payload.get("usage"), dict):
@@ -120,7 +125,7 @@ class StreamRelay:
         stats: StreamStats,
     ) -> None:
         self._upstream = upstream
-        self._headers = headers
+        self.headers = headers
         self._strip = strip_usage
         self._send_timeout = send_timeout
         self.stats = stats
@@ -150,7 +155,7 @@ class StreamRelay:
 
     async def _pump(self, send: Send) -> None:
         stats = self.stats
-        await send({"type": "http.response.start", "status": 200, "headers": self._headers})
+        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
         content = self._upstream.content
         buf = b""
         try:

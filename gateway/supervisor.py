@@ -6,6 +6,7 @@ share the same engines. Routing does its own health checks; this module only kee
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -101,6 +102,9 @@ class Supervisor:
                         self._check_startup(p, now)
                     continue
                 if not p.next_start:
+                    # vLLM runs its engine core and workers as child processes: when the server
+                    # dies they must not live on as orphans holding memory and cores.
+                    _kill_group(p.proc)
                     p.next_start = now + p.backoff
                     log.warning(
                         "engine %s exited with %s; restarting in %.1fs",
@@ -144,3 +148,12 @@ class Supervisor:
                 log.warning("engine pid %d ignored SIGTERM; killing it", proc.pid)
                 proc.kill()
                 proc.wait(5)
+        for p in self.processes:
+            if p.proc is not None:
+                _kill_group(p.proc)
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """Kills what is left of an engine's process group (each engine leads its own session)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 
 from engines.http import BodyTooLarge, ClientDisconnected, read_limited, unless_disconnected
 from gateway.access import Access, Ticket
@@ -56,8 +59,8 @@ async def read_body(request: Request, limit: int) -> bytes:
 def parse_request(raw: bytes, endpoint: Endpoint) -> dict[str, Any]:
     """Checks what the gateway itself relies on; the engine validates the rest."""
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        body = orjson.loads(raw)
+    except ValueError as exc:
         raise invalid(f"The request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise invalid("The request body must be a JSON object.")
@@ -85,6 +88,27 @@ class OpenAIRoutes:
     def __init__(self, gateway: Gateway, access: Access) -> None:
         self.gw = gateway
         self.access = access
+
+    async def asgi(self, scope: Scope, receive: Receive, send: Send, endpoint: Endpoint) -> None:
+        """The hot path as bare ASGI: no router, no middleware stack, no wrapped send per chunk."""
+        rid = b""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                rid = value if 0 < len(value) <= 200 and all(32 < c < 127 for c in value) else b""
+                break
+        rid = rid or os.urandom(16).hex().encode()
+        request = Request(scope, receive)
+        try:
+            response = await self._serve(request, endpoint)
+        except GatewayError as exc:
+            response = exc.response()
+        except ClientDisconnected:
+            return
+        except Exception:
+            log.exception("unhandled error on POST %s", endpoint.path)
+            response = GatewayError(500, "Internal error in the gateway.", code="internal_error").response()
+        response.raw_headers.append((b"x-request-id", rid))
+        await response(scope, receive, send)
 
     async def chat_completions(self, request: Request) -> Response:
         return await self._serve(request, CHAT)
@@ -163,7 +187,7 @@ class OpenAIRoutes:
                 gw.metrics.retries.labels(model).inc()
             gw.metrics.routing.labels(model, engine.name).inc()
             body["model"] = pick.upstream_model
-            payload = json.dumps(body, separators=(",", ":")).encode()
+            payload = orjson.dumps(body)
             engine.outstanding += 1
             try:
                 return await self._attempt(engine.name, endpoint, payload, model, stream, client_usage, ticket, started)
@@ -271,6 +295,7 @@ class _StreamResponse(Response):
     """Runs the relay, then the accounting, whatever way the stream ended."""
 
     def __init__(self, relay: StreamRelay, routes: OpenAIRoutes, ticket: Ticket, model: str, engine: str) -> None:
+        self.raw_headers = relay.headers  # one list: headers added here go out with the stream
         self._relay = relay
         self._routes = routes
         self._ticket = ticket
@@ -309,7 +334,7 @@ class _StreamResponse(Response):
 
 def _usage_of(content: bytes) -> dict[str, Any] | None:
     try:
-        usage = json.loads(content).get("usage")
+        usage = orjson.loads(content).get("usage")
     except (ValueError, AttributeError):
         return None
     return usage if isinstance(usage, dict) else None
