@@ -48,6 +48,7 @@ class _RedisParts:
     admin_routes: list[Route]
     store: Any  # RouteStore
     client: Any  # redis.asyncio.Redis
+    fast: Any  # RespClient | None
 
 
 def _redis_parts(settings: Settings, gateway: Gateway) -> _RedisParts:
@@ -65,8 +66,16 @@ def _redis_parts(settings: Settings, gateway: Gateway) -> _RedisParts:
     assert r.url is not None
     client = aioredis.Redis.from_url(r.url, socket_timeout=r.timeout, socket_connect_timeout=r.timeout)
     keys = KeyStore(client, r.prefix, timeout=2 * r.timeout)
+    from gateway.resp import RespClient
+
+    fast = RespClient(r.url, r.timeout) if r.url.startswith("redis://") else None
     quota = Quota(
-        client, r.prefix, lease_ttl=settings.auth.lease_ttl, failure_mode=r.failure_mode, redis_timeout=r.timeout
+        client,
+        r.prefix,
+        lease_ttl=settings.auth.lease_ttl,
+        failure_mode=r.failure_mode,
+        redis_timeout=r.timeout,
+        fast=fast,
     )
     store = RouteStore(client, r.prefix, gateway.router, {e.name: e for e in settings.engines})
     counter = PromptCounter({m.name: m.tokenizer for m in settings.models})
@@ -75,7 +84,7 @@ def _redis_parts(settings: Settings, gateway: Gateway) -> _RedisParts:
         access = KeyedAccess(keys, quota, counter, settings.auth, gateway.metrics)
     engines = {e.name: e for e in settings.engines}
     admin = AdminRoutes(settings.auth.admin_key, keys, quota, gateway.router, store, engines)
-    return _RedisParts(access, admin.routes(), store, client)
+    return _RedisParts(access, admin.routes(), store, client, fast)
 
 
 def build_app(settings: Settings, *, multiprocess: str | None = None) -> FastPath:
@@ -108,6 +117,8 @@ def build_app(settings: Settings, *, multiprocess: str | None = None) -> FastPat
             if parts:
                 await parts.store.stop()
                 await parts.client.aclose()
+                if parts.fast is not None:
+                    await parts.fast.close()
             await access.stop()
             await gateway.pool.stop()
             await gateway.upstream.close()

@@ -31,6 +31,7 @@ import redis.asyncio as aioredis
 
 from gateway.errors import GatewayError
 from gateway.keys import REDIS_DOWN, ApiKey, iso
+from gateway.resp import RespClient, Script
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +273,7 @@ class Quota:
         failure_mode: str = "closed",
         redis_timeout: float = 0.25,
         breaker: float = 1.0,
+        fast: RespClient | None = None,
     ) -> None:
         if failure_mode not in ("closed", "open"):
             raise ValueError(f"failure_mode must be 'closed' or 'open', not {failure_mode!r}")
@@ -288,6 +290,9 @@ class Quota:
         self._lease_ms = max(1, round(lease_ttl * 1000))
         self._skip_until = 0.0
         self._warned = -math.inf
+        # The two per-request scripts go through the lean client when there is one (see resp.py).
+        self._fast = fast
+        self._admit_script, self._release_script = Script(_ADMIT), Script(_RELEASE)
         self._admit = redis.register_script(_ADMIT)
         self._release = redis.register_script(_RELEASE)
 
@@ -308,7 +313,10 @@ class Quota:
             args += [LEASE_KEEP_MS, MINUTE_TTL, DAY_TTL, MONTH_TTL]
             try:
                 async with asyncio.timeout(self.deadline):
-                    reply = await self._admit(keys=keys, args=args)
+                    if self._fast is not None:
+                        reply = await self._fast.run_script(self._admit_script, keys, args)
+                    else:
+                        reply = await self._admit(keys=keys, args=args)
             except REDIS_DOWN as exc:
                 self._failed("admit", exc)
             else:
@@ -349,7 +357,11 @@ class Quota:
         delta = prompt_tokens + completion_tokens - adm.reserved
         try:
             async with asyncio.timeout(self.deadline):
-                await self._release(keys=keys, args=[adm.lease_id, delta, prompt_tokens, completion_tokens])
+                args: list[str | int] = [adm.lease_id, delta, prompt_tokens, completion_tokens]
+                if self._fast is not None:
+                    await self._fast.run_script(self._release_script, keys, args)
+                else:
+                    await self._release(keys=keys, args=args)
         except REDIS_DOWN as exc:
             # The lease expires by itself; the reservation stays counted (errs on the safe side).
             self._failed("release", exc)

@@ -1,0 +1,145 @@
+"""What keys and quotas cost: the same gateway with auth + quotas on (a real local Redis) and off,
+side by side in one run, against the fast fake engine so the gateway's own cost shows.
+
+Prints requests/s and the gateway's CPU time per request for each, their difference, and the Redis
+commands each request cost (from Redis's own INFO counters).
+
+    .venv/bin/python bench/quota_overhead.py [--rounds 3] [--requests 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import httpx
+import psutil
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from tests.procs import Proc, fake_upstream, free_port, gateway  # noqa: E402
+
+ADMIN = "bench-admin"
+
+
+async def load(url: str, requests: int, concurrency: int, key: str | None) -> float:
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    body = {"model": "fake", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16}
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one() -> None:
+            async with sem, session.post(url + "/v1/chat/completions", json=body) as r:
+                await r.read()
+                assert r.status == 200, r.status
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(requests)))
+        return requests / (time.perf_counter() - start)
+
+
+def cpu_seconds(proc: Proc) -> float:
+    assert proc.proc is not None
+    p = psutil.Process(proc.proc.pid)
+    times = [p.cpu_times(), *(c.cpu_times() for c in p.children(recursive=True))]
+    return sum(t.user + t.system for t in times)
+
+
+CLIENT_COMMANDS = ("evalsha", "eval", "get", "hgetall", "ping", "publish")  # what our clients send
+
+
+def redis_commands(client: redis.Redis) -> int:
+    """Commands clients sent (the ones scripts run inside Redis are not round trips)."""
+    stats = client.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in CLIENT_COMMANDS)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--requests", type=int, default=2000)
+    p.add_argument("--levels", default="1,16")
+    args = p.parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is needed (scripts/setup.sh installs it)"
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        port = free_port()
+        redis_proc = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmp_name],
+            stdout=subprocess.DEVNULL,
+        )
+        up = fake_upstream(tmp, "--model", "fake", name="fake-q").start().wait_healthy()
+        engines = [{"name": "fake", "kind": "openai", "url": up.url}]
+        models = [{"name": "fake", "routes": [{"engine": "fake"}]}]
+        url = f"redis://127.0.0.1:{port}/0"
+        on = gateway(
+            tmp,
+            {"engines": engines, "models": models, "redis": {"url": url}, "auth": {"enabled": True}},
+            name="gw-quota-on",
+            env={"GATEWAY_ADMIN_KEY": ADMIN},
+        )
+        off = gateway(tmp, {"engines": engines, "models": models, "auth": {"enabled": False}}, name="gw-quota-off")
+        results: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
+        try:
+            for g in (on, off):
+                g.start().wait_healthy("/ready", timeout=60)
+            r = httpx.post(
+                on.url + "/admin/keys",
+                json={"name": "bench", "rpm": 10**9, "tpm": 10**12, "max_concurrent": 10**6, "daily_tokens": 10**15},
+                headers={"authorization": f"Bearer {ADMIN}"},
+            )
+            key = r.json()["key"]
+            client = redis.Redis(port=port)
+            for g, k in ((on, key), (off, None)):
+                asyncio.run(load(g.url, 300, 8, k))  # warm-up: caches, connection pools
+            for _ in range(args.rounds):
+                for n in levels:
+                    for name, g, k in (("quotas on", on, key), ("quotas off", off, None)):
+                        cpu0, cmd0 = cpu_seconds(g), redis_commands(client)
+                        rate = asyncio.run(load(g.url, args.requests, n, k))
+                        cpu = (cpu_seconds(g) - cpu0) / args.requests * 1000
+                        cmds = (redis_commands(client) - cmd0) / args.requests
+                        results.setdefault((name, n), []).append((rate, cpu, cmds))
+        finally:
+            for g in (on, off):
+                g.stop()
+            up.stop()
+            redis_proc.terminate()
+            redis_proc.wait(10)
+
+    print(
+        f"keys + quotas on (local Redis) vs off; fake engine; {args.requests} requests per run, "
+        f"median of {args.rounds} rounds"
+    )
+    print(
+        f"{'clients':>7} {'on req/s':>9} {'off req/s':>10} {'on CPU ms':>10} {'off CPU ms':>11} "
+        f"{'quota CPU ms':>13} {'Redis round trips/req':>22}"
+    )
+    for n in levels:
+        on_r = [statistics.median(v[i] for v in results[("quotas on", n)]) for i in range(3)]
+        off_r = [statistics.median(v[i] for v in results[("quotas off", n)]) for i in range(3)]
+        print(
+            f"{n:>7} {on_r[0]:>9.0f} {off_r[0]:>10.0f} {on_r[1]:>10.3f} {off_r[1]:>11.3f} "
+            f"{on_r[1] - off_r[1]:>13.3f} {on_r[2]:>22.2f}"
+        )
+    print(
+        "target: quotas cost at most 0.15 ms of gateway CPU per request; one Redis round trip at admission "
+        "and one at the end (2 commands: EVALSHA admit + EVALSHA release)"
+    )
+
+
+if __name__ == "__main__":
+    main()
