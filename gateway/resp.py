@@ -35,6 +35,18 @@ class _Protocol(asyncio.Protocol):
         self.reader = hiredis.Reader()
         self.waiting: deque[asyncio.Future[Any]] = deque()
         self.lost = False
+        self._outbox: list[bytes] = []
+
+    def send(self, data: bytes) -> None:
+        """Commands issued in the same loop iteration leave in one write (one syscall)."""
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outbox.append(data)
+
+    def _flush(self) -> None:
+        if self.transport is not None and not self.lost:
+            self.transport.write(b"".join(self._outbox))
+        self._outbox.clear()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -95,8 +107,7 @@ class RespClient:
         proto = await self._connection()
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         proto.waiting.append(future)
-        assert proto.transport is not None
-        proto.transport.write(_pack(*args))
+        proto.send(_pack(*args))
         reply = await future
         if isinstance(reply, hiredis.ReplyError):
             raise ResponseError(str(reply))
