@@ -18,8 +18,13 @@ Two parts, in one run:
 The load generator runs in this process on uvloop: one aiohttp session per run with a connector
 limit equal to the concurrency, streams read with `iter_any()` and never parsed.
 
-    .venv/bin/python bench/gateway_overhead.py [--rounds 3] [--quick] [--levels 1,16,64]
-        [--paced-streams 100,500,1000] [--pace-ms 500] [--paced-chunks 32] [--json OUT]
+    .venv/bin/python bench/gateway_overhead.py [--rounds 3] [--quick] [--levels 1,16,64] [--requests 1000]
+        [--paced-streams 100,500,1000] [--pace-ms 500] [--paced-chunks 32] [--ramp-s S] [--settle-s 6]
+        [--sections closed,paced] [--json OUT]
+
+Each paced run waits `--settle-s` first: the upstream (uvicorn, like vLLM) drops idle keep-alive connections
+after 5 s while the gateway pools them for 30 s, and a stream that takes one just as it is dropped fails
+(see bench/README.md); the pause keeps that race out of the overhead figures.
 
 Open files: the bench raises its own RLIMIT_NOFILE before starting anything; the gateway and the fake
 upstreams are its children and inherit it (printed, read back from the gateway with psutil). Each held
@@ -657,7 +662,8 @@ def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def closed_section(args: argparse.Namespace, tmp: Path) -> list[LevelSummary]:
+def closed_section(args: argparse.Namespace, tmp: Path) -> tuple[list[LevelSummary], float]:
+    """The closed-loop summaries and the idle gateway's CPU in ms/s."""
     upstream = fake_upstream(tmp, "--chunks", str(CHUNKS), "--pace-ms", "0", "--model", MODEL, name="fast")
     gateway = gateway_proc(tmp, upstream.url, "gateway-fast")
     summaries: list[LevelSummary] = []
@@ -665,9 +671,9 @@ def closed_section(args: argparse.Namespace, tmp: Path) -> list[LevelSummary]:
         gw, up = ps(gateway), ps(upstream)
         print(f"gateway pid {gw.pid}, RLIMIT_NOFILE {gw.rlimit(psutil.RLIMIT_NOFILE)}; upstream pid {up.pid}")
         idle0 = tree_cpu(gw)
-        time.sleep(3)
-        idle = cpu_since(gw, idle0)[0] / 3 * 1000
-        print(f"gateway idle CPU (health checks): {idle:.1f} ms/s")
+        time.sleep(5)  # CPU times tick in 10 ms: +-2 ms/s over 5 s
+        idle = cpu_since(gw, idle0)[0] / 5 * 1000
+        print(f"gateway idle CPU (uvicorn's ticks, health checks; counted in every figure): {idle:.0f} ms/s")
         for stream in (False, True):
             for level in args.levels:
                 count = args.requests
@@ -686,7 +692,7 @@ def closed_section(args: argparse.Namespace, tmp: Path) -> list[LevelSummary]:
                             flush=True,
                         )
                 summaries.append(summarize(runs[0].mode, level, runs))
-    return summaries
+    return summaries, idle
 
 
 def paced_section(args: argparse.Namespace, tmp: Path) -> list[PacedSummary]:
@@ -775,10 +781,11 @@ def main() -> None:
     )
     closed: list[LevelSummary] = []
     paced: list[PacedSummary] = []
+    idle = 0.0
     with tempfile.TemporaryDirectory(prefix="gw-overhead-") as tmp:
         if "closed" in sections:
             print(f"\nclosed loop: {args.requests} requests per run, streams of {CHUNKS} chunks, no pacing")
-            closed = closed_section(args, Path(tmp))
+            closed, idle = closed_section(args, Path(tmp))
         if "paced" in sections:
             print(f"\npaced: streams of {args.paced_chunks} chunks, {args.pace_ms:g} ms apart, held at once")
             paced = paced_section(args, Path(tmp))
@@ -806,6 +813,7 @@ def main() -> None:
                 "loadavg_start": load_start,
                 "loadavg_end": load_end,
             },
+            "gateway_idle_cpu_ms_per_s": idle,
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "closed": [asdict(s) for s in closed],
             "paced": [asdict(s) for s in paced],
