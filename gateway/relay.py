@@ -24,6 +24,7 @@ from gateway.settings import ServerSettings
 
 _DONE = b"data: [DONE]"
 _JSON_HEADERS = {"content-type": "application/json"}
+_STALE_RETRIES = 2
 _USAGE = b'"usage":{'
 
 
@@ -53,7 +54,9 @@ class Upstream:
         self._whole_timeout = aiohttp.ClientTimeout(total=None, connect=s.connect_timeout, sock_read=s.request_timeout)
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, enable_cleanup_closed=True)
+        # Idle connections are dropped before the engines drop them (uvicorn and vLLM: 5 s), so a
+        # request rarely picks up one the engine is closing; `post` retries the rare one that does.
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=3, enable_cleanup_closed=True)
         self._session = aiohttp.ClientSession(
             connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
         )
@@ -75,7 +78,17 @@ class Upstream:
             self._auth_headers[api_key] = headers
         timeout = self._stream_timeout if stream else self._whole_timeout
         async with asyncio.timeout(self._server.first_byte_timeout if stream else self._server.request_timeout):
-            return await self._session.post(url, data=body, headers=headers, timeout=timeout)
+            for attempt in range(_STALE_RETRIES + 1):
+                try:
+                    return await self._session.post(url, data=body, headers=headers, timeout=timeout)
+                except aiohttp.ClientConnectorError:
+                    raise  # nothing listens there: the engine is down
+                except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                    # A pooled keep-alive connection the engine closed meanwhile: nothing was
+                    # processed, so the same engine is tried again on another connection.
+                    if attempt == _STALE_RETRIES:
+                        raise
+        raise AssertionError("unreachable")
 
     async def read_all(self, response: aiohttp.ClientResponse) -> bytes:
         async with asyncio.timeout(self._server.request_timeout):
@@ -112,6 +125,34 @@ async def _until_disconnected(receive: Receive) -> None:
         pass
 
 
+class _SendWatchdog:
+    """One sweeper for every open stream drops the clients that stopped reading; cheaper than an
+    asyncio.timeout around each relayed chunk."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self._relays: set[StreamRelay] = set()
+        self._interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    def watch(self, relay: StreamRelay) -> None:
+        self._relays.add(relay)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._sweep(), name="send-watchdog")
+
+    def unwatch(self, relay: StreamRelay) -> None:
+        self._relays.discard(relay)
+
+    async def _sweep(self) -> None:
+        while self._relays:
+            await asyncio.sleep(self._interval)
+            now = time.monotonic()
+            for relay in [r for r in self._relays if r.stalled(now)]:
+                relay.drop()
+
+
+_watchdog = _SendWatchdog()
+
+
 class StreamRelay:
     """An ASGI response that relays an upstream SSE stream."""
 
@@ -127,15 +168,29 @@ class StreamRelay:
         self._upstream = upstream
         self.headers = headers
         self._strip = strip_usage
-        self._send_timeout = send_timeout
+        self.send_timeout = send_timeout
         self.stats = stats
+        self.sending_since = 0.0  # monotonic time the current send began, 0 when none is pending
+        self._pump_task: asyncio.Future[None] | None = None
+
+    def stalled(self, now: float) -> bool:
+        return bool(self.sending_since) and now - self.sending_since > self.send_timeout
+
+    def drop(self) -> None:
+        """The client has read nothing for send_timeout: give up on it (its upstream is closed)."""
+        self.stats.disconnected = True
+        if self._pump_task is not None:
+            self._pump_task.cancel()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         pump = asyncio.ensure_future(self._pump(send))
         watcher = asyncio.ensure_future(_until_disconnected(receive))
+        self._pump_task = pump
+        _watchdog.watch(self)
         try:
             await asyncio.wait((pump, watcher), return_when=asyncio.FIRST_COMPLETED)
         finally:
+            _watchdog.unwatch(self)
             # Whoever is still running is not needed any more; closing the upstream response drops
             # its connection, which is what makes the engine abort the request.
             if not pump.done():
@@ -150,8 +205,10 @@ class StreamRelay:
             self.stats.disconnected = True
 
     async def _send(self, send: Send, message: Message) -> None:
-        async with asyncio.timeout(self._send_timeout):
-            await send(message)
+        # A timestamp, not an asyncio.timeout per chunk: the send watchdog sweeps all streams.
+        self.sending_since = time.monotonic()
+        await send(message)
+        self.sending_since = 0.0
 
     async def _pump(self, send: Send) -> None:
         stats = self.stats

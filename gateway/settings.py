@@ -49,7 +49,7 @@ class RoutingSettings:
 class HealthSettings:
     interval: float = 1.0
     timeout: float = 2.0
-    failures_to_eject: int = 1
+    failures_to_eject: int = 2  # one slow probe under load must not eject a working engine
 
 
 @dataclass(frozen=True)
