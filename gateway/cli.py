@@ -10,9 +10,17 @@ import sys
 import tempfile
 
 from gateway.keys_cli import add_keys_commands
-from gateway.settings import CONFIG_ENV, ConfigError, load_settings
+from gateway.settings import CONFIG_ENV, ConfigError, Settings, load_settings
 
 log = logging.getLogger("gateway")
+
+
+def _settings(path: str) -> Settings | None:
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        print(f"llm-gateway: {exc}", file=sys.stderr)
+        return None
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -20,10 +28,8 @@ def serve(args: argparse.Namespace) -> int:
 
     from gateway.supervisor import Supervisor
 
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(f"llm-gateway: {exc}", file=sys.stderr)
+    settings = _settings(args.config)
+    if settings is None:
         return 2
     host = args.host or settings.server.host
     port = args.port or settings.server.port
@@ -57,10 +63,8 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def check(args: argparse.Namespace) -> int:
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(f"llm-gateway: {exc}", file=sys.stderr)
+    settings = _settings(args.config)
+    if settings is None:
         return 2
     print(f"{args.config}: ok ({len(settings.engines)} engines, {len(settings.models)} models)")
     return 0

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
+import os
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _MAX_ID = 200
 log = logging.getLogger(__name__)
+
+
+def request_id_of(scope: Scope) -> bytes:
+    """The client's x-request-id when it is a sane one (printable ASCII, bounded), else a new one."""
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            if 0 < len(value) <= _MAX_ID and all(32 < c < 127 for c in value):
+                return bytes(value)
+            break
+    return os.urandom(16).hex().encode()
 
 
 class RequestIdMiddleware:
@@ -23,14 +33,7 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = b""
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                if 0 < len(value) <= _MAX_ID and all(32 < c < 127 for c in value):
-                    rid = value
-                break
-        if not rid:
-            rid = uuid.uuid4().hex.encode()
+        rid = request_id_of(scope)
         scope.setdefault("state", {})["request_id"] = rid.decode()
 
         async def send_with_id(message: Message) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +19,7 @@ from engines.http import BodyTooLarge, ClientDisconnected, read_limited, unless_
 from gateway.access import Access, Ticket
 from gateway.context import Gateway
 from gateway.errors import GatewayError, invalid
+from gateway.middleware import request_id_of
 from gateway.relay import StreamRelay, StreamStats
 from gateway.routing import prefix_key
 
@@ -91,12 +91,7 @@ class OpenAIRoutes:
 
     async def asgi(self, scope: Scope, receive: Receive, send: Send, endpoint: Endpoint) -> None:
         """The hot path as bare ASGI: no router, no middleware stack, no wrapped send per chunk."""
-        rid = b""
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                rid = value if 0 < len(value) <= 200 and all(32 < c < 127 for c in value) else b""
-                break
-        rid = rid or os.urandom(16).hex().encode()
+        rid = request_id_of(scope)
         request = Request(scope, receive)
         try:
             response = await self._serve(request, endpoint)
