@@ -54,3 +54,28 @@ def test_base64_and_errors(embed_worker: Proc) -> None:
     assert httpx.post(embed_worker.url + "/v1/embeddings", json={"model": "x", "input": "a"}).status_code == 404
     chat = httpx.post(embed_worker.url + "/v1/chat/completions", json={"model": MODEL, "messages": []})
     assert chat.status_code == 404
+
+
+def test_embeddings_through_the_gateway(embed_worker: Proc, logs_dir: Path) -> None:
+    from tests.procs import gateway
+
+    config = {
+        "engines": [{"name": "embed", "kind": "openai", "url": embed_worker.url}],
+        "models": [{"name": "minilm", "routes": [{"engine": "embed", "model": MODEL}]}],
+        "auth": {"enabled": False},
+    }
+    gw = gateway(logs_dir, config, name="gw-embed").start()
+    try:
+        gw.wait_healthy("/ready", timeout=60)
+        client = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
+        r = client.embeddings.create(model="minilm", input=["a guitar", "a violin", "tax law"])
+        v = [d.embedding for d in r.data]
+        assert cosine(v[0], v[1]) > cosine(v[0], v[2]) and r.usage.prompt_tokens > 0
+        bad = httpx.post(gw.url + "/v1/embeddings", json={"model": "minilm"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "input"
+        assert (
+            httpx.post(gw.url + "/v1/embeddings", json={"model": "minilm", "input": "x", "stream": True}).status_code
+            == 400
+        )
+    finally:
+        gw.stop()
