@@ -6,8 +6,9 @@ import json
 import logging
 import os
 
-from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.errors import GatewayError
 
 _MAX_ID = 200
 log = logging.getLogger(__name__)
@@ -34,7 +35,6 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         rid = request_id_of(scope)
-        scope.setdefault("state", {})["request_id"] = rid.decode()
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -42,10 +42,6 @@ class RequestIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
-
-
-def request_id(request: Request) -> str:
-    return str(request.scope.get("state", {}).get("request_id", ""))
 
 
 class CatchAllMiddleware:
@@ -72,8 +68,6 @@ class CatchAllMiddleware:
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             if started:
                 raise
-            from gateway.errors import GatewayError
-
             body = GatewayError(500, "Internal error in the gateway.", code="internal_error").body()
             payload = json.dumps(body).encode()
             await send(
