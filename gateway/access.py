@@ -1,7 +1,7 @@
 """Who may call and how much: the seam between the request path and keys/quotas.
 
 `OpenAccess` serves everyone (auth disabled in the config); `KeyedAccess` (gateway/auth.py)
-checks API keys and quotas in Redis.
+checks API keys and quotas in Redis. The exchange calls `admit` once and `settle` once.
 """
 
 from __future__ import annotations
@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from starlette.requests import Request
+from starlette.types import Scope
+
+from gateway.request import ApiRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,21 +24,25 @@ class Principal:
         return self.models is None or model in self.models
 
 
+ANONYMOUS = Principal()
+
+
 @dataclass(slots=True)
-class Ticket:
+class Grant:
     """An admitted request: what to reconcile at the end and the headers to send."""
 
     principal: Principal
-    admission: Any = None
-    headers: dict[str, str] = field(default_factory=dict)
-    prompt_estimate: int = 0  # counted at admission; charged when the engine reports no usage
-    handed_over: bool = False  # a stream took over the engine slot and the accounting
-
-    def header_pairs(self) -> list[tuple[bytes, bytes]]:
-        return [(k.encode(), v.encode()) for k, v in self.headers.items()]
+    request: ApiRequest | None = None
+    admission: Any = None  # a quota Admission, when a reservation was made
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    prompt_tokens: int | None = None  # counted at admission, when the reservation needed it
 
 
-ANONYMOUS = Principal()
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    exact: bool  # reported by the engine; otherwise estimated from what was relayed
 
 
 class Access(Protocol):
@@ -44,11 +50,13 @@ class Access(Protocol):
 
     async def stop(self) -> None: ...
 
-    async def authenticate(self, request: Request) -> Principal: ...
+    async def authenticate(self, scope: Scope) -> Principal: ...
 
-    async def admit(self, principal: Principal, model: str, body: dict[str, Any]) -> Ticket: ...
+    async def admit(self, principal: Principal, request: ApiRequest) -> Grant: ...
 
-    async def finish(self, ticket: Ticket, status: int, exact: bool, prompt: int, completion: int) -> None: ...
+    async def settle(self, grant: Grant, usage: Usage) -> Usage:
+        """Reconciles the reservation with what was used; returns the usage it charged."""
+        ...
 
 
 class OpenAccess:
@@ -58,11 +66,11 @@ class OpenAccess:
     async def stop(self) -> None:
         return None
 
-    async def authenticate(self, request: Request) -> Principal:
+    async def authenticate(self, scope: Scope) -> Principal:
         return ANONYMOUS
 
-    async def admit(self, principal: Principal, model: str, body: dict[str, Any]) -> Ticket:
-        return Ticket(principal)
+    async def admit(self, principal: Principal, request: ApiRequest) -> Grant:
+        return Grant(principal)
 
-    async def finish(self, ticket: Ticket, status: int, exact: bool, prompt: int, completion: int) -> None:
-        return None
+    async def settle(self, grant: Grant, usage: Usage) -> Usage:
+        return usage

@@ -1,4 +1,4 @@
-"""API keys and quotas on the request path: authenticate -> admit (reserve) -> finish (reconcile)."""
+"""API keys and quotas on the request path: authenticate -> admit (reserve) -> settle (reconcile)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,16 @@ import asyncio
 import hmac
 import logging
 import time
-from typing import Any
 
-from starlette.requests import Request
+from starlette.types import Scope
 
-from gateway.access import Principal, Ticket
-from gateway.errors import GatewayError
+from gateway.access import Grant, Principal, Usage
+from gateway.errors import Code, GatewayError, invalid_key
+from gateway.http import header
 from gateway.keys import KeyStore
 from gateway.metrics import GatewayMetrics
-from gateway.quota import Admission, Quota
+from gateway.quota import Admission, Quota, reservation
+from gateway.request import ApiRequest
 from gateway.settings import AuthSettings
 from gateway.tokens import PromptCounter
 
@@ -23,29 +24,20 @@ log = logging.getLogger(__name__)
 ADMIN = Principal(key_id="admin")
 
 
-def bearer(request: Request) -> str:
-    header = request.headers.get("authorization")
-    if not header:
-        raise GatewayError(401, "Missing API key: send it as 'Authorization: Bearer <key>'.", code="missing_api_key")
-    scheme, _, secret = header.partition(" ")
+def bearer(scope: Scope) -> str:
+    value = header(scope, b"authorization")
+    if not value:
+        raise GatewayError(401, "Missing API key: send it as 'Authorization: Bearer <key>'.", code=Code.MISSING_API_KEY)
+    scheme, _, secret = value.decode("latin-1").partition(" ")
     secret = secret.strip()
     if scheme.lower() != "bearer" or not secret:
-        raise GatewayError(401, "Malformed Authorization header: expected 'Bearer <key>'.", code="invalid_api_key")
+        raise invalid_key("Malformed Authorization header: expected 'Bearer <key>'.")
     return secret
 
 
 def is_admin_key(secret: str, admin_key: str | None) -> bool:
     # Constant-time, so response timing says nothing about how much of a guess was right.
     return admin_key is not None and hmac.compare_digest(secret.encode(), admin_key.encode())
-
-
-def _invalid_key() -> GatewayError:
-    # Never echo the secret, not even in part.
-    return GatewayError(401, "Incorrect, revoked or expired API key.", code="invalid_api_key")
-
-
-def _token_limited(key: Any) -> bool:
-    return key.tpm is not None or key.daily_tokens is not None or key.monthly_tokens is not None
 
 
 class KeyedAccess:
@@ -59,8 +51,6 @@ class KeyedAccess:
         self._metrics = metrics
         self._in_flight: dict[str, Admission] = {}  # lease id -> admission
         self._refresher: asyncio.Task[None] | None = None
-        self._errors_seen = 0
-        self._opened_seen = 0
 
     async def start(self) -> None:
         self._refresher = asyncio.create_task(self._refresh_leases(), name="lease-refresh")
@@ -70,73 +60,57 @@ class KeyedAccess:
             self._refresher.cancel()
             await asyncio.gather(self._refresher, return_exceptions=True)
 
-    async def authenticate(self, request: Request) -> Principal:
-        secret = bearer(request)
+    async def authenticate(self, scope: Scope) -> Principal:
+        secret = bearer(scope)
         if self._settings.admin_is_client and is_admin_key(secret, self._settings.admin_key):
             return ADMIN
         key = await self.keys.resolve(secret)
-        self._sync_metrics()
         if key is None or not key.usable(time.time()):
-            raise _invalid_key()
+            raise invalid_key()
         return Principal(key.id, key.models, key)
 
-    async def admit(self, principal: Principal, model: str, body: dict[str, Any]) -> Ticket:
+    async def admit(self, principal: Principal, request: ApiRequest) -> Grant:
         key = principal.key
         if key is None:
-            return Ticket(principal)
-        n = body.get("n") if isinstance(body.get("n"), int) else 1
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-        prompt = 0
-        if _token_limited(key):
-            if max_tokens is None and "input" not in body:
-                # Without a cap the engine may write up to the context length: set one, so the
-                # reservation bounds what the request can spend and a budget is never overspent.
-                max_tokens = body["max_tokens"] = self._settings.default_max_tokens
-            prompt = self._counter.count(model, body)
-        prompts = len(body["prompt"]) if isinstance(body.get("prompt"), list) and _is_batch(body["prompt"]) else 1
-        reserve = prompt + int(max_tokens or 0) * int(n or 1) * prompts
+            return Grant(principal, request)
+        prompt = None
+        if key.token_limited:
+            # Without a cap the engine may write up to the context length: set one, so the
+            # reservation bounds what the request can spend and a budget is never overspent.
+            request.cap_max_tokens(self._settings.default_max_tokens)
+            prompt = await self._counter.count(request)
+        reserve = reservation(key, request, prompt or 0)
         try:
-            admission = await self.quota.admit(key, model, reserve)
+            admission = await self.quota.admit(key, request.model, reserve)
         except GatewayError as exc:
-            if exc.status == 429:
-                self._metrics.quota_rejections.labels(exc.code or "unknown").inc()
-            self._metrics.key_requests.labels(key.id, str(exc.status)).inc()
+            if exc.status == 429 and exc.code is not None:
+                self._metrics.quota_rejections.labels(str(exc.code)).inc()
             raise
-        finally:
-            self._sync_metrics()
         self._in_flight[admission.lease_id] = admission
-        ticket = Ticket(principal, admission, dict(admission.headers))
-        ticket.prompt_estimate = prompt
-        return ticket
+        headers = [(k.encode(), v.encode()) for k, v in admission.headers.items()]
+        return Grant(principal, request, admission, headers, prompt)
 
-    async def finish(self, ticket: Ticket, status: int, exact: bool, prompt: int, completion: int) -> None:
-        admission = ticket.admission
-        key_id = ticket.principal.key_id
-        if key_id is not None:
-            self._metrics.key_requests.labels(key_id, str(status)).inc()
+    async def settle(self, grant: Grant, usage: Usage) -> Usage:
+        admission: Admission | None = grant.admission
         if admission is None:
-            return
+            return usage
         self._in_flight.pop(admission.lease_id, None)
-        if not exact:
-            # The engine never reported usage (aborted, failed): charge what we know was spent.
-            prompt = ticket.prompt_estimate if completion else 0
-        await self.quota.release(admission, prompt, completion)
-        self._sync_metrics()
-        if prompt:
-            self._metrics.key_tokens.labels(admission.key_id, "prompt").inc(prompt)
-        if completion:
-            self._metrics.key_tokens.labels(admission.key_id, "completion").inc(completion)
-
-    def _sync_metrics(self) -> None:
-        """Mirror the quota's error counters into Prometheus (they count in the quota module)."""
-        errors = self.quota.redis_errors
-        if errors > self._errors_seen:
-            self._metrics.redis_errors.inc(errors - self._errors_seen)
-            self._errors_seen = errors
-        opened = self.quota.fail_open_admissions
-        if opened > self._opened_seen:
-            self._metrics.fail_open.inc(opened - self._opened_seen)
-            self._opened_seen = opened
+        if not usage.exact:
+            # The engine never reported usage (aborted, failed): charge what we know was spent,
+            # the prompt only when the engine got as far as writing something.
+            prompt = 0
+            if usage.completion_tokens and grant.request is not None:
+                prompt = (
+                    grant.prompt_tokens if grant.prompt_tokens is not None else await self._counter.count(grant.request)
+                )
+            usage = Usage(prompt, usage.completion_tokens, exact=False)
+        await self.quota.release(admission, usage.prompt_tokens, usage.completion_tokens)
+        m = self._metrics
+        if usage.prompt_tokens:
+            m.key_tokens_by(admission.key_id, "prompt").inc(usage.prompt_tokens)
+        if usage.completion_tokens:
+            m.key_tokens_by(admission.key_id, "completion").inc(usage.completion_tokens)
+        return usage
 
     async def _refresh_leases(self) -> None:
         # Long streams outlive a lease; extend every in-flight one in one pipeline.
@@ -145,7 +119,3 @@ class KeyedAccess:
             await asyncio.sleep(interval)
             if self._in_flight:
                 await self.quota.refresh_leases(list(self._in_flight.values()))
-
-
-def _is_batch(prompt: list[Any]) -> bool:
-    return bool(prompt) and not all(isinstance(t, int) for t in prompt)

@@ -1,13 +1,14 @@
-"""What every route handler shares within one gateway process."""
+"""What every request of one gateway process shares: settings, metrics, engines, router, clients."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 
+from gateway.access import Access, OpenAccess
 from gateway.metrics import GatewayMetrics
 from gateway.pool import Pool
-from gateway.relay import Upstream
+from gateway.relay import SendWatchdog, Upstream
 from gateway.routing import Router
 from gateway.settings import Settings
 
@@ -19,11 +20,15 @@ class Gateway:
     pool: Pool
     router: Router
     upstream: Upstream
+    watchdog: SendWatchdog
+    access: Access = field(default_factory=OpenAccess)
     started: float = field(default_factory=time.time)
 
     @classmethod
     def build(cls, settings: Settings, multiprocess_dir: str | None = None) -> Gateway:
         metrics = GatewayMetrics(multiprocess_dir)
         pool = Pool(settings.engines, settings.health, metrics)
-        router = Router(pool, settings.models, routing=settings.routing)
-        return cls(settings, metrics, pool, router, Upstream(settings.server))
+        router = Router(pool, settings.models, settings.routing)
+        return cls(
+            settings, metrics, pool, router, Upstream(settings.server), SendWatchdog(settings.server.send_timeout)
+        )

@@ -1,4 +1,4 @@
-"""API keys in Redis: validation of admin payloads, the record, and secret -> key resolution.
+"""API keys in Redis: the record, and secret -> key resolution (admin payload checks: key_fields.py).
 
 Layout (`gw` is the prefix; the braces are a Redis Cluster hash tag, so one key's record and its
 quota counters share a slot and one Lua script may touch them all):
@@ -13,38 +13,27 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import math
 import re
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from gateway.errors import GatewayError, invalid
+from gateway.errors import quota_unavailable
+from gateway.key_fields import FIELDS, LIMITS
+from gateway.times import iso
 
 SECRET_PREFIX = "sk-gw-"
-LIMITS = ("rpm", "tpm", "max_concurrent", "daily_tokens", "monthly_tokens")
-FIELDS = ("name", "models", *LIMITS, "expires_at", "metadata")
-MAX_LIMIT = 2**53 - 1  # Lua numbers are doubles: stay exact
-MAX_METADATA_ENTRIES = 50
-MAX_METADATA_CHARS = 16_384
-MAX_TIMESTAMP = 253_402_300_799.0  # 9999-12-31T23:59:59Z
 _ID = re.compile(r"key_[0-9a-f]{16}")
 REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
-
-
-def iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    spec = "seconds" if ts == int(ts) else "milliseconds"
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec=spec).replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)
@@ -64,8 +53,8 @@ class ApiKey:
     prefix: str = ""
 
     @property
-    def limited(self) -> bool:
-        return any(getattr(self, name) is not None for name in LIMITS)
+    def token_limited(self) -> bool:
+        return self.tpm is not None or self.daily_tokens is not None or self.monthly_tokens is not None
 
     def usable(self, now: float) -> bool:
         return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
@@ -92,111 +81,33 @@ class ApiKey:
         }
 
 
-# ---- validation ---------------------------------------------------------------------------------
-
-
-def validate_key_fields(payload: Any, *, partial: bool) -> dict[str, Any]:
-    """An admin payload -> clean fields (models as a tuple, expires_at as unix seconds)."""
-    if not isinstance(payload, dict):
-        raise invalid("The request body must be a JSON object.")
-    for name in payload:
-        if name not in FIELDS:
-            raise invalid(f"Unknown field {name!r}; expected some of: {', '.join(FIELDS)}.", param=str(name))
-    if not partial and "name" not in payload:
-        raise invalid("'name' is required.", param="name")
-    out: dict[str, Any] = {}
-    for name, value in payload.items():
-        out[name] = _CHECKS[name](name, value)
-    return out
-
-
-def _name(param: str, value: Any) -> str:
-    if not isinstance(value, str) or not 1 <= len(value) <= 200:
-        raise invalid("'name' must be a string of 1 to 200 characters.", param=param)
-    return value
-
-
-def _models(param: str, value: Any) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    if not isinstance(value, list | tuple) or not value:
-        raise invalid("'models' must be a non-empty list of model names, or null for all models.", param=param)
-    if not all(isinstance(m, str) and m for m in value):
-        raise invalid("'models' must contain only non-empty strings.", param=param)
-    return tuple(dict.fromkeys(value))
-
-
-def _limit(param: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    # bool is an int subclass: `true` is not a limit
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise invalid(f"'{param}' must be an integer >= 1, or null for no limit.", param=param)
-    if value < 1:
-        raise invalid(f"'{param}' must be >= 1 (got {value}); use null for no limit.", param=param)
-    if value > MAX_LIMIT:
-        raise invalid(f"'{param}' must be at most {MAX_LIMIT}.", param=param)
-    return value
-
-
-def _expires_at(param: str, value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        try:
-            when = datetime.fromisoformat(value.strip())
-        except ValueError:
-            raise invalid(
-                f"'expires_at' is not an ISO 8601 date-time: {value!r} (e.g. 2030-01-31T12:00:00Z).", param=param
-            ) from None
-        ts = (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        ts = float(value)
-    else:
-        raise invalid("'expires_at' must be an ISO 8601 string, Unix seconds, or null.", param=param)
-    if not math.isfinite(ts) or not 0 <= ts <= MAX_TIMESTAMP:
-        raise invalid("'expires_at' is out of range.", param=param)
-    return ts
-
-
-def _metadata(param: str, value: Any) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise invalid("'metadata' must be a JSON object.", param=param)
-    if len(value) > MAX_METADATA_ENTRIES:
-        raise invalid(f"'metadata' may have at most {MAX_METADATA_ENTRIES} entries.", param=param)
-    try:
-        text = json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError):
-        raise invalid("'metadata' must be JSON-serialisable.", param=param) from None
-    if len(text) > MAX_METADATA_CHARS:
-        raise invalid(f"'metadata' must serialise to at most {MAX_METADATA_CHARS} characters.", param=param)
-    return dict(value)
-
-
-_CHECKS: dict[str, Any] = {
-    "name": _name,
-    "models": _models,
-    **dict.fromkeys(LIMITS, _limit),
-    "expires_at": _expires_at,
-    "metadata": _metadata,
-}
-
-
 # ---- the Redis record ---------------------------------------------------------------------------
 
 
 def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def _num(value: str | None) -> float | None:
-    return float(value) if value else None
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
 
 
 def _int(value: str | None) -> int | None:
-    return int(value) if value else None
+    try:
+        return int(value) if value else None
+    except ValueError:
+        return None
+
+
+def _json(value: str | None, default: Any) -> Any:
+    # A record damaged by hand (or by an older release) must not take the whole key list down.
+    try:
+        return orjson.loads(value) if value else default
+    except orjson.JSONDecodeError:
+        return default
 
 
 def encode_fields(fields: Mapping[str, Any]) -> dict[str, str]:
@@ -206,9 +117,9 @@ def encode_fields(fields: Mapping[str, Any]) -> dict[str, str]:
         if value is None:
             out[name] = ""
         elif name == "models":
-            out[name] = json.dumps(list(value))
+            out[name] = orjson.dumps(list(value)).decode()
         elif name == "metadata":
-            out[name] = json.dumps(value)
+            out[name] = orjson.dumps(value).decode()
         elif name == "expires_at":
             out[name] = repr(float(value))
         else:
@@ -224,19 +135,22 @@ def decode_record(raw: Mapping[Any, Any]) -> ApiKey | None:
     if not raw:
         return None
     h = texts(raw)
-    models = h.get("models")
+    if "id" not in h:
+        return None
+    models = _json(h.get("models"), None)
+    metadata = _json(h.get("metadata"), {})
     return ApiKey(
         id=h["id"],
         name=h.get("name", ""),
-        models=tuple(json.loads(models)) if models else None,
+        models=tuple(str(m) for m in models) if isinstance(models, list) else None,
         rpm=_int(h.get("rpm")),
         tpm=_int(h.get("tpm")),
         max_concurrent=_int(h.get("max_concurrent")),
         daily_tokens=_int(h.get("daily_tokens")),
         monthly_tokens=_int(h.get("monthly_tokens")),
         expires_at=_num(h.get("expires_at")),
-        metadata=json.loads(h["metadata"]) if h.get("metadata") else {},
-        created_at=float(h.get("created_at") or 0),
+        metadata=metadata if isinstance(metadata, dict) else {},
+        created_at=_num(h.get("created_at")) or 0.0,
         revoked_at=_num(h.get("revoked_at")),
         prefix=h.get("prefix", ""),
     )
@@ -265,6 +179,15 @@ return redis.call('HGETALL', KEYS[1])
 """
 
 
+@asynccontextmanager
+async def redis_or_503() -> AsyncIterator[None]:
+    """Admin operations: Redis out of reach is a 503 `quota_unavailable`, never a 500."""
+    try:
+        yield
+    except REDIS_DOWN:
+        raise quota_unavailable() from None
+
+
 @dataclass
 class _Known:
     key_id: str
@@ -279,7 +202,8 @@ class KeyStore:
     snapshot returned by `resolve` is at most `record_ttl` seconds old: it serves the paths that
     do not admit (GET /v1/models) and the fail-open limiter. Admission itself reads the record
     fresh inside its Lua script (gateway/quota.py), so a revoke or PATCH applies at once to
-    every replica. A known key therefore costs no Redis round trip here.
+    every replica. A known key therefore costs no Redis round trip here, and concurrent first
+    requests with the same unknown key share one lookup.
     """
 
     def __init__(
@@ -298,6 +222,7 @@ class KeyStore:
         self.timeout = timeout
         self._index = f"{prefix}:keys"
         self._known: OrderedDict[str, _Known] = OrderedDict()
+        self._loading: dict[str, asyncio.Future[ApiKey | None]] = {}
         self._update = redis.register_script(_UPDATE)
         self._revoke = redis.register_script(_REVOKE)
 
@@ -320,7 +245,7 @@ class KeyStore:
         }
         # No MULTI: the three keys live in different cluster slots. The mapping goes last, so it
         # never points at a missing record.
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with redis_or_503(), self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(self._rec(key_id), mapping=record)
             pipe.sadd(self._index, key_id)
             pipe.set(f"{self.prefix}:keyhash:{digest}", key_id)
@@ -332,19 +257,18 @@ class KeyStore:
     async def record_for(self, key_id: str) -> ApiKey | None:
         if not _ID.fullmatch(key_id):
             return None
-        return decode_record(await self.redis.hgetall(self._rec(key_id)))
-
-    async def get(self, key_id: str) -> ApiKey | None:
-        return await self.record_for(key_id)
+        async with redis_or_503():
+            return decode_record(await self.redis.hgetall(self._rec(key_id)))
 
     async def list(self) -> list[ApiKey]:
-        ids = sorted(_text(i) for i in await self.redis.smembers(self._index))
-        if not ids:
-            return []
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for key_id in ids:
-                pipe.hgetall(self._rec(key_id))
-            raws = await pipe.execute()
+        async with redis_or_503():
+            ids = sorted(_text(i) for i in await self.redis.smembers(self._index))
+            if not ids:
+                return []
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key_id in ids:
+                    pipe.hgetall(self._rec(key_id))
+                raws = await pipe.execute()
         keys = [k for k in map(decode_record, raws) if k is not None]
         return sorted(keys, key=lambda k: (k.created_at, k.id))
 
@@ -353,14 +277,16 @@ class KeyStore:
         if not _ID.fullmatch(key_id):
             return None
         args = [part for pair in encode_fields(fields).items() for part in pair]
-        key = decode_record(_pairs(await self._update(keys=[self._rec(key_id)], args=args)))
+        async with redis_or_503():
+            key = decode_record(_pairs(await self._update(keys=[self._rec(key_id)], args=args)))
         self._forget(key_id)
         return key
 
     async def revoke(self, key_id: str) -> ApiKey | None:
         if not _ID.fullmatch(key_id):
             return None
-        key = decode_record(_pairs(await self._revoke(keys=[self._rec(key_id)], args=[repr(time.time())])))
+        async with redis_or_503():
+            key = decode_record(_pairs(await self._revoke(keys=[self._rec(key_id)], args=[repr(time.time())])))
         self._forget(key_id)
         return key
 
@@ -374,15 +300,17 @@ class KeyStore:
             self._known.move_to_end(digest)
             if time.monotonic() - known.fetched < self.record_ttl:
                 return known.key
+        loading = self._loading.get(digest)
+        if loading is None:
+            loading = self._loading[digest] = asyncio.ensure_future(self._load(digest, known))
+            loading.add_done_callback(lambda done: self._loaded(digest, done))
         try:
-            async with asyncio.timeout(self.timeout):
-                return await self._load(digest, known)
-        except REDIS_DOWN:
+            # shield: one caller giving up must not cancel the lookup the others wait on
+            return await asyncio.wait_for(asyncio.shield(loading), self.timeout)
+        except (*REDIS_DOWN, TimeoutError):
             if known is not None:
                 return known.key  # a stale snapshot lets fail-open mode serve known keys
-            raise GatewayError(
-                503, "Key store unavailable, retry shortly.", code="quota_unavailable", headers={"retry-after": "1"}
-            ) from None
+            raise quota_unavailable() from None
 
     async def _load(self, digest: str, known: _Known | None) -> ApiKey | None:
         if known is None:
@@ -402,6 +330,11 @@ class KeyStore:
         while len(self._known) > self.cache_size:
             self._known.popitem(last=False)
         return key
+
+    def _loaded(self, digest: str, done: asyncio.Future[ApiKey | None]) -> None:
+        self._loading.pop(digest, None)
+        if not done.cancelled():
+            done.exception()  # retrieved here: every waiter may have given up already
 
     def _forget(self, key_id: str) -> None:
         """Drop this replica's snapshot at once; other replicas catch up within record_ttl."""

@@ -7,11 +7,30 @@ set by the CLI) sums every worker's values into one scrape.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Children:
+    """A labelled metric's children by label values, looked up in a plain dict: prometheus_client's
+    own `labels()` validates and locks on every call, which shows in per-request profiles."""
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *labels: str) -> Any:
+        child = self._children.get(labels)
+        if child is None:
+            child = self._children[labels] = self._metric.labels(*labels)
+        return child
 
 
 class GatewayMetrics:
@@ -103,6 +122,19 @@ class GatewayMetrics:
             "Requests admitted by the per-process limiter while Redis was down.",
             registry=r,
         )
+        # The children the request path touches, by label values (see Children).
+        self.requests_by = Children(self.requests)
+        self.key_requests_by = Children(self.key_requests)
+        self.latency_by = Children(self.latency)
+        self.ttft_by = Children(self.ttft)
+        self.itl_by = Children(self.itl)
+        self.prompt_tokens_by = Children(self.prompt_tokens)
+        self.completion_tokens_by = Children(self.completion_tokens)
+        self.key_tokens_by = Children(self.key_tokens)
+        self.routing_by = Children(self.routing)
+        self.retries_by = Children(self.retries)
+        self.upstream_errors_by = Children(self.upstream_errors)
+        self.disconnects_by = Children(self.client_disconnects)
 
     def render(self) -> bytes:
         if self._multiprocess_dir:

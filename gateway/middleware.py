@@ -1,14 +1,22 @@
-"""Pure ASGI middleware (no BaseHTTPMiddleware: it breaks streaming and contextvars)."""
+"""The front of every HTTP request (pure ASGI; BaseHTTPMiddleware breaks streaming and contextvars).
+
+One place for what every route shares: the request id (`x-request-id` on every response, the
+client's own when it sent a sane one), and the one mapping of errors to OpenAI-shaped responses:
+a GatewayError is answered as it says, Starlette's 404/405 become ours, a client that went away
+gets nothing, and anything else is a bug: logged with its traceback, answered 500 in our shape.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import GatewayError
+from gateway.errors import Code, GatewayError, internal_error
+from gateway.http import ClientDisconnected
 
 _MAX_ID = 200
 log = logging.getLogger(__name__)
@@ -24,9 +32,19 @@ def request_id_of(scope: Scope) -> bytes:
     return os.urandom(16).hex().encode()
 
 
-class RequestIdMiddleware:
-    """Every response carries x-request-id: the client's own when it sent a sane one."""
+def _from_http(scope: Scope, exc: HTTPException) -> GatewayError:
+    if exc.status_code == 404:
+        return GatewayError(
+            404, f"No route for {scope.get('path')}.", code=Code.ROUTE_NOT_FOUND, type="invalid_request_error"
+        )
+    if exc.status_code == 405:
+        headers = {"allow": exc.headers["Allow"]} if exc.headers and "Allow" in exc.headers else None
+        message = f"Method {scope.get('method')} not allowed here."
+        return GatewayError(405, message, code=Code.METHOD_NOT_ALLOWED, headers=headers)
+    return GatewayError(exc.status_code, str(exc.detail), type="invalid_request_error")
 
+
+class Front:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
@@ -35,46 +53,34 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         rid = request_id_of(scope)
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid)]
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
-
-
-class CatchAllMiddleware:
-    """A bug must still answer in OpenAI's shape (and inside RequestIdMiddleware, so with an id)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+        scope["request_id"] = rid
+        scope["app"] = self  # Starlette's router then raises HTTPException for 404/405 instead of answering
         started = False
 
-        async def tracking_send(message: Message) -> None:
+        async def send_with_id(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid)]
             await send(message)
 
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, send_with_id)
+        except (ClientDisconnected, ClientDisconnect):
+            return  # nobody is listening
+        except GatewayError as exc:
+            error = exc
+        except HTTPException as exc:
+            error = _from_http(scope, exc)
         except Exception:
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
-            if started:
-                raise
-            body = GatewayError(500, "Internal error in the gateway.", code="internal_error").body()
-            payload = json.dumps(body).encode()
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 500,
-                    "headers": [(b"content-type", b"application/json")],
-                }
-            )
-            await send({"type": "http.response.body", "body": payload})
+            error = internal_error()
+        else:
+            return
+        if started:
+            return  # too late for a status; a stream already ended itself in-band
+        try:
+            await send_with_id({"type": "http.response.start", "status": error.status, "headers": error.raw_headers()})
+            await send_with_id({"type": "http.response.body", "body": error.payload()})
+        except OSError:
+            pass  # the client left while we answered

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass
 
 import aiohttp
@@ -27,9 +26,8 @@ class Engine:
     outstanding: int = 0  # requests this process has in flight there
     waiting: float = 0.0  # the engine's own queue, from its last /metrics scrape
     running: float = 0.0
-    kv_usage: float = 0.0
-    failures: int = 0
-    last_change: float = 0.0
+    kv_usage: float = 0.0  # fraction of the KV cache in use
+    failures: int = 0  # consecutive failed probes
 
     @property
     def name(self) -> str:
@@ -85,9 +83,6 @@ class Pool:
         if self._session:
             await self._session.close()
 
-    def any_healthy(self) -> bool:
-        return any(e.healthy for e in self.engines.values())
-
     def mark_failed(self, engine: Engine, why: str) -> None:
         """Passive health: a refused connection takes the engine out until a check says otherwise."""
         if engine.healthy:
@@ -98,7 +93,6 @@ class Pool:
     def _set_health(self, engine: Engine, healthy: bool) -> None:
         if engine.healthy != healthy:
             engine.healthy = healthy
-            engine.last_change = time.monotonic()
             if healthy:
                 log.info("engine %s is healthy", engine.name)
         self._metrics.engine_healthy.labels(engine.name).set(1 if healthy else 0)

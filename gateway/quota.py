@@ -12,6 +12,8 @@ share one Redis Cluster slot:
 replicas. A lease counts toward max_concurrent until it expires; an expired lease is kept for
 LEASE_KEEP more, so a late release still reconciles, and ZREM's answer makes release idempotent.
 Times are the gateway's clock (unix seconds): replicas are assumed NTP-synced.
+
+Every command goes through the lean RESP client (gateway/resp.py), the one the request path uses.
 """
 
 from __future__ import annotations
@@ -23,14 +25,14 @@ import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
-from functools import lru_cache
 from typing import Any
 
-import redis.asyncio as aioredis
-
-from gateway.errors import GatewayError
-from gateway.keys import REDIS_DOWN, ApiKey, iso
+from gateway.errors import Code, GatewayError, invalid, quota_unavailable
+from gateway.keys import REDIS_DOWN, ApiKey
+from gateway.limits import Window, rate_headers, refusal, refused_key, window
+from gateway.local_limiter import LocalLimiter
+from gateway.metrics import GatewayMetrics
+from gateway.request import ApiRequest
 from gateway.resp import RespClient, Script
 
 log = logging.getLogger(__name__)
@@ -40,9 +42,8 @@ DAY_TTL = 40 * 86400
 MONTH_TTL = 400 * 86400
 LEASE_KEEP_MS = 3_600_000
 WARN_EVERY = 10.0
-TOKEN_LIMITS = ("tpm_exceeded", "daily_tokens_exceeded", "monthly_tokens_exceeded")
 
-_ADMIT = """
+_ADMIT = Script("""
 local rec = redis.call('HMGET', KEYS[1], 'created_at', 'revoked_at', 'expires_at', 'models',
   'rpm', 'tpm', 'max_concurrent', 'daily_tokens', 'monthly_tokens')
 if not rec[1] then return {'unknown'} end
@@ -91,9 +92,9 @@ end
 redis.call('ZADD', leases, now + tonumber(ARGV[5]), lease)
 redis.call('PEXPIRE', leases, tonumber(ARGV[5]) + tonumber(ARGV[6]))
 return {'ok', rpm, mreq + 1, tpm, mtok + reserve}
-"""
+""")
 
-_RELEASE = """
+_RELEASE = Script("""
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
 local delta = tonumber(ARGV[2])
 if delta ~= 0 and redis.call('EXISTS', KEYS[2]) == 1 then
@@ -108,20 +109,7 @@ for i = 3, 4 do
   end
 end
 return 1
-"""
-
-
-def reset_after(seconds: float) -> str:
-    """OpenAI's duration format for x-ratelimit-reset-*: "12ms", "1s", "1.5s", "6m0s", "1h2m3s"."""
-    ms = max(0, round(seconds * 1000))
-    if ms < 1000:
-        return f"{ms}ms" if ms else "0s"
-    hours, ms = divmod(ms, 3_600_000)
-    minutes, ms = divmod(ms, 60_000)
-    secs = f"{ms // 1000}" if ms % 1000 == 0 else f"{ms / 1000:.3f}".rstrip("0")
-    if hours:
-        return f"{hours}h{minutes}m{secs}s"
-    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+""")
 
 
 @dataclass
@@ -133,147 +121,38 @@ class Admission:
     day: str
     month: str
     headers: dict[str, str] = field(default_factory=dict)
-    local: bool = False
+    local: bool = False  # admitted by the per-process limiter while Redis was unreachable
 
 
-@dataclass(frozen=True, slots=True)
-class Window:
-    """The buckets `now` falls in, and the seconds until each resets."""
+def reservation(key: ApiKey, request: ApiRequest, prompt_tokens: int) -> int:
+    """What a request may spend at most: its prompt plus max_tokens for every choice and prompt.
 
-    minute: int
-    day: str
-    month: str
-    minute_left: float
-    day_left: float
-    month_left: float
-
-
-def window(now: float) -> Window:
-    minute = int(now // 60)
-    day, month, day_end, month_end = _calendar(int(now // 86400))
-    return Window(minute, day, month, (minute + 1) * 60 - now, day_end - now, month_end - now)
-
-
-@lru_cache(maxsize=8)
-def _calendar(day_index: int) -> tuple[str, str, float, float]:
-    d = date(1970, 1, 1) + timedelta(days=day_index)
-    first_next = date(d.year + d.month // 12, d.month % 12 + 1, 1)
-    month_end = datetime(first_next.year, first_next.month, 1, tzinfo=UTC).timestamp()
-    return d.isoformat(), d.isoformat()[:7], (day_index + 1) * 86400.0, month_end
-
-
-def rate_headers(rpm: int | None, requests: int, tpm: int | None, tokens: int, left: float) -> dict[str, str]:
-    headers: dict[str, str] = {}
-    reset = reset_after(left)
-    if rpm is not None:
-        headers["x-ratelimit-limit-requests"] = str(rpm)
-        headers["x-ratelimit-remaining-requests"] = str(max(0, rpm - requests))
-        headers["x-ratelimit-reset-requests"] = reset
-    if tpm is not None:
-        headers["x-ratelimit-limit-tokens"] = str(tpm)
-        headers["x-ratelimit-remaining-tokens"] = str(max(0, tpm - tokens))
-        headers["x-ratelimit-reset-tokens"] = reset
-    return headers
-
-
-def refusal(code: str, used: int, limit: int, reserve: int, win: Window, headers: dict[str, str]) -> GatewayError:
-    """One 429 per limit; retry-after is when that limit next has room (at least 1 s)."""
-    if code == "monthly_tokens_exceeded":
-        msg, wait = f"Monthly token quota exhausted: {used} of {limit} used", win.month_left
-    elif code == "daily_tokens_exceeded":
-        msg, wait = f"Daily token quota exhausted: {used} of {limit} used", win.day_left
-    elif code == "rpm_exceeded":
-        msg, wait = f"Rate limit reached: {limit} requests per minute", win.minute_left
-    elif code == "tpm_exceeded":
-        msg, wait = f"Rate limit reached: {limit} tokens per minute, {used} used", win.minute_left
-    else:
-        msg, wait = f"Too many concurrent requests: the limit is {limit}", 1.0
-    if code in TOKEN_LIMITS:
-        msg += f", this request reserves {reserve} (prompt + max_tokens)"
-        if reserve > limit:
-            msg += "; it can never fit, lower max_tokens"
-    retry = max(1, math.ceil(wait))
-    kind = "insufficient_quota" if code.endswith("_tokens_exceeded") else "rate_limit_exceeded"
-    return GatewayError(
-        429, f"{msg}. Retry after {retry}s.", code=code, type=kind, headers={"retry-after": str(retry), **headers}
-    )
-
-
-def refused_key(reason: str, model: str, expires_at: float | None = None) -> GatewayError:
-    if reason == "model":
-        return GatewayError(403, f"This API key may not use model '{model}'.", code="model_not_allowed")
-    if reason == "revoked":
-        return GatewayError(401, "This API key has been revoked.", code="invalid_api_key")
-    if reason == "expired":
-        return GatewayError(401, f"This API key expired at {iso(expires_at)}.", code="invalid_api_key")
-    return GatewayError(401, "Incorrect API key provided.", code="invalid_api_key")
-
-
-class LocalLimiter:
-    """The per-process stand-in while Redis is unreachable (fail-open mode): rpm and tpm per
-    fixed minute and concurrency, from the limits on the caller's ApiKey snapshot. Daily and
-    monthly quotas cannot be held per process and are not enforced here."""
-
-    def __init__(self, max_keys: int = 10_000) -> None:
-        self.max_keys = max_keys
-        self._windows: dict[str, list[int]] = {}  # key id -> [minute, requests, tokens]
-        self._inflight: dict[str, int] = {}
-        self._leases: set[str] = set()  # in-flight lease ids: a repeated release is a no-op
-
-    def admit(self, key: ApiKey, model: str, reserve: int, now: float, win: Window, lease_id: str) -> dict[str, str]:
-        if not key.usable(now):
-            raise refused_key("revoked" if key.revoked_at is not None else "expired", model, key.expires_at)
-        if not key.may_use(model):
-            raise refused_key("model", model)
-        counts = self._window(key.id, win.minute)
-        requests, tokens = counts[1], counts[2]
-        headers = rate_headers(key.rpm, requests, key.tpm, tokens, win.minute_left)
-        if key.rpm is not None and requests + 1 > key.rpm:
-            raise refusal("rpm_exceeded", requests, key.rpm, reserve, win, headers)
-        if key.tpm is not None and tokens + reserve > key.tpm:
-            raise refusal("tpm_exceeded", tokens, key.tpm, reserve, win, headers)
-        inflight = self._inflight.get(key.id, 0)
-        if key.max_concurrent is not None and inflight >= key.max_concurrent:
-            raise refusal("concurrency_exceeded", inflight, key.max_concurrent, reserve, win, headers)
-        counts[1] += 1
-        counts[2] += reserve
-        self._inflight[key.id] = inflight + 1
-        self._leases.add(lease_id)
-        return rate_headers(key.rpm, counts[1], key.tpm, counts[2], win.minute_left)
-
-    def release(self, adm: Admission, used: int) -> None:
-        if adm.lease_id not in self._leases:
-            return
-        self._leases.discard(adm.lease_id)
-        left = self._inflight.get(adm.key_id, 0) - 1
-        if left > 0:
-            self._inflight[adm.key_id] = left
-        else:
-            self._inflight.pop(adm.key_id, None)
-        counts = self._windows.get(adm.key_id)
-        if counts is not None and counts[0] == adm.minute:
-            counts[2] += used - adm.reserved
-
-    def _window(self, key_id: str, minute: int) -> list[int]:
-        counts = self._windows.get(key_id)
-        if counts is None or counts[0] != minute:
-            if len(self._windows) >= self.max_keys:
-                self._windows = {k: c for k, c in self._windows.items() if c[0] == minute}
-            counts = self._windows[key_id] = [minute, 0, 0]
-        return counts
+    A request whose reservation exceeds a token limit of the key could never be admitted, so it
+    is a 400 that says why, not a 429 a client would retry forever.
+    """
+    reserve = prompt_tokens + (request.max_tokens or 0) * request.n * request.prompts
+    for name, limit in (("tpm", key.tpm), ("daily_tokens", key.daily_tokens), ("monthly_tokens", key.monthly_tokens)):
+        if limit is not None and reserve > limit:
+            raise invalid(
+                f"This request reserves {reserve} tokens (prompt {prompt_tokens} + max_tokens x n), more than "
+                f"this key's {name} limit of {limit}: it can never be admitted. Lower max_tokens or n.",
+                param="max_tokens",
+                code=Code.INVALID_REQUEST,
+            )
+    return reserve
 
 
 class Quota:
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RespClient,
         prefix: str = "gw",
         *,
         lease_ttl: float = 300.0,
         failure_mode: str = "closed",
         redis_timeout: float = 0.25,
         breaker: float = 1.0,
-        fast: RespClient | None = None,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         if failure_mode not in ("closed", "open"):
             raise ValueError(f"failure_mode must be 'closed' or 'open', not {failure_mode!r}")
@@ -281,20 +160,15 @@ class Quota:
         self.prefix = prefix
         self.lease_ttl = lease_ttl
         self.failure_mode = failure_mode
-        # the socket timeouts bound each command; this bounds a whole call, redis-py's retries included
-        self.deadline = 2 * redis_timeout
+        self.deadline = 2 * redis_timeout  # bounds a whole call, reconnecting included
         self.breaker = breaker  # after a Redis failure, skip Redis this long (seconds)
         self.local = LocalLimiter()
         self.redis_errors = 0
         self.fail_open_admissions = 0
+        self._metrics = metrics
         self._lease_ms = max(1, round(lease_ttl * 1000))
         self._skip_until = 0.0
         self._warned = -math.inf
-        # The two per-request scripts go through the lean client when there is one (see resp.py).
-        self._fast = fast
-        self._admit_script, self._release_script = Script(_ADMIT), Script(_RELEASE)
-        self._admit = redis.register_script(_ADMIT)
-        self._release = redis.register_script(_RELEASE)
 
     def _base(self, key_id: str) -> str:
         return f"{self.prefix}:{{{key_id}}}:"
@@ -313,11 +187,8 @@ class Quota:
             args += [LEASE_KEEP_MS, MINUTE_TTL, DAY_TTL, MONTH_TTL]
             try:
                 async with asyncio.timeout(self.deadline):
-                    if self._fast is not None:
-                        reply = await self._fast.run_script(self._admit_script, keys, args)
-                    else:
-                        reply = await self._admit(keys=keys, args=args)
-            except REDIS_DOWN as exc:
+                    reply = await self.redis.run_script(_ADMIT, keys, args)
+            except (*REDIS_DOWN, TimeoutError) as exc:
                 self._failed("admit", exc)
             else:
                 return self._decide(reply, key.id, model, reserve_tokens, lease_id, win)
@@ -330,27 +201,24 @@ class Quota:
         rpm, tpm = (None if v < 0 else int(v) for v in (reply[1], reply[3]))
         headers = rate_headers(rpm, int(reply[2]), tpm, int(reply[4]), win.minute_left)
         if status != "ok":
-            raise refusal(status, int(reply[5]), int(reply[6]), reserve, win, headers)
+            raise refusal(Code(status), int(reply[5]), int(reply[6]), reserve, win, headers)
         return Admission(key_id, lease_id, reserve, win.minute, win.day, win.month, headers)
 
     def _admit_without_redis(
         self, key: ApiKey, model: str, reserve: int, now: float, win: Window, lease_id: str
     ) -> Admission:
         if self.failure_mode == "closed":
-            raise GatewayError(
-                503,
-                "Quota store unavailable, retry shortly.",
-                code="quota_unavailable",
-                headers={"retry-after": "1"},
-            )
+            raise quota_unavailable()
         headers = self.local.admit(key, model, reserve, now, win, lease_id)
         self.fail_open_admissions += 1
+        if self._metrics is not None:
+            self._metrics.fail_open.inc()
         return Admission(key.id, lease_id, reserve, win.minute, win.day, win.month, headers, local=True)
 
     async def release(self, adm: Admission, prompt_tokens: int, completion_tokens: int) -> None:
         """Replace the reservation by the actual usage. Idempotent: a repeat changes nothing."""
         if adm.local:
-            self.local.release(adm, prompt_tokens + completion_tokens)
+            self.local.release(adm.lease_id, prompt_tokens + completion_tokens)
             return
         base = self._base(adm.key_id)
         keys = [base + "leases", f"{base}min:{adm.minute}", base + "day:" + adm.day, base + "month:" + adm.month]
@@ -358,29 +226,28 @@ class Quota:
         try:
             async with asyncio.timeout(self.deadline):
                 args: list[str | int] = [adm.lease_id, delta, prompt_tokens, completion_tokens]
-                if self._fast is not None:
-                    await self._fast.run_script(self._release_script, keys, args)
-                else:
-                    await self._release(keys=keys, args=args)
-        except REDIS_DOWN as exc:
+                await self.redis.run_script(_RELEASE, keys, args)
+        except (*REDIS_DOWN, TimeoutError) as exc:
             # The lease expires by itself; the reservation stays counted (errs on the safe side).
             self._failed("release", exc)
 
     async def refresh_leases(self, adms: Iterable[Admission]) -> None:
         """Push back the expiry of in-flight leases (call every lease_ttl / 3 for long streams)."""
         expiry = round(time.time() * 1000) + self._lease_ms
-        remote = [adm for adm in adms if not adm.local]
-        if not remote:
+        keep = self._lease_ms + LEASE_KEEP_MS
+        calls = []
+        for adm in adms:
+            if not adm.local:
+                leases = self._base(adm.key_id) + "leases"
+                # XX: never revive a released lease
+                calls.append(self.redis.execute("ZADD", leases, "XX", expiry, adm.lease_id))
+                calls.append(self.redis.execute("PEXPIRE", leases, keep))
+        if not calls:
             return
         try:
             async with asyncio.timeout(self.deadline):
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for adm in remote:
-                        leases = self._base(adm.key_id) + "leases"
-                        pipe.zadd(leases, {adm.lease_id: expiry}, xx=True)  # XX: never revive a released one
-                        pipe.pexpire(leases, self._lease_ms + LEASE_KEEP_MS)
-                    await pipe.execute()
-        except REDIS_DOWN as exc:
+                await asyncio.gather(*calls)  # issued together: one write, one round trip
+        except (*REDIS_DOWN, TimeoutError) as exc:
             self._failed("refresh_leases", exc)
 
     async def usage(self, key_id: str, now: float | None = None) -> dict[str, Any]:
@@ -389,14 +256,14 @@ class Quota:
         fields = ("requests", "tokens", "prompt_tokens", "completion_tokens")
         try:
             async with asyncio.timeout(self.deadline):
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.hmget(base + "day:" + win.day, fields)
-                    pipe.hmget(base + "month:" + win.month, fields)
-                    pipe.hmget(f"{base}min:{win.minute}", ("requests", "tokens"))
-                    day, month, minute = await pipe.execute()
-        except REDIS_DOWN as exc:
+                day, month, minute = await asyncio.gather(
+                    self.redis.execute("HMGET", base + "day:" + win.day, *fields),
+                    self.redis.execute("HMGET", base + "month:" + win.month, *fields),
+                    self.redis.execute("HMGET", f"{base}min:{win.minute}", "requests", "tokens"),
+                )
+        except (*REDIS_DOWN, TimeoutError) as exc:
             self._failed("usage", exc)
-            raise GatewayError(503, "Quota store unavailable, retry shortly.", code="quota_unavailable") from None
+            raise quota_unavailable() from None
         return {
             "id": key_id,
             "day": {"date": win.day, **_counts(fields, day)},
@@ -406,6 +273,8 @@ class Quota:
 
     def _failed(self, op: str, exc: BaseException) -> None:
         self.redis_errors += 1
+        if self._metrics is not None:
+            self._metrics.redis_errors.inc()
         now = time.monotonic()
         self._skip_until = now + self.breaker
         if now - self._warned >= WARN_EVERY:
@@ -422,3 +291,6 @@ def _text(value: Any) -> str:
 
 def _counts(names: Iterable[str], values: list[Any]) -> dict[str, int]:
     return {name: int(v) if v is not None else 0 for name, v in zip(names, values, strict=True)}
+
+
+__all__ = ["Admission", "GatewayError", "Quota", "reservation"]

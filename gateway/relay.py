@@ -1,46 +1,60 @@
-"""Upstream HTTP client and the SSE relay.
+"""The upstream HTTP client and the relay of its answer to the client, whole or streamed.
 
 Streams are relayed chunk by chunk as they arrive, as raw bytes: the relay only cuts at SSE event
 boundaries and parses the one event that carries the final usage. The client's pace drives the
 reads (a send must finish before the next upstream read), so a slow client holds back its own
 upstream through TCP flow control instead of growing the gateway's memory; a client that reads
-nothing for `send_timeout` is dropped.
+nothing for `send_timeout` is dropped by one sweeper for all streams.
+
+What the relay saw goes into an `Outcome`, which the exchange (gateway/exchange.py) owns and
+accounts for. `finishing` is the exchange's last word before the final bytes leave: it settles
+the quota, so a client never sees its answer complete before its concurrency slot is free.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import orjson
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Send
 
-from gateway.errors import GatewayError
-from gateway.settings import ServerSettings
+from gateway.errors import Code, GatewayError
+from gateway.settings import EngineSettings, ServerSettings
 
 _DONE = b"data: [DONE]"
+_DATA = b"data: "
 _JSON_HEADERS = {"content-type": "application/json"}
 _STALE_RETRIES = 2
 _USAGE = b'"usage":{'
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
 
 
-@dataclass(slots=True)
-class StreamStats:
-    """What the relay saw; read by accounting when the stream ends."""
+@dataclass(slots=True, eq=False)
+class Outcome:
+    """What happened to one request upstream and on the way back."""
 
-    started: float = field(default_factory=time.perf_counter)
-    first_chunk: float = 0.0
+    status: int = 0  # the status the client got (or would have got); 0 until known
+    usage: dict[str, Any] | None = None  # as the engine reported it
+    first_chunk: float = 0.0  # perf_counter of the first streamed bytes
     last_chunk: float = 0.0
-    chunks: int = 0
-    on_gap: Callable[[float], None] | None = None  # inter-chunk latency, observed as it happens
-    usage: dict[str, Any] | None = None
+    events: int = 0  # SSE data events relayed, [DONE] and the usage event excluded
     done: bool = False  # the upstream finished the stream with [DONE]
-    disconnected: bool = False  # the client went away first
-    error: str | None = None  # why the upstream stream broke, if it did
+    error: str | None = None  # why the upstream broke mid-stream, if it did
+    error_code: Code | None = None
+    sending_since: float = 0.0  # monotonic time the pending send began; 0 when none is pending
+
+
+class EngineUnreachable(Exception):
+    """Nothing answered at the engine's address: it is down (the request was never sent)."""
 
 
 class Upstream:
@@ -48,7 +62,7 @@ class Upstream:
         self._server = server
         self._session: aiohttp.ClientSession | None = None
         # Built once: per-request construction shows up in profiles.
-        self._auth_headers: dict[str, dict[str, str]] = {}
+        self._headers: dict[str | None, dict[str, str]] = {None: _JSON_HEADERS}
         s = server
         self._stream_timeout = aiohttp.ClientTimeout(total=None, connect=s.connect_timeout, sock_read=s.idle_timeout)
         self._whole_timeout = aiohttp.ClientTimeout(total=None, connect=s.connect_timeout, sock_read=s.request_timeout)
@@ -65,24 +79,24 @@ class Upstream:
         if self._session:
             await self._session.close()
 
-    async def post(self, url: str, body: bytes, api_key: str | None, stream: bool) -> aiohttp.ClientResponse:
+    async def post(self, engine: EngineSettings, path: str, body: bytes, stream: bool) -> aiohttp.ClientResponse:
         """Sends the request and returns once the response headers are in.
 
-        Raises aiohttp.ClientError / OSError when the engine cannot be reached, TimeoutError when
-        it does not answer in time.
+        Raises EngineUnreachable when nothing listens, aiohttp.ClientError when the engine fails,
+        TimeoutError when it does not answer in time.
         """
         assert self._session is not None
-        headers = _JSON_HEADERS
-        if api_key:
-            headers = self._auth_headers.get(api_key) or {**_JSON_HEADERS, "authorization": f"Bearer {api_key}"}
-            self._auth_headers[api_key] = headers
+        headers = self._headers.get(engine.api_key)
+        if headers is None:
+            headers = self._headers[engine.api_key] = {**_JSON_HEADERS, "authorization": f"Bearer {engine.api_key}"}
         timeout = self._stream_timeout if stream else self._whole_timeout
+        url = engine.url + path
         async with asyncio.timeout(self._server.first_byte_timeout if stream else self._server.request_timeout):
             for attempt in range(_STALE_RETRIES + 1):
                 try:
                     return await self._session.post(url, data=body, headers=headers, timeout=timeout)
-                except aiohttp.ClientConnectorError:
-                    raise  # nothing listens there: the engine is down
+                except aiohttp.ClientConnectorError as exc:
+                    raise EngineUnreachable(str(exc)) from None
                 except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
                     # A pooled keep-alive connection the engine closed meanwhile: nothing was
                     # processed, so the same engine is tried again on another connection.
@@ -95,6 +109,100 @@ class Upstream:
             return await response.read()
 
 
+async def error_of(response: aiohttp.ClientResponse) -> GatewayError:
+    """An engine's refusal before the first byte, as the error the client gets if no other
+    engine can take the request: 429 stays a 429 (with retry-after), anything else is a 502."""
+    try:
+        detail = orjson.loads(await response.read())["error"]["message"]
+    except (ValueError, KeyError, TypeError, aiohttp.ClientError, TimeoutError):
+        detail = f"status {response.status}"
+    if response.status == 429:
+        return GatewayError(429, f"Every engine is busy: {detail}", code=Code.ENGINES_OVERLOADED)
+    return GatewayError(502, f"The engine failed: {detail}", code=Code.UPSTREAM_ERROR)
+
+
+async def relay_whole(
+    upstream: Upstream,
+    response: aiohttp.ClientResponse,
+    send: Send,
+    out: Outcome,
+    headers: list[tuple[bytes, bytes]],
+    finishing: Callable[[], Awaitable[None]],
+) -> None:
+    try:
+        content = await upstream.read_all(response)
+    except TimeoutError:
+        raise GatewayError(504, "The engine did not answer in time.", code=Code.UPSTREAM_TIMEOUT) from None
+    except aiohttp.ClientError as exc:
+        raise GatewayError(502, f"The engine failed: {type(exc).__name__}.", code=Code.UPSTREAM_ERROR) from None
+    out.status = response.status
+    if response.status == 200:
+        out.usage = _usage_of(content)
+    await finishing()
+    ctype = response.headers.get("content-type", "application/json").encode("latin-1")
+    await send(
+        {"type": "http.response.start", "status": response.status, "headers": [(b"content-type", ctype), *headers]}
+    )
+    await send({"type": "http.response.body", "body": content})
+
+
+async def relay_stream(
+    response: aiohttp.ClientResponse,
+    send: Send,
+    out: Outcome,
+    headers: list[tuple[bytes, bytes]],
+    finishing: Callable[[], Awaitable[None]],
+    strip_usage: bool,
+    on_gap: Callable[[float], None],
+) -> None:
+    out.status = 200
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    content = response.content
+    buf = b""
+    try:
+        while True:
+            data = await content.readany()
+            if not data:
+                break
+            now = time.perf_counter()
+            if out.first_chunk:
+                on_gap(now - out.last_chunk)
+            else:
+                out.first_chunk = now
+            out.last_chunk = now
+            buf = buf + data if buf else data
+            end = _event_end(buf)
+            if not end:
+                continue
+            block, buf = buf[:end], buf[end:]
+            out.events += block.count(b"\n\n") + block.count(b"\r\n\r\n")
+            if _USAGE in block:
+                block = take_usage(block, out, strip_usage)
+            if _DONE in block:
+                out.done = True
+                out.events -= 1
+                await finishing()
+            if block:
+                await _send(send, out, block)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        out.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if not out.done:
+        # The engine died or stalled mid-stream: tell the client in-band, then end cleanly.
+        out.error = out.error or "the engine closed the stream before it finished"
+        error = GatewayError(502, f"The upstream engine failed mid-stream ({out.error}).", code=Code.UPSTREAM_ERROR)
+        out.status, out.error_code = 502, error.code
+        await finishing()
+        await _send(send, out, error.sse())
+    await _send(send, out, b"", more=False)
+
+
+async def _send(send: Send, out: Outcome, body: bytes, more: bool = True) -> None:
+    # A timestamp, not an asyncio.timeout per chunk: the send watchdog sweeps all streams.
+    out.sending_since = time.monotonic()
+    await send({"type": "http.response.body", "body": body, "more_body": more})
+    out.sending_since = 0.0
+
+
 def _event_end(buf: bytes) -> int:
     """Index just past the last complete SSE event in buf (0 when there is none)."""
     lf = buf.rfind(b"\n\n")
@@ -102,148 +210,55 @@ def _event_end(buf: bytes) -> int:
     return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
 
 
-def take_usage(block: bytes, stats: StreamStats, strip: bool) -> bytes:
+def take_usage(block: bytes, out: Outcome, strip: bool) -> bytes:
     """Records the usage event's figures; drops that event when the client did not ask for it."""
-    events = block.split(b"\n\n")
     kept = []
-    for event in events:
-        if _USAGE in event and event.startswith(b"data: "):
+    for event in block.split(b"\n\n"):
+        if _USAGE in event and event.startswith(_DATA):
             try:
                 payload = orjson.loads(event[6:])
             except ValueError:
                 payload = None
             if isinstance(payload, dict) and isinstance(payload.get("usage"), dict):
-                stats.usage = payload["usage"]
-                if strip and not payload.get("choices"):
-                    continue
+                out.usage = payload["usage"]
+                if not payload.get("choices"):
+                    out.events -= 1  # a usage-only event carries no tokens
+                    if strip:
+                        continue
         kept.append(event)
     return b"\n\n".join(kept)
 
 
-async def _until_disconnected(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
+def _usage_of(content: bytes) -> dict[str, Any] | None:
+    try:
+        usage = orjson.loads(content).get("usage")
+    except (ValueError, AttributeError):
+        return None
+    return usage if isinstance(usage, dict) else None
 
 
-class _SendWatchdog:
+class SendWatchdog:
     """One sweeper for every open stream drops the clients that stopped reading; cheaper than an
     asyncio.timeout around each relayed chunk."""
 
-    def __init__(self, interval: float = 1.0) -> None:
-        self._relays: set[StreamRelay] = set()
+    def __init__(self, send_timeout: float, interval: float = 1.0) -> None:
+        self._streams: dict[Outcome, Callable[[], None]] = {}
+        self._timeout = send_timeout
         self._interval = interval
         self._task: asyncio.Task[None] | None = None
 
-    def watch(self, relay: StreamRelay) -> None:
-        self._relays.add(relay)
+    def watch(self, out: Outcome, drop: Callable[[], None]) -> None:
+        self._streams[out] = drop
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._sweep(), name="send-watchdog")
 
-    def unwatch(self, relay: StreamRelay) -> None:
-        self._relays.discard(relay)
+    def unwatch(self, out: Outcome) -> None:
+        self._streams.pop(out, None)
 
     async def _sweep(self) -> None:
-        while self._relays:
+        while self._streams:
             await asyncio.sleep(self._interval)
             now = time.monotonic()
-            for relay in [r for r in self._relays if r.stalled(now)]:
-                relay.drop()
-
-
-_watchdog = _SendWatchdog()
-
-
-class StreamRelay:
-    """An ASGI response that relays an upstream SSE stream."""
-
-    def __init__(
-        self,
-        upstream: aiohttp.ClientResponse,
-        headers: list[tuple[bytes, bytes]],
-        *,
-        strip_usage: bool,
-        send_timeout: float,
-        stats: StreamStats,
-    ) -> None:
-        self._upstream = upstream
-        self.headers = headers
-        self._strip = strip_usage
-        self.send_timeout = send_timeout
-        self.stats = stats
-        self.sending_since = 0.0  # monotonic time the current send began, 0 when none is pending
-        self._pump_task: asyncio.Future[None] | None = None
-
-    def stalled(self, now: float) -> bool:
-        return bool(self.sending_since) and now - self.sending_since > self.send_timeout
-
-    def drop(self) -> None:
-        """The client has read nothing for send_timeout: give up on it (its upstream is closed)."""
-        self.stats.disconnected = True
-        if self._pump_task is not None:
-            self._pump_task.cancel()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        pump = asyncio.ensure_future(self._pump(send))
-        watcher = asyncio.ensure_future(_until_disconnected(receive))
-        self._pump_task = pump
-        _watchdog.watch(self)
-        try:
-            await asyncio.wait((pump, watcher), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            _watchdog.unwatch(self)
-            # Whoever is still running is not needed any more; closing the upstream response drops
-            # its connection, which is what makes the engine abort the request.
-            if not pump.done():
-                self.stats.disconnected = True
-                pump.cancel()
-            watcher.cancel()
-            await asyncio.gather(pump, watcher, return_exceptions=True)
-            self._upstream.close()
-        if pump.done() and not pump.cancelled() and (exc := pump.exception()) is not None:
-            if not isinstance(exc, (OSError, TimeoutError)):
-                raise exc
-            self.stats.disconnected = True
-
-    async def _send(self, send: Send, message: Message) -> None:
-        # A timestamp, not an asyncio.timeout per chunk: the send watchdog sweeps all streams.
-        self.sending_since = time.monotonic()
-        await send(message)
-        self.sending_since = 0.0
-
-    async def _pump(self, send: Send) -> None:
-        stats = self.stats
-        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-        content = self._upstream.content
-        buf = b""
-        try:
-            while True:
-                data = await content.readany()
-                if not data:
-                    break
-                now = time.perf_counter()
-                if stats.chunks:
-                    if stats.on_gap is not None:
-                        stats.on_gap(now - stats.last_chunk)
-                else:
-                    stats.first_chunk = now
-                stats.last_chunk = now
-                stats.chunks += 1
-                buf = buf + data if buf else data
-                end = _event_end(buf)
-                if not end:
-                    continue
-                block, buf = buf[:end], buf[end:]
-                if _USAGE in block:
-                    block = take_usage(block, stats, self._strip)
-                if _DONE in block:
-                    stats.done = True
-                if block:
-                    await self._send(send, {"type": "http.response.body", "body": block, "more_body": True})
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            stats.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        if not stats.done:
-            # The engine died or stalled mid-stream: tell the client in-band, then end cleanly.
-            stats.error = stats.error or "the engine closed the stream before it finished"
-            error = GatewayError(502, f"The upstream engine failed mid-stream ({stats.error}).", code="upstream_error")
-            await self._send(send, {"type": "http.response.body", "body": error.sse(), "more_body": True})
-        await self._send(send, {"type": "http.response.body", "body": b"", "more_body": False})
+            for out, drop in list(self._streams.items()):
+                if out.sending_since and now - out.sending_since > self._timeout:
+                    drop()

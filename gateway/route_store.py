@@ -16,6 +16,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from gateway.keys import redis_or_503
 from gateway.routing import Router
 from gateway.settings import ConfigError, EngineSettings, RouteSettings, parse_routes
 
@@ -46,14 +47,16 @@ class RouteStore:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def put(self, model: str, routes: tuple[RouteSettings, ...]) -> None:
-        await self._redis.hset(self._hash, model, json.dumps(routes_json(routes)))
-        await self._redis.publish(self._channel, model)
-        await self.reload()
+        async with redis_or_503():
+            await self._redis.hset(self._hash, model, json.dumps(routes_json(routes)))
+            await self._redis.publish(self._channel, model)
+            await self.reload()
 
     async def reset(self, model: str) -> None:
-        await self._redis.hdel(self._hash, model)
-        await self._redis.publish(self._channel, model)
-        await self.reload()
+        async with redis_or_503():
+            await self._redis.hdel(self._hash, model)
+            await self._redis.publish(self._channel, model)
+            await self.reload()
 
     async def reload(self) -> None:
         raw = await self._redis.hgetall(self._hash)

@@ -9,13 +9,22 @@ with the engine's reported usage when the request ends.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from gateway.request import ApiRequest
+
 log = logging.getLogger(__name__)
+
+# Counting a big prompt (a chat template render plus a tokenizer pass) takes milliseconds to
+# seconds: past this many bytes of body it runs on a small thread pool, so the event loop keeps
+# serving everyone else. Below it a thread hop would cost more than the count.
+OFF_LOOP_BYTES = 16 * 1024
 
 # OpenAI's own accounting for chat: a few tokens of framing per message and for the reply.
 _PER_MESSAGE = 4
@@ -54,10 +63,21 @@ def _token_text(value: Any) -> str | None:
 
 
 class PromptCounter:
-    def __init__(self, tokenizers: dict[str, str | None]) -> None:
+    def __init__(self, tokenizers: dict[str, str | None], threads: int = 2) -> None:
         """`tokenizers` maps a public model name to its tokenizer directory (or None)."""
         self._paths = {model: Path(path) for model, path in tokenizers.items() if path}
         self._loaded: dict[str, _ModelTokenizer | None] = {}
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="prompt-count")
+
+    async def count(self, request: ApiRequest) -> int:
+        """Prompt tokens of a request; big prompts are counted off the event loop."""
+        if request.size < OFF_LOOP_BYTES:
+            return self.count_body(request.model, request.body)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self.count_body, request.model, request.body)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     @cached_property
     def _tiktoken(self) -> Any:
@@ -75,7 +95,7 @@ class PromptCounter:
                 self._loaded[model] = None
         return self._loaded[model]
 
-    def count(self, model: str, body: dict[str, Any]) -> int:
+    def count_body(self, model: str, body: dict[str, Any]) -> int:
         """Prompt tokens of a chat, completion or embedding body (already checked for shape)."""
         own = self._model(model)
         messages = body.get("messages")

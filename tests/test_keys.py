@@ -11,7 +11,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.errors import GatewayError
-from gateway.keys import ApiKey, KeyStore, validate_key_fields
+from gateway.key_fields import validate_key_fields
+from gateway.keys import ApiKey, KeyStore
 from tests.redis_fixtures import RedisServer
 
 Body = Callable[[KeyStore, aioredis.Redis], Awaitable[Any]]
@@ -44,13 +45,13 @@ def test_create_get_list_update_revoke(redis_server: RedisServer) -> None:
         assert key.id.startswith("key_") and len(key.id) == 20
         assert secret.startswith("sk-gw-") and key.prefix == secret[:10]
         assert (key.models, key.rpm, key.tpm, key.max_concurrent) == (("tiny",), 10, 1000, None)
-        assert key.metadata == {"team": "a"} and key.limited and not other.limited
-        assert await store.get(key.id) == key
+        assert key.metadata == {"team": "a"} and key.token_limited and not other.token_limited
+        assert await store.record_for(key.id) == key
         assert [k.id for k in await store.list()] == [key.id, other.id]
 
         updated = await store.update(key.id, validate_key_fields({"rpm": 20, "tpm": None}, partial=True))
         assert updated is not None and (updated.rpm, updated.tpm, updated.name) == (20, None, "test")
-        assert await store.get(key.id) == updated
+        assert await store.record_for(key.id) == updated
 
         revoked = await store.revoke(key.id)
         assert revoked is not None and revoked.revoked_at is not None and not revoked.usable(time.time())
@@ -59,7 +60,7 @@ def test_create_get_list_update_revoke(redis_server: RedisServer) -> None:
         assert {k.id for k in await store.list()} == {key.id, other.id}  # kept for audit
 
         for missing in ("key_0000000000000000", "nope", "key_{x}"):
-            assert await store.get(missing) is None
+            assert await store.record_for(missing) is None
             assert await store.update(missing, {"rpm": 1}) is None
             assert await store.revoke(missing) is None
         assert not await client.exists("gw:{key_0000000000000000}:rec")  # update did not create it

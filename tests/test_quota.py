@@ -11,12 +11,17 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions
 from redis.crc import key_slot
 
 import gateway.quota
 from gateway.errors import GatewayError
-from gateway.keys import ApiKey, KeyStore, validate_key_fields
-from gateway.quota import Admission, LocalLimiter, Quota, reset_after, window
+from gateway.key_fields import validate_key_fields
+from gateway.keys import ApiKey, KeyStore
+from gateway.limits import reset_after, window
+from gateway.local_limiter import LocalLimiter
+from gateway.quota import Admission, Quota
+from gateway.resp import RespClient
 from tests.redis_fixtures import RedisServer
 
 Body = Callable[[KeyStore, Quota, aioredis.Redis], Awaitable[Any]]
@@ -37,10 +42,12 @@ def connect(server: RedisServer, decode: bool = False, timeout: float = TIMEOUT)
 def run(server: RedisServer, body: Body, *, decode: bool = False, timeout: float = TIMEOUT, **quota_kw: Any) -> Any:
     async def main() -> Any:
         client = connect(server, decode, timeout)
+        resp = RespClient(server.url, timeout)  # the client the request path uses
         try:
-            return await body(KeyStore(client), Quota(client, redis_timeout=timeout, **quota_kw), client)
+            return await body(KeyStore(client), Quota(resp, redis_timeout=timeout, **quota_kw), client)
         finally:
             await client.aclose()
+            await resp.close()
 
     return asyncio.run(main())
 
@@ -60,7 +67,13 @@ async def restart(server: RedisServer, client: aioredis.Redis, saved: dict[Any, 
     """Restart the killed server (it has no persistence) and put the saved records back."""
     server.start()
     for name, record in saved.items():
-        await client.hset(name, mapping=record)
+        for attempt in range(3):  # the client's pooled connection died with the old server
+            try:
+                await client.hset(name, mapping=record)
+                break
+            except redis.exceptions.ConnectionError:
+                if attempt == 2:
+                    raise
 
 
 @pytest.mark.parametrize(
@@ -179,7 +192,7 @@ def test_concurrent_admissions_never_overspend(redis_server: RedisServer) -> Non
 
     async def body(store: KeyStore, quota: Quota, client: aioredis.Redis) -> None:
         key = await new_key(store, daily_tokens=500)
-        other = connect(redis_server)
+        other = RespClient(redis_server.url, TIMEOUT)
         replicas = [quota, Quota(other, redis_timeout=TIMEOUT)]
         rng = random.Random(7)
         try:
@@ -194,7 +207,7 @@ def test_concurrent_admissions_never_overspend(redis_server: RedisServer) -> Non
             usage = [(rng.randint(0, a.reserved // 2), rng.randint(0, a.reserved // 2)) for a in admitted]
             await asyncio.gather(*(quota.release(a, p, c) for a, (p, c) in zip(admitted, usage, strict=True)))
         finally:
-            await other.aclose()
+            await other.close()
         figures = await quota.usage(key.id)
         assert figures["day"]["tokens"] == sum(p + c for p, c in usage)
         assert figures["day"]["prompt_tokens"] == sum(p for p, _ in usage)
@@ -387,10 +400,9 @@ def test_local_limiter() -> None:
     with pytest.raises(GatewayError) as err:
         limiter.admit(key, MODEL, 10, T, win, "l2")
     assert err.value.code == "concurrency_exceeded"
-    first = Admission(key.id, "l1", 60, win.minute, win.day, win.month, local=True)
-    limiter.release(first, 10)
+    limiter.release("l1", 10)
     assert limiter.admit(key, MODEL, 80, T, win, "l3")["x-ratelimit-remaining-tokens"] == "10"
-    limiter.release(first, 10)  # a repeat frees neither a slot nor tokens
+    limiter.release("l1", 10)  # a repeat frees neither a slot nor tokens
     with pytest.raises(GatewayError) as err:
         limiter.admit(key, MODEL, 1, T, win, "l4")
     assert err.value.code == "concurrency_exceeded"
@@ -408,13 +420,13 @@ def test_admission_is_one_round_trip(redis_server: RedisServer) -> None:
         key = await new_key(store, rpm=1000, tpm=10**6, max_concurrent=100, daily_tokens=10**7)
         await quota.release(await quota.admit(key, MODEL, 5), 1, 1)  # loads both scripts
         sent: list[str] = []
-        execute = client.execute_command
+        execute = quota.redis.execute
 
-        async def counting(*args: Any, **options: Any) -> Any:
+        async def counting(*args: Any) -> Any:
             sent.append(str(args[0]))
-            return await execute(*args, **options)
+            return await execute(*args)
 
-        client.execute_command = counting  # type: ignore[method-assign]
+        quota.redis.execute = counting  # type: ignore[method-assign]
         for _ in range(10):
             await quota.release(await quota.admit(key, MODEL, 5), 1, 1)
         assert sent == ["EVALSHA"] * 20
@@ -436,3 +448,17 @@ def test_hung_redis_fails_within_the_deadline(redis_server: RedisServer) -> None
             redis_server.proc.send_signal(signal.SIGCONT)
 
     run(redis_server, body, timeout=0.25)
+
+
+def test_a_reservation_that_can_never_fit_is_a_400() -> None:
+    from gateway.quota import reservation
+    from gateway.request import COMPLETIONS, ApiRequest
+
+    key = ApiKey(id="key_0123456789abcdef", name="t", tpm=2000, daily_tokens=5000)
+    request = ApiRequest(COMPLETIONS, MODEL, {}, max_tokens=300, n=2, prompts=2)
+    assert reservation(key, request, 10) == 10 + 300 * 2 * 2  # retried by a client, it can succeed
+    request.max_tokens = 600  # 2410 > 2000
+    with pytest.raises(GatewayError) as err:
+        reservation(key, request, 10)
+    assert (err.value.status, err.value.param) == (400, "max_tokens") and "tpm limit of 2000" in err.value.message
+    assert reservation(ApiKey(id="key_0123456789abcdef", name="t"), request, 10) == 2410  # no limit, no cap

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.auth import bearer, is_admin_key
-from gateway.errors import GatewayError, invalid
-from gateway.keys import KeyStore, validate_key_fields
+from gateway.errors import Code, GatewayError, invalid, model_not_found
+from gateway.http import read_body
+from gateway.key_fields import validate_key_fields
+from gateway.keys import ApiKey, KeyStore
 from gateway.quota import Quota
 from gateway.route_store import RouteStore, routes_json
-from gateway.routes.openai import read_body
 from gateway.routing import Router
 from gateway.settings import ConfigError, EngineSettings, parse_routes
 
@@ -54,26 +55,28 @@ class AdminRoutes:
 
     def _authorise(self, request: Request) -> None:
         if self._admin_key is None:
-            raise GatewayError(403, "The admin API is disabled: set GATEWAY_ADMIN_KEY.", code="admin_disabled")
-        if not is_admin_key(bearer(request), self._admin_key):
-            raise GatewayError(403, "This key may not use the admin API.", code="not_admin")
+            raise GatewayError(403, "The admin API is disabled: set GATEWAY_ADMIN_KEY.", code=Code.ADMIN_DISABLED)
+        if not is_admin_key(bearer(request.scope), self._admin_key):
+            raise GatewayError(403, "This key may not use the admin API.", code=Code.NOT_ADMIN)
 
     async def _json(self, request: Request) -> Any:
-        raw = await read_body(request, MAX_ADMIN_BODY)
+        raw = await read_body(request.scope, request.receive, MAX_ADMIN_BODY)
         try:
-            return json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise invalid(f"The request body is not valid JSON: {exc}") from None
+            # orjson refuses lone surrogates, NaN/Infinity and nesting deeper than 1024 levels:
+            # none of them can reach Redis and break the key list for every replica.
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise invalid(f"The request body is not valid JSON: {exc}", code=Code.INVALID_JSON) from None
 
-    async def _key_or_404(self, key_id: str) -> Any:
-        key = await self._keys.get(key_id)
+    async def _key_or_404(self, key_id: str) -> ApiKey:
+        key = await self._keys.record_for(key_id)
         if key is None:
-            raise GatewayError(404, f"No key with id '{key_id}'.", param="id", code="key_not_found")
+            raise GatewayError(404, f"No key with id '{key_id}'.", param="id", code=Code.KEY_NOT_FOUND)
         return key
 
     async def create_key(self, request: Request) -> Response:
         self._authorise(request)
-        fields = validate_key_fields(await self._json(request), partial=False)
+        fields = validate_key_fields(await self._json(request), partial=False, known_models=self._router.routes)
         key, secret = await self._keys.create(fields)
         return JSONResponse({**key.public(), "key": secret}, status_code=201)
 
@@ -88,20 +91,14 @@ class AdminRoutes:
 
     async def update_key(self, request: Request) -> Response:
         self._authorise(request)
-        fields = validate_key_fields(await self._json(request), partial=True)
+        fields = validate_key_fields(await self._json(request), partial=True, known_models=self._router.routes)
         key = await self._keys.update(request.path_params["key_id"], fields)
-        if key is None:
-            await self._key_or_404(request.path_params["key_id"])
-        assert key is not None
-        return JSONResponse(key.public())
+        return JSONResponse((key or await self._key_or_404(request.path_params["key_id"])).public())
 
     async def revoke_key(self, request: Request) -> Response:
         self._authorise(request)
         key = await self._keys.revoke(request.path_params["key_id"])
-        if key is None:
-            await self._key_or_404(request.path_params["key_id"])
-        assert key is not None
-        return JSONResponse(key.public())
+        return JSONResponse((key or await self._key_or_404(request.path_params["key_id"])).public())
 
     async def key_usage(self, request: Request) -> Response:
         self._authorise(request)
@@ -120,7 +117,7 @@ class AdminRoutes:
     def _model_or_404(self, request: Request) -> str:
         model = request.path_params["model"]
         if not self._router.knows(model):
-            raise GatewayError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
+            raise model_not_found(model)
         return str(model)
 
     async def list_models(self, request: Request) -> Response:

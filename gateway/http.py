@@ -1,0 +1,99 @@
+"""ASGI helpers of the gateway's own: bounded body reads and watching the client while we work.
+
+The gateway shares no code with the engine workers (each deploys alone), so these small pieces
+live here rather than in a common package.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from starlette.types import Receive, Scope
+
+from gateway.errors import Code, GatewayError
+
+
+class ClientDisconnected(Exception):
+    """The client went away: nobody is listening, so nothing is sent."""
+
+
+def header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return None
+
+
+def too_large(limit: int) -> GatewayError:
+    return GatewayError(
+        413, f"The request body is larger than the limit of {limit} bytes.", code=Code.REQUEST_TOO_LARGE
+    )
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The whole body, refused (413) as soon as it is known to exceed `limit`, so a huge upload
+    is never buffered in full. A client that hangs up while sending is ClientDisconnected."""
+    declared = header(scope, b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected()
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise too_large(limit)
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class ClientWatch:
+    """Watches the ASGI receive channel of a request whose body was read, and cancels the task
+    that serves it the moment the client disconnects (or `drop()` gives up on it): that is what
+    frees the engine slot at once. Polling `is_disconnected()` between steps would notice late.
+    The served task turns the CancelledError into ClientDisconnected with `disconnected(exc)`.
+    """
+
+    __slots__ = ("_task", "_watcher", "gone")
+
+    def __init__(self) -> None:
+        self._task: asyncio.Task[object] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self.gone = False
+
+    def start(self, receive: Receive) -> None:
+        self._task = asyncio.current_task()
+        self._watcher = asyncio.get_running_loop().create_task(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.drop()
+
+    def drop(self) -> None:
+        if not self.gone and self._task is not None:
+            self.gone = True
+            self._task.cancel()
+
+    def stop(self) -> None:
+        """Stop watching: call it before the last send of a response, because the server reports
+        a finished response as a disconnect too."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+
+    def disconnected(self, exc: BaseException | None) -> bool:
+        """Whether `exc` means the client went away; a cancellation of this watch's doing is
+        taken back (the task goes on to account for the request)."""
+        if isinstance(exc, ClientDisconnected):
+            return True
+        if self.gone and isinstance(exc, asyncio.CancelledError) and self._task is not None:
+            self._task.uncancel()
+            return True
+        return False

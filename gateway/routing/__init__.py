@@ -1,0 +1,89 @@
+"""Picks the engine for a request: filter -> assign a route -> filter engines -> score -> pick.
+
+1. Routes of the model with a usable engine (healthy, not already tried by this request).
+2. The model's assigner picks one route (version) among them (gateway/routing/assign.py).
+3. The configured plugins filter and score that route's engines (gateway/routing/plugins.py);
+   the highest total score wins, ties broken at random so equal engines share the load.
+The router never branches on which plugins are configured.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from gateway.pool import Engine, Pool
+from gateway.request import ApiRequest
+from gateway.routing.assign import ASSIGNERS, Assigner
+from gateway.routing.plugins import FILTERS, SCORERS, Filter, Scorer
+from gateway.settings import ModelSettings, RouteSettings, RoutingSettings
+
+
+@dataclass(frozen=True, slots=True)
+class Pick:
+    engine: Engine
+    route: RouteSettings
+
+
+class Router:
+    def __init__(
+        self,
+        pool: Pool,
+        models: tuple[ModelSettings, ...],
+        routing: RoutingSettings | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._pool = pool
+        self._rng = rng or random.Random()
+        routing = routing or RoutingSettings()
+        self._filters: list[Filter] = [FILTERS[n](routing) for n in routing.plugins if n in FILTERS]
+        self._scorers: list[Scorer] = [SCORERS[n](routing) for n in routing.plugins if n in SCORERS]
+        self._assigners: dict[str, Assigner] = {m.name: ASSIGNERS[m.assignment](self._rng) for m in models}
+        self._configured: dict[str, tuple[RouteSettings, ...]] = {m.name: m.routes for m in models}
+        self.routes = dict(self._configured)
+
+    @property
+    def pool(self) -> Pool:
+        return self._pool
+
+    def apply_overrides(self, overrides: Mapping[str, tuple[RouteSettings, ...]]) -> None:
+        """Routes changed at run time (admin API) replace the configured ones of those models."""
+        self.routes = {**self._configured, **{m: r for m, r in overrides.items() if m in self._configured}}
+
+    def configured(self, model: str) -> tuple[RouteSettings, ...]:
+        return self._configured[model]
+
+    def knows(self, model: str) -> bool:
+        return model in self.routes
+
+    def pick(self, request: ApiRequest, tried: frozenset[str] = frozenset()) -> Pick | None:
+        engines = self._pool.engines
+        usable: dict[str, list[Engine]] = {}
+        routes: list[RouteSettings] = []
+        for route in self.routes[request.model]:
+            if route.weight <= 0:
+                continue
+            found = [e for name in route.engines if (e := engines.get(name)) and e.healthy and name not in tried]
+            if found:
+                usable[route.name] = found
+                routes.append(route)
+        if not routes:
+            return None
+        route = self._assigners[request.model].choose(request, routes)
+        return Pick(self._engine(request, usable[route.name]), route)
+
+    def _engine(self, request: ApiRequest, candidates: list[Engine]) -> Engine:
+        if len(candidates) == 1:
+            return candidates[0]
+        chosen: Sequence[Engine] = candidates
+        for f in self._filters:
+            chosen = f.filter(request, chosen) or chosen
+            if len(chosen) == 1:
+                return chosen[0]
+        totals = [0.0] * len(chosen)
+        for scorer in self._scorers:
+            for i, score in enumerate(scorer.score(request, chosen)):
+                totals[i] += score
+        best = max(totals)
+        return self._rng.choice([e for e, t in zip(chosen, totals, strict=True) if t == best])

@@ -1,0 +1,151 @@
+"""Typed settings: one YAML file validated at start, plus the environment for secrets and addresses.
+
+This package is the only place that reads environment variables. Errors name the file, the key
+and what is wrong. Each section has its parser in a module of its own: `sections` (server,
+health, routing, redis, auth), `engines`, `models`; `reader` walks the tree.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gateway.settings.engines import ENGINE_KINDS, MANAGED_KINDS, EngineSettings, VllmSettings, parse_engine
+from gateway.settings.models import ModelSettings, RouteSettings, parse_model, parse_routes
+from gateway.settings.reader import ConfigError, Reader
+from gateway.settings.sections import (
+    AuthSettings,
+    HealthSettings,
+    RedisSettings,
+    RoutingSettings,
+    ServerSettings,
+    parse_auth,
+    parse_health,
+    parse_redis,
+    parse_routing,
+    parse_server,
+)
+
+SECTIONS = ("server", "health", "routing", "engines", "models", "redis", "auth")
+
+
+@dataclass(frozen=True)
+class Settings:
+    source: str
+    server: ServerSettings
+    health: HealthSettings
+    routing: RoutingSettings
+    engines: tuple[EngineSettings, ...]
+    models: tuple[ModelSettings, ...]
+    redis: RedisSettings
+    auth: AuthSettings
+
+
+def parse_settings(
+    data: Any, source: str = "<config>", base_dir: Path | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    r = Reader(source)
+    env = os.environ if env is None else env
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: the file must hold a mapping")
+    r.known(data, "", SECTIONS)
+    base_dir = base_dir or Path.cwd()
+    raw_engines = data.get("engines")
+    if not isinstance(raw_engines, list) or not raw_engines:
+        raise r.fail("engines", "must be a non-empty list")
+    engines: dict[str, EngineSettings] = {}
+    for i, e in enumerate(raw_engines):
+        engine = parse_engine(r, i, e, base_dir, env)
+        if engine.name in engines:
+            raise r.fail(f"engines[{i}].name", f"duplicate engine name {engine.name!r}")
+        engines[engine.name] = engine
+    ports = [e.port for e in engines.values() if e.port]
+    if len(ports) != len(set(ports)):
+        raise r.fail("engines", "two managed engines share a port")
+    raw_models = data.get("models")
+    if not isinstance(raw_models, list) or not raw_models:
+        raise r.fail("models", "must be a non-empty list")
+    models = tuple(parse_model(r, i, m, engines, base_dir) for i, m in enumerate(raw_models))
+    names = [m.name for m in models]
+    if len(names) != len(set(names)):
+        raise r.fail("models", "two models share a name")
+    redis = parse_redis(r, data, env)
+    auth = parse_auth(r, data, env)
+    if auth.enabled and not redis.url:
+        raise r.fail("auth.enabled", "API keys and quotas need Redis: set redis.url or GATEWAY_REDIS_URL")
+    return Settings(
+        source=source,
+        server=parse_server(r, data),
+        health=parse_health(r, data),
+        routing=parse_routing(r, data),
+        engines=tuple(engines.values()),
+        models=models,
+        redis=redis,
+        auth=auth,
+    )
+
+
+def load_settings(path: str | Path, env: Mapping[str, str] | None = None) -> Settings:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the file: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_settings(data, str(path), base_dir=_project_root(path), env=env)
+
+
+def _project_root(config_path: Path) -> Path:
+    """Relative model paths are resolved from the directory above `configs/` (the project root)."""
+    parent = config_path.resolve().parent
+    return parent.parent if parent.name == "configs" else parent
+
+
+CONFIG_ENV = "LLM_GATEWAY_CONFIG"
+
+
+def settings_from_env() -> Settings:
+    """For uvicorn worker processes: the CLI puts the config path in the environment."""
+    path = os.environ.get(CONFIG_ENV)
+    if not path:
+        raise ConfigError(f"{CONFIG_ENV} is not set: start the gateway with `llm-gateway serve --config FILE`")
+    return load_settings(path)
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def admin_client_settings(url: str | None) -> tuple[str, str | None]:
+    """For the `keys` CLI: the gateway's address and the admin key, from flags or the environment."""
+    base = url or os.environ.get("GATEWAY_URL") or "http://127.0.0.1:8080"
+    return base.rstrip("/"), os.environ.get("GATEWAY_ADMIN_KEY") or None
+
+
+__all__ = [
+    "CONFIG_ENV",
+    "ENGINE_KINDS",
+    "MANAGED_KINDS",
+    "AuthSettings",
+    "ConfigError",
+    "EngineSettings",
+    "HealthSettings",
+    "ModelSettings",
+    "RedisSettings",
+    "RouteSettings",
+    "RoutingSettings",
+    "ServerSettings",
+    "Settings",
+    "VllmSettings",
+    "load_settings",
+    "parse_routes",
+    "parse_settings",
+]

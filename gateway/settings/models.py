@@ -1,0 +1,97 @@
+"""The `models:` section: public model names and their routes (versions: engines, upstream name, weight)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.settings.engines import EngineSettings, resolve_path
+from gateway.settings.reader import ConfigError, Reader
+
+ASSIGNMENTS = ("weighted", "sticky")
+MAX_WEIGHT = 1e9
+MAX_ROUTES = 64
+
+
+@dataclass(frozen=True)
+class RouteSettings:
+    engines: tuple[str, ...]
+    model: str  # the upstream model name
+    weight: float = 1.0
+    name: str = "v1"  # the version label: x-gateway-route, metrics, the inference log
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    name: str
+    routes: tuple[RouteSettings, ...]
+    tokenizer: str | None = None  # a tokenizer.json or model directory for exact prompt counts
+    assignment: str = "weighted"  # how a request gets its route: weighted (random) or sticky
+
+
+def parse_model(r: Reader, index: int, data: Any, engines: dict[str, EngineSettings], base_dir: Path) -> ModelSettings:
+    path = f"models[{index}]."
+    if not isinstance(data, Mapping):
+        raise r.fail(path[:-1], "must be a mapping")
+    r.known(data, path, ("name", "routes", "tokenizer", "assignment"))
+    name = r.get(data, "name", path, str, None)
+    if not name:
+        raise r.fail(f"{path}name", "is required")
+    routes = _routes(r, f"{path}routes", data.get("routes"), name, engines)
+    tokenizer = resolve_path(r.get(data, "tokenizer", path, str, None), base_dir)
+    assignment = r.get(data, "assignment", path, str, "weighted")
+    if assignment not in ASSIGNMENTS:
+        raise r.fail(f"{path}assignment", f"must be one of {', '.join(ASSIGNMENTS)}, got {assignment!r}")
+    return ModelSettings(name=name, routes=routes, tokenizer=tokenizer, assignment=assignment)
+
+
+def parse_routes(
+    data: Any, model: str, engines: Mapping[str, EngineSettings], source: str
+) -> tuple[RouteSettings, ...]:
+    """Routes sent to the admin API, checked as strictly as the config's."""
+    return _routes(Reader(source), "routes", data, model, dict(engines))
+
+
+def _routes(
+    r: Reader, path: str, data: Any, public: str, engines: dict[str, EngineSettings]
+) -> tuple[RouteSettings, ...]:
+    if not isinstance(data, list) or not data:
+        raise r.fail(path, "must be a non-empty list")
+    if len(data) > MAX_ROUTES:
+        raise r.fail(path, f"at most {MAX_ROUTES} routes")
+    routes = tuple(_route(r, f"{path}[{i}].", route, i, public, engines) for i, route in enumerate(data))
+    if sum(route.weight for route in routes) <= 0:
+        raise r.fail(path, "the weights must not all be 0")
+    names = [route.name for route in routes]
+    if len(names) != len(set(names)):
+        raise r.fail(path, f"route names must be unique, got {names}")
+    return routes
+
+
+def _route(
+    r: Reader, path: str, data: Any, index: int, public: str, engines: dict[str, EngineSettings]
+) -> RouteSettings:
+    if not isinstance(data, Mapping):
+        raise r.fail(path[:-1], "must be a mapping")
+    r.known(data, path, ("engine", "engines", "model", "weight", "name"))
+    names = data.get("engines", [data["engine"]] if "engine" in data else None)
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise r.fail(f"{path}engines", "give `engine: NAME` or `engines: [NAME, ...]`")
+    for n in names:
+        if n not in engines:
+            raise r.fail(f"{path}engines", f"unknown engine {n!r} (known: {', '.join(engines)})")
+    default_upstream = engines[names[0]].served_model_name or public
+    name = r.get(data, "name", path, str, f"v{index + 1}")
+    if not name or len(name) > 64 or not name.isprintable():
+        raise r.fail(f"{path}name", "must be 1 to 64 printable characters")
+    return RouteSettings(
+        engines=tuple(dict.fromkeys(names)),
+        model=r.get(data, "model", path, str, default_upstream),
+        weight=r.get(data, "weight", path, float, 1.0, 0, MAX_WEIGHT),
+        name=name,
+    )
+
+
+__all__ = ["ConfigError", "ModelSettings", "RouteSettings", "parse_model", "parse_routes"]
