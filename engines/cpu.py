@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.continuous_batching.requests import GenerationOutput, RequestStatus
 
-from engines.engine import EngineStats
+from engines.engine import EngineStats, Slots
 from engines.errors import EngineError, invalid
 from engines.protocol import SamplingParams
 
@@ -82,6 +82,7 @@ class CpuEngine:
         self._manager: Any = None
         self._waiting = 0
         self._running = 0
+        self._reserved = 0  # queue places promised to requests whose response has not started yet
 
     @property
     def tokenizer(self) -> Any:
@@ -115,16 +116,25 @@ class CpuEngine:
             cache = processor.cache
             total = int(cache.num_blocks)
             used = round(total * (1.0 - float(cache.compute_free_capacity())))
-        return EngineStats(running=self._running, waiting=self._waiting, kv_blocks_used=used, kv_blocks_total=total)
+        waiting = self._waiting + self._reserved
+        return EngineStats(running=self._running, waiting=waiting, kv_blocks_used=used, kv_blocks_total=total)
 
     def is_alive(self) -> bool:
         return self._manager is not None and self._manager.is_running()
 
-    async def generate(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int
-    ) -> AsyncGenerator[list[int], None]:
-        if self._waiting >= self.config.max_waiting:
+    def reserve(self, requests: int) -> Slots:
+        if self._waiting + self._reserved + requests > self.config.max_waiting:
             raise EngineError(429, "The engine's waiting queue is full; retry later.", code="engine_overloaded")
+        self._reserved += requests
+        return Slots(self, requests)
+
+    def _unreserve(self, requests: int) -> None:
+        self._reserved -= requests
+
+    async def generate(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int, slots: Slots
+    ) -> AsyncGenerator[list[int], None]:
+        slots.take()
         if not self.is_alive():
             raise EngineError(503, "The engine is not running.", code="engine_unavailable")
         outputs: asyncio.Queue[GenerationOutput] = asyncio.Queue()

@@ -27,7 +27,6 @@ class EmbeddingEngine:
         self._tokenizer: Any = AutoTokenizer.from_pretrained(model_path)
         self._model = AutoModel.from_pretrained(model_path, dtype=torch.float32).eval()
         self.max_input_tokens = min(int(self._model.config.max_position_embeddings), 512)
-        self.dimensions = int(self._model.config.hidden_size)
         self._max_batch = max_batch
         # One forward pass at a time: torch already uses every core for one batch.
         self._lock = threading.Lock()

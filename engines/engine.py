@@ -21,6 +21,32 @@ class EngineStats:
         return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
 
 
+class Slots:
+    """Places in an engine's waiting queue, promised before a response starts (so a full engine
+    answers 429 before the first byte), taken one by one as generation starts. `release` gives
+    back what was not taken; it is idempotent."""
+
+    __slots__ = ("_engine", "_left")
+
+    def __init__(self, engine: Reserving, count: int) -> None:
+        self._engine = engine
+        self._left = count
+
+    def take(self) -> None:
+        if self._left > 0:
+            self._left -= 1
+            self._engine._unreserve(1)
+
+    def release(self) -> None:
+        if self._left > 0:
+            self._engine._unreserve(self._left)
+            self._left = 0
+
+
+class Reserving(Protocol):
+    def _unreserve(self, requests: int) -> None: ...
+
+
 class Tokenizer(Protocol):
     eos_token_id: int | None
 
@@ -40,13 +66,17 @@ class GenerationEngine(Protocol):
 
     def text_prompt(self, text: str) -> list[int]: ...
 
+    def reserve(self, requests: int) -> Slots:
+        """Promises `requests` places in the waiting queue, or raises EngineError(429) at once."""
+        ...
+
     def generate(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int, slots: Slots
     ) -> AsyncGenerator[list[int], None]:
         """Yields the newly generated token ids of each engine step until the request ends.
 
-        Closing the iterator early aborts the request inside the engine and frees its slot.
-        Raises EngineError(429) at once when the waiting queue is full.
+        Closing the iterator early aborts the request inside the engine and frees its slot. It
+        takes one of `slots` (from `reserve`) as it joins the queue.
         """
         ...
 

@@ -10,7 +10,7 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
 
-from engines.engine import GenerationEngine
+from engines.engine import GenerationEngine, Slots
 from engines.errors import EngineError, invalid
 from engines.metrics import WorkerMetrics
 from engines.protocol import GenerateRequest, SamplingParams
@@ -33,6 +33,7 @@ class Prepared:
     prompts: list[list[int]]
     max_new_tokens: int
     chat: bool
+    slots: Slots  # queue places promised to this request; release() them when it ends
 
     @property
     def prompt_tokens(self) -> int:
@@ -80,7 +81,8 @@ class Serving:
                 code="context_length_exceeded",
             )
         max_new = wanted if wanted is not None else limit - longest
-        return Prepared(request, prompts, max_new, request.messages is not None)
+        slots = engine.reserve(len(prompts) * request.sampling.n)
+        return Prepared(request, prompts, max_new, request.messages is not None, slots)
 
     async def choices(self, prepared: Prepared) -> AsyncGenerator[ChoiceDelta, None]:
         """Runs every choice (prompts x n) concurrently and yields their deltas as they come."""
@@ -129,7 +131,7 @@ class Serving:
         finish = "length"
         started = time.perf_counter()
         self.metrics.prompt_tokens.inc(len(prompt_ids))
-        generated = self.engine.generate(request_id, prompt_ids, params, prepared.max_new_tokens)
+        generated = self.engine.generate(request_id, prompt_ids, params, prepared.max_new_tokens, prepared.slots)
         async with aclosing(generated):
             async for new_ids in generated:
                 if count == 0:

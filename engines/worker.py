@@ -11,7 +11,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,11 +70,12 @@ def build_app(state: WorkerState, engine: Any = None) -> Starlette:
         body = await parse(request)
         parsed = protocol.parse_chat(body) if chat else protocol.parse_completion(body)
         check_model(parsed.model)
-        prepared = state.serving.prepare(parsed)
+        prepared = state.serving.prepare(parsed)  # a full queue is a 429 here, before any byte
         if parsed.stream:
             state.metrics.requests.labels(endpoint, "stream").inc()
-            return StreamingResponse(
+            return _EngineStream(
                 _count_abort(stream_response(state.serving, prepared), state.metrics),
+                prepared.slots.release,
                 media_type="text/event-stream",
                 headers={"cache-control": "no-cache"},
             )
@@ -83,6 +84,8 @@ def build_app(state: WorkerState, engine: Any = None) -> Starlette:
         except ClientDisconnected:
             state.metrics.aborted.inc()
             return Response(status_code=499)
+        finally:
+            prepared.slots.release()
         state.metrics.requests.labels(endpoint, "200").inc()
         return JSONResponse(result)
 
@@ -146,6 +149,21 @@ def build_app(state: WorkerState, engine: Any = None) -> Starlette:
     ]
     handlers = {EngineError: on_engine_error, HTTPException: on_http_error, Exception: on_unexpected}
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
+
+
+class _EngineStream(StreamingResponse):
+    """A stream that gives back its unused queue places however it ends, even when the client
+    left before the first chunk (then the body generator never starts, so it cannot)."""
+
+    def __init__(self, content: AsyncGenerator[bytes, None], release: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
 
 
 async def _count_abort(chunks: AsyncGenerator[bytes, None], metrics: WorkerMetrics) -> AsyncGenerator[bytes, None]:

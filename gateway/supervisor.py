@@ -61,10 +61,6 @@ class ManagedProcess:
     restarts: deque[float] = field(default_factory=lambda: deque(maxlen=100))
     next_start: float = 0.0
 
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
-
 
 class Supervisor:
     def __init__(self, engines: tuple[EngineSettings, ...], check_interval: float = 0.2) -> None:

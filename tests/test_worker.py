@@ -352,3 +352,22 @@ def test_full_queue_answers_429_at_once(small_queue_worker: Proc) -> None:
     statuses = asyncio.run(main())
     assert set(statuses) <= {200, 429}
     assert statuses.count(429) >= 1 and statuses.count(200) >= 2
+
+
+def test_full_queue_refuses_streams_before_the_first_byte(small_queue_worker: Proc) -> None:
+    body = {"model": MODEL, "prompt": "Once upon", "max_tokens": 32, "ignore_eos": True, "stream": True}
+
+    async def one(c: httpx.AsyncClient) -> tuple[int, str]:
+        async with c.stream("POST", small_queue_worker.url + "/v1/completions", json=body) as r:
+            return r.status_code, (await r.aread()).decode()
+
+    async def main() -> list[tuple[int, str]]:
+        async with httpx.AsyncClient(timeout=60) as c:
+            return await asyncio.gather(*(one(c) for _ in range(24)))
+
+    results = asyncio.run(main())
+    statuses = [status for status, _ in results]
+    assert statuses.count(429) >= 1 and statuses.count(200) >= 2
+    for status, text in results:
+        if status == 200:  # a stream that started finishes: no in-band overload error
+            assert '"error"' not in text and text.rstrip().endswith("data: [DONE]")
