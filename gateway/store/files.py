@@ -114,9 +114,11 @@ class FileOps(SqlBase):
                     await writer.write(chunk)
             await writer.close()
             async with self.db.write() as conn:
-                await conn.execute(
+                done = await conn.execute(
                     "UPDATE files SET bytes = $2, status = $3 WHERE id = $1", record.id, writer.size, FILE_PROCESSED
                 )
+            if not done:
+                raise StoreError(f"upload {record.id} was purged before it finished")
         except BaseException:
             await self._remove(record.id)
             raise
