@@ -87,7 +87,9 @@ class Store(ABC):
         status: Literal["validating", "in_progress"] = "in_progress",
     ) -> Batch:
         """Create the batch and all its lines (numbered from 1) in one transaction.
-        Raises DuplicateCustomIdError (and creates nothing) when two lines share a custom_id."""
+        Raises DuplicateCustomIdError (and creates nothing) when two lines share a custom_id.
+        The transaction is open while `lines` is read: feed it from a stored file (as parsed
+        from file_content), not at a client's pace, or SQLite's other writers wait meanwhile."""
 
     @abstractmethod
     async def create_failed_batch(self, spec: BatchSpec, errors: Sequence[BatchError]) -> Batch:
@@ -146,7 +148,13 @@ class Store(ABC):
     @abstractmethod
     async def record_result(self, batch_id: str, line: int, claim_token: str, outcome: LineOutcome) -> bool:
         """Write a line's outcome if it is still held by this claim; True when written. Exactly
-        one outcome is ever written per line; the batch's counts move with it."""
+        one outcome is ever written per line; the batch's counts move with it. Raises ValueError
+        when `outcome.body` is not JSON (the result files embed it as it is)."""
+
+    @abstractmethod
+    async def record_results(self, results: Sequence[tuple[ClaimedLine, LineOutcome]]) -> list[bool]:
+        """record_result for many lines in one transaction (one commit instead of one per line);
+        returns, per result in order, whether it was written."""
 
     @abstractmethod
     async def fail_pending(self, batch_id: str, code: str, message: str) -> int:

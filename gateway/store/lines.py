@@ -12,6 +12,8 @@ transaction as the line, so they stay exact.
 from __future__ import annotations
 
 import secrets
+from collections import Counter
+from collections.abc import Sequence
 
 import orjson
 
@@ -44,30 +46,45 @@ class LineOps(SqlBase):
         return sorted(claimed, key=lambda c: c.line)
 
     async def record_result(self, batch_id: str, line: int, claim_token: str, outcome: LineOutcome) -> bool:
-        if outcome.body is not None:
-            orjson.loads(outcome.body)  # the result files embed it as it is: it must be JSON
-        if not outcome.failed and outcome.status_code is None:
-            raise ValueError("a successful outcome needs its status_code")
-        state, counter = ("failed", "failed_count") if outcome.failed else ("done", "completed_count")
+        [written] = await self._record([(batch_id, line, claim_token, outcome)])
+        return written
+
+    async def record_results(self, results: Sequence[tuple[ClaimedLine, LineOutcome]]) -> list[bool]:
+        return await self._record([(c.batch_id, c.line, c.claim_token, outcome) for c, outcome in results])
+
+    async def _record(self, results: Sequence[tuple[str, int, str, LineOutcome]]) -> list[bool]:
+        for _, _, _, outcome in results:
+            if outcome.body is not None:
+                orjson.loads(outcome.body)  # the result files embed it as it is: it must be JSON
+            if not outcome.failed and outcome.status_code is None:
+                raise ValueError("a successful outcome needs its status_code")
+        written: list[bool] = []
+        counts: Counter[tuple[str, str]] = Counter()
+        now = self.clock()
         async with self.db.write() as conn:
-            written = await conn.execute(
-                "UPDATE batch_lines SET state = $4, status_code = $5, request_id = $6, response = $7,"
-                " error_code = $8, error_message = $9, finished_at = $10"
-                " WHERE batch_id = $1 AND line = $2 AND state = 'claimed' AND claim_token = $3",
-                batch_id,
-                line,
-                claim_token,
-                state,
-                outcome.status_code,
-                outcome.request_id,
-                outcome.body,
-                outcome.error_code,
-                outcome.error_message,
-                self.clock(),
-            )
-            if written:
-                await conn.execute(f"UPDATE batches SET {counter} = {counter} + 1 WHERE id = $1", batch_id)
-        return written == 1
+            for batch_id, line, token, outcome in results:
+                state = "failed" if outcome.failed else "done"
+                changed = await conn.execute(
+                    "UPDATE batch_lines SET state = $4, status_code = $5, request_id = $6, response = $7,"
+                    " error_code = $8, error_message = $9, finished_at = $10"
+                    " WHERE batch_id = $1 AND line = $2 AND state = 'claimed' AND claim_token = $3",
+                    batch_id,
+                    line,
+                    token,
+                    state,
+                    outcome.status_code,
+                    outcome.request_id,
+                    outcome.body,
+                    outcome.error_code,
+                    outcome.error_message,
+                    now,
+                )
+                written.append(changed == 1)
+                if changed:
+                    counts[batch_id, "failed_count" if outcome.failed else "completed_count"] += 1
+            for (batch_id, column), n in sorted(counts.items()):
+                await conn.execute(f"UPDATE batches SET {column} = {column} + $2 WHERE id = $1", batch_id, n)
+        return written
 
     async def fail_pending(self, batch_id: str, code: str, message: str) -> int:
         async with self.db.write() as conn:
