@@ -30,6 +30,7 @@ from gateway.store import (
 )
 from gateway.store.schema import POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS
 from gateway.store.sql_store import SqlStore
+from tests.procs import free_port
 from tests.store_fixtures import FakeClock, StoreEnv
 
 MiB = 1 << 20
@@ -90,6 +91,19 @@ def test_relative_sqlite_path_lies_under_data_dir(tmp_path: Path) -> None:
 
     asyncio.run(main())
     assert (tmp_path / "data" / "nested" / "dir" / "gw.db").is_file()
+
+
+def test_unreachable_store_is_a_clear_error(tmp_path: Path) -> None:
+    async def main() -> None:
+        with pytest.raises(
+            StoreError, match=r"cannot connect to the PostgreSQL store postgresql://gw:\*\*\*@127\.0\.0\.1"
+        ):
+            await open_store(f"postgresql://gw:hunter2@127.0.0.1:{free_port()}/gw", tmp_path)
+        (tmp_path / "taken").write_text("a file, not a directory")
+        with pytest.raises(StoreError, match="cannot open the SQLite store"):
+            await open_store("sqlite:///taken/gw.db", tmp_path)
+
+    asyncio.run(main())
 
 
 # Migrations -------------------------------------------------------------------------------

@@ -21,7 +21,9 @@ from typing import Any
 
 import asyncpg
 
+from gateway.store.config import redact_url
 from gateway.store.db import Conn, Database, Migration, Row, UniqueViolation
+from gateway.store.records import StoreError
 from gateway.store.schema import apply_migrations
 
 POOL_MIN_SIZE = 1
@@ -80,13 +82,16 @@ class PostgresDatabase(Database):
 
     @classmethod
     async def open(cls, dsn: str) -> PostgresDatabase:
-        pool = await asyncpg.create_pool(
-            dsn,
-            min_size=POOL_MIN_SIZE,
-            max_size=POOL_MAX_SIZE,
-            timeout=CONNECT_TIMEOUT_SECONDS,
-            command_timeout=STATEMENT_TIMEOUT_SECONDS,
-        )
+        try:
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=POOL_MIN_SIZE,
+                max_size=POOL_MAX_SIZE,
+                timeout=CONNECT_TIMEOUT_SECONDS,
+                command_timeout=STATEMENT_TIMEOUT_SECONDS,
+            )
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise StoreError(f"cannot connect to the PostgreSQL store {redact_url(dsn)}: {exc}") from exc
         return cls(pool)
 
     @asynccontextmanager

@@ -23,6 +23,7 @@ from typing import Any
 import aiosqlite
 
 from gateway.store.db import Conn, Database, Migration, Row, UniqueViolation
+from gateway.store.records import StoreError
 from gateway.store.schema import apply_migrations
 
 BUSY_TIMEOUT_SECONDS = 30.0
@@ -61,7 +62,8 @@ class SqliteConn(Conn):
 
 
 def _translate(exc: sqlite3.IntegrityError) -> Exception:
-    return UniqueViolation(str(exc)) if "UNIQUE" in str(exc) else exc
+    unique = getattr(exc, "sqlite_errorname", "") in ("SQLITE_CONSTRAINT_UNIQUE", "SQLITE_CONSTRAINT_PRIMARYKEY")
+    return UniqueViolation(str(exc)) if unique else exc
 
 
 async def _connect(path: Path) -> aiosqlite.Connection:
@@ -83,8 +85,11 @@ class SqliteDatabase(Database):
 
     @classmethod
     async def open(cls, path: Path) -> SqliteDatabase:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        writer = await _connect(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            writer = await _connect(path)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the SQLite store {path}: {exc}") from exc
         try:
             reader = await _connect(path)
         except BaseException:
