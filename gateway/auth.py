@@ -59,6 +59,7 @@ class KeyedAccess:
         if self._refresher:
             self._refresher.cancel()
             await asyncio.gather(self._refresher, return_exceptions=True)
+        await self.quota.close()
 
     async def authenticate(self, scope: Scope) -> Principal:
         secret = bearer(scope)

@@ -7,11 +7,19 @@ share one Redis Cluster slot:
     gw:{id}:day:<YYYY-MM-DD>    HASH requests, tokens, prompt_tokens, completion_tokens  (40 days)
     gw:{id}:month:<YYYY-MM>     HASH the same                                         (400 days)
     gw:{id}:leases              ZSET lease id -> expiry (unix ms), one per admitted request
+    gw:{id}:gone:<lease>        STRING, a tombstone: this admission was given up (TTL 1 h)
 
 `tokens` is committed usage plus outstanding reservations, so limits hold across any number of
 replicas. A lease counts toward max_concurrent until it expires; an expired lease is kept for
 LEASE_KEEP more, so a late release still reconciles, and ZREM's answer makes release idempotent.
 Times are the gateway's clock (unix seconds): replicas are assumed NTP-synced.
+
+A caller that gives up on Redis (timeout, lost connection) cannot know whether its admission
+ran, or will still run: the command may sit in a socket buffer of a stalled Redis and run when it
+resumes. So every abandoned admission is cancelled in the background until Redis answers: the
+cancel undoes the admission if it ran, and otherwise leaves a tombstone that makes it refuse to
+run later. Either order nets to nothing, so no charge and no lease outlive a refused request.
+Releases that could not reach Redis are retried the same way (release is idempotent).
 
 Every command goes through the lean RESP client (gateway/resp.py), the one the request path uses.
 """
@@ -44,6 +52,7 @@ LEASE_KEEP_MS = 3_600_000
 WARN_EVERY = 10.0
 
 _ADMIT = Script("""
+if redis.call('EXISTS', KEYS[6]) == 1 then return {'cancelled'} end
 local rec = redis.call('HMGET', KEYS[1], 'created_at', 'revoked_at', 'expires_at', 'models',
   'rpm', 'tpm', 'max_concurrent', 'daily_tokens', 'monthly_tokens')
 if not rec[1] then return {'unknown'} end
@@ -111,6 +120,25 @@ end
 return 1
 """)
 
+# KEYS: leases, minute, day, month, tombstone. ARGV: lease, reserved, tombstone TTL (s).
+_CANCEL = Script("""
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+  local reserved = tonumber(ARGV[2])
+  for i = 2, 4 do
+    if redis.call('EXISTS', KEYS[i]) == 1 then
+      redis.call('HINCRBY', KEYS[i], 'requests', -1)
+      redis.call('HINCRBY', KEYS[i], 'tokens', -reserved)
+    end
+  end
+  return 1
+end
+redis.call('SET', KEYS[5], '1', 'EX', ARGV[3])
+return 0
+""")
+TOMBSTONE_TTL = 3600
+RETRY_EVERY = 0.5
+MAX_PENDING = 100_000
+
 
 @dataclass
 class Admission:
@@ -169,6 +197,8 @@ class Quota:
         self._lease_ms = max(1, round(lease_ttl * 1000))
         self._skip_until = 0.0
         self._warned = -math.inf
+        self._pending: dict[str, tuple[Script, list[str], list[str | int]]] = {}  # lease id -> op
+        self._retrier: asyncio.Task[None] | None = None
 
     def _base(self, key_id: str) -> str:
         return f"{self.prefix}:{{{key_id}}}:"
@@ -181,8 +211,8 @@ class Quota:
         lease_id = secrets.token_hex(8)
         if time.monotonic() >= self._skip_until:
             base = self._base(key.id)
-            keys = [base + "rec", f"{base}min:{win.minute}", base + "day:" + win.day, base + "month:" + win.month]
-            keys.append(base + "leases")
+            counters = [f"{base}min:{win.minute}", base + "day:" + win.day, base + "month:" + win.month]
+            keys = [base + "rec", *counters, base + "leases", f"{base}gone:{lease_id}"]
             args: list[str | int] = [round(now * 1000), model, reserve_tokens, lease_id, self._lease_ms]
             args += [LEASE_KEEP_MS, MINUTE_TTL, DAY_TTL, MONTH_TTL]
             try:
@@ -190,12 +220,16 @@ class Quota:
                     reply = await self.redis.run_script(_ADMIT, keys, args)
             except (*REDIS_DOWN, TimeoutError) as exc:
                 self._failed("admit", exc)
+                cancel_keys = [base + "leases", *counters, f"{base}gone:{lease_id}"]
+                self._retry(lease_id, _CANCEL, cancel_keys, [lease_id, reserve_tokens, TOMBSTONE_TTL])
             else:
                 return self._decide(reply, key.id, model, reserve_tokens, lease_id, win)
         return self._admit_without_redis(key, model, reserve_tokens, now, win, lease_id)
 
     def _decide(self, reply: list[Any], key_id: str, model: str, reserve: int, lease_id: str, win: Window) -> Admission:
         status = _text(reply[0])
+        if status == "cancelled":  # cannot happen to a caller still waiting; refuse all the same
+            raise quota_unavailable()
         if len(reply) < 5:
             raise refused_key(status, model, float(_text(reply[1])) if len(reply) > 1 else None)
         rpm, tpm = (None if v < 0 else int(v) for v in (reply[1], reply[3]))
@@ -223,13 +257,51 @@ class Quota:
         base = self._base(adm.key_id)
         keys = [base + "leases", f"{base}min:{adm.minute}", base + "day:" + adm.day, base + "month:" + adm.month]
         delta = prompt_tokens + completion_tokens - adm.reserved
+        args: list[str | int] = [adm.lease_id, delta, prompt_tokens, completion_tokens]
         try:
             async with asyncio.timeout(self.deadline):
-                args: list[str | int] = [adm.lease_id, delta, prompt_tokens, completion_tokens]
                 await self.redis.run_script(_RELEASE, keys, args)
         except (*REDIS_DOWN, TimeoutError) as exc:
-            # The lease expires by itself; the reservation stays counted (errs on the safe side).
+            # Retried until Redis answers; meanwhile the reservation stays counted (the safe side)
+            # and the lease expires by itself.
             self._failed("release", exc)
+            self._retry(adm.lease_id, _RELEASE, keys, args)
+
+    def _retry(self, lease_id: str, script: Script, keys: list[str], args: list[str | int]) -> None:
+        if len(self._pending) >= MAX_PENDING:
+            self._pending.pop(next(iter(self._pending)))
+            log.error("more than %d quota operations wait for Redis; dropped the oldest", MAX_PENDING)
+        self._pending[lease_id] = (script, keys, args)
+        if self._retrier is None or self._retrier.done():
+            self._retrier = asyncio.get_running_loop().create_task(self._retry_pending(), name="quota-retry")
+
+    async def _retry_pending(self) -> None:
+        while self._pending:
+            await asyncio.sleep(RETRY_EVERY)
+            await self.flush_pending()
+
+    async def flush_pending(self) -> bool:
+        """Runs the cancels and releases that wait for Redis; True when none is left."""
+        batch = list(self._pending.items())
+        if not batch:
+            return True
+        try:
+            async with asyncio.timeout(self.deadline * 4):
+                await asyncio.gather(*(self.redis.run_script(script, keys, args) for _, (script, keys, args) in batch))
+        except (*REDIS_DOWN, TimeoutError):
+            return False
+        for lease_id, op in batch:
+            if self._pending.get(lease_id) is op:
+                del self._pending[lease_id]
+        return not self._pending
+
+    async def close(self) -> None:
+        """Stops the retries after one last try (a shutdown reconciles what it can)."""
+        if self._retrier is not None:
+            self._retrier.cancel()
+            await asyncio.gather(self._retrier, return_exceptions=True)
+        if self._pending:
+            await self.flush_pending()
 
     async def refresh_leases(self, adms: Iterable[Admission]) -> None:
         """Push back the expiry of in-flight leases (call every lease_ttl / 3 for long streams)."""

@@ -462,3 +462,35 @@ def test_a_reservation_that_can_never_fit_is_a_400() -> None:
         reservation(key, request, 10)
     assert (err.value.status, err.value.param) == (400, "max_tokens") and "tpm limit of 2000" in err.value.message
     assert reservation(ApiKey(id="key_0123456789abcdef", name="t"), request, 10) == 2410  # no limit, no cap
+
+
+def test_admissions_given_up_during_a_stall_never_charge(redis_server: RedisServer) -> None:
+    """Redis frozen while admissions time out: when it resumes, the queued commands run, and the
+    cancels the quota sent after them undo them (or tombstone them), so nothing is charged."""
+
+    async def body(store: KeyStore, quota: Quota, client: aioredis.Redis) -> None:
+        budget = await new_key(store, daily_tokens=10_000)
+        pair = await new_key(store, max_concurrent=2)
+        kept = await quota.admit(budget, MODEL, 100)  # one admitted before the stall, used for real
+        assert redis_server.proc is not None
+        redis_server.proc.send_signal(signal.SIGSTOP)
+        try:
+            quota.breaker = 0.0  # every admission goes to the frozen Redis, as a burst would
+            for key in (budget, pair) * 5:
+                assert (await refused(quota.admit(key, MODEL, 60))).code == "quota_unavailable"
+        finally:
+            redis_server.proc.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while not await quota.flush_pending():
+            assert time.monotonic() < deadline, "the cancels never reached Redis"
+            await asyncio.sleep(0.1)
+        await quota.release(kept, 30, 20)
+        usage = await quota.usage(budget.id)
+        assert (usage["day"]["requests"], usage["day"]["tokens"]) == (1, 50)  # only the admitted one
+        assert (await quota.usage(pair.id))["day"]["requests"] == 0
+        assert await client.zcard(f"gw:{{{pair.id}}}:leases") == 0  # no lease outlives its request
+        first, second = await quota.admit(pair, MODEL, 1), await quota.admit(pair, MODEL, 1)
+        await quota.release(first, 1, 0)
+        await quota.release(second, 1, 0)
+
+    run(redis_server, body, timeout=0.1)
