@@ -23,6 +23,11 @@ class Gateway:
     watchdog: SendWatchdog
     access: Access = field(default_factory=OpenAccess)
     started: float = field(default_factory=time.time)
+    prompt_limits: dict[str, int] = field(default_factory=dict)  # model -> max request bytes
+
+    def __post_init__(self) -> None:
+        default = self.settings.server.max_body_bytes
+        self.prompt_limits = {m.name: min(default, m.max_prompt_bytes or default) for m in self.settings.models}
 
     @classmethod
     def build(cls, settings: Settings, multiprocess_dir: str | None = None) -> Gateway:

@@ -123,11 +123,12 @@ return 1
 # KEYS: leases, minute, day, month, tombstone. ARGV: lease, reserved, tombstone TTL (s).
 _CANCEL = Script("""
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
-  local reserved = tonumber(ARGV[2])
+  -- 0 - x, not -x: Lua writes -0 as "-0", which HINCRBY refuses halfway through the script
+  local undo = 0 - tonumber(ARGV[2])
   for i = 2, 4 do
     if redis.call('EXISTS', KEYS[i]) == 1 then
       redis.call('HINCRBY', KEYS[i], 'requests', -1)
-      redis.call('HINCRBY', KEYS[i], 'tokens', -reserved)
+      redis.call('HINCRBY', KEYS[i], 'tokens', undo)
     end
   end
   return 1
@@ -158,7 +159,10 @@ def reservation(key: ApiKey, request: ApiRequest, prompt_tokens: int) -> int:
     A request whose reservation exceeds a token limit of the key could never be admitted, so it
     is a 400 that says why, not a 429 a client would retry forever.
     """
-    reserve = prompt_tokens + (request.max_tokens or 0) * request.n * request.prompts
+    if request.endpoint.kind == "embeddings":
+        reserve = prompt_tokens  # an embedding writes nothing: max_tokens and n mean nothing here
+    else:
+        reserve = prompt_tokens + (request.max_tokens or 0) * request.n * request.prompts
     for name, limit in (("tpm", key.tpm), ("daily_tokens", key.daily_tokens), ("monthly_tokens", key.monthly_tokens)):
         if limit is not None and reserve > limit:
             raise invalid(

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,10 @@ from gateway.request import ApiRequest
 log = logging.getLogger(__name__)
 
 # Counting a big prompt (a chat template render plus a tokenizer pass) takes milliseconds to
-# seconds: past this many bytes of body it runs on a small thread pool, so the event loop keeps
-# serving everyone else. Below it a thread hop would cost more than the count.
+# seconds, and holds the GIL most of that time (a 3.8 MB chat took 12 s in the bundled model's
+# tokenizer, stalling a thread-based loop for all of it): past this many bytes of body it runs in
+# a small pool of processes, so the event loop keeps serving everyone else. Below it the hop
+# would cost more than the count.
 OFF_LOOP_BYTES = 16 * 1024
 
 # OpenAI's own accounting for chat: a few tokens of framing per message and for the reply.
@@ -63,21 +66,29 @@ def _token_text(value: Any) -> str | None:
 
 
 class PromptCounter:
-    def __init__(self, tokenizers: dict[str, str | None], threads: int = 2) -> None:
+    def __init__(self, tokenizers: dict[str, str | None], processes: int = 1) -> None:
         """`tokenizers` maps a public model name to its tokenizer directory (or None)."""
+        self._tokenizers = tokenizers
         self._paths = {model: Path(path) for model, path in tokenizers.items() if path}
         self._loaded: dict[str, _ModelTokenizer | None] = {}
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="prompt-count")
+        self._processes = processes
+        self._pool: ProcessPoolExecutor | None = None
 
     async def count(self, request: ApiRequest) -> int:
         """Prompt tokens of a request; big prompts are counted off the event loop."""
         if request.size < OFF_LOOP_BYTES:
             return self.count_body(request.model, request.body)
+        if self._pool is None:  # started on the first big prompt: most deployments never need it
+            context = multiprocessing.get_context("spawn")  # a clean child: no sockets, no loop
+            self._pool = ProcessPoolExecutor(
+                self._processes, mp_context=context, initializer=_start_child, initargs=(self._tokenizers,)
+            )
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self.count_body, request.model, request.body)
+        return await loop.run_in_executor(self._pool, _count_in_child, request.model, request.body)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     @cached_property
     def _tiktoken(self) -> Any:
@@ -121,6 +132,19 @@ class PromptCounter:
         if own is not None:
             return own.text(text)
         return len(self._tiktoken.encode(text, disallowed_special=()))
+
+
+_child: PromptCounter | None = None
+
+
+def _start_child(tokenizers: dict[str, str | None]) -> None:
+    global _child
+    _child = PromptCounter(tokenizers)
+
+
+def _count_in_child(model: str, body: dict[str, Any]) -> int:
+    assert _child is not None
+    return _child.count_body(model, body)
 
 
 def _content(message: Any) -> str:

@@ -15,10 +15,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.procs import TINY_MODEL, Proc, fake_upstream, gateway
+from tests.keyed import ADMIN_KEY, admin, chat, create_key, start_gateway
+from tests.procs import TINY_MODEL, Proc, fake_upstream
 from tests.redis_fixtures import RedisServer
 
-ADMIN_KEY = "admin-secret-for-tests"
 TINY = "tiny-llama"
 
 
@@ -36,12 +36,6 @@ def config(redis: RedisServer, tiny: Proc, fake: Proc, failure_mode: str = "clos
             {"name": "fake", "routes": [{"engine": "fake", "model": "fake"}]},
         ],
     }
-
-
-def start_gateway(logs: Path, cfg: dict[str, Any], name: str) -> Proc:
-    proc = gateway(logs, cfg, name=name, env={"GATEWAY_ADMIN_KEY": ADMIN_KEY}).start()
-    proc.wait_healthy("/ready", timeout=60)
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -69,22 +63,6 @@ def replicas(logs_dir: Path, redis_session: RedisServer, tiny_worker: Proc, fake
 def gws(replicas: tuple[Proc, Proc], redis_server: RedisServer) -> tuple[Proc, Proc]:
     """Both replicas, over a running and empty Redis."""
     return replicas
-
-
-def admin(gw: Proc, method: str, path: str, body: Any = None, key: str = ADMIN_KEY) -> httpx.Response:
-    return httpx.request(method, gw.url + path, json=body, headers={"authorization": f"Bearer {key}"}, timeout=10)
-
-
-def create_key(gw: Proc, **fields: Any) -> tuple[str, str]:
-    r = admin(gw, "POST", "/admin/keys", {"name": "test", **fields})
-    assert r.status_code == 201, r.text
-    return r.json()["id"], r.json()["key"]
-
-
-def chat(gw: Proc, secret: str | None, model: str = "fake", **extra: Any) -> httpx.Response:
-    headers = {"authorization": f"Bearer {secret}"} if secret else {}
-    body = {"model": model, "messages": [{"role": "user", "content": "hello there"}], **extra}
-    return httpx.post(gw.url + "/v1/chat/completions", json=body, headers=headers, timeout=30)
 
 
 def test_keys_are_required_and_checked(gws: tuple[Proc, Proc]) -> None:

@@ -11,7 +11,7 @@ from starlette.types import Receive, Scope, Send
 from gateway.context import Gateway
 from gateway.errors import model_not_allowed, model_not_found
 from gateway.exchange import Exchange
-from gateway.http import read_body
+from gateway.http import read_body, too_large
 from gateway.request import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, parse_request
 
 
@@ -29,6 +29,9 @@ class OpenAIEndpoint:
         request = parse_request(await read_body(scope, receive, gw.settings.server.max_body_bytes), self.endpoint)
         if not gw.router.knows(request.model):
             raise model_not_found(request.model)
+        limit = gw.prompt_limits.get(request.model)
+        if limit is not None and request.size > limit:
+            raise too_large(limit)
         if not principal.may_use(request.model):
             raise model_not_allowed(request.model)
         async with Exchange(gw, principal, request, scope["request_id"], receive) as exchange:

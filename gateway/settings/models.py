@@ -29,13 +29,14 @@ class ModelSettings:
     routes: tuple[RouteSettings, ...]
     tokenizer: str | None = None  # a tokenizer.json or model directory for exact prompt counts
     assignment: str = "weighted"  # how a request gets its route: weighted (random) or sticky
+    max_prompt_bytes: int | None = None  # a request body bound of its own (else server.max_body_bytes)
 
 
 def parse_model(r: Reader, index: int, data: Any, engines: dict[str, EngineSettings], base_dir: Path) -> ModelSettings:
     path = f"models[{index}]."
     if not isinstance(data, Mapping):
         raise r.fail(path[:-1], "must be a mapping")
-    r.known(data, path, ("name", "routes", "tokenizer", "assignment"))
+    r.known(data, path, ("name", "routes", "tokenizer", "assignment", "max_prompt_bytes"))
     name = r.get(data, "name", path, str, None)
     if not name:
         raise r.fail(f"{path}name", "is required")
@@ -44,7 +45,8 @@ def parse_model(r: Reader, index: int, data: Any, engines: dict[str, EngineSetti
     assignment = r.get(data, "assignment", path, str, "weighted")
     if assignment not in ASSIGNMENTS:
         raise r.fail(f"{path}assignment", f"must be one of {', '.join(ASSIGNMENTS)}, got {assignment!r}")
-    return ModelSettings(name=name, routes=routes, tokenizer=tokenizer, assignment=assignment)
+    max_prompt_bytes = r.get(data, "max_prompt_bytes", path, int, None, 1)
+    return ModelSettings(name, routes, tokenizer, assignment, max_prompt_bytes)
 
 
 def parse_routes(
