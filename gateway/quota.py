@@ -404,6 +404,24 @@ class Quota:
             "minute": _counts(("requests", "tokens"), minute),
         }
 
+    async def history(self, key_id: str, days: int, now: float | None = None) -> list[dict[str, Any]]:
+        """Usage of the last `days` UTC days (today included), oldest first, from the day hashes.
+        A day with no hash (no use, or older than DAY_TTL) counts zero."""
+        today = date.fromisoformat(window(time.time() if now is None else now).day)
+        dates = [(today - timedelta(days=back)).isoformat() for back in range(days - 1, -1, -1)]
+        base = self._base(key_id)
+        fields = ("requests", "prompt_tokens", "completion_tokens", "tokens")
+        try:
+            async with asyncio.timeout(self.deadline):
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for day in dates:
+                        pipe.hmget(base + "day:" + day, fields)
+                    rows = await pipe.execute()
+        except REDIS_DOWN as exc:
+            self._failed("history", exc)
+            raise GatewayError(503, "Quota store unavailable, retry shortly.", code="quota_unavailable") from None
+        return [{"date": day, **_counts(fields, row)} for day, row in zip(dates, rows, strict=True)]
+
     def _failed(self, op: str, exc: BaseException) -> None:
         self.redis_errors += 1
         now = time.monotonic()
