@@ -20,6 +20,7 @@ from gateway.access import Access, OpenAccess
 from gateway.context import Gateway
 from gateway.errors import GatewayError
 from gateway.middleware import CatchAllMiddleware, RequestIdMiddleware
+from gateway.routes.console import console_routes
 from gateway.routes.openai import CHAT, COMPLETIONS, EMBEDDINGS, OpenAIRoutes
 from gateway.settings import Settings, multiprocess_dir, settings_from_env
 
@@ -132,6 +133,7 @@ def build_app(settings: Settings, *, multiprocess: str | None = None) -> FastPat
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         *(parts.admin_routes if parts else []),
+        *console_routes(),
     ]
     handlers = {
         GatewayError: _gateway_error,

@@ -290,6 +290,10 @@ def test_redis_down_fail_closed_then_recovers(gws: tuple[Proc, Proc], redis_serv
     assert time.monotonic() - started < 2.0
     assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
     assert r.json()["error"]["code"] == "quota_unavailable"
+    for method, path in [("GET", "/admin/keys"), ("POST", "/admin/keys"), ("GET", "/admin/keys/key_0000000000000000")]:
+        r = admin(a, method, path, {"name": "x"} if method == "POST" else None)  # 503s, not 500s, for the console
+        assert r.status_code == 503 and r.json()["error"]["code"] == "quota_unavailable", (path, r.text)
+        assert r.headers["retry-after"] == "1"
     redis_server.start()  # an empty Redis (it keeps nothing on disk)
     deadline = time.monotonic() + 10
     while True:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -11,7 +13,7 @@ from starlette.routing import Route
 
 from gateway.auth import bearer, is_admin_key
 from gateway.errors import GatewayError, invalid
-from gateway.keys import KeyStore, validate_key_fields
+from gateway.keys import REDIS_DOWN, KeyStore, validate_key_fields
 from gateway.pool import Engine
 from gateway.quota import Quota
 from gateway.route_store import RouteStore, routes_json
@@ -20,6 +22,7 @@ from gateway.routing import Router
 from gateway.settings import ConfigError, EngineSettings, parse_routes
 
 MAX_ADMIN_BODY = 64 * 1024
+Handler = Callable[[Request], Awaitable[Response]]
 MAX_HISTORY_DAYS = 40  # the day hashes live 40 days (gateway/quota.py)
 
 
@@ -41,19 +44,20 @@ class AdminRoutes:
         self._engines = engines
 
     def routes(self) -> list[Route]:
-        return [
-            Route("/admin/keys", self.create_key, methods=["POST"]),
-            Route("/admin/keys", self.list_keys, methods=["GET"]),
-            Route("/admin/keys/{key_id}", self.get_key, methods=["GET"]),
-            Route("/admin/keys/{key_id}", self.update_key, methods=["PATCH"]),
-            Route("/admin/keys/{key_id}", self.revoke_key, methods=["DELETE"]),
-            Route("/admin/keys/{key_id}/usage", self.key_usage, methods=["GET"]),
-            Route("/admin/engines", self.list_engines, methods=["GET"]),
-            Route("/admin/models", self.list_models, methods=["GET"]),
-            Route("/admin/models/{model}", self.get_model, methods=["GET"]),
-            Route("/admin/models/{model}/routes", self.put_routes, methods=["PUT"]),
-            Route("/admin/models/{model}/routes", self.reset_routes, methods=["DELETE"]),
+        table = [
+            ("/admin/keys", self.create_key, "POST"),
+            ("/admin/keys", self.list_keys, "GET"),
+            ("/admin/keys/{key_id}", self.get_key, "GET"),
+            ("/admin/keys/{key_id}", self.update_key, "PATCH"),
+            ("/admin/keys/{key_id}", self.revoke_key, "DELETE"),
+            ("/admin/keys/{key_id}/usage", self.key_usage, "GET"),
+            ("/admin/engines", self.list_engines, "GET"),
+            ("/admin/models", self.list_models, "GET"),
+            ("/admin/models/{model}", self.get_model, "GET"),
+            ("/admin/models/{model}/routes", self.put_routes, "PUT"),
+            ("/admin/models/{model}/routes", self.reset_routes, "DELETE"),
         ]
+        return [Route(path, _redis_down_is_503(handler), methods=[method]) for path, handler, method in table]
 
     def _authorise(self, request: Request) -> None:
         if self._admin_key is None:
@@ -163,6 +167,21 @@ class AdminRoutes:
         model = self._model_or_404(request)
         await self._store.reset(model)
         return JSONResponse(self._model_view(model))
+
+
+def _redis_down_is_503(handler: Handler) -> Handler:
+    """An unreachable Redis is a 503 with retry-after on every admin call, never a 500."""
+
+    @functools.wraps(handler)
+    async def answer(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except REDIS_DOWN:
+            raise GatewayError(
+                503, "Key store unavailable, retry shortly.", code="quota_unavailable", headers={"retry-after": "1"}
+            ) from None
+
+    return answer
 
 
 def _days(raw: str) -> int:
