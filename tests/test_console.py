@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -211,7 +212,7 @@ def test_create_a_key_see_its_secret_once_filter_and_change_limits(page: Page, g
     key = admin(gw, "GET", f"/admin/keys/{key_id}").json()
     assert (key["rpm"], key["tpm"], key["models"]) == (30, 5000, [MODEL])
     expect(page.get_by_text("This minute:")).to_be_visible()
-    shot(page, "key")
+    expect(page.get_by_text("0 of 30")).to_be_visible()  # the minute's requests against the new rpm
 
 
 # Records the answer's text length at every change, so the test sees it grow while streaming.
@@ -248,7 +249,13 @@ def test_playground_streams_then_refuses_the_revoked_key(page: Page, gw: Proc) -
     expect(answer.locator(".meta")).to_contain_text("40 completion")
     shot(page, "playground")
 
-    sign_in(page, gw, then=f"keys/{created['id']}")
+    sign_in(page, gw, then=f"keys/{created['id']}")  # the chat shows in the key's usage
+    page.get_by_text("Usage per day as a table").click()
+    today = page.locator("details tbody tr").first.locator("td")
+    expect(today).to_have_text(
+        [re.compile(r"\d{4}-\d\d-\d\d"), "1", str(usage["prompt_tokens"]), "40", str(usage["total_tokens"])]
+    )
+    shot(page, "key")
     page.get_by_role("button", name="Revoke key").click()
     dialog = page.get_by_role("dialog")
     expect(dialog).to_contain_text("Revoke “playground”?")

@@ -18,6 +18,10 @@ function width(el) {
 }
 
 const utcClock = (seconds) => new Date(seconds * 1000).toISOString().slice(11, 19); // HH:MM:SS
+// Whole-number steps for the value axes: the figures are counts.
+const COUNT_STEPS = [1, 2, 5]
+  .flatMap((m) => [1, 10, 100, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9].map((p) => m * p))
+  .sort((a, b) => a - b);
 const compact = new Intl.NumberFormat("en-US", { notation: "compact", maximumFractionDigits: 1 });
 
 /** Follows the container's width; returns the function that stops following. */
@@ -52,7 +56,7 @@ export function dayBars(el, history, series) {
           splits: () => xs.filter((i) => (history.length - 1 - i) % step === 0),
           values: (u, ticks) => ticks.map((i) => dates[i] ?? ""),
         },
-        { values: (u, ticks) => ticks.map((t) => compact.format(t)), size: 56 },
+        { incrs: COUNT_STEPS, values: (u, ticks) => ticks.map((t) => compact.format(t)), size: 56 },
       ],
       series: [
         { label: "day (UTC)", value: (u, i) => (i === null ? "–" : (history[i]?.date ?? "")) },
@@ -100,18 +104,25 @@ export function liveLines(el, series, seconds = 180) {
       },
       axes: [
         { values: (u, ticks) => ticks.map(utcClock), space: 80 },
-        { scale: "left", values: (u, ticks) => ticks.map((t) => compact.format(t)), size: 50 },
+        { scale: "left", incrs: COUNT_STEPS, values: (u, ticks) => ticks.map((t) => compact.format(t)), size: 50 },
         {
           scale: "right",
           side: 1,
           grid: { show: false },
+          incrs: COUNT_STEPS,
           values: (u, ticks) => ticks.map((t) => compact.format(t)),
           size: 56,
         },
       ],
       series: [
         { label: "time (UTC)", value: (u, v) => (v === null ? "–" : utcClock(v)) },
-        ...series.map((s) => ({ label: s.label, stroke: s.color, width: 2, scale: s.scale, points: { show: false } })),
+        ...series.map((s) => ({
+          label: s.label,
+          stroke: s.color,
+          width: 2,
+          scale: s.scale,
+          points: { show: true, size: 5 },
+        })),
       ],
     },
     data,

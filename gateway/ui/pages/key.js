@@ -114,7 +114,9 @@ export async function render(view, ctx) {
     return h("dl", { class: "stat" }, parts);
   }
 
+  let lastUsage = null;
   function showTotals(usage) {
+    lastUsage = usage;
     totals.replaceChildren(
       stat("Requests today", usage.day.requests),
       stat("Tokens today", usage.day.tokens, key.daily_tokens),
@@ -162,7 +164,8 @@ export async function render(view, ctx) {
       ctx.notices.clear("live");
       showTotals(usage);
       if (live) live.push(Date.now() / 1000, [usage.minute.requests, usage.minute.tokens]);
-      minuteText.textContent = `This minute: ${formatInt(usage.minute.requests)} requests, ${formatInt(usage.minute.tokens)} tokens.`;
+      const { requests, tokens } = usage.minute;
+      minuteText.textContent = `This minute: ${formatInt(requests)} request${requests === 1 ? "" : "s"}, ${formatInt(tokens)} tokens.`;
     } catch (err) {
       if (!ctx.signal.aborted) ctx.notices.error(err, "live");
     }
@@ -196,6 +199,7 @@ export async function render(view, ctx) {
         );
         showHead();
         showForm();
+        if (lastUsage) showTotals(lastUsage); // against the new limits
       } catch (err) {
         ctx.notices.error(err, "save");
         save.disabled = false;
