@@ -247,6 +247,7 @@ def test_playground_streams_then_refuses_the_revoked_key(page: Page, gw: Proc) -
     usage = json.loads(answer.locator(".meta").get_attribute("data-usage") or "{}")
     assert usage["completion_tokens"] == 40
     expect(answer.locator(".meta")).to_contain_text("40 completion")
+    assert answer.locator(".meta").get_attribute("data-route") in (None, "v1")  # x-gateway-route, where sent
     shot(page, "playground")
 
     sign_in(page, gw, then=f"keys/{created['id']}")  # the chat shows in the key's usage
@@ -300,6 +301,8 @@ def test_models_page_changes_weights_and_shows_engines_live(page: Page, gw: Proc
         (["cpu-0"], MODEL, 3),
         (["cpu-0"], "tiny-llama-v2", 1),
     ]
+    if "name" in view["routes"][0]:  # gateways with route versions: the new one got the next name
+        assert [r["name"] for r in view["routes"]] == ["v1", "v2"]
     expect(page.locator(f'form[data-model="{MODEL}"] .share')).to_have_text(["75%", "25%"])
     shot(page, "models")
 

@@ -6,6 +6,8 @@ import { clear, confirmDialog, formatInt, formatPercent, h, tableHead, uid } fro
 
 const LIVE_MS = 2000;
 
+const describeRoute = (r) => `${r.name ? `${r.name}: ` : ""}${r.engines.join("+")} → ${r.model} (weight ${r.weight})`;
+
 export async function render(view, ctx) {
   const modelsSlot = h("div", { class: "models-list" });
   const engineRows = h("tbody");
@@ -86,8 +88,22 @@ export async function render(view, ctx) {
     updated.textContent = `Live, every ${LIVE_MS / 1000} s · updated ${new Date().toISOString().slice(11, 19)} UTC`;
   }
 
-  function routeRow(route, tbody) {
+  // Routes carry a version name (x-gateway-route, metrics) where the gateway has them: then it is
+  // shown, edited and sent back, so removing v1 never renames v2.
+  const versioned = (model) => model.routes.some((r) => "name" in r);
+
+  function routeRow(route, tbody, withName) {
     const names = [...new Set([...engineNames, ...route.engines])];
+    const version = withName
+      ? h("input", {
+          type: "text",
+          value: route.name || "",
+          required: true,
+          maxlength: 64,
+          "aria-label": "Version",
+          class: "version",
+        })
+      : null;
     const boxes = names.map((n) =>
       h("input", { type: "checkbox", value: n, checked: route.engines.includes(n), id: uid("eng") }),
     );
@@ -111,6 +127,7 @@ export async function render(view, ctx) {
     const row = h(
       "tr",
       { class: "route" },
+      withName ? h("td", null, version) : null,
       h(
         "td",
         null,
@@ -142,6 +159,7 @@ export async function render(view, ctx) {
       ),
     );
     row.read = () => ({
+      ...(withName ? { name: version.value.trim() } : {}),
       engines: boxes.filter((b) => b.checked).map((b) => b.value),
       model: upstream.value.trim(),
       weight: Number(weight.value),
@@ -158,6 +176,7 @@ export async function render(view, ctx) {
   }
 
   function modelSection(model) {
+    const withName = versioned(model);
     const tbody = h("tbody");
     const titleId = uid("model");
     const save = h("button", { type: "submit", class: "primary" }, "Save routes");
@@ -176,27 +195,33 @@ export async function render(view, ctx) {
           model.overridden ? "changed at run time" : "as configured",
         ),
       ),
-      h("table", { class: "data routes" }, tableHead(["Engines", "Upstream model", "Weight", "Share", ""]), tbody),
+      h(
+        "table",
+        { class: "data routes" },
+        tableHead([...(withName ? ["Version"] : []), "Engines", "Upstream model", "Weight", "Share", ""]),
+        tbody,
+      ),
       model.overridden
-        ? h(
-            "p",
-            { class: "hint" },
-            "Configured: ",
-            model.configured_routes.map((r) => `${r.engines.join("+")} → ${r.model} (weight ${r.weight})`).join("; "),
-          )
+        ? h("p", { class: "hint" }, "Configured: ", model.configured_routes.map(describeRoute).join("; "))
         : null,
       h("div", { class: "actions" }, add, rollback, save),
     );
-    for (const route of model.routes) tbody.append(routeRow(route, tbody));
+    for (const route of model.routes) tbody.append(routeRow(route, tbody, withName));
     shares(tbody);
     const path = `admin/models/${encodeURIComponent(model.id)}/routes`;
 
     add.addEventListener("click", () => {
       const last = model.routes[model.routes.length - 1];
-      const row = routeRow(
-        { engines: last ? last.engines : [], model: last ? last.model : model.id, weight: 0 },
-        tbody,
-      );
+      const taken = new Set([...tbody.querySelectorAll("tr.route")].map((r) => r.read().name));
+      let next = tbody.querySelectorAll("tr.route").length + 1;
+      while (taken.has(`v${next}`)) next += 1;
+      const fresh = {
+        name: `v${next}`,
+        engines: last ? last.engines : [],
+        model: last ? last.model : model.id,
+        weight: 0,
+      };
+      const row = routeRow(fresh, tbody, withName);
       tbody.append(row);
       shares(tbody);
       row.querySelector("input.upstream").focus();
