@@ -12,6 +12,7 @@ from starlette.routing import BaseRoute, Route, Router
 
 from gateway.context import Gateway
 from gateway.middleware import Front
+from gateway.routes.console import console_routes
 from gateway.routes.openai import openai_routes
 from gateway.settings import Settings, multiprocess_dir, settings_from_env
 
@@ -97,6 +98,7 @@ def build_app(settings: Settings, *, multiprocess: str | None = None) -> Front:
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         *(parts.admin_routes if parts else []),
+        *console_routes(),
     ]
     return Front(Router(routes, lifespan=lifespan))
 

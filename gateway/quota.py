@@ -33,6 +33,7 @@ import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import date, timedelta
 from typing import Any
 
 from gateway.errors import Code, GatewayError, invalid, quota_unavailable
@@ -346,6 +347,21 @@ class Quota:
             "month": {"month": win.month, **_counts(fields, month)},
             "minute": _counts(("requests", "tokens"), minute),
         }
+
+    async def history(self, key_id: str, days: int, now: float | None = None) -> list[dict[str, Any]]:
+        """Usage of the last `days` UTC days (today included), oldest first, from the day hashes.
+        A day with no hash (no use, or older than DAY_TTL) counts zero."""
+        today = date.fromisoformat(window(time.time() if now is None else now).day)
+        dates = [(today - timedelta(days=back)).isoformat() for back in range(days - 1, -1, -1)]
+        base = self._base(key_id)
+        fields = ("requests", "prompt_tokens", "completion_tokens", "tokens")
+        try:
+            async with asyncio.timeout(self.deadline):
+                rows = await asyncio.gather(*(self.redis.execute("HMGET", base + "day:" + d, *fields) for d in dates))
+        except REDIS_DOWN as exc:
+            self._failed("history", exc)
+            raise quota_unavailable() from None
+        return [{"date": day, **_counts(fields, row)} for day, row in zip(dates, rows, strict=True)]
 
     def _failed(self, op: str, exc: BaseException) -> None:
         self.redis_errors += 1

@@ -268,6 +268,10 @@ def test_redis_down_fail_closed_then_recovers(gws: tuple[Proc, Proc], redis_serv
     assert time.monotonic() - started < 2.0
     assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
     assert r.json()["error"]["code"] == "quota_unavailable"
+    for method, path in [("GET", "/admin/keys"), ("POST", "/admin/keys"), ("GET", "/admin/keys/key_0000000000000000")]:
+        r = admin(a, method, path, {"name": "x"} if method == "POST" else None)  # 503s, not 500s, for the console
+        assert r.status_code == 503 and r.json()["error"]["code"] == "quota_unavailable", (path, r.text)
+        assert r.headers["retry-after"] == "1"
     redis_server.start()  # an empty Redis (it keeps nothing on disk)
     deadline = time.monotonic() + 10
     while True:
@@ -302,3 +306,35 @@ def test_redis_down_fail_open_uses_local_limits(
             time.sleep(0.2)
     finally:
         gw.stop()
+
+
+def test_usage_history_and_engines_for_the_console(gws: tuple[Proc, Proc]) -> None:
+    a, _ = gws
+    key_id, secret = create_key(a)
+    assert chat(a, secret).status_code == 200 and chat(a, secret).status_code == 200
+    plain = admin(a, "GET", f"/admin/keys/{key_id}/usage").json()
+    assert "history" not in plain  # without ?days the answer is as before
+    usage = admin(a, "GET", f"/admin/keys/{key_id}/usage?days=7").json()
+    history = usage["history"]
+    assert len(history) == 7 and history[-1]["date"] == usage["day"]["date"]
+    assert [d["date"] for d in history] == sorted(d["date"] for d in history)
+    today = {k: usage["day"][k] for k in ("requests", "prompt_tokens", "completion_tokens", "tokens")}
+    assert history[-1] == {"date": usage["day"]["date"], **today} and today["requests"] == 2
+    assert all(d["requests"] == 0 for d in history[:-1])
+    assert len(admin(a, "GET", f"/admin/keys/{key_id}/usage?days=40").json()["history"]) == 40
+    for bad in ("0", "41", "-1", "two", ""):
+        r = admin(a, "GET", f"/admin/keys/{key_id}/usage?days={bad}")
+        assert r.status_code == 400 and r.json()["error"]["param"] == "days", (bad, r.text)
+
+    engines = admin(a, "GET", "/admin/engines").json()
+    assert engines["object"] == "list"
+    assert [(e["name"], e["kind"], e["healthy"]) for e in engines["data"]] == [
+        ("tiny", "openai", True),
+        ("fake", "openai", True),
+    ]
+    for engine in engines["data"]:
+        assert set(engine) == {"name", "kind", "url", "healthy", "outstanding", "waiting", "running", "kv_usage"}
+        assert engine["outstanding"] == 0 and engine["waiting"] >= 0 and 0 <= engine["kv_usage"] <= 1
+    assert engines["data"][0]["url"].startswith("http://127.0.0.1:")
+    assert admin(a, "GET", "/admin/engines", key=secret).status_code == 403
+    assert httpx.get(a.url + "/admin/engines").status_code == 401

@@ -312,6 +312,49 @@ def test_usage_sums_what_was_released(redis_server: RedisServer) -> None:
     run(redis_server, body)
 
 
+def test_history_reads_the_day_hashes_oldest_first(redis_server: RedisServer) -> None:
+    async def body(store: KeyStore, quota: Quota, client: aioredis.Redis) -> None:
+        key, other = await new_key(store), await new_key(store)
+        day = 86400
+        # two requests today, one three days ago, one 39 days ago (the oldest a day hash lives)
+        for when, prompt, completion in ((T, 3, 4), (T, 5, 6), (T - 3 * day, 10, 20), (T - 39 * day, 1, 1)):
+            adm = await quota.admit(key, MODEL, 100, now=when)
+            await quota.release(adm, prompt, completion)
+        await quota.release(await quota.admit(other, MODEL, 100, now=T), 50, 50)  # another key's day
+        week = await quota.history(key.id, 7, now=T)
+        assert [d["date"] for d in week] == [f"2030-01-{n:02d}" for n in range(9, 16)]
+        zero = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "tokens": 0}
+        assert week[-1] == {
+            "date": "2030-01-15",
+            "requests": 2,
+            "prompt_tokens": 8,
+            "completion_tokens": 10,
+            "tokens": 18,
+        }
+        assert week[3] == {
+            "date": "2030-01-12",
+            "requests": 1,
+            "prompt_tokens": 10,
+            "completion_tokens": 20,
+            "tokens": 30,
+        }
+        assert all(d == {"date": d["date"], **zero} for i, d in enumerate(week) if i not in (3, 6))
+        forty = await quota.history(key.id, 40, now=T)
+        assert len(forty) == 40 and forty[-1] == week[-1]
+        assert forty[0] == {
+            "date": "2029-12-07",
+            "requests": 1,
+            "prompt_tokens": 1,
+            "completion_tokens": 1,
+            "tokens": 2,
+        }
+        assert sum(d["requests"] for d in forty) == 4
+        assert await quota.history(key.id, 1, now=T) == [week[-1]]
+        assert (await quota.usage(key.id, now=T))["day"]["requests"] == week[-1]["requests"]
+
+    run(redis_server, body)
+
+
 def test_layout_ttls_and_cluster_slot(redis_server: RedisServer) -> None:
     async def body(store: KeyStore, quota: Quota, client: aioredis.Redis) -> None:
         key = await new_key(store)

@@ -14,12 +14,14 @@ from gateway.errors import Code, GatewayError, invalid, model_not_found
 from gateway.http import read_body
 from gateway.key_fields import validate_key_fields
 from gateway.keys import ApiKey, KeyStore
+from gateway.pool import Engine
 from gateway.quota import Quota
 from gateway.route_store import RouteStore, routes_json
 from gateway.routing import Router
 from gateway.settings import ConfigError, EngineSettings, parse_routes
 
 MAX_ADMIN_BODY = 64 * 1024
+MAX_HISTORY_DAYS = 40  # the day hashes live 40 days (gateway/quota.py)
 
 
 class AdminRoutes:
@@ -47,6 +49,7 @@ class AdminRoutes:
             Route("/admin/keys/{key_id}", self.update_key, methods=["PATCH"]),
             Route("/admin/keys/{key_id}", self.revoke_key, methods=["DELETE"]),
             Route("/admin/keys/{key_id}/usage", self.key_usage, methods=["GET"]),
+            Route("/admin/engines", self.list_engines, methods=["GET"]),
             Route("/admin/models", self.list_models, methods=["GET"]),
             Route("/admin/models/{model}", self.get_model, methods=["GET"]),
             Route("/admin/models/{model}/routes", self.put_routes, methods=["PUT"]),
@@ -103,7 +106,16 @@ class AdminRoutes:
     async def key_usage(self, request: Request) -> Response:
         self._authorise(request)
         key = await self._key_or_404(request.path_params["key_id"])
-        return JSONResponse(await self._quota.usage(key.id))
+        usage = await self._quota.usage(key.id)
+        if "days" in request.query_params:
+            usage["history"] = await self._quota.history(key.id, _days(request.query_params["days"]))
+        return JSONResponse(usage)
+
+    async def list_engines(self, request: Request) -> Response:
+        """This process's view of the engines: health and load (for the console's live table)."""
+        self._authorise(request)
+        engines = self._router.pool.engines.values()
+        return JSONResponse({"object": "list", "data": [_engine_view(e) for e in engines]})
 
     def _model_view(self, model: str) -> dict[str, Any]:
         current = self._router.routes[model]
@@ -148,3 +160,27 @@ class AdminRoutes:
         model = self._model_or_404(request)
         await self._store.reset(model)
         return JSONResponse(self._model_view(model))
+
+
+def _days(raw: str) -> int:
+    try:
+        days = int(raw)
+    except ValueError:
+        days = 0
+    if not 1 <= days <= MAX_HISTORY_DAYS:
+        raise invalid(f"'days' must be a whole number from 1 to {MAX_HISTORY_DAYS}, got {raw!r}.", param="days")
+    return days
+
+
+def _engine_view(engine: Engine) -> dict[str, Any]:
+    s = engine.settings
+    return {
+        "name": s.name,
+        "kind": s.kind,
+        "url": s.url,
+        "healthy": engine.healthy,
+        "outstanding": engine.outstanding,
+        "waiting": engine.waiting,
+        "running": engine.running,
+        "kv_usage": engine.kv_usage,
+    }

@@ -1,0 +1,121 @@
+// Talking to the gateway: the admin API (with the admin key) and the OpenAI API (with a client
+// key). Both keys live only in this tab's sessionStorage: gone when the tab closes or on sign-out.
+// Every failure becomes an ApiError with the status, the gateway's error code and its message.
+
+const ADMIN_KEY = "gw.console.adminKey";
+const CLIENT_KEY = "gw.console.clientKey";
+const MODEL = "gw.console.model";
+
+export const session = {
+  adminKey: () => sessionStorage.getItem(ADMIN_KEY),
+  setAdminKey: (key) => sessionStorage.setItem(ADMIN_KEY, key),
+  clientKey: () => sessionStorage.getItem(CLIENT_KEY) || "",
+  setClientKey: (key) => (key ? sessionStorage.setItem(CLIENT_KEY, key) : sessionStorage.removeItem(CLIENT_KEY)),
+  model: () => sessionStorage.getItem(MODEL) || "",
+  setModel: (name) => sessionStorage.setItem(MODEL, name),
+  signOut: () => sessionStorage.clear(),
+};
+
+export class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message);
+    this.name = "ApiError";
+    this.status = status;
+    this.code = code;
+  }
+}
+
+/** The gateway's OpenAI-shaped error body as an ApiError (or a plain one for other bodies). */
+export async function errorFrom(response) {
+  let body = null;
+  try {
+    body = await response.json();
+  } catch {
+    // not JSON (a proxy's page, an empty body): fall back to the status text
+  }
+  const error = body && typeof body === "object" ? body.error : null;
+  if (error && typeof error === "object") {
+    return new ApiError(response.status, error.code || error.type || null, error.message || response.statusText);
+  }
+  return new ApiError(response.status, null, response.statusText || "Request failed.");
+}
+
+function networkError(err) {
+  if (err && err.name === "AbortError") return err;
+  return new ApiError(0, "network_error", "Cannot reach the gateway (network error). Is it running?");
+}
+
+// The gateway's root, one level above the console's /ui/ (so a proxy's path prefix is kept).
+const ROOT = new URL("../", document.baseURI);
+
+/** fetch() of a path under the gateway's root ("admin/keys"); a network failure becomes an
+ * ApiError; the response is returned as is. */
+export async function send(method, path, { key, body, signal, headers } = {}) {
+  const init = { method, headers: { ...headers }, signal, cache: "no-store" };
+  if (key) init.headers.authorization = `Bearer ${key}`;
+  if (body !== undefined) {
+    init.headers["content-type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  try {
+    return await fetch(new URL(path, ROOT), init);
+  } catch (err) {
+    throw networkError(err);
+  }
+}
+
+async function json(method, path, options) {
+  const response = await send(method, path, options);
+  if (!response.ok) throw await errorFrom(response);
+  try {
+    return await response.json();
+  } catch {
+    throw new ApiError(response.status, "bad_response", "The gateway sent a response that is not JSON.");
+  }
+}
+
+/** The admin API with the signed-in key. A refused key signs out (the admin key was changed). */
+async function adminCall(method, path, body) {
+  try {
+    return await json(method, path, { key: session.adminKey(), body });
+  } catch (err) {
+    if (err.status === 401 || (err.status === 403 && err.code === "not_admin")) {
+      session.signOut();
+      window.dispatchEvent(new CustomEvent("gw:signed-out", { detail: err }));
+    }
+    throw err;
+  }
+}
+
+export const admin = {
+  get: (path) => adminCall("GET", path),
+  post: (path, body) => adminCall("POST", path, body),
+  patch: (path, body) => adminCall("PATCH", path, body),
+  put: (path, body) => adminCall("PUT", path, body),
+  delete: (path) => adminCall("DELETE", path),
+};
+
+/**
+ * Whether this gateway has its admin API on, asked without a key:
+ * "enabled" (401: it wants a key), "disabled" (403 admin_disabled: no GATEWAY_ADMIN_KEY),
+ * "absent" (404: no Redis configured, so no admin routes). Throws on other failures.
+ */
+export async function adminState() {
+  const response = await send("GET", "admin/keys");
+  if (response.status === 401 || response.ok) return "enabled";
+  const err = await errorFrom(response);
+  if (err.code === "admin_disabled") return "disabled";
+  if (response.status === 404) return "absent";
+  throw err;
+}
+
+/** Checks a candidate admin key; resolves on success, throws the gateway's ApiError otherwise. */
+export async function checkAdminKey(key) {
+  await json("GET", "admin/keys", { key });
+}
+
+/** The models a client key may use (GET /v1/models), or all of them when auth is off. */
+export async function clientModels(key) {
+  const body = await json("GET", "v1/models", { key });
+  return (body.data || []).map((m) => m.id);
+}
