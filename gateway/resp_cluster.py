@@ -27,12 +27,13 @@ import logging
 import time
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import quote, unquote, urlparse
+from urllib.parse import quote
 
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from gateway.redis_url import parse_redis_url
 from gateway.resp import CommandNotSent, RespClient, Script
 
 log = logging.getLogger(__name__)
@@ -46,27 +47,6 @@ RETIRE_AFTER = 5.0  # seconds a node that left the map keeps its connection, for
 class ClusterUnavailable(RedisConnectionError):
     """The cluster cannot serve the slot now (CLUSTERDOWN, no owner, redirected in circles): to
     the caller the same as an unreachable Redis, so its failure mode applies."""
-
-
-def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], str | None, str | None]:
-    """`redis+cluster://[user:password@]host:port[,host:port...]` -> seeds, user, password."""
-    parsed = urlparse(url)
-    if parsed.scheme != "redis+cluster":
-        raise ValueError(f"not a redis+cluster:// URL: {url!r}")
-    auth, _, hosts = parsed.netloc.rpartition("@")
-    user = password = None
-    if auth:
-        name, colon, secret = auth.partition(":")
-        user, password = (unquote(name) or None, unquote(secret)) if colon else (None, unquote(name))
-    if parsed.path not in ("", "/", "/0"):
-        raise ValueError("a Redis Cluster has only database 0")
-    seeds = []
-    for part in hosts.split(","):
-        host, colon, port = part.strip().rpartition(":")
-        if not colon or not host or not port.isdigit():
-            raise ValueError(f"a cluster seed must be host:port, got {part!r}")
-        seeds.append((host.strip("[]"), int(port)))
-    return seeds, user, password
 
 
 class ClusterClient:
@@ -94,8 +74,11 @@ class ClusterClient:
 
     @classmethod
     def from_url(cls, url: str, connect_timeout: float) -> ClusterClient:
-        seeds, user, password = parse_cluster_url(url)
-        return cls(seeds, connect_timeout, user=user, password=password)
+        """Any URL of gateway/redis_url.py, its hosts taken as the cluster's seeds."""
+        target = parse_redis_url(url, cluster=True)
+        if target.tls:
+            raise ValueError("the lean client speaks plain TCP only: use redis-py over TLS")
+        return cls(list(target.seeds), connect_timeout, user=target.username, password=target.password)
 
     def owner(self, key: bytes | str) -> str | None:
         """The address this client would send `key` to now (None before the map is known)."""

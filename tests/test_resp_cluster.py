@@ -15,7 +15,7 @@ from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.resp import RespClient, Script
-from gateway.resp_cluster import ClusterClient, parse_cluster_url
+from gateway.resp_cluster import ClusterClient
 from tests.redis_cluster import ClusterNode, RedisCluster
 from tests.redis_fixtures import RedisServer
 
@@ -55,16 +55,6 @@ def set_slot(cluster: RedisCluster, slot: int, *args: str) -> None:
     for node in cluster.masters():
         with node.client() as r:
             r.execute_command("CLUSTER", "SETSLOT", slot, *args)
-
-
-def test_parse_cluster_url() -> None:
-    assert parse_cluster_url("redis+cluster://a:7000,b:7001") == ([("a", 7000), ("b", 7001)], None, None)
-    assert parse_cluster_url("redis+cluster://:s%40cret@a:7000") == ([("a", 7000)], None, "s@cret")
-    assert parse_cluster_url("redis+cluster://u:p@10.0.0.1:6379/0") == ([("10.0.0.1", 6379)], "u", "p")
-    assert parse_cluster_url("redis+cluster://[::1]:7000") == ([("::1", 7000)], None, None)
-    for bad in ("redis://a:1", "redis+cluster://a", "redis+cluster://a:1/2", "redis+cluster://a:x"):
-        with pytest.raises(ValueError):
-            parse_cluster_url(bad)
 
 
 def test_each_key_goes_to_its_master(redis_cluster: RedisCluster) -> None:
