@@ -75,16 +75,19 @@ async def phase(client: Any, script: Any, call: Callable[..., Any], requests: in
     return (time.process_time() - cpu) / requests * 1e6
 
 
-def server_cpu(ports: list[int]) -> tuple[float, int]:
-    """CPU seconds the nodes have used, and the script calls they have run."""
-    seconds, calls = 0.0, 0
+def server_cpu(ports: list[int]) -> tuple[float, float, int]:
+    """CPU seconds the nodes have used in all, the seconds spent running scripts (Redis's own
+    command timing), and the script calls they have run."""
+    seconds, in_scripts, calls = 0.0, 0.0, 0
     for port in ports:
         with redis.Redis(port=port) as r:
             cpu = r.info("cpu")
             seconds += cpu["used_cpu_user"] + cpu["used_cpu_sys"]
             stats = r.info("commandstats")
-            calls += sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("evalsha", "eval"))
-    return seconds, calls
+            for command in ("evalsha", "eval"):
+                calls += int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+                in_scripts += int(stats.get(f"cmdstat_{command}", {}).get("usec", 0)) / 1e6
+    return seconds, in_scripts, calls
 
 
 async def measure(
@@ -97,12 +100,13 @@ async def measure(
         await phase(client, release, release_call, 200, 4)
         out: dict[str, float] = {}
         for name, script, call in (("admit", admit, admit_call), ("release", release, release_call)):
-            cpu0, calls0 = server_cpu(ports)
+            cpu0, script0, calls0 = server_cpu(ports)
             started = time.perf_counter()
             out[f"{name} client us"] = await phase(client, script, call, requests, concurrency)
             out[f"{name} calls/s"] = requests / (time.perf_counter() - started)
-            cpu1, calls1 = server_cpu(ports)
+            cpu1, script1, calls1 = server_cpu(ports)
             out[f"{name} redis us"] = (cpu1 - cpu0) / max(1, calls1 - calls0) * 1e6
+            out[f"{name} script us"] = (script1 - script0) / max(1, calls1 - calls0) * 1e6
         return out
     finally:
         await client.close()
@@ -169,11 +173,16 @@ def main() -> None:
             single.wait(10)
 
     print(f"quota scripts, {args.requests} calls per phase, {args.concurrency} callers, median of {args.rounds} rounds")
-    columns = ["admit client us", "release client us", "admit calls/s", "admit redis us", "release redis us"]
-    print(f"{'':<26}" + "".join(f"{c:>19}" for c in columns))
+    columns = ["admit client us", "release client us", "admit calls/s"]
+    columns += ["admit redis us", "release redis us", "admit script us", "release script us"]
+    print(f"{'':<26}" + "".join(f"{c:>18}" for c in columns))
     for name, runs in results.items():
-        print(f"{name:<26}" + "".join(f"{statistics.median(r[c] for r in runs):>19.1f}" for c in columns))
-    print("client us: CPU of this process per call; redis us: CPU of the Redis nodes per call (INFO cpu)")
+        print(f"{name:<26}" + "".join(f"{statistics.median(r[c] for r in runs):>18.1f}" for c in columns))
+    print(
+        "client us: CPU of this process per call; redis us: CPU of the Redis masters per call (INFO cpu: the\n"
+        "script, the network and, on the cluster, the replication stream); script us: Redis's own timing of\n"
+        "the script alone (INFO commandstats)"
+    )
 
 
 if __name__ == "__main__":
