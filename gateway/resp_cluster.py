@@ -67,6 +67,7 @@ class ClusterClient:
             self._auth = (quote(user, safe="") if user else "") + ":" + quote(password, safe="") + "@"
         self._slots: list[RespClient | None] = [None] * REDIS_CLUSTER_HASH_SLOTS
         self._nodes: dict[str, RespClient] = {}  # "host:port" -> its client, masters of the map only
+        self._retired: list[RespClient] = []  # nodes that left the map, closed RETIRE_AFTER later
         self._known: list[str] = list(self._seeds)  # every node of the last map, replicas too
         self._refresh_task: asyncio.Task[None] | None = None
         self._refreshed_at = -float("inf")
@@ -209,6 +210,8 @@ class ClusterClient:
         for address, node in self._nodes.items():
             if address not in masters:
                 node.close_after(RETIRE_AFTER)
+                self._retired.append(node)
+        self._retired = self._retired[-16:]
         self._nodes, self._slots = masters, slots
         self._known = list(dict.fromkeys(known))
         self._refreshed_at = time.monotonic()
@@ -218,7 +221,7 @@ class ClusterClient:
         if self._refresh_task is not None:
             self._refresh_task.cancel()
             await asyncio.gather(self._refresh_task, return_exceptions=True)
-        for node in self._nodes.values():
+        for node in [*self._nodes.values(), *self._retired]:
             await node.close()
 
 
