@@ -26,8 +26,6 @@ import dns.asyncresolver
 import dns.exception
 import dns.resolver
 
-from gateway.settings import ConfigError
-
 log = logging.getLogger(__name__)
 
 DISCOVERY_KEYS = ("discover", "host", "port", "discover_interval", "scheme")
@@ -56,17 +54,18 @@ class DnsDiscovery:
         return f"{self.name}@{address}"
 
 
-def parse_dns_discovery(data: Mapping[str, Any], path: str, source: str = "<config>") -> DnsDiscovery | None:
+def parse_dns_discovery(data: Mapping[str, Any], path: str) -> DnsDiscovery | None:
     """The discovery keys of one engine entry (`path` like "engines[0]."); None without `discover`.
-    The entry's other keys (name, kind, health_path, ...) are the engine parser's business."""
+    The entry's other keys (name, kind, health_path, ...) are the engine parser's business.
+    Raises ValueError("engines[0].port: must be ..."): the settings loader adds the file name."""
     if "discover" not in data:
         for key in DISCOVERY_KEYS[1:]:
             if key in data:
-                raise ConfigError(f"{source}: {path}{key}: only an engine with discover: dns takes it")
+                raise ValueError(f"{path}{key}: only an engine with discover: dns takes it")
         return None
 
-    def fail(key: str, problem: str) -> ConfigError:
-        return ConfigError(f"{source}: {path}{key}: {problem}")
+    def fail(key: str, problem: str) -> ValueError:
+        return ValueError(f"{path}{key}: {problem}")
 
     if data["discover"] != "dns":
         raise fail("discover", f"must be dns, got {data['discover']!r}")

@@ -146,7 +146,7 @@ def test_gateway_config_map_is_a_valid_config() -> None:
     config_map = find("ConfigMap", "llm-gateway-config")
     config = yaml.safe_load(config_map["data"]["config.yaml"])
     # The engines are found by DNS over the vLLM headless Service (gateway/discovery.py).
-    found = [parse_dns_discovery(e, f"engines[{i}].", "gateway-config.yaml") for i, e in enumerate(config["engines"])]
+    found = [parse_dns_discovery(e, f"engines[{i}].") for i, e in enumerate(config["engines"])]
     assert found and all(found), "every engine is a discover: dns entry"
     service, statefulset = find("Service", "vllm"), find("StatefulSet", "vllm")
     for discovery in found:
