@@ -21,34 +21,31 @@ class RedisParts:
     """Keys, quotas, the route store and the admin API: everything that needs Redis."""
 
     def __init__(self, settings: Settings, gw: Gateway) -> None:
-        import redis.asyncio as aioredis
-
         from gateway.auth import KeyedAccess
         from gateway.keys import KeyStore
         from gateway.quota import Quota
-        from gateway.resp import RespClient
+        from gateway.redis_client import build_clients
         from gateway.route_store import RouteStore
         from gateway.routes.admin import AdminRoutes
         from gateway.tokens import PromptCounter
 
         r = settings.redis
         assert r.url is not None
-        self.client = aioredis.Redis.from_url(r.url, socket_timeout=r.timeout, socket_connect_timeout=r.timeout)
-        self.resp = RespClient(r.url, r.timeout)
-        keys = KeyStore(self.client, r.prefix, timeout=2 * r.timeout)
+        self.clients = build_clients(r.url, cluster=r.cluster, timeout=r.timeout)
+        keys = KeyStore(self.clients.admin, r.prefix, timeout=2 * r.timeout)
         quota = Quota(
-            self.resp,
+            self.clients.lean,
             r.prefix,
             lease_ttl=settings.auth.lease_ttl,
             failure_mode=r.failure_mode,
             redis_timeout=r.timeout,
             metrics=gw.metrics,
         )
-        self.store = RouteStore(self.client, r.prefix, gw.router, {e.name: e for e in settings.engines})
+        engines = {e.name: e for e in settings.engines}
+        self.store = RouteStore(self.clients.admin, self.clients.subscriber, r.prefix, gw.router, engines)
         self.counter = PromptCounter({m.name: m.tokenizer for m in settings.models})
         if settings.auth.enabled:
             gw.access = KeyedAccess(keys, quota, self.counter, settings.auth, gw.metrics)
-        engines = {e.name: e for e in settings.engines}
         self.admin_routes = AdminRoutes(settings.auth.admin_key, keys, quota, gw.router, self.store, engines).routes()
 
     def start(self) -> None:
@@ -56,8 +53,7 @@ class RedisParts:
 
     async def stop(self) -> None:
         await self.store.stop()
-        await self.client.aclose()
-        await self.resp.close()
+        await self.clients.aclose()
         self.counter.close()
 
 

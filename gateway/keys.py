@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.cluster import RedisCluster
 
 from gateway.errors import quota_unavailable
 from gateway.key_fields import FIELDS, LIMITS
@@ -33,7 +34,15 @@ from gateway.times import iso
 
 SECRET_PREFIX = "sk-gw-"
 _ID = re.compile(r"key_[0-9a-f]{16}")
-REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+# What "Redis is out of reach" looks like, on one Redis or a cluster (no seed reachable at start
+# raises RedisClusterException, which is not a RedisError; a slot without a master, ClusterDownError).
+REDIS_DOWN = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.RedisClusterException,
+    OSError,
+)
 
 
 @dataclass(frozen=True)
@@ -208,7 +217,7 @@ class KeyStore:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: aioredis.Redis | RedisCluster,
         prefix: str = "gw",
         *,
         cache_size: int = 10_000,

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import aiohttp
+import dns.asyncresolver
 
+from gateway.discovery import DnsWatcher
 from gateway.metrics import GatewayMetrics
 from gateway.settings import EngineSettings, HealthSettings
 
@@ -63,25 +65,67 @@ def parse_load(text: bytes) -> tuple[float, float, float]:
 
 
 class Pool:
-    def __init__(self, engines: tuple[EngineSettings, ...], health: HealthSettings, metrics: GatewayMetrics) -> None:
-        self.engines = {e.name: Engine(e) for e in engines}
+    """Every engine this process may send to, by name. A config entry is a group of engines: one
+    for a plain entry, one per address for a `discover: dns` entry (its members come and go as the
+    name's answer changes), and routes name groups (`members`)."""
+
+    def __init__(
+        self,
+        engines: tuple[EngineSettings, ...],
+        health: HealthSettings,
+        metrics: GatewayMetrics,
+        resolver: dns.asyncresolver.Resolver | None = None,  # DNS discovery's; default: the system's
+    ) -> None:
+        self._resolver = resolver
+        self.engines = {e.name: Engine(e) for e in engines if e.discovery is None}
+        self._groups: dict[str, list[str]] = {e.name: [e.name] for e in engines if e.discovery is None}
+        self._watchers = [self._watcher(e) for e in engines if e.discovery is not None]
         self._health = health
         self._metrics = metrics
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._changed = asyncio.Event()
 
+    def members(self, name: str) -> list[str]:
+        """The engines a route's entry name stands for now."""
+        return self._groups.get(name, [])
+
     def start(self) -> None:
         timeout = aiohttp.ClientTimeout(total=self._health.timeout)
         self._session = aiohttp.ClientSession(timeout=timeout)
         self._task = asyncio.create_task(self._run(), name="health-checks")
+        for watcher in self._watchers:
+            watcher.start()
 
     async def stop(self) -> None:
+        for watcher in self._watchers:
+            await watcher.stop()
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         if self._session:
             await self._session.close()
+
+    def _watcher(self, entry: EngineSettings) -> DnsWatcher:
+        discovery = entry.discovery
+        assert discovery is not None
+        self._groups[discovery.name] = []
+
+        def on_change(added: set[str], removed: set[str]) -> None:
+            for address in removed:
+                name = discovery.engine_name(address)
+                self.engines.pop(name, None)  # requests in flight keep their Engine object
+                log.info("engine %s left %s", name, discovery.host)
+            for address in added:
+                name = discovery.engine_name(address)
+                settings = replace(entry, name=name, url=discovery.url(address), discovery=None)
+                self.engines[name] = Engine(settings)
+                log.info("engine %s found under %s", name, discovery.host)
+            self._groups[discovery.name] = sorted(discovery.engine_name(a) for a in watcher.addresses)
+            self._changed.set()  # health-check the newcomers now: they get no traffic until then
+
+        watcher = DnsWatcher(discovery, on_change, self._resolver)
+        return watcher
 
     def mark_failed(self, engine: Engine, why: str) -> None:
         """Passive health: a refused connection takes the engine out until a check says otherwise."""
@@ -99,7 +143,7 @@ class Pool:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.gather(*(self._check(e) for e in self.engines.values()))
+            await asyncio.gather(*(self._check(e) for e in list(self.engines.values())))
             self._changed.clear()
             try:
                 await asyncio.wait_for(self._changed.wait(), self._health.interval)

@@ -21,7 +21,8 @@ cancel undoes the admission if it ran, and otherwise leaves a tombstone that mak
 run later. Either order nets to nothing, so no charge and no lease outlive a refused request.
 Releases that could not reach Redis are retried the same way (release is idempotent).
 
-Every command goes through the lean RESP client (gateway/resp.py), the one the request path uses.
+Every command goes through the lean RESP client of the request path (gateway/resp.py, or
+gateway/resp_cluster.py on a Redis Cluster).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from gateway.limits import Window, rate_headers, refusal, refused_key, window
 from gateway.local_limiter import LocalLimiter
 from gateway.metrics import GatewayMetrics
 from gateway.request import ApiRequest
-from gateway.resp import RespClient, Script
+from gateway.resp import LeanClient, Script
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ def reservation(key: ApiKey, request: ApiRequest, prompt_tokens: int) -> int:
 class Quota:
     def __init__(
         self,
-        redis: RespClient,
+        redis: LeanClient,
         prefix: str = "gw",
         *,
         lease_ttl: float = 300.0,

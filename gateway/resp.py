@@ -5,20 +5,31 @@ per-read timeouts), which alone would be more than the quota budget of a request
 writes each command straight to one asyncio transport and matches replies to waiting futures in
 order, so concurrent requests share the connection (Redis answers in order) for ~20 us each.
 It runs only the quota scripts (EVALSHA, falling back to EVAL once on NOSCRIPT); everything else
-(admin API, key store, route store) stays on redis-py.
+(admin API, key store, route store) stays on redis-py. `gateway/resp_cluster.py` puts one of these
+per node behind a Redis Cluster slot map.
+
+A command leaves only if its caller is still waiting when the write happens: one that gave up
+(a timeout cancelled it) before that is dropped, never sent late. Errors say whether the command
+may have run: `CommandNotSent` (nothing left: safe to send elsewhere) or a plain ConnectionError
+(the connection died after the write: it may have run, so it is never replayed here).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import ssl
 from collections import deque
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
 
 import hiredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+
+
+class CommandNotSent(RedisConnectionError):
+    """The command never left this process (no connection, or it died first): safe to retry."""
 
 
 def _pack(*args: bytes | str | int | float) -> bytes:
@@ -29,24 +40,44 @@ def _pack(*args: bytes | str | int | float) -> bytes:
     return b"".join(parts)
 
 
+_ASKING = _pack("ASKING")
+
+
 class _Protocol(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.reader = hiredis.Reader()
         self.waiting: deque[asyncio.Future[Any]] = deque()
         self.lost = False
-        self._outbox: list[bytes] = []
+        # (command, its caller's future, preceded by ASKING): sent at the end of this loop iteration
+        self._outbox: list[tuple[bytes, asyncio.Future[Any], bool]] = []
+        self._discard: asyncio.Future[Any] | None = None  # a done future: the reply to ASKING is dropped
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes, future: asyncio.Future[Any], asking: bool = False) -> None:
         """Commands issued in the same loop iteration leave in one write (one syscall)."""
         if not self._outbox:
             asyncio.get_running_loop().call_soon(self._flush)
-        self._outbox.append(data)
+        self._outbox.append((data, future, asking))
 
     def _flush(self) -> None:
-        if self.transport is not None and not self.lost:
-            self.transport.write(b"".join(self._outbox))
-        self._outbox.clear()
+        outbox, self._outbox = self._outbox, []
+        if self.transport is None or self.lost:
+            _fail(outbox, "Redis connection lost before the command was sent")
+            return
+        chunks = []
+        for data, future, asking in outbox:
+            if future.done():  # its caller gave up before it left: never send it late
+                continue
+            if asking:
+                if self._discard is None:
+                    self._discard = future.get_loop().create_future()
+                    self._discard.set_result(None)
+                self.waiting.append(self._discard)
+                chunks.append(_ASKING)
+            self.waiting.append(future)
+            chunks.append(data)
+        if chunks:
+            self.transport.write(b"".join(chunks))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -64,13 +95,23 @@ class _Protocol(asyncio.Protocol):
             future = self.waiting.popleft()
             if not future.done():
                 future.set_exception(RedisConnectionError(f"Redis connection lost: {exc or 'closed'}"))
+        outbox, self._outbox = self._outbox, []
+        _fail(outbox, f"Redis connection lost before the command was sent: {exc or 'closed'}")
+
+
+def _fail(outbox: list[tuple[bytes, asyncio.Future[Any], bool]], why: str) -> None:
+    for _, future, _ in outbox:
+        if not future.done():
+            future.set_exception(CommandNotSent(why))
 
 
 class RespClient:
     def __init__(self, url: str, connect_timeout: float) -> None:
         parsed = urlparse(url)
-        if parsed.scheme != "redis":
-            raise ValueError("the lean client speaks plain redis:// only")
+        if parsed.scheme not in ("redis", "rediss"):
+            raise ValueError("the lean client takes redis:// or rediss:// URLs")
+        # rediss://: TLS, the server's certificate verified against the system's CAs (or SSL_CERT_FILE)
+        self._tls = ssl.create_default_context() if parsed.scheme == "rediss" else None
         self._host = parsed.hostname or "127.0.0.1"
         self._port = parsed.port or 6379
         self._db = int(parsed.path.lstrip("/") or 0)
@@ -92,9 +133,9 @@ class RespClient:
             loop = asyncio.get_running_loop()
             try:
                 async with asyncio.timeout(self._connect_timeout):
-                    _, proto = await loop.create_connection(_Protocol, self._host, self._port)
+                    _, proto = await loop.create_connection(_Protocol, self._host, self._port, ssl=self._tls)
             except (OSError, TimeoutError) as exc:
-                raise RedisConnectionError(f"cannot connect to Redis at {self._host}:{self._port}: {exc}") from None
+                raise CommandNotSent(f"cannot connect to Redis at {self._host}:{self._port}: {exc}") from None
             self._proto = proto
             if self._password is not None:
                 auth = (self._user, self._password) if self._user else (self._password,)
@@ -103,11 +144,26 @@ class RespClient:
                 await self.execute("SELECT", self._db)
             return proto
 
-    async def execute(self, *args: bytes | str | int | float) -> Any:
+    @property
+    def address(self) -> str:
+        return f"{self._host}:{self._port}"
+
+    async def execute(self, *args: bytes | str | int | float, key: bytes | str | None = None) -> Any:
+        """One command; `key` routes it on a cluster client and means nothing here."""
         proto = await self._connection()
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        proto.waiting.append(future)
-        proto.send(_pack(*args))
+        proto.send(_pack(*args), future)
+        reply = await future
+        if isinstance(reply, hiredis.ReplyError):
+            raise ResponseError(str(reply))
+        return reply
+
+    async def execute_asking(self, *args: bytes | str | int | float) -> Any:
+        """ASKING and the command in one write, so no other command can slip in between (a
+        Redis Cluster ASK redirect)."""
+        proto = await self._connection()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        proto.send(_pack(*args), future, asking=True)
         reply = await future
         if isinstance(reply, hiredis.ReplyError):
             raise ResponseError(str(reply))
@@ -122,8 +178,30 @@ class RespClient:
             return await self.execute("EVAL", script.source, len(keys), *keys, *args)  # loads it for next time
 
     async def close(self) -> None:
-        if self._proto is not None and self._proto.transport is not None:
-            self._proto.transport.close()
+        self.close_after(0)
+
+    def close_after(self, delay: float) -> None:
+        """Close the connection `delay` seconds from now (replies in flight may still arrive)."""
+        proto = self._proto
+        if proto is None or proto.transport is None:
+            return
+        if delay <= 0:
+            proto.transport.close()
+        else:
+            asyncio.get_running_loop().call_later(delay, proto.transport.close)
+
+
+class LeanClient(Protocol):
+    """What the quota path needs: RespClient on one Redis, ClusterClient on a Redis Cluster."""
+
+    async def execute(self, *args: bytes | str | int | float, key: bytes | str | None = None) -> Any:
+        """One command; on a cluster it goes to the master of `key` (default: the first argument
+        after the command name, the first key of every command the quota path sends)."""
+        ...
+
+    async def run_script(self, script: Script, keys: list[str], args: list[Any]) -> Any: ...
+
+    async def close(self) -> None: ...
 
 
 class Script:

@@ -1,8 +1,9 @@
 """Model routes changed at run time (canary weights, rollback), shared by every replica via Redis.
 
 A change is written to one hash and announced on a channel; every gateway process applies it on
-the announcement, and re-reads the hash every few seconds too, so a replica that missed a message
-(Redis restarted, subscription dropped) still converges.
+the announcement, after every (re)subscription, and every few seconds too, so a replica that
+missed a message (Redis restarted, a cluster node lost) still converges. The subscription is the
+Subscriber's (gateway/redis_subscriber.py): one connection to any node, moved on a node's loss.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from dataclasses import asdict
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from gateway.keys import redis_or_503
+from gateway.redis_subscriber import Subscriber
 from gateway.routing import Router
 from gateway.settings import ConfigError, EngineSettings, RouteSettings, parse_routes
 
@@ -30,8 +33,16 @@ def routes_json(routes: tuple[RouteSettings, ...]) -> list[dict[str, Any]]:
 
 
 class RouteStore:
-    def __init__(self, redis: aioredis.Redis, prefix: str, router: Router, engines: dict[str, EngineSettings]) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis | RedisCluster,
+        subscriber: Subscriber,
+        prefix: str,
+        router: Router,
+        engines: dict[str, EngineSettings],
+    ) -> None:
         self._redis = redis
+        self._subscriber = subscriber
         self._hash = f"{prefix}:routes"
         self._channel = f"{prefix}:routes:changed"
         self._router = router
@@ -70,18 +81,16 @@ class RouteStore:
         self._router.apply_overrides(overrides)
 
     async def _follow(self) -> None:
-        while True:
+        failing = False
+        async for _ in self._subscriber.subscribe(self._channel, idle_every=POLL_SECONDS):
+            # A change announced, a (re)subscription, or the periodic re-read: read the hash.
             try:
-                pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-                await pubsub.subscribe(self._channel)
-                try:
-                    await self.reload()
-                    while True:
-                        # A change announced, or the periodic re-read: either way, read the hash.
-                        await pubsub.get_message(timeout=POLL_SECONDS)
-                        await self.reload()
-                finally:
-                    await pubsub.aclose()
+                await self.reload()
             except (RedisError, OSError) as exc:
-                log.warning("route store: Redis unreachable (%s); keeping the current routes", exc)
-                await asyncio.sleep(1.0)
+                if not failing:
+                    log.warning("route store: Redis unreachable (%s); keeping the current routes", exc)
+                failing = True
+            else:
+                if failing:
+                    log.info("route store: Redis reachable again")
+                failing = False

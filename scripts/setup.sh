@@ -11,12 +11,13 @@ if [ ! -x .venv/bin/python ]; then
 fi
 pip_quiet .venv/bin/python -m pip install -q --upgrade pip
 pip_quiet .venv/bin/python -m pip install -q -e '.[all]'
-# Tests run a private redis-server; install it where the machine lacks it.
-if ! command -v redis-server >/dev/null 2>&1; then
+# Tests run a private redis-server and a private Redis Cluster (made by redis-cli, which Debian
+# ships in redis-tools, with redis-benchmark); install them where the machine lacks them.
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1; then
-    (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null
+    (apt-get update -qq && apt-get install -y -qq redis-server redis-tools) >/dev/null
   else
-    echo "redis-server is missing: install it (e.g. apt-get install redis-server)" >&2
+    echo "redis-server and redis-cli are missing: install them (e.g. apt-get install redis-server redis-tools)" >&2
     exit 1
   fi
 fi

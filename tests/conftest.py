@@ -34,4 +34,4 @@ def tiny_worker(logs_dir: Path) -> Iterator[Proc]:
         proc.stop()
 
 
-pytest_plugins = ["tests.redis_fixtures", "tests.store_fixtures"]
+pytest_plugins = ["tests.redis_fixtures", "tests.redis_cluster", "tests.store_fixtures"]

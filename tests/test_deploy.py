@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -20,6 +21,8 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "llm-gateway.json"
 METRICS_PY = ROOT / "gateway" / "metrics.py"
 KUBERNETES_VERSION = "1.30"
 MANIFESTS = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+# Custom resources are checked against their CRD's schema, vendored (no network in tests).
+CRDS = {("keda.sh/v1alpha1", "ScaledObject"): ROOT / "tests" / "schemas" / "keda.sh_scaledobjects.yaml"}
 
 
 def documents(path: Path) -> list[dict[str, Any]]:
@@ -44,16 +47,66 @@ def test_manifests_exist() -> None:
     assert MANIFESTS, f"no manifests under {K8S}"
 
 
+def strict_schema(schema: Any) -> Any:
+    """A CRD's openAPIV3Schema as JSON Schema, strict like `kubectl apply --validate=strict`:
+    unknown fields are errors, int-or-string fields take either."""
+    if isinstance(schema, list):
+        return [strict_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict_schema(v) for k, v in schema.items() if not k.startswith("x-kubernetes-")}
+    if schema.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out.setdefault("anyOf", [{"type": "integer"}, {"type": "string"}])
+    if (
+        out.get("type") == "object"
+        and "properties" in out
+        and "additionalProperties" not in out
+        and not schema.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
+def crd_validator(api_version: str, kind: str) -> jsonschema.protocols.Validator:
+    crd = documents(CRDS[(api_version, kind)])[0]
+    version = api_version.split("/")[1]
+    served = next(v for v in crd["spec"]["versions"] if v["name"] == version)
+    schema = strict_schema(served["schema"]["openAPIV3Schema"])
+    schema["properties"]["metadata"] = {"type": "object"}  # ObjectMeta is checked by kubernetes_validate's rules
+    return jsonschema.Draft7Validator(schema)
+
+
+def schema_errors(doc: dict[str, Any]) -> list[str]:
+    key = (doc["apiVersion"], doc["kind"])
+    if key in CRDS:
+        return [
+            f"{'.'.join(str(p) for p in e.absolute_path)}: {e.message}" for e in crd_validator(*key).iter_errors(doc)
+        ]
+    try:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        return [f"{'.'.join(str(p) for p in exc.path)}: {exc.message}"]
+    return []
+
+
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
 def test_manifest_matches_kubernetes_schema(path: Path) -> None:
     docs = documents(path)
     assert docs, f"{path.name} holds no document"
     for doc in docs:
-        try:
-            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
-        except kubernetes_validate.ValidationError as exc:
-            where = ".".join(str(p) for p in exc.path)
-            pytest.fail(f"{path.name}: {doc.get('kind')} {doc['metadata'].get('name')}: {where}: {exc.message}")
+        errors = schema_errors(doc)
+        assert not errors, f"{path.name}: {doc.get('kind')} {doc['metadata'].get('name')}: {errors}"
+
+
+def test_crd_validation_catches_mistakes() -> None:
+    scaled = find("ScaledObject", "vllm")
+    typo = {**scaled, "spec": {**scaled["spec"], "maxReplicas": 8}}  # HPA's name, not KEDA's
+    assert any("maxReplicas" in e for e in schema_errors(typo))
+    wrong_type = {**scaled, "spec": {**scaled["spec"], "minReplicaCount": "one"}}
+    assert any("minReplicaCount" in e for e in schema_errors(wrong_type))
+    no_trigger = {**scaled, "spec": {k: v for k, v in scaled["spec"].items() if k != "triggers"}}
+    assert any("triggers" in e for e in schema_errors(no_trigger))
 
 
 def test_everything_in_namespace_llm() -> None:
@@ -90,12 +143,20 @@ def test_gateway_deployment() -> None:
 
 def test_gateway_config_map_is_a_valid_config() -> None:
     config_map = find("ConfigMap", "llm-gateway-config")
-    settings = parse_settings(yaml.safe_load(config_map["data"]["config.yaml"]), "gateway-config.yaml", env={})
+    config = yaml.safe_load(config_map["data"]["config.yaml"])
+    settings = parse_settings(config, "gateway-config.yaml", env={})
     assert settings.auth.enabled
-    assert settings.engines
-    for engine in settings.engines:
-        assert engine.kind == "openai"
-        assert re.fullmatch(r"http://vllm-\d+\.vllm\.llm\.svc\.cluster\.local:8000", engine.url), engine.url
+    # The engines are found by DNS over the vLLM headless Service (gateway/discovery.py).
+    found = [e.discovery for e in settings.engines]
+    assert found and all(found), "every engine is a discover: dns entry"
+    service, statefulset = find("Service", "vllm"), find("StatefulSet", "vllm")
+    for discovery in found:
+        assert discovery is not None
+        assert discovery.host == f"{statefulset['spec']['serviceName']}.llm.svc.cluster.local"
+        assert discovery.port == service["spec"]["ports"][0]["port"] and discovery.interval <= 30
+    assert {e.name for e in settings.engines} == {
+        r for m in settings.models for route in m.routes for r in route.engines
+    }
 
 
 def test_vllm_statefulset_requests_a_gpu() -> None:
@@ -108,6 +169,30 @@ def test_vllm_statefulset_requests_a_gpu() -> None:
     assert vllm["readinessProbe"]["httpGet"]["path"] == "/health"
     assert "startupProbe" in vllm
     assert statefulset["spec"]["template"]["spec"]["enableServiceLinks"] is False
+
+
+def test_engines_scale_on_the_gateways_backlog() -> None:
+    scaled = find("ScaledObject", "vllm")
+    target = scaled["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("StatefulSet", find("StatefulSet", "vllm")["metadata"]["name"])
+    assert "replicas" not in find("StatefulSet", "vllm")["spec"], "KEDA owns the number of engines"
+    assert 1 <= scaled["spec"]["minReplicaCount"] < scaled["spec"]["maxReplicaCount"]
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "prometheus" and float(trigger["metadata"]["threshold"]) > 0
+    query = trigger["metadata"]["query"]
+    names = set(re.findall(r"\bgateway_[a-z_]+", query))
+    assert names == {"gateway_queued_requests", "gateway_engine_waiting_requests"}
+    # gateway_queued_requests comes with fair-share scheduling; until then the query counts it as 0
+    assert "(sum(gateway_queued_requests) or vector(0))" in " ".join(query.split())
+    assert re.search(r"[\"']gateway_engine_waiting_requests[\"']", METRICS_PY.read_text())
+
+
+def test_gateway_scales_on_cpu() -> None:
+    hpa = find("HorizontalPodAutoscaler", "llm-gateway")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == find("Deployment", "llm-gateway")["metadata"]["name"]
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["resource"]["name"] == "cpu" and 0 < metric["resource"]["target"]["averageUtilization"] <= 80
+    assert hpa["spec"]["minReplicas"] >= 2
 
 
 def test_redis_is_persistent() -> None:

@@ -58,13 +58,19 @@ class Router:
         return model in self.routes
 
     def pick(self, request: ApiRequest, tried: frozenset[str] = frozenset()) -> Pick | None:
-        engines = self._pool.engines
+        pool = self._pool
+        engines = pool.engines
         usable: dict[str, list[Engine]] = {}
         routes: list[RouteSettings] = []
         for route in self.routes[request.model]:
             if route.weight <= 0:
                 continue
-            found = [e for name in route.engines if (e := engines.get(name)) and e.healthy and name not in tried]
+            found = [
+                e
+                for entry in route.engines
+                for name in pool.members(entry)
+                if (e := engines.get(name)) and e.healthy and name not in tried
+            ]
             if found:
                 usable[route.name] = found
                 routes.append(route)

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.settings.reader import Reader, dataclass_fields
+from gateway.discovery import DISCOVERY_KEYS, DnsDiscovery, parse_dns_discovery
+from gateway.settings.reader import ConfigError, Reader, dataclass_fields
 
 ENGINE_KINDS = ("cpu", "openai", "vllm")
 MANAGED_KINDS = ("cpu", "vllm")
@@ -46,6 +47,7 @@ class EngineSettings:
     api_key: str | None = None  # sent upstream as a bearer token (external engines)
     max_restarts_per_minute: int = 10
     vllm: VllmSettings = field(default_factory=VllmSettings)
+    discovery: DnsDiscovery | None = None  # `discover: dns`: one engine per address of a name
 
     @property
     def managed(self) -> bool:
@@ -72,6 +74,7 @@ _ENGINE_KEYS = (
     "api_key_env",
     "max_restarts_per_minute",
     "vllm",
+    *DISCOVERY_KEYS,
 )
 
 
@@ -108,6 +111,13 @@ def parse_engine(r: Reader, index: int, data: Any, base_dir: Path, env: Mapping[
         if kind != "vllm":
             raise r.fail(f"{path}vllm", "only engines of kind vllm take vllm arguments")
         common["vllm"] = _vllm(r, data["vllm"], f"{path}vllm.")
+    try:
+        discovery = parse_dns_discovery(data, path)
+    except ValueError as exc:
+        raise ConfigError(f"{r.source}: {exc}") from None
+    if discovery is not None:
+        url = f"{discovery.scheme}://{discovery.host}:{discovery.port}"
+        return EngineSettings(url=url, discovery=discovery, **common)
     if kind == "openai":
         url = r.get(data, "url", path, str, None)
         if not url or not url.startswith(("http://", "https://")):

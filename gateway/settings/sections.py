@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from gateway.redis_url import parse_redis_url
 from gateway.settings.reader import Reader, simple_section
 
 
@@ -46,10 +47,11 @@ class RoutingSettings:
 
 @dataclass(frozen=True)
 class RedisSettings:
-    url: str | None = None
+    url: str | None = None  # redis://, rediss:// (TLS), redis+cluster://host:port,host:port,...
     failure_mode: str = "closed"  # closed: 503; open: per-process limits
     timeout: float = 0.25
     prefix: str = "gw"
+    cluster: bool = False  # a Redis Cluster reached through the URL's host(s)
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,13 @@ def parse_redis(r: Reader, data: Mapping[str, Any], env: Mapping[str, str]) -> R
     if redis.failure_mode not in ("closed", "open"):
         raise r.fail("redis.failure_mode", f"must be closed or open, got {redis.failure_mode!r}")
     if env.get("GATEWAY_REDIS_URL"):
-        redis = RedisSettings(env["GATEWAY_REDIS_URL"], redis.failure_mode, redis.timeout, redis.prefix)
+        redis = replace(redis, url=env["GATEWAY_REDIS_URL"])
+    if redis.url is not None:
+        try:
+            target = parse_redis_url(redis.url, redis.cluster)
+        except ValueError as exc:
+            raise r.fail("redis.url", str(exc)) from None
+        redis = replace(redis, cluster=target.cluster)
     return redis
 
 
