@@ -24,7 +24,7 @@ REPLICAS = 4
 def engines(logs_dir: Path) -> Iterator[dict[str, Proc]]:
     procs = {
         "fake": fake_upstream(logs_dir, "--model", "fake", "--chunks", "4", name="fake-so"),
-        "slow": fake_upstream(logs_dir, "--model", "slow", "--chunks", "20", "--pace-ms", "20", name="slow-so"),
+        "slow": fake_upstream(logs_dir, "--model", "slow", "--chunks", "20", "--pace-ms", "150", name="slow-so"),
     }
     for p in procs.values():
         p.start()
@@ -120,7 +120,7 @@ def test_a_shared_key_is_exact_across_replicas(
 def test_concurrency_is_exact_across_replicas(gws: list[Proc]) -> None:
     key_id, secret = create_key(gws[0], max_concurrent=5)
     statuses = asyncio.run(spread(gws, secret, 24, model="slow", stream=False))
-    assert statuses.count(200) == 5 and statuses.count(429) == 19, statuses  # 20 chunks x 20 ms each
+    assert statuses.count(200) == 5 and statuses.count(429) == 19, statuses  # each holds its slot 3 s (20 chunks, 150 ms apart)
     assert usage(gws[1], key_id)["day"]["requests"] == 5
 
 
