@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.settings.engines import EngineSettings, resolve_path
+from gateway.settings.inference_log import PayloadCapture, parse_log_payloads
 from gateway.settings.reader import ConfigError, Reader
 
 ASSIGNMENTS = ("weighted", "sticky")
@@ -29,13 +30,14 @@ class ModelSettings:
     routes: tuple[RouteSettings, ...]
     tokenizer: str | None = None  # a tokenizer.json or model directory for exact prompt counts
     assignment: str = "weighted"  # how a request gets its route: weighted (random) or sticky
+    log_payloads: PayloadCapture | None = None  # sampled body capture in the inference log; off by default
 
 
 def parse_model(r: Reader, index: int, data: Any, engines: dict[str, EngineSettings], base_dir: Path) -> ModelSettings:
     path = f"models[{index}]."
     if not isinstance(data, Mapping):
         raise r.fail(path[:-1], "must be a mapping")
-    r.known(data, path, ("name", "routes", "tokenizer", "assignment"))
+    r.known(data, path, ("name", "routes", "tokenizer", "assignment", "log_payloads"))
     name = r.get(data, "name", path, str, None)
     if not name:
         raise r.fail(f"{path}name", "is required")
@@ -44,7 +46,10 @@ def parse_model(r: Reader, index: int, data: Any, engines: dict[str, EngineSetti
     assignment = r.get(data, "assignment", path, str, "weighted")
     if assignment not in ASSIGNMENTS:
         raise r.fail(f"{path}assignment", f"must be one of {', '.join(ASSIGNMENTS)}, got {assignment!r}")
-    return ModelSettings(name=name, routes=routes, tokenizer=tokenizer, assignment=assignment)
+    log_payloads = parse_log_payloads(r, f"{path}log_payloads", data.get("log_payloads"))
+    return ModelSettings(
+        name=name, routes=routes, tokenizer=tokenizer, assignment=assignment, log_payloads=log_payloads
+    )
 
 
 def parse_routes(
