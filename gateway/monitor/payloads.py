@@ -80,7 +80,7 @@ def payload_json(capture: Capture, stream: bool, redact: Callable[[Any], Any]) -
     raw = b"".join(capture.chunks)
     doc: dict[str, Any] = {"request": redact(capture.body)}
     if stream:
-        doc["events"] = [redact(e) for e in _events(raw)]
+        doc["events"] = [redact(e) for e in _events(raw, capture.truncated)]
     else:
         doc["response"] = redact(_json_or_text(raw)) if raw else None
     if capture.truncated:
@@ -88,14 +88,16 @@ def payload_json(capture: Capture, stream: bool, redact: Callable[[Any], Any]) -
     return orjson.dumps(doc).decode()
 
 
-def _events(raw: bytes) -> list[Any]:
-    events = []
+def _events(raw: bytes, truncated: bool) -> list[Any]:
+    events: list[Any] = []
     for event in _EVENT_SPLIT.split(raw):
         for line in event.splitlines():
             if line.startswith(b"data:"):
                 data = line[5:].strip()
                 if data and data != b"[DONE]":
                     events.append(_json_or_text(data))
+    if truncated and events and isinstance(events[-1], str):
+        events.pop()  # the event the cut went through
     return events
 
 

@@ -12,8 +12,9 @@ retried with backoff; when a write is slow, rows keep arriving. Either way, once
 `WRITE_TIMEOUT` is abandoned and retried. On shutdown the writer makes one last attempt and
 counts what it could not write as dropped.
 
-Retention: every `TRIM_INTERVAL` seconds (and once at start) rows older than `retention_days`
-are deleted; each replica does it, and deleting twice is harmless.
+Retention: every `TRIM_INTERVAL` seconds (the first time a minute after start, out of the way
+of a starting replica) rows older than `retention_days` are deleted; each replica does it, and
+deleting twice is harmless.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ WRITE_TIMEOUT = 30.0
 MAX_BACKOFF = 5.0
 STOP_TIMEOUT = 5.0
 TRIM_INTERVAL = 3600.0
+TRIM_FIRST_DELAY = 60.0
 DAY = 86400.0
 
 
@@ -200,6 +202,7 @@ class InferenceLog:
         return await self._store.delete_requests_before(self._clock() - self._settings.retention_days * DAY)
 
     async def _trim_loop(self) -> None:
+        await asyncio.sleep(TRIM_FIRST_DELAY)
         while True:
             try:
                 deleted = await self.trim()
