@@ -67,7 +67,7 @@ def build_app(settings: Settings, *, multiprocess: str | None = None) -> Front:
     gw = Gateway.build(settings, multiprocess)
     parts = RedisParts(settings, gw) if settings.redis.url else None
     if settings.inference_log.enabled:
-        gw.inference_log = InferenceLog(settings.inference_log, settings.models, gw.metrics.registry)
+        gw.inference_log = InferenceLog(settings.inference_log, settings.models, gw.metrics)
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})

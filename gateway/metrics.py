@@ -126,6 +126,16 @@ class GatewayMetrics:
             "Requests admitted by the per-process limiter while Redis was down.",
             registry=r,
         )
+        # The inference log (gateway/monitor/writer.py): rows are dropped, never waited for.
+        self.inference_log_dropped = Counter(
+            "gateway_inference_log_dropped",
+            "Inference log rows dropped because the store was too slow or down (the buffer was full).",
+            registry=r,
+        )
+        self.inference_log_written = Counter("gateway_inference_log_written", "Inference log rows written.", registry=r)
+        self.inference_log_write_errors = Counter(
+            "gateway_inference_log_write_errors", "Failed writes of a batch of inference log rows.", registry=r
+        )
         # The children the request path touches, by label values (see Children).
         self.requests_by = Children(self.requests)
         self.key_requests_by = Children(self.key_requests)

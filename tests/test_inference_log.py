@@ -15,8 +15,8 @@ from typing import Any
 import asyncpg
 import orjson
 import pytest
-from prometheus_client import CollectorRegistry
 
+from gateway.metrics import GatewayMetrics
 from gateway.monitor.payloads import REDACTED, Capture, Redactor, payload_json
 from gateway.monitor.writer import InferenceLog, LogEntry
 from gateway.relay import finish_reason_of
@@ -53,7 +53,7 @@ def entry(i: int, t: float = T0, **kw: Any) -> LogEntry:
 
 
 def new_log(**settings: Any) -> InferenceLog:
-    return InferenceLog(InferenceLogSettings(**settings), (MODEL,), CollectorRegistry(), clock=FakeClock(T0))
+    return InferenceLog(InferenceLogSettings(**settings), (MODEL,), GatewayMetrics(), clock=FakeClock(T0))
 
 
 async def rows(store: Store, limit: int = 1000) -> list[str]:
@@ -214,7 +214,7 @@ def test_payloads_are_sampled_redacted_and_written_by_the_writer(store_env: Stor
 
     async def main() -> None:
         async with store_env.open() as store:
-            log = InferenceLog(settings.inference_log, settings.models, CollectorRegistry())
+            log = InferenceLog(settings.inference_log, settings.models, GatewayMetrics())
             log.start(store)
             capture = log.capture(ApiRequest(CHAT, "m", body))
             assert capture is not None and log.capture(ApiRequest(CHAT, "quiet", body)) is None
@@ -261,7 +261,7 @@ def test_sampling_share_and_stream_capture_with_a_size_cap() -> None:
         .models[0]
         .log_payloads,
     )
-    log = InferenceLog(settings, (half,), CollectorRegistry(), rng=random.Random(5))
+    log = InferenceLog(settings, (half,), GatewayMetrics(), rng=random.Random(5))
     sampled = sum(log.capture(ApiRequest(CHAT, "m", {})) is not None for _ in range(4000))
     assert 850 < sampled < 1150
 

@@ -27,8 +27,7 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple
 
-from prometheus_client import CollectorRegistry, Counter
-
+from gateway.metrics import GatewayMetrics
 from gateway.monitor.payloads import Capture, Redactor, payload_json
 from gateway.request import ApiRequest
 from gateway.settings import InferenceLogSettings, ModelSettings
@@ -79,7 +78,7 @@ class InferenceLog:
         self,
         settings: InferenceLogSettings,
         models: tuple[ModelSettings, ...],
-        registry: CollectorRegistry,
+        metrics: GatewayMetrics,
         *,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
@@ -99,15 +98,9 @@ class InferenceLog:
         self._pending: list[LogEntry] = []  # taken from the buffer, not yet written
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self.dropped = Counter(
-            "gateway_inference_log_dropped",
-            "Inference log rows dropped because the store was too slow or down (the buffer was full).",
-            registry=registry,
-        )
-        self.written = Counter("gateway_inference_log_written", "Inference log rows written.", registry=registry)
-        self.write_errors = Counter(
-            "gateway_inference_log_write_errors", "Failed writes of a batch of log rows.", registry=registry
-        )
+        self.dropped = metrics.inference_log_dropped
+        self.written = metrics.inference_log_written
+        self.write_errors = metrics.inference_log_write_errors
 
     # The request path -------------------------------------------------------------------------
 
