@@ -35,7 +35,8 @@ from gateway.store import InferenceRecord, Store
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH = 2000  # rows per transaction (and per conversion, so the loop is never held long)
+MAX_BATCH = 2000  # rows per transaction
+CONVERT_SLICE = 200  # rows converted between two yields to the event loop (about 1 ms of CPU)
 WRITE_TIMEOUT = 30.0
 MAX_BACKOFF = 5.0
 STOP_TIMEOUT = 5.0
@@ -158,7 +159,11 @@ class InferenceLog:
         written = 0
         while self._pending:
             chunk = self._pending[:MAX_BATCH]
-            rows = [self._row(e) for e in chunk]
+            rows: list[InferenceRecord] = []
+            for start in range(0, len(chunk), CONVERT_SLICE):
+                if start:
+                    await asyncio.sleep(0)  # requests in flight get the loop between slices
+                rows += [self._row(e) for e in chunk[start : start + CONVERT_SLICE]]
             assert self._store is not None, "start() gives the store"
             async with asyncio.timeout(WRITE_TIMEOUT):
                 await self._store.append_requests(rows)
