@@ -276,8 +276,11 @@ def test_drift_flags_a_shifted_prompt_length_and_not_an_unchanged_one(
 
 def test_the_log_survives_a_restart(tiny_worker: Proc, store_env: StoreEnv, tmp_path: Any) -> None:
     cfg = config(tiny_worker, store_env.url, str(store_env.data_dir))
-    with running(tmp_path, cfg, "gw-first") as gw:
+    # The first gateway would write only after a minute: its rows are still held when it stops.
+    lazy = config(tiny_worker, store_env.url, str(store_env.data_dir), flush_interval=60)
+    with running(tmp_path, lazy, "gw-first") as gw:
         first = send(gw.url, [{"user": f"u{i}", "prompt": "hello there"} for i in range(5)])
+        assert log_rows(gw) == []
     # SIGTERM: the gateway writes what it holds before it exits; a new one reads it back.
     with running(tmp_path, cfg, "gw-second") as gw:
         assert sorted(r["request_id"] for r in log_rows(gw)) == sorted(s.request_id for s in first)
