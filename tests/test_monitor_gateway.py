@@ -25,7 +25,6 @@ from tests.procs import Proc, gateway, metric
 from tests.redis_fixtures import RedisServer
 from tests.store_fixtures import StoreEnv
 from tests.tcp_proxy import TcpProxy
-from tests.test_gateway import labelled
 
 ADMIN_KEY = "monitor-admin-key"
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
@@ -47,6 +46,16 @@ WORDS = [
     "birds",
     "sing",
 ]
+
+
+def labelled(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        head, _, value = line.rpartition(" ")
+        if head.startswith(name + "{") and all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total += float(value)
+    return total
 
 
 def config(worker: Proc, store_url: str, data_dir: str, **log: Any) -> dict[str, Any]:
