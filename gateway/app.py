@@ -12,9 +12,12 @@ from starlette.routing import BaseRoute, Route, Router
 
 from gateway.context import Gateway
 from gateway.middleware import Front
+from gateway.monitor.writer import InferenceLog
 from gateway.routes.console import console_routes
+from gateway.routes.monitor import monitor_routes
 from gateway.routes.openai import openai_routes
 from gateway.settings import Settings, multiprocess_dir, settings_from_env
+from gateway.store import open_store
 
 
 class RedisParts:
@@ -60,6 +63,8 @@ class RedisParts:
 def build_app(settings: Settings, *, multiprocess: str | None = None) -> Front:
     gw = Gateway.build(settings, multiprocess)
     parts = RedisParts(settings, gw) if settings.redis.url else None
+    if settings.inference_log.enabled:
+        gw.inference_log = InferenceLog(settings.inference_log, settings.models, gw.metrics)
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -75,6 +80,9 @@ def build_app(settings: Settings, *, multiprocess: str | None = None) -> Front:
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncGenerator[None, None]:
         await gw.upstream.start()
+        gw.store = await open_store(settings.store.url, settings.store.data_dir)
+        if gw.inference_log:
+            gw.inference_log.start(gw.store)
         gw.pool.start()
         await gw.access.start()
         if parts:
@@ -87,6 +95,9 @@ def build_app(settings: Settings, *, multiprocess: str | None = None) -> Front:
             await gw.access.stop()
             await gw.pool.stop()
             await gw.upstream.close()
+            if gw.inference_log:
+                await gw.inference_log.stop()  # the last rows, once every request has ended
+            await gw.store.close()
 
     routes: list[BaseRoute] = [
         *openai_routes(gw),
@@ -94,6 +105,7 @@ def build_app(settings: Settings, *, multiprocess: str | None = None) -> Front:
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         *(parts.admin_routes if parts else []),
+        *monitor_routes(gw),
         *console_routes(),
     ]
     return Front(Router(routes, lifespan=lifespan))

@@ -1,4 +1,5 @@
-"""`llm-gateway serve --config FILE [--host H] [--port P] [--workers N]` and `llm-gateway keys ...`."""
+"""`llm-gateway serve --config FILE [--host H] [--port P] [--workers N]`, `llm-gateway keys ...` and
+`llm-gateway report MODEL ...`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import tempfile
 
 from gateway.keys_cli import add_keys_commands
+from gateway.report_cli import add_report_command
 from gateway.settings import CONFIG_ENV, ConfigError, Settings, load_settings
 
 log = logging.getLogger("gateway")
@@ -84,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", required=True)
     c.set_defaults(func=check)
     add_keys_commands(sub)
+    add_report_command(sub)
     return parser
 
 

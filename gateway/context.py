@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 
 from gateway.access import Access, OpenAccess
 from gateway.metrics import GatewayMetrics
+from gateway.monitor.writer import InferenceLog
 from gateway.pool import Pool
 from gateway.relay import SendWatchdog, Upstream
 from gateway.routing import Router
 from gateway.settings import Settings
+from gateway.store import Store
 
 
 @dataclass
@@ -28,6 +30,9 @@ class Gateway:
     def __post_init__(self) -> None:
         default = self.settings.server.max_body_bytes
         self.prompt_limits = {m.name: min(default, m.max_prompt_bytes or default) for m in self.settings.models}
+
+    store: Store | None = None  # opened in the app's lifespan
+    inference_log: InferenceLog | None = None  # None when the log is off (inference_log.enabled)
 
     @classmethod
     def build(cls, settings: Settings, multiprocess_dir: str | None = None) -> Gateway:

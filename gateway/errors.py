@@ -55,6 +55,7 @@ class Code(StrEnum):
     UPSTREAM_TIMEOUT = "upstream_timeout"
     # the gateway
     INTERNAL_ERROR = "internal_error"
+    STORE_UNAVAILABLE = "store_unavailable"
 
 
 RATE_LIMITS = frozenset({Code.RPM_EXCEEDED, Code.TPM_EXCEEDED, Code.CONCURRENCY_EXCEEDED})

@@ -26,6 +26,8 @@ from gateway.access import Grant, Principal, Usage
 from gateway.context import Gateway
 from gateway.errors import Code, GatewayError, internal_error
 from gateway.http import ClientDisconnected, ClientWatch
+from gateway.monitor.payloads import Capture
+from gateway.monitor.writer import LogEntry
 from gateway.relay import SSE_HEADERS, EngineUnreachable, Outcome, error_of, relay_stream, relay_whole
 from gateway.request import ApiRequest
 from gateway.routing import Pick
@@ -37,6 +39,7 @@ DISCONNECTED = 499  # nginx's code for a client that went away; never sent, only
 
 class Exchange:
     __slots__ = (
+        "_capture",
         "_settled",
         "_watch",
         "grant",
@@ -56,6 +59,8 @@ class Exchange:
         self.gw = gw
         self.principal = principal
         self.request = request
+        if request.subject is None:
+            request.subject = principal.key_id  # sticky routing: the user, else the API key
         self.request_id = request_id
         self.out = Outcome()
         self.grant: Grant | None = None
@@ -63,6 +68,7 @@ class Exchange:
         self.response: aiohttp.ClientResponse | None = None
         self.started = 0.0
         self._settled: Usage | None = None
+        self._capture: Capture | None = None
         self._watch = ClientWatch()
         self._watch.start(receive)
 
@@ -124,6 +130,9 @@ class Exchange:
     async def relay(self, response: aiohttp.ClientResponse, send: Send) -> None:
         gw = self.gw
         headers = self._headers()
+        inference_log = gw.inference_log
+        if inference_log is not None and (capture := inference_log.capture(self.request)) is not None:
+            self._capture, send = capture, capture.wrap(send)  # a sampled payload: keep what is sent
         if not (self.request.stream and response.status == 200):
             await relay_whole(gw.upstream, response, send, self.out, headers, self._finishing)
             return
@@ -132,7 +141,7 @@ class Exchange:
         gw.watchdog.watch(self.out, self._watch.drop)
         try:
             strip = not self.request.usage_wanted
-            on_gap = m.itl_by(self.request.model).observe
+            on_gap = m.itl_by(self.request.model, self.pick.route.name if self.pick else "-").observe
             await relay_stream(response, send, self.out, [*SSE_HEADERS, *headers], self._finishing, strip, on_gap)
         finally:
             gw.watchdog.unwatch(self.out)
@@ -195,22 +204,49 @@ class Exchange:
     def _record(self, usage: Usage) -> None:
         m = self.gw.metrics
         out, model = self.out, self.request.model
-        engine = self.pick.engine.name if self.pick is not None else "-"
+        pick = self.pick
+        engine = pick.engine.name if pick is not None else "-"
+        route = pick.route.name if pick is not None else "-"
         status = str(out.status)
-        m.requests_by(model, engine, status).inc()
-        m.latency_by(model).observe(time.perf_counter() - self.started)
-        if out.first_chunk:
-            m.ttft_by(model).observe(out.first_chunk - self.started)
+        elapsed = time.perf_counter() - self.started
+        ttft = out.first_chunk - self.started if out.first_chunk else None
+        m.requests_by(model, engine, status, route).inc()
+        m.latency_by(model, route).observe(elapsed)
+        if ttft is not None:
+            m.ttft_by(model, route).observe(ttft)
         if usage.prompt_tokens:
-            m.prompt_tokens_by(model).inc(usage.prompt_tokens)
+            m.prompt_tokens_by(model, route).inc(usage.prompt_tokens)
         if usage.completion_tokens:
-            m.completion_tokens_by(model).inc(usage.completion_tokens)
+            m.completion_tokens_by(model, route).inc(usage.completion_tokens)
         if self.principal.key_id is not None:
             m.key_requests_by(self.principal.key_id, status).inc()
         if out.status == DISCONNECTED:
             m.disconnects_by(model).inc()
         elif out.error is not None:
             m.upstream_errors_by(engine, "mid_stream").inc()
+        inference_log = self.gw.inference_log
+        if inference_log is not None:
+            inference_log.add(
+                LogEntry(
+                    time.time() - elapsed,
+                    self.request_id,
+                    self.principal.key_id,
+                    model,
+                    route if pick is not None else None,
+                    engine if pick is not None else None,
+                    out.status,
+                    out.error_code,
+                    self.request.stream,
+                    usage.prompt_tokens,
+                    usage.completion_tokens,
+                    ttft,
+                    elapsed,
+                    out.finish_reason,
+                    out.status == DISCONNECTED,
+                    self.request.batch_id,
+                    self._capture,
+                )
+            )
 
 
 def _usage(out: Outcome) -> Usage:

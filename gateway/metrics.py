@@ -1,5 +1,7 @@
-"""The gateway's Prometheus metrics. Label values come only from the config (models, engines),
-a fixed status set and key ids, never from free client input, so label sets stay bounded.
+"""The gateway's Prometheus metrics. Label values come only from the config (models, engines,
+route names, which the admin API may also set), a fixed status set and key ids, never from free
+client input, so label sets stay bounded. `route` is the version label of a model's route (`-`
+for a request that never reached one), so versions compare side by side.
 
 With several uvicorn workers, prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR,
 set by the CLI) sums every worker's values into one scrape.
@@ -40,8 +42,8 @@ class GatewayMetrics:
         r = self.registry
         self.requests = Counter(
             "gateway_requests",
-            "Requests by public model, engine and status.",
-            ["model", "engine", "status"],
+            "Requests by public model, engine, status and route (version).",
+            ["model", "engine", "status", "route"],
             registry=r,
         )
         self.key_requests = Counter(
@@ -50,26 +52,28 @@ class GatewayMetrics:
         self.latency = Histogram(
             "gateway_request_duration_seconds",
             "Whole request latency.",
-            ["model"],
+            ["model", "route"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.ttft = Histogram(
             "gateway_time_to_first_token_seconds",
             "Time to the first streamed chunk.",
-            ["model"],
+            ["model", "route"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.itl = Histogram(
             "gateway_inter_token_latency_seconds",
             "Gap between streamed chunks.",
-            ["model"],
+            ["model", "route"],
             buckets=ITL_BUCKETS,
             registry=r,
         )
-        self.prompt_tokens = Counter("gateway_prompt_tokens", "Prompt tokens.", ["model"], registry=r)
-        self.completion_tokens = Counter("gateway_completion_tokens", "Completion tokens.", ["model"], registry=r)
+        self.prompt_tokens = Counter("gateway_prompt_tokens", "Prompt tokens.", ["model", "route"], registry=r)
+        self.completion_tokens = Counter(
+            "gateway_completion_tokens", "Completion tokens.", ["model", "route"], registry=r
+        )
         self.key_tokens = Counter(
             "gateway_key_tokens", "Tokens by API key id and kind.", ["key_id", "kind"], registry=r
         )
@@ -121,6 +125,16 @@ class GatewayMetrics:
             "gateway_quota_fail_open",
             "Requests admitted by the per-process limiter while Redis was down.",
             registry=r,
+        )
+        # The inference log (gateway/monitor/writer.py): rows are dropped, never waited for.
+        self.inference_log_dropped = Counter(
+            "gateway_inference_log_dropped",
+            "Inference log rows dropped because the store was too slow or down (the buffer was full).",
+            registry=r,
+        )
+        self.inference_log_written = Counter("gateway_inference_log_written", "Inference log rows written.", registry=r)
+        self.inference_log_write_errors = Counter(
+            "gateway_inference_log_write_errors", "Failed writes of a batch of inference log rows.", registry=r
         )
         # The children the request path touches, by label values (see Children).
         self.requests_by = Children(self.requests)

@@ -1,10 +1,12 @@
 """The upstream HTTP client and the relay of its answer to the client, whole or streamed.
 
 Streams are relayed chunk by chunk as they arrive, as raw bytes: the relay only cuts at SSE event
-boundaries and parses the one event that carries the final usage. The client's pace drives the
-reads (a send must finish before the next upstream read), so a slow client holds back its own
-upstream through TCP flow control instead of growing the gateway's memory; a client that reads
-nothing for `send_timeout` is dropped by one sweeper for all streams.
+boundaries and parses the one event that carries the final usage, and, once [DONE] arrives, the
+last events before it for the finish reason (it keeps references to the last blocks, nothing more
+per chunk). The client's pace drives the reads (a send must finish before the next upstream
+read), so a slow client holds back its own upstream through TCP flow control instead of growing
+the gateway's memory; a client that reads nothing for `send_timeout` is dropped by one sweeper
+for all streams.
 
 What the relay saw goes into an `Outcome`, which the exchange (gateway/exchange.py) owns and
 accounts for. `finishing` is the exchange's last word before the final bytes leave: it settles
@@ -14,6 +16,7 @@ the quota, so a client never sees its answer complete before its concurrency slo
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -31,6 +34,8 @@ _DATA = b"data: "
 _JSON_HEADERS = {"content-type": "application/json"}
 _STALE_RETRIES = 2
 _USAGE = b'"usage":{'
+_FINISH = b'"finish_reason"'
+_EVENT_SPLIT = re.compile(rb"\r?\n\r?\n")
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -50,6 +55,7 @@ class Outcome:
     done: bool = False  # the upstream finished the stream with [DONE]
     error: str | None = None  # why the upstream broke mid-stream, if it did
     error_code: Code | None = None
+    finish_reason: str | None = None  # why the (last) choice ended: stop, length, ...
     sending_since: float = 0.0  # monotonic time the pending send began; 0 when none is pending
 
 
@@ -137,7 +143,7 @@ async def relay_whole(
         raise GatewayError(502, f"The engine failed: {type(exc).__name__}.", code=Code.UPSTREAM_ERROR) from None
     out.status = response.status
     if response.status == 200:
-        out.usage = _usage_of(content)
+        out.usage, out.finish_reason = _summary_of(content)
     await finishing()
     ctype = response.headers.get("content-type", "application/json").encode("latin-1")
     await send(
@@ -159,6 +165,9 @@ async def relay_stream(
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     content = response.content
     buf = b""
+    # The finish reason sits in the last content event, which may have come a block or two
+    # before [DONE] (the usage event comes between): keep references, parse only at the end.
+    prev = older = b""
     try:
         while True:
             data = await content.readany()
@@ -181,9 +190,11 @@ async def relay_stream(
             if _DONE in block:
                 out.done = True
                 out.events -= 1
+                out.finish_reason = finish_reason_of((block, prev, older))
                 await finishing()
             if block:
                 await _send(send, out, block)
+                older, prev = prev, block
     except (aiohttp.ClientError, TimeoutError) as exc:
         out.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     if not out.done:
@@ -229,12 +240,45 @@ def take_usage(block: bytes, out: Outcome, strip: bool) -> bytes:
     return b"\n\n".join(kept)
 
 
-def _usage_of(content: bytes) -> dict[str, Any] | None:
+def _summary_of(content: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """The usage and the finish reason of a whole answer (parsed once, for both)."""
     try:
-        usage = orjson.loads(content).get("usage")
-    except (ValueError, AttributeError):
+        answer = orjson.loads(content)
+    except ValueError:
+        return None, None
+    if not isinstance(answer, dict):
+        return None, None
+    usage = answer.get("usage")
+    return (usage if isinstance(usage, dict) else None), _last_finish(answer)
+
+
+def finish_reason_of(blocks: tuple[bytes, ...]) -> str | None:
+    """The finish reason in the newest event that has one, looking through `blocks` (newest
+    first); only events that mention a finish reason are parsed."""
+    for block in blocks:
+        if _FINISH not in block:
+            continue
+        for event in reversed(_EVENT_SPLIT.split(block)):
+            if _FINISH in event and event.startswith(_DATA):
+                try:
+                    reason = _last_finish(orjson.loads(event[6:]))
+                except ValueError:
+                    continue
+                if reason is not None:
+                    return reason
+    return None
+
+
+def _last_finish(payload: Any) -> str | None:
+    """The finish reason of the last choice that has one (n > 1: the last to finish, in a stream)."""
+    choices = payload.get("choices") if isinstance(payload, dict) else None
+    if not isinstance(choices, list):
         return None
-    return usage if isinstance(usage, dict) else None
+    for choice in reversed(choices):
+        reason = choice.get("finish_reason") if isinstance(choice, dict) else None
+        if isinstance(reason, str) and reason:
+            return reason
+    return None
 
 
 class SendWatchdog:

@@ -120,7 +120,9 @@ def test_a_shared_key_is_exact_across_replicas(
 def test_concurrency_is_exact_across_replicas(gws: list[Proc]) -> None:
     key_id, secret = create_key(gws[0], max_concurrent=5)
     statuses = asyncio.run(spread(gws, secret, 24, model="slow", stream=True))  # paced: streams only
-    assert statuses.count(200) == 5 and statuses.count(429) == 19, statuses  # each holds its slot 3 s (20 chunks, 150 ms apart)
+    assert statuses.count(200) == 5 and statuses.count(429) == 19, (
+        statuses
+    )  # each holds its slot 3 s (20 chunks, 150 ms apart)
     assert usage(gws[1], key_id)["day"]["requests"] == 5
 
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from gateway.settings.engines import ENGINE_KINDS, MANAGED_KINDS, EngineSettings, VllmSettings, parse_engine
+from gateway.settings.inference_log import InferenceLogSettings, PayloadCapture, parse_inference_log
 from gateway.settings.models import ModelSettings, RouteSettings, parse_model, parse_routes
 from gateway.settings.reader import ConfigError, Reader
 from gateway.settings.sections import (
@@ -30,8 +31,9 @@ from gateway.settings.sections import (
     parse_routing,
     parse_server,
 )
+from gateway.store.config import StoreConfigError, StoreSettings, parse_store_settings
 
-SECTIONS = ("server", "health", "routing", "engines", "models", "redis", "auth")
+SECTIONS = ("server", "health", "routing", "engines", "models", "redis", "auth", "store", "inference_log")
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ class Settings:
     models: tuple[ModelSettings, ...]
     redis: RedisSettings
     auth: AuthSettings
+    store: StoreSettings = field(default_factory=StoreSettings)
+    inference_log: InferenceLogSettings = field(default_factory=InferenceLogSettings)
 
 
 def parse_settings(
@@ -78,6 +82,10 @@ def parse_settings(
     auth = parse_auth(r, data, env)
     if auth.enabled and not redis.url:
         raise r.fail("auth.enabled", "API keys and quotas need Redis: set redis.url or GATEWAY_REDIS_URL")
+    try:
+        store = parse_store_settings(data.get("store"), base_dir=base_dir, env=env)
+    except StoreConfigError as exc:
+        raise r.fail(exc.key, exc.problem) from None
     return Settings(
         source=source,
         server=parse_server(r, data),
@@ -87,6 +95,8 @@ def parse_settings(
         models=models,
         redis=redis,
         auth=auth,
+        store=store,
+        inference_log=parse_inference_log(r, data),
     )
 
 
@@ -138,12 +148,15 @@ __all__ = [
     "ConfigError",
     "EngineSettings",
     "HealthSettings",
+    "InferenceLogSettings",
     "ModelSettings",
+    "PayloadCapture",
     "RedisSettings",
     "RouteSettings",
     "RoutingSettings",
     "ServerSettings",
     "Settings",
+    "StoreSettings",
     "VllmSettings",
     "load_settings",
     "parse_routes",

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.settings.engines import EngineSettings, resolve_path
+from gateway.settings.inference_log import PayloadCapture, parse_log_payloads
 from gateway.settings.reader import ConfigError, Reader
 
 ASSIGNMENTS = ("weighted", "sticky")
@@ -30,13 +31,14 @@ class ModelSettings:
     tokenizer: str | None = None  # a tokenizer.json or model directory for exact prompt counts
     assignment: str = "weighted"  # how a request gets its route: weighted (random) or sticky
     max_prompt_bytes: int | None = None  # a request body bound of its own (else server.max_body_bytes)
+    log_payloads: PayloadCapture | None = None  # sampled body capture in the inference log; off by default
 
 
 def parse_model(r: Reader, index: int, data: Any, engines: dict[str, EngineSettings], base_dir: Path) -> ModelSettings:
     path = f"models[{index}]."
     if not isinstance(data, Mapping):
         raise r.fail(path[:-1], "must be a mapping")
-    r.known(data, path, ("name", "routes", "tokenizer", "assignment", "max_prompt_bytes"))
+    r.known(data, path, ("name", "routes", "tokenizer", "assignment", "max_prompt_bytes", "log_payloads"))
     name = r.get(data, "name", path, str, None)
     if not name:
         raise r.fail(f"{path}name", "is required")
@@ -46,7 +48,15 @@ def parse_model(r: Reader, index: int, data: Any, engines: dict[str, EngineSetti
     if assignment not in ASSIGNMENTS:
         raise r.fail(f"{path}assignment", f"must be one of {', '.join(ASSIGNMENTS)}, got {assignment!r}")
     max_prompt_bytes = r.get(data, "max_prompt_bytes", path, int, None, 1)
-    return ModelSettings(name, routes, tokenizer, assignment, max_prompt_bytes)
+    log_payloads = parse_log_payloads(r, f"{path}log_payloads", data.get("log_payloads"))
+    return ModelSettings(
+        name=name,
+        routes=routes,
+        tokenizer=tokenizer,
+        assignment=assignment,
+        max_prompt_bytes=max_prompt_bytes,
+        log_payloads=log_payloads,
+    )
 
 
 def parse_routes(
