@@ -1,0 +1,508 @@
+"""The gateway's request path against the floor: CPU per request and per chunk, side by side in one run.
+
+Compared, each started by this script and pinned with taskset (bench/servers.py says what each is):
+`direct` (the upstream alone), `floor` (bench/floor_proxy.py, uvicorn + Starlette + aiohttp, no features),
+`gateway` (auth off), `gateway+quota` (keys and quotas on a private redis-server, whose CPU is counted
+too) and `litellm` (LiteLLM's proxy, master key only). The server under test runs on --server-core (1);
+the load generator (this process), the upstream and Redis share --client-core (0). Runs alternate
+between the servers, the order rotating each round, and every figure is the median over rounds; the
+ratio to the floor is the median of each round's own ratio (the pair shares that round's noise).
+
+Sections (--sections, all but `profile` by default):
+- upstreams: the fake upstream's and nginx's own CPU per request and per paced chunk (which to use);
+- cpu (figures 1 and 3): non-stream closed loop at 1/16/64 clients: CPU per request, req/s;
+- paced (figure 2): streams whose chunks come 5 ms apart, 100/500/1,000 at once: CPU per chunk;
+- hold (figure 4): 5,000 streams, chunks 200 ms apart, held by one process: errors, peak RSS;
+- workers (figure 5): `--workers 2` vs 1, the gateway free on both cores;
+- profile: py-spy on the gateway (and the floor) under the cpu and paced loads (bench/profile_gateway.sh).
+
+    .venv/bin/python bench/request_path.py [--quick] [--sections cpu,paced] [--rounds 3] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import pyspy_top, servers
+from bench.gateway_overhead import raise_nofile, run_async
+from bench.loadgen import closed_loop, paced_streams
+from bench.request_path_report import print_figures, summarize
+from bench.servers import MODEL, Server, Upstream
+
+ROOT = Path(__file__).resolve().parent.parent
+JSON_BODY = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 32}).encode()
+STREAM_BODY = json.dumps(
+    {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": 32,
+        "stream": True,
+        # Asked for, so the floor and the gateway relay the same chunks (the upstream always sends it then).
+        "stream_options": {"include_usage": True},
+    }
+).encode()
+SERVERS = ("direct", "floor", "gateway", "gateway+quota", "litellm")
+SECTIONS = ("upstreams", "cpu", "paced", "hold", "workers", "profile")
+
+
+@dataclass
+class Run:
+    """One measured run of one server: the figures all tables are made of."""
+
+    section: str
+    server: str
+    round: int
+    clients: int  # concurrent clients, or streams held
+    units: int  # requests answered, or chunks received
+    seconds: float
+    rps: float
+    failures: int
+    errors: dict[str, int]
+    cpu_ms: float  # per unit: the server's processes (and its Redis)
+    redis_cpu_ms: float  # per unit, the Redis part of cpu_ms
+    upstream_cpu_ms: float  # per unit
+    client_core_busy: float  # CPU of the load generator, upstream and Redis over the wall time: their core's load
+    p50_ms: float = 0.0  # latency (cpu, workers) or gap between chunks (paced, hold)
+    p99_ms: float = 0.0
+    held: int = 0  # streams open at once
+    completed: int = 0  # streams that ended with every chunk and [DONE]
+    rss_before_mib: float = 0.0
+    rss_peak_mib: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def client_core_cpu(server: Server, upstream: Upstream) -> float:
+    """CPU of what shares the load generator's core: this process, the upstream, and the server's Redis."""
+    return time.process_time() + servers.cpu_seconds([upstream.process]) + server.redis_cpu()
+
+
+@contextmanager
+def started(*group: Server) -> Iterator[list[Server]]:
+    """Start the servers together (they boot in parallel), stop them all at the end."""
+    ready: list[Server] = []
+    try:
+        for server in group:
+            if server.owns_proc:
+                server.proc.start()
+        for server in group:
+            if server.owns_proc:
+                server.proc.wait_healthy(server.ready, timeout=120)
+            ready.append(server)
+            if server.redis:
+                servers.create_key(server)
+        yield ready
+    finally:
+        for server in group:
+            server.stop()
+
+
+def session_for(server: Server, limit: int, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0)
+    headers = {"content-type": "application/json", **server.headers}
+    return aiohttp.ClientSession(connector=connector, headers=headers, timeout=timeout)
+
+
+async def closed_run(
+    section: str, server: Server, upstream: Upstream, round_: int, clients: int, requests: int, seconds: float
+) -> Run:
+    url = server.url + "/v1/chat/completions"
+    async with session_for(server, clients, aiohttp.ClientTimeout(total=120)) as session:
+        # Warm-up on the same session: the connections the measured run uses are open.
+        await closed_loop(session, url, JSON_BODY, clients, requests=2 * clients, seconds=30)
+        cpu0, redis0, up0 = server.cpu(), server.redis_cpu(), servers.cpu_seconds([upstream.process])
+        core0 = client_core_cpu(server, upstream)
+        r = await closed_loop(session, url, JSON_BODY, clients, requests=requests, seconds=seconds)
+        cpu, redis_cpu = server.cpu() - cpu0, server.redis_cpu() - redis0
+        up, core = servers.cpu_seconds([upstream.process]) - up0, client_core_cpu(server, upstream) - core0
+    n = max(r.requests, 1)
+    return Run(
+        section, server.name, round_, clients, r.requests, r.seconds, r.rps, r.failures, r.errors,
+        cpu_ms=cpu / n * 1e3, redis_cpu_ms=redis_cpu / n * 1e3, upstream_cpu_ms=up / n * 1e3,
+        client_core_busy=core / r.seconds, p50_ms=r.p50_ms, p99_ms=r.p99_ms,
+    )  # fmt: skip
+
+
+async def _sample_rss(server: Server, peak: list[int], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        with suppress(psutil.Error):
+            peak[0] = max(peak[0], server.rss())
+        with suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.1)
+
+
+async def paced_run(
+    section: str, server: Server, upstream: Upstream, round_: int, streams: int, chunks: int, ramp_s: float
+) -> Run:
+    url = server.url + "/v1/chat/completions"
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=60, sock_read=120)
+    async with session_for(server, streams, timeout) as session:
+        rss_before = server.rss()
+        peak = [rss_before]
+        stop = asyncio.Event()
+        sampler = asyncio.ensure_future(_sample_rss(server, peak, stop))
+        cpu0, redis0, up0 = server.cpu(), server.redis_cpu(), servers.cpu_seconds([upstream.process])
+        core0 = client_core_cpu(server, upstream)
+        # chunks + 1: the usage chunk counts as one.
+        r = await paced_streams(session, url, STREAM_BODY, streams, chunks=chunks + 1, ramp_s=ramp_s)
+        cpu, redis_cpu = server.cpu() - cpu0, server.redis_cpu() - redis0
+        up, core = servers.cpu_seconds([upstream.process]) - up0, client_core_cpu(server, upstream) - core0
+        stop.set()
+        await sampler
+    n = max(r.chunks, 1)
+    mib = 1024 * 1024
+    return Run(
+        section, server.name, round_, streams, r.chunks, r.seconds, r.chunks / r.seconds, r.streams - r.completed,
+        r.errors, cpu_ms=cpu / n * 1e3, redis_cpu_ms=redis_cpu / n * 1e3, upstream_cpu_ms=up / n * 1e3,
+        client_core_busy=core / r.seconds, p50_ms=r.gap_p50_ms, p99_ms=r.gap_p99_ms, held=r.held_at_once,
+        completed=r.completed, rss_before_mib=rss_before / mib, rss_peak_mib=peak[0] / mib,
+    )  # fmt: skip
+
+
+def warm_up(group: list[Server], run: Callable[..., Coroutine[Any, Any, Run]]) -> None:
+    """The first requests of every server at once: imports, caches, the tokenizer, connection pools."""
+
+    async def all_of_them() -> None:
+        await asyncio.gather(*(run(server=s) for s in group))
+
+    run_async(all_of_them)
+
+
+def rotated(items: list[Server], by: int) -> list[Server]:
+    by %= len(items)
+    return items[by:] + items[:by]
+
+
+def log_run(r: Run) -> None:
+    unit = "req" if r.section in ("cpu", "workers", "upstreams-json") else "chunk"
+    line = (
+        f"  {r.section:<8} {r.server:<16} round {r.round + 1} n={r.clients:<5} {r.rps:9.0f} {unit}/s"
+        f"  CPU {r.cpu_ms:.4f} ms/{unit}"
+        + (f" (redis {r.redis_cpu_ms:.4f})" if r.redis_cpu_ms else "")
+        + f"  upstream {r.upstream_cpu_ms:.4f}  client core {r.client_core_busy:.0%}"
+    )
+    if r.held:
+        line += f"  held {r.held} done {r.completed}/{r.clients} RSS {r.rss_before_mib:.0f}->{r.rss_peak_mib:.0f} MiB"
+    if r.failures:
+        line += f"  FAILURES {r.errors}"
+    print(line, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sections
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
+        self.args = args
+        self.tmp = tmp
+        self.runs: list[Run] = []
+        self.notes: list[str] = []
+        self.idle_ms_per_s: dict[str, float] = {}
+
+    def upstream(self, *, chunks: int, pace_ms: float, kind: str | None = None) -> Upstream:
+        return servers.start_upstream(
+            kind or self.args.upstream, self.tmp, chunks=chunks, pace_ms=pace_ms, cpus=self.args.client_core
+        )
+
+    def proxies(self, url: str, *, litellm: bool = False) -> list[Server]:
+        core, tmp = self.args.server_core, self.tmp
+        group = [
+            servers.floor(tmp, url, core),
+            servers.gateway(tmp, url, core),
+            servers.gateway(tmp, url, core, quota=servers.RedisServer(tmp, self.args.client_core)),
+        ]
+        if litellm and "litellm" in self.args.servers:
+            why = servers.litellm_missing()
+            if why:
+                self.notes.append(f"litellm not compared: {why}")
+            else:
+                group.append(servers.litellm(tmp, url, core))
+        return [s for s in group if s.name in self.args.servers]
+
+    def record(self, r: Run, server: Server) -> None:
+        self.runs.append(r)
+        log_run(r)
+        if r.failures:
+            print(f"  {server.name} log tail:\n" + server.proc.log_tail(12), flush=True)
+
+    def measure_idle(self, group: list[Server], seconds: float = 3.0) -> None:
+        before = {s.name: s.cpu() for s in group}
+        time.sleep(seconds)
+        for s in group:
+            self.idle_ms_per_s[s.name] = (s.cpu() - before[s.name]) / seconds * 1e3
+        print("  idle CPU, ms/s: " + ", ".join(f"{k} {v:.1f}" for k, v in self.idle_ms_per_s.items()))
+
+    def section_upstreams(self) -> None:
+        """Each upstream alone: CPU per whole answer and per paced chunk."""
+        a = self.args
+        for kind in ("fake", "nginx"):
+            if kind == "nginx" and servers.nginx_missing():
+                self.notes.append(f"nginx not measured: {servers.nginx_missing()}")
+                continue
+            up = self.upstream(chunks=a.paced_chunks, pace_ms=a.pace_ms, kind=kind)
+            try:
+                for round_ in range(a.rounds):
+                    d = servers.direct(up, up.json_url)
+                    d.name = f"{kind}"
+                    r = run_async(partial(closed_run, "upstreams-json", d, up, round_, 16, a.requests, a.seconds))
+                    self.record(r, d)
+                    d = servers.direct(up, up.sse_url)
+                    d.name = f"{kind}"
+                    streams = max(a.paced_streams)
+                    run = partial(paced_run, "upstreams-sse", d, up, round_, streams, a.paced_chunks, a.paced_ramp_s)
+                    self.record(run_async(run), d)
+            finally:
+                up.stop()
+
+    def section_cpu(self) -> None:
+        a = self.args
+        up = self.upstream(chunks=32, pace_ms=0)
+        try:
+            group = [servers.direct(up, up.json_url), *self.proxies(up.json_url, litellm=True)]
+            group = [s for s in group if s.name in a.servers]
+            with started(*group):
+                warm_up(group, partial(closed_run, "warmup", upstream=up, round_=0, clients=8, requests=200, seconds=5))
+                self.measure_idle(group)
+                for round_ in range(a.rounds):
+                    for clients in a.levels:
+                        for s in rotated(group, round_ + clients):
+                            run = partial(closed_run, "cpu", s, up, round_, clients, a.requests, a.seconds)
+                            self.record(run_async(run), s)
+        finally:
+            up.stop()
+
+    def section_paced(self) -> None:
+        a = self.args
+        up = self.upstream(chunks=a.paced_chunks, pace_ms=a.pace_ms)
+        try:
+            group = [servers.direct(up, up.sse_url), *self.proxies(up.sse_url)]
+            group = [s for s in group if s.name in a.servers]
+            with started(*group):
+                warm_up(
+                    group,
+                    partial(paced_run, "warmup", upstream=up, round_=0, streams=20, chunks=a.paced_chunks, ramp_s=0),
+                )
+                for round_ in range(a.rounds):
+                    for streams in a.paced_streams:
+                        for s in rotated(group, round_ + streams):
+                            r = run_async(
+                                partial(paced_run, "paced", s, up, round_, streams, a.paced_chunks, a.paced_ramp_s)
+                            )
+                            self.record(r, s)
+        finally:
+            up.stop()
+
+    def section_hold(self) -> None:
+        a = self.args
+        up = self.upstream(chunks=a.hold_chunks, pace_ms=a.hold_pace_ms)
+        try:
+            group = self.proxies(up.sse_url)
+            with started(*group):
+                warm_up(
+                    group,
+                    partial(paced_run, "warmup", upstream=up, round_=0, streams=20, chunks=a.hold_chunks, ramp_s=0),
+                )
+                for round_ in range(a.hold_rounds):
+                    for s in rotated(group, round_):
+                        r = run_async(
+                            partial(paced_run, "hold", s, up, round_, a.hold_streams, a.hold_chunks, a.hold_ramp_s)
+                        )
+                        self.record(r, s)
+        finally:
+            up.stop()
+
+    def section_workers(self) -> None:
+        a = self.args
+        both = f"{a.client_core},{a.server_core}"
+        up = self.upstream(chunks=32, pace_ms=0)
+        try:
+            group: list[Server] = []
+            for workers in (1, 2):
+                if "gateway" in a.servers:
+                    group.append(
+                        servers.gateway(self.tmp, up.json_url, both, workers=workers, name=f"gateway w{workers}")
+                    )
+                if "gateway+quota" in a.servers:
+                    redis = servers.RedisServer(self.tmp, a.client_core)
+                    name = f"gateway+quota w{workers}"
+                    group.append(servers.gateway(self.tmp, up.json_url, both, quota=redis, workers=workers, name=name))
+            with started(*group):
+                warm_up(
+                    group, partial(closed_run, "warmup", upstream=up, round_=0, clients=16, requests=400, seconds=5)
+                )
+                for round_ in range(a.rounds):
+                    for clients in a.worker_levels:
+                        for s in rotated(group, round_):
+                            r = run_async(partial(closed_run, "workers", s, up, round_, clients, a.requests, a.seconds))
+                            self.record(r, s)
+        finally:
+            up.stop()
+
+    def section_profile(self) -> None:
+        a = self.args
+        out_dir = a.profile_dir or ROOT / "bench" / "results" / f"profile-{time.strftime('%Y%m%d-%H%M%S')}"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        streams = max(a.paced_streams)
+        for load in ("cpu", "paced"):
+            up = self.upstream(chunks=a.paced_chunks, pace_ms=0 if load == "cpu" else a.pace_ms)
+            try:
+                url = up.json_url if load == "cpu" else up.sse_url
+                group = [s for s in self.proxies(url) if s.name in a.profile_targets]
+                with started(*group):
+                    for s in group:
+                        out = out_dir / f"{s.name.replace('+', '-')}-{load}.txt"
+                        spy = pyspy_top.record(s.process.pid, a.profile_s, out, cpus=a.client_core)
+                        deadline = time.monotonic() + a.profile_s
+                        while time.monotonic() < deadline:  # keep it loaded for the whole recording
+                            if load == "cpu":
+                                run = partial(closed_run, "profile", s, up, 0, 16, 10**9, deadline - time.monotonic())
+                            else:
+                                run = partial(paced_run, "profile", s, up, 0, streams, a.paced_chunks, a.paced_ramp_s)
+                            run_async(run)
+                        _, err = spy.communicate(timeout=60)
+                        if spy.returncode != 0 or not out.exists():
+                            raise SystemExit(f"py-spy failed on {s.name}: {err.decode()[-2000:]}")
+                        load_text = "non-stream, 16 clients" if load == "cpu" else f"{streams} paced streams"
+                        print(pyspy_top.report(f"{s.name}, {load_text}", pyspy_top.load(out), a.profile_top))
+            finally:
+                up.stop()
+        print(f"\nraw stacks (speedscope, flamegraph.pl): {out_dir}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    arg: Callable[..., Any] = p.add_argument
+    arg("--quick", action="store_true", help="a smoke run under a minute: small counts, one round")
+    arg("--sections", default="upstreams,cpu,paced,hold,workers", help=f"any of {','.join(SECTIONS)}")
+    arg("--rounds", type=int, default=3, help="alternated rounds; figures are medians over them")
+    arg("--upstream", choices=("nginx", "fake"), default="nginx", help="canned answers from nginx, or fake_upstream.py")
+    arg("--servers", default=",".join(SERVERS), help="compare only these (the floor is the ratios' base)")
+    arg("--server-core", default="1", help="the core the server under test is pinned to")
+    arg("--client-core", default="0", help="the core of the load generator, the upstream and Redis")
+    arg("--levels", type=ints, default=[1, 16, 64], help="cpu: concurrent clients")
+    arg("--requests", type=int, default=50000, help="cpu, workers: requests per run at most")
+    arg("--seconds", type=float, default=2.5, help="cpu, workers: seconds per run at most")
+    arg("--paced-streams", type=ints, default=[100, 500, 1000], help="paced: streams at once")
+    arg("--paced-chunks", type=int, default=64, help="paced: chunks per stream (and one usage chunk)")
+    arg("--pace-ms", type=float, default=5.0, help="paced: the upstream's gap between chunks")
+    arg("--paced-ramp-s", type=float, default=0.1, help="paced: the streams' starts spread over this long")
+    arg("--hold-streams", type=int, default=5000, help="hold: streams held by one process")
+    arg("--hold-chunks", type=int, default=100, help="hold: chunks per stream")
+    arg("--hold-pace-ms", type=float, default=200.0, help="hold: gap between chunks")
+    arg("--hold-ramp-s", type=float, default=5.0, help="hold: the starts spread over this long")
+    arg("--hold-rounds", type=int, default=1, help="hold: rounds (each is long)")
+    arg("--worker-levels", type=ints, default=[16, 64], help="workers: concurrent clients")
+    arg("--profile-s", type=float, default=8.0, help="profile: seconds recorded per server and load")
+    arg("--profile-targets", default="gateway+quota,gateway,floor", help="profile: which servers")
+    arg("--profile-top", type=int, default=20, help="profile: functions listed")
+    arg("--profile-dir", type=Path, default=None, help="profile: where the raw stacks go (bench/results/...)")
+    arg("--json", type=Path, default=None, metavar="OUT", help="write every run and figure as JSON")
+    args = p.parse_args(argv)
+    if args.quick:
+        given = set(argv if argv is not None else sys.argv[1:])
+        quick = {
+            "--rounds": ("rounds", 1), "--levels": ("levels", [1, 16]), "--requests": ("requests", 5000),
+            "--seconds": ("seconds", 0.7), "--paced-streams": ("paced_streams", [50]),
+            "--paced-chunks": ("paced_chunks", 16), "--paced-ramp-s": ("paced_ramp_s", 0.05), "--hold-streams": ("hold_streams", 300),
+            "--hold-chunks": ("hold_chunks", 8), "--hold-ramp-s": ("hold_ramp_s", 0.5),
+            "--worker-levels": ("worker_levels", [16]), "--profile-s": ("profile_s", 2.0),
+        }  # fmt: skip
+        for flag, (name, value) in quick.items():
+            if flag not in given:
+                setattr(args, name, value)
+    args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = set(args.sections) - set(SECTIONS)
+    if unknown:
+        p.error(f"unknown sections {sorted(unknown)}; known: {','.join(SECTIONS)}")
+    args.profile_targets = {t.strip() for t in args.profile_targets.split(",")}
+    args.servers = {t.strip() for t in args.servers.split(",")}
+    if args.servers - set(SERVERS):
+        p.error(f"unknown servers {sorted(args.servers - set(SERVERS))}; known: {','.join(SERVERS)}")
+    return args
+
+
+def git_commit() -> str:
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + (
+        " (modified)" if git("status", "--porcelain", "--", "gateway") else ""
+    )
+
+
+def main() -> None:
+    args = parse_args()
+    cores = os.sched_getaffinity(0)
+    for core in (args.server_core, args.client_core):
+        if int(core) not in cores:
+            raise SystemExit(f"core {core} is not available here (this process may use {sorted(cores)})")
+    os.sched_setaffinity(0, {int(args.client_core)})  # the load generator; the servers get their own masks
+    nofile = raise_nofile()
+    machine = {
+        "cores": psutil.cpu_count(),
+        "python": platform.python_version(),
+        "nofile": nofile,
+        "commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "loadavg_start": os.getloadavg(),
+    }
+    print(
+        f"request path vs the floor: commit {machine['commit']}, {machine['date']}, {machine['cores']} cores, "
+        f"Python {machine['python']}, load average {machine['loadavg_start'][0]:.2f}\n"
+        f"pinning: the server under test on core {args.server_core}; the load generator (this process), the "
+        f"{args.upstream} upstream and Redis on core {args.client_core} (workers: the gateway free on both); "
+        f"RLIMIT_NOFILE {nofile}, inherited by every server\nsections {','.join(args.sections)}, rounds {args.rounds}",
+        flush=True,
+    )
+    with tempfile.TemporaryDirectory(prefix="request-path-") as tmp:
+        bench = Bench(args, Path(tmp))
+        for section in args.sections:
+            print(f"\n== {section}", flush=True)
+            getattr(bench, f"section_{section}")()
+    machine["loadavg_end"] = os.getloadavg()
+    figures = summarize(bench.runs)
+    print_figures(figures, args, bench.idle_ms_per_s, bench.notes, machine)
+    if args.json:
+        doc = {
+            "machine": machine,
+            "args": {
+                k: (sorted(v) if isinstance(v, set) else str(v) if isinstance(v, Path) else v)
+                for k, v in vars(args).items()
+            },
+            "idle_cpu_ms_per_s": bench.idle_ms_per_s,
+            "notes": bench.notes,
+            "figures": figures,
+            "runs": [asdict(r) for r in bench.runs],
+        }
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
