@@ -16,6 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = str(Path(__file__).resolve().parent.parent) + "/"
+# Leaf frames that are a thread blocked on a lock or a queue, which py-spy can count as running (the
+# gateway's supervisor thread sleeps in Condition.wait): not CPU, dropped.
+IDLE_LEAVES = (
+    ("threading.py", ("Condition.wait", "Event.wait", "Thread.join", "Semaphore.acquire")),
+    ("queue.py", ("Queue.get", "SimpleQueue.get")),
+    ("selectors.py", ("EpollSelector.select", "PollSelector.select", "SelectSelector.select")),
+)
+# Outer frames on every sample of a server's main thread: listing them says nothing.
+NOT_TOP = ("gateway/cli.py",)
 
 
 def py_spy() -> str:
@@ -56,7 +65,14 @@ def where(frame: str) -> str:
 def package(frame: str) -> str:
     """The top-level package (or stdlib module) a frame is in: gateway, aiohttp, uvicorn, asyncio, ..."""
     first = where(frame).split("/", 1)[0]
+    if first.startswith("<"):  # <frozen abc>, <string> (dataclass methods): the interpreter's own
+        return "python"
     return first.split(".", 1)[0].lstrip("_") or "other"
+
+
+def idle(frame: str) -> bool:
+    name, file = frame.partition(" (")[0], where(frame).partition(":")[0]
+    return any(file.endswith(f) and name in names for f, names in IDLE_LEAVES)
 
 
 def load(path: Path) -> Profile:
@@ -70,7 +86,7 @@ def load(path: Path) -> Profile:
             continue
         count = int(count_text)
         frames = [f for f in stack.split(";") if not f.startswith("process ") and not f.startswith("thread ")]
-        if not frames:
+        if not frames or idle(frames[-1]):
             continue
         samples += count
         self_counts[frames[-1]] += count
@@ -88,14 +104,21 @@ def short(frame: str) -> str:
 def report(title: str, profile: Profile, top: int = 20) -> str:
     """The top functions by self and by total samples, and each package's share, as text."""
     n = max(profile.samples, 1)
-    lines = [f"\n--- {title}: {profile.samples} samples on CPU ---", "by package (innermost frame):"]
+    lines = [
+        f"\n--- {title}: {profile.samples} samples on CPU ---",
+        "by package (innermost Python frame; asyncio's Runner.run is uvloop's own C code: the loop, socket I/O):",
+    ]
     for name, count in profile.package_self.most_common():
         lines.append(f"  {count / n:6.1%}  {name}")
     lines.append(f"top {top} functions by self samples:")
     for frame, count in profile.self_counts.most_common(top):
         lines.append(f"  {count / n:6.1%}  {short(frame)}")
     lines.append(f"top {top} gateway functions by total samples (their callees included):")
-    ours = [(f, c) for f, c in profile.total_counts.most_common() if where(f).startswith("gateway/")]
+    ours = [
+        (f, c)
+        for f, c in profile.total_counts.most_common()
+        if where(f).startswith("gateway/") and not where(f).startswith(NOT_TOP)
+    ]
     for frame, count in ours[:top]:
         lines.append(f"  {count / n:6.1%}  {short(frame)}")
     return "\n".join(lines)

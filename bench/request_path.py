@@ -416,7 +416,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     arg("--hold-chunks", type=int, default=100, help="hold: chunks per stream")
     arg("--hold-pace-ms", type=float, default=200.0, help="hold: gap between chunks")
     arg("--hold-ramp-s", type=float, default=5.0, help="hold: the starts spread over this long")
-    arg("--hold-rounds", type=int, default=1, help="hold: rounds (each is long)")
+    arg("--hold-rounds", type=int, default=2, help="hold: rounds (each is long)")
     arg("--worker-levels", type=ints, default=[16, 64], help="workers: concurrent clients")
     arg("--profile-s", type=float, default=8.0, help="profile: seconds recorded per server and load")
     arg("--profile-targets", default="gateway+quota,gateway,floor", help="profile: which servers")
