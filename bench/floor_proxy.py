@@ -52,7 +52,7 @@ def build_app(upstream: str) -> Starlette:
                 data = await upstream_response.read()
             finally:
                 upstream_response.release()
-            return Response(data, upstream_response.status, media_type=content_type)
+            return Response(data, upstream_response.status, headers={"content-type": content_type})
 
         async def relay() -> AsyncIterator[bytes]:
             try:
@@ -61,7 +61,8 @@ def build_app(upstream: str) -> Starlette:
             finally:
                 upstream_response.release()
 
-        return StreamingResponse(relay(), upstream_response.status, media_type=content_type)
+        # The header as the upstream sent it (media_type= would append "; charset=utf-8" to text types).
+        return StreamingResponse(relay(), upstream_response.status, headers={"content-type": content_type})
 
     routes = [Route("/health", health), Route("/v1/{path:path}", forward, methods=["POST"])]
     return Starlette(routes=routes, lifespan=lifespan)

@@ -212,6 +212,14 @@ class Bench:
                 url = up.json_url if load == "cpu" else up.sse_url
                 group = [s for s in self.proxies(url) if s.name in a.profile_targets]
                 with started(*group):
+                    # Lazy one-time work (the tokenizer, pools) is not the steady state being profiled.
+                    if load == "cpu":
+                        warm = partial(closed_run, "warmup", upstream=up, round_=0, clients=8, requests=300, seconds=5)
+                    else:
+                        warm = partial(
+                            paced_run, "warmup", upstream=up, round_=0, streams=20, chunks=a.paced_chunks, ramp_s=0
+                        )
+                    warm_up(group, warm)
                     for s in group:
                         out = out_dir / f"{s.name.replace('+', '-')}-{load}.txt"
                         spy = pyspy_top.record(s.process.pid, a.profile_s, out, cpus=a.client_core)
@@ -329,7 +337,9 @@ def main() -> None:
         bench = Bench(args, Path(tmp))
         for section in args.sections:
             print(f"\n== {section}", flush=True)
+            t0 = time.monotonic()
             getattr(bench, f"section_{section}")()
+            print(f"  ({section}: {time.monotonic() - t0:.0f} s)", flush=True)
     machine["loadavg_end"] = os.getloadavg()
     figures = summarize(bench.runs)
     print_figures(figures, args, bench.idle_ms_per_s, bench.notes, machine)
