@@ -124,8 +124,9 @@ class Bench:
             group = [servers.direct(up, up.json_url), *self.proxies(up.json_url, litellm=True)]
             group = [s for s in group if s.name in a.servers]
             with started(*group):
-                warm_up(group, partial(closed_run, "warmup", upstream=up, round_=0, clients=8, requests=200, seconds=5))
-                self.measure_idle(group)
+                warm = partial(closed_run, "warmup", upstream=up, round_=0, clients=8, requests=a.warmup, seconds=5)
+                warm_up(group, warm)
+                self.measure_idle(group, 1.0 if a.quick else 3.0)
                 for round_ in range(a.rounds):
                     for clients in a.levels:
                         for s in rotated(group, round_ + clients):
@@ -191,7 +192,8 @@ class Bench:
                     group.append(servers.gateway(self.tmp, up.json_url, both, quota=redis, workers=workers, name=name))
             with started(*group):
                 warm_up(
-                    group, partial(closed_run, "warmup", upstream=up, round_=0, clients=16, requests=400, seconds=5)
+                    group,
+                    partial(closed_run, "warmup", upstream=up, round_=0, clients=16, requests=2 * a.warmup, seconds=5),
                 )
                 for round_ in range(a.rounds):
                     for clients in a.worker_levels:
@@ -275,6 +277,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     arg("--profile-targets", default="gateway+quota,gateway,floor", help="profile: which servers")
     arg("--profile-top", type=int, default=20, help="profile: functions listed")
     arg("--profile-dir", type=Path, default=None, help="profile: where the raw stacks go (bench/results/...)")
+    arg("--warmup", type=int, default=200, help="requests each server answers before it is measured")
     arg("--json", type=Path, default=None, metavar="OUT", help="write every run and figure as JSON")
     args = p.parse_args(argv)
     if args.quick:
@@ -284,7 +287,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--seconds": ("seconds", 0.7), "--paced-streams": ("paced_streams", [50]),
             "--paced-chunks": ("paced_chunks", 16), "--paced-ramp-s": ("paced_ramp_s", 0.05), "--hold-streams": ("hold_streams", 300),
             "--hold-chunks": ("hold_chunks", 8), "--hold-rounds": ("hold_rounds", 1), "--hold-ramp-s": ("hold_ramp_s", 0.5),
-            "--worker-levels": ("worker_levels", [16]), "--profile-s": ("profile_s", 2.0),
+            "--worker-levels": ("worker_levels", [16]), "--profile-s": ("profile_s", 2.0), "--warmup": ("warmup", 40),
         }  # fmt: skip
         for flag, (name, value) in quick.items():
             if flag not in given:
