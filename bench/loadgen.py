@@ -1,4 +1,5 @@
-"""A small streaming load generator shared by the engine benchmarks (aiohttp, cheap per chunk)."""
+"""Load generators shared by the benchmarks (aiohttp, cheap per chunk): engine streams, and for the proxy
+benchmarks a closed loop of whole answers and many paced streams held at once."""
 
 from __future__ import annotations
 
