@@ -7,12 +7,19 @@ and 16 concurrent clients; the script prints aggregate tokens/s and median time 
 their ratios.
 
     .venv/bin/python bench/vllm_gateway.py [--rounds 3] [--python .venv-vllm/bin/python] [--dtype float32]
+        [--engine-cores 1] [--gateway-core 0]
+
+With --gateway-core N the gateway runs under `taskset -c N`, and so does the load generator (this process);
+vLLM (its API server and engine processes, not only its compute threads) then runs under
+`taskset -c ENGINE_CORES`, so the two share no core. Without it nothing is pinned but vLLM's compute threads.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -22,6 +29,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.loadgen import run_level  # noqa: E402
 from tests.procs import TINY_MODEL, free_port, gateway  # noqa: E402
+
+
+def pinned_python(tmp: Path, python: str, cores: str) -> Path:
+    """An interpreter wrapper that runs `python` under `taskset -c cores`: the gateway starts vLLM with it, so
+    vLLM's API server and engine processes live on those cores, whatever the gateway's own mask."""
+    wrapper = tmp / "python-pinned"
+    wrapper.write_text(f'#!/bin/sh\nexec taskset -c {shlex.quote(cores)} {shlex.quote(python)} "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper
 
 
 def main() -> None:
@@ -39,31 +55,44 @@ def main() -> None:
         help="VLLM_CPU_OMP_THREADS_BIND for the engine (CPU build); the default leaves core 0 to the gateway and "
         "the load generator, as a deployment would not run the gateway on the engine's cores. 'all' for both.",
     )
+    p.add_argument(
+        "--gateway-core",
+        default=None,
+        help="pin the gateway and the load generator to this core (taskset), and the whole vLLM process tree to "
+        "--engine-cores; default: no pinning beyond vLLM's compute threads",
+    )
     args = p.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
+    if args.gateway_core is not None:
+        os.sched_setaffinity(0, {int(args.gateway_core)})  # the load generator
+        print(f"gateway and load generator on core {args.gateway_core}, vLLM on cores {args.engine_cores}")
 
     vllm_port = free_port()
+    engine: dict[str, object] = {
+        "name": "vllm-0",
+        "kind": "vllm",
+        "python": args.python,
+        "model": args.model,
+        "port": vllm_port,
+        "served_model_name": "m",
+        "env": {} if args.engine_cores == "all" else {"VLLM_CPU_OMP_THREADS_BIND": args.engine_cores},
+        "vllm": {"dtype": args.dtype, "max_model_len": 1024, "kv_cache_space_gib": 2},
+    }
     config = {
         "health": {"interval": 1.0},
         "auth": {"enabled": False},
-        "engines": [
-            {
-                "name": "vllm-0",
-                "kind": "vllm",
-                "python": args.python,
-                "model": args.model,
-                "port": vllm_port,
-                "served_model_name": "m",
-                "env": {} if args.engine_cores == "all" else {"VLLM_CPU_OMP_THREADS_BIND": args.engine_cores},
-                "vllm": {"dtype": args.dtype, "max_model_len": 1024, "kv_cache_space_gib": 2},
-            }
-        ],
+        "engines": [engine],
         "models": [{"name": "m", "routes": [{"engine": "vllm-0"}]}],
     }
     body = {"model": "m", "prompt": "The license says", "max_tokens": args.tokens, "ignore_eos": True}
     results: dict[tuple[str, int], list[tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        gw = gateway(Path(tmp), config, name="bench-gw").start()
+        if args.gateway_core is not None and args.engine_cores != "all":
+            engine["python"] = str(pinned_python(Path(tmp), args.python, args.engine_cores.replace("|", ",")))
+        gw = gateway(Path(tmp), config, name="bench-gw")
+        if args.gateway_core is not None:
+            gw.args = ["taskset", "-c", args.gateway_core, *gw.args]
+        gw.start()
         try:
             gw.wait_healthy("/ready", timeout=600)  # vLLM compiles at start
             direct = f"http://127.0.0.1:{vllm_port}"
