@@ -44,11 +44,21 @@ _ASKING = _pack("ASKING")
 
 
 class _Protocol(asyncio.Protocol):
-    def __init__(self) -> None:
+    """One connection. A stall watchdog stands in for a timeout per call: when commands wait and
+    Redis has sent nothing for `stall_timeout` seconds, the connection is dropped and every waiting
+    call fails. Progress, not the wait of one call, is what counts: a burst that keeps this process
+    busy (its replies read late) is not mistaken for a Redis that stopped answering, and the hot
+    path arms no timer per command."""
+
+    def __init__(self, stall_timeout: float = 0.5) -> None:
         self.transport: asyncio.Transport | None = None
         self.reader = hiredis.Reader()
         self.waiting: deque[asyncio.Future[Any]] = deque()
         self.lost = False
+        self.stall_timeout = stall_timeout
+        self._heard = 0.0  # loop time of the last reply, or of the write that found nothing waiting
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._stalled = False
         # (command, its caller's future, preceded by ASKING): sent at the end of this loop iteration
         self._outbox: list[tuple[bytes, asyncio.Future[Any], bool]] = []
         self._discard: asyncio.Future[Any] | None = None  # a done future: the reply to ASKING is dropped
@@ -65,6 +75,8 @@ class _Protocol(asyncio.Protocol):
             _fail(outbox, "Redis connection lost before the command was sent")
             return
         chunks = []
+        if not self.waiting:
+            self._heard = asyncio.get_running_loop().time()
         for data, future, asking in outbox:
             if future.done():  # its caller gave up before it left: never send it late
                 continue
@@ -78,11 +90,25 @@ class _Protocol(asyncio.Protocol):
             chunks.append(data)
         if chunks:
             self.transport.write(b"".join(chunks))
+            if self._watchdog is None:
+                self._watchdog = asyncio.get_running_loop().call_at(self._heard + self.stall_timeout, self._check)
+
+    def _check(self) -> None:
+        self._watchdog = None
+        if not self.waiting or self.lost or self.transport is None:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._heard < self.stall_timeout:
+            self._watchdog = loop.call_at(self._heard + self.stall_timeout, self._check)
+            return
+        self._stalled = True
+        self.transport.abort()  # connection_lost fails every waiting call
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        self._heard = asyncio.get_running_loop().time()
         self.reader.feed(data)
         while (reply := self.reader.gets()) is not False:
             future = self.waiting.popleft()
@@ -91,10 +117,13 @@ class _Protocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        why = f"Redis answered nothing for {self.stall_timeout}s" if self._stalled else f"{exc or 'closed'}"
         while self.waiting:
             future = self.waiting.popleft()
             if not future.done():
-                future.set_exception(RedisConnectionError(f"Redis connection lost: {exc or 'closed'}"))
+                future.set_exception(RedisConnectionError(f"Redis connection lost: {why}"))
         outbox, self._outbox = self._outbox, []
         _fail(outbox, f"Redis connection lost before the command was sent: {exc or 'closed'}")
 
@@ -133,7 +162,9 @@ class RespClient:
             loop = asyncio.get_running_loop()
             try:
                 async with asyncio.timeout(self._connect_timeout):
-                    _, proto = await loop.create_connection(_Protocol, self._host, self._port, ssl=self._tls)
+                    _, proto = await loop.create_connection(
+                        lambda: _Protocol(2 * self._connect_timeout), self._host, self._port, ssl=self._tls
+                    )
             except (OSError, TimeoutError) as exc:
                 raise CommandNotSent(f"cannot connect to Redis at {self._host}:{self._port}: {exc}") from None
             self._proto = proto

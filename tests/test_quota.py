@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import signal
@@ -234,7 +235,7 @@ def test_release_is_idempotent_and_so_is_admit(redis_server: RedisServer, monkey
         assert usage["minute"] == {"requests": 1, "tokens": 30}
 
         # a client-side retry of an admission that already ran (same lease) reserves nothing more
-        monkeypatch.setattr(gateway.quota.secrets, "token_hex", lambda n: "ab" * n)
+        monkeypatch.setattr(gateway.quota, "_lease_numbers", itertools.repeat(7))
         await quota.admit(key, MODEL, 50, now=T)
         await quota.admit(key, MODEL, 50, now=T)
         assert (await quota.usage(key.id, now=T))["minute"] == {"requests": 2, "tokens": 80}
