@@ -48,7 +48,9 @@ class RedisParts:
         if settings.auth.enabled:
             gw.access = KeyedAccess(keys, quota, self.counter, settings.auth, gw.metrics)
         engines = {e.name: e for e in settings.engines}
-        self.admin_routes = AdminRoutes(settings.auth.admin_key, keys, quota, gw.router, self.store, engines).routes()
+        self.admin_routes = AdminRoutes(
+            settings.auth.admin_key, keys, quota, gw.router, self.store, engines, gw.scheduler.view
+        ).routes()
 
     def start(self) -> None:
         self.store.start()  # follows route changes made on any replica

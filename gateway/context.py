@@ -10,6 +10,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.pool import Pool
 from gateway.relay import SendWatchdog, Upstream
 from gateway.routing import Router
+from gateway.scheduler import Dispatcher, Scheduler, Unscheduled
 from gateway.settings import Settings
 
 
@@ -21,6 +22,7 @@ class Gateway:
     router: Router
     upstream: Upstream
     watchdog: SendWatchdog
+    scheduler: Dispatcher  # engine slots: priorities and fair share when engines are full
     access: Access = field(default_factory=OpenAccess)
     started: float = field(default_factory=time.time)
 
@@ -29,6 +31,13 @@ class Gateway:
         metrics = GatewayMetrics(multiprocess_dir)
         pool = Pool(settings.engines, settings.health, metrics)
         router = Router(pool, settings.models, settings.routing)
+        scheduler = Scheduler(settings, router, metrics) if settings.scheduler.enabled else Unscheduled(router)
         return cls(
-            settings, metrics, pool, router, Upstream(settings.server), SendWatchdog(settings.server.send_timeout)
+            settings,
+            metrics,
+            pool,
+            router,
+            Upstream(settings.server),
+            SendWatchdog(settings.server.send_timeout),
+            scheduler,
         )

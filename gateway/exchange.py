@@ -82,7 +82,10 @@ class Exchange:
         tried: set[str] = set()
         error: GatewayError | None = None
         for attempt in range(2):
-            pick = gw.router.pick(request, frozenset(tried))
+            if attempt:
+                pick = gw.scheduler.retry(request, frozenset(tried))
+            else:  # an engine slot: at once when one has room, else in turn (gateway/scheduler.py)
+                pick = await gw.scheduler.acquire(request, self.principal, self.grant)
             if pick is None:
                 break
             self._use(pick)
@@ -116,10 +119,10 @@ class Exchange:
         raise error or GatewayError(503, f"No healthy engine serves '{model}' right now.", code=Code.NO_HEALTHY_ENGINE)
 
     def _use(self, pick: Pick) -> None:
+        """Holds the pick's engine slot (taken by the scheduler); frees the one held before."""
         if self.pick is not None:
-            self.pick.engine.outstanding -= 1
+            self.gw.scheduler.release(self.pick.engine)
         self.pick = pick
-        pick.engine.outstanding += 1
 
     async def relay(self, response: aiohttp.ClientResponse, send: Send) -> None:
         gw = self.gw
@@ -182,7 +185,7 @@ class Exchange:
             else:
                 response.close()  # drops the connection: the engine aborts the request
         if self.pick is not None:
-            self.pick.engine.outstanding -= 1
+            self.gw.scheduler.release(self.pick.engine)  # may dispatch a waiting request
         gw = self.gw
         gw.metrics.in_flight.dec()
         usage = await self.settle()

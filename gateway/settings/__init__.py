@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import yaml
 from gateway.settings.engines import ENGINE_KINDS, MANAGED_KINDS, EngineSettings, VllmSettings, parse_engine
 from gateway.settings.models import ModelSettings, RouteSettings, parse_model, parse_routes
 from gateway.settings.reader import ConfigError, Reader
+from gateway.settings.scheduler import SchedulerSettings, parse_scheduler
 from gateway.settings.sections import (
     AuthSettings,
     HealthSettings,
@@ -31,7 +32,7 @@ from gateway.settings.sections import (
     parse_server,
 )
 
-SECTIONS = ("server", "health", "routing", "engines", "models", "redis", "auth")
+SECTIONS = ("server", "health", "routing", "engines", "models", "redis", "auth", "scheduler")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Settings:
     models: tuple[ModelSettings, ...]
     redis: RedisSettings
     auth: AuthSettings
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
 
 
 def parse_settings(
@@ -87,6 +89,7 @@ def parse_settings(
         models=models,
         redis=redis,
         auth=auth,
+        scheduler=parse_scheduler(r, data),
     )
 
 
@@ -110,14 +113,20 @@ def _project_root(config_path: Path) -> Path:
 
 
 CONFIG_ENV = "LLM_GATEWAY_CONFIG"
+WORKERS_ENV = "LLM_GATEWAY_WORKERS"  # --workers, which overrides server.workers
 
 
 def settings_from_env() -> Settings:
-    """For uvicorn worker processes: the CLI puts the config path in the environment."""
+    """For uvicorn worker processes: the CLI puts the config path (and --workers) in the environment."""
     path = os.environ.get(CONFIG_ENV)
     if not path:
         raise ConfigError(f"{CONFIG_ENV} is not set: start the gateway with `llm-gateway serve --config FILE`")
-    return load_settings(path)
+    settings = load_settings(path)
+    workers = os.environ.get(WORKERS_ENV, "")
+    if workers.isdigit() and int(workers) >= 1:
+        # each process takes its share of an engine's max_inflight (gateway/capacity.py)
+        settings = replace(settings, server=replace(settings.server, workers=int(workers)))
+    return settings
 
 
 def multiprocess_dir() -> str | None:
@@ -134,6 +143,7 @@ __all__ = [
     "CONFIG_ENV",
     "ENGINE_KINDS",
     "MANAGED_KINDS",
+    "WORKERS_ENV",
     "AuthSettings",
     "ConfigError",
     "EngineSettings",
@@ -142,6 +152,7 @@ __all__ = [
     "RedisSettings",
     "RouteSettings",
     "RoutingSettings",
+    "SchedulerSettings",
     "ServerSettings",
     "Settings",
     "VllmSettings",
