@@ -6,8 +6,9 @@ gateway/scheduler.py decides when requests are pushed and when one is popped (an
 - Bands: `high`, `normal`, `low`, then `batch` (the lines of a batch). A higher band always goes
   first; a lower band is served only while no ticket of a higher band can use a free engine.
 - Flows: within a band, one flow per key (per `user` with auth off). A flow keeps one FIFO per
-  model, so a key's request for a model whose engines are full never holds back its request for
-  a model whose engines have room; it takes the oldest of its requests that can go.
+  group of engines a request may use (its model's route), so a key's request for engines that
+  are full never holds back its request for engines with room: the flow's next request is the
+  oldest of those that can go.
 - Deficit round robin by tokens: on its turn a flow earns `QUANTUM x weight` tokens of credit and
   dispatches while its credit covers its next request's cost (its token reservation). Over time
   each waiting key gets engine slots in proportion to its weight, counted in tokens, however
@@ -24,7 +25,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,9 +43,10 @@ class Ticket:
 
     flow: str  # who waits: a key id, or `user:<name>` / `anonymous` with auth off
     band: int  # index in BANDS
-    model: str
+    group: Hashable  # the engines it may use (the scheduler's: its route); eligibility is per group
     cost: float  # tokens: the reservation, or the prompt estimate plus max_tokens
     weight: float = 1.0
+    model: str = ""  # for the admin view
     enqueued: float = 0.0  # monotonic seconds, for the wait metrics
     payload: Any = None  # the scheduler's own (the future the request waits on)
     seq: int = 0  # arrival order
@@ -58,14 +60,14 @@ class _Flow:
     deficit: float = 0.0
     fresh: bool = True  # earns a quantum at its next turn
     size: int = 0
-    queues: dict[str, deque[Ticket]] = field(default_factory=dict)  # per model, FIFO
+    queues: dict[Hashable, deque[Ticket]] = field(default_factory=dict)  # per group, FIFO
 
-    def head(self, eligible: Callable[[str], bool]) -> Ticket | None:
-        """The oldest ticket whose model can use an engine now."""
+    def head(self, eligible: Callable[[Hashable], bool]) -> Ticket | None:
+        """The oldest ticket whose group can use an engine now."""
         best: Ticket | None = None
-        for model, queue in self.queues.items():
+        for group, queue in self.queues.items():
             ticket = queue[0]
-            if (best is None or ticket.seq < best.seq) and eligible(model):
+            if (best is None or ticket.seq < best.seq) and eligible(group):
                 best = ticket
         return best
 
@@ -84,19 +86,19 @@ class _Band:
             flow = self.flows[ticket.flow] = _Flow(ticket.flow, ticket.weight)
             self.active.appendleft(flow)
         flow.weight = ticket.weight  # the key's latest record
-        flow.queues.setdefault(ticket.model, deque()).append(ticket)
+        flow.queues.setdefault(ticket.group, deque()).append(ticket)
         flow.size += 1
         self.size += 1
 
     def remove(self, ticket: Ticket) -> None:
         flow = self.flows[ticket.flow]
-        queue = flow.queues[ticket.model]
+        queue = flow.queues[ticket.group]
         if queue[0] is ticket:
             queue.popleft()
         else:
             queue.remove(ticket)
         if not queue:
-            del flow.queues[ticket.model]
+            del flow.queues[ticket.group]
         flow.size -= 1
         self.size -= 1
         if not flow.size:
@@ -106,7 +108,7 @@ class _Band:
             else:
                 self.active.remove(flow)
 
-    def pop(self, eligible: Callable[[str], bool]) -> Ticket | None:
+    def pop(self, eligible: Callable[[Hashable], bool]) -> Ticket | None:
         active = self.active
         heads: list[tuple[_Flow, Ticket]] = []
         for _ in range(_MAX_PASSES):
@@ -173,9 +175,9 @@ class FairQueue:
         self._taken(ticket)
         return True
 
-    def pop(self, eligible: Callable[[str], bool]) -> Ticket | None:
-        """The next ticket to dispatch: the highest band with a ticket whose model can use an
-        engine now (`eligible(model)`), and within it the flow whose turn it is."""
+    def pop(self, eligible: Callable[[Hashable], bool]) -> Ticket | None:
+        """The next ticket to dispatch: the highest band with a ticket whose group can use an
+        engine now (`eligible(group)`), and within it the flow whose turn it is."""
         if not self.size:
             return None
         for band in self._bands:

@@ -4,7 +4,11 @@ The exchange asks for a slot between admission and the upstream call (`acquire`)
 back when the request ends (`release`). Every change of an engine's in-flight count goes
 through here, so the count never exceeds the engine's capacity (gateway/capacity.py).
 
-- Work-conserving: while an engine of the model has room and nobody waits, `acquire` picks at
+- The route (version) is assigned first, by weight, as without the scheduler; capacity decides
+  when and on which of that route's engines the request runs, never which version serves it,
+  so a canary keeps its share when the stable version is saturated instead of taking its
+  overflow (give the canary's engines a `max_inflight` to bound its load).
+- Work-conserving: while an engine of the route has room and nobody waits, `acquire` picks at
   once (the router chooses among the engines with room, as it chooses among healthy ones) and
   the request never enters a queue.
 - Otherwise the request waits in the fair queue (gateway/fair_queue.py: priority bands, one
@@ -27,7 +31,7 @@ import asyncio
 import functools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any, Protocol
 
 from gateway.access import Grant, Principal
@@ -38,7 +42,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.pool import Engine, Pool
 from gateway.request import ApiRequest
 from gateway.routing import Pick, Router
-from gateway.settings import Settings
+from gateway.settings import RouteSettings, Settings
 
 NOTHING: frozenset[str] = frozenset()
 BYTES_PER_TOKEN = 4  # a prompt's cost before it is counted: its body size over this
@@ -102,8 +106,6 @@ class Scheduler:
         self._default_max_tokens = settings.auth.default_max_tokens
         self._queue = FairQueue()
         self._caps: dict[str, Capacity] = {}
-        self._engines: dict[str, tuple[str, ...]] = {}  # model -> engine names, for `_routes`
-        self._routes: object = None
         self._recent_wait = [0.0] * len(BANDS)
         self._queued = [metrics.queued.labels(b) for b in BANDS]
         self._waits = [metrics.queue_wait.labels(b) for b in BANDS]
@@ -115,17 +117,21 @@ class Scheduler:
     # ---- the request path ------------------------------------------------------------------
 
     async def acquire(self, request: ApiRequest, principal: Principal, grant: Grant | None) -> Pick | None:
-        if not self._queue.size:
-            room = self._room(request.model, NOTHING)
-            if room is not None:
-                return self._take(request, room)
-        if not self._serves(request.model):
+        route = self._router.assign(request)
+        if route is None:
             return None
-        return await self._wait(self._ticket(request, principal, grant))
+        if not self._queue.size:
+            leave_out = self._room(route, NOTHING)
+            if leave_out is not None:
+                return self._take(request, route, leave_out)
+        return await self._wait(self._ticket(request, principal, grant, route))
 
     def retry(self, request: ApiRequest, tried: frozenset[str]) -> Pick | None:
-        room = self._room(request.model, tried)
-        return None if room is None else self._take(request, room)
+        route = self._router.assign(request, tried)
+        if route is None:
+            return None
+        leave_out = self._room(route, tried)
+        return None if leave_out is None else self._take(request, route, leave_out)
 
     def release(self, engine: Engine) -> None:
         engine.outstanding -= 1
@@ -140,23 +146,13 @@ class Scheduler:
             cap = self._caps[engine.name] = Capacity(engine.settings, self._workers, self._learn)
         return cap
 
-    def _names(self, model: str) -> tuple[str, ...]:
-        routes = self._router.routes
-        if routes is not self._routes:  # changed through the admin API: forget the old lists
-            self._routes, self._engines = routes, {}
-        names = self._engines.get(model)
-        if names is None:
-            chosen = (name for route in routes[model] if route.weight > 0 for name in route.engines)
-            names = self._engines[model] = tuple(dict.fromkeys(chosen))
-        return names
-
-    def _room(self, model: str, tried: frozenset[str]) -> frozenset[str] | None:
-        """None when no usable engine of the model has room; else the engines to leave out of
+    def _room(self, route: RouteSettings, tried: frozenset[str]) -> frozenset[str] | None:
+        """None when no usable engine of the route has room; else the engines to leave out of
         the pick (the full ones and those tried), usually none at all."""
         engines, caps = self._pool.engines, self._caps
         room = False
         full: list[str] | None = None
-        for name in self._names(model):
+        for name in route.engines:
             engine = engines.get(name)
             if engine is None or not engine.healthy or name in tried:
                 continue
@@ -171,26 +167,46 @@ class Scheduler:
             return None
         return tried if full is None else tried.union(full)
 
-    def _take(self, request: ApiRequest, leave_out: frozenset[str]) -> Pick | None:
-        pick = self._router.pick(request, leave_out)
+    def _take(self, request: ApiRequest, route: RouteSettings, leave_out: frozenset[str]) -> Pick | None:
+        pick = self._router.pick(request, leave_out, route)
         if pick is not None:
             pick.engine.outstanding += 1
         return pick
-
-    def _serves(self, model: str) -> bool:
-        engines = self._pool.engines
-        return any((e := engines.get(name)) is not None and e.healthy for name in self._names(model))
 
     def _checked(self, engine: Engine) -> None:
         """After each health check: learn capacity; room may have appeared (an engine back in
         rotation, a capacity raised), so waiting requests are offered it."""
         self._capacity(engine).observe(engine)
         if self._queue.size:
+            if not engine.healthy:
+                self._reroute()
             self._pump()
+
+    def _reroute(self) -> None:
+        """Waiting requests whose route lost every healthy engine are assigned a route again;
+        with none left for their model they get 503 at once rather than wait for nothing."""
+        engines = self._pool.engines
+        for band in range(len(BANDS)):
+            stranded = [
+                t
+                for t in self._queue.tickets(band)
+                if not any((e := engines.get(n)) is not None and e.healthy for n in t.payload[2].engines)
+            ]
+            for ticket in stranded:
+                future, request, _ = ticket.payload
+                self._leave(ticket)
+                route = self._router.assign(request)
+                if route is None:
+                    no_engine = f"No healthy engine serves '{request.model}' right now."
+                    future.set_exception(GatewayError(503, no_engine, code=Code.NO_HEALTHY_ENGINE))
+                    continue
+                ticket.group, ticket.payload = route, (future, request, route)
+                self._queue.push(ticket)
+                self._queued[band].inc()
 
     # ---- the queue -------------------------------------------------------------------------
 
-    def _ticket(self, request: ApiRequest, principal: Principal, grant: Grant | None) -> Ticket:
+    def _ticket(self, request: ApiRequest, principal: Principal, grant: Grant | None, route: RouteSettings) -> Ticket:
         if request.batch_id is not None:
             band = BATCH
         else:
@@ -209,7 +225,8 @@ class Scheduler:
             )
         cost = _cost(request, grant, self._default_max_tokens)
         future: asyncio.Future[Pick | None] = asyncio.get_running_loop().create_future()
-        return Ticket(flow, band, request.model, cost, principal.weight, self._clock(), (future, request))
+        payload = (future, request, route)
+        return Ticket(flow, band, route, cost, principal.weight, request.model, self._clock(), payload)
 
     async def _wait(self, ticket: Ticket) -> Pick | None:
         future: asyncio.Future[Pick | None] = ticket.payload[0]
@@ -231,12 +248,12 @@ class Scheduler:
                 headers={"retry-after": self._retry_after(ticket.band)},
             ) from None
         except asyncio.CancelledError:  # the client left, or the server is stopping
-            if future.done() and not future.cancelled():
+            if not future.done() or future.cancelled():
+                self._leave(ticket)
+            elif future.exception() is None:
                 pick = future.result()
                 if pick is not None:
                     self.release(pick.engine)  # woken for a slot nobody will use now
-            else:
-                self._leave(ticket)
             raise
 
     def _leave(self, ticket: Ticket) -> None:
@@ -247,27 +264,28 @@ class Scheduler:
         """Dispatches waiting tickets while one of them can use a free engine slot."""
         queue = self._queue
         while queue.size:
-            room: dict[str, frozenset[str] | None] = {}  # per model, for this one decision
+            room: dict[Hashable, frozenset[str] | None] = {}  # per route, for this one decision
             ticket = queue.pop(functools.partial(self._eligible, room))
             if ticket is None:
                 return
             self._queued[ticket.band].dec()
-            future, request = ticket.payload
+            future, request, route = ticket.payload
             if future.done():
                 continue  # its client left a moment ago; its task has not run yet
-            leave_out = room[ticket.model]
+            leave_out = room[ticket.group]
             assert leave_out is not None
             waited = self._clock() - ticket.enqueued
             band = ticket.band
             self._recent_wait[band] += _RECENT * (waited - self._recent_wait[band])
             self._waits[band].observe(waited)
             self._dispatches[band].inc()
-            future.set_result(self._take(request, leave_out))
+            future.set_result(self._take(request, route, leave_out))
 
-    def _eligible(self, room: dict[str, frozenset[str] | None], model: str) -> bool:
-        if model not in room:
-            room[model] = self._room(model, NOTHING)
-        return room[model] is not None
+    def _eligible(self, room: dict[Hashable, frozenset[str] | None], route: Hashable) -> bool:
+        if route not in room:
+            assert isinstance(route, RouteSettings)
+            room[route] = self._room(route, NOTHING)
+        return room[route] is not None
 
     def _retry_after(self, band: int) -> str:
         """How long requests of this band have waited lately: when a retry may get through."""

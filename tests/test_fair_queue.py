@@ -25,7 +25,7 @@ ANY = lambda model: True  # noqa: E731
 
 
 def ticket(flow: str, cost: float = 100, band: str = "normal", weight: float = 1.0, model: str = "m") -> Ticket:
-    return Ticket(flow, BANDS.index(band), model, cost, weight)
+    return Ticket(flow, BANDS.index(band), model, cost, weight, model)
 
 
 def drain(q: FairQueue, eligible: Any = ANY) -> list[str]:
@@ -148,10 +148,12 @@ def scheduler(**section: Any) -> tuple[Scheduler, Pool]:
             "engines": [
                 {"name": "e1", "kind": "openai", "url": "http://127.0.0.1:1", "max_inflight": 1},
                 {"name": "e2", "kind": "openai", "url": "http://127.0.0.1:2", "max_inflight": 1},
+                {"name": "big", "kind": "openai", "url": "http://127.0.0.1:3", "max_inflight": 100},
             ],
             "models": [
                 {"name": "m", "routes": [{"engines": ["e1", "e2"]}]},
                 {"name": "only2", "routes": [{"engine": "e2"}]},
+                {"name": "split", "routes": [{"engine": "e1", "weight": 9}, {"engine": "big", "weight": 1}]},
             ],
             "auth": {"enabled": False},
             "scheduler": section,
@@ -175,13 +177,31 @@ def test_slots_are_taken_at_once_and_respected() -> None:
         sched, pool = scheduler()
         picks = [await sched.acquire(request(), Principal(), None) for _ in range(2)]
         assert sorted(p.engine.name for p in picks if p) == ["e1", "e2"]
-        assert all(e.outstanding == 1 for e in pool.engines.values())
+        assert pool.engines["e1"].outstanding == pool.engines["e2"].outstanding == 1
         waiter = asyncio.ensure_future(sched.acquire(request(user="x"), Principal(), None))
         await asyncio.sleep(0.01)
         assert not waiter.done() and sched.view("m")["bands"]["normal"]["queued"] == 1
         sched.release(pool.engines["e2"])
         pick = await asyncio.wait_for(waiter, 1)
         assert pick is not None and pick.engine.name == "e2" and pool.engines["e2"].outstanding == 1
+
+    asyncio.run(run())
+
+
+def test_a_canary_keeps_its_share_when_the_stable_version_is_full() -> None:
+    """The route is assigned by weight first; a full stable route makes its requests wait, it
+    does not send them to the canary's spare capacity."""
+
+    async def run() -> None:
+        sched, pool = scheduler(max_queue_wait=5)
+        pool.engines["e1"].outstanding = 1  # the stable version's engine is full
+        tasks = [asyncio.ensure_future(sched.acquire(request("split", f"u{i}"), Principal(), None)) for i in range(60)]
+        await asyncio.sleep(0.01)
+        to_canary = sum(t.done() for t in tasks)
+        assert 0 < to_canary < 20 and pool.engines["big"].outstanding == to_canary  # about 6 of 60
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     asyncio.run(run())
 
@@ -250,6 +270,22 @@ def test_a_woken_request_that_left_gives_its_slot_on() -> None:
         left.cancel()  # ...which is cancelled before it runs: the slot goes to `stays`
         pick = await asyncio.wait_for(stays, 1)
         assert pick is not None and e2.outstanding == 1 and left.cancelled()
+
+    asyncio.run(run())
+
+
+def test_a_request_whose_engines_all_fail_is_answered_at_once() -> None:
+    async def run() -> None:
+        sched, pool = scheduler()
+        e2 = pool.engines["e2"]
+        assert await sched.acquire(request("only2"), Principal(), None) is not None
+        waiter = asyncio.ensure_future(sched.acquire(request("only2", "a"), Principal(), None))
+        await asyncio.sleep(0.01)
+        e2.healthy = False
+        sched._checked(e2)  # the health check that took it out
+        with pytest.raises(GatewayError) as err:
+            await asyncio.wait_for(waiter, 1)
+        assert err.value.status == 503 and sched.view("only2")["bands"]["normal"]["queued"] == 0
 
     asyncio.run(run())
 

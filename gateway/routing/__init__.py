@@ -57,14 +57,20 @@ class Router:
     def knows(self, model: str) -> bool:
         return model in self.routes
 
-    def pick(self, request: ApiRequest, tried: frozenset[str] = frozenset()) -> Pick | None:
-        engines = self._pool.engines
+    def pick(
+        self, request: ApiRequest, tried: frozenset[str] = frozenset(), route: RouteSettings | None = None
+    ) -> Pick | None:
+        """An engine for the request, none of `tried`: in `route` when the route was assigned
+        already (see `assign`), else in a route assigned now."""
+        if route is not None:
+            found = self._usable(route, tried)
+            return Pick(self._engine(request, found), route) if found else None
         usable: dict[str, list[Engine]] = {}
         routes: list[RouteSettings] = []
         for route in self.routes[request.model]:
             if route.weight <= 0:
                 continue
-            found = [e for name in route.engines if (e := engines.get(name)) and e.healthy and name not in tried]
+            found = self._usable(route, tried)
             if found:
                 usable[route.name] = found
                 routes.append(route)
@@ -72,6 +78,16 @@ class Router:
             return None
         route = self._assigners[request.model].choose(request, routes)
         return Pick(self._engine(request, usable[route.name]), route)
+
+    def assign(self, request: ApiRequest, tried: frozenset[str] = frozenset()) -> RouteSettings | None:
+        """Steps 1 and 2 alone: the route (version) for the request, among the routes with a
+        usable engine; None when there is none. The engine is picked later, in that route."""
+        routes = [r for r in self.routes[request.model] if r.weight > 0 and self._usable(r, tried)]
+        return self._assigners[request.model].choose(request, routes) if routes else None
+
+    def _usable(self, route: RouteSettings, tried: frozenset[str]) -> list[Engine]:
+        engines = self._pool.engines
+        return [e for name in route.engines if (e := engines.get(name)) and e.healthy and name not in tried]
 
     def _engine(self, request: ApiRequest, candidates: list[Engine]) -> Engine:
         if len(candidates) == 1:
