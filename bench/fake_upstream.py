@@ -9,10 +9,13 @@ slot `--service-ms` in all (its first chunk after `--first-token-ms`, the others
 that), and a client that disconnects is aborted at once, as real engines do. It reports
 `engine_num_requests_running`/`_waiting` on /metrics like the CPU worker, and `GET /stats`
 gives the high-water marks (`max_running`, `max_waiting`) and the order in which requests got a
-slot (their `user` field); `POST /stats/reset` zeroes them.
+slot (their `user` field); `POST /stats/reset` zeroes them. `--service-spread F` draws each
+request's service time uniformly within ±F of `--service-ms` (as outputs of different lengths
+do), so the slots do not free all at once.
 
     python bench/fake_upstream.py --port 9000 [--chunks 32] [--pace-ms 0] [--fail-status 0]
                                   [--capacity 0] [--service-ms 0] [--first-token-ms -1]
+                                  [--service-spread 0]
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import random
 from collections import deque
 
 from starlette.types import Receive, Scope, Send
@@ -132,6 +136,7 @@ class FakeEngine:
         capacity: int = 0,
         service_ms: float = 0.0,
         first_token_ms: float = -1.0,
+        service_spread: float = 0.0,
     ) -> None:
         self.chunks = chunks
         self.pace = pace_ms / 1000
@@ -141,7 +146,8 @@ class FakeEngine:
         self.service = service_ms / 1000
         first = first_token_ms / 1000 if first_token_ms >= 0 else self.service / max(1, chunks)
         self.first_token = min(first, self.service)
-        self.gap = (self.service - self.first_token) / max(1, chunks - 1)
+        self.spread = service_spread
+        self.rng = random.Random(0)
         self.full = _completion(model, chunks)
         self.stream_chunks = [_chunk(model, "x ", None) for _ in range(chunks - 1)] + [_chunk(model, "x", "length")]
         self.usage = _usage_chunk(model, chunks)
@@ -209,9 +215,11 @@ class FakeEngine:
         slots = self.slots
         await slots.acquire(tag)
         held = True
+        service = self.service * (1 + self.spread * self.rng.uniform(-1, 1))
+        gap = max(0.0, service - self.first_token) / max(1, self.chunks - 1)
         try:
             if not stream:
-                await asyncio.sleep(self.service)
+                await asyncio.sleep(service)
                 held = False
                 slots.release()  # before the last bytes: the client may send its next at once
                 return await _reply(send, 200, self.full)
@@ -220,7 +228,7 @@ class FakeEngine:
             last = len(self.stream_chunks) - 1
             for i, chunk in enumerate(self.stream_chunks):
                 if i:
-                    await asyncio.sleep(self.gap)
+                    await asyncio.sleep(gap)
                 if i == last:
                     tail = chunk + (self.usage if usage else b"") + b"data: [DONE]\n\n"
                     held = False
@@ -264,6 +272,7 @@ def main() -> None:
     p.add_argument("--capacity", type=int, default=0, help="requests running at once (0: no limit)")
     p.add_argument("--service-ms", type=float, default=0.0, help="how long a running request holds its slot")
     p.add_argument("--first-token-ms", type=float, default=-1.0, help="first chunk after (default: evenly paced)")
+    p.add_argument("--service-spread", type=float, default=0.0, help="service times vary by up to this fraction")
     args = p.parse_args()
     app = FakeEngine(
         args.model,
@@ -273,6 +282,7 @@ def main() -> None:
         args.capacity,
         args.service_ms,
         args.first_token_ms,
+        args.service_spread,
     )
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False, backlog=4096)
 

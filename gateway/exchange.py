@@ -26,6 +26,7 @@ from gateway.access import Grant, Principal, Usage
 from gateway.context import Gateway
 from gateway.errors import Code, GatewayError, internal_error
 from gateway.http import ClientDisconnected, ClientWatch
+from gateway.pool import Engine
 from gateway.relay import SSE_HEADERS, EngineUnreachable, Outcome, error_of, relay_stream, relay_whole
 from gateway.request import ApiRequest
 from gateway.routing import Pick
@@ -38,6 +39,7 @@ DISCONNECTED = 499  # nginx's code for a client that went away; never sent, only
 class Exchange:
     __slots__ = (
         "_settled",
+        "_slot",
         "_watch",
         "grant",
         "gw",
@@ -62,6 +64,7 @@ class Exchange:
         self.pick: Pick | None = None
         self.response: aiohttp.ClientResponse | None = None
         self.started = 0.0
+        self._slot: Engine | None = None  # the engine whose slot this request holds
         self._settled: Usage | None = None
         self._watch = ClientWatch()
         self._watch.start(receive)
@@ -120,9 +123,15 @@ class Exchange:
 
     def _use(self, pick: Pick) -> None:
         """Holds the pick's engine slot (taken by the scheduler); frees the one held before."""
-        if self.pick is not None:
-            self.gw.scheduler.release(self.pick.engine)
+        self._free_slot()
         self.pick = pick
+        self._slot = pick.engine
+
+    def _free_slot(self) -> None:
+        """Gives the engine slot back (once): the scheduler may hand it to a waiting request."""
+        engine, self._slot = self._slot, None
+        if engine is not None:
+            self.gw.scheduler.release(engine)
 
     async def relay(self, response: aiohttp.ClientResponse, send: Send) -> None:
         gw = self.gw
@@ -149,8 +158,10 @@ class Exchange:
 
     async def _finishing(self) -> None:
         """The last word before the final bytes leave (the server reports a finished response as
-        a disconnect, so the watch stops first)."""
+        a disconnect, so the watch stops first). The engine is done with the request: its slot
+        goes to the next one now, not after the quota round trip and the last send."""
         self._watch.stop()
+        self._free_slot()
         await self.settle()
 
     async def settle(self) -> Usage:
@@ -184,8 +195,7 @@ class Exchange:
                 response.release()
             else:
                 response.close()  # drops the connection: the engine aborts the request
-        if self.pick is not None:
-            self.gw.scheduler.release(self.pick.engine)  # may dispatch a waiting request
+        self._free_slot()  # may dispatch a waiting request
         gw = self.gw
         gw.metrics.in_flight.dec()
         usage = await self.settle()
