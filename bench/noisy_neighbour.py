@@ -11,8 +11,8 @@ own fake engine with a fixed capacity and service time (bench/fake_upstream.py `
 2. noisy: key A keeps `--flood` streams in flight (each of its loops sends the next as soon as
    one ends); after `--warmup-s`, for `--window-s` seconds key B again sends one stream at a
    time. B's time to first token is reported relative to the idle baseline (p50, p99), and the
-   total throughput (A's and B's streams completed in the window per second) relative to the
-   scheduler-off run.
+   total throughput (the answer bytes A and B received in the window, in streams' worth per
+   second) relative to the scheduler-off run of the same round.
 
 Modes: `on` (max_inflight set to the engine's capacity), `learned` (no max_inflight: capacity
 learned from the engine's running/waiting figures), `off` (scheduler.enabled: false).
@@ -50,20 +50,34 @@ BODY = {"model": "fake", "messages": [{"role": "user", "content": "hello"}], "ma
 class Run:
     idle_ttft: list[float] = field(default_factory=list)
     noisy_ttft: list[float] = field(default_factory=list)
-    throughput: float = 0.0  # streams completed per second in the window, A and B together
+    throughput: float = 0.0  # streams' worth of answer bytes per second in the window, A and B together
     engine: dict[str, Any] = field(default_factory=dict)
 
 
-async def stream(session: aiohttp.ClientSession, url: str) -> tuple[float, float]:
-    """Time to the first chunk and to the end, from the send."""
+@dataclass
+class Meter:
+    """Bytes of answers received while the window is open: every stream carries the same
+    bytes, spread over its service time, so this measures work done far more finely than
+    counting the streams that happen to end inside the window."""
+
+    counting: bool = False
+    bytes: int = 0
+
+
+async def stream(session: aiohttp.ClientSession, url: str, meter: Meter | None = None) -> tuple[float, int]:
+    """Time to the first chunk, and the bytes of the answer."""
     start = time.perf_counter()
     async with session.post(url + "/v1/chat/completions", json=BODY) as r:
         assert r.status == 200, (r.status, await r.text())
         first = 0.0
-        async for _ in r.content.iter_any():
+        size = 0
+        async for data in r.content.iter_any():
             if not first:
                 first = time.perf_counter() - start
-        return first, time.perf_counter() - start
+            size += len(data)
+            if meter is not None and meter.counting:
+                meter.bytes += len(data)
+        return first, size
 
 
 async def one_mode(url: str, key_a: str, key_b: str, args: argparse.Namespace) -> Run:
@@ -74,25 +88,25 @@ async def one_mode(url: str, key_a: str, key_b: str, args: argparse.Namespace) -
         aiohttp.ClientSession(headers=b_headers, connector=aiohttp.TCPConnector(limit=0)) as b,
         aiohttp.ClientSession(headers=a_headers, connector=aiohttp.TCPConnector(limit=0)) as a,
     ):
+        size = 0
         for _ in range(args.idle_requests):
-            run.idle_ttft.append((await stream(b, url))[0])
-        done: list[float] = []  # completion times of every stream, A and B
+            ttft, size = await stream(b, url)
+            run.idle_ttft.append(ttft)
+        meter = Meter()
         stop = False
 
         async def flood_loop() -> None:
             while not stop:
-                await stream(a, url)
-                done.append(time.perf_counter())
+                await stream(a, url, meter)
 
         flood = [asyncio.ensure_future(flood_loop()) for _ in range(args.flood)]
         await asyncio.sleep(args.warmup_s)
+        meter.counting = True
         start = time.perf_counter()
         while time.perf_counter() - start < args.window_s:
-            ttft, _ = await stream(b, url)
-            done.append(time.perf_counter())
-            run.noisy_ttft.append(ttft)
-        end = time.perf_counter()
-        run.throughput = sum(start <= t < end for t in done) / (end - start)
+            run.noisy_ttft.append((await stream(b, url, meter))[0])
+        meter.counting = False
+        run.throughput = meter.bytes / size / (time.perf_counter() - start)  # streams' worth per second
         stop = True
         await asyncio.gather(*flood)
     return run
@@ -184,7 +198,7 @@ def main() -> None:
         f"\nfake engine: capacity {args.capacity}, service {args.service_ms:g} ms ± {args.service_spread:.0%}, "
         f"first token {args.first_token_ms:g} ms; A keeps {args.flood} streams in flight; medians of {args.rounds} rounds"
     )
-    base = statistics.median(r.throughput for r in results["off"]) if "off" in results else None
+    off = results.get("off")
     print(
         f"{'mode':>8} {'B idle p50 ms':>14} {'B p50 x idle':>13} {'B p99 x idle':>13} {'streams/s':>10} {'vs off':>7}"
     )
@@ -194,7 +208,9 @@ def main() -> None:
         p50 = statistics.median(statistics.median(r.noisy_ttft) / statistics.median(r.idle_ttft) for r in runs)
         p99 = statistics.median(p(r.noisy_ttft, 0.99) / statistics.median(r.idle_ttft) for r in runs)
         tput = statistics.median(r.throughput for r in runs)
-        ratio = f"{tput / base:.1%}" if base else "-"
+        ratio = "-"
+        if off:  # each round against the off run of the same round, then the median: the machine drifts
+            ratio = f"{statistics.median(r.throughput / o.throughput for r, o in zip(runs, off, strict=True)):.1%}"
         print(f"{mode:>8} {idle * 1e3:>14.1f} {p50:>13.2f} {p99:>13.2f} {tput:>10.2f} {ratio:>7}")
     print("targets: with the scheduler, B p50 <= 1.5x idle and throughput >= 98% of scheduler off")
 
