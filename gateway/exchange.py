@@ -2,13 +2,15 @@
 
     async with Exchange(gw, principal, request, request_id, receive) as ex:
         await ex.admit()                 # key and quota: reserve
-        response = await ex.call_engine()  # route, send; retried once elsewhere before any byte
+        response = await ex.call_engine()  # an engine slot (queued while all are full), send;
+                                           # retried once elsewhere before any byte
         await ex.relay(response, send)   # whole or streamed
 
 The exchange is entered once and exited exactly once, whatever the ending: answered, refused,
-failed upstream, or the client gone. `__aexit__` is the one place that frees the engine slot,
-closes the upstream response, reconciles the quota (if the relay has not already, just before
-the final bytes) and records the metrics. While it runs, the client is watched: a disconnect
+failed upstream, or the client gone. `__aexit__` is the one place that closes the upstream
+response, reconciles the quota (if the relay has not already, just before the final bytes) and
+records the metrics; it frees the engine slot (gateway/scheduler.py) unless the engine finishing
+its answer has freed it already. While it runs, the client is watched: a disconnect
 cancels the work at once, which closes the upstream request, which aborts it in the engine.
 """
 

@@ -18,8 +18,16 @@ from gateway.metrics import GatewayMetrics
 from gateway.pool import Pool
 from gateway.request import CHAT, ApiRequest
 from gateway.routing import Router
-from gateway.scheduler import Scheduler
-from gateway.settings import EngineSettings, parse_settings
+from gateway.scheduler import Scheduler, Unscheduled
+from gateway.settings import (
+    CONFIG_ENV,
+    WORKERS_ENV,
+    ConfigError,
+    EngineSettings,
+    SchedulerSettings,
+    parse_settings,
+    settings_from_env,
+)
 
 ANY = lambda model: True  # noqa: E731
 
@@ -318,3 +326,61 @@ def test_capacity_learned_from_the_engine() -> None:
     cap.observe(e)
     assert cap.limit == 2
     assert not Capacity(engine_settings(max_inflight=4)).observe(e)  # configured: never learned
+
+
+def test_scheduler_off_sends_everything_at_once() -> None:
+    async def run() -> None:
+        s = parse_settings(
+            {
+                "engines": [{"name": "e", "kind": "openai", "url": "http://127.0.0.1:1", "max_inflight": 1}],
+                "models": [{"name": "m", "routes": [{"engine": "e"}]}],
+                "auth": {"enabled": False},
+                "scheduler": {"enabled": False},
+            },
+            env={},
+        )
+        pool = Pool(s.engines, s.health, GatewayMetrics())
+        pool.engines["e"].healthy = True
+        off = Unscheduled(Router(pool, s.models, s.routing))
+        picks = [await off.acquire(request(), Principal(), None) for _ in range(3)]
+        assert all(picks) and pool.engines["e"].outstanding == 3  # the engine queues, not us
+        off.release(pool.engines["e"])
+        assert pool.engines["e"].outstanding == 2 and off.view("m")["enabled"] is False
+
+    asyncio.run(run())
+
+
+def test_scheduler_settings() -> None:
+    base: dict[str, Any] = {
+        "engines": [{"name": "e", "kind": "openai", "url": "http://x", "max_inflight": 8}],
+        "models": [{"name": "m", "routes": [{"engine": "e"}]}],
+        "auth": {"enabled": False},
+    }
+    s = parse_settings(base, env={})
+    assert s.scheduler == SchedulerSettings() and s.scheduler.enabled and s.engines[0].max_inflight == 8
+    s = parse_settings({**base, "scheduler": {"max_queue_wait": 2.5, "max_queued_per_key": 7}}, env={})
+    assert (s.scheduler.max_queue_wait, s.scheduler.max_queued_per_key) == (2.5, 7)
+    for section, problem in [
+        ({"max_queue_wait": 0}, "scheduler.max_queue_wait"),
+        ({"max_queued_per_key": 0}, "scheduler.max_queued_per_key"),
+        ({"max_queue_wait": "long"}, "scheduler.max_queue_wait"),
+        ({"quantum": 5}, "scheduler.quantum"),
+    ]:
+        with pytest.raises(ConfigError, match=problem.replace(".", r"\.")):
+            parse_settings({**base, "scheduler": section}, env={})
+    bad = {**base, "engines": [{"name": "e", "kind": "openai", "url": "http://x", "max_inflight": 0}]}
+    with pytest.raises(ConfigError, match=r"engines\[0\]\.max_inflight"):
+        parse_settings(bad, env={})
+
+
+def test_workers_from_the_cli_split_the_capacity(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "engines: [{name: e, kind: openai, url: 'http://x', max_inflight: 12}]\n"
+        "models: [{name: m, routes: [{engine: e}]}]\nauth: {enabled: false}\n"
+    )
+    monkeypatch.setenv(CONFIG_ENV, str(path))
+    monkeypatch.setenv(WORKERS_ENV, "3")
+    settings = settings_from_env()
+    assert settings.server.workers == 3
+    assert Capacity(settings.engines[0], settings.server.workers).limit == 4
