@@ -195,6 +195,8 @@ class Scheduler:
             for ticket in stranded:
                 future, request, _ = ticket.payload
                 self._leave(ticket)
+                if future.done():
+                    continue  # its client left a moment ago
                 route = self._router.assign(request)
                 if route is None:
                     no_engine = f"No healthy engine serves '{request.model}' right now."

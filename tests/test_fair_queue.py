@@ -229,14 +229,26 @@ def test_bands_and_flows_through_the_scheduler() -> None:
             assert pick is not None
             sched.release(pick.engine)
 
-        waiting = [asyncio.ensure_future(one(f"a{i}", Principal())) for i in range(4)]
+        async def batch_line() -> None:  # a batch line of the high key: below low, whatever the key
+            line = request("only2")
+            line.batch_id = "batch_1"
+            pick = await sched.acquire(line, Principal(key_id="key_h", priority="high"), None)
+            order.append("batch")
+            assert pick is not None
+            sched.release(pick.engine)
+
+        waiting = [asyncio.ensure_future(batch_line())]
+        waiting += [asyncio.ensure_future(one(f"a{i}", Principal())) for i in range(4)]
         await asyncio.sleep(0.01)
         waiting.append(asyncio.ensure_future(one("b0", Principal())))
+        waiting.append(asyncio.ensure_future(one("low", Principal(key_id="key_l", priority="low"))))
         waiting.append(asyncio.ensure_future(one("high", Principal(key_id="key_h", priority="high"))))
         await asyncio.sleep(0.01)
+        assert [b["queued"] for b in sched.view("only2")["bands"].values()] == [1, 5, 1, 1]
         sched.release(e2)
         await asyncio.gather(*waiting)
-        assert order[0] == "high" and order.index("b0") <= 2 and e2.outstanding == 0
+        assert order[0] == "high" and order.index("b0") <= 2 and order[-2:] == ["low", "batch"]
+        assert e2.outstanding == 0
 
     asyncio.run(run())
 
