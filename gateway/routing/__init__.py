@@ -4,7 +4,9 @@
 2. The model's assigner picks one route (version) among them (gateway/routing/assign.py).
 3. The configured plugins filter and score that route's engines (gateway/routing/plugins.py);
    the highest total score wins, ties broken at random so equal engines share the load.
-The router never branches on which plugins are configured.
+The router never branches on which plugins are configured. `assign` does steps 1-2 alone: the
+scheduler (gateway/scheduler.py) assigns a request's route when it arrives and has the engine
+picked in that route, among the engines with room, once one has a free slot.
 """
 
 from __future__ import annotations
