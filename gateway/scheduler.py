@@ -149,12 +149,12 @@ class Scheduler:
     def _room(self, route: RouteSettings, tried: frozenset[str]) -> frozenset[str] | None:
         """None when no usable engine of the route has room; else the engines to leave out of
         the pick (the full ones and those tried), usually none at all."""
-        engines, caps = self._pool.engines, self._caps
+        caps = self._caps
         room = False
         full: list[str] | None = None
-        for name in route.engines:
-            engine = engines.get(name)
-            if engine is None or not engine.healthy or name in tried:
+        for engine in self._router.members(route):
+            name = engine.name
+            if not engine.healthy or name in tried:
                 continue
             cap = caps.get(name) or self._capacity(engine)
             if cap.limit is None or engine.outstanding < cap.limit:
@@ -185,13 +185,9 @@ class Scheduler:
     def _reroute(self) -> None:
         """Waiting requests whose route lost every healthy engine are assigned a route again;
         with none left for their model they get 503 at once rather than wait for nothing."""
-        engines = self._pool.engines
+        members = self._router.members
         for band in range(len(BANDS)):
-            stranded = [
-                t
-                for t in self._queue.tickets(band)
-                if not any((e := engines.get(n)) is not None and e.healthy for n in t.payload[2].engines)
-            ]
+            stranded = [t for t in self._queue.tickets(band) if not any(e.healthy for e in members(t.payload[2]))]
             for ticket in stranded:
                 future, request, _ = ticket.payload
                 self._leave(ticket)
@@ -320,13 +316,9 @@ def _cost(request: ApiRequest, grant: Grant | None, default_max_tokens: int) -> 
 
 
 def _engines_view(router: Router, model: str, caps: dict[str, Capacity]) -> list[dict[str, Any]]:
-    engines = router.pool.engines
-    names = dict.fromkeys(name for route in router.routes[model] for name in route.engines)
+    engines = {e.name: e for route in router.routes[model] for e in router.members(route)}
     out = []
-    for name in names:
-        engine = engines.get(name)
-        if engine is None:
-            continue
+    for name, engine in engines.items():
         cap = caps.get(name)
         out.append(
             {

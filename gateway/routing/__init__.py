@@ -87,9 +87,13 @@ class Router:
         routes = [r for r in self.routes[request.model] if r.weight > 0 and self._usable(r, tried)]
         return self._assigners[request.model].choose(request, routes) if routes else None
 
-    def _usable(self, route: RouteSettings, tried: frozenset[str]) -> list[Engine]:
+    def members(self, route: RouteSettings) -> list[Engine]:
+        """The engines a route names, as they are now."""
         engines = self._pool.engines
-        return [e for name in route.engines if (e := engines.get(name)) and e.healthy and name not in tried]
+        return [e for name in route.engines if (e := engines.get(name))]
+
+    def _usable(self, route: RouteSettings, tried: frozenset[str]) -> list[Engine]:
+        return [e for e in self.members(route) if e.healthy and e.name not in tried]
 
     def _engine(self, request: ApiRequest, candidates: list[Engine]) -> Engine:
         if len(candidates) == 1:
