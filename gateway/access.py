@@ -19,6 +19,8 @@ class Principal:
     key_id: str | None = None
     models: tuple[str, ...] | None = None  # None: every model
     key: Any = None  # the ApiKey record, when there is one
+    priority: str = "normal"  # the scheduler's band: high, normal, low (gateway/fair_queue.py)
+    weight: float = 1.0  # the key's share within its band
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models

@@ -49,7 +49,9 @@ class RedisParts:
         self.counter = PromptCounter({m.name: m.tokenizer for m in settings.models})
         if settings.auth.enabled:
             gw.access = KeyedAccess(keys, quota, self.counter, settings.auth, gw.metrics)
-        self.admin_routes = AdminRoutes(settings.auth.admin_key, keys, quota, gw.router, self.store, engines).routes()
+        self.admin_routes = AdminRoutes(
+            settings.auth.admin_key, keys, quota, gw.router, self.store, engines, gw.scheduler.view
+        ).routes()
 
     def start(self) -> None:
         self.store.start()  # follows route changes made on any replica

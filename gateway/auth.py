@@ -77,7 +77,7 @@ class KeyedAccess:
         key = await self.keys.resolve(secret)
         if key is None or not key.usable(time.time()):
             raise invalid_key()
-        return Principal(key.id, key.models, key)
+        return Principal(key.id, key.models, key, key.priority, key.weight)
 
     async def admit(self, principal: Principal, request: ApiRequest) -> Grant:
         key = principal.key

@@ -12,7 +12,7 @@ import tempfile
 
 from gateway.keys_cli import add_keys_commands
 from gateway.report_cli import add_report_command
-from gateway.settings import CONFIG_ENV, ConfigError, Settings, load_settings
+from gateway.settings import CONFIG_ENV, WORKERS_ENV, ConfigError, Settings, load_settings
 
 log = logging.getLogger("gateway")
 
@@ -37,6 +37,7 @@ def serve(args: argparse.Namespace) -> int:
     port = args.port or settings.server.port
     workers = args.workers or settings.server.workers
     os.environ[CONFIG_ENV] = os.path.abspath(args.config)
+    os.environ[WORKERS_ENV] = str(workers)
     metrics_dir = None
     if workers > 1:
         # Each worker writes its metric values here; any worker's /metrics sums them all.

@@ -11,6 +11,7 @@ from gateway.monitor.writer import InferenceLog
 from gateway.pool import Pool
 from gateway.relay import SendWatchdog, Upstream
 from gateway.routing import Router
+from gateway.scheduler import Dispatcher, Scheduler, Unscheduled
 from gateway.settings import Settings
 from gateway.store import Store
 
@@ -23,6 +24,7 @@ class Gateway:
     router: Router
     upstream: Upstream
     watchdog: SendWatchdog
+    scheduler: Dispatcher  # engine slots: priorities and fair share when engines are full
     access: Access = field(default_factory=OpenAccess)
     started: float = field(default_factory=time.time)
     prompt_limits: dict[str, int] = field(default_factory=dict)  # model -> max request bytes
@@ -39,6 +41,13 @@ class Gateway:
         metrics = GatewayMetrics(multiprocess_dir)
         pool = Pool(settings.engines, settings.health, metrics)
         router = Router(pool, settings.models, settings.routing)
+        scheduler = Scheduler(settings, router, metrics) if settings.scheduler.enabled else Unscheduled(router)
         return cls(
-            settings, metrics, pool, router, Upstream(settings.server), SendWatchdog(settings.server.send_timeout)
+            settings,
+            metrics,
+            pool,
+            router,
+            Upstream(settings.server),
+            SendWatchdog(settings.server.send_timeout),
+            scheduler,
         )

@@ -53,6 +53,9 @@ class Code(StrEnum):
     ENGINES_OVERLOADED = "engines_overloaded"
     UPSTREAM_ERROR = "upstream_error"
     UPSTREAM_TIMEOUT = "upstream_timeout"
+    # the scheduler (every engine of the model full)
+    QUEUE_FULL = "queue_full"
+    QUEUE_TIMEOUT = "queue_timeout"
     # the gateway
     INTERNAL_ERROR = "internal_error"
     STORE_UNAVAILABLE = "store_unavailable"

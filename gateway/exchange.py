@@ -2,13 +2,15 @@
 
     async with Exchange(gw, principal, request, request_id, receive) as ex:
         await ex.admit()                 # key and quota: reserve
-        response = await ex.call_engine()  # route, send; retried once elsewhere before any byte
+        response = await ex.call_engine()  # an engine slot (queued while all are full), send;
+                                           # retried once elsewhere before any byte
         await ex.relay(response, send)   # whole or streamed
 
 The exchange is entered once and exited exactly once, whatever the ending: answered, refused,
-failed upstream, or the client gone. `__aexit__` is the one place that frees the engine slot,
-closes the upstream response, reconciles the quota (if the relay has not already, just before
-the final bytes) and records the metrics. While it runs, the client is watched: a disconnect
+failed upstream, or the client gone. `__aexit__` is the one place that closes the upstream
+response, reconciles the quota (if the relay has not already, just before the final bytes) and
+records the metrics; it frees the engine slot (gateway/scheduler.py) unless the engine finishing
+its answer has freed it already. While it runs, the client is watched: a disconnect
 cancels the work at once, which closes the upstream request, which aborts it in the engine.
 """
 
@@ -28,6 +30,7 @@ from gateway.errors import Code, GatewayError, internal_error
 from gateway.http import ClientDisconnected, ClientWatch
 from gateway.monitor.payloads import Capture
 from gateway.monitor.writer import LogEntry
+from gateway.pool import Engine
 from gateway.relay import SSE_HEADERS, EngineUnreachable, Outcome, error_of, relay_stream, relay_whole
 from gateway.request import ApiRequest
 from gateway.routing import Pick
@@ -41,6 +44,7 @@ class Exchange:
     __slots__ = (
         "_capture",
         "_settled",
+        "_slot",
         "_watch",
         "grant",
         "gw",
@@ -67,6 +71,7 @@ class Exchange:
         self.pick: Pick | None = None
         self.response: aiohttp.ClientResponse | None = None
         self.started = 0.0
+        self._slot: Engine | None = None  # the engine whose slot this request holds
         self._settled: Usage | None = None
         self._capture: Capture | None = None
         self._watch = ClientWatch()
@@ -88,7 +93,10 @@ class Exchange:
         tried: set[str] = set()
         error: GatewayError | None = None
         for attempt in range(2):
-            pick = gw.router.pick(request, frozenset(tried))
+            if attempt:
+                pick = gw.scheduler.retry(request, frozenset(tried))
+            else:  # an engine slot: at once when one has room, else in turn (gateway/scheduler.py)
+                pick = await gw.scheduler.acquire(request, self.principal, self.grant)
             if pick is None:
                 break
             self._use(pick)
@@ -122,10 +130,16 @@ class Exchange:
         raise error or GatewayError(503, f"No healthy engine serves '{model}' right now.", code=Code.NO_HEALTHY_ENGINE)
 
     def _use(self, pick: Pick) -> None:
-        if self.pick is not None:
-            self.pick.engine.outstanding -= 1
+        """Holds the pick's engine slot (taken by the scheduler); frees the one held before."""
+        self._free_slot()
         self.pick = pick
-        pick.engine.outstanding += 1
+        self._slot = pick.engine
+
+    def _free_slot(self) -> None:
+        """Gives the engine slot back (once): the scheduler may hand it to a waiting request."""
+        engine, self._slot = self._slot, None
+        if engine is not None:
+            self.gw.scheduler.release(engine)
 
     async def relay(self, response: aiohttp.ClientResponse, send: Send) -> None:
         gw = self.gw
@@ -155,8 +169,10 @@ class Exchange:
 
     async def _finishing(self) -> None:
         """The last word before the final bytes leave (the server reports a finished response as
-        a disconnect, so the watch stops first)."""
+        a disconnect, so the watch stops first). The engine is done with the request: its slot
+        goes to the next one now, not after the quota round trip and the last send."""
         self._watch.stop()
+        self._free_slot()
         await self.settle()
 
     async def settle(self) -> Usage:
@@ -190,8 +206,7 @@ class Exchange:
                 response.release()
             else:
                 response.close()  # drops the connection: the engine aborts the request
-        if self.pick is not None:
-            self.pick.engine.outstanding -= 1
+        self._free_slot()  # may dispatch a waiting request
         gw = self.gw
         gw.metrics.in_flight.dec()
         usage = await self.settle()

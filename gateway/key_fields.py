@@ -7,11 +7,14 @@ from collections.abc import Collection
 from typing import Any
 
 from gateway.errors import invalid
+from gateway.fair_queue import PRIORITIES
 from gateway.times import parse_time
 
 LIMITS = ("rpm", "tpm", "max_concurrent", "daily_tokens", "monthly_tokens")
-FIELDS = ("name", "models", *LIMITS, "expires_at", "metadata")
+SCHEDULING = ("priority", "weight")  # the key's band and share when engines are full (gateway/scheduler.py)
+FIELDS = ("name", "models", *LIMITS, "expires_at", "metadata", *SCHEDULING)
 MAX_LIMIT = 2**53 - 1  # Lua numbers are doubles: stay exact
+MAX_WEIGHT = 1_000_000
 MAX_METADATA_ENTRIES = 50
 MAX_METADATA_CHARS = 16_384
 
@@ -104,10 +107,28 @@ def _metadata(param: str, value: Any) -> dict[str, Any]:
     return dict(value)
 
 
+def _priority(param: str, value: Any) -> str | None:
+    if value is None:
+        return None  # the default, normal
+    if value not in PRIORITIES:
+        raise invalid(f"'priority' must be one of {', '.join(PRIORITIES)}, or null for normal.", param=param)
+    return str(value)
+
+
+def _weight(param: str, value: Any) -> float | None:
+    if value is None:
+        return None  # the default, 1
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= MAX_WEIGHT:
+        raise invalid(f"'weight' must be a number > 0 and <= {MAX_WEIGHT}, or null for 1.", param=param)
+    return float(value)
+
+
 _CHECKS: dict[str, Any] = {
     "name": _name,
     "models": _models,
     **dict.fromkeys(LIMITS, _limit),
     "expires_at": _expires_at,
     "metadata": _metadata,
+    "priority": _priority,
+    "weight": _weight,
 }

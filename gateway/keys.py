@@ -29,6 +29,7 @@ import redis.exceptions
 from redis.asyncio.cluster import RedisCluster
 
 from gateway.errors import quota_unavailable
+from gateway.fair_queue import PRIORITIES
 from gateway.key_fields import FIELDS, LIMITS
 from gateway.times import iso
 
@@ -60,6 +61,8 @@ class ApiKey:
     created_at: float = 0.0
     revoked_at: float | None = None
     prefix: str = ""
+    priority: str = "normal"  # the scheduler's band: high, normal, low
+    weight: float = 1.0  # the share within the band
 
     @property
     def token_limited(self) -> bool:
@@ -82,6 +85,8 @@ class ApiKey:
             "expires_at": iso(self.expires_at),
             "expires_at_unix": self.expires_at,
             "metadata": dict(self.metadata),
+            "priority": self.priority,
+            "weight": self.weight,
             "created_at": iso(self.created_at),
             "created_at_unix": self.created_at,
             "revoked": self.revoked_at is not None,
@@ -148,6 +153,8 @@ def decode_record(raw: Mapping[Any, Any]) -> ApiKey | None:
         return None
     models = _json(h.get("models"), None)
     metadata = _json(h.get("metadata"), {})
+    priority = h.get("priority") or "normal"
+    weight = _num(h.get("weight"))
     return ApiKey(
         id=h["id"],
         name=h.get("name", ""),
@@ -162,6 +169,8 @@ def decode_record(raw: Mapping[Any, Any]) -> ApiKey | None:
         created_at=_num(h.get("created_at")) or 0.0,
         revoked_at=_num(h.get("revoked_at")),
         prefix=h.get("prefix", ""),
+        priority=priority if priority in PRIORITIES else "normal",
+        weight=weight if weight is not None and 0 < weight < math.inf else 1.0,
     )
 
 

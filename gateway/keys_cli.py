@@ -25,6 +25,8 @@ def add_keys_commands(sub: Any) -> None:
         p.add_argument("--models", help="comma-separated public model names (default: all)")
         p.add_argument("--expires-at", help="ISO 8601 or unix seconds")
         p.add_argument("--metadata", help="a JSON object")
+        p.add_argument("--priority", choices=("high", "normal", "low"), help="band when engines are full")
+        p.add_argument("--weight", type=float, help="share within the band (default 1)")
 
     create = ops.add_parser("create", help="create a key; prints the secret once")
     create.add_argument("--name", required=True)
@@ -52,6 +54,9 @@ def _fields(args: argparse.Namespace) -> dict[str, Any]:
         fields["expires_at"] = int(args.expires_at) if args.expires_at.isdigit() else args.expires_at
     if args.metadata:
         fields["metadata"] = json.loads(args.metadata)
+    for name in ("priority", "weight"):
+        if getattr(args, name, None) is not None:
+            fields[name] = getattr(args, name)
     return fields
 
 

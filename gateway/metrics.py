@@ -136,6 +136,31 @@ class GatewayMetrics:
         self.inference_log_write_errors = Counter(
             "gateway_inference_log_write_errors", "Failed writes of a batch of inference log rows.", registry=r
         )
+        # The scheduler (gateway/scheduler.py): requests waiting for an engine slot, by band.
+        self.queued = Gauge(
+            "gateway_queued_requests",
+            "Requests waiting in the gateway for an engine slot.",
+            ["band"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.queue_wait = Histogram(
+            "gateway_queue_wait_seconds",
+            "Time a dispatched request waited for an engine slot.",
+            ["band"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.dispatches = Counter("gateway_dispatches", "Requests dispatched from the queue.", ["band"], registry=r)
+        self.queue_timeouts = Counter(
+            "gateway_queue_timeouts", "Requests that waited max_queue_wait (429 queue_timeout).", ["band"], registry=r
+        )
+        self.queue_full = Counter(
+            "gateway_queue_full",
+            "Requests refused at once: their key had max_queued_per_key waiting.",
+            ["band"],
+            registry=r,
+        )
         # The children the request path touches, by label values (see Children).
         self.requests_by = Children(self.requests)
         self.key_requests_by = Children(self.key_requests)

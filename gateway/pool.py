@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import aiohttp
@@ -85,6 +86,8 @@ class Pool:
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._changed = asyncio.Event()
+        # called after each engine's health check (the scheduler learns capacity from them)
+        self.on_checked: list[Callable[[Engine], None]] = []
 
     def members(self, name: str) -> list[str]:
         """The engines a route's entry name stands for now."""
@@ -172,3 +175,5 @@ class Pool:
         m = self._metrics
         m.engine_waiting.labels(engine.name).set(engine.waiting)
         m.engine_outstanding.labels(engine.name).set(engine.outstanding)
+        for listener in self.on_checked:
+            listener(engine)

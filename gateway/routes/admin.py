@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -33,6 +34,7 @@ class AdminRoutes:
         router: Router,
         store: RouteStore,
         engines: dict[str, EngineSettings],
+        queues: Callable[[str], dict[str, Any]] | None = None,
     ) -> None:
         self._admin_key = admin_key
         self._keys = keys
@@ -40,6 +42,7 @@ class AdminRoutes:
         self._router = router
         self._store = store
         self._engines = engines
+        self._queues = queues  # this process's scheduler: queues by band, engine slots
 
     def routes(self) -> list[Route]:
         return [
@@ -119,12 +122,15 @@ class AdminRoutes:
 
     def _model_view(self, model: str) -> dict[str, Any]:
         current = self._router.routes[model]
-        return {
+        view = {
             "id": model,
             "routes": routes_json(current),
             "configured_routes": routes_json(self._router.configured(model)),
             "overridden": current != self._router.configured(model),
         }
+        if self._queues is not None:
+            view["scheduler"] = self._queues(model)
+        return view
 
     def _model_or_404(self, request: Request) -> str:
         model = request.path_params["model"]

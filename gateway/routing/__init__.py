@@ -4,7 +4,9 @@
 2. The model's assigner picks one route (version) among them (gateway/routing/assign.py).
 3. The configured plugins filter and score that route's engines (gateway/routing/plugins.py);
    the highest total score wins, ties broken at random so equal engines share the load.
-The router never branches on which plugins are configured.
+The router never branches on which plugins are configured. `assign` does steps 1-2 alone: the
+scheduler (gateway/scheduler.py) assigns a request's route when it arrives and has the engine
+picked in that route, among the engines with room, once one has a free slot.
 """
 
 from __future__ import annotations
@@ -57,20 +59,20 @@ class Router:
     def knows(self, model: str) -> bool:
         return model in self.routes
 
-    def pick(self, request: ApiRequest, tried: frozenset[str] = frozenset()) -> Pick | None:
-        pool = self._pool
-        engines = pool.engines
+    def pick(
+        self, request: ApiRequest, tried: frozenset[str] = frozenset(), route: RouteSettings | None = None
+    ) -> Pick | None:
+        """An engine for the request, none of `tried`: in `route` when the route was assigned
+        already (see `assign`), else in a route assigned now."""
+        if route is not None:
+            found = self._usable(route, tried)
+            return Pick(self._engine(request, found), route) if found else None
         usable: dict[str, list[Engine]] = {}
         routes: list[RouteSettings] = []
         for route in self.routes[request.model]:
             if route.weight <= 0:
                 continue
-            found = [
-                e
-                for entry in route.engines
-                for name in pool.members(entry)
-                if (e := engines.get(name)) and e.healthy and name not in tried
-            ]
+            found = self._usable(route, tried)
             if found:
                 usable[route.name] = found
                 routes.append(route)
@@ -78,6 +80,22 @@ class Router:
             return None
         route = self._assigners[request.model].choose(request, routes)
         return Pick(self._engine(request, usable[route.name]), route)
+
+    def assign(self, request: ApiRequest, tried: frozenset[str] = frozenset()) -> RouteSettings | None:
+        """Steps 1 and 2 alone: the route (version) for the request, among the routes with a
+        usable engine; None when there is none. The engine is picked later, in that route."""
+        routes = [r for r in self.routes[request.model] if r.weight > 0 and self._usable(r, tried)]
+        return self._assigners[request.model].choose(request, routes) if routes else None
+
+    def members(self, route: RouteSettings) -> list[Engine]:
+        """The engines a route names, as they are now (a `discover: dns` entry stands for the
+        engines found under its name)."""
+        pool = self._pool
+        engines = pool.engines
+        return [e for entry in route.engines for name in pool.members(entry) if (e := engines.get(name))]
+
+    def _usable(self, route: RouteSettings, tried: frozenset[str]) -> list[Engine]:
+        return [e for e in self.members(route) if e.healthy and e.name not in tried]
 
     def _engine(self, request: ApiRequest, candidates: list[Engine]) -> Engine:
         if len(candidates) == 1:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from gateway.settings.engines import ENGINE_KINDS, MANAGED_KINDS, EngineSettings
 from gateway.settings.inference_log import InferenceLogSettings, PayloadCapture, parse_inference_log
 from gateway.settings.models import ModelSettings, RouteSettings, parse_model, parse_routes
 from gateway.settings.reader import ConfigError, Reader
+from gateway.settings.scheduler import SchedulerSettings, parse_scheduler
 from gateway.settings.sections import (
     AuthSettings,
     HealthSettings,
@@ -33,7 +34,7 @@ from gateway.settings.sections import (
 )
 from gateway.store.config import StoreConfigError, StoreSettings, parse_store_settings
 
-SECTIONS = ("server", "health", "routing", "engines", "models", "redis", "auth", "store", "inference_log")
+SECTIONS = ("server", "health", "routing", "engines", "models", "redis", "auth", "store", "inference_log", "scheduler")
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class Settings:
     auth: AuthSettings
     store: StoreSettings = field(default_factory=StoreSettings)
     inference_log: InferenceLogSettings = field(default_factory=InferenceLogSettings)
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
 
 
 def parse_settings(
@@ -97,6 +99,7 @@ def parse_settings(
         auth=auth,
         store=store,
         inference_log=parse_inference_log(r, data),
+        scheduler=parse_scheduler(r, data),
     )
 
 
@@ -120,14 +123,20 @@ def _project_root(config_path: Path) -> Path:
 
 
 CONFIG_ENV = "LLM_GATEWAY_CONFIG"
+WORKERS_ENV = "LLM_GATEWAY_WORKERS"  # --workers, which overrides server.workers
 
 
 def settings_from_env() -> Settings:
-    """For uvicorn worker processes: the CLI puts the config path in the environment."""
+    """For uvicorn worker processes: the CLI puts the config path (and --workers) in the environment."""
     path = os.environ.get(CONFIG_ENV)
     if not path:
         raise ConfigError(f"{CONFIG_ENV} is not set: start the gateway with `llm-gateway serve --config FILE`")
-    return load_settings(path)
+    settings = load_settings(path)
+    workers = os.environ.get(WORKERS_ENV, "")
+    if workers.isdigit() and int(workers) >= 1:
+        # each process takes its share of an engine's max_inflight (gateway/capacity.py)
+        settings = replace(settings, server=replace(settings.server, workers=int(workers)))
+    return settings
 
 
 def multiprocess_dir() -> str | None:
@@ -144,6 +153,7 @@ __all__ = [
     "CONFIG_ENV",
     "ENGINE_KINDS",
     "MANAGED_KINDS",
+    "WORKERS_ENV",
     "AuthSettings",
     "ConfigError",
     "EngineSettings",
@@ -154,6 +164,7 @@ __all__ = [
     "RedisSettings",
     "RouteSettings",
     "RoutingSettings",
+    "SchedulerSettings",
     "ServerSettings",
     "Settings",
     "StoreSettings",

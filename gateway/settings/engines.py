@@ -46,6 +46,9 @@ class EngineSettings:
     metrics_path: str | None = "/metrics"
     api_key: str | None = None  # sent upstream as a bearer token (external engines)
     max_restarts_per_minute: int = 10
+    # requests the gateway keeps in flight there at most (split between its worker processes);
+    # None: learned from the engine's own running/waiting figures (gateway/capacity.py)
+    max_inflight: int | None = None
     vllm: VllmSettings = field(default_factory=VllmSettings)
     discovery: DnsDiscovery | None = None  # `discover: dns`: one engine per address of a name
 
@@ -73,6 +76,7 @@ _ENGINE_KEYS = (
     "metrics_path",
     "api_key_env",
     "max_restarts_per_minute",
+    "max_inflight",
     "vllm",
     *DISCOVERY_KEYS,
 )
@@ -106,6 +110,7 @@ def parse_engine(r: Reader, index: int, data: Any, base_dir: Path, env: Mapping[
         "api_key": env.get(api_key_env) if api_key_env else None,
         "served_model_name": r.get(data, "served_model_name", path, str, None),
         "max_restarts_per_minute": r.get(data, "max_restarts_per_minute", path, int, 10, 1),
+        "max_inflight": r.get(data, "max_inflight", path, int, None, 1),
     }
     if "vllm" in data:
         if kind != "vllm":
