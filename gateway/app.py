@@ -10,10 +10,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route, Router
 
+from gateway.batch.runner import BatchRunner
 from gateway.context import Gateway
 from gateway.middleware import Front
+from gateway.routes.batches import BatchRoutes
+from gateway.routes.files import FileRoutes
 from gateway.routes.openai import openai_routes
 from gateway.settings import Settings, multiprocess_dir, settings_from_env
+from gateway.store import open_store
 
 
 class RedisParts:
@@ -63,6 +67,7 @@ class RedisParts:
 def build_app(settings: Settings, *, multiprocess: str | None = None) -> Front:
     gw = Gateway.build(settings, multiprocess)
     parts = RedisParts(settings, gw) if settings.redis.url else None
+    runner = BatchRunner(gw)  # runs batches once the store is open
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -82,9 +87,13 @@ def build_app(settings: Settings, *, multiprocess: str | None = None) -> Front:
         await gw.access.start()
         if parts:
             parts.start()
+        gw.store = await open_store(settings.store.url, settings.store.data_dir)
+        runner.start(gw.store)
         try:
             yield
         finally:
+            await runner.stop()
+            await gw.store.close()
             if parts:
                 await parts.stop()
             await gw.access.stop()
@@ -93,6 +102,8 @@ def build_app(settings: Settings, *, multiprocess: str | None = None) -> Front:
 
     routes: list[BaseRoute] = [
         *openai_routes(gw),
+        *FileRoutes(gw).routes(),
+        *BatchRoutes(gw, runner).routes(),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),

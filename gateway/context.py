@@ -1,4 +1,4 @@
-"""What every request of one gateway process shares: settings, metrics, engines, router, clients."""
+"""What every request of one gateway process shares: settings, metrics, engines, router, clients, store."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from gateway.pool import Pool
 from gateway.relay import SendWatchdog, Upstream
 from gateway.routing import Router
 from gateway.settings import Settings
+from gateway.store import Store
 
 
 @dataclass
@@ -22,6 +23,7 @@ class Gateway:
     upstream: Upstream
     watchdog: SendWatchdog
     access: Access = field(default_factory=OpenAccess)
+    store: Store | None = None  # opened in the app's lifespan: files, batches
     started: float = field(default_factory=time.time)
 
     @classmethod

@@ -53,6 +53,12 @@ class Code(StrEnum):
     ENGINES_OVERLOADED = "engines_overloaded"
     UPSTREAM_ERROR = "upstream_error"
     UPSTREAM_TIMEOUT = "upstream_timeout"
+    # files and batches
+    FILE_NOT_FOUND = "file_not_found"
+    BATCH_NOT_FOUND = "batch_not_found"
+    INVALID_FILE_PURPOSE = "invalid_file_purpose"
+    BATCH_NOT_CANCELLABLE = "batch_not_cancellable"
+    STORE_UNAVAILABLE = "store_unavailable"
     # the gateway
     INTERNAL_ERROR = "internal_error"
 

@@ -2,7 +2,8 @@
 
 This package is the only place that reads environment variables. Errors name the file, the key
 and what is wrong. Each section has its parser in a module of its own: `sections` (server,
-health, routing, redis, auth), `engines`, `models`; `reader` walks the tree.
+health, routing, redis, auth), `engines`, `models`, `batch` (files, batch); the store's section
+is parsed by gateway/store/config.py; `reader` walks the tree.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from gateway.settings.batch import BatchSettings, FilesSettings, parse_batch, parse_files
 from gateway.settings.engines import ENGINE_KINDS, MANAGED_KINDS, EngineSettings, VllmSettings, parse_engine
 from gateway.settings.models import ModelSettings, RouteSettings, parse_model, parse_routes
 from gateway.settings.reader import ConfigError, Reader
@@ -30,8 +32,9 @@ from gateway.settings.sections import (
     parse_routing,
     parse_server,
 )
+from gateway.store.config import StoreConfigError, StoreSettings, parse_store_settings
 
-SECTIONS = ("server", "health", "routing", "engines", "models", "redis", "auth")
+SECTIONS = ("server", "health", "routing", "engines", "models", "redis", "auth", "store", "files", "batch")
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,9 @@ class Settings:
     models: tuple[ModelSettings, ...]
     redis: RedisSettings
     auth: AuthSettings
+    store: StoreSettings
+    files: FilesSettings
+    batch: BatchSettings
 
 
 def parse_settings(
@@ -78,6 +84,10 @@ def parse_settings(
     auth = parse_auth(r, data, env)
     if auth.enabled and not redis.url:
         raise r.fail("auth.enabled", "API keys and quotas need Redis: set redis.url or GATEWAY_REDIS_URL")
+    try:
+        store = parse_store_settings(data.get("store"), base_dir=base_dir, env=env)
+    except StoreConfigError as exc:
+        raise r.fail(exc.key, exc.problem) from None
     return Settings(
         source=source,
         server=parse_server(r, data),
@@ -87,6 +97,9 @@ def parse_settings(
         models=models,
         redis=redis,
         auth=auth,
+        store=store,
+        files=parse_files(r, data),
+        batch=parse_batch(r, data),
     )
 
 
@@ -135,8 +148,10 @@ __all__ = [
     "ENGINE_KINDS",
     "MANAGED_KINDS",
     "AuthSettings",
+    "BatchSettings",
     "ConfigError",
     "EngineSettings",
+    "FilesSettings",
     "HealthSettings",
     "ModelSettings",
     "RedisSettings",
@@ -144,6 +159,7 @@ __all__ = [
     "RoutingSettings",
     "ServerSettings",
     "Settings",
+    "StoreSettings",
     "VllmSettings",
     "load_settings",
     "parse_routes",
