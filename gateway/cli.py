@@ -1,4 +1,5 @@
-"""`llm-gateway serve --config FILE [--host H] [--port P] [--workers N]` and `llm-gateway keys ...`."""
+"""`llm-gateway serve --config FILE [--host H] [--port P] [--workers N]`, `llm-gateway keys ...` and
+`llm-gateway batch ...`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import shutil
 import sys
 import tempfile
 
+from gateway.batch.cli import add_batch_commands
 from gateway.keys_cli import add_keys_commands
 from gateway.settings import CONFIG_ENV, ConfigError, Settings, load_settings
 
@@ -84,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", required=True)
     c.set_defaults(func=check)
     add_keys_commands(sub)
+    add_batch_commands(sub)
     return parser
 
 

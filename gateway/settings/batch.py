@@ -20,6 +20,7 @@ batch:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -65,3 +66,10 @@ def parse_batch(r: Reader, data: Mapping[str, Any]) -> BatchSettings:
         if getattr(batch, name) <= 0:
             raise r.fail(f"batch.{name}", "must be > 0")
     return batch
+
+
+def batch_client_settings(url: str | None, key: str | None) -> tuple[str, str | None]:
+    """For the `batch` CLI: the gateway's address and the client's API key, from flags or the
+    environment (GATEWAY_URL, GATEWAY_API_KEY)."""
+    base = url or os.environ.get("GATEWAY_URL") or "http://127.0.0.1:8080"
+    return base.rstrip("/"), key or os.environ.get("GATEWAY_API_KEY") or None

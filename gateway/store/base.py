@@ -148,7 +148,8 @@ class Store(ABC):
     @abstractmethod
     async def extend_claims(self, batch_id: str, claim_tokens: Collection[str], claim_ttl: float) -> int:
         """Push back the expiry of the lines still claimed under these claims (a runner whose
-        lines take longer than a claim's TTL keeps them); returns how many lines it kept."""
+        lines take longer than a claim's TTL keeps them); returns how many lines it kept. A TTL
+        of 0 hands them back: any runner may claim them at once (a runner that stops)."""
 
     @abstractmethod
     async def record_result(self, batch_id: str, line: int, claim_token: str, outcome: LineOutcome) -> bool:
