@@ -8,11 +8,12 @@
   idle engine, then while a 2,000-line batch runs, for each `--ttft-concurrency` (the runner's
   lines in flight; a gateway each). The batch is cancelled after the measurement.
 - `memory`: the gateway's RSS (sampled every 50 ms) while a 100,000-line file is uploaded,
-  validated and stored, run against the fast fake engine, finalized, and downloaded.
+  validated and stored, run against the fast fake engine, finalized, and downloaded; then while
+  a 200 MiB file is uploaded and read back.
 
     .venv/bin/python bench/batch_inference.py [--sections throughput,ttft,memory] [--rounds 2]
         [--lines 160] [--tokens 32] [--concurrency 16] [--ttft-concurrency 16,4]
-        [--memory-lines 100000] [--store-url sqlite:///bench.db]
+        [--memory-lines 100000] [--upload-mb 200] [--store-url sqlite:///bench.db]
 """
 
 from __future__ import annotations
@@ -207,8 +208,8 @@ class RssSampler:
             time.sleep(0.05)
 
     def phase(self) -> float:
-        """The peak since the last call, in MiB."""
-        peak, self.phase_peak = self.phase_peak, 0
+        """The peak since the last call (now included), in MiB."""
+        peak, self.phase_peak = max(self.phase_peak, self.process.memory_info().rss), 0
         return peak / 2**20
 
     def __enter__(self) -> RssSampler:
@@ -267,8 +268,39 @@ def memory(tmp: Path, args: argparse.Namespace) -> None:
             for name, peak, seconds in phases:
                 print(f"  {name:<24} peak RSS {peak:7.1f} MiB  {seconds:7.1f} s")
             print(f"  overall peak {rss.peak / 2**20:.1f} MiB")
+            if args.upload_mb:
+                upload_only(tmp, client, gw, args.upload_mb)
     finally:
         fake.stop()
+
+
+def upload_only(tmp: Path, client: httpx.Client, gw: Proc, megabytes: int) -> None:
+    """A file of `megabytes` MiB uploaded and read back: the gateway's RSS stays flat."""
+    assert gw.proc is not None
+    big = tmp / "big.jsonl"
+    line = json.dumps({"custom_id": "x", "method": "POST", "url": "/v1/completions", "body": {"prompt": "y" * 900}})
+    with big.open("w") as f:
+        for _ in range(megabytes * 2**20 // (len(line) + 1)):
+            f.write(line + "\n")
+    with RssSampler(gw.proc.pid) as rss:
+        time.sleep(0.3)
+        idle = rss.phase()
+        start = time.perf_counter()
+        with big.open("rb") as f:
+            uploaded = client.post("/v1/files", data={"purpose": "batch"}, files={"file": ("big.jsonl", f)}).json()
+        up_s, up_peak = time.perf_counter() - start, rss.phase()
+        start = time.perf_counter()
+        size = 0
+        with client.stream("GET", f"/v1/files/{uploaded['id']}/content") as r:
+            for chunk in r.iter_bytes():
+                size += len(chunk)
+        down_s, down_peak = time.perf_counter() - start, rss.phase()
+    assert size == big.stat().st_size == uploaded["bytes"]
+    print(
+        f"  upload {size / 2**20:.0f} MiB: idle {idle:.1f} MiB, peak {up_peak:.1f} MiB ({size / 2**20 / up_s:.0f} MiB/s);"
+        f" download peak {down_peak:.1f} MiB ({size / 2**20 / down_s:.0f} MiB/s)"
+    )
+    client.delete(f"/v1/files/{uploaded['id']}")
 
 
 def main() -> None:
@@ -282,6 +314,7 @@ def main() -> None:
     p.add_argument("--ttft-concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[16, 4])
     p.add_argument("--ttft-requests", type=int, default=30)
     p.add_argument("--memory-lines", type=int, default=100_000)
+    p.add_argument("--upload-mb", type=int, default=200, help="then one upload this large (0: none)")
     p.add_argument("--store-url", default="sqlite:///bench.db")
     args = p.parse_args()
     sections = args.sections.split(",")

@@ -6,5 +6,7 @@
 - `upload`: a multipart upload streamed into the store as it arrives.
 - `dispatch`: one line through the interactive request path (gateway/exchange.py), no client.
 - `runner` and `job`: any replica runs any batch under a lease; lines are claimed in small
-  groups, and their results recorded in groups, so no crash loses or duplicates a line.
+  groups, and their results recorded in groups, so no crash loses or duplicates a line;
+  `slots` bounds the lines a process has in flight.
+- `cli`: `llm-gateway batch run FILE --wait` and friends.
 """
