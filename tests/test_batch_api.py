@@ -271,7 +271,8 @@ def test_files_api(gws: Proc) -> None:
     assert r.status_code == 200 and r.json()["purpose"] == "user_data" and r.json()["bytes"] == len(content), r.text
     second = c.files.retrieve(r.json()["id"])
     assert second.filename == "late.jsonl" and c.files.content(second.id).content == content
-    third = c.files.create(file=("small.jsonl", b"{}\n"), purpose="batch")
+    third = c.files.create(file=("dossier/résumé.jsonl", b"{}\n"), purpose="batch")
+    assert third.filename == "résumé.jsonl" and c.files.content(third.id).content == b"{}\n"
     assert [f.id for f in c.files.list()] == [third.id, second.id, first.id]
     assert [f.id for f in c.files.list(order="asc")] == [first.id, second.id, third.id]
     assert [f.id for f in c.files.list(purpose="user_data")] == [second.id]

@@ -25,6 +25,7 @@ from gateway.store import FileRecord, FileTooLargeError, Owner, Store
 MAX_FIELD_BYTES = 64 * 1024  # any part but the file
 SPOOL_IN_MEMORY = 1 << 20
 MULTIPART_SLACK = 64 * 1024  # boundaries and part headers around the file's own bytes
+MAX_FILENAME = 255
 
 # (kind, name or data, filename): a part begins, a piece of its data, a part ends
 Event = tuple[str, bytes, str | None]
@@ -63,7 +64,13 @@ class _Parser:
     def _headers_finished(self) -> None:
         _, options = parse_options_header(self._disposition)
         filename = options.get(b"filename")
-        self.events.append(("part", options.get(b"name", b""), None if filename is None else filename.decode()))
+        self.events.append(("part", options.get(b"name", b""), None if filename is None else _filename(filename)))
+
+
+def _filename(raw: bytes) -> str:
+    """The name as the client gave it (UTF-8, as browsers and SDKs send it), without any path."""
+    name = raw.decode("utf-8", errors="replace").replace("\\", "/").rsplit("/", 1)[-1]
+    return name[:MAX_FILENAME]
 
 
 async def _events(body: AsyncIterable[bytes], boundary: bytes) -> AsyncGenerator[Event, None]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import quote
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -43,9 +44,11 @@ def int_param(request: Request, name: str, default: int, low: int, high: int) ->
 
 
 def content_response(record: FileRecord, parts: AsyncIterator[bytes]) -> Response:
+    # Header values are latin-1: an ASCII fallback, and the exact name in RFC 6266's filename*.
+    fallback = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "_" for c in record.filename)
     headers = {
         "content-length": str(record.bytes),
-        "content-disposition": f'attachment; filename="{record.filename.replace(chr(34), "")}"',
+        "content-disposition": f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(record.filename)}",
     }
     return StreamingResponse(parts, media_type="application/octet-stream", headers=headers)
 
