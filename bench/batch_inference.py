@@ -5,14 +5,15 @@
   rounds alternating, medians. The batch time runs from `batches.create` returning to the client
   seeing `completed` (finalize and polling included).
 - `ttft`: an interactive client's time to first token (streamed, one request at a time) on the
-  idle engine, then while a 2,000-line batch runs, for each `--ttft-concurrency` (the runner's
-  lines in flight; a gateway each). The batch is cancelled after the measurement.
+  idle engine (half before the batch, half after) and while a 2,000-line batch runs, for each
+  `--ttft-concurrency` (the runner's lines in flight; a gateway each). The batch is cancelled
+  after the measurement.
 - `memory`: the gateway's RSS (sampled every 50 ms) while a 100,000-line file is uploaded,
   validated and stored, run against the fast fake engine, finalized, and downloaded; then while
   a 200 MiB file is uploaded and read back.
 
     .venv/bin/python bench/batch_inference.py [--sections throughput,ttft,memory] [--rounds 2]
-        [--lines 160] [--tokens 32] [--concurrency 16] [--ttft-concurrency 16,4]
+        [--lines 320] [--tokens 32] [--concurrency 16] [--ttft-concurrency 16,4,1]
         [--memory-lines 100000] [--upload-mb 200] [--store-url sqlite:///bench.db]
 """
 
@@ -173,7 +174,7 @@ def ttft(tmp: Path, engine: Proc, args: argparse.Namespace) -> None:
         with gateway_for(tmp, engine.url, MODEL, batch_cfg, f"gw-ttft-{concurrency}", args.store_url) as gw:
             client = httpx.Client(base_url=gw.url, timeout=600)
             asyncio.run(ttfts(gw.url, 3))  # warm-up
-            idle = asyncio.run(ttfts(gw.url, args.ttft_requests))
+            idle = asyncio.run(ttfts(gw.url, args.ttft_requests // 2))  # half before the batch, half after
             created = submit(client, batch_file(2000, args.tokens))
             while client.get(f"/v1/batches/{created['id']}").json()["request_counts"]["completed"] < concurrency:
                 time.sleep(0.1)
@@ -185,6 +186,7 @@ def ttft(tmp: Path, engine: Proc, args: argparse.Namespace) -> None:
             )
             client.post(f"/v1/batches/{created['id']}/cancel")
             wait(client, created["id"])
+            idle += asyncio.run(ttfts(gw.url, args.ttft_requests - args.ttft_requests // 2))
             i50, b50 = pct(idle, 0.5), pct(busy, 0.5)
             print(
                 f"  {concurrency:>15} {i50:>8.1f}ms {b50:>8.1f}ms {b50 / i50:>5.2f}x {pct(idle, 0.9):>8.1f}ms"
@@ -307,12 +309,12 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--sections", default="throughput,ttft,memory")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--lines", type=int, default=160)
+    p.add_argument("--lines", type=int, default=320)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--threads", type=int, default=2, help="the engine's torch threads")
-    p.add_argument("--ttft-concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[16, 4])
-    p.add_argument("--ttft-requests", type=int, default=30)
+    p.add_argument("--ttft-concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[16, 4, 1])
+    p.add_argument("--ttft-requests", type=int, default=40)
     p.add_argument("--memory-lines", type=int, default=100_000)
     p.add_argument("--upload-mb", type=int, default=200, help="then one upload this large (0: none)")
     p.add_argument("--store-url", default="sqlite:///bench.db")

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
-from tests.store_fixtures import FakeClock, StoreEnv
+import asyncpg
+
+from gateway.store.batches import ANALYZE_AFTER_LINES
+from tests.store_fixtures import FakeClock, StoreEnv, fresh_database
 from tests.test_store_batches import lines, ok, spec
 
 
@@ -44,3 +48,21 @@ def test_a_zero_ttl_hands_claims_back_at_once(store_env: StoreEnv) -> None:
             assert await store.record_results([(again[0], ok(1))]) == [True]
 
     asyncio.run(main())
+
+
+def test_a_big_batch_leaves_fresh_planner_statistics(tmp_path: Path) -> None:
+    """On PostgreSQL, claims walk the unfinished-lines index in order only when the planner knows
+    the batch's lines are many: create_batch refreshes the statistics after a big insert."""
+
+    async def main(url: str) -> None:
+        async with StoreEnv("postgresql", url, tmp_path).open() as store:
+            await store.create_batch(spec(), lines(ANALYZE_AFTER_LINES))
+        conn = await asyncpg.connect(url)
+        try:
+            tuples = await conn.fetchval("SELECT reltuples FROM pg_class WHERE relname = 'batch_lines'")
+        finally:
+            await conn.close()
+        assert tuples >= ANALYZE_AFTER_LINES
+
+    with fresh_database() as url:
+        asyncio.run(main(url))
