@@ -13,7 +13,7 @@
   a 200 MiB file is uploaded and read back.
 
     .venv/bin/python bench/batch_inference.py [--sections throughput,ttft,memory] [--rounds 2]
-        [--lines 320] [--tokens 32] [--concurrency 16] [--ttft-concurrency 16,4,1]
+        [--lines 640] [--tokens 32] [--concurrency 16] [--ttft-concurrency 16,4,1]
         [--memory-lines 100000] [--upload-mb 200] [--store-url sqlite:///bench.db]
 """
 
@@ -139,7 +139,9 @@ def throughput(tmp: Path, engine: Proc, args: argparse.Namespace) -> None:
         )
         print(f"  direct to the engine: {d:.0f} tokens/s  (rounds: {', '.join(f'{x:.0f}' for x in direct)})")
         print(f"  batch via gateway:    {b:.0f} tokens/s  (rounds: {', '.join(f'{x:.0f}' for x in batched)})")
-        print(f"  batch / direct: {b / d:.2f}")
+        ratios = [y / x for x, y in zip(direct, batched, strict=True)]
+        each = ", ".join(f"{r:.2f}" for r in ratios)
+        print(f"  batch / direct: {statistics.median(ratios):.2f} (median of the rounds' ratios: {each})")
 
 
 async def ttfts(url: str, n: int) -> list[float]:
@@ -309,7 +311,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--sections", default="throughput,ttft,memory")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--lines", type=int, default=320)
+    p.add_argument("--lines", type=int, default=640)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--threads", type=int, default=2, help="the engine's torch threads")
