@@ -350,10 +350,10 @@ def test_cancel_mid_way(gws: Proc) -> None:
 def test_expiry_keeps_done_lines(gws: Proc) -> None:
     _, secret = create_key(gws)
     c = client(gws, secret)
-    lines = slow_lines(150, tokens=64)  # far more than 4 s of work for the tiny engine
+    lines = slow_lines(150, tokens=64)  # far more than 6 s of work for the tiny engine
     f = c.files.create(file=("slow.jsonl", jsonl(lines)), purpose="batch")
-    batch = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="4s")
-    assert batch.completion_window == "4s" and batch.expires_at == batch.created_at + 4
+    batch = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="6s")
+    assert batch.completion_window == "6s" and batch.expires_at == batch.created_at + 6
     done = wait_final(c, batch.id, timeout=60)
     assert done.status == "expired" and done.expired_at and done.expired_at >= batch.expires_at
     counts = done.request_counts

@@ -65,6 +65,10 @@ def parse_batch(r: Reader, data: Mapping[str, Any]) -> BatchSettings:
     for name in ("lease_ttl", "claim_ttl", "poll_interval"):
         if getattr(batch, name) <= 0:
             raise r.fail(f"batch.{name}", "must be > 0")
+    # A runner renews its lease and extends its claims between polls: both must outlast a few.
+    for name in ("lease_ttl", "claim_ttl"):
+        if getattr(batch, name) < 3 * batch.poll_interval:
+            raise r.fail(f"batch.{name}", f"must be at least 3 x batch.poll_interval ({3 * batch.poll_interval:g} s)")
     return batch
 
 
