@@ -10,14 +10,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route, Router
 
-from gateway.batch.runner import BatchRunner
+from gateway.batch.service import BatchService
 from gateway.context import Gateway
 from gateway.middleware import Front
 from gateway.routes.batches import BatchRoutes
 from gateway.routes.files import FileRoutes
 from gateway.routes.openai import openai_routes
 from gateway.settings import Settings, multiprocess_dir, settings_from_env
-from gateway.store import open_store
 
 
 class RedisParts:
@@ -67,7 +66,7 @@ class RedisParts:
 def build_app(settings: Settings, *, multiprocess: str | None = None) -> Front:
     gw = Gateway.build(settings, multiprocess)
     parts = RedisParts(settings, gw) if settings.redis.url else None
-    runner = BatchRunner(gw)  # runs batches once the store is open
+    batches = BatchService(gw)  # the store (files, batches) and the batch runner
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -87,13 +86,11 @@ def build_app(settings: Settings, *, multiprocess: str | None = None) -> Front:
         await gw.access.start()
         if parts:
             parts.start()
-        gw.store = await open_store(settings.store.url, settings.store.data_dir)
-        runner.start(gw.store)
+        await batches.start()
         try:
             yield
         finally:
-            await runner.stop()
-            await gw.store.close()
+            await batches.stop()
             if parts:
                 await parts.stop()
             await gw.access.stop()
@@ -103,7 +100,7 @@ def build_app(settings: Settings, *, multiprocess: str | None = None) -> Front:
     routes: list[BaseRoute] = [
         *openai_routes(gw),
         *FileRoutes(gw).routes(),
-        *BatchRoutes(gw, runner).routes(),
+        *BatchRoutes(gw, batches.runner).routes(),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),

@@ -26,7 +26,11 @@ MAX_FILES_PAGE = 10_000
 
 def store_of(gw: Gateway) -> Store:
     if gw.store is None:
-        raise GatewayError(503, "The store is not open yet; retry shortly.", code=Code.STORE_UNAVAILABLE)
+        raise GatewayError(
+            503,
+            "Files and batches are unavailable: the store is not open (see the gateway's log).",
+            code=Code.STORE_UNAVAILABLE,
+        )
     return gw.store
 
 
