@@ -2,6 +2,8 @@
 
 Pure ASGI (no framework), canned bodies built once. It also injects faults for tests:
 `--fail-status 500` answers every completion with that status (health stays good).
+`--delay-ms` is a service time for whole (non-streamed) answers; `--count` counts requests per
+`user` field (`GET /counts` -> {user: n}), so a test can see how often the engine ran a request.
 
 With `--capacity N` (or `--service-ms M`) it behaves like a saturable engine instead: at most N
 requests run at once, the rest wait in its own first-come queue; a running request holds its
@@ -15,7 +17,7 @@ do), so the slots do not free all at once.
 
     python bench/fake_upstream.py --port 9000 [--chunks 32] [--pace-ms 0] [--fail-status 0]
                                   [--capacity 0] [--service-ms 0] [--first-token-ms -1]
-                                  [--service-spread 0]
+                                  [--service-spread 0] [--delay-ms 0] [--count]
 """
 
 from __future__ import annotations
@@ -137,6 +139,8 @@ class FakeEngine:
         service_ms: float = 0.0,
         first_token_ms: float = -1.0,
         service_spread: float = 0.0,
+        delay_ms: float = 0.0,
+        count: bool = False,
     ) -> None:
         self.chunks = chunks
         self.pace = pace_ms / 1000
@@ -148,6 +152,8 @@ class FakeEngine:
         self.first_token = min(first, self.service)
         self.spread = service_spread
         self.rng = random.Random(0)
+        self.delay = delay_ms / 1000
+        self.counts: dict[str, int] | None = {} if count else None
         self.full = _completion(model, chunks)
         self.stream_chunks = [_chunk(model, "x ", None) for _ in range(chunks - 1)] + [_chunk(model, "x", "length")]
         self.usage = _usage_chunk(model, chunks)
@@ -171,6 +177,8 @@ class FakeEngine:
                 return await _reply(send, 200, text.encode(), [(b"content-type", b"text/plain")])
             if path == "/stats":
                 return await _reply(send, 200, json.dumps(self.slots.stats()).encode())
+            if path == "/counts" and self.counts is not None:
+                return await _reply(send, 200, json.dumps(self.counts).encode())
             return await _reply(send, 404, b'{"error":{"message":"no route"}}')
         if path == "/stats/reset":
             self.slots.reset()
@@ -181,6 +189,9 @@ class FakeEngine:
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
+        if self.counts is not None:
+            user = str(json.loads(body).get("user"))
+            self.counts[user] = self.counts.get(user, 0) + 1
         if self.fail_status:
             return await _reply(send, self.fail_status, b'{"error":{"message":"injected fault","type":"server_error"}}')
         # A cheap look for "stream":true, as the canned answers need no real parsing.
@@ -191,6 +202,8 @@ class FakeEngine:
         elif stream:
             await self._stream(send, usage)
         else:
+            if self.delay:
+                await asyncio.sleep(self.delay)
             await _reply(send, 200, self.full)
 
     async def _saturable(self, receive: Receive, send: Send, body: bytes, stream: bool, usage: bool) -> None:
@@ -273,6 +286,8 @@ def main() -> None:
     p.add_argument("--service-ms", type=float, default=0.0, help="how long a running request holds its slot")
     p.add_argument("--first-token-ms", type=float, default=-1.0, help="first chunk after (default: evenly paced)")
     p.add_argument("--service-spread", type=float, default=0.0, help="service times vary by up to this fraction")
+    p.add_argument("--delay-ms", type=float, default=0.0, help="service time of a whole (non-streamed) answer")
+    p.add_argument("--count", action="store_true", help="count requests per `user` (GET /counts)")
     args = p.parse_args()
     app = FakeEngine(
         args.model,
@@ -283,6 +298,8 @@ def main() -> None:
         args.service_ms,
         args.first_token_ms,
         args.service_spread,
+        args.delay_ms,
+        args.count,
     )
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False, backlog=4096)
 

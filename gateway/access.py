@@ -54,7 +54,16 @@ class Access(Protocol):
 
     async def authenticate(self, scope: Scope) -> Principal: ...
 
-    async def admit(self, principal: Principal, request: ApiRequest) -> Grant: ...
+    async def admit(self, principal: Principal, request: ApiRequest) -> Grant:
+        """Checks the key's limits and reserves; a request with `batch_id` set is a batch line, to
+        which rpm and max_concurrent do not apply."""
+        ...
+
+    async def principal_of(self, key_id: str | None) -> Principal:
+        """The principal that owns a stored batch (its key id, None when auth was off), for the
+        batch runner, which has no request to authenticate. Raises GatewayError (401) when the
+        key is unknown."""
+        ...
 
     async def settle(self, grant: Grant, usage: Usage) -> Usage:
         """Reconciles the reservation with what was used; returns the usage it charged."""
@@ -73,6 +82,9 @@ class OpenAccess:
 
     async def admit(self, principal: Principal, request: ApiRequest) -> Grant:
         return Grant(principal)
+
+    async def principal_of(self, key_id: str | None) -> Principal:
+        return ANONYMOUS
 
     async def settle(self, grant: Grant, usage: Usage) -> Usage:
         return usage

@@ -10,14 +10,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route, Router
 
+from gateway.batch.runner import BatchRunner
 from gateway.context import Gateway
 from gateway.middleware import Front
 from gateway.monitor.writer import InferenceLog
+from gateway.routes.batches import BatchRoutes
 from gateway.routes.console import console_routes
+from gateway.routes.files import FileRoutes
 from gateway.routes.monitor import monitor_routes
 from gateway.routes.openai import openai_routes
 from gateway.settings import Settings, multiprocess_dir, settings_from_env
-from gateway.store import open_store
+from gateway.store_service import StoreService, StoreUser
 
 
 class RedisParts:
@@ -65,8 +68,12 @@ class RedisParts:
 def build_app(settings: Settings, *, multiprocess: str | None = None) -> Front:
     gw = Gateway.build(settings, multiprocess)
     parts = RedisParts(settings, gw) if settings.redis.url else None
+    runner = BatchRunner(gw)
+    users: list[StoreUser] = [runner]
     if settings.inference_log.enabled:
         gw.inference_log = InferenceLog(settings.inference_log, settings.models, gw.metrics)
+        users.append(gw.inference_log)
+    store = StoreService(gw, users)  # files, batches and the inference log
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -82,27 +89,25 @@ def build_app(settings: Settings, *, multiprocess: str | None = None) -> Front:
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncGenerator[None, None]:
         await gw.upstream.start()
-        gw.store = await open_store(settings.store.url, settings.store.data_dir)
-        if gw.inference_log:
-            gw.inference_log.start(gw.store)
         gw.pool.start()
         await gw.access.start()
         if parts:
             parts.start()
+        await store.start()
         try:
             yield
         finally:
+            await store.stop()  # the runner hands back its lines, the log writes its last rows
             if parts:
                 await parts.stop()
             await gw.access.stop()
             await gw.pool.stop()
             await gw.upstream.close()
-            if gw.inference_log:
-                await gw.inference_log.stop()  # the last rows, once every request has ended
-            await gw.store.close()
 
     routes: list[BaseRoute] = [
         *openai_routes(gw),
+        *FileRoutes(gw).routes(),
+        *BatchRoutes(gw, runner).routes(),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),

@@ -40,9 +40,9 @@ def is_admin_key(secret: str, admin_key: str | None) -> bool:
     return admin_key is not None and hmac.compare_digest(secret.encode(), admin_key.encode())
 
 
-def authorise_admin(scope: Scope, admin_key: str | None) -> None:
-    """Lets only the admin key through: 401 without a key, 403 for any other key or when the
-    admin API is off (no GATEWAY_ADMIN_KEY)."""
+def require_admin(scope: Scope, admin_key: str | None) -> None:
+    """The admin API's one check: 401 without a key, 403 for any other key or when the admin API
+    is off (no GATEWAY_ADMIN_KEY)."""
     if admin_key is None:
         raise GatewayError(403, "The admin API is disabled: set GATEWAY_ADMIN_KEY.", code=Code.ADMIN_DISABLED)
     if not is_admin_key(bearer(scope), admin_key):
@@ -79,6 +79,16 @@ class KeyedAccess:
             raise invalid_key()
         return Principal(key.id, key.models, key, key.priority, key.weight)
 
+    async def principal_of(self, key_id: str | None) -> Principal:
+        if key_id is None:
+            return Principal()
+        if key_id == ADMIN.key_id:
+            return ADMIN
+        key = await self.keys.record_for(key_id)
+        if key is None:
+            raise invalid_key(f"The API key {key_id} that owns this batch does not exist.")
+        return Principal(key.id, key.models, key)
+
     async def admit(self, principal: Principal, request: ApiRequest) -> Grant:
         key = principal.key
         if key is None:
@@ -91,7 +101,7 @@ class KeyedAccess:
             prompt = await self._counter.count(request)
         reserve = reservation(key, request, prompt or 0)
         try:
-            admission = await self.quota.admit(key, request.model, reserve)
+            admission = await self.quota.admit(key, request.model, reserve, batch=request.batch_id is not None)
         except GatewayError as exc:
             if exc.status == 429 and exc.code is not None:
                 self._metrics.quota_rejections.labels(str(exc.code)).inc()

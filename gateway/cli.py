@@ -1,5 +1,5 @@
 """`llm-gateway serve --config FILE [--host H] [--port P] [--workers N]`, `llm-gateway keys ...` and
-`llm-gateway report MODEL ...`."""
+`llm-gateway report MODEL ...`, `llm-gateway batch ...`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import shutil
 import sys
 import tempfile
 
+from gateway.batch.cli import add_batch_commands
 from gateway.keys_cli import add_keys_commands
 from gateway.report_cli import add_report_command
 from gateway.settings import CONFIG_ENV, WORKERS_ENV, ConfigError, Settings, load_settings
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=check)
     add_keys_commands(sub)
     add_report_command(sub)
+    add_batch_commands(sub)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""What every request of one gateway process shares: settings, metrics, engines, router, clients."""
+"""What every request of one gateway process shares: settings, metrics, engines, router, clients, store."""
 
 from __future__ import annotations
 
@@ -26,15 +26,14 @@ class Gateway:
     watchdog: SendWatchdog
     scheduler: Dispatcher  # engine slots: priorities and fair share when engines are full
     access: Access = field(default_factory=OpenAccess)
+    store: Store | None = None  # files, batches, the inference log: open once gateway/store_service.py opened it
+    inference_log: InferenceLog | None = None  # None when the log is off (inference_log.enabled)
     started: float = field(default_factory=time.time)
     prompt_limits: dict[str, int] = field(default_factory=dict)  # model -> max request bytes
 
     def __post_init__(self) -> None:
         default = self.settings.server.max_body_bytes
         self.prompt_limits = {m.name: min(default, m.max_prompt_bytes or default) for m in self.settings.models}
-
-    store: Store | None = None  # opened in the app's lifespan
-    inference_log: InferenceLog | None = None  # None when the log is off (inference_log.enabled)
 
     @classmethod
     def build(cls, settings: Settings, multiprocess_dir: str | None = None) -> Gateway:

@@ -56,9 +56,14 @@ class Code(StrEnum):
     # the scheduler (every engine of the model full)
     QUEUE_FULL = "queue_full"
     QUEUE_TIMEOUT = "queue_timeout"
+    # files and batches
+    FILE_NOT_FOUND = "file_not_found"
+    BATCH_NOT_FOUND = "batch_not_found"
+    INVALID_FILE_PURPOSE = "invalid_file_purpose"
+    BATCH_NOT_CANCELLABLE = "batch_not_cancellable"
+    STORE_UNAVAILABLE = "store_unavailable"
     # the gateway
     INTERNAL_ERROR = "internal_error"
-    STORE_UNAVAILABLE = "store_unavailable"
 
 
 RATE_LIMITS = frozenset({Code.RPM_EXCEEDED, Code.TPM_EXCEEDED, Code.CONCURRENCY_EXCEEDED})

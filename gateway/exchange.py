@@ -12,6 +12,9 @@ response, reconciles the quota (if the relay has not already, just before the fi
 records the metrics; it frees the engine slot (gateway/scheduler.py) unless the engine finishing
 its answer has freed it already. While it runs, the client is watched: a disconnect
 cancels the work at once, which closes the upstream request, which aborts it in the engine.
+
+A batch line (gateway/batch/) runs through the same exchange with no client: `receive=None`
+(nothing to watch) and a `send` that collects the response in memory.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ class Exchange:
     )
 
     def __init__(
-        self, gw: Gateway, principal: Principal, request: ApiRequest, request_id: bytes, receive: Receive
+        self, gw: Gateway, principal: Principal, request: ApiRequest, request_id: bytes, receive: Receive | None
     ) -> None:
         self.gw = gw
         self.principal = principal
@@ -75,7 +78,8 @@ class Exchange:
         self._settled: Usage | None = None
         self._capture: Capture | None = None
         self._watch = ClientWatch()
-        self._watch.start(receive)
+        if receive is not None:
+            self._watch.start(receive)
 
     async def __aenter__(self) -> Exchange:
         self.started = time.perf_counter()

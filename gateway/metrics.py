@@ -161,6 +161,23 @@ class GatewayMetrics:
             ["band"],
             registry=r,
         )
+        # Batch inference (gateway/batch/): counted by the process where each thing happened.
+        # Lines per second: rate(gateway_batch_lines_total[1m]).
+        self.batches = Counter(
+            "gateway_batches", "Batches that reached a status here, by status.", ["status"], registry=r
+        )
+        self.batch_lines = Counter(
+            "gateway_batch_lines",
+            "Batch lines finished here, by outcome: completed, failed, expired, cancelled, or discarded "
+            "(a result refused because its line was taken over, cancelled or expired meanwhile).",
+            ["outcome"],
+            registry=r,
+        )
+        self.batch_lines_in_flight = Gauge(
+            "gateway_batch_lines_in_flight", "Batch lines running.", registry=r, multiprocess_mode="livesum"
+        )
+        self.batches_by = Children(self.batches)
+        self.batch_lines_by = Children(self.batch_lines)
         # The children the request path touches, by label values (see Children).
         self.requests_by = Children(self.requests)
         self.key_requests_by = Children(self.key_requests)

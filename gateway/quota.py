@@ -7,6 +7,7 @@ share one Redis Cluster slot:
     gw:{id}:day:<YYYY-MM-DD>    HASH requests, tokens, prompt_tokens, completion_tokens  (40 days)
     gw:{id}:month:<YYYY-MM>     HASH the same                                         (400 days)
     gw:{id}:leases              ZSET lease id -> expiry (unix ms), one per admitted request
+    gw:{id}:bleases             ZSET the same for batch lines (never counted toward max_concurrent)
     gw:{id}:gone:<lease>        STRING, a tombstone: this admission was given up (TTL 1 h)
 
 `tokens` is committed usage plus outstanding reservations, so limits hold across any number of
@@ -20,6 +21,10 @@ resumes. So every abandoned admission is cancelled in the background until Redis
 cancel undoes the admission if it ran, and otherwise leaves a tombstone that makes it refuse to
 run later. Either order nets to nothing, so no charge and no lease outlive a refused request.
 Releases that could not reach Redis are retried the same way (release is idempotent).
+
+A batch line (`batch=True`, ARGV[10]) is charged like any request but rpm and max_concurrent do
+not apply to it: it adds no request to the minute window (which rpm reads) and its lease lives in
+`bleases` (which max_concurrent does not count); its tokens count toward tpm and the budgets.
 
 Every command goes through the lean RESP client of the request path (gateway/resp.py, or
 gateway/resp_cluster.py on a Redis Cluster).
@@ -75,6 +80,7 @@ local function limit(v) if v then return tonumber(v) end return -1 end
 local rpm, tpm, conc = limit(rec[5]), limit(rec[6]), limit(rec[7])
 local daily, monthly = limit(rec[8]), limit(rec[9])
 local reserve, lease, leases = tonumber(ARGV[3]), ARGV[4], KEYS[5]
+local batch = ARGV[10] == '1'
 local win = redis.call('HMGET', KEYS[2], 'requests', 'tokens')
 local mreq, mtok = tonumber(win[1] or 0), tonumber(win[2] or 0)
 -- a client-side retry of an admission that did run must not reserve twice
@@ -89,20 +95,21 @@ if daily >= 0 then
   local used = tonumber(redis.call('HGET', KEYS[3], 'tokens') or 0)
   if used + reserve > daily then return refuse('daily_tokens_exceeded', used, daily) end
 end
-if rpm >= 0 and mreq + 1 > rpm then return refuse('rpm_exceeded', mreq, rpm) end
+if rpm >= 0 and not batch and mreq + 1 > rpm then return refuse('rpm_exceeded', mreq, rpm) end
 if tpm >= 0 and mtok + reserve > tpm then return refuse('tpm_exceeded', mtok, tpm) end
 redis.call('ZREMRANGEBYSCORE', leases, '-inf', now - tonumber(ARGV[6]))
-if conc >= 0 then
+if conc >= 0 and not batch then
   local live = redis.call('ZCOUNT', leases, '(' .. ARGV[1], '+inf')
   if live >= conc then return refuse('concurrency_exceeded', live, conc) end
 end
 for i = 2, 4 do
-  redis.call('HINCRBY', KEYS[i], 'requests', 1)
+  if not batch or i > 2 then redis.call('HINCRBY', KEYS[i], 'requests', 1) end
   redis.call('HINCRBY', KEYS[i], 'tokens', reserve)
   redis.call('EXPIRE', KEYS[i], ARGV[5 + i])
 end
 redis.call('ZADD', leases, now + tonumber(ARGV[5]), lease)
 redis.call('PEXPIRE', leases, tonumber(ARGV[5]) + tonumber(ARGV[6]))
+if batch then return {'ok', rpm, mreq, tpm, mtok + reserve} end
 return {'ok', rpm, mreq + 1, tpm, mtok + reserve}
 """)
 
@@ -123,14 +130,15 @@ end
 return 1
 """)
 
-# KEYS: leases, minute, day, month, tombstone. ARGV: lease, reserved, tombstone TTL (s).
+# KEYS: leases, minute, day, month, tombstone. ARGV: lease, reserved, tombstone TTL (s), batch.
 _CANCEL = Script("""
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
   -- 0 - x, not -x: Lua writes -0 as "-0", which HINCRBY refuses halfway through the script
   local undo = 0 - tonumber(ARGV[2])
   for i = 2, 4 do
     if redis.call('EXISTS', KEYS[i]) == 1 then
-      redis.call('HINCRBY', KEYS[i], 'requests', -1)
+      -- a batch line added no request to the minute window
+      if ARGV[4] ~= '1' or i > 2 then redis.call('HINCRBY', KEYS[i], 'requests', -1) end
       redis.call('HINCRBY', KEYS[i], 'tokens', undo)
     end
   end
@@ -158,6 +166,11 @@ class Admission:
     month: str
     headers: dict[str, str] = field(default_factory=dict)
     local: bool = False  # admitted by the per-process limiter while Redis was unreachable
+    batch: bool = False  # a batch line: its lease is in `bleases`
+
+    @property
+    def leases(self) -> str:
+        return "bleases" if self.batch else "leases"
 
 
 def reservation(key: ApiKey, request: ApiRequest, prompt_tokens: int) -> int:
@@ -214,7 +227,11 @@ class Quota:
     def _base(self, key_id: str) -> str:
         return f"{self.prefix}:{{{key_id}}}:"
 
-    async def admit(self, key: ApiKey, model: str, reserve_tokens: int, now: float | None = None) -> Admission:
+    async def admit(
+        self, key: ApiKey, model: str, reserve_tokens: int, now: float | None = None, *, batch: bool = False
+    ) -> Admission:
+        """Checks every limit and reserves. `batch`: a batch line, to which rpm and max_concurrent
+        do not apply; it never falls back to the per-process limiter (it waits for Redis instead)."""
         if reserve_tokens < 0:
             raise ValueError("reserve_tokens must be >= 0")
         now = time.time() if now is None else now
@@ -223,21 +240,29 @@ class Quota:
         if time.monotonic() >= self._skip_until:
             base = self._base(key.id)
             counters = [f"{base}min:{win.minute}", base + "day:" + win.day, base + "month:" + win.month]
-            keys = [base + "rec", *counters, base + "leases", f"{base}gone:{lease_id}"]
+            leases = base + ("bleases" if batch else "leases")
+            keys = [base + "rec", *counters, leases, f"{base}gone:{lease_id}"]
             args: list[str | int] = [round(now * 1000), model, reserve_tokens, lease_id, self._lease_ms]
             args += [LEASE_KEEP_MS, MINUTE_TTL, DAY_TTL, MONTH_TTL]
+            if batch:
+                args.append(1)
             try:
                 # No timer per call: the client drops a connection on which Redis stopped answering.
                 reply = await self.redis.run_script(_ADMIT, keys, args)
             except REDIS_DOWN as exc:
                 self._failed("admit", exc)
-                cancel_keys = [base + "leases", *counters, f"{base}gone:{lease_id}"]
-                self._retry(lease_id, _CANCEL, cancel_keys, [lease_id, reserve_tokens, TOMBSTONE_TTL])
+                cancel_keys = [leases, *counters, f"{base}gone:{lease_id}"]
+                cancel_args: list[str | int] = [lease_id, reserve_tokens, TOMBSTONE_TTL, int(batch)]
+                self._retry(lease_id, _CANCEL, cancel_keys, cancel_args)
             else:
-                return self._decide(reply, key.id, model, reserve_tokens, lease_id, win)
+                return self._decide(reply, key.id, model, reserve_tokens, lease_id, win, batch)
+        if batch:
+            raise quota_unavailable()
         return self._admit_without_redis(key, model, reserve_tokens, now, win, lease_id)
 
-    def _decide(self, reply: list[Any], key_id: str, model: str, reserve: int, lease_id: str, win: Window) -> Admission:
+    def _decide(
+        self, reply: list[Any], key_id: str, model: str, reserve: int, lease_id: str, win: Window, batch: bool
+    ) -> Admission:
         status = _text(reply[0])
         if status == "cancelled":  # cannot happen to a caller still waiting; refuse all the same
             raise quota_unavailable()
@@ -247,7 +272,7 @@ class Quota:
         headers = rate_headers(rpm, int(reply[2]), tpm, int(reply[4]), win.minute_left)
         if status != "ok":
             raise refusal(Code(status), int(reply[5]), int(reply[6]), reserve, win, headers)
-        return Admission(key_id, lease_id, reserve, win.minute, win.day, win.month, headers)
+        return Admission(key_id, lease_id, reserve, win.minute, win.day, win.month, headers, batch=batch)
 
     def _admit_without_redis(
         self, key: ApiKey, model: str, reserve: int, now: float, win: Window, lease_id: str
@@ -266,7 +291,7 @@ class Quota:
             self.local.release(adm.lease_id, prompt_tokens + completion_tokens)
             return
         base = self._base(adm.key_id)
-        keys = [base + "leases", f"{base}min:{adm.minute}", base + "day:" + adm.day, base + "month:" + adm.month]
+        keys = [base + adm.leases, f"{base}min:{adm.minute}", base + "day:" + adm.day, base + "month:" + adm.month]
         delta = prompt_tokens + completion_tokens - adm.reserved
         args: list[str | int] = [adm.lease_id, delta, prompt_tokens, completion_tokens]
         try:
@@ -320,7 +345,7 @@ class Quota:
         calls = []
         for adm in adms:
             if not adm.local:
-                leases = self._base(adm.key_id) + "leases"
+                leases = self._base(adm.key_id) + adm.leases
                 # XX: never revive a released lease
                 calls.append(self.redis.execute("ZADD", leases, "XX", expiry, adm.lease_id))
                 calls.append(self.redis.execute("PEXPIRE", leases, keep))

@@ -17,7 +17,7 @@ import asyncio
 import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,9 +74,10 @@ async def _reset_schema(url: str) -> None:
         await conn.close()
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    name = f"gateway_test_{os.getpid()}_{secrets.token_hex(4)}"
+@contextmanager
+def fresh_database(prefix: str = "gateway_test") -> Iterator[str]:
+    """A PostgreSQL database of its own (for gateways started by a test), dropped afterwards."""
+    name = f"{prefix}_{os.getpid()}_{secrets.token_hex(4)}"
     try:
         asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
     except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
@@ -85,6 +86,12 @@ def postgres_url() -> Iterator[str]:
         yield f"{PG_SERVER}/{name}"
     finally:
         asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    with fresh_database() as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.auth import bearer, is_admin_key
+from gateway.auth import require_admin
 from gateway.errors import Code, GatewayError, invalid, model_not_found
 from gateway.http import read_body
 from gateway.key_fields import validate_key_fields
@@ -60,10 +60,7 @@ class AdminRoutes:
         ]
 
     def _authorise(self, request: Request) -> None:
-        if self._admin_key is None:
-            raise GatewayError(403, "The admin API is disabled: set GATEWAY_ADMIN_KEY.", code=Code.ADMIN_DISABLED)
-        if not is_admin_key(bearer(request.scope), self._admin_key):
-            raise GatewayError(403, "This key may not use the admin API.", code=Code.NOT_ADMIN)
+        require_admin(request.scope, self._admin_key)
 
     async def _json(self, request: Request) -> Any:
         raw = await read_body(request.scope, request.receive, MAX_ADMIN_BODY)

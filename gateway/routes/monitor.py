@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.auth import authorise_admin
+from gateway.auth import require_admin
 from gateway.context import Gateway
 from gateway.errors import Code, GatewayError, invalid, model_not_found
 from gateway.monitor.report import read_report
@@ -48,7 +48,7 @@ class MonitorRoutes:
         self._gw = gw
 
     def _store(self, request: Request) -> Store:
-        authorise_admin(request.scope, self._gw.settings.auth.admin_key)
+        require_admin(request.scope, self._gw.settings.auth.admin_key)
         store = self._gw.store
         if store is None:
             raise GatewayError(503, "The store is not open yet; retry shortly.", code=Code.STORE_UNAVAILABLE)

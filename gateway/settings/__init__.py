@@ -2,7 +2,8 @@
 
 This package is the only place that reads environment variables. Errors name the file, the key
 and what is wrong. Each section has its parser in a module of its own: `sections` (server,
-health, routing, redis, auth), `engines`, `models`; `reader` walks the tree.
+health, routing, redis, auth), `engines`, `models`, `batch` (files, batch); the store's section
+is parsed by gateway/store/config.py; `reader` walks the tree.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from gateway.settings.batch import BatchSettings, FilesSettings, parse_batch, parse_files
 from gateway.settings.engines import ENGINE_KINDS, MANAGED_KINDS, EngineSettings, VllmSettings, parse_engine
 from gateway.settings.inference_log import InferenceLogSettings, PayloadCapture, parse_inference_log
 from gateway.settings.models import ModelSettings, RouteSettings, parse_model, parse_routes
@@ -34,7 +36,20 @@ from gateway.settings.sections import (
 )
 from gateway.store.config import StoreConfigError, StoreSettings, parse_store_settings
 
-SECTIONS = ("server", "health", "routing", "engines", "models", "redis", "auth", "store", "inference_log", "scheduler")
+SECTIONS = (
+    "server",
+    "health",
+    "routing",
+    "engines",
+    "models",
+    "redis",
+    "auth",
+    "store",
+    "inference_log",
+    "scheduler",
+    "files",
+    "batch",
+)
 
 
 @dataclass(frozen=True)
@@ -50,6 +65,8 @@ class Settings:
     store: StoreSettings = field(default_factory=StoreSettings)
     inference_log: InferenceLogSettings = field(default_factory=InferenceLogSettings)
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
+    files: FilesSettings = field(default_factory=FilesSettings)
+    batch: BatchSettings = field(default_factory=BatchSettings)
 
 
 def parse_settings(
@@ -100,6 +117,8 @@ def parse_settings(
         store=store,
         inference_log=parse_inference_log(r, data),
         scheduler=parse_scheduler(r, data),
+        files=parse_files(r, data),
+        batch=parse_batch(r, data),
     )
 
 
@@ -155,8 +174,10 @@ __all__ = [
     "MANAGED_KINDS",
     "WORKERS_ENV",
     "AuthSettings",
+    "BatchSettings",
     "ConfigError",
     "EngineSettings",
+    "FilesSettings",
     "HealthSettings",
     "InferenceLogSettings",
     "ModelSettings",

@@ -146,6 +146,12 @@ class Store(ABC):
         expired, atomically, only while the batch is in_progress. No two claims share a line."""
 
     @abstractmethod
+    async def extend_claims(self, batch_id: str, claim_tokens: Collection[str], claim_ttl: float) -> int:
+        """Push back the expiry of the lines still claimed under these claims (a runner whose
+        lines take longer than a claim's TTL keeps them); returns how many lines it kept. A TTL
+        of 0 hands them back: any runner may claim them at once (a runner that stops)."""
+
+    @abstractmethod
     async def record_result(self, batch_id: str, line: int, claim_token: str, outcome: LineOutcome) -> bool:
         """Write a line's outcome if it is still held by this claim; True when written. Exactly
         one outcome is ever written per line; the batch's counts move with it. Raises ValueError

@@ -38,6 +38,11 @@ BATCH_COLUMNS = (
     " cancelling_at, cancelled_at, total_count, completed_count, failed_count, lease_holder, lease_expires"
 )
 LINE_INSERT_CHUNK = 5000
+# After a big batch goes in, PostgreSQL's statistics still say its lines are few until autovacuum
+# gets round to them, and it claims lines with a bitmap scan of every unfinished line plus a sort
+# instead of walking the partial index in line order: 25 ms a claim instead of 1-3 ms on a
+# 100,000-line batch (measured). Fresh statistics right after the insert fix the plan.
+ANALYZE_AFTER_LINES = 1000
 # finalize_batch's business: these need the result files written in the same transaction.
 FINALIZED_STATUSES = ("completed", "expired", "cancelled")
 
@@ -115,6 +120,8 @@ class BatchOps(SqlBase):
         except UniqueViolation:
             raise DuplicateCustomIdError() from None
         assert row is not None
+        if total >= ANALYZE_AFTER_LINES:
+            await self.db.analyze("batch_lines")
         return batch_record(row)
 
     async def create_failed_batch(self, spec: BatchSpec, errors: Sequence[BatchError]) -> Batch:

@@ -68,6 +68,10 @@ class Database(ABC):
     def write(self) -> AbstractAsyncContextManager[Conn]:
         """A transaction: committed when the block ends, rolled back when it raises."""
 
+    async def analyze(self, table: str) -> None:
+        """Refresh the planner's statistics of `table` after a bulk insert (where it has any)."""
+        return None
+
     @abstractmethod
     async def migrate(self, migrations: Sequence[Migration]) -> int:
         """Apply the migrations not yet applied, under a lock that keeps replicas starting at the

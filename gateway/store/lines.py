@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import secrets
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import orjson
 
@@ -44,6 +44,20 @@ class LineOps(SqlBase):
             ClaimedLine(batch_id, int(r["line"]), r["custom_id"], r["body"], int(r["attempts"]), token) for r in rows
         ]
         return sorted(claimed, key=lambda c: c.line)
+
+    async def extend_claims(self, batch_id: str, claim_tokens: Collection[str], claim_ttl: float) -> int:
+        if not claim_tokens:
+            return 0
+        tokens = list(claim_tokens)
+        marks = ", ".join(f"${i}" for i in range(3, len(tokens) + 3))
+        async with self.db.write() as conn:
+            return await conn.execute(
+                "UPDATE batch_lines SET claim_expires = $2"
+                f" WHERE batch_id = $1 AND state = 'claimed' AND claim_token IN ({marks})",
+                batch_id,
+                self.clock() + claim_ttl,
+                *tokens,
+            )
 
     async def record_result(self, batch_id: str, line: int, claim_token: str, outcome: LineOutcome) -> bool:
         [written] = await self._record([(batch_id, line, claim_token, outcome)])

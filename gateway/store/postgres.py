@@ -104,6 +104,11 @@ class PostgresDatabase(Database):
         async with self._pool.acquire() as conn, conn.transaction():
             yield PostgresConn(conn)
 
+    async def analyze(self, table: str) -> None:
+        # Takes only a ShareUpdateExclusiveLock: reads and writes go on meanwhile.
+        async with self._pool.acquire() as conn:
+            await conn.execute(f"ANALYZE {table}")
+
     async def migrate(self, migrations: Sequence[Migration]) -> int:
         async with self.write() as conn:
             # Held until this transaction ends: replicas starting together migrate one at a
