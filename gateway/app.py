@@ -8,10 +8,13 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route, Router
+from starlette.routing import BaseRoute, Route
 
 from gateway.context import Gateway
+from gateway.drain import Drain
+from gateway.listeners import listener_app
 from gateway.middleware import Front
+from gateway.readiness import readiness
 from gateway.routes.openai import openai_routes
 from gateway.settings import Settings, multiprocess_dir, settings_from_env
 
@@ -60,17 +63,23 @@ class RedisParts:
         self.counter.close()
 
 
-def build_app(settings: Settings, *, multiprocess: str | None = None) -> Front:
-    gw = Gateway.build(settings, multiprocess)
+def build_app(
+    settings: Settings,
+    *,
+    multiprocess: str | None = None,
+    drain: Drain | None = None,
+    control_path: str | None = None,
+) -> Front:
+    """`drain` and `control_path` come from the worker process's server (gateway/server.py)."""
+    gw = Gateway.build(settings, multiprocess, drain, control_path)
     parts = RedisParts(settings, gw) if settings.redis.url else None
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
     async def ready(request: Request) -> Response:
-        engines = {e.name: e.healthy for e in gw.pool.engines.values()}
-        ok = any(engines.values())
-        return JSONResponse({"ready": ok, "engines": engines}, status_code=200 if ok else 503)
+        status, body = readiness(gw, request.query_params.get("model"))
+        return JSONResponse(body, status_code=status)
 
     async def metrics(request: Request) -> Response:
         return Response(gw.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -82,9 +91,11 @@ def build_app(settings: Settings, *, multiprocess: str | None = None) -> Front:
         await gw.access.start()
         if parts:
             parts.start()
+        await gw.control.start()
         try:
             yield
         finally:
+            await gw.control.stop()
             if parts:
                 await parts.stop()
             await gw.access.stop()
@@ -98,7 +109,7 @@ def build_app(settings: Settings, *, multiprocess: str | None = None) -> Front:
         Route("/metrics", metrics, methods=["GET"]),
         *(parts.admin_routes if parts else []),
     ]
-    return Front(Router(routes, lifespan=lifespan))
+    return Front(listener_app(routes, lifespan, settings.server.admin_port))
 
 
 def app_from_env() -> Front:

@@ -60,12 +60,13 @@ class ClientWatch:
     The served task turns the CancelledError into ClientDisconnected with `disconnected(exc)`.
     """
 
-    __slots__ = ("_task", "_watcher", "gone")
+    __slots__ = ("_task", "_watcher", "cut", "gone")
 
     def __init__(self) -> None:
         self._task: asyncio.Task[object] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self.gone = False
+        self.cut = False
 
     def start(self, receive: Receive) -> None:
         self._task = asyncio.current_task()
@@ -80,6 +81,19 @@ class ClientWatch:
         if not self.gone and self._task is not None:
             self.gone = True
             self._task.cancel()
+
+    def interrupt(self) -> None:
+        """Cancels the served task for a reason of the gateway's own (shutdown), not a disconnect;
+        `interrupted(exc)` takes that cancellation back."""
+        if not self.gone and not self.cut and self._task is not None:
+            self.cut = True
+            self._task.cancel()
+
+    def interrupted(self, exc: BaseException | None) -> bool:
+        if self.cut and isinstance(exc, asyncio.CancelledError) and self._task is not None:
+            self._task.uncancel()
+            return True
+        return False
 
     def stop(self) -> None:
         """Stop watching: call it before the last send of a response, because the server reports

@@ -1,17 +1,27 @@
-"""The engines as this gateway process sees them: health, its own outstanding count, reported load."""
+"""The engines as this gateway process sees them: health, its own outstanding count, reported load.
+
+A managed engine is probed only while the supervisor says it is running (`state`, pushed over the
+control channel by gateway/engine_control.py): a stopped engine is not an unhealthy one, and a
+port answered by some other process is never mistaken for our engine.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import aiohttp
 
+from gateway.control import EngineState
 from gateway.metrics import GatewayMetrics
 from gateway.settings import EngineSettings, HealthSettings
+from gateway.tls import engine_ssl
 
 log = logging.getLogger(__name__)
+
+ENGINE_STATES = ("stopped", "starting", "healthy", "unhealthy")
 
 # Gauges an engine reports on /metrics that say how loaded it is: ours and vLLM's names.
 _WAITING = (b"engine_num_requests_waiting", b"vllm:num_requests_waiting")
@@ -28,10 +38,19 @@ class Engine:
     running: float = 0.0
     kv_usage: float = 0.0  # fraction of the KV cache in use
     failures: int = 0  # consecutive failed probes
+    state: EngineState = EngineState.RUNNING  # managed engines: as the supervisor says
+    picks: int = 0  # requests sent to it by this process, ever (the supervisor's idle timer reads it)
 
     @property
     def name(self) -> str:
         return self.settings.name
+
+    @property
+    def public_state(self) -> str:
+        """stopped, starting, healthy or unhealthy: what the metrics and /ready show."""
+        if self.state in (EngineState.STOPPED, EngineState.STARTING):
+            return str(self.state)
+        return "healthy" if self.healthy else "unhealthy"
 
     def load(self) -> float:
         """Lower is better: what we have sent it plus what it says is queued."""
@@ -70,6 +89,9 @@ class Pool:
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._changed = asyncio.Event()
+        self._health_changed = asyncio.Event()  # set and replaced on every change: wakes waiters
+        for engine in self.engines.values():
+            self._publish(engine)
 
     def start(self) -> None:
         timeout = aiohttp.ClientTimeout(total=self._health.timeout)
@@ -90,12 +112,35 @@ class Pool:
         self._set_health(engine, False)
         self._changed.set()  # check it again soon rather than at the next interval
 
+    def set_state(self, engine: Engine, state: EngineState) -> None:
+        """The supervisor's word on a managed engine. Running means it has just answered /health."""
+        if engine.state == state:
+            return
+        engine.state = state
+        engine.failures = 0
+        self._set_health(engine, state == EngineState.RUNNING)
+        self._publish(engine)
+
+    async def wait_healthy(self, names: Collection[str]) -> None:
+        """Until one of the engines `names` is healthy (bound it with asyncio.timeout)."""
+        while not any(e.healthy for n in names if (e := self.engines.get(n))):
+            await self._health_changed.wait()
+
     def _set_health(self, engine: Engine, healthy: bool) -> None:
         if engine.healthy != healthy:
             engine.healthy = healthy
             if healthy:
                 log.info("engine %s is healthy", engine.name)
-        self._metrics.engine_healthy.labels(engine.name).set(1 if healthy else 0)
+            self._health_changed.set()
+            self._health_changed = asyncio.Event()
+            self._publish(engine)
+
+    def _publish(self, engine: Engine) -> None:
+        m = self._metrics
+        m.engine_healthy.labels(engine.name).set(1 if engine.healthy else 0)
+        current = engine.public_state
+        for state in ENGINE_STATES:
+            m.engine_state.labels(engine.name, state).set(1 if state == current else 0)
 
     async def _run(self) -> None:
         while True:
@@ -110,20 +155,28 @@ class Pool:
     async def _check(self, engine: Engine) -> None:
         assert self._session is not None
         s = engine.settings
+        if engine.state != EngineState.RUNNING:
+            return  # stopped, starting or not ours: the supervisor says when it runs
         headers = {"authorization": f"Bearer {s.api_key}"} if s.api_key else None
+        ssl = engine_ssl(s)
         try:
-            async with self._session.get(s.url + s.health_path, headers=headers) as r:
-                ok = r.status == 200
+            async with self._session.get(s.url + s.health_path, headers=headers, ssl=ssl) as r:
+                ok, why = r.status == 200, f"status {r.status}"
             if ok and s.metrics_path:
-                async with self._session.get(s.url + s.metrics_path, headers=headers) as r:
+                async with self._session.get(s.url + s.metrics_path, headers=headers, ssl=ssl) as r:
                     if r.status == 200:
                         engine.waiting, engine.running, engine.kv_usage = parse_load(await r.read())
-        except (aiohttp.ClientError, TimeoutError, OSError):
-            ok = False
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            ok, why = False, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if engine.state != EngineState.RUNNING:
+            return  # the supervisor stopped it while we probed
         engine.failures = 0 if ok else engine.failures + 1
         if ok:
             self._set_health(engine, True)
         elif engine.failures >= self._health.failures_to_eject:
+            if engine.healthy or engine.failures == self._health.failures_to_eject:
+                # One line when it goes (or never came), one when it is back ("is healthy").
+                log.warning("engine %s failed its health check (%s): no traffic until it passes", engine.name, why)
             self._set_health(engine, False)
         m = self._metrics
         m.engine_waiting.labels(engine.name).set(engine.waiting)

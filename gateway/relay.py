@@ -25,6 +25,7 @@ from starlette.types import Send
 
 from gateway.errors import Code, GatewayError
 from gateway.settings import EngineSettings, ServerSettings
+from gateway.tls import engine_ssl
 
 _DONE = b"data: [DONE]"
 _DATA = b"data: "
@@ -51,6 +52,7 @@ class Outcome:
     error: str | None = None  # why the upstream broke mid-stream, if it did
     error_code: Code | None = None
     sending_since: float = 0.0  # monotonic time the pending send began; 0 when none is pending
+    cut: GatewayError | None = None  # the gateway ended it itself (shutdown): what the client is told
 
 
 class EngineUnreachable(Exception):
@@ -91,10 +93,11 @@ class Upstream:
             headers = self._headers[engine.api_key] = {**_JSON_HEADERS, "authorization": f"Bearer {engine.api_key}"}
         timeout = self._stream_timeout if stream else self._whole_timeout
         url = engine.url + path
+        ssl = engine_ssl(engine)
         async with asyncio.timeout(self._server.first_byte_timeout if stream else self._server.request_timeout):
             for attempt in range(_STALE_RETRIES + 1):
                 try:
-                    return await self._session.post(url, data=body, headers=headers, timeout=timeout)
+                    return await self._session.post(url, data=body, headers=headers, timeout=timeout, ssl=ssl)
                 except aiohttp.ClientConnectorError as exc:
                     raise EngineUnreachable(str(exc)) from None
                 except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
@@ -185,12 +188,17 @@ async def relay_stream(
             if block:
                 await _send(send, out, block)
     except (aiohttp.ClientError, TimeoutError) as exc:
-        out.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if out.cut is None:
+            out.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     if not out.done:
-        # The engine died or stalled mid-stream: tell the client in-band, then end cleanly.
-        out.error = out.error or "the engine closed the stream before it finished"
-        error = GatewayError(502, f"The upstream engine failed mid-stream ({out.error}).", code=Code.UPSTREAM_ERROR)
-        out.status, out.error_code = 502, error.code
+        # The engine died or stalled mid-stream, or the gateway cut the stream (shutdown): tell
+        # the client in-band, then end cleanly.
+        if out.cut is not None:
+            error = out.cut
+        else:
+            out.error = out.error or "the engine closed the stream before it finished"
+            error = GatewayError(502, f"The upstream engine failed mid-stream ({out.error}).", code=Code.UPSTREAM_ERROR)
+        out.status, out.error_code = error.status, error.code
         await finishing()
         await _send(send, out, error.sse())
     await _send(send, out, b"", more=False)

@@ -1,8 +1,8 @@
 """Typed settings: one YAML file validated at start, plus the environment for secrets and addresses.
 
 This package is the only place that reads environment variables. Errors name the file, the key
-and what is wrong. Each section has its parser in a module of its own: `sections` (server,
-health, routing, redis, auth), `engines`, `models`; `reader` walks the tree.
+and what is wrong. Each section has its parser in a module of its own: `server`, `sections`
+(health, routing, redis, auth), `engines`, `models`; `reader` walks the tree.
 """
 
 from __future__ import annotations
@@ -23,13 +23,12 @@ from gateway.settings.sections import (
     HealthSettings,
     RedisSettings,
     RoutingSettings,
-    ServerSettings,
     parse_auth,
     parse_health,
     parse_redis,
     parse_routing,
-    parse_server,
 )
+from gateway.settings.server import ServerSettings, TlsSettings, parse_server
 
 SECTIONS = ("server", "health", "routing", "engines", "models", "redis", "auth")
 
@@ -80,7 +79,7 @@ def parse_settings(
         raise r.fail("auth.enabled", "API keys and quotas need Redis: set redis.url or GATEWAY_REDIS_URL")
     return Settings(
         source=source,
-        server=parse_server(r, data),
+        server=parse_server(r, data, base_dir),
         health=parse_health(r, data),
         routing=parse_routing(r, data),
         engines=tuple(engines.values()),
@@ -144,6 +143,7 @@ __all__ = [
     "RoutingSettings",
     "ServerSettings",
     "Settings",
+    "TlsSettings",
     "VllmSettings",
     "load_settings",
     "parse_routes",
