@@ -32,6 +32,8 @@ from gateway.drain import Drain
 from gateway.errors import Code, GatewayError
 from gateway.settings import ServerSettings
 
+LINGER = 2.0  # after a refusal: how long the client's remaining bytes are read and dropped
+
 
 class _Refusal(Exception):
     def __init__(self, error: GatewayError) -> None:
@@ -207,7 +209,15 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         ]
         head += [b"%s: %s\r\n" % (name, value) for name, value in headers]
         self.transport.write(b"".join([*head, b"\r\n", body]))
-        self.transport.close()
+        if self.transport.can_write_eof():
+            # A lingering close: closing with the client's bytes unread would send a reset that
+            # can destroy the answer before the client reads it. So: end our side, read and drop
+            # what the client still sends (nothing is kept), close when it does or after LINGER.
+            self.transport.write_eof()
+            self.flow.resume_reading()
+            self._timer = self.loop.call_later(LINGER, self.transport.close)
+        else:
+            self.transport.close()
 
 
 def limited_protocol(settings: ServerSettings, drain: Drain) -> type[GatewayHttpProtocol]:

@@ -76,33 +76,33 @@ class EngineControl:
 
     async def wait_for(self, model: str) -> bool:
         """No engine of `model` is healthy: if some can be woken, wake them and wait until one is
-        healthy (True). False when none can be woken; GatewayError 503 when the start takes
-        longer than the engines' cold_start_timeout."""
+        healthy (True). False when none can be woken (or none can any more: its port is taken);
+        GatewayError 503 when the start takes longer than the engines' cold_start_timeout."""
         engines = self._wakeable(model)
         if not engines:
             return False
         for engine in engines:
             self._wake(engine)
         timeout = max(e.settings.wake_timeout for e in engines)
+        names = self._engines_of(model)
+        pool = self._pool
         loop = asyncio.get_running_loop()
         began = loop.time()
         try:
             async with asyncio.timeout(timeout):
-                await self._pool.wait_healthy(self._engines_of(model))
-            ready = True
+                while not pool.any_healthy(names) and self._wakeable(model):
+                    await pool.changed()
         except TimeoutError:
-            ready = False
-        finally:
-            self._metrics.cold_start_wait.labels(model).observe(loop.time() - began)
-        if not ready:
             raise GatewayError(
                 503,
                 f"The model '{model}' is starting (its engine was stopped when idle) and was not ready "
                 f"within {timeout:g}s; retry shortly.",
                 code=Code.ENGINE_STARTING,
                 headers={"retry-after": str(max(1, math.ceil(timeout / 4)))},
-            )
-        return True
+            ) from None
+        finally:
+            self._metrics.cold_start_wait.labels(model).observe(loop.time() - began)
+        return pool.any_healthy(names)
 
     def wakeable(self, model: str) -> bool:
         """Whether a stopped engine could serve `model` (so /ready counts it ready)."""

@@ -89,7 +89,7 @@ class Pool:
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._changed = asyncio.Event()
-        self._health_changed = asyncio.Event()  # set and replaced on every change: wakes waiters
+        self._changed_event = asyncio.Event()  # set and replaced on every change: wakes waiters
         for engine in self.engines.values():
             self._publish(engine)
 
@@ -120,19 +120,25 @@ class Pool:
         engine.failures = 0
         self._set_health(engine, state == EngineState.RUNNING)
         self._publish(engine)
+        self._notify()
 
-    async def wait_healthy(self, names: Collection[str]) -> None:
-        """Until one of the engines `names` is healthy (bound it with asyncio.timeout)."""
-        while not any(e.healthy for n in names if (e := self.engines.get(n))):
-            await self._health_changed.wait()
+    def any_healthy(self, names: Collection[str]) -> bool:
+        return any(e.healthy for n in names if (e := self.engines.get(n)))
+
+    async def changed(self) -> None:
+        """Until an engine's health or state changes."""
+        await self._changed_event.wait()
+
+    def _notify(self) -> None:
+        self._changed_event.set()
+        self._changed_event = asyncio.Event()
 
     def _set_health(self, engine: Engine, healthy: bool) -> None:
         if engine.healthy != healthy:
             engine.healthy = healthy
             if healthy:
                 log.info("engine %s is healthy", engine.name)
-            self._health_changed.set()
-            self._health_changed = asyncio.Event()
+            self._notify()
             self._publish(engine)
 
     def _publish(self, engine: Engine) -> None:
