@@ -70,12 +70,16 @@ class RouteStore:
         self._router.apply_overrides(overrides)
 
     async def _follow(self) -> None:
+        down = False  # one line when Redis goes away, one when it is back
         while True:
             try:
                 pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
                 await pubsub.subscribe(self._channel)
                 try:
                     await self.reload()
+                    if down:
+                        down = False
+                        log.info("route store: Redis is reachable again; routes reloaded")
                     while True:
                         # A change announced, or the periodic re-read: either way, read the hash.
                         await pubsub.get_message(timeout=POLL_SECONDS)
@@ -83,5 +87,7 @@ class RouteStore:
                 finally:
                     await pubsub.aclose()
             except (RedisError, OSError) as exc:
-                log.warning("route store: Redis unreachable (%s); keeping the current routes", exc)
+                if not down:
+                    down = True
+                    log.warning("route store: Redis unreachable (%s); keeping the current routes", exc)
                 await asyncio.sleep(1.0)
