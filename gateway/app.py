@@ -113,5 +113,7 @@ def build_app(
 
 
 def app_from_env() -> Front:
-    """The factory uvicorn's worker processes call (`gateway.app:app_from_env`)."""
+    """For serving the app under another ASGI server (`uvicorn --factory gateway.app:app_from_env`,
+    with LLM_GATEWAY_CONFIG set): no managed engines, no drain of ours. `llm-gateway serve`
+    (gateway/serve.py) is the normal way."""
     return build_app(settings_from_env(), multiprocess=multiprocess_dir())
