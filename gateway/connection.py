@@ -17,7 +17,8 @@ minutes), so each connection here enforces, from `server:` in the config:
   nor refused, so /metrics stays readable during a flood;
 - while the process drains (gateway/drain.py), every response closes its connection.
 
-Refusals are written here, before the app sees the request, in OpenAI's error shape.
+Refusals (and malformed requests: 400) are written here, before the app sees the request, in
+OpenAI's error shape.
 """
 
 from __future__ import annotations
@@ -184,9 +185,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._refuse(request_timeout("body", self.settings.body_timeout))
 
     def _bad_request(self) -> None:
-        msg = "Invalid HTTP request received."
-        self.logger.warning(msg)
-        self.send_400_response(msg)
+        # Not logged above debug: a flood of malformed requests must not become a flood of log lines.
+        self.logger.debug("invalid HTTP request received")
+        self._refuse(GatewayError(400, "Invalid HTTP request.", code=Code.INVALID_REQUEST))
 
     def _refuse(self, error: GatewayError) -> None:
         """Answers `error` in place of the app and closes the connection."""

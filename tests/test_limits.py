@@ -116,6 +116,15 @@ def test_a_1mb_header_is_refused_with_431(gw: Proc) -> None:
     assert r.status_code == 200
 
 
+def test_a_malformed_request_gets_an_openai_shaped_400(gw: Proc) -> None:
+    with connect(gw.port) as sock:  # both lengths at once: a request smuggling attempt
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n")
+        sock.sendall(b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n")
+        status, headers, body = read_response(sock)
+    assert status == 400 and headers["connection"] == "close"
+    assert json.loads(body)["error"]["code"] == "invalid_request"
+
+
 def test_unfinished_8mb_headers_do_not_grow_memory(gw: Proc) -> None:
     worker = psutil.Process(worker_pid(gw))
     before = worker.memory_info().rss
