@@ -155,3 +155,25 @@ def test_a_stream_longer_than_the_drain_ends_with_an_error_event(
     finally:
         gw.stop()
         other.stop()
+
+
+def test_ctrl_c_drains_without_a_grace_period(logs_dir: Path, paced: Proc) -> None:
+    gw = gateway(logs_dir, config(paced, drain_grace=5.0, drain_timeout=12.0), name="drain-int")
+    gw.start().wait_healthy("/ready", timeout=60)
+
+    async def run() -> list[str]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            first = asyncio.Event()
+            task = asyncio.create_task(stream(client, gw.url, first))
+            await asyncio.wait_for(first.wait(), 20)
+            gw.proc.send_signal(signal.SIGINT)  # type: ignore[union-attr]
+            await asyncio.sleep(0.5)
+            # An interactive stop: no load balancer to wait for, so no grace period.
+            with pytest.raises(httpx.ConnectError):
+                await httpx.AsyncClient(timeout=5).get(gw.url + "/health")
+            return await task
+
+    lines = asyncio.run(run())
+    assert lines[-1] == "[DONE]" and len(lines) == 31  # 30 chunks, then [DONE]: nothing cut
+    assert wait_exit(gw, 15) < 10
+    assert gw.proc is not None and gw.proc.returncode == 0
