@@ -8,12 +8,15 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route, Router
+from starlette.routing import BaseRoute, Route
 
 from gateway.batch.runner import BatchRunner
 from gateway.context import Gateway
+from gateway.drain import Drain
+from gateway.listeners import listener_app
 from gateway.middleware import Front
 from gateway.monitor.writer import InferenceLog
+from gateway.readiness import readiness
 from gateway.routes.batches import BatchRoutes
 from gateway.routes.console import console_routes
 from gateway.routes.files import FileRoutes
@@ -65,8 +68,15 @@ class RedisParts:
         self.counter.close()
 
 
-def build_app(settings: Settings, *, multiprocess: str | None = None) -> Front:
-    gw = Gateway.build(settings, multiprocess)
+def build_app(
+    settings: Settings,
+    *,
+    multiprocess: str | None = None,
+    drain: Drain | None = None,
+    control_path: str | None = None,
+) -> Front:
+    """`drain` and `control_path` come from the worker process's server (gateway/server.py)."""
+    gw = Gateway.build(settings, multiprocess, drain, control_path)
     parts = RedisParts(settings, gw) if settings.redis.url else None
     runner = BatchRunner(gw)
     users: list[StoreUser] = [runner]
@@ -79,9 +89,8 @@ def build_app(settings: Settings, *, multiprocess: str | None = None) -> Front:
         return JSONResponse({"status": "ok"})
 
     async def ready(request: Request) -> Response:
-        engines = {e.name: e.healthy for e in gw.pool.engines.values()}
-        ok = any(engines.values())
-        return JSONResponse({"ready": ok, "engines": engines}, status_code=200 if ok else 503)
+        status, body = readiness(gw, request.query_params.get("model"))
+        return JSONResponse(body, status_code=status)
 
     async def metrics(request: Request) -> Response:
         return Response(gw.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -94,9 +103,11 @@ def build_app(settings: Settings, *, multiprocess: str | None = None) -> Front:
         if parts:
             parts.start()
         await store.start()
+        await gw.control.start()
         try:
             yield
         finally:
+            await gw.control.stop()
             await store.stop()  # the runner hands back its lines, the log writes its last rows
             if parts:
                 await parts.stop()
@@ -115,9 +126,11 @@ def build_app(settings: Settings, *, multiprocess: str | None = None) -> Front:
         *monitor_routes(gw),
         *console_routes(),
     ]
-    return Front(Router(routes, lifespan=lifespan))
+    return Front(listener_app(routes, lifespan, settings.server.admin_port))
 
 
 def app_from_env() -> Front:
-    """The factory uvicorn's worker processes call (`gateway.app:app_from_env`)."""
+    """For serving the app under another ASGI server (`uvicorn --factory gateway.app:app_from_env`,
+    with LLM_GATEWAY_CONFIG set): no managed engines, no drain of ours. `llm-gateway serve`
+    (gateway/serve.py) is the normal way."""
     return build_app(settings_from_env(), multiprocess=multiprocess_dir())

@@ -1,21 +1,16 @@
-"""`llm-gateway serve --config FILE [--host H] [--port P] [--workers N]`, `llm-gateway keys ...` and
+"""`llm-gateway serve --config FILE [--host H] [--port P] [--workers N]`, `llm-gateway keys ...`,
 `llm-gateway report MODEL ...`, `llm-gateway batch ...`."""
 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-import shutil
 import sys
-import tempfile
 
 from gateway.batch.cli import add_batch_commands
 from gateway.keys_cli import add_keys_commands
 from gateway.report_cli import add_report_command
-from gateway.settings import CONFIG_ENV, WORKERS_ENV, ConfigError, Settings, load_settings
-
-log = logging.getLogger("gateway")
+from gateway.server import configure_logging
+from gateway.settings import ConfigError, Settings, load_settings
 
 
 def _settings(path: str) -> Settings | None:
@@ -27,43 +22,23 @@ def _settings(path: str) -> Settings | None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    import dataclasses
 
-    from gateway.supervisor import Supervisor
+    from gateway.serve import serve as run
 
     settings = _settings(args.config)
     if settings is None:
         return 2
-    host = args.host or settings.server.host
-    port = args.port or settings.server.port
-    workers = args.workers or settings.server.workers
-    os.environ[CONFIG_ENV] = os.path.abspath(args.config)
-    os.environ[WORKERS_ENV] = str(workers)
-    metrics_dir = None
-    if workers > 1:
-        # Each worker writes its metric values here; any worker's /metrics sums them all.
-        metrics_dir = tempfile.mkdtemp(prefix="llm-gateway-metrics-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    supervisor = Supervisor(settings.engines)
-    supervisor.start()
-    log.info("gateway on http://%s:%d with %d worker(s)", host, port, workers)
-    try:
-        uvicorn.run(
-            "gateway.app:app_from_env",
-            factory=True,
-            host=host,
-            port=port,
-            workers=workers,
-            log_level=args.log_level,
-            access_log=False,
-            timeout_graceful_shutdown=10,
-            backlog=4096,
+    s = settings.server
+    server = dataclasses.replace(
+        s, host=args.host or s.host, port=args.port or s.port, workers=args.workers or s.workers
+    )
+    if server.admin_port is not None and server.admin_port == server.port:
+        print(
+            f"llm-gateway: --port {server.port} is also server.admin_port; give them different ports", file=sys.stderr
         )
-    finally:
-        supervisor.stop()
-        if metrics_dir:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
-    return 0
+        return 2
+    return run(dataclasses.replace(settings, server=server), args.log_level)
 
 
 def check(args: argparse.Namespace) -> int:
@@ -82,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host")
     s.add_argument("--port", type=int)
     s.add_argument("--workers", type=int)
-    s.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=serve)
     c = sub.add_parser("check", help="validate a config file and exit")
     c.add_argument("--config", required=True)
@@ -95,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(getattr(args, "log_level", "info"))
     sys.exit(args.func(args))
 
 

@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass, field
 
 from gateway.access import Access, OpenAccess
+from gateway.drain import Drain
+from gateway.engine_control import EngineControl
 from gateway.metrics import GatewayMetrics
 from gateway.monitor.writer import InferenceLog
 from gateway.pool import Pool
@@ -25,6 +27,8 @@ class Gateway:
     upstream: Upstream
     watchdog: SendWatchdog
     scheduler: Dispatcher  # engine slots: priorities and fair share when engines are full
+    control: EngineControl  # managed engines' states and wakes (scale to zero), from the main process
+    drain: Drain  # the graceful shutdown of this process
     access: Access = field(default_factory=OpenAccess)
     store: Store | None = None  # files, batches, the inference log: open once gateway/store_service.py opened it
     inference_log: InferenceLog | None = None  # None when the log is off (inference_log.enabled)
@@ -36,7 +40,13 @@ class Gateway:
         self.prompt_limits = {m.name: min(default, m.max_prompt_bytes or default) for m in self.settings.models}
 
     @classmethod
-    def build(cls, settings: Settings, multiprocess_dir: str | None = None) -> Gateway:
+    def build(
+        cls,
+        settings: Settings,
+        multiprocess_dir: str | None = None,
+        drain: Drain | None = None,
+        control_path: str | None = None,
+    ) -> Gateway:
         metrics = GatewayMetrics(multiprocess_dir)
         pool = Pool(settings.engines, settings.health, metrics)
         router = Router(pool, settings.models, settings.routing)
@@ -49,4 +59,6 @@ class Gateway:
             Upstream(settings.server),
             SendWatchdog(settings.server.send_timeout),
             scheduler,
+            EngineControl(pool, router, metrics, control_path),
+            drain or Drain(),
         )

@@ -17,7 +17,9 @@ STATUS_TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
+    431: "invalid_request_error",
     429: "rate_limit_exceeded",
     500: "server_error",
     502: "upstream_error",
@@ -64,6 +66,12 @@ class Code(StrEnum):
     STORE_UNAVAILABLE = "store_unavailable"
     # the gateway
     INTERNAL_ERROR = "internal_error"
+    # the connection and the server's life (gateway/connection.py, gateway/drain.py)
+    HEADERS_TOO_LARGE = "headers_too_large"
+    REQUEST_TIMEOUT = "request_timeout"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
+    SHUTTING_DOWN = "shutting_down"
+    ENGINE_STARTING = "engine_starting"
 
 
 RATE_LIMITS = frozenset({Code.RPM_EXCEEDED, Code.TPM_EXCEEDED, Code.CONCURRENCY_EXCEEDED})

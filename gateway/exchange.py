@@ -78,13 +78,25 @@ class Exchange:
         self._settled: Usage | None = None
         self._capture: Capture | None = None
         self._watch = ClientWatch()
-        if receive is not None:
-            self._watch.start(receive)
+        self._watch.start(receive)
 
     async def __aenter__(self) -> Exchange:
         self.started = time.perf_counter()
         self.gw.metrics.in_flight.inc()
+        self.gw.drain.enter(self)
         return self
+
+    def cut(self, error: GatewayError) -> None:
+        """The gateway is shutting down and this request outlived the drain (gateway/drain.py): a
+        stream being relayed ends in-band like any broken stream (its upstream is closed; the relay
+        sends `error` and [DONE]); a request not answered yet is cancelled and answered `error`."""
+        if self.out.done or self.out.cut is not None:
+            return
+        self.out.cut = error
+        if self.request.stream and self.out.status == 200 and self.response is not None:
+            self.response.close()
+        else:
+            self._watch.interrupt()
 
     async def admit(self) -> None:
         self.grant = await self.gw.access.admit(self.principal, self.request)
@@ -94,6 +106,7 @@ class Exchange:
         retried once on another engine (nothing has reached the client yet)."""
         gw, request, m = self.gw, self.request, self.gw.metrics
         model = request.model
+        gw.control.note(model)  # scale to zero: traffic starts the model's stopped engines
         tried: set[str] = set()
         error: GatewayError | None = None
         for attempt in range(2):
@@ -101,6 +114,8 @@ class Exchange:
                 pick = gw.scheduler.retry(request, frozenset(tried))
             else:  # an engine slot: at once when one has room, else in turn (gateway/scheduler.py)
                 pick = await gw.scheduler.acquire(request, self.principal, self.grant)
+                if pick is None and await gw.control.wait_for(model):  # a cold start, shared by all waiting
+                    pick = await gw.scheduler.acquire(request, self.principal, self.grant)
             if pick is None:
                 break
             self._use(pick)
@@ -138,6 +153,7 @@ class Exchange:
         self._free_slot()
         self.pick = pick
         self._slot = pick.engine
+        pick.engine.picks += 1  # traffic: the supervisor's idle timer (scale to zero) reads it
 
     def _free_slot(self) -> None:
         """Gives the engine slot back (once): the scheduler may hand it to a waiting request."""
@@ -193,8 +209,12 @@ class Exchange:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._watch.stop()
+        self.gw.drain.leave(self)
         gone = self._watch.disconnected(exc)
         out = self.out
+        cut = out.cut if not gone and self._watch.interrupted(exc) else None
+        if cut is not None:
+            exc = cut  # our own cancellation (shutdown), answered as the error it stands for
         if gone:
             out.status = DISCONNECTED
         elif isinstance(exc, GatewayError):
@@ -217,6 +237,8 @@ class Exchange:
         self._record(usage)
         if gone:
             raise ClientDisconnected() from None
+        if cut is not None:
+            raise cut from None
         if exc is not None and not isinstance(exc, GatewayError | asyncio.CancelledError):
             raise internal_error() from exc
 

@@ -60,16 +60,20 @@ class ClientWatch:
     The served task turns the CancelledError into ClientDisconnected with `disconnected(exc)`.
     """
 
-    __slots__ = ("_task", "_watcher", "gone")
+    __slots__ = ("_task", "_watcher", "cut", "gone")
 
     def __init__(self) -> None:
         self._task: asyncio.Task[object] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self.gone = False
+        self.cut = False
 
-    def start(self, receive: Receive) -> None:
+    def start(self, receive: Receive | None) -> None:
+        """Watches from now on; with no client (`receive` None: a batch line) there is nothing to
+        watch, but the task can still be interrupted at shutdown."""
         self._task = asyncio.current_task()
-        self._watcher = asyncio.get_running_loop().create_task(self._watch(receive))
+        if receive is not None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(receive))
 
     async def _watch(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -80,6 +84,19 @@ class ClientWatch:
         if not self.gone and self._task is not None:
             self.gone = True
             self._task.cancel()
+
+    def interrupt(self) -> None:
+        """Cancels the served task for a reason of the gateway's own (shutdown), not a disconnect;
+        `interrupted(exc)` takes that cancellation back."""
+        if not self.gone and not self.cut and self._task is not None:
+            self.cut = True
+            self._task.cancel()
+
+    def interrupted(self, exc: BaseException | None) -> bool:
+        if self.cut and isinstance(exc, asyncio.CancelledError) and self._task is not None:
+            self._task.uncancel()
+            return True
+        return False
 
     def stop(self) -> None:
         """Stop watching: call it before the last send of a response, because the server reports

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any
 
 import httpx
@@ -16,7 +17,7 @@ LIMITS = ("rpm", "tpm", "max_concurrent", "daily_tokens", "monthly_tokens")
 
 def add_keys_commands(sub: Any) -> None:
     keys = sub.add_parser("keys", help="manage API keys through the admin API")
-    keys.add_argument("--url", help="the gateway (default: $GATEWAY_URL or http://127.0.0.1:8080)")
+    _connection_options(keys, default=True)
     ops = keys.add_subparsers(dest="op", required=True)
 
     def limits(p: argparse.ArgumentParser) -> None:
@@ -31,14 +32,34 @@ def add_keys_commands(sub: Any) -> None:
     create = ops.add_parser("create", help="create a key; prints the secret once")
     create.add_argument("--name", required=True)
     limits(create)
-    ops.add_parser("list", help="list keys")
+    listing = ops.add_parser("list", help="list keys")
+    parsers = [create, listing]
     for op in ("get", "revoke", "usage"):
-        ops.add_parser(op).add_argument("id")
+        parsers.append(ops.add_parser(op))
+        parsers[-1].add_argument("id")
     update = ops.add_parser("update", help="change a key's limits")
     update.add_argument("id")
     update.add_argument("--name")
     limits(update)
+    for p in [*parsers, update]:
+        _connection_options(p, default=False)  # `keys create --wait 60` as well as `keys --wait 60 create`
     keys.set_defaults(func=run)
+
+
+def _connection_options(p: argparse.ArgumentParser, default: bool) -> None:
+    # On the subcommands the default is SUPPRESS, so that they do not undo a value given before.
+    p.add_argument(
+        "--url",
+        default=None if default else argparse.SUPPRESS,
+        help="the gateway's admin listener (default: $GATEWAY_URL or http://127.0.0.1:8080)",
+    )
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=30.0 if default else argparse.SUPPRESS,
+        metavar="SECONDS",
+        help="retry this long while the gateway is not up yet (default 30; 0: fail at once)",
+    )
 
 
 def _fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -60,6 +81,22 @@ def _fields(args: argparse.Namespace) -> dict[str, Any]:
     return fields
 
 
+def _request(method: str, url: str, body: Any, headers: dict[str, str], wait: float) -> httpx.Response:
+    """One admin call; while nothing listens yet (a gateway still starting), retried for `wait` seconds."""
+    deadline = time.monotonic() + wait
+    said = False
+    while True:
+        try:
+            return httpx.request(method, url, json=body, headers=headers, timeout=10)
+        except httpx.ConnectError:
+            if time.monotonic() >= deadline:
+                raise
+            if not said:
+                said = True
+                print(f"llm-gateway keys: waiting up to {wait:g}s for the gateway...", file=sys.stderr)
+            time.sleep(0.25)
+
+
 def run(args: argparse.Namespace) -> int:
     url, admin_key = admin_client_settings(args.url)
     if not admin_key:
@@ -77,9 +114,14 @@ def run(args: argparse.Namespace) -> int:
     method, path = requests[args.op]
     body = _fields(args) if args.op in ("create", "update") else None
     try:
-        r = httpx.request(method, url + path.format(id=getattr(args, "id", "")), json=body, headers=headers, timeout=10)
+        r = _request(method, url + path.format(id=getattr(args, "id", "")), body, headers, args.wait)
     except httpx.HTTPError as exc:
-        print(f"llm-gateway keys: cannot reach {url}: {exc}", file=sys.stderr)
+        waited = f" (waited {args.wait:g}s)" if args.wait else ""
+        print(
+            f"llm-gateway keys: cannot reach the gateway at {url}{waited}: {exc}. Is it running "
+            "(llm-gateway serve --config FILE), and is this its admin address (--url or GATEWAY_URL)?",
+            file=sys.stderr,
+        )
         return 1
     is_json = r.headers.get("content-type", "").startswith("application/json")
     payload: dict[str, Any] = r.json() if is_json else {"raw": r.text}

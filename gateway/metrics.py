@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+COLD_START_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -178,6 +179,24 @@ class GatewayMetrics:
         )
         self.batches_by = Children(self.batches)
         self.batch_lines_by = Children(self.batch_lines)
+        # Scale to zero (gateway/engine_control.py): engine states, cold starts, the wait they cost.
+        self.engine_state = Gauge(
+            "gateway_engine_state",
+            "1 for the engine's current state: stopped, starting, healthy, unhealthy.",
+            ["engine", "state"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.cold_starts = Counter(
+            "gateway_engine_cold_starts", "Stopped engines started by a request.", ["engine"], registry=r
+        )
+        self.cold_start_wait = Histogram(
+            "gateway_cold_start_wait_seconds",
+            "How long requests waited for a stopped engine of their model to start.",
+            ["model"],
+            buckets=COLD_START_BUCKETS,
+            registry=r,
+        )
         # The children the request path touches, by label values (see Children).
         self.requests_by = Children(self.requests)
         self.key_requests_by = Children(self.key_requests)

@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import math
 import secrets
 import time
 from collections.abc import Iterable
@@ -57,7 +56,6 @@ MINUTE_TTL = 120
 DAY_TTL = 40 * 86400
 MONTH_TTL = 400 * 86400
 LEASE_KEEP_MS = 3_600_000
-WARN_EVERY = 10.0
 
 _ADMIT = Script("""
 if redis.call('EXISTS', KEYS[6]) == 1 then return {'cancelled'} end
@@ -220,7 +218,7 @@ class Quota:
         self._metrics = metrics
         self._lease_ms = max(1, round(lease_ttl * 1000))
         self._skip_until = 0.0
-        self._warned = -math.inf
+        self._down = False
         self._pending: dict[str, tuple[Script, list[str], list[str | int]]] = {}  # lease id -> op
         self._retrier: asyncio.Task[None] | None = None
 
@@ -255,6 +253,8 @@ class Quota:
                 cancel_args: list[str | int] = [lease_id, reserve_tokens, TOMBSTONE_TTL, int(batch)]
                 self._retry(lease_id, _CANCEL, cancel_keys, cancel_args)
             else:
+                if self._down:
+                    self._recovered()
                 return self._decide(reply, key.id, model, reserve_tokens, lease_id, win, batch)
         if batch:
             raise quota_unavailable()
@@ -397,14 +397,15 @@ class Quota:
         self.redis_errors += 1
         if self._metrics is not None:
             self._metrics.redis_errors.inc()
-        now = time.monotonic()
-        self._skip_until = now + self.breaker
-        if now - self._warned >= WARN_EVERY:
-            self._warned = now
-            if self.failure_mode == "open":
-                log.warning("Redis unreachable: fail-open, per-process limits (%s: %r)", op, exc)
-            else:
-                log.warning("Redis unreachable: fail-closed, refusing requests (%s: %r)", op, exc)
+        self._skip_until = time.monotonic() + self.breaker
+        if not self._down:  # one line when Redis goes away, one when it is back (_recovered)
+            self._down = True
+            mode = "fail-open, per-process limits" if self.failure_mode == "open" else "fail-closed, refusing requests"
+            log.warning("Redis unreachable: quotas %s (%s: %r)", mode, op, exc)
+
+    def _recovered(self) -> None:
+        self._down = False
+        log.warning("Redis reachable again: quotas back on Redis")
 
 
 def _text(value: Any) -> str:

@@ -72,14 +72,17 @@ class Subscriber:
                     async with contextlib.aclosing(self._follow(address, channel, idle_every)) as events:
                         async for event in events:
                             if event.kind == "subscribed" and warned:
-                                log.warning("subscribed to %s again, on %s", channel, address)
+                                log.warning("Redis reachable again: subscribed to %s on %s", channel, address)
                                 warned = False
                             yield event
                 except (RedisError, OSError, TimeoutError) as exc:
                     failed = address
                     if not warned:
                         log.warning(
-                            "Redis subscription to %s lost on %s (%r); trying other nodes", channel, address, exc
+                            "Redis unreachable: the subscription to %s on %s was lost (%r); trying other nodes",
+                            channel,
+                            address,
+                            exc,
                         )
                         warned = True
             await asyncio.sleep(self._retry_pause)

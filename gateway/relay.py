@@ -28,6 +28,7 @@ from starlette.types import Send
 
 from gateway.errors import Code, GatewayError
 from gateway.settings import EngineSettings, ServerSettings
+from gateway.tls import engine_ssl
 
 _DONE = b"data: [DONE]"
 _DATA = b"data: "
@@ -57,6 +58,7 @@ class Outcome:
     error_code: Code | None = None
     finish_reason: str | None = None  # why the (last) choice ended: stop, length, ...
     sending_since: float = 0.0  # monotonic time the pending send began; 0 when none is pending
+    cut: GatewayError | None = None  # the gateway ended it itself (shutdown): what the client is told
 
 
 class EngineUnreachable(Exception):
@@ -97,10 +99,11 @@ class Upstream:
             headers = self._headers[engine.api_key] = {**_JSON_HEADERS, "authorization": f"Bearer {engine.api_key}"}
         timeout = self._stream_timeout if stream else self._whole_timeout
         url = engine.url + path
+        ssl = engine_ssl(engine)
         async with asyncio.timeout(self._server.first_byte_timeout if stream else self._server.request_timeout):
             for attempt in range(_STALE_RETRIES + 1):
                 try:
-                    return await self._session.post(url, data=body, headers=headers, timeout=timeout)
+                    return await self._session.post(url, data=body, headers=headers, timeout=timeout, ssl=ssl)
                 except aiohttp.ClientConnectorError as exc:
                     raise EngineUnreachable(str(exc)) from None
                 except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
@@ -196,12 +199,17 @@ async def relay_stream(
                 await _send(send, out, block)
                 older, prev = prev, block
     except (aiohttp.ClientError, TimeoutError) as exc:
-        out.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if out.cut is None:
+            out.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     if not out.done:
-        # The engine died or stalled mid-stream: tell the client in-band, then end cleanly.
-        out.error = out.error or "the engine closed the stream before it finished"
-        error = GatewayError(502, f"The upstream engine failed mid-stream ({out.error}).", code=Code.UPSTREAM_ERROR)
-        out.status, out.error_code = 502, error.code
+        # The engine died or stalled mid-stream, or the gateway cut the stream (shutdown): tell
+        # the client in-band, then end cleanly.
+        if out.cut is not None:
+            error = out.cut
+        else:
+            out.error = out.error or "the engine closed the stream before it finished"
+            error = GatewayError(502, f"The upstream engine failed mid-stream ({out.error}).", code=Code.UPSTREAM_ERROR)
+        out.status, out.error_code = error.status, error.code
         await finishing()
         await _send(send, out, error.sse())
     await _send(send, out, b"", more=False)

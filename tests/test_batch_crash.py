@@ -10,11 +10,15 @@ plus any the dead replica admitted but never got to send (a window of a millisec
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
 import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 from tests.batch_helpers import (
     admin,
@@ -34,6 +38,13 @@ from tests.redis_fixtures import RedisServer
 log = logging.getLogger(__name__)
 LINES = 500
 CONCURRENCY = 8
+
+
+def replica_pids(replica: Proc) -> set[int]:
+    """The replica's main process and its worker processes (they run the batches)."""
+    assert replica.proc is not None
+    main = psutil.Process(replica.proc.pid)
+    return {main.pid, *(child.pid for child in main.children(recursive=True))}
 
 
 def test_a_replica_killed_mid_batch(logs_dir: Path, tmp_path: Path, redis_server: RedisServer) -> None:
@@ -88,9 +99,12 @@ def run_and_kill(replicas: list[Proc], fake_url: str) -> None:
             break
         assert view["status"] == "in_progress" and time.monotonic() < deadline, view
         time.sleep(0.05)
-    holder_pid = int(view["lease_holder"].split(":")[1])
-    [victim] = [p for p in replicas if p.proc and p.proc.pid == holder_pid]
+    holder_pid = int(view["lease_holder"].split(":")[1])  # a worker process of one replica
+    [victim] = [p for p in replicas if holder_pid in replica_pids(p)]
     [survivor] = [p for p in replicas if p is not victim]
+    for pid in replica_pids(victim):  # the whole replica dies at once, as a machine would
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     victim.kill()
     at_kill = view["request_counts"]["completed"]
     survivor_client = client(survivor, secret)

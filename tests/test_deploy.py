@@ -141,6 +141,32 @@ def test_gateway_deployment() -> None:
     assert any(m["mountPath"] == "/tmp" for m in gateway["volumeMounts"])
 
 
+def test_gateway_drain_fits_the_termination_grace_period() -> None:
+    deployment = find("Deployment", "llm-gateway")
+    config_map = find("ConfigMap", "llm-gateway-config")
+    server = parse_settings(yaml.safe_load(config_map["data"]["config.yaml"]), "gateway-config.yaml", env={}).server
+    pre_stop = container(deployment, "gateway")["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    # preStop, then SIGTERM: the drain (in-flight work up to drain_timeout), the requests cut at
+    # its end (gateway/server.py CUT_WAIT) and the engines stopped, before the SIGKILL.
+    needed = float(pre_stop[1]) + server.drain_timeout + 10
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= needed
+    assert 0 < server.drain_grace <= server.drain_timeout
+
+
+def test_admin_port_is_not_in_the_public_service() -> None:
+    deployment = find("Deployment", "llm-gateway")
+    config_map = find("ConfigMap", "llm-gateway-config")
+    server = parse_settings(yaml.safe_load(config_map["data"]["config.yaml"]), "gateway-config.yaml", env={}).server
+    ports = {p["name"]: p["containerPort"] for p in container(deployment, "gateway")["ports"]}
+    assert ports == {"http": server.port, "admin": server.admin_port}
+    public = find("Service", "llm-gateway")["spec"]["ports"]
+    assert [p["targetPort"] for p in public] == ["http"]
+    assert [p["targetPort"] for p in find("Service", "llm-gateway-admin")["spec"]["ports"]] == ["admin"]
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(server.admin_port)
+
+
 def test_gateway_config_map_is_a_valid_config() -> None:
     config_map = find("ConfigMap", "llm-gateway-config")
     config = yaml.safe_load(config_map["data"]["config.yaml"])

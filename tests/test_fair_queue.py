@@ -20,13 +20,10 @@ from gateway.request import CHAT, ApiRequest
 from gateway.routing import Router
 from gateway.scheduler import Scheduler, Unscheduled
 from gateway.settings import (
-    CONFIG_ENV,
-    WORKERS_ENV,
     ConfigError,
     EngineSettings,
     SchedulerSettings,
     parse_settings,
-    settings_from_env,
 )
 
 ANY = lambda model: True  # noqa: E731
@@ -383,16 +380,3 @@ def test_scheduler_settings() -> None:
     bad = {**base, "engines": [{"name": "e", "kind": "openai", "url": "http://x", "max_inflight": 0}]}
     with pytest.raises(ConfigError, match=r"engines\[0\]\.max_inflight"):
         parse_settings(bad, env={})
-
-
-def test_workers_from_the_cli_split_the_capacity(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = tmp_path / "c.yaml"
-    path.write_text(
-        "engines: [{name: e, kind: openai, url: 'http://x', max_inflight: 12}]\n"
-        "models: [{name: m, routes: [{engine: e}]}]\nauth: {enabled: false}\n"
-    )
-    monkeypatch.setenv(CONFIG_ENV, str(path))
-    monkeypatch.setenv(WORKERS_ENV, "3")
-    settings = settings_from_env()
-    assert settings.server.workers == 3
-    assert Capacity(settings.engines[0], settings.server.workers).limit == 4

@@ -1,16 +1,16 @@
 """Typed settings: one YAML file validated at start, plus the environment for secrets and addresses.
 
 This package is the only place that reads environment variables. Errors name the file, the key
-and what is wrong. Each section has its parser in a module of its own: `sections` (server,
-health, routing, redis, auth), `engines`, `models`, `batch` (files, batch); the store's section
-is parsed by gateway/store/config.py; `reader` walks the tree.
+and what is wrong. Each section has its parser in a module of its own: `server`, `sections`
+(health, routing, redis, auth), `engines`, `models`, `batch` (files, batch), `scheduler`,
+`inference_log`; the store's section is parsed by gateway/store/config.py; `reader` walks the tree.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +27,12 @@ from gateway.settings.sections import (
     HealthSettings,
     RedisSettings,
     RoutingSettings,
-    ServerSettings,
     parse_auth,
     parse_health,
     parse_redis,
     parse_routing,
-    parse_server,
 )
+from gateway.settings.server import ServerSettings, TlsSettings, parse_server
 from gateway.store.config import StoreConfigError, StoreSettings, parse_store_settings
 
 SECTIONS = (
@@ -107,7 +106,7 @@ def parse_settings(
         raise r.fail(exc.key, exc.problem) from None
     return Settings(
         source=source,
-        server=parse_server(r, data),
+        server=parse_server(r, data, base_dir),
         health=parse_health(r, data),
         routing=parse_routing(r, data),
         engines=tuple(engines.values()),
@@ -142,20 +141,14 @@ def _project_root(config_path: Path) -> Path:
 
 
 CONFIG_ENV = "LLM_GATEWAY_CONFIG"
-WORKERS_ENV = "LLM_GATEWAY_WORKERS"  # --workers, which overrides server.workers
 
 
 def settings_from_env() -> Settings:
-    """For uvicorn worker processes: the CLI puts the config path (and --workers) in the environment."""
+    """For running the app under another ASGI server: the config file named in the environment."""
     path = os.environ.get(CONFIG_ENV)
     if not path:
         raise ConfigError(f"{CONFIG_ENV} is not set: start the gateway with `llm-gateway serve --config FILE`")
-    settings = load_settings(path)
-    workers = os.environ.get(WORKERS_ENV, "")
-    if workers.isdigit() and int(workers) >= 1:
-        # each process takes its share of an engine's max_inflight (gateway/capacity.py)
-        settings = replace(settings, server=replace(settings.server, workers=int(workers)))
-    return settings
+    return load_settings(path)
 
 
 def multiprocess_dir() -> str | None:
@@ -172,7 +165,6 @@ __all__ = [
     "CONFIG_ENV",
     "ENGINE_KINDS",
     "MANAGED_KINDS",
-    "WORKERS_ENV",
     "AuthSettings",
     "BatchSettings",
     "ConfigError",
@@ -189,6 +181,7 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "StoreSettings",
+    "TlsSettings",
     "VllmSettings",
     "load_settings",
     "parse_routes",

@@ -51,6 +51,9 @@ class EngineSettings:
     max_inflight: int | None = None
     vllm: VllmSettings = field(default_factory=VllmSettings)
     discovery: DnsDiscovery | None = None  # `discover: dns`: one engine per address of a name
+    idle_stop: float | None = None  # managed: stop after this many seconds without traffic (scale to zero)
+    cold_start_timeout: float | None = None  # how long a request waits for a stopped engine (default: startup)
+    ca_file: str | None = None  # https:// engines: verify the engine's certificate against this CA bundle
 
     @property
     def managed(self) -> bool:
@@ -60,6 +63,11 @@ class EngineSettings:
     def startup_timeout(self) -> float:
         """How long a managed engine may take to answer /health before it is restarted."""
         return self.vllm.startup_timeout if self.kind == "vllm" else 120.0
+
+    @property
+    def wake_timeout(self) -> float:
+        """How long a request waits for this engine to start from stopped (then 503)."""
+        return self.cold_start_timeout if self.cold_start_timeout is not None else self.startup_timeout
 
 
 _ENGINE_KEYS = (
@@ -79,6 +87,9 @@ _ENGINE_KEYS = (
     "max_inflight",
     "vllm",
     *DISCOVERY_KEYS,
+    "idle_stop",
+    "cold_start_timeout",
+    "ca_file",
 )
 
 
@@ -111,6 +122,7 @@ def parse_engine(r: Reader, index: int, data: Any, base_dir: Path, env: Mapping[
         "served_model_name": r.get(data, "served_model_name", path, str, None),
         "max_restarts_per_minute": r.get(data, "max_restarts_per_minute", path, int, 10, 1),
         "max_inflight": r.get(data, "max_inflight", path, int, None, 1),
+        **_operations(r, data, path, kind, base_dir),
     }
     if "vllm" in data:
         if kind != "vllm":
@@ -139,6 +151,23 @@ def parse_engine(r: Reader, index: int, data: Any, base_dir: Path, env: Mapping[
     if common["served_model_name"] is None:
         common["served_model_name"] = Path(model).name
     return EngineSettings(url=f"http://127.0.0.1:{port}", model=model, port=port, python=python, **common)
+
+
+def _operations(r: Reader, data: Mapping[str, Any], path: str, kind: str, base_dir: Path) -> dict[str, Any]:
+    """Scale to zero (managed engines) and TLS verification (https:// engines)."""
+    values = {
+        "idle_stop": r.get(data, "idle_stop", path, float, None, 0.1),
+        "cold_start_timeout": r.get(data, "cold_start_timeout", path, float, None, 0.1),
+        "ca_file": resolve_path(r.get(data, "ca_file", path, str, None), base_dir),
+    }
+    if values["idle_stop"] is not None and kind not in MANAGED_KINDS:
+        raise r.fail(f"{path}idle_stop", "only managed engines (cpu, vllm) can be stopped when idle")
+    if values["ca_file"] is not None:
+        if not str(data.get("url", "")).startswith("https://"):
+            raise r.fail(f"{path}ca_file", "only an engine with an https:// url is verified against a CA file")
+        if not Path(values["ca_file"]).is_file():
+            raise r.fail(f"{path}ca_file", f"no such file: {values['ca_file']}")
+    return values
 
 
 def resolve_path(path: str | None, base_dir: Path) -> str | None:

@@ -1,4 +1,4 @@
-"""The small flat sections of the config file: server, health, routing, redis, auth."""
+"""The small flat sections of the config file: health, routing, redis, auth (server: server.py)."""
 
 from __future__ import annotations
 
@@ -8,19 +8,6 @@ from typing import Any
 
 from gateway.redis_url import parse_redis_url
 from gateway.settings.reader import Reader, simple_section
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    host: str = "127.0.0.1"
-    port: int = 8080
-    workers: int = 1
-    max_body_bytes: int = 4 * 1024 * 1024
-    connect_timeout: float = 5.0
-    first_byte_timeout: float = 120.0  # streaming: until the response headers arrive
-    idle_timeout: float = 60.0  # streaming: longest gap between two chunks
-    request_timeout: float = 600.0  # non-streaming: the whole answer
-    send_timeout: float = 30.0  # a client that reads nothing for this long is dropped
 
 
 @dataclass(frozen=True)
@@ -103,13 +90,6 @@ def parse_auth(r: Reader, data: Mapping[str, Any], env: Mapping[str, str]) -> Au
     auth = simple_section(r, data, "auth", AuthSettings)
     admin_key = env.get("GATEWAY_ADMIN_KEY") or None
     return AuthSettings(auth.enabled, admin_key, auth.admin_is_client, auth.default_max_tokens, auth.lease_ttl)
-
-
-def parse_server(r: Reader, data: Mapping[str, Any]) -> ServerSettings:
-    server = simple_section(r, data, "server", ServerSettings)
-    if server.workers < 1:
-        raise r.fail("server.workers", "must be at least 1")
-    return server
 
 
 def parse_health(r: Reader, data: Mapping[str, Any]) -> HealthSettings:

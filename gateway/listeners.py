@@ -1,0 +1,50 @@
+"""Which routes each listener serves: with `server.admin_port`, the admin API, the console and the
+metrics are served on the admin listener only, and are 404 on the public one.
+
+The split is by path (`/admin`, `/ui`, `/metrics`), so a route added under those prefixes lands on
+the right listener without being listed here. The probes (`/health`, `/ready`) are on both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from starlette.routing import BaseRoute, Router
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+ADMIN_PREFIXES = ("/admin", "/ui", "/metrics")
+PROBES = ("/health", "/ready")
+
+
+def is_admin_path(path: str) -> bool:
+    return any(path == p or path.startswith(p + "/") for p in ADMIN_PREFIXES)
+
+
+def _path(route: BaseRoute) -> str:
+    return str(getattr(route, "path", ""))
+
+
+class ListenerSplit:
+    """Sends each request to the routes of the listener it came in on (by the local port)."""
+
+    def __init__(self, public: ASGIApp, admin: ASGIApp, admin_port: int) -> None:
+        self.public = public
+        self.admin = admin
+        self.admin_port = admin_port
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        server = scope.get("server")
+        if scope["type"] != "lifespan" and server is not None and server[1] == self.admin_port:
+            await self.admin(scope, receive, send)
+        else:
+            await self.public(scope, receive, send)  # the public router also runs the lifespan
+
+
+def listener_app(routes: Sequence[BaseRoute], lifespan: Any, admin_port: int | None) -> ASGIApp:
+    """One router with every route, or a public and an admin route set when there is an admin port."""
+    if admin_port is None:
+        return Router(list(routes), lifespan=lifespan)
+    public = [r for r in routes if not is_admin_path(_path(r))]
+    admin = [r for r in routes if is_admin_path(_path(r)) or _path(r) in PROBES]
+    return ListenerSplit(Router(public, lifespan=lifespan), Router(admin), admin_port)
