@@ -37,6 +37,8 @@ def py_spy() -> str:
 def record(pid: int, seconds: float, out: Path, *, rate: int = 250, cpus: str | None = None) -> subprocess.Popen[bytes]:
     """Start recording `pid` for `seconds` into `out` (collapsed stacks, one line per distinct stack)."""
     args = [py_spy(), "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))), "--rate", str(rate)]
+    # --subprocesses: `llm-gateway serve` serves in worker processes, children of the one started
+    args.append("--subprocesses")
     # --function: one name per function, not per line, so a function's samples add up.
     args += ["--format", "raw", "--function", "--output", str(out)]
     if cpus is not None:

@@ -11,11 +11,12 @@ from gateway.engine_control import EngineControl
 from gateway.metrics import GatewayMetrics
 from gateway.monitor.writer import InferenceLog
 from gateway.pool import Pool
-from gateway.relay import SendWatchdog, Upstream
+from gateway.relay import SendWatchdog
 from gateway.routing import Router
 from gateway.scheduler import Dispatcher, Scheduler, Unscheduled
 from gateway.settings import Settings
 from gateway.store import Store
+from gateway.upstream import Upstream
 
 
 @dataclass

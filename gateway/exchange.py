@@ -24,7 +24,6 @@ import logging
 import time
 from types import TracebackType
 
-import aiohttp
 from starlette.types import Receive, Send
 
 from gateway.access import Grant, Principal, Usage
@@ -34,9 +33,10 @@ from gateway.http import ClientDisconnected, ClientWatch
 from gateway.monitor.payloads import Capture
 from gateway.monitor.writer import LogEntry
 from gateway.pool import Engine
-from gateway.relay import SSE_HEADERS, EngineUnreachable, Outcome, error_of, relay_stream, relay_whole
+from gateway.relay import SSE_HEADERS, Outcome, error_of, relay_stream, relay_whole
 from gateway.request import ApiRequest
 from gateway.routing import Pick
+from gateway.upstream import EngineUnreachable, UpstreamError, UpstreamResponse
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class Exchange:
         self.out = Outcome()
         self.grant: Grant | None = None
         self.pick: Pick | None = None
-        self.response: aiohttp.ClientResponse | None = None
+        self.response: UpstreamResponse | None = None
         self.started = 0.0
         self._slot: Engine | None = None  # the engine whose slot this request holds
         self._settled: Usage | None = None
@@ -101,7 +101,7 @@ class Exchange:
     async def admit(self) -> None:
         self.grant = await self.gw.access.admit(self.principal, self.request)
 
-    async def call_engine(self) -> aiohttp.ClientResponse:
+    async def call_engine(self) -> UpstreamResponse:
         """Sends the request to an engine; one that refuses or fails before answering is
         retried once on another engine (nothing has reached the client yet)."""
         gw, request, m = self.gw, self.request, self.gw.metrics
@@ -135,9 +135,9 @@ class Exchange:
             except TimeoutError:
                 m.upstream_errors_by(engine.name, "timeout").inc()
                 raise GatewayError(504, "The engine did not answer in time.", code=Code.UPSTREAM_TIMEOUT) from None
-            except aiohttp.ClientError as exc:
+            except UpstreamError as exc:
                 m.upstream_errors_by(engine.name, "read").inc()
-                error = GatewayError(502, f"The engine failed: {type(exc).__name__}.", code=Code.UPSTREAM_ERROR)
+                error = GatewayError(502, f"The engine failed: {exc}.", code=Code.UPSTREAM_ERROR)
                 continue
             if response.status == 429 or response.status >= 500:
                 m.upstream_errors_by(engine.name, "overloaded" if response.status == 429 else "5xx").inc()
@@ -161,14 +161,14 @@ class Exchange:
         if engine is not None:
             self.gw.scheduler.release(engine)
 
-    async def relay(self, response: aiohttp.ClientResponse, send: Send) -> None:
+    async def relay(self, response: UpstreamResponse, send: Send) -> None:
         gw = self.gw
         headers = self._headers()
         inference_log = gw.inference_log
         if inference_log is not None and (capture := inference_log.capture(self.request)) is not None:
             self._capture, send = capture, capture.wrap(send)  # a sampled payload: keep what is sent
         if not (self.request.stream and response.status == 200):
-            await relay_whole(gw.upstream, response, send, self.out, headers, self._finishing)
+            await relay_whole(response, send, self.out, headers, self._finishing)
             return
         m = gw.metrics
         m.streams.inc()

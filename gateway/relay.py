@@ -1,4 +1,4 @@
-"""The upstream HTTP client and the relay of its answer to the client, whole or streamed.
+"""The relay of an engine's answer (gateway/upstream.py) to the client, whole or streamed.
 
 Streams are relayed chunk by chunk as they arrive, as raw bytes: the relay only cuts at SSE event
 boundaries and parses the one event that carries the final usage, and, once [DONE] arrives, the
@@ -22,18 +22,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
 from starlette.types import Send
 
 from gateway.errors import Code, GatewayError
-from gateway.settings import EngineSettings, ServerSettings
-from gateway.tls import engine_ssl
+from gateway.upstream import UpstreamError, UpstreamResponse
 
 _DONE = b"data: [DONE]"
 _DATA = b"data: "
-_JSON_HEADERS = {"content-type": "application/json"}
-_STALE_RETRIES = 2
 _USAGE = b'"usage":{'
 _FINISH = b'"finish_reason"'
 _EVENT_SPLIT = re.compile(rb"\r?\n\r?\n")
@@ -61,69 +57,12 @@ class Outcome:
     cut: GatewayError | None = None  # the gateway ended it itself (shutdown): what the client is told
 
 
-class EngineUnreachable(Exception):
-    """Nothing answered at the engine's address: it is down (the request was never sent)."""
-
-
-class Upstream:
-    def __init__(self, server: ServerSettings) -> None:
-        self._server = server
-        self._session: aiohttp.ClientSession | None = None
-        # Built once: per-request construction shows up in profiles.
-        self._headers: dict[str | None, dict[str, str]] = {None: _JSON_HEADERS}
-        s = server
-        self._stream_timeout = aiohttp.ClientTimeout(total=None, connect=s.connect_timeout, sock_read=s.idle_timeout)
-        self._whole_timeout = aiohttp.ClientTimeout(total=None, connect=s.connect_timeout, sock_read=s.request_timeout)
-
-    async def start(self) -> None:
-        # Idle connections are dropped before the engines drop them (uvicorn and vLLM: 5 s), so a
-        # request rarely picks up one the engine is closing; `post` retries the rare one that does.
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=3, enable_cleanup_closed=True)
-        self._session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
-        )
-
-    async def close(self) -> None:
-        if self._session:
-            await self._session.close()
-
-    async def post(self, engine: EngineSettings, path: str, body: bytes, stream: bool) -> aiohttp.ClientResponse:
-        """Sends the request and returns once the response headers are in.
-
-        Raises EngineUnreachable when nothing listens, aiohttp.ClientError when the engine fails,
-        TimeoutError when it does not answer in time.
-        """
-        assert self._session is not None
-        headers = self._headers.get(engine.api_key)
-        if headers is None:
-            headers = self._headers[engine.api_key] = {**_JSON_HEADERS, "authorization": f"Bearer {engine.api_key}"}
-        timeout = self._stream_timeout if stream else self._whole_timeout
-        url = engine.url + path
-        ssl = engine_ssl(engine)
-        async with asyncio.timeout(self._server.first_byte_timeout if stream else self._server.request_timeout):
-            for attempt in range(_STALE_RETRIES + 1):
-                try:
-                    return await self._session.post(url, data=body, headers=headers, timeout=timeout, ssl=ssl)
-                except aiohttp.ClientConnectorError as exc:
-                    raise EngineUnreachable(str(exc)) from None
-                except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-                    # A pooled keep-alive connection the engine closed meanwhile: nothing was
-                    # processed, so the same engine is tried again on another connection.
-                    if attempt == _STALE_RETRIES:
-                        raise
-        raise AssertionError("unreachable")
-
-    async def read_all(self, response: aiohttp.ClientResponse) -> bytes:
-        async with asyncio.timeout(self._server.request_timeout):
-            return await response.read()
-
-
-async def error_of(response: aiohttp.ClientResponse) -> GatewayError:
+async def error_of(response: UpstreamResponse) -> GatewayError:
     """An engine's refusal before the first byte, as the error the client gets if no other
     engine can take the request: 429 stays a 429 (with retry-after), anything else is a 502."""
     try:
         detail = orjson.loads(await response.read())["error"]["message"]
-    except (ValueError, KeyError, TypeError, aiohttp.ClientError, TimeoutError):
+    except (ValueError, KeyError, TypeError, UpstreamError, TimeoutError):
         detail = f"status {response.status}"
     if response.status == 429:
         return GatewayError(429, f"Every engine is busy: {detail}", code=Code.ENGINES_OVERLOADED)
@@ -131,24 +70,23 @@ async def error_of(response: aiohttp.ClientResponse) -> GatewayError:
 
 
 async def relay_whole(
-    upstream: Upstream,
-    response: aiohttp.ClientResponse,
+    response: UpstreamResponse,
     send: Send,
     out: Outcome,
     headers: list[tuple[bytes, bytes]],
     finishing: Callable[[], Awaitable[None]],
 ) -> None:
     try:
-        content = await upstream.read_all(response)
+        content = await response.read()
     except TimeoutError:
         raise GatewayError(504, "The engine did not answer in time.", code=Code.UPSTREAM_TIMEOUT) from None
-    except aiohttp.ClientError as exc:
-        raise GatewayError(502, f"The engine failed: {type(exc).__name__}.", code=Code.UPSTREAM_ERROR) from None
+    except UpstreamError as exc:
+        raise GatewayError(502, f"The engine failed: {exc}.", code=Code.UPSTREAM_ERROR) from None
     out.status = response.status
     if response.status == 200:
         out.usage, out.finish_reason = _summary_of(content)
     await finishing()
-    ctype = response.headers.get("content-type", "application/json").encode("latin-1")
+    ctype = response.header(b"content-type") or b"application/json"
     await send(
         {"type": "http.response.start", "status": response.status, "headers": [(b"content-type", ctype), *headers]}
     )
@@ -156,7 +94,7 @@ async def relay_whole(
 
 
 async def relay_stream(
-    response: aiohttp.ClientResponse,
+    response: UpstreamResponse,
     send: Send,
     out: Outcome,
     headers: list[tuple[bytes, bytes]],
@@ -166,14 +104,13 @@ async def relay_stream(
 ) -> None:
     out.status = 200
     await send({"type": "http.response.start", "status": 200, "headers": headers})
-    content = response.content
     buf = b""
     # The finish reason sits in the last content event, which may have come a block or two
     # before [DONE] (the usage event comes between): keep references, parse only at the end.
     prev = older = b""
     try:
         while True:
-            data = await content.readany()
+            data = await response.chunk()
             if not data:
                 break
             now = time.perf_counter()
@@ -198,7 +135,7 @@ async def relay_stream(
             if block:
                 await _send(send, out, block)
                 older, prev = prev, block
-    except (aiohttp.ClientError, TimeoutError) as exc:
+    except (UpstreamError, TimeoutError) as exc:
         if out.cut is None:
             out.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     if not out.done:
