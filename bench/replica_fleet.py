@@ -65,19 +65,22 @@ class RedisNode:
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, socket_timeout=5)
 
-    def commands(self) -> tuple[int, int]:
-        """(script calls, other commands clients sent) so far, from INFO commandstats."""
+    def commands(self) -> tuple[int, int, int]:
+        """(script calls, commands the scripts ran, other commands clients sent) so far, from INFO
+        commandstats (which counts a script's own commands too)."""
         with self.client() as client:
             stats = client.info("commandstats")
-        scripts = others = 0
+        scripts = inside = others = 0
         for name, figures in stats.items():
             command = name.removeprefix("cmdstat_")
             calls = int(figures["calls"])
             if command in ("evalsha", "eval"):
                 scripts += calls
-            elif command not in IN_SCRIPTS and command not in NOT_CLIENTS:
+            elif command in IN_SCRIPTS:
+                inside += calls
+            elif command not in NOT_CLIENTS:
                 others += calls
-        return scripts, others
+        return scripts, inside, others
 
 
 @dataclass
@@ -214,16 +217,15 @@ class Fleet:
             out[node.role] = out.get(node.role, 0.0) + servers.cpu_seconds([node.process])
         return out
 
-    def commands(self) -> tuple[int, int]:
-        """(script calls, other commands) the masters were sent: a replica counts what its master's
-        replication stream applies (MULTI, the script's writes, EXEC), which are no round trips."""
-        scripts = others = 0
+    def commands(self) -> tuple[int, int, int]:
+        """(script calls, commands the scripts ran, other commands) on the masters: a replica counts
+        what its master's replication stream applies (MULTI, the script's writes, EXEC), which are
+        no round trips."""
+        totals = [0, 0, 0]
         for node in self.backing.nodes:
-            if not node.role.endswith("master"):
-                continue
-            s, o = node.commands()
-            scripts, others = scripts + s, others + o
-        return scripts, others
+            if node.role.endswith("master"):
+                totals = [t + n for t, n in zip(totals, node.commands(), strict=True)]
+        return totals[0], totals[1], totals[2]
 
     def exactness(self, wait_s: float = 10.0) -> dict[str, Any]:
         """The key's usage against what the bench saw, once every release has landed: requests counted

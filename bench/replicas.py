@@ -65,6 +65,7 @@ class Run:
     redis_cpu_us: dict[str, float]  # per request of the fleet, by node role
     scripts_per_request: float  # EVALSHA / EVAL calls
     others_per_request: float  # other commands clients sent (not those the scripts run)
+    in_scripts_per_request: float  # commands the scripts ran inside Redis (no round trips)
     p50_ms: float  # median over the replicas' p50
     p99_ms: float  # the worst replica's p99
     client_core_busy: float  # the load generator, the upstream and Redis, over the wall time
@@ -95,11 +96,11 @@ async def measure(
 
         for w in await loops(2 * per, 30):  # the connections the measured run uses are open
             fleet.count(w.requests, w.failures, w.errors)
-        gw0, redis0, (scripts0, others0) = fleet.gateway_cpu(), fleet.redis_cpu(), fleet.commands()
+        gw0, redis0, (scripts0, inside0, others0) = fleet.gateway_cpu(), fleet.redis_cpu(), fleet.commands()
         core0, wall0 = client_core_cpu(upstream, backings), time.perf_counter()
         results = await loops(10**9, seconds)
         wall = time.perf_counter() - wall0
-        gw1, redis1, (scripts1, others1) = fleet.gateway_cpu(), fleet.redis_cpu(), fleet.commands()
+        gw1, redis1, (scripts1, inside1, others1) = fleet.gateway_cpu(), fleet.redis_cpu(), fleet.commands()
         core = client_core_cpu(upstream, backings) - core0
     errors: dict[str, int] = {}
     for r in results:
@@ -118,6 +119,7 @@ async def measure(
         redis_cpu_us={role: (redis1[role] - redis0[role]) / total * 1e6 for role in redis1},
         scripts_per_request=(scripts1 - scripts0) / total,
         others_per_request=(others1 - others0) / total,
+        in_scripts_per_request=(inside1 - inside0) / total,
         p50_ms=statistics.median(r.p50_ms for r in results),
         p99_ms=max(r.p99_ms for r in results),
         client_core_busy=core / wall,
@@ -162,6 +164,7 @@ def summarize(runs: list[Run]) -> list[dict[str, Any]]:
                     "redis_cpu_us_total": statistics.median(sum(r.redis_cpu_us.values()) for r in rs),
                     "scripts_per_request": statistics.median(r.scripts_per_request for r in rs),
                     "others_per_request": statistics.median(r.others_per_request for r in rs),
+                    "in_scripts_per_request": statistics.median(r.in_scripts_per_request for r in rs),
                     "p50_ms": statistics.median(r.p50_ms for r in rs),
                     "p99_ms": statistics.median(r.p99_ms for r in rs),
                     "client_core_busy": statistics.median(r.client_core_busy for r in rs),
@@ -176,7 +179,7 @@ def print_summary(rows: list[dict[str, Any]], exactness: list[dict[str, Any]], h
     print(
         f"{'fleet':<10} {'clients':>7} {'req/s':>7} {'per replica req/s':<24} {'gw CPU ms/req (each)':<28} "
         f"{'mean':>6} {'Redis us/req':>12} {'key master':>10} {'key replica':>11} {'others':>6} "
-        f"{'scripts/req':>11} {'other/req':>9} {'p50 ms':>7} {'p99 ms':>7} {'client core':>11} {'failures':>8}"
+        f"{'scripts/req':>11} {'other/req':>9} {'in scripts':>10} {'p50 ms':>7} {'p99 ms':>7} {'client core':>11} {'failures':>8}"
     )
     for row in rows:
         redis_us = row["redis_cpu_us"]
@@ -187,13 +190,15 @@ def print_summary(rows: list[dict[str, Any]], exactness: list[dict[str, Any]], h
             f"{' / '.join(f'{x:.3f}' for x in row['gateway_cpu_ms']):<28} {row['gateway_cpu_ms_mean']:>6.3f} "
             f"{row['redis_cpu_us_total']:>12.1f} {redis_us.get('key master', 0):>10.1f} "
             f"{redis_us.get('key replica', 0):>11.1f} {others:>6.1f} {row['scripts_per_request']:>11.2f} "
-            f"{row['others_per_request']:>9.3f} {row['p50_ms']:>7.2f} {row['p99_ms']:>7.2f} "
+            f"{row['others_per_request']:>9.3f} {row['in_scripts_per_request']:>10.1f} {row['p50_ms']:>7.2f} {row['p99_ms']:>7.2f} "
             f"{row['client_core_busy']:>11.0%} {row['failures']:>8}"
         )
     print(
         "gw CPU: each gateway process's CPU (its worker included) over the requests it answered; Redis us/req:\n"
         "all of the fleet's Redis nodes over all its requests (key master: the node holding the shared key's\n"
-        "slot; key replica: its replica; others: the two other masters and their replicas)"
+        "slot; key replica: its replica; others: the two other masters and their replicas); scripts/req and\n"
+        "other/req: commands clients sent the masters per request (round trips); in scripts: the commands the\n"
+        "scripts ran inside Redis per request"
     )
     print("\nexactness (the key's day usage against the answers the bench got, warm-ups included):")
     for e in exactness:
