@@ -58,13 +58,20 @@ class ClientWatch:
     that serves it the moment the client disconnects (or `drop()` gives up on it): that is what
     frees the engine slot at once. Polling `is_disconnected()` between steps would notice late.
     The served task turns the CancelledError into ClientDisconnected with `disconnected(exc)`.
+
+    The watching task starts `WATCH_AFTER` seconds in (a timer is far cheaper than a task): most
+    requests to a fast engine are answered before, and a disconnect is still noticed within that
+    time of a request that lasts longer (an LLM's answer does), which then frees its engine slot.
     """
 
-    __slots__ = ("_task", "_watcher", "cut", "gone")
+    __slots__ = ("_later", "_task", "_watcher", "cut", "gone")
+
+    WATCH_AFTER = 0.05
 
     def __init__(self) -> None:
         self._task: asyncio.Task[object] | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._later: asyncio.TimerHandle | None = None
         self.gone = False
         self.cut = False
 
@@ -73,7 +80,11 @@ class ClientWatch:
         watch, but the task can still be interrupted at shutdown."""
         self._task = asyncio.current_task()
         if receive is not None:
-            self._watcher = asyncio.get_running_loop().create_task(self._watch(receive))
+            self._later = asyncio.get_running_loop().call_later(self.WATCH_AFTER, self._begin, receive)
+
+    def _begin(self, receive: Receive) -> None:
+        self._later = None
+        self._watcher = asyncio.get_running_loop().create_task(self._watch(receive))
 
     async def _watch(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -101,6 +112,9 @@ class ClientWatch:
     def stop(self) -> None:
         """Stop watching: call it before the last send of a response, because the server reports
         a finished response as a disconnect too."""
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None

@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from datetime import date, timedelta
 from typing import Any
 
+import hiredis
+
 from gateway.errors import Code, GatewayError, invalid, quota_unavailable
 from gateway.keys import REDIS_DOWN, ApiKey
 from gateway.limits import Window, rate_headers, refusal, refused_key, window
@@ -95,15 +97,18 @@ if daily >= 0 then
 end
 if rpm >= 0 and not batch and mreq + 1 > rpm then return refuse('rpm_exceeded', mreq, rpm) end
 if tpm >= 0 and mtok + reserve > tpm then return refuse('tpm_exceeded', mtok, tpm) end
-redis.call('ZREMRANGEBYSCORE', leases, '-inf', now - tonumber(ARGV[6]))
+-- leases long expired (a crashed gateway's) are trimmed now and then: ZCOUNT skips them anyway
+if string.sub(lease, -1) == '0' then redis.call('ZREMRANGEBYSCORE', leases, '-inf', now - tonumber(ARGV[6])) end
 if conc >= 0 and not batch then
   local live = redis.call('ZCOUNT', leases, '(' .. ARGV[1], '+inf')
   if live >= conc then return refuse('concurrency_exceeded', live, conc) end
 end
 for i = 2, 4 do
-  if not batch or i > 2 then redis.call('HINCRBY', KEYS[i], 'requests', 1) end
+  -- a counter gets its TTL when it is created (its first request), not on every admission
+  local fresh = true
+  if not batch or i > 2 then fresh = redis.call('HINCRBY', KEYS[i], 'requests', 1) == 1 end
   redis.call('HINCRBY', KEYS[i], 'tokens', reserve)
-  redis.call('EXPIRE', KEYS[i], ARGV[5 + i])
+  if fresh then redis.call('EXPIRE', KEYS[i], ARGV[5 + i]) end
 end
 redis.call('ZADD', leases, now + tonumber(ARGV[5]), lease)
 redis.call('PEXPIRE', leases, tonumber(ARGV[5]) + tonumber(ARGV[6]))
@@ -207,6 +212,7 @@ class Quota:
         if failure_mode not in ("closed", "open"):
             raise ValueError(f"failure_mode must be 'closed' or 'open', not {failure_mode!r}")
         self.redis = redis
+        redis.preload(_ADMIT, _RELEASE, _CANCEL)
         self.prefix = prefix
         self.lease_ttl = lease_ttl
         self.failure_mode = failure_mode
@@ -286,7 +292,11 @@ class Quota:
         return Admission(key.id, lease_id, reserve, win.minute, win.day, win.month, headers, local=True)
 
     async def release(self, adm: Admission, prompt_tokens: int, completion_tokens: int) -> None:
-        """Replace the reservation by the actual usage. Idempotent: a repeat changes nothing."""
+        """Replace the reservation by the actual usage. Idempotent: a repeat changes nothing.
+
+        Sent, not waited for: the request path only needs it to reach Redis before the client's
+        next request, and commands of one connection run in order. A failure is retried in the
+        background (`_released`); meanwhile the reservation stays counted (the safe side)."""
         if adm.local:
             self.local.release(adm.lease_id, prompt_tokens + completion_tokens)
             return
@@ -294,13 +304,18 @@ class Quota:
         keys = [base + adm.leases, f"{base}min:{adm.minute}", base + "day:" + adm.day, base + "month:" + adm.month]
         delta = prompt_tokens + completion_tokens - adm.reserved
         args: list[str | int] = [adm.lease_id, delta, prompt_tokens, completion_tokens]
-        try:
-            await self.redis.run_script(_RELEASE, keys, args)
-        except REDIS_DOWN as exc:
-            # Retried until Redis answers; meanwhile the reservation stays counted (the safe side)
-            # and the lease expires by itself.
-            self._failed("release", exc)
-            self._retry(adm.lease_id, _RELEASE, keys, args)
+        self.redis.send_script(_RELEASE, keys, args).add_done_callback(
+            lambda sent: self._released(sent, adm.lease_id, keys, args)
+        )
+
+    def _released(self, sent: asyncio.Future[Any], lease_id: str, keys: list[str], args: list[str | int]) -> None:
+        error = None if sent.cancelled() else sent.exception()
+        if sent.cancelled() or isinstance(error, REDIS_DOWN):
+            self._failed("release", error or TimeoutError("cancelled"))
+        elif error is None and not isinstance(sent.result(), hiredis.ReplyError):
+            return
+        # NOSCRIPT (Redis restarted) or Redis unreachable: run_script in the retry loads the script
+        self._retry(lease_id, _RELEASE, keys, args)
 
     def _retry(self, lease_id: str, script: Script, keys: list[str], args: list[str | int]) -> None:
         if len(self._pending) >= MAX_PENDING:
@@ -322,9 +337,17 @@ class Quota:
             return True
         try:
             async with asyncio.timeout(self.deadline * 4):
-                await asyncio.gather(*(self.redis.run_script(script, keys, args) for _, (script, keys, args) in batch))
+                replies = await asyncio.gather(
+                    *(self.redis.run_script(script, keys, args) for _, (script, keys, args) in batch),
+                    return_exceptions=True,
+                )
         except (*REDIS_DOWN, TimeoutError):
             return False
+        for reply in replies:
+            if isinstance(reply, REDIS_DOWN):
+                return False  # all of them again: each is idempotent
+            if isinstance(reply, BaseException):
+                log.error("a quota operation failed in Redis and is dropped: %r", reply)
         for lease_id, op in batch:
             if self._pending.get(lease_id) is op:
                 del self._pending[lease_id]

@@ -149,6 +149,7 @@ class RespClient:
         self._connect_timeout = connect_timeout
         self._proto: _Protocol | None = None
         self._connecting: asyncio.Lock | None = None
+        self._scripts: list[Script] = []
 
     async def _connection(self) -> _Protocol:
         proto = self._proto
@@ -173,7 +174,16 @@ class RespClient:
                 await self.execute("AUTH", *auth)
             if self._db:
                 await self.execute("SELECT", self._db)
+            for script in self._scripts:  # before anything else sent on this connection
+                loaded: asyncio.Future[Any] = loop.create_future()
+                loaded.add_done_callback(_quiet)
+                proto.send(_pack("SCRIPT", "LOAD", script.source), loaded)
             return proto
+
+    def preload(self, *scripts: Script) -> None:
+        """Load these scripts on every (re)connection, so an EVALSHA sent without waiting (a
+        release) never meets NOSCRIPT after Redis restarted."""
+        self._scripts = [*self._scripts, *scripts]
 
     @property
     def address(self) -> str:
@@ -200,6 +210,17 @@ class RespClient:
             raise ResponseError(str(reply))
         return reply
 
+    def send_script(self, script: Script, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        """EVALSHA without waiting: the future gets the reply (a hiredis.ReplyError too, NOSCRIPT
+        included; the caller retries those with run_script). Commands on one connection run in
+        the order they were sent, so a later command of this client sees this one done."""
+        proto = self._proto
+        if proto is None or proto.lost:
+            return asyncio.ensure_future(self.execute("EVALSHA", script.sha, len(keys), *keys, *args))
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        proto.send(_pack("EVALSHA", script.sha, len(keys), *keys, *args), future)
+        return future
+
     async def run_script(self, script: Script, keys: list[str], args: list[Any]) -> Any:
         try:
             return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
@@ -222,6 +243,11 @@ class RespClient:
             asyncio.get_running_loop().call_later(delay, proto.transport.close)
 
 
+def _quiet(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: nobody waits for it, and a failure shows on the next call
+
+
 class LeanClient(Protocol):
     """What the quota path needs: RespClient on one Redis, ClusterClient on a Redis Cluster."""
 
@@ -231,6 +257,14 @@ class LeanClient(Protocol):
         ...
 
     async def run_script(self, script: Script, keys: list[str], args: list[Any]) -> Any: ...
+
+    def send_script(self, script: Script, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        """Runs a script without waiting for it: a future of its reply (errors included)."""
+        ...
+
+    def preload(self, *scripts: Script) -> None:
+        """Load these scripts on every connection before anything else is sent on it."""
+        ...
 
     async def close(self) -> None: ...
 

@@ -68,7 +68,8 @@ class ClusterClient:
         if password is not None:
             self._auth = (quote(user, safe="") if user else "") + ":" + quote(password, safe="") + "@"
         self._slots: list[RespClient | None] = [None] * REDIS_CLUSTER_HASH_SLOTS
-        self._nodes: dict[str, RespClient] = {}  # "host:port" -> its client, masters of the map only
+        self._nodes: dict[str, RespClient] = {}
+        self._scripts: list[Script] = []  # "host:port" -> its client, masters of the map only
         self._retired: list[RespClient] = []  # nodes that left the map, closed RETIRE_AFTER later
         self._known: list[str] = list(self._seeds)  # every node of the last map, replicas too
         self._refresh_task: asyncio.Task[None] | None = None
@@ -91,6 +92,10 @@ class ClusterClient:
         if key is None:
             key = args[1] if isinstance(args[1], bytes) else str(args[1])
         return await self._run(key_slot(key.encode() if isinstance(key, str) else key), args)
+
+    def send_script(self, script: Script, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        """run_script without waiting for it (a task: the slot map may need reading first)."""
+        return asyncio.ensure_future(self.run_script(script, keys, args))
 
     async def run_script(self, script: Script, keys: list[str], args: list[Any]) -> Any:
         """EVALSHA on the master of the first key's slot (every key must share that slot)."""
@@ -150,7 +155,14 @@ class ClusterClient:
         node = self._nodes.get(address)
         if node is None:
             node = self._nodes[address] = RespClient(f"{self._scheme}://{self._auth}{address}", self._connect_timeout)
+            node.preload(*self._scripts)
         return node
+
+    def preload(self, *scripts: Script) -> None:
+        """Every node loads these on each of its connections (see RespClient.preload)."""
+        self._scripts = [*self._scripts, *scripts]
+        for node in self._nodes.values():
+            node.preload(*scripts)
 
     # ---- the slot map ---------------------------------------------------------------------------
 
