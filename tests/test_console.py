@@ -396,14 +396,17 @@ def test_batches_show_progress_cancel_and_download(page: Page, gw: Proc) -> None
         return client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
 
     small = submit(3, "small")
-    large = submit(60, "large")  # 60 lines of 300 ms, two at a time: about 9 s if left alone
+    large = submit(100, "large")  # 100 lines of 300 ms, two at a time: about 15 s if left alone
     sign_in(page, gw, then="batches")
     small_row = page.locator(f'tr[data-batch-id="{small.id}"]')
     large_row = page.locator(f'tr[data-batch-id="{large.id}"]')
     expect(large_row.get_by_role("link", name=owner["id"])).to_be_visible()
-    expect(large_row.locator(".counts")).to_contain_text("of 60 done")
+    expect(large_row.locator(".counts")).to_contain_text("of 100 done")
+    large_row.locator("td.times summary").click()  # stays open across the live refreshes
     seen = large_row.locator(".counts").inner_text()
     expect(large_row.locator(".counts")).not_to_have_text(seen)  # refreshed live while it runs
+    expect(large_row.locator("td.times details")).to_have_attribute("open", "")
+    expect(large_row.locator("td.times dl")).to_contain_text("in progress")
     expect(small_row).to_have_attribute("data-status", "completed")
     expect(small_row.locator(".counts")).to_have_text("3 of 3 done · 3 completed · 0 failed")
     shot(page, "batches")
@@ -415,10 +418,10 @@ def test_batches_show_progress_cancel_and_download(page: Page, gw: Proc) -> None
     expect(large_row).to_have_attribute("data-status", "cancelled")  # cancelling, then cancelled: live
     after = admin(gw, "GET", f"/admin/batches/{large.id}").json()
     counts = after["request_counts"]
-    assert after["status"] == "cancelled" and counts["total"] == 60 and counts["failed"] > 0
+    assert after["status"] == "cancelled" and counts["total"] == 100 and counts["failed"] > 0
     done = counts["completed"] + counts["failed"]
     expect(large_row.locator(".counts")).to_have_text(
-        f"{done} of 60 done · {counts['completed']} completed · {counts['failed']} failed"
+        f"{done} of 100 done · {counts['completed']} completed · {counts['failed']} failed"
     )
     expect(large_row.get_by_role("button", name="Cancel batch")).to_have_count(0)
 

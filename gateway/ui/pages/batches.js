@@ -56,8 +56,22 @@ export async function render(view, ctx) {
     show();
   }
 
+  /** Where the reader is in the table (open details, the focused button), to keep across a refresh. */
+  function placeOf(el) {
+    const tr = el.closest("tr[data-batch-id]");
+    const label = el.tagName === "DETAILS" ? el.querySelector("summary").textContent : el.textContent;
+    return tr ? `${tr.dataset.batchId} ${el.tagName} ${el.className} ${label}` : null;
+  }
+
   function show() {
+    const open = new Set([...tableBody.querySelectorAll("details[open]")].map(placeOf));
+    const focused = tableBody.contains(document.activeElement) ? placeOf(document.activeElement) : null;
     tableBody.replaceChildren(...batches.map(row));
+    for (const el of tableBody.querySelectorAll("details, summary, button")) {
+      const place = placeOf(el);
+      if (el.tagName === "DETAILS" && open.has(place)) el.open = true;
+      if (focused && place === focused) el.focus();
+    }
     if (!batches.length)
       tableBody.append(
         h("tr", null, h("td", { colspan: COLUMNS.length, class: "empty" }, "No batches yet (POST /v1/batches).")),

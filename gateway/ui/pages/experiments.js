@@ -326,18 +326,17 @@ export async function render(view, ctx) {
     }
   }
 
-  let models;
+  let models = [];
   try {
     models = (await admin.get("admin/models")).data.map((m) => m.id);
   } catch (err) {
-    ctx.notices.error(err, "models");
-    report.append(h("p", { class: "empty" }, "The models could not be loaded (see the message above)."));
-    return;
+    ctx.notices.error(err, "models"); // the report lives in the store: the address's model still shows
   }
   const wanted = q.get("model") || models[0] || "";
+  if (wanted && !models.includes(wanted)) models.push(wanted);
   modelSelect.replaceChildren(...models.map((m) => h("option", { value: m, selected: m === wanted }, m)));
   if (!models.length) {
-    report.append(h("p", { class: "empty" }, "No models are configured."));
+    report.append(h("p", { class: "empty" }, "No model to report on (see the message above, if any)."));
     return;
   }
   try {
