@@ -2,7 +2,10 @@
 metrics are served on the admin listener only, and are 404 on the public one.
 
 The split is by path (`/admin`, `/ui`, `/metrics`), so a route added under those prefixes lands on
-the right listener without being listed here. The probes (`/health`, `/ready`) are on both.
+the right listener without being listed here. The probes (`/health`, `/ready`) are on both, and so
+is the OpenAI API (`/v1`): the console's playground calls it from the page's own origin (its CSP
+allows no other), which is the admin port. The admin port is private, and the API asks the same
+client keys there, so this opens nothing new.
 """
 
 from __future__ import annotations
@@ -14,11 +17,16 @@ from starlette.routing import BaseRoute, Router
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 ADMIN_PREFIXES = ("/admin", "/ui", "/metrics")
+SHARED_PREFIXES = ("/v1",)  # the OpenAI API: for the console's playground on the admin port
 PROBES = ("/health", "/ready")
 
 
+def _under(path: str, prefixes: Sequence[str]) -> bool:
+    return any(path == p or path.startswith(p + "/") for p in prefixes)
+
+
 def is_admin_path(path: str) -> bool:
-    return any(path == p or path.startswith(p + "/") for p in ADMIN_PREFIXES)
+    return _under(path, ADMIN_PREFIXES)
 
 
 def _path(route: BaseRoute) -> str:
@@ -46,5 +54,5 @@ def listener_app(routes: Sequence[BaseRoute], lifespan: Any, admin_port: int | N
     if admin_port is None:
         return Router(list(routes), lifespan=lifespan)
     public = [r for r in routes if not is_admin_path(_path(r))]
-    admin = [r for r in routes if is_admin_path(_path(r)) or _path(r) in PROBES]
+    admin = [r for r in routes if is_admin_path(_path(r)) or _under(_path(r), SHARED_PREFIXES) or _path(r) in PROBES]
     return ListenerSplit(Router(public, lifespan=lifespan), Router(admin), admin_port)

@@ -1,5 +1,6 @@
 """The admin console (/ui) in a real browser: Debian's chromium driven by Playwright, against a real
-gateway with auth on, a private redis-server and a CPU engine with the tiny model.
+gateway with auth on, a private redis-server, a SQLite store, a CPU engine with the tiny model and
+a fake engine (bench/fake_upstream.py) slow enough for a batch to be watched and cancelled.
 
 Screenshots of each page land in artifacts/console/ (CI keeps that folder).
 """
@@ -8,18 +9,23 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import re
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import httpx
+import openai
 import pytest
 
 from tests.conftest import require
-from tests.procs import ROOT, TINY_MODEL, Proc, cpu_engine, free_port, gateway
+from tests.procs import ROOT, TINY_MODEL, Proc, cpu_engine, fake_upstream, free_port, gateway
 from tests.redis_fixtures import RedisServer
 
 if importlib.util.find_spec("playwright") is not None:
@@ -38,6 +44,8 @@ CHROMIUM_ARGS = [
 ARTIFACTS = ROOT / "artifacts" / "console"
 ADMIN_KEY = "console-admin-key-for-tests"
 MODEL = "tiny-llama"
+AB_MODEL = "ab-test"  # two versions (v1, v2) on the tiny model: the experiments page's subject
+BATCH_MODEL = "slow-fake"  # the fake engine: 300 ms per whole answer
 WAIT_MS = 15_000  # for anything the page shows; generous, the machine is shared
 
 
@@ -47,21 +55,48 @@ def engine_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def gw(logs_dir: Path, redis_session: RedisServer, engine_port: int) -> Iterator[Proc]:
+def fake_engine(logs_dir: Path) -> Iterator[Proc]:
+    proc = fake_upstream(logs_dir, "--delay-ms", "300", "--chunks", "8", "--pace-ms", "5", name="console-fake").start()
+    try:
+        yield proc.wait_healthy("/health", timeout=30)
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def gw(
+    logs_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_session: RedisServer,
+    engine_port: int,
+    fake_engine: Proc,
+) -> Iterator[Proc]:
     require((TINY_MODEL / "config.json").exists(), f"tiny model missing at {TINY_MODEL}")
     if not redis_session.running:
         redis_session.start()
     redis_session.flush()
+    tiny = {"engine": "cpu-0", "model": MODEL}
     config = {
         "health": {"interval": 0.3},
         "redis": {"url": redis_session.url, "timeout": 0.5},
         "auth": {"enabled": True, "default_max_tokens": 64},
-        "engines": [cpu_engine("cpu-0", engine_port)],
-        "models": [{"name": MODEL, "routes": [{"engine": "cpu-0"}], "tokenizer": str(TINY_MODEL)}],
+        "store": {"url": "sqlite:///console.db", "data_dir": str(tmp_path_factory.mktemp("console-store"))},
+        "inference_log": {"flush_interval": 0.2},
+        "batch": {"concurrency": 2, "poll_interval": 0.2},
+        "engines": [cpu_engine("cpu-0", engine_port), {"name": "fake", "kind": "openai", "url": fake_engine.url}],
+        "models": [
+            {"name": MODEL, "routes": [{"engine": "cpu-0"}], "tokenizer": str(TINY_MODEL)},
+            {
+                "name": AB_MODEL,
+                "routes": [{**tiny, "name": "v1"}, {**tiny, "name": "v2"}],
+                "tokenizer": str(TINY_MODEL),
+            },
+            {"name": BATCH_MODEL, "routes": [{"engine": "fake"}]},
+        ],
     }
     proc = gateway(logs_dir, config, name="console-gw", env={"GATEWAY_ADMIN_KEY": ADMIN_KEY}).start()
     try:
-        yield proc.wait_healthy("/ready", timeout=120)
+        yield proc.wait_healthy(f"/ready?model={MODEL}", timeout=120)  # the fake engine is up long before
     finally:
         proc.stop()
 
@@ -79,23 +114,23 @@ def browser() -> Iterator[Browser]:
             chromium.close()
 
 
-@pytest.fixture
-def page(browser: Browser, gw: Proc, redis_session: RedisServer) -> Iterator[Page]:
+@contextmanager
+def watched_tab(browser: Browser, base: str) -> Iterator[Page]:
     """A fresh tab (its own sessionStorage) at 1280x800 that must end with no uncaught error, no
-    CSP violation and no request to anything but the gateway."""
-    if not redis_session.running:
-        redis_session.start()
-    context = browser.new_context(viewport={"width": 1280, "height": 800})
-    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=gw.url)
+    CSP violation and no request to anything but the gateway at `base` (blob: URLs of its page
+    included: the console's downloads)."""
+    context = browser.new_context(viewport={"width": 1280, "height": 800}, accept_downloads=True)
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=base)
     tab = context.new_page()
     tab.set_default_timeout(WAIT_MS)
     uncaught: list[str] = []
     policy: list[str] = []
     elsewhere: list[str] = []
+    ours = (base + "/", f"blob:{base}/")
     tab.on("pageerror", lambda exc: uncaught.append(str(exc)))
     tab.on("console", lambda m: policy.append(m.text) if "Content Security Policy" in m.text else None)
     tab.on("console", lambda m: uncaught.append(m.text) if m.text.startswith("console: unexpected error") else None)
-    tab.on("request", lambda r: None if r.url.startswith(gw.url + "/") else elsewhere.append(r.url))
+    tab.on("request", lambda r: None if r.url.startswith(ours) else elsewhere.append(r.url))
     try:
         yield tab
     finally:
@@ -105,13 +140,22 @@ def page(browser: Browser, gw: Proc, redis_session: RedisServer) -> Iterator[Pag
     assert not elsewhere, elsewhere
 
 
+@pytest.fixture
+def page(browser: Browser, gw: Proc, redis_session: RedisServer) -> Iterator[Page]:
+    if not redis_session.running:
+        redis_session.start()
+    with watched_tab(browser, gw.url) as tab:
+        yield tab
+
+
 def admin(gw: Proc, method: str, path: str, body: Any = None) -> httpx.Response:
     headers = {"authorization": f"Bearer {ADMIN_KEY}"}
     return httpx.request(method, gw.url + path, json=body, headers=headers, timeout=10)
 
 
-def sign_in(page: Page, gw: Proc, then: str = "keys") -> None:
-    page.goto(f"{gw.url}/ui/#/signin?next={then}")
+def sign_in(page: Page, gw: Proc | str, then: str = "keys") -> None:
+    base = gw if isinstance(gw, str) else gw.url
+    page.goto(f"{base}/ui/#/signin?next={quote(then, safe='')}")
     page.get_by_label("Admin key").fill(ADMIN_KEY)
     page.get_by_role("button", name="Sign in").click()
     expect(page.get_by_role("button", name="Sign out")).to_be_visible()
@@ -135,7 +179,7 @@ def test_served_with_strict_headers(gw: Proc) -> None:
     assert index.headers["cache-control"] == "no-cache" and index.headers["etag"]
     again = httpx.get(gw.url + "/ui/", headers={"if-none-match": index.headers["etag"]})
     assert again.status_code == 304 and again.headers["content-security-policy"] == csp
-    for path in ("app.js", "pages/keys.js", "vendor/uPlot.esm.js"):
+    for path in ("app.js", "pages/keys.js", "pages/batches.js", "pages/experiments.js", "vendor/uPlot.esm.js"):
         r = httpx.get(f"{gw.url}/ui/{path}")
         assert r.status_code == 200 and r.headers["content-type"] == "text/javascript; charset=utf-8", path
     assert httpx.get(gw.url + "/ui/console.css").headers["content-type"] == "text/css; charset=utf-8"
@@ -171,6 +215,8 @@ def test_create_a_key_see_its_secret_once_filter_and_change_limits(page: Page, g
     page.get_by_label("Name", exact=True).fill("console-team")
     page.get_by_label("Requests per minute").fill("60")
     page.get_by_label(MODEL).check()
+    page.get_by_label("Priority").select_option("high")
+    page.get_by_label("Weight").fill("2.5")
     page.get_by_role("button", name="Create", exact=True).click()
     secret_box = page.locator("#new-secret")
     expect(secret_box).to_contain_text("sk-gw-")
@@ -184,6 +230,8 @@ def test_create_a_key_see_its_secret_once_filter_and_change_limits(page: Page, g
     expect(created).to_contain_text("rpm 60")
     key_id = created.get_attribute("data-key-id")
     assert key_id is not None
+    record = admin(gw, "GET", f"/admin/keys/{key_id}").json()
+    assert (record["priority"], record["weight"]) == ("high", 2.5)
 
     page.reload()  # the secret is gone: not on the page, not in any storage
     expect(page.get_by_role("heading", name="API keys")).to_be_visible()
@@ -207,10 +255,13 @@ def test_create_a_key_see_its_secret_once_filter_and_change_limits(page: Page, g
     expect(page.locator(".chart canvas")).to_have_count(3)  # tokens and requests per day, the live minute
     page.get_by_label("Requests per minute").fill("30")
     page.get_by_label("Tokens per minute").fill("5000")
+    expect(page.get_by_label("Priority")).to_have_value("high")
+    expect(page.get_by_label("Weight")).to_have_value("2.5")
+    page.get_by_label("Priority").select_option("low")
     page.get_by_role("button", name="Save changes").click()
-    expect(page.get_by_text("Saved: rpm, tpm.")).to_be_visible()
+    expect(page.get_by_text("Saved: rpm, tpm, priority.")).to_be_visible()
     key = admin(gw, "GET", f"/admin/keys/{key_id}").json()
-    assert (key["rpm"], key["tpm"], key["models"]) == (30, 5000, [MODEL])
+    assert (key["rpm"], key["tpm"], key["models"], key["priority"], key["weight"]) == (30, 5000, [MODEL], "low", 2.5)
     expect(page.get_by_text("This minute:")).to_be_visible()
     expect(page.get_by_text("0 of 30")).to_be_visible()  # the minute's requests against the new rpm
 
@@ -247,7 +298,8 @@ def test_playground_streams_then_refuses_the_revoked_key(page: Page, gw: Proc) -
     usage = json.loads(answer.locator(".meta").get_attribute("data-usage") or "{}")
     assert usage["completion_tokens"] == 40
     expect(answer.locator(".meta")).to_contain_text("40 completion")
-    assert answer.locator(".meta").get_attribute("data-route") in (None, "v1")  # x-gateway-route, where sent
+    assert answer.locator(".meta").get_attribute("data-route") == "v1"  # x-gateway-route
+    expect(answer.locator(".meta")).to_contain_text("route: v1")
     shot(page, "playground")
 
     sign_in(page, gw, then=f"keys/{created['id']}")  # the chat shows in the key's usage
@@ -311,6 +363,251 @@ def test_models_page_changes_weights_and_shows_engines_live(page: Page, gw: Proc
     expect(page.get_by_text(f"Rolled {MODEL} back")).to_be_visible()
     view = admin(gw, "GET", f"/admin/models/{MODEL}").json()
     assert view["overridden"] is False and [r["weight"] for r in view["routes"]] == [1]
+
+
+def jsonl_lines(count: int, tag: str) -> bytes:
+    lines = [
+        {
+            "custom_id": f"{tag}-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": BATCH_MODEL, "messages": [{"role": "user", "content": f"line {i}"}]},
+        }
+        for i in range(count)
+    ]
+    return "".join(json.dumps(line) + "\n" for line in lines).encode()
+
+
+def file_bytes(gw: Proc, file_id: str) -> tuple[bytes, str]:
+    """A file's content and the name its content-disposition gives, through the admin API."""
+    r = admin(gw, "GET", f"/admin/files/{file_id}/content")
+    assert r.status_code == 200, r.text
+    name = re.search(r'filename="([^"]*)"', r.headers["content-disposition"])
+    assert name is not None
+    return r.content, name.group(1)
+
+
+def test_batches_show_progress_cancel_and_download(page: Page, gw: Proc) -> None:
+    owner = admin(gw, "POST", "/admin/keys", {"name": "batch-owner"}).json()
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=owner["key"], max_retries=0, timeout=30)
+
+    def submit(count: int, tag: str) -> Any:
+        upload = client.files.create(file=(f"{tag}.jsonl", jsonl_lines(count, tag)), purpose="batch")
+        return client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+
+    small = submit(3, "small")
+    large = submit(100, "large")  # 100 lines of 300 ms, two at a time: about 15 s if left alone
+    sign_in(page, gw, then="batches")
+    small_row = page.locator(f'tr[data-batch-id="{small.id}"]')
+    large_row = page.locator(f'tr[data-batch-id="{large.id}"]')
+    expect(large_row.get_by_role("link", name=owner["id"])).to_be_visible()
+    expect(large_row.locator(".counts")).to_contain_text("of 100 done")
+    large_row.locator("td.times summary").click()  # stays open across the live refreshes
+    seen = large_row.locator(".counts").inner_text()
+    expect(large_row.locator(".counts")).not_to_have_text(seen)  # refreshed live while it runs
+    expect(large_row.locator("td.times details")).to_have_attribute("open", "")
+    expect(large_row.locator("td.times dl")).to_contain_text("in progress")
+    expect(small_row).to_have_attribute("data-status", "completed")
+    expect(small_row.locator(".counts")).to_have_text("3 of 3 done · 3 completed · 0 failed")
+    shot(page, "batches")
+
+    large_row.get_by_role("button", name="Cancel batch").click()
+    dialog = page.get_by_role("dialog")
+    expect(dialog).to_contain_text(f"Cancel {large.id}?")
+    dialog.get_by_role("button", name="Cancel the batch").click()
+    expect(large_row).to_have_attribute("data-status", "cancelled")  # cancelling, then cancelled: live
+    after = admin(gw, "GET", f"/admin/batches/{large.id}").json()
+    counts = after["request_counts"]
+    assert after["status"] == "cancelled" and counts["total"] == 100 and counts["failed"] > 0
+    done = counts["completed"] + counts["failed"]
+    expect(large_row.locator(".counts")).to_have_text(
+        f"{done} of 100 done · {counts['completed']} completed · {counts['failed']} failed"
+    )
+    expect(large_row.get_by_role("button", name="Cancel batch")).to_have_count(0)
+
+    output_id = admin(gw, "GET", f"/admin/batches/{small.id}").json()["output_file_id"]
+    expected, name = file_bytes(gw, output_id)
+    with page.expect_download() as downloading:
+        small_row.get_by_role("button", name=f"Output of {small.id}").click()
+    download = downloading.value
+    assert download.suggested_filename == name
+    assert Path(download.path()).read_bytes() == expected
+    assert sorted(json.loads(line)["custom_id"] for line in expected.splitlines()) == ["small-0", "small-1", "small-2"]
+    expect(page.get_by_text(f"Downloaded {name} ({len(expected):,} bytes).")).to_be_visible()
+
+    expected, name = file_bytes(gw, after["error_file_id"])
+    with page.expect_download() as downloading:
+        large_row.get_by_role("button", name=f"Errors of {large.id}").click()
+    assert Path(downloading.value.path()).read_bytes() == expected
+    assert b"batch_cancelled" in expected
+
+
+def utc_text(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def test_experiments_report_matches_the_api_and_flags_drift(page: Page, gw: Proc) -> None:
+    secret = admin(gw, "POST", "/admin/keys", {"name": "experiments"}).json()["key"]
+    headers = {"authorization": f"Bearer {secret}"}
+
+    def chat(content: str, max_tokens: int, stream: bool) -> None:
+        body = {
+            "model": AB_MODEL,
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": max_tokens,
+            "ignore_eos": True,
+            "stream": stream,
+        }
+        with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
+            r.read()
+            assert r.status_code == 200, r.text
+
+    def next_second() -> float:
+        mark = math.floor(time.time()) + 1
+        time.sleep(max(0.0, mark - time.time()))
+        return mark
+
+    # The baseline window: short prompts and answers; the report's window: long ones, streamed.
+    t0 = math.floor(time.time())
+    for i in range(6):
+        chat(f"hi {i}", 2, stream=False)
+    t1 = next_second()
+    long_prompt = "Tell me everything about the history of open source software licenses. " * 4
+    for i in range(6):
+        chat(f"{long_prompt} {i}", 8, stream=True)
+    t2 = next_second()
+    deadline = time.monotonic() + 10  # the inference log is written in the background
+    while len(admin(gw, "GET", f"/admin/requests?model={AB_MODEL}").json()["data"]) < 12:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+    window = {
+        "since": utc_text(t1),
+        "until": utc_text(t2),
+        "baseline_since": utc_text(t0),
+        "baseline_until": utc_text(t1),
+    }
+    api = admin(gw, "GET", f"/admin/models/{AB_MODEL}/report?{urlencode(window)}").json()
+    assert sum(r["requests"] for r in api["routes"]) == 6
+    assert api["drift"]["prompt_tokens"]["drifted"] and not api["drift"]["finish_reason"]["drifted"]
+
+    sign_in(page, gw, then=f"experiments?{urlencode({'model': AB_MODEL, **window})}")
+    expect(page.get_by_label("Window", exact=True)).to_have_value("custom")
+    expect(page.get_by_label("From (UTC)", exact=True)).to_have_value(window["since"])
+    table = page.locator("table.versions")
+    expect(table.locator("thead th")).to_have_text(["", *[r["route"] for r in api["routes"]]])
+    for route in api["routes"]:
+        for name, value in route.items():
+            if name == "route" or name == "finish_reasons":
+                continue
+            cell = table.locator(f'tr[data-field="{name}"] td[data-route="{route["route"]}"]')
+            assert json.loads(cell.get_attribute("data-value") or "") == value, (route["route"], name)
+        expect(table.locator(f'tr[data-field="requests"] td[data-route="{route["route"]}"]')).to_have_text(
+            str(route["requests"])
+        )
+        mix = " · ".join(f"{k} {v * 100:.1f}%" for k, v in route["finish_reason_mix"].items())
+        expect(table.locator(f'tr[data-field="finish_reason_mix"] td[data-route="{route["route"]}"]')).to_have_text(mix)
+
+    drift = page.locator("table.drift")
+    for feature, d in api["drift"].items():
+        row = drift.locator(f'tr[data-feature="{feature}"]')
+        expect(row).to_have_attribute("data-drifted", "true" if d["drifted"] else "false")
+        assert json.loads(row.locator("td").first.get_attribute("data-value") or "") == d["psi"]
+    expect(drift.locator('tr[data-feature="prompt_tokens"]')).to_contain_text("drift: PSI above 0.2")
+    expect(page.locator(".notice.warning")).to_contain_text("Drift against the baseline: Prompt length (tokens)")
+    # latency and finish reasons per version, and one chart per drifting feature's bins
+    expect(page.locator(".report .chart canvas")).to_have_count(2 + sum(1 for d in api["drift"].values() if d["bins"]))
+    shot(page, "experiments")
+
+    # A preset window (both phases), then one version's requests in the inference log, paged.
+    page.get_by_label("Window", exact=True).select_option("900")
+    page.get_by_label("Drift baseline").select_option("before")
+    summary = page.locator(".report p[data-window]")
+    shown = summary.get_attribute("data-window")
+    page.get_by_role("button", name="Show report").click()
+    expect(summary).not_to_have_attribute("data-window", shown or "")
+    cells = table.locator('tr[data-field="requests"] td')
+    values = [int(v or 0) for v in cells.evaluate_all("cells => cells.map(c => c.dataset.value)")]
+    assert sum(values) == 12, values
+    page.get_by_role("link", name="its requests").first.click()
+    expect(page.get_by_role("heading", name="Requests")).to_be_visible()
+    expect(page.get_by_label("Model")).to_have_value(AB_MODEL)
+    first_route = page.get_by_label("Route").input_value()
+    expect(page.locator("table.requests tbody tr")).to_have_count(values[0])
+    expect(page.locator("table.requests tbody tr").first).to_contain_text(first_route)
+    page.get_by_label("Route").fill("")
+    page.get_by_label("Per page").select_option("10")
+    page.get_by_role("button", name="Apply").click()
+    rows = page.locator("table.requests tbody tr")
+    expect(rows).to_have_count(10)
+    ids = [int(i or 0) for i in rows.evaluate_all("rows => rows.map(r => r.dataset.id)")]
+    page.get_by_role("button", name="Older →").click()
+    expect(rows).to_have_count(2)
+    ids += [int(i or 0) for i in rows.evaluate_all("rows => rows.map(r => r.dataset.id)")]
+    expect(page.get_by_role("button", name="Older →")).to_be_disabled()
+    log = admin(gw, "GET", f"/admin/requests?model={AB_MODEL}").json()["data"]
+    assert ids == [r["id"] for r in log]  # every row once, newest first
+    page.get_by_role("button", name="← Newer").click()
+    expect(rows).to_have_count(10)
+    expect(rows.first).to_have_attribute("data-id", str(ids[0]))
+    shot(page, "requests")
+
+
+def test_console_and_playground_on_the_admin_port(
+    browser: Browser, logs_dir: Path, fake_engine: Proc, redis_session: RedisServer
+) -> None:
+    if not redis_session.running:
+        redis_session.start()
+    admin_port = free_port()
+    config = {
+        "server": {"admin_port": admin_port},
+        "health": {"interval": 0.3},
+        "redis": {"url": redis_session.url, "timeout": 0.5},
+        "auth": {"enabled": True},
+        # nothing listens there: the store never opens, and the batches page must say so
+        "store": {"url": f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"},
+        "engines": [{"name": "fake", "kind": "openai", "url": fake_engine.url}],
+        "models": [{"name": "fake-chat", "routes": [{"engine": "fake"}]}],
+    }
+    proc = gateway(logs_dir, config, name="console-admin-port", env={"GATEWAY_ADMIN_KEY": ADMIN_KEY}).start()
+    base = f"http://127.0.0.1:{admin_port}"
+    try:
+        proc.wait_healthy("/ready", timeout=60)
+        for path in ("/ui", "/ui/", "/ui/app.js"):
+            r = httpx.get(proc.url + path, timeout=10)
+            assert r.status_code == 404 and r.json()["error"]["code"] == "route_not_found", path
+        assert httpx.get(base + "/ui/", timeout=10).status_code == 200
+        auth = {"authorization": f"Bearer {ADMIN_KEY}"}
+        secret = httpx.post(base + "/admin/keys", json={"name": "admin-port"}, headers=auth, timeout=10).json()["key"]
+        for url in (proc.url, base):  # the OpenAI API on both listeners, with the same client keys
+            assert httpx.get(url + "/v1/models", timeout=10).status_code == 401
+            models = httpx.get(url + "/v1/models", headers={"authorization": f"Bearer {secret}"}, timeout=10)
+            assert [m["id"] for m in models.json()["data"]] == ["fake-chat"]
+        with watched_tab(browser, base) as tab:
+            tab.goto(base + "/ui/#/playground")
+            tab.get_by_label("Client key").fill(secret)
+            tab.get_by_role("button", name="Load models").click()
+            expect(tab.get_by_label("Model")).to_have_value("fake-chat")
+            tab.get_by_label("Message", exact=True).fill("Hello from the admin port")
+            tab.get_by_role("button", name="Send").click()
+            answer = tab.locator(".msg.assistant").last
+            expect(answer).to_have_attribute("data-state", "done")
+            expect(answer.locator(".text")).to_have_text("x " * 7 + "x")
+            expect(answer.locator(".meta")).to_contain_text("route: v1")
+            shot(tab, "playground-admin-port")
+
+            sign_in(tab, base, then="batches")
+            expect(tab.get_by_role("alert")).to_contain_text("503 · ")
+            expect(tab.get_by_role("alert")).to_contain_text("(store_unavailable)")
+            expect(tab.get_by_text("The batches could not be loaded")).to_be_visible()
+            shot(tab, "batches-store-unavailable")
+            for name in ("Experiments", "Requests"):  # the inference log lives in the store too
+                tab.get_by_role("link", name=name, exact=True).click()
+                expect(tab.get_by_role("heading", name=name)).to_be_visible()
+                expect(tab.get_by_role("alert")).to_contain_text("503 · ")
+                expect(tab.get_by_role("alert")).to_contain_text("(store_unavailable)")
+    finally:
+        proc.stop()
 
 
 def test_redis_down_shows_a_message_not_a_blank_page(page: Page, gw: Proc, redis_session: RedisServer) -> None:

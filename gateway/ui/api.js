@@ -74,10 +74,10 @@ async function json(method, path, options) {
   }
 }
 
-/** The admin API with the signed-in key. A refused key signs out (the admin key was changed). */
-async function adminCall(method, path, body) {
+/** Runs `call` for the admin API; a refused key signs out (the admin key was changed). */
+async function asAdmin(call) {
   try {
-    return await json(method, path, { key: session.adminKey(), body });
+    return await call(session.adminKey());
   } catch (err) {
     if (err.status === 401 || (err.status === 403 && err.code === "not_admin")) {
       session.signOut();
@@ -87,13 +87,55 @@ async function adminCall(method, path, body) {
   }
 }
 
+const adminCall = (method, path, body) => asAdmin((key) => json(method, path, { key, body }));
+
+/** The file name a Content-Disposition header gives (RFC 6266's filename* first), or null. */
+function dispositionName(header) {
+  if (!header) return null;
+  const extended = /filename\*=UTF-8''([^;]+)/i.exec(header);
+  if (extended) {
+    try {
+      return decodeURIComponent(extended[1].trim());
+    } catch {
+      // a malformed escape: fall back to the plain name
+    }
+  }
+  const plain = /filename="([^"]*)"/i.exec(header);
+  return plain ? plain[1] : null;
+}
+
+/** GET of a file with the admin key: {blob, filename} (the name the gateway gives, or null). */
+async function adminDownload(path) {
+  return asAdmin(async (key) => {
+    const response = await send("GET", path, { key });
+    if (!response.ok) throw await errorFrom(response);
+    const filename = dispositionName(response.headers.get("content-disposition"));
+    try {
+      return { blob: await response.blob(), filename };
+    } catch (err) {
+      throw networkError(err); // the connection broke while the body was read
+    }
+  });
+}
+
 export const admin = {
   get: (path) => adminCall("GET", path),
   post: (path, body) => adminCall("POST", path, body),
   patch: (path, body) => adminCall("PATCH", path, body),
   put: (path, body) => adminCall("PUT", path, body),
   delete: (path) => adminCall("DELETE", path),
+  download: adminDownload,
 };
+
+/** A query string of the set values ({a: 1, b: null} -> "?a=1"), or "" when none is set. */
+export function queryString(params) {
+  const query = new URLSearchParams();
+  for (const [name, value] of Object.entries(params)) {
+    if (value !== null && value !== undefined && value !== "") query.set(name, String(value));
+  }
+  const text = query.toString();
+  return text ? `?${text}` : "";
+}
 
 /**
  * Whether this gateway has its admin API on, asked without a key:

@@ -5,11 +5,14 @@ import { session } from "./api.js";
 import { Notices, describeError, h } from "./dom.js";
 
 // Each page is one module in pages/ exporting render(view, ctx); see pages/README.md. Adding a
-// page (Batches, Experiments) is one module plus one entry here.
+// page is one module plus one entry here.
 const PAGES = [
   { route: "keys", title: "Keys", module: "./pages/keys.js", nav: true, admin: true },
   { route: "keys/:id", title: "Key", module: "./pages/key.js", admin: true },
   { route: "models", title: "Models & engines", module: "./pages/models.js", nav: true, admin: true },
+  { route: "batches", title: "Batches", module: "./pages/batches.js", nav: true, admin: true },
+  { route: "experiments", title: "Experiments", module: "./pages/experiments.js", nav: true, admin: true },
+  { route: "requests", title: "Requests", module: "./pages/requests.js", nav: true, admin: true },
   { route: "playground", title: "Playground", module: "./pages/playground.js", nav: true, admin: false },
   { route: "signin", title: "Sign in", module: "./pages/signin.js", admin: false },
 ];

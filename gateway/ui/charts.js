@@ -1,5 +1,5 @@
-// Charts on the vendored uPlot (vendor/README.md): bars per UTC day, and a live line chart that
-// grows by one sample per refresh. Each chart comes with its numbers as text elsewhere on the
+// Charts on the vendored uPlot (vendor/README.md): bars per category (per UTC day, per version,
+// per bin), and a live line chart that grows by one sample per refresh. Each chart comes with its numbers as text elsewhere on the
 // page (a canvas says nothing to a screen reader).
 
 import uPlot from "./vendor/uPlot.esm.js";
@@ -9,7 +9,11 @@ export const COLORS = {
   completion: "#d0893a",
   requests: "#4c8c5a",
   tokens: "#7a5ea8",
+  baseline: "#8a94a6",
+  current: "#2f5fa7",
 };
+// For series with no fixed meaning (finish reasons, percentiles): distinct, colour-blind safe (Okabe-Ito).
+export const PALETTE = ["#0072b2", "#e69f00", "#009e73", "#cc79a7", "#56b4e9", "#d55e00", "#f0e442", "#000000"];
 
 const HEIGHT = 220;
 
@@ -32,15 +36,17 @@ function followWidth(chart, el) {
 }
 
 /**
- * Bars per UTC day. history: [{date: "YYYY-MM-DD", <field>: n, ...}] oldest first;
- * series: [{field, label, color}], drawn side by side. Returns {destroy()}.
+ * Bars per category, the series side by side in each. labels: one per category (x axis);
+ * series: [{label, color, values}] (values: one number or null per category); options: format
+ * (the value axis' labels), max (the value axis' top, e.g. 1 for shares), every (label every n-th
+ * category), legendLabel/legendValue (the category's name in the legend). Returns {destroy()}.
  */
-export function dayBars(el, history, series) {
-  const xs = history.map((d, i) => i); // one slot per day; the dates label them
-  const dates = history.map((d) => d.date.slice(5)); // MM-DD
-  const data = [xs, ...series.map((s) => history.map((d) => d[s.field] || 0))];
-  const share = 0.8 / series.length;
-  const step = Math.max(1, Math.ceil(history.length / 10)); // at most ~10 labels
+export function categoryBars(el, labels, series, options = {}) {
+  const { format = (t) => compact.format(t), max = null, every = 1 } = options;
+  const xs = labels.map((label, i) => i); // one slot per category; the labels name them
+  const share = 0.8 / Math.max(1, series.length); // of each slot's width, per series
+  const left = (s) => xs.map((i) => i - 0.4 + s * share); // where series s's bars start
+  const last = labels.length - 1;
   const chart = new uPlot(
     {
       width: width(el),
@@ -48,30 +54,31 @@ export function dayBars(el, history, series) {
       legend: { live: false },
       cursor: { drag: { x: false, y: false } },
       scales: {
-        x: { time: false, range: () => [-0.5, history.length - 0.5] },
-        y: { range: (u, min, max) => [0, Math.max(1, (max || 0) * 1.1)] },
+        x: { time: false, range: () => [-0.5, labels.length - 0.5] },
+        y: { range: (u, lo, hi) => [0, max ?? (Math.max(0, hi || 0) * 1.1 || 1)] },
       },
       axes: [
         {
-          splits: () => xs.filter((i) => (history.length - 1 - i) % step === 0),
-          values: (u, ticks) => ticks.map((i) => dates[i] ?? ""),
+          splits: () => xs.filter((i) => (last - i) % every === 0),
+          values: (u, ticks) => ticks.map((i) => labels[i] ?? ""),
         },
-        { incrs: COUNT_STEPS, values: (u, ticks) => ticks.map((t) => compact.format(t)), size: 56 },
+        { ...(options.integers ? { incrs: COUNT_STEPS } : {}), values: (u, ticks) => ticks.map(format), size: 60 },
       ],
       series: [
-        { label: "day (UTC)", value: (u, i) => (i === null ? "–" : (history[i]?.date ?? "")) },
-        ...series.map((s, i) => ({
+        { label: options.legendLabel || "", value: (u, i) => (i === null ? "–" : (labels[i] ?? "")) },
+        ...series.map((s, n) => ({
           label: s.label,
           stroke: s.color,
           fill: s.color,
           width: 0,
           points: { show: false },
-          // side by side around the day: the first bar left of it, the last right of it
-          paths: uPlot.paths.bars({ size: [share, 48], align: series.length === 1 ? 0 : i === 0 ? -1 : 1 }),
+          paths: uPlot.paths.bars({
+            disp: { x0: { unit: 1, values: () => left(n) }, size: { unit: 1, values: () => [share] } },
+          }),
         })),
       ],
     },
-    data,
+    [xs, ...series.map((s) => s.values.map((v) => v ?? null))],
     el,
   );
   const unfollow = followWidth(chart, el);
@@ -81,6 +88,19 @@ export function dayBars(el, history, series) {
       chart.destroy();
     },
   };
+}
+
+/**
+ * Bars per UTC day. history: [{date: "YYYY-MM-DD", <field>: n, ...}] oldest first;
+ * series: [{field, label, color}], drawn side by side. Returns {destroy()}.
+ */
+export function dayBars(el, history, series) {
+  return categoryBars(
+    el,
+    history.map((d) => d.date.slice(5)), // MM-DD
+    series.map((s) => ({ label: s.label, color: s.color, values: history.map((d) => d[s.field] || 0) })),
+    { integers: true, every: Math.max(1, Math.ceil(history.length / 10)), legendLabel: "day (UTC)" },
+  );
 }
 
 /**

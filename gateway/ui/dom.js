@@ -99,11 +99,12 @@ export class Notices {
   }
 }
 
-/** Asks in a modal <dialog> (focus moves into it, Escape cancels). Resolves true on confirm. */
-export function confirmDialog({ title, text, confirm, danger = false }) {
+/** Asks in a modal <dialog> (focus moves into it, Escape cancels). Resolves true on confirm;
+ * `keep` names the safe choice. */
+export function confirmDialog({ title, text, confirm, danger = false, keep = "Cancel" }) {
   return new Promise((resolve) => {
     const ok = h("button", { type: "button", class: danger ? "danger" : "primary" }, confirm);
-    const cancel = h("button", { type: "button" }, "Cancel");
+    const cancel = h("button", { type: "button" }, keep);
     const titleId = uid("dlg");
     const dialog = h(
       "dialog",
@@ -136,6 +137,38 @@ export const formatPercent = (x) => `${Math.round((x || 0) * 100)}%`;
 /** ISO timestamps from the API, shown in UTC like the quotas count them. */
 export function formatTime(iso) {
   return iso ? iso.replace("T", " ").replace(/(\.\d+)?(Z|\+00:00)$/, " UTC") : "never";
+}
+
+/** Unix seconds (batch and file objects), shown like formatTime. */
+export function formatUnix(seconds) {
+  return seconds === null || seconds === undefined ? "–" : formatTime(new Date(seconds * 1000).toISOString());
+}
+
+/** A duration in seconds for people: "84.2 ms", "1.25 s", "–" when there is none. */
+export function formatSeconds(s) {
+  if (s === null || s === undefined) return "–";
+  if (s < 1) return `${(s * 1000).toFixed(s < 0.01 ? 2 : 1)} ms`;
+  return `${s.toFixed(s < 10 ? 2 : 1)} s`;
+}
+
+/** A number with at most `digits` decimals ("12.5", "1,024"), "–" when there is none. */
+export function formatNumber(x, digits = 1) {
+  if (x === null || x === undefined) return "–";
+  return new Intl.NumberFormat("en-US", { maximumFractionDigits: digits }).format(x);
+}
+
+/**
+ * Hands `blob` to the browser as a download named `filename`: a link to a blob: URL of this page,
+ * clicked by script (the data is fetched with the admin key first, which a plain link could not
+ * send). The URL is revoked once the browser has had time to start saving it.
+ */
+export function saveBlob(blob, filename) {
+  const url = URL.createObjectURL(blob);
+  const link = h("a", { href: url, download: filename, hidden: true });
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 60_000);
 }
 
 /** <thead> with one row of column headers. */

@@ -1,5 +1,5 @@
 // The fields of an API key as a form, shared by the create form (pages/keys.js) and the edit form
-// (pages/key.js): limits, allowed models, expiry, and priority/weight where the gateway has them.
+// (pages/key.js): limits, allowed models, expiry, and the scheduling priority and weight.
 
 import { field, formatInt, h, uid } from "./dom.js";
 
@@ -66,23 +66,26 @@ export function keyFields(key, models) {
   const expires = h("input", { type: "datetime-local", name: "expires_at", step: 60 });
   expires.value = toInput(key ? key.expires_at : null);
 
-  const extra = [];
-  let priority = null;
-  let weight = null;
-  // Fair-share scheduling adds these to key records; offer them only where the gateway has them.
-  if (key && "priority" in key) {
-    priority = h(
-      "select",
-      { name: "priority" },
-      PRIORITIES.map((p) => h("option", { value: p, selected: key.priority === p }, p)),
-    );
-    extra.push(field("Priority", priority));
-  }
-  if (key && "weight" in key) {
-    weight = h("input", { type: "number", name: "weight", min: 0, step: "any", inputmode: "decimal" });
-    weight.value = key.weight === null || key.weight === undefined ? "" : String(key.weight);
-    extra.push(field("Weight", weight, "Share of the engines under contention, relative to other keys."));
-  }
+  // The key's band and share when engines are full (fair-share scheduling); new keys: normal, 1.
+  const priority = h(
+    "select",
+    { name: "priority" },
+    PRIORITIES.map((p) => h("option", { value: p, selected: (key ? key.priority : "normal") === p }, p)),
+  );
+  const weight = h("input", {
+    type: "number",
+    name: "weight",
+    min: 0.000001,
+    max: 1000000,
+    step: "any",
+    inputmode: "decimal",
+    required: true,
+  });
+  weight.value = key && key.weight !== null && key.weight !== undefined ? String(key.weight) : "1";
+  const extra = [
+    field("Priority", priority, "Its band when the engines are full: high goes first, low last."),
+    field("Weight", weight, "Its share within the band, relative to the other keys'."),
+  ];
 
   const element = h(
     "div",
@@ -102,8 +105,8 @@ export function keyFields(key, models) {
     const checked = modelBoxes.filter(({ box }) => box.checked).map(({ name }) => name);
     out.models = checked.length ? checked : null;
     out.expires_at = fromInput(expires.value);
-    if (priority) out.priority = priority.value;
-    if (weight) out.weight = weight.value === "" ? null : Number(weight.value);
+    out.priority = priority.value;
+    out.weight = Number(weight.value);
     return out;
   }
 
