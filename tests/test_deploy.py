@@ -135,6 +135,11 @@ def test_gateway_deployment() -> None:
     secret_name = env["GATEWAY_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]["name"]
     assert "GATEWAY_ADMIN_KEY" in find("Secret", secret_name)["stringData"]
     assert env["GATEWAY_REDIS_URL"]["value"].startswith("redis://redis.")
+    # The store every replica shares: PostgreSQL, its URL (with the password) from the Secret.
+    store_ref = env["GATEWAY_STORE_URL"]["valueFrom"]["secretKeyRef"]
+    assert find("Secret", store_ref["name"])["stringData"][store_ref["key"]].startswith("postgresql://")
+    assert find("Service", "postgres")["spec"]["ports"][0]["port"] == 5432
+    assert find("StatefulSet", "postgres")["spec"]["volumeClaimTemplates"]
     pod = deployment["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert gateway["securityContext"]["readOnlyRootFilesystem"] is True
