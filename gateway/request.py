@@ -12,7 +12,8 @@ from typing import Any
 
 import orjson
 
-from gateway.errors import Code, invalid
+from gateway.errors import invalid
+from gateway.http import json_object
 
 # Bounds on what one request may reserve: with them a reservation (prompt + max_tokens x n x
 # prompts) stays far below 2**53, where Lua's numbers stop being exact.
@@ -77,12 +78,7 @@ class ApiRequest:
 
 
 def parse_request(raw: bytes, endpoint: Endpoint) -> ApiRequest:
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise invalid(f"The request body is not valid JSON: {exc}", code=Code.INVALID_JSON) from None
-    if not isinstance(body, dict):
-        raise invalid("The request body must be a JSON object.")
+    body = json_object(raw)
     model = body.get("model")
     if not isinstance(model, str) or not model or len(model) > MAX_NAME:
         raise invalid(f"'model' is required: a string of 1 to {MAX_NAME} characters.", param="model")

@@ -5,14 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.auth import require_admin
 from gateway.errors import Code, GatewayError, invalid, model_not_found
-from gateway.http import read_body
+from gateway.http import parse_json, read_body
 from gateway.key_fields import validate_key_fields
 from gateway.keys import ApiKey, KeyStore
 from gateway.pool import Engine
@@ -63,13 +62,7 @@ class AdminRoutes:
         require_admin(request.scope, self._admin_key)
 
     async def _json(self, request: Request) -> Any:
-        raw = await read_body(request.scope, request.receive, MAX_ADMIN_BODY)
-        try:
-            # orjson refuses lone surrogates, NaN/Infinity and nesting deeper than 1024 levels:
-            # none of them can reach Redis and break the key list for every replica.
-            return orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise invalid(f"The request body is not valid JSON: {exc}", code=Code.INVALID_JSON) from None
+        return parse_json(await read_body(request.scope, request.receive, MAX_ADMIN_BODY))
 
     async def _key_or_404(self, key_id: str) -> ApiKey:
         key = await self._keys.record_for(key_id)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -23,7 +22,7 @@ from gateway.batch.runner import BatchRunner
 from gateway.batch.validate import InvalidLine, LineRules, valid_lines, validate_file
 from gateway.context import Gateway
 from gateway.errors import Code, GatewayError, invalid
-from gateway.http import read_body
+from gateway.http import json_object, read_body
 from gateway.request import ENDPOINTS
 from gateway.routes.files import file_content, file_not_found, int_param, store_of
 from gateway.store import (
@@ -64,12 +63,7 @@ class BatchRoutes:
     async def create(self, request: Request) -> Response:
         principal = await self.gw.access.authenticate(request.scope)
         raw = await read_body(request.scope, request.receive, MAX_CREATE_BODY)
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise invalid(f"The request body is not valid JSON: {exc}", code=Code.INVALID_JSON) from None
-        if not isinstance(body, dict):
-            raise invalid("The request body must be a JSON object.")
+        body = json_object(raw)
         for name in body:
             if name not in FIELDS:
                 raise invalid(f"Unknown field '{name}'.", param=name)
