@@ -291,8 +291,29 @@ class MainProcess:
         )
 
 
+def raise_open_files(settings: Settings) -> None:
+    """Every connection a worker holds is two descriptors (the client's and the engine's): lift
+    the soft limit on open files to what max_connections needs, within the hard limit (workers
+    inherit it). A stream-heavy gateway otherwise fails at the distribution's default of 1024."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 2 * settings.server.max_connections + 1024
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < wanted:
+            log.warning(
+                "open files are limited to %d: fewer than the %d that server.max_connections %d needs",
+                new,
+                wanted,
+                settings.server.max_connections,
+            )
+
+
 def serve(settings: Settings, log_level: str) -> int:
     """Runs the gateway until it is stopped; the exit code."""
+    raise_open_files(settings)
     try:
         supervisor, listeners = prepare(settings)
     except StartError as exc:

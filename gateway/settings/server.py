@@ -39,7 +39,7 @@ class ServerSettings:
     header_timeout: float = 10.0  # a request's headers must arrive within this (else 408)
     body_timeout: float = 60.0  # a request's body must arrive within this after its headers (else 408)
     keepalive_timeout: float = 5.0  # an idle keep-alive connection is closed after this
-    max_connections: int = 2048  # per worker process; a connection over it gets 503 (admin port exempt)
+    max_connections: int = 10000  # per worker process; a connection over it gets 503 (admin port exempt)
     drain_grace: float = 5.0  # SIGTERM: keep accepting connections this long (/ready is 503 at once)
     drain_timeout: float = 30.0  # SIGTERM: in-flight work may finish until this many seconds after it
 
