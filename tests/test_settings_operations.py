@@ -31,7 +31,7 @@ def test_defaults() -> None:
     s = parse_settings(config(), "c.yaml", env={})
     server, engine = s.server, s.engines[0]
     assert (server.max_header_bytes, server.header_timeout, server.body_timeout) == (65536, 10.0, 60.0)
-    assert (server.keepalive_timeout, server.max_connections) == (5.0, 2048)
+    assert (server.keepalive_timeout, server.max_connections) == (5.0, 10000)
     assert (server.drain_grace, server.drain_timeout, server.admin_port, server.tls) == (5.0, 30.0, None, None)
     assert engine.idle_stop is None and engine.wake_timeout == engine.startup_timeout == 120.0
 
