@@ -20,6 +20,10 @@ MAX_TOKENS = 1 << 24
 MAX_N = 128
 MAX_PROMPTS = 2048
 MAX_NAME = 256
+# orjson reads up to 1024 levels of nesting but writes at most 254, and the body is written again
+# (for the engine, in a captured payload, a batch line): deeper than this is a 400 here, not a
+# failure later. Counting brackets is a cheap first look; only a body with that many is walked.
+MAX_DEPTH = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +87,8 @@ def parse_request(raw: bytes, endpoint: Endpoint) -> ApiRequest:
         raise invalid(f"The request body is not valid JSON: {exc}", code=Code.INVALID_JSON) from None
     if not isinstance(body, dict):
         raise invalid("The request body must be a JSON object.")
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _deeper_than(body, MAX_DEPTH):
+        raise invalid(f"The request body nests deeper than {MAX_DEPTH} levels.")
     model = body.get("model")
     if not isinstance(model, str) or not model or len(model) > MAX_NAME:
         raise invalid(f"'model' is required: a string of 1 to {MAX_NAME} characters.", param="model")
@@ -136,6 +142,19 @@ def _check_input(endpoint: Endpoint, body: dict[str, Any], request: ApiRequest) 
         if not isinstance(item, str | list):
             raise invalid(f"'{name}' must hold strings or arrays of token ids.", param=name)
     request.prompts = len(value)
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _bounded_int(value: Any, name: str, low: int, high: int) -> int:

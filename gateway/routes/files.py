@@ -42,7 +42,8 @@ def int_param(request: Request, name: str, default: int, low: int, high: int) ->
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    # ASCII digits only: str.isdigit() also takes "²", which int() refuses
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
         raise invalid(f"'{name}' must be an integer from {low} to {high}.", param=name)
     return int(raw)
 

@@ -1,0 +1,156 @@
+"""A soak of hostile requests (issue 9): 10,000 by default, drawn from the strategies of the fuzz
+suite (tests/hostile.py) by Hypothesis, against the same setup (tests/fuzz_rig.py: two gateway
+replicas with keys on over one private redis-server, one SQLite store, a fast fake engine).
+
+Nothing stops at the first bad answer: it counts answers by status (and by error code for every
+status >= 400), keeps the first example of every problem (a 500, a status >= 500 other than
+503/504 with their documented codes, an error not in OpenAI's shape, a missing x-request-id, a
+request the gateway did not answer), measures each replica's RSS (main process and workers)
+before and after, and runs the after-checks: both replicas healthy and ready, the key list and
+model routes readable on both, no traceback in their logs. Exits 1 when anything was wrong.
+
+    .venv/bin/python bench/soak.py [--cases 10000] [--seed 9] [--json soak.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.gateway_overhead import tree_rss
+from tests.fuzz_rig import after_checks, rig
+from tests.hostile import AREAS, Case, World, cases, learn, problem, send
+from tests.procs import Proc, free_port
+from tests.redis_fixtures import RedisServer
+
+
+def rss_mib(replicas: list[Proc]) -> list[float]:
+    out = []
+    for proc in replicas:
+        assert proc.proc is not None
+        out.append(tree_rss(psutil.Process(proc.proc.pid)) / 2**20)
+    return out
+
+
+class Tally:
+    def __init__(self) -> None:
+        self.by_status: Counter[int] = Counter()
+        self.by_code: Counter[str] = Counter()
+        self.by_area: Counter[str] = Counter()
+        self.problems: dict[str, str] = {}  # the first request of each kind of problem
+        self.problem_count = 0
+
+    def record(self, case: Case, area: str, client: httpx.Client, world: World) -> None:
+        self.by_area[area] += 1
+        try:
+            response = send(client, world, case)
+        except httpx.HTTPError as exc:
+            self.by_status[0] += 1
+            self._problem(f"no answer: {type(exc).__name__}: {exc}"[:200], case)
+            return
+        status = response.status_code
+        self.by_status[status] += 1
+        if status >= 400 and case.method.upper() != "HEAD":
+            try:
+                code = response.json()["error"]["code"]
+            except (ValueError, KeyError, TypeError):
+                code = "?"
+            self.by_code[f"{status} {code}"] += 1
+        trouble = problem(case, response)
+        if trouble is not None:
+            self._problem(trouble, case)
+        else:
+            learn(world, case, response)
+
+    def _problem(self, trouble: str, case: Case) -> None:
+        self.problem_count += 1
+        kind = trouble.split(":", 1)[0][:120]
+        self.problems.setdefault(kind, f"{trouble[:400]}\n    request: {case.describe()}")
+
+
+def soak(world: World, total: int, rng_seed: int) -> tuple[Tally, float]:
+    tally = Tally()
+    areas = list(AREAS)
+    # Each area gets its share of the total, in proportion to the operations it has.
+    weights = {area: len(AREAS[area]) for area in areas}
+    shares = {a: total * w // sum(weights.values()) for a, w in weights.items()}
+    shares[areas[0]] += total - sum(shares.values())
+    started = time.perf_counter()
+    with httpx.Client(timeout=60) as client:
+        for area in areas:
+            run_area(area, shares[area], rng_seed, tally, client, world)
+            print(f"soak: {area}: {tally.by_area[area]} requests", file=sys.stderr, flush=True)
+    return tally, time.perf_counter() - started
+
+
+def run_area(area: str, count: int, rng_seed: int, tally: Tally, client: httpx.Client, world: World) -> None:
+    @seed(rng_seed)
+    @settings(
+        max_examples=count,
+        phases=[Phase.generate],  # no shrinking: every request is counted, none repeated
+        database=None,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(data=st.data())
+    def run(data: st.DataObject) -> None:
+        tally.record(data.draw(cases(world, area)), area, client, world)
+
+    run()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", type=int, default=10_000)
+    p.add_argument("--seed", type=int, default=9)
+    p.add_argument("--json", type=Path, help="write the figures here too")
+    p.add_argument("--logs", type=Path, help="keep the processes' logs in this folder (default: a temporary one)")
+    args = p.parse_args()
+    binary = shutil.which("redis-server")
+    if binary is None:
+        sys.exit("soak: redis-server is not on PATH (scripts/setup.sh installs it)")
+    with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
+        logs = args.logs or Path(tmp)
+        logs.mkdir(parents=True, exist_ok=True)
+        redis = RedisServer(binary, free_port(), logs).start()
+        try:
+            with rig(logs, redis, name="soak") as (world, replicas):
+                before = rss_mib(replicas)
+                tally, seconds = soak(world, args.cases, args.seed)
+                after = rss_mib(replicas)
+                trouble = after_checks(world, replicas)
+        finally:
+            redis.stop()
+    report: dict[str, Any] = {
+        "requests": sum(tally.by_status.values()),
+        "seconds": round(seconds, 1),
+        "by_area": dict(tally.by_area),
+        "by_status": {str(k): v for k, v in sorted(tally.by_status.items())},
+        "by_error_code": dict(sorted(tally.by_code.items())),
+        "rss_mib_before": [round(x, 1) for x in before],
+        "rss_mib_after": [round(x, 1) for x in after],
+        "problems": tally.problem_count,
+        "problem_examples": tally.problems,
+        "after_checks": trouble,
+    }
+    print(json.dumps(report, indent=2, ensure_ascii=False))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    sys.exit(1 if tally.problem_count or trouble else 0)
+
+
+if __name__ == "__main__":
+    main()
