@@ -87,8 +87,7 @@ def parse_request(raw: bytes, endpoint: Endpoint) -> ApiRequest:
         raise invalid(f"The request body is not valid JSON: {exc}", code=Code.INVALID_JSON) from None
     if not isinstance(body, dict):
         raise invalid("The request body must be a JSON object.")
-    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _deeper_than(body, MAX_DEPTH):
-        raise invalid(f"The request body nests deeper than {MAX_DEPTH} levels.")
+    check_depth(raw, body)
     model = body.get("model")
     if not isinstance(model, str) or not model or len(model) > MAX_NAME:
         raise invalid(f"'model' is required: a string of 1 to {MAX_NAME} characters.", param="model")
@@ -142,6 +141,12 @@ def _check_input(endpoint: Endpoint, body: dict[str, Any], request: ApiRequest) 
         if not isinstance(item, str | list):
             raise invalid(f"'{name}' must hold strings or arrays of token ids.", param=name)
     request.prompts = len(value)
+
+
+def check_depth(raw: bytes, value: Any) -> None:
+    """A 400 for a JSON body (`raw`, parsed into `value`) nested deeper than MAX_DEPTH levels."""
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _deeper_than(value, MAX_DEPTH):
+        raise invalid(f"The request body nests deeper than {MAX_DEPTH} levels.")
 
 
 def _deeper_than(value: Any, limit: int) -> bool:

@@ -17,6 +17,7 @@ from gateway.key_fields import validate_key_fields
 from gateway.keys import ApiKey, KeyStore
 from gateway.pool import Engine
 from gateway.quota import Quota
+from gateway.request import check_depth
 from gateway.route_store import RouteStore, routes_json
 from gateway.routing import Router
 from gateway.settings import ConfigError, EngineSettings, parse_routes
@@ -67,9 +68,11 @@ class AdminRoutes:
         try:
             # orjson refuses lone surrogates, NaN/Infinity and nesting deeper than 1024 levels:
             # none of them can reach Redis and break the key list for every replica.
-            return orjson.loads(raw)
+            body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise invalid(f"The request body is not valid JSON: {exc}", code=Code.INVALID_JSON) from None
+        check_depth(raw, body)  # what orjson cannot write again, or repr() cannot show in a message
+        return body
 
     async def _key_or_404(self, key_id: str) -> ApiKey:
         key = await self._keys.record_for(key_id)

@@ -24,7 +24,7 @@ from gateway.batch.validate import InvalidLine, LineRules, valid_lines, validate
 from gateway.context import Gateway
 from gateway.errors import Code, GatewayError, invalid
 from gateway.http import read_body
-from gateway.request import ENDPOINTS
+from gateway.request import ENDPOINTS, check_depth
 from gateway.routes.files import file_content, file_not_found, int_param, store_of
 from gateway.store import (
     ALL_OWNERS,
@@ -70,6 +70,7 @@ class BatchRoutes:
             raise invalid(f"The request body is not valid JSON: {exc}", code=Code.INVALID_JSON) from None
         if not isinstance(body, dict):
             raise invalid("The request body must be a JSON object.")
+        check_depth(raw, body)
         for name in body:
             if name not in FIELDS:
                 raise invalid(f"Unknown field '{name}'.", param=name)
