@@ -37,11 +37,21 @@ from tests.procs import Proc, free_port
 from tests.redis_fixtures import RedisServer
 
 
-def rss_mib(replicas: list[Proc]) -> list[float]:
+def rss_mib(replicas: list[Proc]) -> list[dict[str, float]]:
+    """Per replica: the main process, its workers, and the prompt-counting pool a worker starts on
+    the first big prompt of a token-limited key (gateway/tokens.py), in MiB."""
     out = []
     for proc in replicas:
         assert proc.proc is not None
-        out.append(tree_rss(psutil.Process(proc.proc.pid)) / 2**20)
+        main = psutil.Process(proc.proc.pid)
+        parts = {"main": main.memory_info().rss / 2**20, "workers": 0.0, "counting pool": 0.0}
+        for child in main.children():
+            try:
+                parts["workers"] += child.memory_info().rss / 2**20
+                parts["counting pool"] += (tree_rss(child) - child.memory_info().rss) / 2**20
+            except psutil.Error:
+                continue
+        out.append({k: round(v, 1) for k, v in parts.items()})
     return out
 
 
@@ -140,8 +150,8 @@ def main() -> None:
         "by_area": dict(tally.by_area),
         "by_status": {str(k): v for k, v in sorted(tally.by_status.items())},
         "by_error_code": dict(sorted(tally.by_code.items())),
-        "rss_mib_before": [round(x, 1) for x in before],
-        "rss_mib_after": [round(x, 1) for x in after],
+        "rss_mib_before": before,
+        "rss_mib_after": after,
         "problems": tally.problem_count,
         "problem_examples": tally.problems,
         "after_checks": trouble,

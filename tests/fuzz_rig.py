@@ -24,6 +24,7 @@ MODELS = ["fake", "counted", "canary"]
 
 def config(redis_url: str, engine_url: str, data_dir: Path) -> dict[str, Any]:
     return {
+        "server": {"drain_grace": 0, "drain_timeout": 2},
         "health": {"interval": 0.5},
         "redis": {"url": redis_url, "timeout": 1.0},  # a loaded 2-core machine: no false outages
         "auth": {"enabled": True, "default_max_tokens": 16},
@@ -37,7 +38,12 @@ def config(redis_url: str, engine_url: str, data_dir: Path) -> dict[str, Any]:
         ],
         "models": [
             {"name": "fake", "routes": [{"engine": "fake"}]},
-            {"name": "counted", "routes": [{"engine": "fake-b", "model": "fake"}], "tokenizer": str(TINY_MODEL)},
+            {
+                "name": "counted",
+                "routes": [{"engine": "fake-b", "model": "fake"}],
+                "tokenizer": str(TINY_MODEL),
+                "max_prompt_bytes": 100_000,
+            },
             {
                 "name": "canary",
                 "assignment": "sticky",

@@ -118,7 +118,9 @@ NOT_JSON = [
     b"",
 ]
 DEPTHS = [100, 512, 1023, 1024, 1025, 5000, 100_000]
-LENGTHS = [0, 1, 63, 64, 65, 199, 200, 201, 255, 256, 257, 16_384, 16_385, 65_536, 1 << 20]
+# string lengths at the limits: names (200, 256), the off-loop prompt count (16 KiB), the admin
+# body (64 KiB), a model's max_prompt_bytes in the rig (100,000), the body (4 MiB)
+LENGTHS = [0, 1, 63, 64, 65, 199, 200, 201, 255, 256, 257, 16_384, 16_385, 65_536, 99_900, 1 << 20, (4 << 20) - 100]
 
 
 def deep(depth: int, kind: str) -> Raw:
@@ -303,39 +305,18 @@ def segment(ids: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
 
 
 def query_value(kind: str) -> st.SearchStrategy[str]:
+    """A value for a query parameter of a kind (int, time or text): a good one, or one of the
+    odd classes that kind invites."""
+    digits = st.sampled_from(["²", "1²", "٣", "\U0001d7d7", "१०"])  # str.isdigit(), but int() refuses some
+    huge = st.sampled_from(["9" * 5000, "9" * 30, "253402300800", "1e308", "nan"])  # 5000: past int()
+    signs = st.sampled_from(["", "-1", "-0", "+1", " 5", "5 ", "1e3", "0x10", "1_0"])
+    dates = st.sampled_from(["2030-13-45T99:00:00Z", "9999-12-31T23:59:59-14:00", "0001-01-01T00:00:00+14:00"])
     if kind == "int":
-        good = st.integers(-5, 2000).map(str)
-    elif kind == "time":
+        return pick(st.integers(-5, 2000).map(str), digits, huge, signs)
+    if kind == "time":
         good = st.sampled_from(["2030-01-31T12:00:00Z", "1700000000", "0", "2020-01-01", "1700000000.5"])
-    else:
-        good = st.text(max_size=12)
-    odd = st.sampled_from(
-        [
-            "",
-            "²",
-            "٣",
-            "1²",
-            "\U0001d7d7",  # a bold 9
-            "१०",
-            "1e3",
-            " 5",
-            "5 ",
-            "-0",
-            "+1",
-            "0x10",
-            "1_0",
-            "9" * 30,
-            "nan",
-            "inf",
-            "2030-13-45T99:00:00Z",
-            "9999-12-31T23:59:59-14:00",
-            "0001-01-01T00:00:00+14:00",
-            "253402300800",
-            "1e308",
-            "-1",
-        ]
-    )
-    return pick(good, odd, odd, texts)
+        return pick(good, huge, signs, dates, digits)
+    return pick(st.text(max_size=12), texts, digits, huge)
 
 
 @st.composite
