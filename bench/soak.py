@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.gateway_overhead import tree_rss
 from tests.fuzz_rig import after_checks, rig
-from tests.hostile import AREAS, Case, World, cases, learn, problem, send
+from tests.hostile import Case, World, cases, learn, problem, send
 from tests.procs import Proc, free_port
 from tests.redis_fixtures import RedisServer
 
@@ -56,15 +56,24 @@ def rss_mib(replicas: list[Proc]) -> list[dict[str, float]]:
 
 
 class Tally:
-    def __init__(self) -> None:
+    def __init__(self, replicas: list[Proc], sample_every: int) -> None:
         self.by_status: Counter[int] = Counter()
         self.by_code: Counter[str] = Counter()
-        self.by_area: Counter[str] = Counter()
+        self.by_op: Counter[str] = Counter()
         self.problems: dict[str, str] = {}  # the first request of each kind of problem
         self.problem_count = 0
+        self.replicas = replicas
+        self.sample_every = sample_every
+        self.rss: list[tuple[int, list[dict[str, float]]]] = [(0, rss_mib(replicas))]
 
-    def record(self, case: Case, area: str, client: httpx.Client, world: World) -> None:
-        self.by_area[area] += 1
+    def record(self, case: Case, client: httpx.Client, world: World) -> None:
+        self.by_op[case.op] += 1
+        self._send(case, client, world)
+        sent = sum(self.by_op.values())
+        if sent % self.sample_every == 0:
+            self.rss.append((sent, rss_mib(self.replicas)))
+
+    def _send(self, case: Case, client: httpx.Client, world: World) -> None:
         try:
             response = send(client, world, case)
         except httpx.HTTPError as exc:
@@ -91,35 +100,41 @@ class Tally:
         self.problems.setdefault(kind, f"{trouble[:400]}\n    request: {case.describe()}")
 
 
-def soak(world: World, total: int, rng_seed: int) -> tuple[Tally, float]:
-    tally = Tally()
-    areas = list(AREAS)
-    # Each area gets its share of the total, in proportion to the operations it has.
-    weights = {area: len(AREAS[area]) for area in areas}
-    shares = {a: total * w // sum(weights.values()) for a, w in weights.items()}
-    shares[areas[0]] += total - sum(shares.values())
+def soak(world: World, replicas: list[Proc], total: int, rng_seed: int) -> tuple[Tally, float]:
+    """`total` requests of every kind mixed (each operation as likely as in AREAS), one at a time."""
+    tally = Tally(replicas, sample_every=max(1, total // 10))
     started = time.perf_counter()
     with httpx.Client(timeout=60) as client:
-        for area in areas:
-            run_area(area, shares[area], rng_seed, tally, client, world)
-            print(f"soak: {area}: {tally.by_area[area]} requests", file=sys.stderr, flush=True)
+
+        @seed(rng_seed)
+        @settings(
+            max_examples=total,
+            phases=[Phase.generate],  # no shrinking: every request is counted, none repeated
+            database=None,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(data=st.data())
+        def run(data: st.DataObject) -> None:
+            tally.record(data.draw(cases(world)), client, world)
+
+        run()
     return tally, time.perf_counter() - started
 
 
-def run_area(area: str, count: int, rng_seed: int, tally: Tally, client: httpx.Client, world: World) -> None:
-    @seed(rng_seed)
-    @settings(
-        max_examples=count,
-        phases=[Phase.generate],  # no shrinking: every request is counted, none repeated
-        database=None,
-        deadline=None,
-        suppress_health_check=list(HealthCheck),
-    )
-    @given(data=st.data())
-    def run(data: st.DataObject) -> None:
-        tally.record(data.draw(cases(world, area)), area, client, world)
-
-    run()
+def summary(report: dict[str, Any]) -> str:
+    lines = [f"{report['requests']} hostile requests in {report['seconds']} s"]
+    lines.append("by status: " + ", ".join(f"{k}: {v}" for k, v in report["by_status"].items()))
+    lines += [f"  {code}: {n}" for code, n in report["by_error_code"].items()]
+    for sent, sample in report["rss_mib"].items():
+        lines.append(
+            f"RSS MiB after {sent:>6}: " + " | ".join(", ".join(f"{k} {v}" for k, v in r.items()) for r in sample)
+        )
+    lines.append(f"problems: {report['problems']}")
+    lines += [f"  {example}" for example in report["problem_examples"].values()]
+    lines.append("after-checks: " + ("all passed" if not report["after_checks"] else ""))
+    lines += [f"  {t[:2000]}" for t in report["after_checks"]]
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -138,25 +153,22 @@ def main() -> None:
         redis = RedisServer(binary, free_port(), logs).start()
         try:
             with rig(logs, redis, name="soak") as (world, replicas):
-                before = rss_mib(replicas)
-                tally, seconds = soak(world, args.cases, args.seed)
-                after = rss_mib(replicas)
+                tally, seconds = soak(world, replicas, args.cases, args.seed)
                 trouble = after_checks(world, replicas)
         finally:
             redis.stop()
     report: dict[str, Any] = {
         "requests": sum(tally.by_status.values()),
         "seconds": round(seconds, 1),
-        "by_area": dict(tally.by_area),
+        "by_operation": dict(tally.by_op.most_common()),
         "by_status": {str(k): v for k, v in sorted(tally.by_status.items())},
         "by_error_code": dict(sorted(tally.by_code.items())),
-        "rss_mib_before": before,
-        "rss_mib_after": after,
+        "rss_mib": {str(sent): sample for sent, sample in tally.rss},
         "problems": tally.problem_count,
         "problem_examples": tally.problems,
         "after_checks": trouble,
     }
-    print(json.dumps(report, indent=2, ensure_ascii=False))
+    print(summary(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, ensure_ascii=False))
     sys.exit(1 if tally.problem_count or trouble else 0)

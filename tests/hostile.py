@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+import orjson
 from hypothesis import strategies as st
 
 # ---- raw JSON ---------------------------------------------------------------------------------
@@ -218,6 +219,7 @@ class Case:
     target: str  # path and query, sent as is
     headers: tuple[tuple[bytes, bytes], ...]
     body: bytes | None
+    op: str = ""  # the operation it was drawn for (AREAS)
 
     def describe(self) -> str:
         body = b"" if self.body is None else self.body[:300]
@@ -612,7 +614,7 @@ def cases(draw: st.DrawFn, world: World, area: str | None = None) -> Case:
     headers += draw(extra_headers)
     replica = draw(st.integers(0, max(0, len(world.replicas) - 1)))
     # An HTTP client cannot send a value with whitespace around it (the server would not see it)
-    return Case(replica, method, path, tuple((k, v.strip()) for k, v in headers), body)
+    return Case(replica, method, path, tuple((k, v.strip()) for k, v in headers), body, op)
 
 
 @st.composite
@@ -666,6 +668,17 @@ ALLOWED_5XX = {
 }
 
 
+JSON_POSTS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/batches", "/admin/keys"}
+
+
+def _strict_object(body: bytes | None) -> bool:
+    """orjson is strict: no NaN or Infinity, no lone surrogates, no invalid UTF-8."""
+    try:
+        return isinstance(orjson.loads(body or b""), dict)
+    except orjson.JSONDecodeError:
+        return False
+
+
 def send(client: httpx.Client, world: World, case: Case) -> httpx.Response:
     """Sends the case byte for byte: the request target is not normalised."""
     base = world.replicas[case.replica]
@@ -700,6 +713,8 @@ def problem(case: Case, response: httpx.Response) -> str | None:
             return f"status {status} ({error['code']}): {error['message']}"
         if "application/json" not in content_type:
             return f"status {status} with content-type {content_type!r}"
+    elif case.method == "POST" and case.target in JSON_POSTS and not _strict_object(case.body):
+        return f"status {status} for a body that is not a strict JSON object"
     elif "application/json" in content_type and case.method.upper() != "HEAD":
         try:
             response.json()
@@ -707,6 +722,15 @@ def problem(case: Case, response: httpx.Response) -> str | None:
             return f"status {status}: a JSON content type with a body that is not JSON: {response.content[:200]!r}"
     # Refusals written by the connection itself (431, 408, a malformed request) come before an id
     connection_level = status in (408, 431) or (status == 400 and b"Invalid HTTP request." in response.content)
-    if not connection_level and "x-request-id" not in response.headers:
+    if connection_level:
+        return None
+    location = response.headers.get("location", "")
+    if 300 <= status < 400 and not location.startswith(("ui/", "/")):
+        return f"status {status} redirects to {location!r}, a URL the client's Host header may have made"
+    if "x-request-id" not in response.headers:
         return f"status {status} without x-request-id"
+    sent = dict(case.headers).get(b"x-request-id")
+    sane = sent is not None and 0 < len(sent) <= 200 and all(32 < c < 127 for c in sent)
+    if sane and sent is not None and response.headers["x-request-id"].encode() != sent:
+        return f"status {status}: x-request-id {response.headers['x-request-id']!r} is not the client's {sent!r}"
     return None

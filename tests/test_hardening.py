@@ -112,6 +112,20 @@ def test_deeply_nested_bodies_are_a_400(gwr: Proc, path: str, depth: int) -> Non
     assert post(gwr, path, secret, flat | {"messages": [{"role": "user", "content": "[{" * 300}]}).status_code == 200
 
 
+# Found by the fuzz suite: a path with a trailing slash got a bodiless 307 whose Location was built
+# from the client's Host header (Starlette's slash redirect); it is an unknown route, a 404.
+def test_a_trailing_slash_is_a_404_not_a_redirect(gwr: Proc) -> None:
+    _, secret = create_key(gwr)
+    headers = {"authorization": f"Bearer {secret}", "host": "elsewhere.example"}
+    with httpx.Client(timeout=10) as c:
+        for method, path in [("GET", "/v1/models/"), ("POST", "/v1/chat/completions/"), ("GET", "/admin/keys/")]:
+            r = c.request(method, gwr.url + path, headers=headers, json={})
+            assert r.status_code == 404 and r.json()["error"]["code"] == "route_not_found", (path, r.text)
+            assert "location" not in r.headers
+        console = c.get(gwr.url + "/ui")  # the console's own redirect stays, and stays relative
+        assert console.status_code == 308 and console.headers["location"] == "ui/"
+
+
 # 3, 4, 5, 17: nothing Redis cannot hold, or that would break the admin API for everyone, is stored.
 BAD_ADMIN = [
     ("POST", "/admin/keys", b'{"name": "m", "metadata": {"a": "\\udfff"}}'),
