@@ -9,7 +9,7 @@ request the gateway did not answer), measures each replica's RSS (main process a
 before and after, and runs the after-checks: both replicas healthy and ready, the key list and
 model routes readable on both, no traceback in their logs. Exits 1 when anything was wrong.
 
-    .venv/bin/python bench/soak.py [--cases 10000] [--seed 9] [--json soak.json]
+    .venv/bin/python bench/soak.py [--cases 10000] [--seed 9] [--concurrency 8] [--json soak.json]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,9 @@ def rss_mib(replicas: list[Proc]) -> list[dict[str, float]]:
 
 
 class Tally:
-    def __init__(self, replicas: list[Proc], sample_every: int) -> None:
+    """Counts answers as they come; `record` takes a group of cases sent at once (one thread each)."""
+
+    def __init__(self, replicas: list[Proc], sample_every: int, pool: ThreadPoolExecutor) -> None:
         self.by_status: Counter[int] = Counter()
         self.by_code: Counter[str] = Counter()
         self.by_op: Counter[str] = Counter()
@@ -64,35 +67,36 @@ class Tally:
         self.problem_count = 0
         self.replicas = replicas
         self.sample_every = sample_every
+        self.pool = pool
         self.rss: list[tuple[int, list[dict[str, float]]]] = [(0, rss_mib(replicas))]
 
-    def record(self, case: Case, client: httpx.Client, world: World) -> None:
-        self.by_op[case.op] += 1
-        self._send(case, client, world)
-        sent = sum(self.by_op.values())
-        if sent % self.sample_every == 0:
-            self.rss.append((sent, rss_mib(self.replicas)))
+    def record(self, group: list[Case], client: httpx.Client, world: World) -> None:
+        answers = list(self.pool.map(lambda case: _answer(client, world, case), group))
+        for case, answer in zip(group, answers, strict=True):
+            before = sum(self.by_op.values())
+            self.by_op[case.op] += 1
+            self._judge(case, answer, world)
+            if (before + 1) % self.sample_every == 0:
+                self.rss.append((before + 1, rss_mib(self.replicas)))
 
-    def _send(self, case: Case, client: httpx.Client, world: World) -> None:
-        try:
-            response = send(client, world, case)
-        except httpx.HTTPError as exc:
+    def _judge(self, case: Case, answer: httpx.Response | Exception, world: World) -> None:
+        if isinstance(answer, Exception):
             self.by_status[0] += 1
-            self._problem(f"no answer: {type(exc).__name__}: {exc}"[:200], case)
+            self._problem(f"no answer: {type(answer).__name__}: {answer}"[:200], case)
             return
-        status = response.status_code
+        status = answer.status_code
         self.by_status[status] += 1
         if status >= 400 and case.method.upper() != "HEAD":
             try:
-                code = response.json()["error"]["code"]
+                code = answer.json()["error"]["code"]
             except (ValueError, KeyError, TypeError):
                 code = "?"
             self.by_code[f"{status} {code}"] += 1
-        trouble = problem(case, response)
+        trouble = problem(case, answer)
         if trouble is not None:
             self._problem(trouble, case)
         else:
-            learn(world, case, response)
+            learn(world, case, answer)
 
     def _problem(self, trouble: str, case: Case) -> None:
         self.problem_count += 1
@@ -100,11 +104,21 @@ class Tally:
         self.problems.setdefault(kind, f"{trouble[:400]}\n    request: {case.describe()}")
 
 
-def soak(world: World, replicas: list[Proc], total: int, rng_seed: int) -> tuple[Tally, float]:
-    """`total` requests of every kind mixed (each operation as likely as in AREAS), one at a time."""
-    tally = Tally(replicas, sample_every=max(1, total // 10))
-    started = time.perf_counter()
-    with httpx.Client(timeout=60) as client:
+def _answer(client: httpx.Client, world: World, case: Case) -> httpx.Response | Exception:
+    try:
+        return send(client, world, case)
+    except httpx.HTTPError as exc:
+        return exc
+
+
+def soak(world: World, replicas: list[Proc], total: int, rng_seed: int, concurrency: int) -> tuple[Tally, float]:
+    """`total` requests of every kind mixed (each operation as likely as in AREAS), drawn in
+    groups of `concurrency` that are sent at once."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    with ThreadPoolExecutor(concurrency) as pool, httpx.Client(timeout=60, limits=limits) as client:
+        tally = Tally(replicas, max(1, total // 10), pool)
+        started = time.perf_counter()
+        group: list[Case] = []
 
         @seed(rng_seed)
         @settings(
@@ -116,14 +130,19 @@ def soak(world: World, replicas: list[Proc], total: int, rng_seed: int) -> tuple
         )
         @given(data=st.data())
         def run(data: st.DataObject) -> None:
-            tally.record(data.draw(cases(world)), client, world)
+            group.append(data.draw(cases(world)))
+            if len(group) == concurrency:
+                tally.record(group, client, world)
+                group.clear()
 
         run()
+        if group:
+            tally.record(group, client, world)
     return tally, time.perf_counter() - started
 
 
 def summary(report: dict[str, Any]) -> str:
-    lines = [f"{report['requests']} hostile requests in {report['seconds']} s"]
+    lines = [f"{report['requests']} hostile requests, {report['concurrency']} at a time, in {report['seconds']} s"]
     lines.append("by status: " + ", ".join(f"{k}: {v}" for k, v in report["by_status"].items()))
     lines += [f"  {code}: {n}" for code, n in report["by_error_code"].items()]
     for sent, sample in report["rss_mib"].items():
@@ -141,6 +160,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", type=int, default=10_000)
     p.add_argument("--seed", type=int, default=9)
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
     p.add_argument("--json", type=Path, help="write the figures here too")
     p.add_argument("--logs", type=Path, help="keep the processes' logs in this folder (default: a temporary one)")
     args = p.parse_args()
@@ -153,12 +173,13 @@ def main() -> None:
         redis = RedisServer(binary, free_port(), logs).start()
         try:
             with rig(logs, redis, name="soak") as (world, replicas):
-                tally, seconds = soak(world, replicas, args.cases, args.seed)
+                tally, seconds = soak(world, replicas, args.cases, args.seed, args.concurrency)
                 trouble = after_checks(world, replicas)
         finally:
             redis.stop()
     report: dict[str, Any] = {
         "requests": sum(tally.by_status.values()),
+        "concurrency": args.concurrency,
         "seconds": round(seconds, 1),
         "by_operation": dict(tally.by_op.most_common()),
         "by_status": {str(k): v for k, v in sorted(tally.by_status.items())},
