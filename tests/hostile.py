@@ -579,7 +579,7 @@ def cases(draw: st.DrawFn, world: World, area: str | None = None) -> Case:
     elif op == "routes_delete":
         method, path = "DELETE", f"/admin/models/{draw(models)}/routes"
     elif op == "admin_models":
-        path = draw(st.sampled_from(["/admin/models", "/admin/models/"])) + draw(pick(st.just(""), models))
+        path = draw(pick(st.sampled_from(["/admin/models", "/admin/models/"]), models.map("/admin/models/{}".format)))
     elif op == "admin_requests":
         path = "/admin/requests" + draw(query(ADMIN_REQUESTS))
     elif op == "admin_report":
