@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench.soak import soak
 from tests.fuzz_rig import after_checks, rig
 from tests.hostile import Case, World, cases, learn, problem, send
 from tests.procs import Proc
@@ -66,6 +67,17 @@ def test_hostile_requests_get_clear_answers(
 
     run()
     assert sent >= examples  # the whole budget was spent, none of it lost to exhaustion
+
+
+def test_the_soak_counts_every_answer(attacked: tuple[World, list[Proc], httpx.Client]) -> None:
+    """bench/soak.py on the same setup, briefly: every request counted once, by status and by
+    operation, memory sampled, and no problem."""
+    world, replicas, _ = attacked
+    tally, _ = soak(world, replicas, total=60, rng_seed=1, concurrency=4)
+    assert sum(tally.by_status.values()) == sum(tally.by_op.values()) == 60
+    assert tally.problem_count == 0, tally.problems
+    assert [sent for sent, _ in tally.rss] == list(range(0, 61, 6))
+    assert all(r["main"] > 0 and r["workers"] > 0 for _, sample in tally.rss for r in sample)
 
 
 def test_both_replicas_are_sound_after_the_attack(attacked: tuple[World, list[Proc], httpx.Client]) -> None:
