@@ -33,7 +33,8 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.gateway_overhead import tree_rss
 from tests.fuzz_rig import after_checks, rig
-from tests.hostile import Case, World, cases, learn, problem, send
+from tests.hostile import cases, learn, problem, send
+from tests.hostile_http import Case, World
 from tests.procs import Proc, free_port
 from tests.redis_fixtures import RedisServer
 

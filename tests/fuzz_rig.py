@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from tests.hostile import BATCH_LINE, World
+from tests.hostile_http import BATCH_LINE, World
 from tests.keyed import ADMIN_KEY
 from tests.procs import TINY_MODEL, Proc, fake_upstream, gateway
 from tests.redis_fixtures import RedisServer

@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 
 from bench.soak import soak
 from tests.fuzz_rig import after_checks, rig
-from tests.hostile import Case, World, cases, learn, problem, send
+from tests.hostile import cases, learn, problem, send
+from tests.hostile_http import Case, World
 from tests.procs import Proc
 from tests.redis_fixtures import RedisServer
 
