@@ -40,8 +40,9 @@ from tests.redis_fixtures import RedisServer
 
 
 def rss_mib(replicas: list[Proc]) -> list[dict[str, float]]:
-    """Per replica: the main process, its workers, and the prompt-counting pool a worker starts on
-    the first big prompt of a token-limited key (gateway/tokens.py), in MiB."""
+    """Per replica: the main process, its children (the worker and multiprocessing's resource
+    tracker), and the prompt-counting pool a worker starts on the first big prompt of a
+    token-limited key (gateway/tokens.py), in MiB."""
     out = []
     for proc in replicas:
         assert proc.proc is not None
