@@ -14,6 +14,14 @@ from starlette.types import Receive, Scope
 
 from gateway.errors import Code, GatewayError, invalid
 
+# orjson reads up to 1024 levels of nesting but writes at most 254, and the body is written again
+# (for the engine, in a captured payload, a batch line): deeper than this is a 400 here, not a
+# failure later. Counting brackets is a cheap first look; only a body with that many is written
+# once, inside enough lists that orjson's own limit falls at MAX_DEPTH (C speed: a Python walk of
+# a 4 MB body of small lists would hold the event loop for a second).
+MAX_DEPTH = 128
+_ORJSON_MAX_DEPTH = 254
+
 
 class ClientDisconnected(Exception):
     """The client went away: nobody is listening, so nothing is sent."""
@@ -57,11 +65,27 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
 
 def parse_json(raw: bytes) -> Any:
     """A request body as JSON, or 400 `invalid_json`. orjson refuses lone surrogates, NaN and
-    Infinity, and nesting deeper than 1024 levels: nothing Redis or the store cannot hold."""
+    Infinity; nesting deeper than MAX_DEPTH is refused too: nothing Redis or the store cannot
+    hold, nothing that cannot be written again."""
     try:
-        return orjson.loads(raw)
+        value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise invalid(f"The request body is not valid JSON: {exc}", code=Code.INVALID_JSON) from None
+    check_depth(raw, value)
+    return value
+
+
+def check_depth(raw: bytes, value: Any) -> None:
+    """A 400 for a JSON body (`raw`, parsed into `value`) nested deeper than MAX_DEPTH levels."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_DEPTH:
+        return
+    padded = value
+    for _ in range(_ORJSON_MAX_DEPTH - MAX_DEPTH):
+        padded = [padded]
+    try:
+        orjson.dumps(padded)
+    except orjson.JSONEncodeError:
+        raise invalid(f"The request body nests deeper than {MAX_DEPTH} levels.") from None
 
 
 def json_object(raw: bytes) -> dict[str, Any]:

@@ -6,6 +6,8 @@ import json
 from collections.abc import Collection
 from typing import Any
 
+import orjson
+
 from gateway.errors import invalid
 from gateway.fair_queue import PRIORITIES
 from gateway.times import parse_time
@@ -100,6 +102,7 @@ def _metadata(param: str, value: Any) -> dict[str, Any]:
     try:
         # Refuses what cannot round-trip through Redis: NaN, lone surrogates, deep nesting.
         text = json.dumps(value, allow_nan=False, ensure_ascii=False).encode()
+        orjson.dumps(value)  # what the key store writes: it stops at 254 levels, json at ~1000
     except (TypeError, ValueError, RecursionError):
         raise invalid("'metadata' must be plain JSON: objects, arrays, strings, finite numbers.", param=param) from None
     if len(text) > MAX_METADATA_CHARS:

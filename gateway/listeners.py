@@ -50,9 +50,15 @@ class ListenerSplit:
 
 
 def listener_app(routes: Sequence[BaseRoute], lifespan: Any, admin_port: int | None) -> ASGIApp:
-    """One router with every route, or a public and an admin route set when there is an admin port."""
+    """One router with every route, or a public and an admin route set when there is an admin port.
+
+    No slash redirects: Starlette's would answer `/v1/models/` with a bodiless 307 to an absolute
+    URL built from the client's own Host header; an unknown path is our 404 like any other.
+    """
     if admin_port is None:
-        return Router(list(routes), lifespan=lifespan)
+        return Router(list(routes), lifespan=lifespan, redirect_slashes=False)
     public = [r for r in routes if not is_admin_path(_path(r))]
     admin = [r for r in routes if is_admin_path(_path(r)) or _under(_path(r), SHARED_PREFIXES) or _path(r) in PROBES]
-    return ListenerSplit(Router(public, lifespan=lifespan), Router(admin), admin_port)
+    return ListenerSplit(
+        Router(public, lifespan=lifespan, redirect_slashes=False), Router(admin, redirect_slashes=False), admin_port
+    )

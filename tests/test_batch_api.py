@@ -226,6 +226,14 @@ def test_validation_failures_are_clear_errors(gws: Proc) -> None:
     refused(400, "input_file_id", input_file_id=other.id)  # wrong purpose
     refused(404, "input_file_id", input_file_id="file-000000000000000000000000")
     refused(400, "endpoint", endpoint="/v1/moderations")
+    refused(400, "endpoint", endpoint=["/v1/chat/completions"])  # not a string (was a 500)
+    deep = b"[" * 1000 + b"]" * 1000  # its repr() in the error message was a RecursionError (a 500)
+    raw = b'{"input_file_id": "%s", "endpoint": "/v1/chat/completions", "completion_window": %s}' % (
+        ok_file.id.encode(),
+        deep,
+    )
+    r = httpx.post(gws.url + "/v1/batches", content=raw, headers={"authorization": f"Bearer {secret}"})
+    assert r.status_code == 400 and "nests deeper" in r.json()["error"]["message"], r.text
     refused(400, "completion_window", completion_window="forever")
     refused(400, "metadata", metadata={"k": 1})
     refused(400, "colour", colour="red")
@@ -282,7 +290,10 @@ def test_files_api(gws: Proc) -> None:
     assert deleted.deleted and deleted.id == second.id
     with pytest.raises(openai.NotFoundError):
         c.files.retrieve(second.id)
-    assert httpx.get(gws.url + "/v1/files?limit=0", headers={"authorization": f"Bearer {secret}"}).status_code == 400
+    huge = "9" * 5000  # past int()'s 4,300 digits
+    for path in ("/v1/files?limit=0", "/v1/files?limit=%C2%B2", "/v1/batches?limit=%C2%B2", f"/v1/files?limit={huge}"):
+        r = httpx.get(gws.url + path, headers={"authorization": f"Bearer {secret}"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "limit", r.text
 
 
 def test_ownership(gws: Proc) -> None:

@@ -106,6 +106,20 @@ def test_every_bad_line_is_named() -> None:
     ]
 
 
+def test_lines_nested_too_deeply_are_invalid() -> None:
+    deep = b"[" * 300 + b"]" * 300  # orjson reads it, but cannot write it again
+    body = b'{"model": "m", "messages": [{"role": "user", "content": ' + deep + b"}]}"
+    data = b"\n".join(
+        [
+            b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": ' + body + b"}",
+            b'{"custom_id": "b", "method": ' + deep + b', "url": "/v1/chat/completions", "body": {}}',
+            b'{"custom_id": "c", "method": "POST", "url": ' + deep + b', "body": {}}',
+        ]
+    )
+    wide = LineRules(CHAT, max_lines=5, max_line_bytes=4000, check_model=check_model)
+    assert errors_of(data, wide) == [("invalid_body", 1), ("invalid_method", 2), ("invalid_url", 3)]
+
+
 def test_limits_on_lines_and_errors() -> None:
     assert errors_of(b"\n".join(line(str(i)) for i in range(6))) == [("too_many_lines", 6)]
     assert errors_of(b"\n\n") == [("empty_file", None)]

@@ -12,8 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
+from gateway.errors import GatewayError
+from gateway.http import MAX_DEPTH, check_depth
 from tests.keyed import admin, chat, create_key, start_gateway
 from tests.procs import TINY_MODEL, Proc, fake_upstream, metric, worker
 from tests.redis_fixtures import RedisServer
@@ -95,12 +98,61 @@ def test_reservations_are_bounded(gwr: Proc, path: str, extra: dict[str, Any], p
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
+# Found by the fuzz suite: a body nested deeper than the gateway can write again for the engine
+# (orjson reads 1024 levels, writes 254) was a 500; any body nested past 128 levels is a 400.
+@pytest.mark.parametrize("depth", [200, 300, 1000])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"])
+def test_deeply_nested_bodies_are_a_400(gwr: Proc, path: str, depth: int) -> None:
+    _, secret = create_key(gwr)
+    deep = b"[" * depth + b"]" * depth
+    field = {"/v1/chat/completions": b'"messages": [{"role": "user", "content": "x", "extra": ' + deep + b"}]"}
+    raw = b'{"model": "fake", ' + field.get(path, b'"input": "x", "prompt": "x", "extra": ' + deep) + b"}"
+    headers = {"authorization": f"Bearer {secret}", "content-type": "application/json"}
+    r = httpx.post(gwr.url + path, content=raw, headers=headers, timeout=30)
+    assert r.status_code == 400 and "nests deeper than 128" in r.json()["error"]["message"], r.text
+    # Brackets inside strings, or many side by side, are not nesting.
+    flat = {"model": "fake", "prompt": "[" * 500, "input": "{" * 500, "extra": [[1]] * 300}
+    assert post(gwr, path, secret, flat | {"messages": [{"role": "user", "content": "[{" * 300}]}).status_code == 200
+
+
+# Found by the fuzz suite: a path with a trailing slash got a bodiless 307 whose Location was built
+# from the client's Host header (Starlette's slash redirect); it is an unknown route, a 404.
+def test_a_trailing_slash_is_a_404_not_a_redirect(gwr: Proc) -> None:
+    _, secret = create_key(gwr)
+    headers = {"authorization": f"Bearer {secret}", "host": "elsewhere.example"}
+    with httpx.Client(timeout=10) as c:
+        for method, path in [("GET", "/v1/models/"), ("POST", "/v1/chat/completions/"), ("GET", "/admin/keys/")]:
+            r = c.request(method, gwr.url + path, headers=headers, json={})
+            assert r.status_code == 404 and r.json()["error"]["code"] == "route_not_found", (path, r.text)
+            assert "location" not in r.headers
+        console = c.get(gwr.url + "/ui")  # the console's own redirect stays, and stays relative
+        assert console.status_code == 308 and console.headers["location"] == "ui/"
+
+
+def test_the_depth_bound_is_exact_and_fast() -> None:
+    def nested(depth: int) -> bytes:
+        return b'{"a": ' * (depth - 1) + b"[1]" + b"}" * (depth - 1)
+
+    for depth in (MAX_DEPTH, MAX_DEPTH + 1):
+        raw = nested(depth)
+        if depth > MAX_DEPTH:
+            with pytest.raises(GatewayError):
+                check_depth(raw, orjson.loads(raw))
+        else:
+            check_depth(raw, orjson.loads(raw))
+    wide = b"[" + b",".join([b"[]"] * 1_000_000) + b"]"  # 3 MB, a million brackets, two levels
+    started = time.process_time()
+    check_depth(wide, orjson.loads(wide))
+    assert time.process_time() - started < 0.5  # written once at C speed, not walked in Python
+
+
 # 3, 4, 5, 17: nothing Redis cannot hold, or that would break the admin API for everyone, is stored.
 BAD_ADMIN = [
     ("POST", "/admin/keys", b'{"name": "m", "metadata": {"a": "\\udfff"}}'),
     ("POST", "/admin/keys", b'{"name": "\\udfff"}'),
     ("POST", "/admin/keys", b'{"name": "m", "models": ["\\ud800"]}'),
     ("POST", "/admin/keys", b'{"name": "m", "metadata": ' + b'{"a": ' * 1100 + b"1" + b"}" * 1101),
+    ("POST", "/admin/keys", b'{"name": "m", "metadata": ' + b'{"a": ' * 300 + b"1" + b"}" * 301),  # fuzz
     ("POST", "/admin/keys", b'{"name": "m", "expires_at": 1' + b"0" * 400 + b"}"),
     ("POST", "/admin/keys", b'{"name": "m", "models": ["nope-model"]}'),
     ("PUT", "/admin/models/fake/routes", b'{"routes": [{"engine": "fake", "weight": NaN}]}'),
@@ -110,6 +162,11 @@ BAD_ADMIN = [
     ("PUT", "/admin/models/fake/routes", b'{"routes": [{"engine": "fake", "weight": 1e12}]}'),
     ("PUT", "/admin/models/fake/routes", b'{"routes": [{"engine": "fake", "name": "\\udfff"}]}'),
     ("PUT", "/admin/models/fake/routes", b'{"routes": ' + b"[" * 1100 + b"]" * 1100 + b"}"),
+    (
+        "PUT",
+        "/admin/models/fake/routes",
+        b'{"routes": [{"engine": "fake", "weight": ' + b"[" * 1000 + b"]" * 1000 + b"}]}",
+    ),
 ]
 
 

@@ -29,6 +29,13 @@ def run(server: RedisServer, body: Body, **store_kw: Any) -> Any:
     return asyncio.run(main())
 
 
+def nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
 def fields(**payload: Any) -> dict[str, Any]:
     return validate_key_fields({"name": "test", **payload}, partial=False)
 
@@ -212,6 +219,7 @@ def test_expires_at_formats(value: Any, expected: float | None) -> None:
         ({"name": "n", "metadata": {f"k{i}": i for i in range(51)}}, "metadata"),
         ({"name": "n", "metadata": {"a": float("nan")}}, "metadata"),
         ({"name": "n", "metadata": {"a": object()}}, "metadata"),
+        ({"name": "n", "metadata": {"a": nested(300)}}, "metadata"),  # json writes it, orjson cannot
         ({"name": "n", "colour": "red"}, "colour"),
     ],
 )

@@ -73,9 +73,11 @@ def check_line(data: bytes | None, rules: LineRules, seen: set[str]) -> NewLine:
         raise InvalidLine("missing_body", "'body' must be the request as a JSON object.", "body")
     if body.get("stream") is True:
         raise InvalidLine("stream_not_supported", "Batch requests cannot stream: remove 'stream: true'.", "body.stream")
-    raw = orjson.dumps(body)
     try:
+        raw = orjson.dumps(body)  # orjson writes at most 254 levels of nesting, reads 1024
         request = parse_request(raw, rules.endpoint)
+    except orjson.JSONEncodeError:
+        raise InvalidLine("invalid_body", "The body nests too deeply.", "body") from None
     except GatewayError as exc:
         raise InvalidLine("invalid_body", exc.message, f"body.{exc.param}" if exc.param else "body") from None
     error = rules.check_model(request.model)
@@ -129,5 +131,8 @@ async def valid_lines(parts: AsyncIterable[bytes], rules: LineRules) -> AsyncIte
 
 
 def _short(value: Any) -> str:
-    text = orjson.dumps(value).decode() if value is not None else "nothing"
+    try:
+        text = orjson.dumps(value).decode() if value is not None else "nothing"
+    except orjson.JSONEncodeError:
+        text = f"a {type(value).__name__} nested too deeply"
     return text if len(text) <= 80 else text[:77] + "..."

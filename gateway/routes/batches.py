@@ -75,7 +75,7 @@ class BatchRoutes:
         if not isinstance(file_id, str) or not file_id:
             raise invalid("'input_file_id' is required: the id of a file uploaded for 'batch'.", param="input_file_id")
         endpoint = body.get("endpoint")
-        if endpoint not in ENDPOINTS:
+        if not isinstance(endpoint, str) or endpoint not in ENDPOINTS:
             raise invalid(f"'endpoint' must be one of {', '.join(ENDPOINTS)}; got {endpoint!r}.", param="endpoint")
         window = parse_window(body.get("completion_window"), self.gw.settings.batch.min_completion_window)
         return BatchSpec(principal.key_id, endpoint, file_id, window, check_metadata(body.get("metadata")))

@@ -22,6 +22,7 @@ from gateway.http import header
 from gateway.store import FileRecord, Owner, OwnerScope, Store
 
 MAX_FILES_PAGE = 10_000
+MAX_DIGITS = 30  # of a number in a query string
 
 
 def store_of(gw: Gateway) -> Store:
@@ -42,7 +43,9 @@ def int_param(request: Request, name: str, default: int, low: int, high: int) ->
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    # ASCII digits only (str.isdigit() also takes "²", which int() refuses), and few of them:
+    # int() refuses more than 4,300
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > MAX_DIGITS or not low <= int(raw) <= high:
         raise invalid(f"'{name}' must be an integer from {low} to {high}.", param=name)
     return int(raw)
 

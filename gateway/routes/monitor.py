@@ -169,7 +169,8 @@ def _int(q: Mapping[str, str], name: str, low: int, high: int) -> int | None:
     value = q.get(name)
     if value is None:
         return None
-    if not (value.isascii() and value.isdigit()) or not low <= int(value) <= high:
+    # int() refuses more than 4,300 digits: a longer one is not a number we take anyway
+    if not (value.isascii() and value.isdigit()) or len(value) > 30 or not low <= int(value) <= high:
         raise invalid(f"'{name}' must be an integer from {low} to {high}, got {value!r}.", param=name)
     return int(value)
 
