@@ -49,6 +49,7 @@ from gateway.keys import REDIS_DOWN, ApiKey
 from gateway.limits import Window, rate_headers, refusal, refused_key, window
 from gateway.local_limiter import LocalLimiter
 from gateway.metrics import GatewayMetrics
+from gateway.quota_retry import PendingOps
 from gateway.request import ApiRequest
 from gateway.resp import LeanClient, Script
 
@@ -155,8 +156,6 @@ TOMBSTONE_TTL = 3600
 # showed in profiles, and a lease id needs to be unique, not secret.
 _LEASE_PREFIX = secrets.token_hex(6)
 _lease_numbers = itertools.count()
-RETRY_EVERY = 0.5
-MAX_PENDING = 100_000
 
 
 @dataclass
@@ -225,8 +224,7 @@ class Quota:
         self._lease_ms = max(1, round(lease_ttl * 1000))
         self._skip_until = 0.0
         self._down = False
-        self._pending: dict[str, tuple[Script, list[str], list[str | int]]] = {}  # lease id -> op
-        self._retrier: asyncio.Task[None] | None = None
+        self._pending = PendingOps(redis, 4 * self.deadline)  # cancels and releases waiting for Redis
 
     def _base(self, key_id: str) -> str:
         return f"{self.prefix}:{{{key_id}}}:"
@@ -318,48 +316,15 @@ class Quota:
         self._retry(lease_id, _RELEASE, keys, args)
 
     def _retry(self, lease_id: str, script: Script, keys: list[str], args: list[str | int]) -> None:
-        if len(self._pending) >= MAX_PENDING:
-            self._pending.pop(next(iter(self._pending)))
-            log.error("more than %d quota operations wait for Redis; dropped the oldest", MAX_PENDING)
-        self._pending[lease_id] = (script, keys, args)
-        if self._retrier is None or self._retrier.done():
-            self._retrier = asyncio.get_running_loop().create_task(self._retry_pending(), name="quota-retry")
-
-    async def _retry_pending(self) -> None:
-        while self._pending:
-            await asyncio.sleep(RETRY_EVERY)
-            await self.flush_pending()
+        self._pending.add(lease_id, script, keys, args)
 
     async def flush_pending(self) -> bool:
-        """Runs the cancels and releases that wait for Redis; True when none is left."""
-        batch = list(self._pending.items())
-        if not batch:
-            return True
-        try:
-            async with asyncio.timeout(self.deadline * 4):
-                replies = await asyncio.gather(
-                    *(self.redis.run_script(script, keys, args) for _, (script, keys, args) in batch),
-                    return_exceptions=True,
-                )
-        except (*REDIS_DOWN, TimeoutError):
-            return False
-        for reply in replies:
-            if isinstance(reply, REDIS_DOWN):
-                return False  # all of them again: each is idempotent
-            if isinstance(reply, BaseException):
-                log.error("a quota operation failed in Redis and is dropped: %r", reply)
-        for lease_id, op in batch:
-            if self._pending.get(lease_id) is op:
-                del self._pending[lease_id]
-        return not self._pending
+        """Runs the cancels and releases that wait for Redis now; True when none is left."""
+        return await self._pending.flush()
 
     async def close(self) -> None:
         """Stops the retries after one last try (a shutdown reconciles what it can)."""
-        if self._retrier is not None:
-            self._retrier.cancel()
-            await asyncio.gather(self._retrier, return_exceptions=True)
-        if self._pending:
-            await self.flush_pending()
+        await self._pending.close()
 
     async def refresh_leases(self, adms: Iterable[Admission]) -> None:
         """Push back the expiry of in-flight leases (call every lease_ttl / 3 for long streams)."""
