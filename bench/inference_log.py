@@ -32,17 +32,16 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import asyncpg
-import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.quota_overhead import cpu_seconds, load  # noqa: E402
 from gateway.metrics import GatewayMetrics  # noqa: E402
 from gateway.monitor.writer import InferenceLog, LogEntry  # noqa: E402
 from gateway.settings import InferenceLogSettings, ModelSettings, RouteSettings  # noqa: E402
 from gateway.store import Store, open_store  # noqa: E402
-from tests.procs import Proc, fake_upstream, gateway  # noqa: E402
+from tests.procs import fake_upstream, gateway  # noqa: E402
 
 MODEL = ModelSettings("fake", (RouteSettings(("fake",), "fake"),))
 TARGET_MS = 0.03  # added gateway CPU per request with the log on
@@ -190,29 +189,6 @@ async def ceiling(store: Store, rows: int = 100_000) -> float:
 # 2. End to end --------------------------------------------------------------------------------
 
 
-async def load(url: str, requests: int, concurrency: int) -> float:
-    body = {"model": "fake", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16}
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        sem = asyncio.Semaphore(concurrency)
-
-        async def one() -> None:
-            async with sem, session.post(url + "/v1/chat/completions", json=body) as r:
-                await r.read()
-                assert r.status == 200, r.status
-
-        start = time.perf_counter()
-        await asyncio.gather(*(one() for _ in range(requests)))
-        return requests / (time.perf_counter() - start)
-
-
-def cpu_seconds(proc: Proc) -> float:
-    assert proc.proc is not None
-    p = psutil.Process(proc.proc.pid)
-    times = [p.cpu_times(), *(c.cpu_times() for c in p.children(recursive=True))]
-    return sum(t.user + t.system for t in times)
-
-
 def end_to_end(tmp: Path, urls: dict[str, str], rounds: int, requests: int, concurrency: int) -> dict[str, Any]:
     up = fake_upstream(tmp, "--model", "fake", name="fake-log").start().wait_healthy()
     base = {
@@ -230,11 +206,11 @@ def end_to_end(tmp: Path, urls: dict[str, str], rounds: int, requests: int, conc
         for g in gateways.values():
             g.start().wait_healthy("/ready", timeout=60)
         for g in gateways.values():
-            asyncio.run(load(g.url, 500, concurrency))  # warm-up: pools, caches, the first writes
+            asyncio.run(load(g.url, 500, concurrency, None))  # warm-up: pools, caches, the first writes
         for _ in range(rounds):
             for name, g in gateways.items():
                 cpu0 = cpu_seconds(g)
-                rate = asyncio.run(load(g.url, requests, concurrency))
+                rate = asyncio.run(load(g.url, requests, concurrency, None))
                 time.sleep(0.6)  # let the last rows be written: their CPU counts too
                 results[name].append((rate, (cpu_seconds(g) - cpu0) / requests * 1000))
     finally:

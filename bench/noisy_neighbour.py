@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +40,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tests.procs import Proc, fake_upstream, free_port, gateway  # noqa: E402
+from tests.redis_fixtures import RedisServer  # noqa: E402
 
 ADMIN = "bench-admin"
 BODY = {"model": "fake", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16, "stream": True}
@@ -136,11 +136,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        port = free_port()
-        redis_proc = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmp_name],
-            stdout=subprocess.DEVNULL,
-        )
+        redis_server = RedisServer(binary, free_port(), tmp).start()
         procs: list[Proc] = []
         gateways: dict[str, tuple[Proc, Proc]] = {}
         results: dict[str, list[Run]] = {m: [] for m in modes}
@@ -154,7 +150,7 @@ def main() -> None:
                 limit = {"max_inflight": args.capacity} if mode == "on" else {}
                 config = {
                     "health": {"interval": 0.5},
-                    "redis": {"url": f"redis://127.0.0.1:{port}/0"},
+                    "redis": {"url": redis_server.url},
                     "auth": {"enabled": True},
                     "scheduler": {"enabled": mode != "off", "max_queue_wait": 60},
                     "engines": [{"name": "fake", "kind": "openai", "url": engine.url, **limit}],
@@ -191,8 +187,7 @@ def main() -> None:
         finally:
             for proc in procs:
                 proc.stop()
-            redis_proc.terminate()
-            redis_proc.wait(10)
+            redis_server.stop()
 
     print(
         f"\nfake engine: capacity {args.capacity}, service {args.service_ms:g} ms ± {args.service_spread:.0%}, "

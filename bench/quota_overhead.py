@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tests.procs import Proc, fake_upstream, free_port, gateway  # noqa: E402
+from tests.redis_fixtures import RedisServer  # noqa: E402
 
 ADMIN = "bench-admin"
 
@@ -76,15 +76,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        port = free_port()
-        redis_proc = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmp_name],
-            stdout=subprocess.DEVNULL,
-        )
+        redis_server = RedisServer(binary, free_port(), tmp).start()
         up = fake_upstream(tmp, "--model", "fake", name="fake-q").start().wait_healthy()
         engines = [{"name": "fake", "kind": "openai", "url": up.url}]
         models = [{"name": "fake", "routes": [{"engine": "fake"}]}]
-        url = f"redis://127.0.0.1:{port}/0"
+        url = redis_server.url
         on = gateway(
             tmp,
             {"engines": engines, "models": models, "redis": {"url": url}, "auth": {"enabled": True}},
@@ -102,7 +98,7 @@ def main() -> None:
                 headers={"authorization": f"Bearer {ADMIN}"},
             )
             key = r.json()["key"]
-            client = redis.Redis(port=port)
+            client = redis_server.client()
             for g, k in ((on, key), (off, None)):
                 asyncio.run(load(g.url, 300, 8, k))  # warm-up: caches, connection pools
             for _ in range(args.rounds):
@@ -117,8 +113,7 @@ def main() -> None:
             for g in (on, off):
                 g.stop()
             up.stop()
-            redis_proc.terminate()
-            redis_proc.wait(10)
+            redis_server.stop()
 
     print(
         f"keys + quotas on (local Redis) vs off; fake engine; {args.requests} requests per run, "

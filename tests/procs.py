@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,6 +83,20 @@ def worker(tmp: Path, *extra: str, name: str = "worker", port: int | None = None
     port = port or free_port()
     args = [sys.executable, "-m", "engines.worker", "--port", str(port), "--threads", str(threads), *extra]
     return Proc(name, args, port, tmp / f"{name}-{port}.log")
+
+
+@contextmanager
+def all_healthy(procs: dict[str, Proc]) -> Iterator[dict[str, Proc]]:
+    """Start them all (so they load side by side), wait until each is healthy; stop them all after."""
+    for p in procs.values():
+        p.start()
+    try:
+        for p in procs.values():
+            p.wait_healthy()
+        yield procs
+    finally:
+        for p in procs.values():
+            p.stop()
 
 
 def metric(text: str, name: str) -> float:

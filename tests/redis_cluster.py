@@ -16,13 +16,13 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 import redis
 from redis.crc import key_slot
 
 from tests.conftest import require
+from tests.redis_fixtures import RedisServer
 
 NODE_TIMEOUT_MS = 1500  # how long a silent master is given before its replica takes over
 BUS_OFFSET = 10_000  # the cluster bus listens on port + 10000
@@ -50,60 +50,18 @@ def free_cluster_ports(count: int) -> list[int]:
 
 
 @dataclass
-class ClusterNode:
-    binary: str
-    port: int
-    dir: Path
-    proc: subprocess.Popen[bytes] | None = None
+class ClusterNode(RedisServer):
+    """A cluster node: restarted after kill(), nodes.conf in its dir keeps its identity."""
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def start(self, timeout: float = 10.0) -> ClusterNode:
-        """Start (or restart after kill(): nodes.conf in its dir keeps its identity) and wait for PING."""
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
-        args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+    def server_args(self) -> list[str]:
+        args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
         args += ["--cluster-node-timeout", str(NODE_TIMEOUT_MS), "--save", "", "--appendonly", "no"]
         # A replica always stands for election, however long it was cut off, and syncs at once.
-        args += ["--cluster-replica-validity-factor", "0", "--repl-diskless-sync-delay", "0"]
-        log = (self.dir / "redis.log").open("ab")
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}: see {self.dir / 'redis.log'}")
-            try:
-                with self.client() as client:
-                    client.ping()
-                return self
-            except redis.exceptions.ConnectionError:
-                time.sleep(0.02)
-        raise RuntimeError(f"cluster node on port {self.port} did not answer PING within {timeout}s")
-
-    def kill(self) -> None:
-        """SIGKILL: the node vanishes with no goodbye, as in a crash."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)  # a stopped process dies only once continued
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2, socket_connect_timeout=2)
+        return [*args, "--cluster-replica-validity-factor", "0", "--repl-diskless-sync-delay", "0"]
 
     def info(self, section: str) -> dict[str, str]:
         with self.client() as client:

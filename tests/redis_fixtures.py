@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import pytest
 import redis
@@ -36,11 +38,14 @@ class RedisServer:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self, timeout: float = 10.0) -> RedisServer:
+    def server_args(self) -> list[str]:
+        return ["--save", "", "--appendonly", "no"]
+
+    def start(self, timeout: float = 10.0) -> Self:
         """Start (or restart after kill()) on the same port, and wait until PING answers."""
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
         log = (self.dir / "redis.log").open("ab")
-        self.proc = subprocess.Popen([*args, "--dir", str(self.dir)], stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([*args, *self.server_args()], stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -57,11 +62,13 @@ class RedisServer:
     def kill(self) -> None:
         """SIGKILL: the server vanishes with no goodbye, as in a crash."""
         if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a stopped (SIGSTOP) process dies only once continued
             self.proc.kill()
             self.proc.wait(10)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
             self.proc.terminate()
             try:
                 self.proc.wait(10)

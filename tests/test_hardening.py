@@ -18,7 +18,7 @@ import pytest
 from gateway.errors import GatewayError
 from gateway.http import MAX_DEPTH, check_depth
 from tests.keyed import admin, chat, create_key, start_gateway
-from tests.procs import TINY_MODEL, Proc, fake_upstream, metric, worker
+from tests.procs import TINY_MODEL, Proc, all_healthy, fake_upstream, metric, worker
 from tests.redis_fixtures import RedisServer
 
 
@@ -29,15 +29,8 @@ def engines(logs_dir: Path) -> Iterator[dict[str, Proc]]:
         "paced": fake_upstream(logs_dir, "--model", "paced", "--chunks", "60", "--pace-ms", "50", name="paced-h"),
         "small": worker(logs_dir, "--model", str(TINY_MODEL), "--max-waiting", "2", name="small-h"),
     }
-    for p in procs.values():
-        p.start()
-    try:
-        for p in procs.values():
-            p.wait_healthy()
+    with all_healthy(procs):
         yield procs
-    finally:
-        for p in procs.values():
-            p.stop()
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.keyed import ADMIN_KEY, admin, create_key, start_gateway
-from tests.procs import Proc, fake_upstream
+from tests.procs import Proc, all_healthy, fake_upstream
 from tests.redis_cluster import RedisCluster
 
 REPLICAS = 4
@@ -26,15 +26,8 @@ def engines(logs_dir: Path) -> Iterator[dict[str, Proc]]:
         "fake": fake_upstream(logs_dir, "--model", "fake", "--chunks", "4", name="fake-so"),
         "slow": fake_upstream(logs_dir, "--model", "slow", "--chunks", "20", "--pace-ms", "150", name="slow-so"),
     }
-    for p in procs.values():
-        p.start()
-    try:
-        for p in procs.values():
-            p.wait_healthy()
+    with all_healthy(procs):
         yield procs
-    finally:
-        for p in procs.values():
-            p.stop()
 
 
 @pytest.fixture(scope="module")
