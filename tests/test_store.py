@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import threading
 import time
 import tracemalloc
 from collections.abc import AsyncIterator
@@ -134,8 +135,12 @@ def test_replicas_starting_together_migrate_once(store_env: StoreEnv) -> None:
     expected = [m.version for m in (SQLITE_MIGRATIONS if store_env.backend == "sqlite" else POSTGRES_MIGRATIONS)]
 
     async def main() -> None:
-        stores = await asyncio.gather(*(open_store(store_env.url, store_env.data_dir) for _ in range(6)))
+        opened = await asyncio.gather(
+            *(open_store(store_env.url, store_env.data_dir) for _ in range(6)), return_exceptions=True
+        )
+        stores = [s for s in opened if not isinstance(s, BaseException)]
         try:
+            assert len(stores) == len(opened), opened
             # Every replica works on the one schema: a file written by one is read by another.
             record = await stores[0].create_file(None, "batch", "x", b"shared")
             assert await read_all(stores[-1], record.id, None) == b"shared"
@@ -144,6 +149,24 @@ def test_replicas_starting_together_migrate_once(store_env: StoreEnv) -> None:
         assert await schema_versions(store_env) == expected
 
     asyncio.run(main())
+
+
+def test_workers_opening_a_new_sqlite_file_together_all_get_it(tmp_path: Path) -> None:
+    """Switching a new file to WAL is where SQLite refuses at once ("database is locked")
+    rather than wait: every opener must still get the store, and a refused connection must not
+    leave its thread behind (it would hold the process open at exit)."""
+
+    async def main() -> None:
+        for round_ in range(30):
+            url = f"sqlite:///new-{round_}.db"
+            opened = await asyncio.gather(*(open_store(url, tmp_path) for _ in range(6)), return_exceptions=True)
+            stores = [s for s in opened if not isinstance(s, BaseException)]
+            await asyncio.gather(*(s.close() for s in stores))
+            assert len(stores) == len(opened), (round_, opened)
+
+    threads = threading.active_count()
+    asyncio.run(main())
+    assert threading.active_count() == threads
 
 
 # Files ------------------------------------------------------------------------------------

@@ -69,11 +69,31 @@ def _translate(exc: sqlite3.IntegrityError) -> Exception:
 async def _connect(path: Path) -> aiosqlite.Connection:
     # isolation_level=None: autocommit; transactions are begun explicitly with BEGIN IMMEDIATE.
     conn = await aiosqlite.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS)
-    conn.row_factory = sqlite3.Row
-    await conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
-    await conn.execute("PRAGMA journal_mode = WAL")
-    await conn.execute("PRAGMA synchronous = NORMAL")
+    try:
+        conn.row_factory = sqlite3.Row
+        await conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
+        await _use_wal(conn)
+        await conn.execute("PRAGMA synchronous = NORMAL")
+    except BaseException:
+        await conn.close()  # else its thread outlives us and holds the process open at exit
+        raise
     return conn
+
+
+async def _use_wal(conn: aiosqlite.Connection) -> None:
+    """Switching a new file to WAL takes an exclusive lock, and where waiting for it could
+    deadlock (replicas or workers opening a new file together) SQLite answers "database is
+    locked" at once instead of waiting out busy_timeout; so wait here and try again."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + BUSY_TIMEOUT_SECONDS
+    while True:
+        try:
+            await conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or loop.time() > deadline:
+                raise
+        await asyncio.sleep(0.02)
 
 
 class SqliteDatabase(Database):
