@@ -143,6 +143,12 @@ def cases(draw: st.DrawFn, world: World, area: str | None = None) -> Case:
         method, path, body = draw(odd_request())
     if draw(st.integers(0, 19)) == 0:
         method = draw(st.sampled_from(METHODS))  # a method the route may not take
+        # ...or one it does: a read of a key or file the world keeps must not become its DELETE or
+        # PATCH, so the odd method is aimed at one the fuzz may destroy
+        if op == "key_get":
+            path = f"/admin/keys/{draw(victims)}"
+        elif op == "file_get":
+            path = f"/v1/files/{draw(segment(known(world.victim_file_ids)))}"
     headers: list[tuple[bytes, bytes]] = []
     auth = draw(auth_headers(world, admin))
     if auth is not None:
