@@ -50,7 +50,17 @@ class RouteStore:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._follow(), name="route-store")
+        self._task = asyncio.create_task(self._follow_forever(), name="route-store")
+
+    async def _follow_forever(self) -> None:
+        """A bug below must not end the following silently (a task's exception is seen only when
+        it is awaited, here at shutdown): log it, and follow again."""
+        while True:
+            try:
+                await self._follow()
+            except Exception:
+                log.exception("route store: following route changes failed; starting again")
+            await asyncio.sleep(1.0)
 
     async def stop(self) -> None:
         if self._task:

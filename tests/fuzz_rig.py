@@ -98,7 +98,7 @@ def seed(client: httpx.Client, base: str) -> World:
 @contextmanager
 def rig(logs: Path, redis: RedisServer, name: str = "fuzz") -> Iterator[tuple[World, list[Proc]]]:
     """The engine and both replicas started, the world seeded; everything stopped at the end."""
-    redis.flush()
+    redis.fresh()
     with ExitStack() as stack:
         engine = fake_upstream(logs, "--model", "fake", "--chunks", "3", name=f"{name}-engine").start()
         stack.callback(engine.stop)

@@ -82,6 +82,15 @@ class RedisServer:
         with self.client() as client:
             client.flushall()
 
+    def up(self) -> Self:
+        """Running again if an earlier test killed it and failed before restarting it."""
+        return self if self.running else self.start()
+
+    def fresh(self) -> Self:
+        """Running and empty."""
+        self.up().flush()
+        return self
+
 
 @pytest.fixture(scope="session")
 def redis_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
@@ -101,7 +110,4 @@ def redis_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSer
 @pytest.fixture
 def redis_server(redis_session: RedisServer) -> RedisServer:
     """The session server, running (a test may have killed it) and empty."""
-    if not redis_session.running:
-        redis_session.start()
-    redis_session.flush()
-    return redis_session
+    return redis_session.fresh()

@@ -61,7 +61,7 @@ def gw(
     with store_url(request.param, tmp_path_factory.mktemp(f"store-{request.param}")) as store:
         config = {
             "health": {"interval": 0.3},
-            "redis": {"url": redis_session.url, "timeout": 1.0},
+            "redis": {"url": redis_session.up().url, "timeout": 1.0},
             "auth": {"enabled": True, "default_max_tokens": 16},
             "engines": [
                 {"name": "tiny", "kind": "openai", "url": tiny_worker.url},

@@ -72,9 +72,7 @@ def gw(
     fake_engine: Proc,
 ) -> Iterator[Proc]:
     require((TINY_MODEL / "config.json").exists(), f"tiny model missing at {TINY_MODEL}")
-    if not redis_session.running:
-        redis_session.start()
-    redis_session.flush()
+    redis_session.fresh()
     tiny = {"engine": "cpu-0", "model": MODEL}
     config = {
         "health": {"interval": 0.3},
@@ -142,8 +140,7 @@ def watched_tab(browser: Browser, base: str) -> Iterator[Page]:
 
 @pytest.fixture
 def page(browser: Browser, gw: Proc, redis_session: RedisServer) -> Iterator[Page]:
-    if not redis_session.running:
-        redis_session.start()
+    redis_session.up()
     with watched_tab(browser, gw.url) as tab:
         yield tab
 
@@ -556,8 +553,7 @@ def test_experiments_report_matches_the_api_and_flags_drift(page: Page, gw: Proc
 def test_console_and_playground_on_the_admin_port(
     browser: Browser, logs_dir: Path, fake_engine: Proc, redis_session: RedisServer
 ) -> None:
-    if not redis_session.running:
-        redis_session.start()
+    redis_session.up()
     admin_port = free_port()
     config = {
         "server": {"admin_port": admin_port},

@@ -49,7 +49,7 @@ def fake(logs_dir: Path) -> Iterator[Proc]:
 
 @pytest.fixture(scope="module")
 def replicas(logs_dir: Path, redis_session: RedisServer, tiny_worker: Proc, fake: Proc) -> Iterator[tuple[Proc, Proc]]:
-    cfg = config(redis_session, tiny_worker, fake)
+    cfg = config(redis_session.up(), tiny_worker, fake)
     a = start_gateway(logs_dir, cfg, "replica-a")
     b = start_gateway(logs_dir, cfg, "replica-b")
     try:
