@@ -21,7 +21,7 @@ from gateway.app import build_app
 from gateway.middleware import Front
 from gateway.settings import parse_settings
 from tests.keyed import ADMIN_KEY
-from tests.procs import Proc, fake_upstream
+from tests.procs import Proc, all_healthy, fake_upstream
 from tests.redis_fixtures import RedisServer
 
 CHUNKS = 3  # the fake engine's answer: 3 tokens (one per chunk), 8 prompt tokens
@@ -29,22 +29,28 @@ BODY = {"model": "fake", "messages": [{"role": "user", "content": "hello"}]}
 
 
 @pytest.fixture(scope="module")
-def engine(logs_dir: Path) -> Iterator[Proc]:
-    proc = fake_upstream(logs_dir, "--model", "fake", "--chunks", str(CHUNKS), name="inproc-engine").start()
-    try:
-        yield proc.wait_healthy()
-    finally:
-        proc.stop()
+def engines(logs_dir: Path) -> Iterator[dict[str, Proc]]:
+    """`ok` answers 3 tokens; `broken` is healthy to health checks and answers 500 to every request;
+    `slow` streams 50 chunks over 5 s and aborts a request whose client went away."""
+    slow = ["--chunks", "50", "--service-ms", "5000", "--capacity", "4"]
+    with all_healthy(
+        {
+            "ok": fake_upstream(logs_dir, "--model", "fake", "--chunks", str(CHUNKS), name="inproc-engine"),
+            "broken": fake_upstream(logs_dir, "--model", "fake", "--fail-status", "500", name="inproc-broken"),
+            "slow": fake_upstream(logs_dir, "--model", "fake", *slow, name="inproc-slow"),
+        }
+    ) as procs:
+        yield procs
 
 
 @pytest.fixture(scope="module")
-def broken(logs_dir: Path) -> Iterator[Proc]:
-    """Healthy to health checks, 500 to every request."""
-    proc = fake_upstream(logs_dir, "--model", "fake", "--fail-status", "500", name="inproc-broken").start()
-    try:
-        yield proc.wait_healthy()
-    finally:
-        proc.stop()
+def engine(engines: dict[str, Proc]) -> Proc:
+    return engines["ok"]
+
+
+@pytest.fixture(scope="module")
+def broken(engines: dict[str, Proc]) -> Proc:
+    return engines["broken"]
 
 
 def settings_for(tmp: Path, engine_url: str, redis_url: str | None = None) -> Any:
@@ -261,11 +267,10 @@ def test_an_engine_error_is_openai_shaped_and_leaves_nothing_in_flight(tmp_path:
     asyncio.run(go())
 
 
-def test_a_client_that_hangs_up_mid_stream_is_let_go_and_settled(tmp_path: Path, logs_dir: Path) -> None:
+def test_a_client_that_hangs_up_mid_stream_is_let_go_and_settled(tmp_path: Path, engines: dict[str, Proc]) -> None:
     """Hang up after the first chunk of a slow stream: the exchange ends, its gauges return to zero
     and the engine is told (the fake engine aborts a request whose client went away)."""
-    slow = fake_upstream(logs_dir, "--model", "fake", "--chunks", "50", "--service-ms", "5000", "--capacity", "4")
-    slow.start().wait_healthy()
+    slow = engines["slow"]
 
     async def go() -> None:
         async with served(settings_for(tmp_path, slow.url)) as (app, client):
@@ -303,17 +308,15 @@ def test_a_client_that_hangs_up_mid_stream_is_let_go_and_settled(tmp_path: Path,
             await asyncio.wait_for(app(scope, receive, send), 10)  # well before the 5 s the stream would take
             assert sent[0]["status"] == 200
             assert await gauges(client) == (0, 0, 0)
-            for _ in range(100):  # the engine learns of it over its own connection
-                stats = (await httpx.AsyncClient().get(slow.url + "/stats")).json()
-                if stats["running"] == 0:
-                    break
-                await asyncio.sleep(0.05)
+            async with httpx.AsyncClient() as direct:
+                for _ in range(100):  # the engine learns of it over its own connection
+                    stats = (await direct.get(slow.url + "/stats")).json()
+                    if stats["running"] == 0:
+                        break
+                    await asyncio.sleep(0.05)
             assert stats["running"] == 0 and stats["served"] == 1
 
-    try:
-        asyncio.run(go())
-    finally:
-        slow.stop()
+    asyncio.run(go())
 
 
 # --- auth and quotas --------------------------------------------------------------------------------
