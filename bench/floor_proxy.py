@@ -73,7 +73,7 @@ def main() -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--upstream", required=True, help="the upstream's base URL, e.g. http://127.0.0.1:9000")
     args = p.parse_args()
-    # The same server settings as `llm-gateway serve` (gateway/cli.py), with the loop and parser named.
+    # The same server settings as `llm-gateway serve` (gateway/cli/main.py), with the loop and parser named.
     uvicorn.run(
         build_app(args.upstream.rstrip("/")),
         host="127.0.0.1",

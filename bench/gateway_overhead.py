@@ -99,7 +99,7 @@ def gateway_proc(tmp: Path, upstream_url: str, name: str) -> Proc:
     }
     port = free_port()
     path = write_config(tmp, f"{name}-{port}", config)
-    args = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(path), "--port", str(port)]
+    args = [sys.executable, "-m", "gateway.cli.main", "serve", "--config", str(path), "--port", str(port)]
     args += ["--workers", "1", "--log-level", "warning"]
     return Proc(name, args, port, tmp / f"{name}-{port}.log")
 

@@ -37,7 +37,7 @@ import asyncpg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.quota_overhead import cpu_seconds, load  # noqa: E402
-from gateway.metrics import GatewayMetrics  # noqa: E402
+from gateway.core.metrics import GatewayMetrics  # noqa: E402
 from gateway.monitor.writer import InferenceLog, LogEntry  # noqa: E402
 from gateway.settings import InferenceLogSettings, ModelSettings, RouteSettings  # noqa: E402
 from gateway.store import Store, open_store  # noqa: E402

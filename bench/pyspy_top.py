@@ -24,7 +24,7 @@ IDLE_LEAVES = (
     ("selectors.py", ("EpollSelector.select", "PollSelector.select", "SelectSelector.select")),
 )
 # Outer frames on every sample of a server's main thread: listing them says nothing.
-NOT_TOP = ("gateway/cli.py",)
+NOT_TOP = ("gateway/cli/main.py",)
 
 
 def py_spy() -> str:

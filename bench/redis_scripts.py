@@ -1,10 +1,10 @@
 """What the two per-request quota scripts cost, on one Redis and on a Redis Cluster, side by side
-in one run: the gateway-side CPU per EVALSHA of the lean client (gateway/resp.py on one node,
-gateway/resp_cluster.py on the cluster; `--before FILE` adds an older resp.py for comparison),
+in one run: the gateway-side CPU per EVALSHA of the lean client (gateway/resp/client.py on one node,
+gateway/resp/cluster.py on the cluster; `--before FILE` adds an older resp.py for comparison),
 and the Redis-side CPU per script (INFO cpu and commandstats of the node that ran it), hence the
 script calls per second one Redis shard can take.
 
-The scripts are the real ones (gateway/quota.py), called with the keys and arguments Quota uses:
+The scripts are the real ones (gateway/access/quota.py), called with the keys and arguments Quota uses:
 phase 1 admits every request (the full path: every limit set, nothing refused), phase 2 releases
 them all.
 
@@ -30,9 +30,9 @@ import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from gateway.quota import _ADMIT, _RELEASE, DAY_TTL, LEASE_KEEP_MS, MINUTE_TTL, MONTH_TTL, window  # noqa: E402
-from gateway.resp import RespClient, Script  # noqa: E402
-from gateway.resp_cluster import ClusterClient  # noqa: E402
+from gateway.access.quota import _ADMIT, _RELEASE, DAY_TTL, LEASE_KEEP_MS, MINUTE_TTL, MONTH_TTL, window  # noqa: E402
+from gateway.resp.client import RespClient, Script  # noqa: E402
+from gateway.resp.cluster import ClusterClient  # noqa: E402
 from tests.procs import free_port  # noqa: E402
 from tests.redis_cluster import ClusterNode, RedisCluster, free_cluster_ports  # noqa: E402
 
@@ -125,7 +125,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--requests", type=int, default=20_000)
     p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--before", type=Path, help="an older gateway/resp.py to compare the single-node path with")
+    p.add_argument("--before", type=Path, help="an older gateway/resp/client.py to compare the single-node path with")
     args = p.parse_args()
     binary, cli = shutil.which("redis-server"), shutil.which("redis-cli")
     assert binary and cli, "redis-server and redis-cli are needed (scripts/setup.sh installs them)"

@@ -29,8 +29,8 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import servers
 from bench.servers import MODEL, UNLIMITED_KEY, RedisServer, Server, pinned
-from gateway import quota
-from gateway.resp import Script
+from gateway.access import quota
+from gateway.resp.client import Script
 from tests.procs import Proc, free_port, write_config
 from tests.redis_cluster import ClusterNode, RedisCluster, free_cluster_ports
 
@@ -160,7 +160,7 @@ def gateway(tmp: Path, name: str, upstream_url: str, redis_url: str, cpus: str |
     }
     port = free_port()
     path = write_config(tmp, f"{name}-{port}", config)
-    args = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(path), "--port", str(port)]
+    args = [sys.executable, "-m", "gateway.cli.main", "serve", "--config", str(path), "--port", str(port)]
     args += ["--workers", "1", "--log-level", "warning"]
     proc = Proc(name, pinned(args, cpus), port, tmp / f"{name}-{port}.log", env={"GATEWAY_ADMIN_KEY": ADMIN_KEY})
     return Server(name, proc, "/ready")

@@ -21,12 +21,12 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from gateway.access import Principal  # noqa: E402
-from gateway.metrics import GatewayMetrics  # noqa: E402
-from gateway.pool import Pool  # noqa: E402
-from gateway.request import CHAT, parse_request  # noqa: E402
-from gateway.routing import Router  # noqa: E402
-from gateway.scheduler import Dispatcher, Scheduler  # noqa: E402
+from gateway.access.base import Principal  # noqa: E402
+from gateway.core.metrics import GatewayMetrics  # noqa: E402
+from gateway.core.request import CHAT, parse_request  # noqa: E402
+from gateway.dispatch.routing import Router  # noqa: E402
+from gateway.dispatch.scheduler import Dispatcher, Scheduler  # noqa: E402
+from gateway.engines.pool import Pool  # noqa: E402
 from gateway.settings import parse_settings  # noqa: E402
 
 

@@ -3,7 +3,7 @@
 - the upstream: bench/fake_upstream.py (uvicorn, Python) or nginx with canned bodies (bench/nginx_upstream.py);
 - `direct`: that upstream alone, for reference;
 - `floor`: bench/floor_proxy.py, the thinnest uvicorn + Starlette + aiohttp pass-through;
-- `gateway`: `python -m gateway.cli serve` with auth off;
+- `gateway`: `python -m gateway.cli.main serve` with auth off;
 - `gateway+quota`: the same with keys and quotas on a private redis-server, whose CPU is counted with it;
 - `litellm`: LiteLLM's proxy (bench/setup-litellm.sh), master key only: its virtual keys need a database
   through Prisma, whose engines are downloaded from Prisma's own servers at first use (not a package
@@ -220,7 +220,7 @@ def gateway(
     port = free_port()
     slug = name.replace("+", "-")
     path = write_config(tmp, f"{slug}-{port}", config)
-    args = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(path), "--port", str(port)]
+    args = [sys.executable, "-m", "gateway.cli.main", "serve", "--config", str(path), "--port", str(port)]
     args += ["--workers", str(workers), "--log-level", "warning"]
     env = {"GATEWAY_ADMIN_KEY": ADMIN_KEY} if quota else {}
     proc = Proc(name, pinned(args, cpus), port, tmp / f"{slug}-{port}.log", env=env)

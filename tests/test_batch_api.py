@@ -396,7 +396,7 @@ def test_cli_runs_a_batch_and_downloads_the_results(gws: Proc, tmp_path: Path) -
     source = tmp_path / "requests.jsonl"
     lines = [chat_line(f"c{i}", "hello", max_tokens=3) for i in range(5)]
     source.write_bytes(jsonl(lines))
-    cmd = [sys.executable, "-m", "gateway.cli", "batch", "run", str(source), "--endpoint", "/v1/chat/completions"]
+    cmd = [sys.executable, "-m", "gateway.cli.main", "batch", "run", str(source), "--endpoint", "/v1/chat/completions"]
     cmd += ["--wait", "--poll", "0.2", "--url", gws.url, "--key", secret]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

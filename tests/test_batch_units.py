@@ -14,8 +14,8 @@ from gateway.batch.jsonl import numbered_lines
 from gateway.batch.objects import check_metadata, format_window, parse_window
 from gateway.batch.slots import Slots
 from gateway.batch.validate import MAX_ERRORS, LineRules, valid_lines, validate_file
-from gateway.errors import GatewayError
-from gateway.request import CHAT, EMBEDDINGS
+from gateway.core.errors import GatewayError
+from gateway.core.request import CHAT, EMBEDDINGS
 from gateway.store import BatchError
 
 

@@ -72,14 +72,14 @@ def test_load_generator_counts_requests_and_chunks(upstream_and_floor: tuple[Pro
 def test_profile_summary_counts_self_total_and_drops_idle_waits(tmp_path: Path) -> None:
     raw = tmp_path / "stacks.txt"
     run = "Runner.run (asyncio/runners.py:86)"
-    route = "OpenAIRoutes.asgi (gateway/routes/openai.py:92)"
+    route = "OpenAIRoutes.asgi (gateway/front/routes/openai.py:92)"
     post = "ClientSession._request (aiohttp/client.py:558)"
     wait = "Condition.wait (threading.py:295)"
     raw.write_text(
-        f"<module> (gateway/cli.py:1);{run} 30\n"
-        f"<module> (gateway/cli.py:1);{run};{route} 10\n"
-        f"<module> (gateway/cli.py:1);{run};{route};{post} 60\n"
-        f"_bootstrap (threading.py:1002);Supervisor._watch (gateway/supervisor.py:94);{wait} 500\n"
+        f"<module> (gateway/cli/main.py:1);{run} 30\n"
+        f"<module> (gateway/cli/main.py:1);{run};{route} 10\n"
+        f"<module> (gateway/cli/main.py:1);{run};{route};{post} 60\n"
+        f"_bootstrap (threading.py:1002);Supervisor._watch (gateway/engines/supervisor.py:94);{wait} 500\n"
     )
     profile = pyspy_top.load(raw)
     assert profile.samples == 100  # the supervisor's sleep is not CPU
@@ -88,5 +88,5 @@ def test_profile_summary_counts_self_total_and_drops_idle_waits(tmp_path: Path) 
     assert profile.package_self == {"aiohttp": 60, "asyncio": 30, "gateway": 10}
     text = pyspy_top.report("test", profile, top=3)
     assert "60.0%  ClientSession._request (aiohttp/client.py:558)" in text
-    assert "70.0%  OpenAIRoutes.asgi (gateway/routes/openai.py:92)" in text
-    assert "gateway/cli.py" not in text.split("gateway functions")[1]
+    assert "70.0%  OpenAIRoutes.asgi (gateway/front/routes/openai.py:92)" in text
+    assert "gateway/cli/main.py" not in text.split("gateway functions")[1]

@@ -1,5 +1,5 @@
 """Keys, quotas and routes on a real Redis Cluster (3 masters, 3 replicas), through the clients
-gateway/redis_client.py builds: redis-py's RedisCluster for the key and route stores, the lean
+gateway/resp/connect.py builds: redis-py's RedisCluster for the key and route stores, the lean
 cluster client for the two quota scripts. Two sets of clients stand for two gateway replicas."""
 
 from __future__ import annotations
@@ -16,17 +16,17 @@ import pytest
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from gateway.errors import GatewayError
-from gateway.key_fields import validate_key_fields
-from gateway.keys import ApiKey, KeyStore
-from gateway.limits import window
-from gateway.metrics import GatewayMetrics
-from gateway.pool import Pool
-from gateway.quota import _ADMIT, _RELEASE, DAY_TTL, LEASE_KEEP_MS, MINUTE_TTL, MONTH_TTL, Admission, Quota
-from gateway.redis_client import RedisClients, build_clients
-from gateway.resp_cluster import ClusterClient
-from gateway.route_store import RouteStore
-from gateway.routing import Router
+from gateway.access.key_fields import validate_key_fields
+from gateway.access.keys import ApiKey, KeyStore
+from gateway.access.quota import _ADMIT, _RELEASE, DAY_TTL, LEASE_KEEP_MS, MINUTE_TTL, MONTH_TTL, Admission, Quota
+from gateway.access.quota_windows import window
+from gateway.core.errors import GatewayError
+from gateway.core.metrics import GatewayMetrics
+from gateway.dispatch.route_store import RouteStore
+from gateway.dispatch.routing import Router
+from gateway.engines.pool import Pool
+from gateway.resp.cluster import ClusterClient
+from gateway.resp.connect import RedisClients, build_clients
 from gateway.settings import EngineSettings, HealthSettings, ModelSettings, RouteSettings
 from tests.redis_cluster import RedisCluster
 
@@ -65,7 +65,7 @@ async def new_key(replica: Replica, **limits: Any) -> tuple[ApiKey, str]:
     return await replica.keys.create(validate_key_fields({"name": "t", **limits}, partial=False))
 
 
-# ---- the key store (expected to pass once the app builds its clients with gateway/redis_client.py) --
+# ---- the key store (expected to pass once the app builds its clients with gateway/resp/connect.py) --
 
 
 def test_key_store_on_a_cluster(redis_cluster: RedisCluster) -> None:

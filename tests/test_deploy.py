@@ -153,7 +153,7 @@ def test_gateway_drain_fits_the_termination_grace_period() -> None:
     pre_stop = container(deployment, "gateway")["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
     # preStop, then SIGTERM: the drain (in-flight work up to drain_timeout), the requests cut at
-    # its end (gateway/server.py CUT_WAIT) and the engines stopped, before the SIGKILL.
+    # its end (gateway/process/worker.py CUT_WAIT) and the engines stopped, before the SIGKILL.
     needed = float(pre_stop[1]) + server.drain_timeout + 10
     assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= needed
     assert 0 < server.drain_grace <= server.drain_timeout
@@ -177,7 +177,7 @@ def test_gateway_config_map_is_a_valid_config() -> None:
     config = yaml.safe_load(config_map["data"]["config.yaml"])
     settings = parse_settings(config, "gateway-config.yaml", env={})
     assert settings.auth.enabled
-    # The engines are found by DNS over the vLLM headless Service (gateway/discovery.py).
+    # The engines are found by DNS over the vLLM headless Service (gateway/engines/discovery.py).
     found = [e.discovery for e in settings.engines]
     assert found and all(found), "every engine is a discover: dns entry"
     service, statefulset = find("Service", "vllm"), find("StatefulSet", "vllm")
@@ -260,7 +260,7 @@ def test_dashboard_uses_only_existing_metrics() -> None:
         base = re.sub(r"_(total|bucket|sum|count)$", "", name)
         if not re.search(rf"[\"']{re.escape(base)}[\"']", source):
             missing.append(name)
-    assert not missing, f"metrics used by the dashboard but not defined in gateway/metrics.py: {missing}"
+    assert not missing, f"metrics used by the dashboard but not defined in gateway/core/metrics.py: {missing}"
 
 
 def test_dashboard_has_a_prometheus_input() -> None:

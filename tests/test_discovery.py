@@ -1,4 +1,4 @@
-"""DNS engine discovery (gateway/discovery.py) against a real DNS server the test runs on
+"""DNS engine discovery (gateway/engines/discovery.py) against a real DNS server the test runs on
 127.0.0.1 and whose answer it changes: engines come and go with the answer, a failed resolution
 keeps the last answer and is logged once."""
 
@@ -17,7 +17,8 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from gateway.discovery import DnsDiscovery, DnsWatcher, parse_dns_discovery
+from gateway.engines.discovery import DnsWatcher
+from gateway.settings.discovery import DnsDiscovery, parse_dns_discovery
 
 NAME = "vllm.llm.svc.test"
 
@@ -137,7 +138,7 @@ def test_engines_follow_the_answer(caplog: pytest.LogCaptureFixture) -> None:
             server.ips = ["10.0.0.2", "10.0.0.4", "fd00::3"]  # a pod replaced: scaled, rescheduled
             assert await changes.next() == ({"10.0.0.4:8000"}, {"10.0.0.1:8000"})
 
-            with caplog.at_level(logging.WARNING, logger="gateway.discovery"):
+            with caplog.at_level(logging.WARNING, logger="gateway.engines.discovery"):
                 for mode in ("servfail", "silent"):  # the resolver fails: the last answer stands
                     server.mode = mode
                     await queries(server, 6)
@@ -186,10 +187,10 @@ def test_the_pool_and_the_router_follow_the_answer() -> None:
     addresses 127.0.0.1 and ::1, one port, as a headless Service's pods would be."""
     from aiohttp import web
 
-    from gateway.metrics import GatewayMetrics
-    from gateway.pool import Pool
-    from gateway.request import COMPLETIONS, ApiRequest
-    from gateway.routing import Router
+    from gateway.core.metrics import GatewayMetrics
+    from gateway.core.request import COMPLETIONS, ApiRequest
+    from gateway.dispatch.routing import Router
+    from gateway.engines.pool import Pool
     from gateway.settings import parse_settings
     from tests.procs import free_port
 

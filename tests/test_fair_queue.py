@@ -1,5 +1,5 @@
 """The scheduler's ordering, in-process: bands, deficit round robin by tokens, weights, and the
-slot bookkeeping of gateway/scheduler.py and gateway/capacity.py (no network)."""
+slot bookkeeping of gateway/dispatch/scheduler.py and gateway/dispatch/capacity.py (no network)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ from typing import Any
 
 import pytest
 
-from gateway.access import Principal
-from gateway.capacity import Capacity
-from gateway.errors import GatewayError
-from gateway.fair_queue import BANDS, FairQueue, Ticket
-from gateway.metrics import GatewayMetrics
-from gateway.pool import Pool
-from gateway.request import CHAT, ApiRequest
-from gateway.routing import Router
-from gateway.scheduler import Scheduler, Unscheduled
+from gateway.access.base import Principal
+from gateway.core.errors import GatewayError
+from gateway.core.metrics import GatewayMetrics
+from gateway.core.request import CHAT, ApiRequest
+from gateway.dispatch.capacity import Capacity
+from gateway.dispatch.fair_queue import BANDS, FairQueue, Ticket
+from gateway.dispatch.routing import Router
+from gateway.dispatch.scheduler import Scheduler, Unscheduled
+from gateway.engines.pool import Pool
 from gateway.settings import (
     ConfigError,
     EngineSettings,

@@ -43,7 +43,7 @@ def config(fake: Proc, redis: RedisServer) -> dict[str, Any]:
 
 
 def keys_cli(url: str, *args: str) -> subprocess.Popen[str]:
-    cmd = [sys.executable, "-m", "gateway.cli", "keys", "--url", url, *args]
+    cmd = [sys.executable, "-m", "gateway.cli.main", "keys", "--url", url, *args]
     env = {"GATEWAY_ADMIN_KEY": ADMIN_KEY, "PATH": "/usr/bin:/bin"}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
@@ -94,7 +94,7 @@ def test_a_taken_port_is_a_clear_error_and_no_ready_line(logs_dir: Path, fake: P
             "auth": {"enabled": False},
         }
         path = write_config(tmp_path, "taken", cfg)
-        cmd = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(path), "--port", str(port)]
+        cmd = [sys.executable, "-m", "gateway.cli.main", "serve", "--config", str(path), "--port", str(port)]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "is ready" not in done.stderr

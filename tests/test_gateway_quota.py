@@ -240,7 +240,7 @@ def test_keys_cli(gws: tuple[Proc, Proc]) -> None:
     env = {"GATEWAY_ADMIN_KEY": ADMIN_KEY, "PATH": "/usr/bin:/bin"}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        cmd = [sys.executable, "-m", "gateway.cli", "keys", "--url", a.url, *args]
+        cmd = [sys.executable, "-m", "gateway.cli.main", "keys", "--url", a.url, *args]
         return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60, check=False)
 
     created = cli("create", "--name", "from-cli", "--rpm", "7", "--models", "fake")

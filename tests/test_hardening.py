@@ -15,8 +15,8 @@ import httpx
 import orjson
 import pytest
 
-from gateway.errors import GatewayError
-from gateway.http import MAX_DEPTH, check_depth
+from gateway.core.bodies import MAX_DEPTH, check_depth
+from gateway.core.errors import GatewayError
 from tests.keyed import admin, chat, create_key, start_gateway
 from tests.procs import TINY_MODEL, Proc, all_healthy, fake_upstream, metric, worker
 from tests.redis_fixtures import RedisServer

@@ -16,11 +16,11 @@ import asyncpg
 import orjson
 import pytest
 
-from gateway.metrics import GatewayMetrics
+from gateway.core.metrics import GatewayMetrics
+from gateway.core.request import CHAT, ApiRequest
 from gateway.monitor.payloads import REDACTED, Capture, Redactor, payload_json
 from gateway.monitor.writer import InferenceLog, LogEntry
-from gateway.relay import finish_reason_of
-from gateway.request import CHAT, ApiRequest
+from gateway.proxy.relay import finish_reason_of
 from gateway.settings import ConfigError, InferenceLogSettings, ModelSettings, RouteSettings, parse_settings
 from gateway.store import RequestFilter, Store
 from tests.store_fixtures import FakeClock, StoreEnv

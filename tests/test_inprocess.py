@@ -17,8 +17,8 @@ import httpx
 import pytest
 from starlette.types import Message, Receive, Scope, Send
 
-from gateway.app import build_app
-from gateway.middleware import Front
+from gateway.front.app import build_app
+from gateway.front.middleware import Front
 from gateway.settings import parse_settings
 from tests.keyed import ADMIN_KEY
 from tests.procs import Proc, all_healthy, fake_upstream
@@ -211,7 +211,7 @@ def test_a_bug_is_logged_with_its_traceback_and_answered_500_in_our_shape(caplog
         await send({"type": "http.response.body", "body": b"data: {}\n\n", "more_body": True})
         raise RuntimeError("a bug mid-stream")
 
-    with caplog.at_level(logging.ERROR, logger="gateway.middleware"):
+    with caplog.at_level(logging.ERROR, logger="gateway.front.middleware"):
         sent = asyncio.run(_call_raw(Front(broken_app), {"path": "/v1/x"}))
         assert sent[0]["status"] == 500
         assert (b"x-request-id", sent[0]["headers"][-1][1]) in sent[0]["headers"]

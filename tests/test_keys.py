@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.errors import GatewayError
-from gateway.key_fields import validate_key_fields
-from gateway.keys import ApiKey, KeyStore
+from gateway.access.key_fields import validate_key_fields
+from gateway.access.keys import ApiKey, KeyStore
+from gateway.core.errors import GatewayError
 from tests.redis_fixtures import RedisServer
 
 Body = Callable[[KeyStore, aioredis.Redis], Awaitable[Any]]

@@ -245,7 +245,7 @@ def test_sticky_split_the_log_and_the_report_agree_with_what_clients_saw(
 
         # The same report as a table from the command line.
         cli = subprocess.run(
-            [sys.executable, "-m", "gateway.cli", "report", MODEL, "--url", gw.url, "--since", str(started - 1)],
+            [sys.executable, "-m", "gateway.cli.main", "report", MODEL, "--url", gw.url, "--since", str(started - 1)],
             env={**os.environ, "GATEWAY_ADMIN_KEY": ADMIN_KEY},
             capture_output=True,
             text=True,

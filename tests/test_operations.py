@@ -192,7 +192,7 @@ def test_a_second_gateway_with_the_same_config_fails_clearly(logs_dir: Path) -> 
         first.wait_healthy("/ready", timeout=120)
         path = write_config(logs_dir, "second", cfg)
         second = subprocess.run(
-            [sys.executable, "-m", "gateway.cli", "serve", "--config", str(path), "--port", str(free_port())],
+            [sys.executable, "-m", "gateway.cli.main", "serve", "--config", str(path), "--port", str(free_port())],
             capture_output=True,
             text=True,
             timeout=60,

@@ -15,14 +15,14 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from redis.crc import key_slot
 
-import gateway.quota
-from gateway.errors import GatewayError
-from gateway.key_fields import validate_key_fields
-from gateway.keys import ApiKey, KeyStore
-from gateway.limits import reset_after, window
-from gateway.local_limiter import LocalLimiter
-from gateway.quota import Admission, Quota
-from gateway.resp import RespClient
+import gateway.access.quota
+from gateway.access.key_fields import validate_key_fields
+from gateway.access.keys import ApiKey, KeyStore
+from gateway.access.local_limiter import LocalLimiter
+from gateway.access.quota import Admission, Quota
+from gateway.access.quota_windows import reset_after, window
+from gateway.core.errors import GatewayError
+from gateway.resp.client import RespClient
 from tests.redis_fixtures import RedisServer
 
 Body = Callable[[KeyStore, Quota, aioredis.Redis], Awaitable[Any]]
@@ -235,7 +235,7 @@ def test_release_is_idempotent_and_so_is_admit(redis_server: RedisServer, monkey
         assert usage["minute"] == {"requests": 1, "tokens": 30}
 
         # a client-side retry of an admission that already ran (same lease) reserves nothing more
-        monkeypatch.setattr(gateway.quota, "_lease_numbers", itertools.repeat(7))
+        monkeypatch.setattr(gateway.access.quota, "_lease_numbers", itertools.repeat(7))
         await quota.admit(key, MODEL, 50, now=T)
         await quota.admit(key, MODEL, 50, now=T)
         assert (await quota.usage(key.id, now=T))["minute"] == {"requests": 2, "tokens": 80}
@@ -413,7 +413,7 @@ def test_fail_open_and_recovery(redis_server: RedisServer, caplog: pytest.LogCap
         key = await new_key(store, rpm=2, daily_tokens=10**6)
         saved = {f"gw:{{{key.id}}}:rec": await client.hgetall(f"gw:{{{key.id}}}:rec")}
         redis_server.kill()
-        with caplog.at_level(logging.WARNING, logger="gateway.quota"):
+        with caplog.at_level(logging.WARNING, logger="gateway.access.quota"):
             first = await quota.admit(key, MODEL, 10, now=T)
             second = await quota.admit(key, MODEL, 10, now=T)
             assert first.local and second.local
@@ -427,7 +427,7 @@ def test_fail_open_and_recovery(redis_server: RedisServer, caplog: pytest.LogCap
         assert quota.fail_open_admissions == 2 and quota.redis_errors >= 1
         await restart(redis_server, client, saved)
         await asyncio.sleep(quota.breaker)
-        with caplog.at_level(logging.WARNING, logger="gateway.quota"):
+        with caplog.at_level(logging.WARNING, logger="gateway.access.quota"):
             back = await quota.admit(key, MODEL, 10)
             await quota.admit(key, MODEL, 10)
         assert not back.local and (await quota.usage(key.id))["day"]["requests"] == 2
@@ -503,8 +503,8 @@ def test_hung_redis_fails_within_the_deadline(redis_server: RedisServer) -> None
 
 
 def test_a_reservation_that_can_never_fit_is_a_400() -> None:
-    from gateway.quota import reservation
-    from gateway.request import COMPLETIONS, ApiRequest
+    from gateway.access.quota import reservation
+    from gateway.core.request import COMPLETIONS, ApiRequest
 
     key = ApiKey(id="key_0123456789abcdef", name="t", tpm=2000, daily_tokens=5000)
     request = ApiRequest(COMPLETIONS, MODEL, {}, max_tokens=300, n=2, prompts=2)

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 
-from gateway.keys import KeyStore
-from gateway.limits import window
-from gateway.quota import Quota
+from gateway.access.keys import KeyStore
+from gateway.access.quota import Quota
+from gateway.access.quota_windows import window
 from tests.redis_fixtures import RedisServer
 from tests.test_quota import MODEL, T, new_key, refused, run
 

@@ -1,5 +1,5 @@
-"""Redis URLs and client building (gateway/redis_url.py, gateway/redis_client.py), and the
-subscriber that follows a channel across node losses (gateway/redis_subscriber.py), against a real
+"""Redis URLs and client building (gateway/settings/redis_url.py, gateway/resp/connect.py), and the
+subscriber that follows a channel across node losses (gateway/resp/subscriber.py), against a real
 Redis and a real Redis Cluster."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
-from gateway.redis_client import build_clients, lean_client, parse_redis_url
-from gateway.redis_subscriber import Event, Subscriber
-from gateway.resp import RespClient
-from gateway.resp_cluster import ClusterClient
+from gateway.resp.client import RespClient
+from gateway.resp.cluster import ClusterClient
+from gateway.resp.connect import build_clients, lean_client, parse_redis_url
+from gateway.resp.subscriber import Event, Subscriber
 from tests.redis_cluster import RedisCluster
 from tests.redis_fixtures import RedisServer
 

@@ -1,4 +1,4 @@
-"""The lean client on a real Redis Cluster (gateway/resp_cluster.py), and the promise both lean
+"""The lean client on a real Redis Cluster (gateway/resp/cluster.py), and the promise both lean
 clients keep: a command whose caller gave up is never sent later."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import redis
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from gateway.resp import RespClient, Script
-from gateway.resp_cluster import ClusterClient
+from gateway.resp.client import RespClient, Script
+from gateway.resp.cluster import ClusterClient
 from tests.redis_cluster import ClusterNode, RedisCluster
 from tests.redis_fixtures import RedisServer
 

@@ -4,10 +4,10 @@ import random
 from collections import Counter
 from typing import Any
 
-from gateway.metrics import GatewayMetrics
-from gateway.pool import Pool, parse_load
-from gateway.request import CHAT, COMPLETIONS, ApiRequest, parse_request
-from gateway.routing import Router
+from gateway.core.metrics import GatewayMetrics
+from gateway.core.request import CHAT, COMPLETIONS, ApiRequest, parse_request
+from gateway.dispatch.routing import Router
+from gateway.engines.pool import Pool, parse_load
 from gateway.settings import RouteSettings, parse_settings
 
 

@@ -20,9 +20,9 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.errors import GatewayError
-from gateway.key_fields import validate_key_fields
-from gateway.keys import ApiKey, decode_record, encode_fields
+from gateway.access.key_fields import validate_key_fields
+from gateway.access.keys import ApiKey, decode_record, encode_fields
+from gateway.core.errors import GatewayError
 from tests.procs import TINY_MODEL, Proc, fake_upstream, gateway
 from tests.redis_fixtures import RedisServer
 
@@ -158,7 +158,7 @@ def test_admin_api_and_cli_set_priority_and_weight(gw: Proc) -> None:
     bad = admin(gw, "PATCH", f"/admin/keys/{key_id}", {"priority": "top"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "priority"
     env = {"GATEWAY_ADMIN_KEY": ADMIN_KEY, "PATH": "/usr/bin:/bin"}
-    cmd = [sys.executable, "-m", "gateway.cli", "keys", "--url", gw.url]
+    cmd = [sys.executable, "-m", "gateway.cli.main", "keys", "--url", gw.url]
     run = subprocess.run([*cmd, "create", "--name", "c", "--priority", "high", "--weight", "3"], **_quiet(env))
     assert run.returncode == 0, run.stderr
     created = json.loads(run.stdout)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from gateway.request import COMPLETIONS, ApiRequest
-from gateway.routing.assign import Sticky
+from gateway.core.request import COMPLETIONS, ApiRequest
+from gateway.dispatch.routing.assign import Sticky
 from gateway.settings import RouteSettings
 
 SUBJECTS = [f"user-{i}" for i in range(10_000)]

@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 import orjson
 from starlette.types import Message
 
-from gateway.access import Principal
-from gateway.context import Gateway
-from gateway.errors import Code, GatewayError
-from gateway.exchange import Exchange
-from gateway.request import Endpoint, parse_request
+from gateway.access.base import Principal
+from gateway.core.errors import Code, GatewayError
+from gateway.core.request import Endpoint, parse_request
+from gateway.proxy.context import Gateway
+from gateway.proxy.exchange import Exchange
 from gateway.store import ClaimedLine, LineOutcome, Owner
 
 MAX_ATTEMPTS = 3

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 from gateway.batch.dispatch import LineDispatcher
 from gateway.batch.slots import Slots
-from gateway.context import Gateway
-from gateway.request import ENDPOINTS
+from gateway.core.request import ENDPOINTS
+from gateway.proxy.context import Gateway
 from gateway.settings import BatchSettings
 from gateway.store import ALL_OWNERS, FINAL_STATUSES, Batch, ClaimedLine, LineOutcome, Store, UnfinishedLinesError
 

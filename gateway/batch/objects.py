@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from gateway.errors import invalid
+from gateway.core.errors import invalid
 from gateway.store import Batch, FileRecord
 
 # What a client may upload; `batch_output` is the gateway's own (result files).

@@ -21,7 +21,7 @@ from contextlib import suppress
 
 from gateway.batch.job import BatchJob, JobContext
 from gateway.batch.slots import Slots
-from gateway.context import Gateway
+from gateway.proxy.context import Gateway
 from gateway.store import Batch, Store
 
 log = logging.getLogger(__name__)

@@ -18,8 +18,8 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from gateway.batch.objects import UPLOAD_PURPOSES
-from gateway.errors import Code, GatewayError, invalid
-from gateway.http import too_large
+from gateway.core.bodies import too_large
+from gateway.core.errors import Code, GatewayError, invalid
 from gateway.store import FileRecord, FileTooLargeError, Owner, Store
 
 MAX_FIELD_BYTES = 64 * 1024  # any part but the file

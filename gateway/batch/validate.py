@@ -1,7 +1,7 @@
 """Every line of a batch's input file checked before the batch exists: all or nothing.
 
 A line is `{"custom_id": str, "method": "POST", "url": <the batch's endpoint>, "body": {...}}`;
-the body must be a request the gateway would take on that endpoint (gateway/request.py parses
+the body must be a request the gateway would take on that endpoint (gateway/core/request.py parses
 it, exactly as for an interactive request), without `stream: true`, for a model that exists and
 that the batch's owner may use. `custom_id`s are unique within the file. Each bad line becomes
 one `BatchError` naming its line number; a file with any is refused as a whole (the batch is
@@ -20,8 +20,8 @@ from typing import Any
 import orjson
 
 from gateway.batch.jsonl import numbered_lines
-from gateway.errors import GatewayError
-from gateway.request import Endpoint, parse_request
+from gateway.core.errors import GatewayError
+from gateway.core.request import Endpoint, parse_request
 from gateway.store import BatchError, NewLine
 
 MAX_ERRORS = 1000  # listed in the batch's `errors`; the last entry counts the rest

@@ -27,9 +27,9 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple
 
-from gateway.metrics import GatewayMetrics
+from gateway.core.metrics import GatewayMetrics
+from gateway.core.request import ApiRequest
 from gateway.monitor.payloads import Capture, Redactor, payload_json
-from gateway.request import ApiRequest
 from gateway.settings import InferenceLogSettings, ModelSettings
 from gateway.store import InferenceRecord, Store
 

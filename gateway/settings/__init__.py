@@ -3,7 +3,7 @@
 This package is the only place that reads environment variables. Errors name the file, the key
 and what is wrong. Each section has its parser in a module of its own: `server`, `sections`
 (health, routing, redis, auth), `engines`, `models`, `batch` (files, batch), `scheduler`,
-`inference_log`; the store's section is parsed by gateway/store/config.py; `reader` walks the tree.
+`inference_log`; the store's section is parsed by gateway/settings/store.py; `reader` walks the tree.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from gateway.settings.sections import (
     parse_routing,
 )
 from gateway.settings.server import ServerSettings, TlsSettings, parse_server
-from gateway.store.config import StoreConfigError, StoreSettings, parse_store_settings
+from gateway.settings.store import StoreConfigError, StoreSettings, parse_store_settings
 
 SECTIONS = (
     "server",

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.discovery import DISCOVERY_KEYS, DnsDiscovery, parse_dns_discovery
+from gateway.settings.discovery import DISCOVERY_KEYS, DnsDiscovery, parse_dns_discovery
 from gateway.settings.reader import ConfigError, Reader, dataclass_fields
 
 ENGINE_KINDS = ("cpu", "openai", "vllm")
@@ -17,7 +17,7 @@ MANAGED_KINDS = ("cpu", "vllm")
 
 @dataclass(frozen=True)
 class VllmSettings:
-    """vLLM engine arguments, turned into `vllm serve` flags by gateway/vllm_launch.py."""
+    """vLLM engine arguments, turned into `vllm serve` flags by gateway/engines/vllm_launch.py."""
 
     dtype: str | None = None  # auto, float16, bfloat16, float32 (float32 on AVX2 CPUs)
     max_model_len: int | None = None
@@ -47,7 +47,7 @@ class EngineSettings:
     api_key: str | None = None  # sent upstream as a bearer token (external engines)
     max_restarts_per_minute: int = 10
     # requests the gateway keeps in flight there at most (split between its worker processes);
-    # None: learned from the engine's own running/waiting figures (gateway/capacity.py)
+    # None: learned from the engine's own running/waiting figures (gateway/dispatch/capacity.py)
     max_inflight: int | None = None
     vllm: VllmSettings = field(default_factory=VllmSettings)
     discovery: DnsDiscovery | None = None  # `discover: dns`: one engine per address of a name

@@ -25,7 +25,7 @@ from gateway.settings.models import ModelSettings, RouteSettings
 from gateway.settings.scheduler import SchedulerSettings
 from gateway.settings.sections import AuthSettings, HealthSettings, RedisSettings, RoutingSettings
 from gateway.settings.server import ServerSettings, TlsSettings
-from gateway.store.config import StoreSettings
+from gateway.settings.store import StoreSettings
 
 START = "<!-- config-reference:start (python -m gateway.settings.reference --write) -->"
 END = "<!-- config-reference:end -->"

@@ -1,5 +1,5 @@
 """The `scheduler:` section: priorities and fair share when every engine of a model is full
-(gateway/scheduler.py does the scheduling)."""
+(gateway/dispatch/scheduler.py does the scheduling)."""
 
 from __future__ import annotations
 

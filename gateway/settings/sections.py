@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from gateway.redis_url import parse_redis_url
 from gateway.settings.reader import Reader, simple_section
+from gateway.settings.redis_url import parse_redis_url
 
 
 @dataclass(frozen=True)
@@ -17,13 +17,13 @@ class HealthSettings:
     failures_to_eject: int = 2  # one slow probe under load must not eject a working engine
 
 
-ROUTING_PLUGINS = ("least_loaded", "prefix_affinity", "kv_cache")  # gateway/routing/plugins.py
+ROUTING_PLUGINS = ("least_loaded", "prefix_affinity", "kv_cache")  # gateway/dispatch/routing/plugins.py
 _STRATEGIES = {"least_loaded": ("least_loaded",), "prefix_affinity": ("prefix_affinity", "least_loaded")}
 
 
 @dataclass(frozen=True)
 class RoutingSettings:
-    # The engine-choice plugins, applied in order (gateway/routing/): least_loaded scores by the
+    # The engine-choice plugins, applied in order (gateway/dispatch/routing/): least_loaded scores by the
     # requests in flight plus the engine's queue; prefix_affinity keeps requests whose prompts
     # start alike on one engine (its prefix cache then hits) while it is at most max_imbalance
     # busier than the least-loaded one; kv_cache prefers engines with free KV cache.

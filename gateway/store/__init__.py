@@ -13,9 +13,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from gateway.store.base import Store
-from gateway.store.common import Clock
-from gateway.store.config import (
+from gateway.settings.store import (
     SQLITE_PREFIX,
     StoreConfigError,
     StoreSettings,
@@ -24,6 +22,8 @@ from gateway.store.config import (
     redact_url,
     sqlite_path,
 )
+from gateway.store.base import Store
+from gateway.store.common import Clock
 from gateway.store.db import Database
 from gateway.store.postgres import PostgresDatabase
 from gateway.store.records import (

@@ -21,7 +21,7 @@ from typing import Any
 
 import asyncpg
 
-from gateway.store.config import redact_url
+from gateway.settings.store import redact_url
 from gateway.store.db import Conn, Database, Migration, Row, UniqueViolation
 from gateway.store.records import StoreError
 from gateway.store.schema import apply_migrations

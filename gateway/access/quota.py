@@ -1,0 +1,407 @@
+"""Quota admission and reconciliation: each one atomic Redis step (a Lua script, EVALSHA).
+
+Per key, next to its record (gateway/access/keys.py) and under the same hash tag, so a script's keys
+share one Redis Cluster slot:
+
+    gw:{id}:min:<unix minute>   HASH requests, tokens                                (TTL 2 min)
+    gw:{id}:day:<YYYY-MM-DD>    HASH requests, tokens, prompt_tokens, completion_tokens  (40 days)
+    gw:{id}:month:<YYYY-MM>     HASH the same                                         (400 days)
+    gw:{id}:leases              ZSET lease id -> expiry (unix ms), one per admitted request
+    gw:{id}:bleases             ZSET the same for batch lines (never counted toward max_concurrent)
+    gw:{id}:gone:<lease>        STRING, a tombstone: this admission was given up (TTL 1 h)
+
+`tokens` is committed usage plus outstanding reservations, so limits hold across any number of
+replicas. A lease counts toward max_concurrent until it expires; an expired lease is kept for
+LEASE_KEEP more, so a late release still reconciles, and ZREM's answer makes release idempotent.
+Times are the gateway's clock (unix seconds): replicas are assumed NTP-synced.
+
+A caller that gives up on Redis (timeout, lost connection) cannot know whether its admission
+ran, or will still run: the command may sit in a socket buffer of a stalled Redis and run when it
+resumes. So every abandoned admission is cancelled in the background until Redis answers: the
+cancel undoes the admission if it ran, and otherwise leaves a tombstone that makes it refuse to
+run later. Either order nets to nothing, so no charge and no lease outlive a refused request.
+Releases that could not reach Redis are retried the same way (release is idempotent).
+
+A batch line (`batch=True`, ARGV[10]) is charged like any request but rpm and max_concurrent do
+not apply to it: it adds no request to the minute window (which rpm reads) and its lease lives in
+`bleases` (which max_concurrent does not count); its tokens count toward tpm and the budgets.
+
+Every command goes through the lean RESP client of the request path (gateway/resp/client.py, or
+gateway/resp/cluster.py on a Redis Cluster).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from typing import Any
+
+import hiredis
+
+from gateway.access.keys import REDIS_DOWN, ApiKey
+from gateway.access.local_limiter import LocalLimiter
+from gateway.access.quota_retry import PendingOps
+from gateway.access.quota_windows import Window, rate_headers, refusal, refused_key, window
+from gateway.core.errors import Code, GatewayError, invalid, quota_unavailable
+from gateway.core.metrics import GatewayMetrics
+from gateway.core.request import ApiRequest
+from gateway.resp.client import LeanClient, Script
+
+log = logging.getLogger(__name__)
+
+MINUTE_TTL = 120
+DAY_TTL = 40 * 86400
+MONTH_TTL = 400 * 86400
+LEASE_KEEP_MS = 3_600_000
+
+_ADMIT = Script("""
+if redis.call('EXISTS', KEYS[6]) == 1 then return {'cancelled'} end
+local rec = redis.call('HMGET', KEYS[1], 'created_at', 'revoked_at', 'expires_at', 'models',
+  'rpm', 'tpm', 'max_concurrent', 'daily_tokens', 'monthly_tokens')
+if not rec[1] then return {'unknown'} end
+-- a missing field (false) and "" both mean null
+for i = 2, 9 do if rec[i] == '' then rec[i] = false end end
+local now = tonumber(ARGV[1])
+if rec[2] then return {'revoked'} end
+if rec[3] and tonumber(rec[3]) * 1000 <= now then return {'expired', rec[3]} end
+if rec[4] then
+  local allowed = false
+  for _, m in ipairs(cjson.decode(rec[4])) do
+    if m == ARGV[2] then allowed = true break end
+  end
+  if not allowed then return {'model'} end
+end
+local function limit(v) if v then return tonumber(v) end return -1 end
+local rpm, tpm, conc = limit(rec[5]), limit(rec[6]), limit(rec[7])
+local daily, monthly = limit(rec[8]), limit(rec[9])
+local reserve, lease, leases = tonumber(ARGV[3]), ARGV[4], KEYS[5]
+local batch = ARGV[10] == '1'
+local win = redis.call('HMGET', KEYS[2], 'requests', 'tokens')
+local mreq, mtok = tonumber(win[1] or 0), tonumber(win[2] or 0)
+-- a client-side retry of an admission that did run must not reserve twice
+if redis.call('ZSCORE', leases, lease) then return {'ok', rpm, mreq, tpm, mtok} end
+local function refuse(code, used, lim) return {code, rpm, mreq, tpm, mtok, used, lim} end
+-- the longest-lasting refusal first, so its retry-after is honest
+if monthly >= 0 then
+  local used = tonumber(redis.call('HGET', KEYS[4], 'tokens') or 0)
+  if used + reserve > monthly then return refuse('monthly_tokens_exceeded', used, monthly) end
+end
+if daily >= 0 then
+  local used = tonumber(redis.call('HGET', KEYS[3], 'tokens') or 0)
+  if used + reserve > daily then return refuse('daily_tokens_exceeded', used, daily) end
+end
+if rpm >= 0 and not batch and mreq + 1 > rpm then return refuse('rpm_exceeded', mreq, rpm) end
+if tpm >= 0 and mtok + reserve > tpm then return refuse('tpm_exceeded', mtok, tpm) end
+-- leases long expired (a crashed gateway's) are trimmed now and then: ZCOUNT skips them anyway
+if string.sub(lease, -1) == '0' then redis.call('ZREMRANGEBYSCORE', leases, '-inf', now - tonumber(ARGV[6])) end
+if conc >= 0 and not batch then
+  local live = redis.call('ZCOUNT', leases, '(' .. ARGV[1], '+inf')
+  if live >= conc then return refuse('concurrency_exceeded', live, conc) end
+end
+for i = 2, 4 do
+  -- a counter gets its TTL when it is created (its first request), not on every admission
+  local fresh = true
+  if not batch or i > 2 then fresh = redis.call('HINCRBY', KEYS[i], 'requests', 1) == 1 end
+  redis.call('HINCRBY', KEYS[i], 'tokens', reserve)
+  if fresh then redis.call('EXPIRE', KEYS[i], ARGV[5 + i]) end
+end
+redis.call('ZADD', leases, now + tonumber(ARGV[5]), lease)
+redis.call('PEXPIRE', leases, tonumber(ARGV[5]) + tonumber(ARGV[6]))
+if batch then return {'ok', rpm, mreq, tpm, mtok + reserve} end
+return {'ok', rpm, mreq + 1, tpm, mtok + reserve}
+""")
+
+_RELEASE = Script("""
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+local delta = tonumber(ARGV[2])
+if delta ~= 0 and redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('HINCRBY', KEYS[2], 'tokens', delta)
+end
+-- never recreate an expired day/month hash: it would live without a TTL
+for i = 3, 4 do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    redis.call('HINCRBY', KEYS[i], 'tokens', delta)
+    redis.call('HINCRBY', KEYS[i], 'prompt_tokens', ARGV[3])
+    redis.call('HINCRBY', KEYS[i], 'completion_tokens', ARGV[4])
+  end
+end
+return 1
+""")
+
+# KEYS: leases, minute, day, month, tombstone. ARGV: lease, reserved, tombstone TTL (s), batch.
+_CANCEL = Script("""
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+  -- 0 - x, not -x: Lua writes -0 as "-0", which HINCRBY refuses halfway through the script
+  local undo = 0 - tonumber(ARGV[2])
+  for i = 2, 4 do
+    if redis.call('EXISTS', KEYS[i]) == 1 then
+      -- a batch line added no request to the minute window
+      if ARGV[4] ~= '1' or i > 2 then redis.call('HINCRBY', KEYS[i], 'requests', -1) end
+      redis.call('HINCRBY', KEYS[i], 'tokens', undo)
+    end
+  end
+  return 1
+end
+redis.call('SET', KEYS[5], '1', 'EX', ARGV[3])
+return 0
+""")
+TOMBSTONE_TTL = 3600
+# Lease ids: unique per process (a random prefix) and cheap (a counter): os.urandom per request
+# showed in profiles, and a lease id needs to be unique, not secret.
+_LEASE_PREFIX = secrets.token_hex(6)
+_lease_numbers = itertools.count()
+
+
+@dataclass
+class Admission:
+    key_id: str
+    lease_id: str
+    reserved: int
+    minute: int
+    day: str
+    month: str
+    headers: dict[str, str] = field(default_factory=dict)
+    local: bool = False  # admitted by the per-process limiter while Redis was unreachable
+    batch: bool = False  # a batch line: its lease is in `bleases`
+
+    @property
+    def leases(self) -> str:
+        return "bleases" if self.batch else "leases"
+
+
+def reservation(key: ApiKey, request: ApiRequest, prompt_tokens: int) -> int:
+    """What a request may spend at most: its prompt plus max_tokens for every choice and prompt.
+
+    A request whose reservation exceeds a token limit of the key could never be admitted, so it
+    is a 400 that says why, not a 429 a client would retry forever.
+    """
+    if request.endpoint.kind == "embeddings":
+        reserve = prompt_tokens  # an embedding writes nothing: max_tokens and n mean nothing here
+    else:
+        reserve = prompt_tokens + (request.max_tokens or 0) * request.n * request.prompts
+    for name, limit in (("tpm", key.tpm), ("daily_tokens", key.daily_tokens), ("monthly_tokens", key.monthly_tokens)):
+        if limit is not None and reserve > limit:
+            raise invalid(
+                f"This request reserves {reserve} tokens (prompt {prompt_tokens} + max_tokens x n), more than "
+                f"this key's {name} limit of {limit}: it can never be admitted. Lower max_tokens or n.",
+                param="max_tokens",
+                code=Code.INVALID_REQUEST,
+            )
+    return reserve
+
+
+class Quota:
+    def __init__(
+        self,
+        redis: LeanClient,
+        prefix: str = "gw",
+        *,
+        lease_ttl: float = 300.0,
+        failure_mode: str = "closed",
+        redis_timeout: float = 0.25,
+        breaker: float = 1.0,
+        metrics: GatewayMetrics | None = None,
+    ) -> None:
+        if failure_mode not in ("closed", "open"):
+            raise ValueError(f"failure_mode must be 'closed' or 'open', not {failure_mode!r}")
+        self.redis = redis
+        redis.preload(_ADMIT, _RELEASE, _CANCEL)
+        self.prefix = prefix
+        self.lease_ttl = lease_ttl
+        self.failure_mode = failure_mode
+        self.deadline = 2 * redis_timeout  # bounds a whole call, reconnecting included
+        self.breaker = breaker  # after a Redis failure, skip Redis this long (seconds)
+        self.local = LocalLimiter()
+        self.redis_errors = 0
+        self.fail_open_admissions = 0
+        self._metrics = metrics
+        self._lease_ms = max(1, round(lease_ttl * 1000))
+        self._skip_until = 0.0
+        self._down = False
+        self._pending = PendingOps(redis, 4 * self.deadline)  # cancels and releases waiting for Redis
+
+    def _base(self, key_id: str) -> str:
+        return f"{self.prefix}:{{{key_id}}}:"
+
+    async def admit(
+        self, key: ApiKey, model: str, reserve_tokens: int, now: float | None = None, *, batch: bool = False
+    ) -> Admission:
+        """Checks every limit and reserves. `batch`: a batch line, to which rpm and max_concurrent
+        do not apply; it never falls back to the per-process limiter (it waits for Redis instead)."""
+        if reserve_tokens < 0:
+            raise ValueError("reserve_tokens must be >= 0")
+        now = time.time() if now is None else now
+        win = window(now)
+        lease_id = f"{_LEASE_PREFIX}{next(_lease_numbers):x}"
+        if time.monotonic() >= self._skip_until:
+            base = self._base(key.id)
+            counters = [f"{base}min:{win.minute}", base + "day:" + win.day, base + "month:" + win.month]
+            leases = base + ("bleases" if batch else "leases")
+            keys = [base + "rec", *counters, leases, f"{base}gone:{lease_id}"]
+            args: list[str | int] = [round(now * 1000), model, reserve_tokens, lease_id, self._lease_ms]
+            args += [LEASE_KEEP_MS, MINUTE_TTL, DAY_TTL, MONTH_TTL]
+            if batch:
+                args.append(1)
+            try:
+                # No timer per call: the client drops a connection on which Redis stopped answering.
+                reply = await self.redis.run_script(_ADMIT, keys, args)
+            except REDIS_DOWN as exc:
+                self._failed("admit", exc)
+                cancel_keys = [leases, *counters, f"{base}gone:{lease_id}"]
+                cancel_args: list[str | int] = [lease_id, reserve_tokens, TOMBSTONE_TTL, int(batch)]
+                self._retry(lease_id, _CANCEL, cancel_keys, cancel_args)
+            else:
+                if self._down:
+                    self._recovered()
+                return self._decide(reply, key.id, model, reserve_tokens, lease_id, win, batch)
+        if batch:
+            raise quota_unavailable()
+        return self._admit_without_redis(key, model, reserve_tokens, now, win, lease_id)
+
+    def _decide(
+        self, reply: list[Any], key_id: str, model: str, reserve: int, lease_id: str, win: Window, batch: bool
+    ) -> Admission:
+        status = _text(reply[0])
+        if status == "cancelled":  # cannot happen to a caller still waiting; refuse all the same
+            raise quota_unavailable()
+        if len(reply) < 5:
+            raise refused_key(status, model, float(_text(reply[1])) if len(reply) > 1 else None)
+        rpm, tpm = (None if v < 0 else int(v) for v in (reply[1], reply[3]))
+        headers = rate_headers(rpm, int(reply[2]), tpm, int(reply[4]), win.minute_left)
+        if status != "ok":
+            raise refusal(Code(status), int(reply[5]), int(reply[6]), reserve, win, headers)
+        return Admission(key_id, lease_id, reserve, win.minute, win.day, win.month, headers, batch=batch)
+
+    def _admit_without_redis(
+        self, key: ApiKey, model: str, reserve: int, now: float, win: Window, lease_id: str
+    ) -> Admission:
+        if self.failure_mode == "closed":
+            raise quota_unavailable()
+        headers = self.local.admit(key, model, reserve, now, win, lease_id)
+        self.fail_open_admissions += 1
+        if self._metrics is not None:
+            self._metrics.fail_open.inc()
+        return Admission(key.id, lease_id, reserve, win.minute, win.day, win.month, headers, local=True)
+
+    async def release(self, adm: Admission, prompt_tokens: int, completion_tokens: int) -> None:
+        """Replace the reservation by the actual usage. Idempotent: a repeat changes nothing.
+
+        Sent, not waited for: the request path only needs it to reach Redis before the client's
+        next request, and commands of one connection run in order. A failure is retried in the
+        background (`_released`); meanwhile the reservation stays counted (the safe side)."""
+        if adm.local:
+            self.local.release(adm.lease_id, prompt_tokens + completion_tokens)
+            return
+        base = self._base(adm.key_id)
+        keys = [base + adm.leases, f"{base}min:{adm.minute}", base + "day:" + adm.day, base + "month:" + adm.month]
+        delta = prompt_tokens + completion_tokens - adm.reserved
+        args: list[str | int] = [adm.lease_id, delta, prompt_tokens, completion_tokens]
+        self.redis.send_script(_RELEASE, keys, args).add_done_callback(
+            lambda sent: self._released(sent, adm.lease_id, keys, args)
+        )
+
+    def _released(self, sent: asyncio.Future[Any], lease_id: str, keys: list[str], args: list[str | int]) -> None:
+        error = None if sent.cancelled() else sent.exception()
+        if sent.cancelled() or isinstance(error, REDIS_DOWN):
+            self._failed("release", error or TimeoutError("cancelled"))
+        elif error is None and not isinstance(sent.result(), hiredis.ReplyError):
+            return
+        # NOSCRIPT (Redis restarted) or Redis unreachable: run_script in the retry loads the script
+        self._retry(lease_id, _RELEASE, keys, args)
+
+    def _retry(self, lease_id: str, script: Script, keys: list[str], args: list[str | int]) -> None:
+        self._pending.add(lease_id, script, keys, args)
+
+    async def flush_pending(self) -> bool:
+        """Runs the cancels and releases that wait for Redis now; True when none is left."""
+        return await self._pending.flush()
+
+    async def close(self) -> None:
+        """Stops the retries after one last try (a shutdown reconciles what it can)."""
+        await self._pending.close()
+
+    async def refresh_leases(self, adms: Iterable[Admission]) -> None:
+        """Push back the expiry of in-flight leases (call every lease_ttl / 3 for long streams)."""
+        expiry = round(time.time() * 1000) + self._lease_ms
+        keep = self._lease_ms + LEASE_KEEP_MS
+        calls = []
+        for adm in adms:
+            if not adm.local:
+                leases = self._base(adm.key_id) + adm.leases
+                # XX: never revive a released lease
+                calls.append(self.redis.execute("ZADD", leases, "XX", expiry, adm.lease_id))
+                calls.append(self.redis.execute("PEXPIRE", leases, keep))
+        if not calls:
+            return
+        try:
+            async with asyncio.timeout(self.deadline):
+                await asyncio.gather(*calls)  # issued together: one write, one round trip
+        except (*REDIS_DOWN, TimeoutError) as exc:
+            self._failed("refresh_leases", exc)
+
+    async def usage(self, key_id: str, now: float | None = None) -> dict[str, Any]:
+        win = window(time.time() if now is None else now)
+        base = self._base(key_id)
+        fields = ("requests", "tokens", "prompt_tokens", "completion_tokens")
+        try:
+            async with asyncio.timeout(self.deadline):
+                day, month, minute = await asyncio.gather(
+                    self.redis.execute("HMGET", base + "day:" + win.day, *fields),
+                    self.redis.execute("HMGET", base + "month:" + win.month, *fields),
+                    self.redis.execute("HMGET", f"{base}min:{win.minute}", "requests", "tokens"),
+                )
+        except (*REDIS_DOWN, TimeoutError) as exc:
+            self._failed("usage", exc)
+            raise quota_unavailable() from None
+        return {
+            "id": key_id,
+            "day": {"date": win.day, **_counts(fields, day)},
+            "month": {"month": win.month, **_counts(fields, month)},
+            "minute": _counts(("requests", "tokens"), minute),
+        }
+
+    async def history(self, key_id: str, days: int, now: float | None = None) -> list[dict[str, Any]]:
+        """Usage of the last `days` UTC days (today included), oldest first, from the day hashes.
+        A day with no hash (no use, or older than DAY_TTL) counts zero."""
+        today = date.fromisoformat(window(time.time() if now is None else now).day)
+        dates = [(today - timedelta(days=back)).isoformat() for back in range(days - 1, -1, -1)]
+        base = self._base(key_id)
+        fields = ("requests", "prompt_tokens", "completion_tokens", "tokens")
+        try:
+            async with asyncio.timeout(self.deadline):
+                rows = await asyncio.gather(*(self.redis.execute("HMGET", base + "day:" + d, *fields) for d in dates))
+        except REDIS_DOWN as exc:
+            self._failed("history", exc)
+            raise quota_unavailable() from None
+        return [{"date": day, **_counts(fields, row)} for day, row in zip(dates, rows, strict=True)]
+
+    def _failed(self, op: str, exc: BaseException) -> None:
+        self.redis_errors += 1
+        if self._metrics is not None:
+            self._metrics.redis_errors.inc()
+        self._skip_until = time.monotonic() + self.breaker
+        if not self._down:  # one line when Redis goes away, one when it is back (_recovered)
+            self._down = True
+            mode = "fail-open, per-process limits" if self.failure_mode == "open" else "fail-closed, refusing requests"
+            log.warning("Redis unreachable: quotas %s (%s: %r)", mode, op, exc)
+
+    def _recovered(self) -> None:
+        self._down = False
+        log.warning("Redis reachable again: quotas back on Redis")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _counts(names: Iterable[str], values: list[Any]) -> dict[str, int]:
+    return {name: int(v) if v is not None else 0 for name, v in zip(names, values, strict=True)}
+
+
+__all__ = ["Admission", "GatewayError", "Quota", "reservation"]

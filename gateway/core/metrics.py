@@ -1,0 +1,219 @@
+"""The gateway's Prometheus metrics. Label values come only from the config (models, engines,
+route names, which the admin API may also set), a fixed status set and key ids, never from free
+client input, so label sets stay bounded. `route` is the version label of a model's route (`-`
+for a request that never reached one), so versions compare side by side.
+
+With several uvicorn workers, prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR,
+set by the CLI) sums every worker's values into one scrape.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+COLD_START_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Children:
+    """A labelled metric's children by label values, looked up in a plain dict: prometheus_client's
+    own `labels()` validates and locks on every call, which shows in per-request profiles."""
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *labels: str) -> Any:
+        child = self._children.get(labels)
+        if child is None:
+            child = self._children[labels] = self._metric.labels(*labels)
+        return child
+
+
+class GatewayMetrics:
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._multiprocess_dir = multiprocess_dir
+        r = self.registry
+        self.requests = Counter(
+            "gateway_requests",
+            "Requests by public model, engine, status and route (version).",
+            ["model", "engine", "status", "route"],
+            registry=r,
+        )
+        self.key_requests = Counter(
+            "gateway_key_requests", "Requests by API key id and status.", ["key_id", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "gateway_request_duration_seconds",
+            "Whole request latency.",
+            ["model", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "gateway_time_to_first_token_seconds",
+            "Time to the first streamed chunk.",
+            ["model", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "gateway_inter_token_latency_seconds",
+            "Gap between streamed chunks.",
+            ["model", "route"],
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter("gateway_prompt_tokens", "Prompt tokens.", ["model", "route"], registry=r)
+        self.completion_tokens = Counter(
+            "gateway_completion_tokens", "Completion tokens.", ["model", "route"], registry=r
+        )
+        self.key_tokens = Counter(
+            "gateway_key_tokens", "Tokens by API key id and kind.", ["key_id", "kind"], registry=r
+        )
+        self.in_flight = Gauge(
+            "gateway_requests_in_flight", "Requests being served.", registry=r, multiprocess_mode="livesum"
+        )
+        self.streams = Gauge(
+            "gateway_streams_in_flight", "Streams being relayed.", registry=r, multiprocess_mode="livesum"
+        )
+        self.engine_healthy = Gauge(
+            "gateway_engine_healthy",
+            "1 when the engine passes health checks.",
+            ["engine"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.engine_outstanding = Gauge(
+            "gateway_engine_outstanding_requests",
+            "Requests in flight to the engine.",
+            ["engine"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.engine_waiting = Gauge(
+            "gateway_engine_waiting_requests",
+            "The engine's own waiting queue.",
+            ["engine"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.routing = Counter(
+            "gateway_routing_decisions", "Engines picked per model.", ["model", "engine"], registry=r
+        )
+        self.retries = Counter("gateway_retries", "Requests retried on another engine.", ["model"], registry=r)
+        self.upstream_errors = Counter(
+            "gateway_upstream_errors", "Upstream failures by engine and kind.", ["engine", "kind"], registry=r
+        )
+        self.client_disconnects = Counter(
+            "gateway_client_disconnects",
+            "Requests whose client went away before the end.",
+            ["model"],
+            registry=r,
+        )
+        self.quota_rejections = Counter(
+            "gateway_quota_rejections", "Requests refused by a quota, by limit.", ["limit"], registry=r
+        )
+        self.redis_errors = Counter("gateway_redis_errors", "Failed Redis operations.", registry=r)
+        self.fail_open = Counter(
+            "gateway_quota_fail_open",
+            "Requests admitted by the per-process limiter while Redis was down.",
+            registry=r,
+        )
+        # The inference log (gateway/monitor/writer.py): rows are dropped, never waited for.
+        self.inference_log_dropped = Counter(
+            "gateway_inference_log_dropped",
+            "Inference log rows dropped because the store was too slow or down (the buffer was full).",
+            registry=r,
+        )
+        self.inference_log_written = Counter("gateway_inference_log_written", "Inference log rows written.", registry=r)
+        self.inference_log_write_errors = Counter(
+            "gateway_inference_log_write_errors", "Failed writes of a batch of inference log rows.", registry=r
+        )
+        # The scheduler (gateway/dispatch/scheduler.py): requests waiting for an engine slot, by band.
+        self.queued = Gauge(
+            "gateway_queued_requests",
+            "Requests waiting in the gateway for an engine slot.",
+            ["band"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.queue_wait = Histogram(
+            "gateway_queue_wait_seconds",
+            "Time a dispatched request waited for an engine slot.",
+            ["band"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.dispatches = Counter("gateway_dispatches", "Requests dispatched from the queue.", ["band"], registry=r)
+        self.queue_timeouts = Counter(
+            "gateway_queue_timeouts", "Requests that waited max_queue_wait (429 queue_timeout).", ["band"], registry=r
+        )
+        self.queue_full = Counter(
+            "gateway_queue_full",
+            "Requests refused at once: their key had max_queued_per_key waiting.",
+            ["band"],
+            registry=r,
+        )
+        # Batch inference (gateway/batch/): counted by the process where each thing happened.
+        # Lines per second: rate(gateway_batch_lines_total[1m]).
+        self.batches = Counter(
+            "gateway_batches", "Batches that reached a status here, by status.", ["status"], registry=r
+        )
+        self.batch_lines = Counter(
+            "gateway_batch_lines",
+            "Batch lines finished here, by outcome: completed, failed, expired, cancelled, or discarded "
+            "(a result refused because its line was taken over, cancelled or expired meanwhile).",
+            ["outcome"],
+            registry=r,
+        )
+        self.batch_lines_in_flight = Gauge(
+            "gateway_batch_lines_in_flight", "Batch lines running.", registry=r, multiprocess_mode="livesum"
+        )
+        self.batches_by = Children(self.batches)
+        self.batch_lines_by = Children(self.batch_lines)
+        # Scale to zero (gateway/dispatch/wake.py): engine states, cold starts, the wait they cost.
+        self.engine_state = Gauge(
+            "gateway_engine_state",
+            "1 for the engine's current state: stopped, starting, healthy, unhealthy.",
+            ["engine", "state"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.cold_starts = Counter(
+            "gateway_engine_cold_starts", "Stopped engines started by a request.", ["engine"], registry=r
+        )
+        self.cold_start_wait = Histogram(
+            "gateway_cold_start_wait_seconds",
+            "How long requests waited for a stopped engine of their model to start.",
+            ["model"],
+            buckets=COLD_START_BUCKETS,
+            registry=r,
+        )
+        # The children the request path touches, by label values (see Children).
+        self.requests_by = Children(self.requests)
+        self.key_requests_by = Children(self.key_requests)
+        self.latency_by = Children(self.latency)
+        self.ttft_by = Children(self.ttft)
+        self.itl_by = Children(self.itl)
+        self.prompt_tokens_by = Children(self.prompt_tokens)
+        self.completion_tokens_by = Children(self.completion_tokens)
+        self.key_tokens_by = Children(self.key_tokens)
+        self.routing_by = Children(self.routing)
+        self.retries_by = Children(self.retries)
+        self.upstream_errors_by = Children(self.upstream_errors)
+        self.disconnects_by = Children(self.client_disconnects)
+
+    def render(self) -> bytes:
+        if self._multiprocess_dir:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=self._multiprocess_dir)
+            return generate_latest(registry)
+        return generate_latest(self.registry)

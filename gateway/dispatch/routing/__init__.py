@@ -1,0 +1,113 @@
+"""Picks the engine for a request: filter -> assign a route -> filter engines -> score -> pick.
+
+1. Routes of the model with a usable engine (healthy, not already tried by this request).
+2. The model's assigner picks one route (version) among them (gateway/dispatch/routing/assign.py).
+3. The configured plugins filter and score that route's engines (gateway/dispatch/routing/plugins.py);
+   the highest total score wins, ties broken at random so equal engines share the load.
+The router never branches on which plugins are configured. `assign` does steps 1-2 alone: the
+scheduler (gateway/dispatch/scheduler.py) assigns a request's route when it arrives and has the engine
+picked in that route, among the engines with room, once one has a free slot.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from gateway.core.request import ApiRequest
+from gateway.dispatch.routing.assign import ASSIGNERS, Assigner
+from gateway.dispatch.routing.plugins import FILTERS, SCORERS, Filter, Scorer
+from gateway.engines.pool import Engine, Pool
+from gateway.settings import ModelSettings, RouteSettings, RoutingSettings
+
+
+@dataclass(frozen=True, slots=True)
+class Pick:
+    engine: Engine
+    route: RouteSettings
+
+
+class Router:
+    def __init__(
+        self,
+        pool: Pool,
+        models: tuple[ModelSettings, ...],
+        routing: RoutingSettings | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._pool = pool
+        self._rng = rng or random.Random()
+        routing = routing or RoutingSettings()
+        self._filters: list[Filter] = [FILTERS[n](routing) for n in routing.plugins if n in FILTERS]
+        self._scorers: list[Scorer] = [SCORERS[n](routing) for n in routing.plugins if n in SCORERS]
+        self._assigners: dict[str, Assigner] = {m.name: ASSIGNERS[m.assignment](self._rng) for m in models}
+        self._configured: dict[str, tuple[RouteSettings, ...]] = {m.name: m.routes for m in models}
+        self.routes = dict(self._configured)
+
+    @property
+    def pool(self) -> Pool:
+        return self._pool
+
+    def apply_overrides(self, overrides: Mapping[str, tuple[RouteSettings, ...]]) -> None:
+        """Routes changed at run time (admin API) replace the configured ones of those models."""
+        self.routes = {**self._configured, **{m: r for m, r in overrides.items() if m in self._configured}}
+
+    def configured(self, model: str) -> tuple[RouteSettings, ...]:
+        return self._configured[model]
+
+    def knows(self, model: str) -> bool:
+        return model in self.routes
+
+    def pick(
+        self, request: ApiRequest, tried: frozenset[str] = frozenset(), route: RouteSettings | None = None
+    ) -> Pick | None:
+        """An engine for the request, none of `tried`: in `route` when the route was assigned
+        already (see `assign`), else in a route assigned now."""
+        if route is not None:
+            found = self._usable(route, tried)
+            return Pick(self._engine(request, found), route) if found else None
+        usable: dict[str, list[Engine]] = {}
+        routes: list[RouteSettings] = []
+        for route in self.routes[request.model]:
+            if route.weight <= 0:
+                continue
+            found = self._usable(route, tried)
+            if found:
+                usable[route.name] = found
+                routes.append(route)
+        if not routes:
+            return None
+        route = self._assigners[request.model].choose(request, routes)
+        return Pick(self._engine(request, usable[route.name]), route)
+
+    def assign(self, request: ApiRequest, tried: frozenset[str] = frozenset()) -> RouteSettings | None:
+        """Steps 1 and 2 alone: the route (version) for the request, among the routes with a
+        usable engine; None when there is none. The engine is picked later, in that route."""
+        routes = [r for r in self.routes[request.model] if r.weight > 0 and self._usable(r, tried)]
+        return self._assigners[request.model].choose(request, routes) if routes else None
+
+    def members(self, route: RouteSettings) -> list[Engine]:
+        """The engines a route names, as they are now (a `discover: dns` entry stands for the
+        engines found under its name)."""
+        pool = self._pool
+        engines = pool.engines
+        return [e for entry in route.engines for name in pool.members(entry) if (e := engines.get(name))]
+
+    def _usable(self, route: RouteSettings, tried: frozenset[str]) -> list[Engine]:
+        return [e for e in self.members(route) if e.healthy and e.name not in tried]
+
+    def _engine(self, request: ApiRequest, candidates: list[Engine]) -> Engine:
+        if len(candidates) == 1:
+            return candidates[0]
+        chosen: Sequence[Engine] = candidates
+        for f in self._filters:
+            chosen = f.filter(request, chosen) or chosen
+            if len(chosen) == 1:
+                return chosen[0]
+        totals = [0.0] * len(chosen)
+        for scorer in self._scorers:
+            for i, score in enumerate(scorer.score(request, chosen)):
+                totals[i] += score
+        best = max(totals)
+        return self._rng.choice([e for e, t in zip(chosen, totals, strict=True) if t == best])

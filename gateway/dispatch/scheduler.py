@@ -1,0 +1,332 @@
+"""Engine slots: who gets the next one when every engine of a model is full.
+
+The exchange asks for a slot between admission and the upstream call (`acquire`), and gives it
+back when the request ends (`release`). Every change of an engine's in-flight count goes
+through here, so the count never exceeds the engine's capacity (gateway/dispatch/capacity.py).
+
+- The route (version) is assigned first, by weight, as without the scheduler; capacity decides
+  when and on which of that route's engines the request runs, never which version serves it,
+  so a canary keeps its share when the stable version is saturated instead of taking its
+  overflow (give the canary's engines a `max_inflight` to bound its load).
+- Work-conserving: while an engine of the route has room and nobody waits, `acquire` picks at
+  once (the router chooses among the engines with room, as it chooses among healthy ones) and
+  the request never enters a queue.
+- Otherwise the request waits in the fair queue (gateway/dispatch/fair_queue.py: priority bands, one
+  flow per key, deficit round robin by tokens). Whenever a slot frees, an engine turns healthy
+  or a capacity grows, the next ticket that can use a free engine is dispatched: its engine is
+  picked and its slot taken right there, before its task resumes, so a newcomer cannot take
+  the slot it was woken for.
+- Bounds: `max_queued_per_key` (429 queue_full at once), `max_queue_wait` (429 queue_timeout).
+  A client that leaves while waiting is out of the queue at once; its quota reservation and
+  concurrency lease are released by the exchange's settle, as for any ending.
+- Each gateway process schedules its own traffic; nothing is shared between replicas.
+
+`Unscheduled` is the same seam with the scheduler off (`scheduler.enabled: false`): no limits,
+no queue, the engines' own first-come queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import math
+import time
+from collections.abc import Callable, Hashable
+from typing import Any, Protocol
+
+from gateway.access.base import PRIORITIES, Grant, Principal
+from gateway.core.errors import Code, GatewayError
+from gateway.core.metrics import GatewayMetrics
+from gateway.core.request import ApiRequest
+from gateway.dispatch.capacity import Capacity
+from gateway.dispatch.fair_queue import BANDS, BATCH, NORMAL, FairQueue, Ticket
+from gateway.dispatch.routing import Pick, Router
+from gateway.engines.pool import Engine, Pool
+from gateway.settings import RouteSettings, Settings
+
+NOTHING: frozenset[str] = frozenset()
+BYTES_PER_TOKEN = 4  # a prompt's cost before it is counted: its body size over this
+_RECENT = 0.2  # weight of the newest wait in a band's moving average
+
+
+class Dispatcher(Protocol):
+    async def acquire(self, request: ApiRequest, principal: Principal, grant: Grant | None) -> Pick | None:
+        """An engine with its slot taken, waiting for one if needed; None when no engine of the
+        model is healthy. Raises GatewayError 429 when the queue refuses or gives up."""
+        ...
+
+    def retry(self, request: ApiRequest, tried: frozenset[str]) -> Pick | None:
+        """Another engine with room, its slot taken, for a request whose engine failed before
+        answering; None when there is none (the retry does not queue)."""
+        ...
+
+    def release(self, engine: Engine) -> None: ...
+
+    def view(self, model: str) -> dict[str, Any]: ...
+
+
+class Unscheduled:
+    """The scheduler off: every request goes to an engine at once; the engines queue."""
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+
+    async def acquire(self, request: ApiRequest, principal: Principal, grant: Grant | None) -> Pick | None:
+        return self.retry(request, NOTHING)
+
+    def retry(self, request: ApiRequest, tried: frozenset[str]) -> Pick | None:
+        pick = self._router.pick(request, tried)
+        if pick is not None:
+            pick.engine.outstanding += 1
+        return pick
+
+    def release(self, engine: Engine) -> None:
+        engine.outstanding -= 1
+
+    def view(self, model: str) -> dict[str, Any]:
+        return {"enabled": False, "engines": _engines_view(self._router, model, {})}
+
+
+class Scheduler:
+    def __init__(
+        self,
+        settings: Settings,
+        router: Router,
+        metrics: GatewayMetrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        s = settings.scheduler
+        self._router = router
+        self._pool: Pool = router.pool
+        self._clock = clock
+        self._max_wait = s.max_queue_wait
+        self._max_per_key = s.max_queued_per_key
+        self._learn = s.learn_capacity
+        self._workers = settings.server.workers
+        self._default_max_tokens = settings.auth.default_max_tokens
+        self._queue = FairQueue()
+        self._caps: dict[str, Capacity] = {}
+        self._recent_wait = [0.0] * len(BANDS)
+        self._queued = [metrics.queued.labels(b) for b in BANDS]
+        self._waits = [metrics.queue_wait.labels(b) for b in BANDS]
+        self._dispatches = [metrics.dispatches.labels(b) for b in BANDS]
+        self._timeouts = [metrics.queue_timeouts.labels(b) for b in BANDS]
+        self._full = [metrics.queue_full.labels(b) for b in BANDS]
+        self._pool.on_checked.append(self._checked)
+
+    # ---- the request path ------------------------------------------------------------------
+
+    async def acquire(self, request: ApiRequest, principal: Principal, grant: Grant | None) -> Pick | None:
+        route = self._router.assign(request)
+        if route is None:
+            return None
+        if not self._queue.size:
+            leave_out = self._room(route, NOTHING)
+            if leave_out is not None:
+                return self._take(request, route, leave_out)
+        return await self._wait(self._ticket(request, principal, grant, route))
+
+    def retry(self, request: ApiRequest, tried: frozenset[str]) -> Pick | None:
+        route = self._router.assign(request, tried)
+        if route is None:
+            return None
+        leave_out = self._room(route, tried)
+        return None if leave_out is None else self._take(request, route, leave_out)
+
+    def release(self, engine: Engine) -> None:
+        engine.outstanding -= 1
+        if self._queue.size:
+            self._pump()
+
+    # ---- slots -----------------------------------------------------------------------------
+
+    def _capacity(self, engine: Engine) -> Capacity:
+        cap = self._caps.get(engine.name)
+        if cap is None:
+            cap = self._caps[engine.name] = Capacity(engine.settings, self._workers, self._learn)
+        return cap
+
+    def _room(self, route: RouteSettings, tried: frozenset[str]) -> frozenset[str] | None:
+        """None when no usable engine of the route has room; else the engines to leave out of
+        the pick (the full ones and those tried), usually none at all."""
+        caps = self._caps
+        room = False
+        full: list[str] | None = None
+        for engine in self._router.members(route):
+            name = engine.name
+            if not engine.healthy or name in tried:
+                continue
+            cap = caps.get(name) or self._capacity(engine)
+            if cap.limit is None or engine.outstanding < cap.limit:
+                room = True
+            elif full is None:
+                full = [name]
+            else:
+                full.append(name)
+        if not room:
+            return None
+        return tried if full is None else tried.union(full)
+
+    def _take(self, request: ApiRequest, route: RouteSettings, leave_out: frozenset[str]) -> Pick | None:
+        pick = self._router.pick(request, leave_out, route)
+        if pick is not None:
+            pick.engine.outstanding += 1
+        return pick
+
+    def _checked(self, engine: Engine) -> None:
+        """After each health check: learn capacity; room may have appeared (an engine back in
+        rotation, a capacity raised), so waiting requests are offered it."""
+        self._capacity(engine).observe(engine)
+        if self._queue.size:
+            if not engine.healthy:
+                self._reroute()
+            self._pump()
+
+    def _reroute(self) -> None:
+        """Waiting requests whose route lost every healthy engine are assigned a route again;
+        with none left for their model they get 503 at once rather than wait for nothing."""
+        members = self._router.members
+        for band in range(len(BANDS)):
+            stranded = [t for t in self._queue.tickets(band) if not any(e.healthy for e in members(t.payload[2]))]
+            for ticket in stranded:
+                future, request, _ = ticket.payload
+                self._leave(ticket)
+                if future.done():
+                    continue  # its client left a moment ago
+                route = self._router.assign(request)
+                if route is None:
+                    no_engine = f"No healthy engine serves '{request.model}' right now."
+                    future.set_exception(GatewayError(503, no_engine, code=Code.NO_HEALTHY_ENGINE))
+                    continue
+                ticket.group, ticket.payload = route, (future, request, route)
+                self._queue.push(ticket)
+                self._queued[band].inc()
+
+    # ---- the queue -------------------------------------------------------------------------
+
+    def _ticket(self, request: ApiRequest, principal: Principal, grant: Grant | None, route: RouteSettings) -> Ticket:
+        if request.batch_id is not None:
+            band = BATCH
+        else:
+            band = PRIORITIES.index(principal.priority) if principal.priority in PRIORITIES else NORMAL
+        if principal.key_id is not None:
+            flow = principal.key_id
+        else:  # auth off: the `user` field names the flow, so an application can share fairly
+            flow = f"user:{request.subject}" if request.subject else "anonymous"
+        if self._queue.queued_by(flow) >= self._max_per_key:
+            self._full[band].inc()
+            raise GatewayError(
+                429,
+                f"Too many requests of this key are waiting for an engine ({self._max_per_key}); retry later.",
+                code=Code.QUEUE_FULL,
+                headers={"retry-after": self._retry_after(band)},
+            )
+        cost = _cost(request, grant, self._default_max_tokens)
+        future: asyncio.Future[Pick | None] = asyncio.get_running_loop().create_future()
+        payload = (future, request, route)
+        return Ticket(flow, band, route, cost, principal.weight, request.model, self._clock(), payload)
+
+    async def _wait(self, ticket: Ticket) -> Pick | None:
+        future: asyncio.Future[Pick | None] = ticket.payload[0]
+        self._queue.push(ticket)
+        self._queued[ticket.band].inc()
+        self._pump()  # it may go at once: those ahead of it may wait for other engines
+        try:
+            async with asyncio.timeout(self._max_wait):
+                return await future
+        except TimeoutError:
+            if future.done() and not future.cancelled():
+                return future.result()  # dispatched just as the time ran out: take it
+            self._leave(ticket)
+            self._timeouts[ticket.band].inc()
+            raise GatewayError(
+                429,
+                f"No engine slot freed up within {self._max_wait:g} s; retry later.",
+                code=Code.QUEUE_TIMEOUT,
+                headers={"retry-after": self._retry_after(ticket.band)},
+            ) from None
+        except asyncio.CancelledError:  # the client left, or the server is stopping
+            if not future.done() or future.cancelled():
+                self._leave(ticket)
+            elif future.exception() is None:
+                pick = future.result()
+                if pick is not None:
+                    self.release(pick.engine)  # woken for a slot nobody will use now
+            raise
+
+    def _leave(self, ticket: Ticket) -> None:
+        if self._queue.remove(ticket):
+            self._queued[ticket.band].dec()
+
+    def _pump(self) -> None:
+        """Dispatches waiting tickets while one of them can use a free engine slot."""
+        queue = self._queue
+        while queue.size:
+            room: dict[Hashable, frozenset[str] | None] = {}  # per route, for this one decision
+            ticket = queue.pop(functools.partial(self._eligible, room))
+            if ticket is None:
+                return
+            self._queued[ticket.band].dec()
+            future, request, route = ticket.payload
+            if future.done():
+                continue  # its client left a moment ago; its task has not run yet
+            leave_out = room[ticket.group]
+            assert leave_out is not None
+            waited = self._clock() - ticket.enqueued
+            band = ticket.band
+            self._recent_wait[band] += _RECENT * (waited - self._recent_wait[band])
+            self._waits[band].observe(waited)
+            self._dispatches[band].inc()
+            future.set_result(self._take(request, route, leave_out))
+
+    def _eligible(self, room: dict[Hashable, frozenset[str] | None], route: Hashable) -> bool:
+        if route not in room:
+            assert isinstance(route, RouteSettings)
+            room[route] = self._room(route, NOTHING)
+        return room[route] is not None
+
+    def _retry_after(self, band: int) -> str:
+        """How long requests of this band have waited lately: when a retry may get through."""
+        return str(max(1, math.ceil(self._recent_wait[band])))
+
+    # ---- the admin view --------------------------------------------------------------------
+
+    def view(self, model: str) -> dict[str, Any]:
+        now = self._clock()
+        bands: dict[str, dict[str, Any]] = {}
+        for i, name in enumerate(BANDS):
+            waits = [now - t.enqueued for t in self._queue.tickets(i) if t.model == model]
+            bands[name] = {"queued": len(waits), "oldest_wait_s": round(max(waits, default=0.0), 3)}
+        return {"enabled": True, "bands": bands, "engines": _engines_view(self._router, model, self._caps)}
+
+
+def _cost(request: ApiRequest, grant: Grant | None, default_max_tokens: int) -> float:
+    """A request's size in tokens for fair share: its reservation when one was made, else the
+    prompt (counted at admission, or estimated from the body's size) plus what it may write."""
+    reserved = getattr(grant.admission, "reserved", None) if grant is not None else None
+    if isinstance(reserved, int) and reserved > 0:
+        return float(reserved)
+    prompt = grant.prompt_tokens if grant is not None and grant.prompt_tokens is not None else None
+    if prompt is None:
+        prompt = request.size // BYTES_PER_TOKEN
+    completion = 0
+    if request.endpoint.kind != "embeddings":
+        completion = (request.max_tokens or default_max_tokens) * request.n * request.prompts
+    return float(max(1, prompt + completion))
+
+
+def _engines_view(router: Router, model: str, caps: dict[str, Capacity]) -> list[dict[str, Any]]:
+    engines = {e.name: e for route in router.routes[model] for e in router.members(route)}
+    out = []
+    for name, engine in engines.items():
+        cap = caps.get(name)
+        out.append(
+            {
+                "name": name,
+                "healthy": engine.healthy,
+                "in_flight": engine.outstanding,
+                "capacity": cap.limit if cap is not None else None,
+                "capacity_source": cap.source if cap is not None else "unknown",
+            }
+        )
+    return out

@@ -1,0 +1,174 @@
+"""A worker process's side of the control channel (gateway/engines/control.py): engine states in, wakes and load out.
+
+The supervisor in the main process says which managed engines run; this applies it to the pool
+(a stopped engine is not probed and gets no traffic). A request for a model whose engines are all
+stopped (scale to zero) wakes them and waits, at most the engine's `cold_start_timeout`, then
+503 with `retry-after`; requests arriving meanwhile wait for the same start. Traffic for a model
+with a healthy engine and a stopped one wakes the stopped one in the background, while the healthy
+one serves. Four times a second the worker reports each engine's outstanding requests and how many
+it was sent, which the supervisor's idle timer reads.
+
+Without a channel (an app built on its own) every engine counts as running, as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+from typing import Any
+
+import orjson
+
+from gateway.core.errors import Code, GatewayError
+from gateway.core.metrics import GatewayMetrics
+from gateway.dispatch.routing import Router
+from gateway.engines.control import MAX_LINE, EngineState, encode
+from gateway.engines.pool import Engine, Pool
+
+log = logging.getLogger(__name__)
+
+REPORT_INTERVAL = 0.25
+WAKE_RESEND = 2.0  # a wake not followed by a start is sent again after this long
+_WAKEABLE = (EngineState.STOPPED, EngineState.STOPPING, EngineState.STARTING)
+
+
+class EngineControl:
+    def __init__(self, pool: Pool, router: Router, metrics: GatewayMetrics, path: str | None) -> None:
+        self._pool = pool
+        self._router = router
+        self._metrics = metrics
+        self._path = path
+        self._writer: asyncio.StreamWriter | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._woken: dict[str, float] = {}  # engine -> loop time its wake was sent
+        self._stopped_models: frozenset[str] = frozenset()
+        self._sent: dict[str, Any] = {}
+        if path:
+            for engine in pool.engines.values():
+                if engine.settings.managed:  # nothing is ours until the supervisor says so
+                    pool.set_state(engine, EngineState.STARTING)
+
+    async def start(self) -> None:
+        if not self._path:
+            return
+        reader, self._writer = await asyncio.open_unix_connection(self._path, limit=MAX_LINE)
+        self._send({"op": "hello", "pid": os.getpid()})
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._read(reader)), loop.create_task(self._report())]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(ConnectionError):
+                await self._writer.wait_closed()
+
+    def note(self, model: str) -> None:
+        """Traffic for `model` (on the request path: one set lookup): its stopped engines start."""
+        if model in self._stopped_models:
+            for engine in self._wakeable(model):
+                self._wake(engine)
+
+    async def wait_for(self, model: str) -> bool:
+        """No engine of `model` is healthy: if some can be woken, wake them and wait until one is
+        healthy (True). False when none can be woken (or none can any more: its port is taken);
+        GatewayError 503 when the start takes longer than the engines' cold_start_timeout."""
+        engines = self._wakeable(model)
+        if not engines:
+            return False
+        for engine in engines:
+            self._wake(engine)
+        timeout = max(e.settings.wake_timeout for e in engines)
+        names = self._engines_of(model)
+        pool = self._pool
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        try:
+            async with asyncio.timeout(timeout):
+                while not pool.any_healthy(names) and self._wakeable(model):
+                    await pool.changed()
+        except TimeoutError:
+            raise GatewayError(
+                503,
+                f"The model '{model}' is starting (its engine was stopped when idle) and was not ready "
+                f"within {timeout:g}s; retry shortly.",
+                code=Code.ENGINE_STARTING,
+                headers={"retry-after": str(max(1, math.ceil(timeout / 4)))},
+            ) from None
+        finally:
+            self._metrics.cold_start_wait.labels(model).observe(loop.time() - began)
+        return pool.any_healthy(names)
+
+    def wakeable(self, model: str) -> bool:
+        """Whether a stopped engine could serve `model` (so /ready counts it ready)."""
+        return bool(self._wakeable(model))
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _engines_of(self, model: str) -> set[str]:
+        return {name for route in self._router.routes.get(model, ()) if route.weight > 0 for name in route.engines}
+
+    def _wakeable(self, model: str) -> list[Engine]:
+        if not self._path:
+            return []
+        engines = self._pool.engines
+        return [
+            e
+            for name in self._engines_of(model)
+            if (e := engines.get(name)) is not None and e.settings.idle_stop and e.state in _WAKEABLE
+        ]
+
+    def _wake(self, engine: Engine) -> None:
+        if engine.state == EngineState.STARTING:
+            return  # the same start serves every waiting request
+        now = asyncio.get_running_loop().time()
+        if now - self._woken.get(engine.name, -math.inf) < WAKE_RESEND:
+            return
+        self._woken[engine.name] = now
+        self._send({"op": "wake", "engine": engine.name})
+
+    def _send(self, message: dict[str, Any]) -> None:
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(encode(message))
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while line := await reader.readline():
+                self._apply(orjson.loads(line))
+        except (ConnectionError, ValueError) as exc:
+            log.error("control channel to the main process failed (%s); engine states are frozen", exc)
+            return
+        log.warning("the main process closed the control channel; engine states are frozen")
+
+    def _apply(self, message: dict[str, Any]) -> None:
+        op = message.get("op")
+        if op == "states":
+            engines = self._pool.engines
+            for name, state in message.get("engines", {}).items():
+                if (engine := engines.get(name)) is not None:
+                    self._pool.set_state(engine, EngineState(state))
+                    if engine.state != EngineState.STOPPED:
+                        self._woken.pop(name, None)
+            self._stopped_models = frozenset(
+                model
+                for model in self._router.routes
+                if any(e.state in (EngineState.STOPPED, EngineState.STOPPING) for e in self._wakeable(model))
+            )
+        elif op == "woken" and message.get("started"):
+            self._metrics.cold_starts.labels(str(message.get("engine"))).inc()
+
+    async def _report(self) -> None:
+        engines = self._pool.engines.values()
+        while True:
+            load = {e.name: [e.outstanding, e.picks] for e in engines if e.settings.managed}
+            health = {e.name: e.healthy for e in engines}
+            for op, value in (("load", load), ("health", health)):
+                if self._sent.get(op) != value:
+                    self._sent[op] = value
+                    self._send({"op": op, "engines": value})
+            await asyncio.sleep(REPORT_INTERVAL)

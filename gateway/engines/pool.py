@@ -1,0 +1,239 @@
+"""The engines as this gateway process sees them: health, its own outstanding count, reported load.
+
+A managed engine is probed only while the supervisor says it is running (`state`, pushed over the
+control channel by gateway/dispatch/wake.py): a stopped engine is not an unhealthy one, and a
+port answered by some other process is never mistaken for our engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, replace
+
+import aiohttp
+import dns.asyncresolver
+
+from gateway.core.metrics import GatewayMetrics
+from gateway.engines.control import EngineState
+from gateway.engines.discovery import DnsWatcher
+from gateway.engines.tls import engine_ssl
+from gateway.settings import EngineSettings, HealthSettings
+
+log = logging.getLogger(__name__)
+
+ENGINE_STATES = ("stopped", "starting", "healthy", "unhealthy")
+
+# Gauges an engine reports on /metrics that say how loaded it is: ours and vLLM's names.
+_WAITING = (b"engine_num_requests_waiting", b"vllm:num_requests_waiting")
+_RUNNING = (b"engine_num_requests_running", b"vllm:num_requests_running")
+_KV = (b"engine_kv_cache_usage_perc", b"vllm:kv_cache_usage_perc", b"vllm:gpu_cache_usage_perc")
+
+
+@dataclass
+class Engine:
+    settings: EngineSettings
+    healthy: bool = False
+    outstanding: int = 0  # requests this process has in flight there
+    waiting: float = 0.0  # the engine's own queue, from its last /metrics scrape
+    running: float = 0.0
+    kv_usage: float = 0.0  # fraction of the KV cache in use
+    failures: int = 0  # consecutive failed probes
+    state: EngineState = EngineState.RUNNING  # managed engines: as the supervisor says
+    picks: int = 0  # requests sent to it by this process, ever (the supervisor's idle timer reads it)
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    @property
+    def public_state(self) -> str:
+        """stopped, starting, healthy or unhealthy: what the metrics and /ready show."""
+        if self.state in (EngineState.STOPPED, EngineState.STARTING):
+            return str(self.state)
+        return "healthy" if self.healthy else "unhealthy"
+
+    def load(self) -> float:
+        """Lower is better: what we have sent it plus what it says is queued."""
+        return self.outstanding + self.waiting
+
+
+def parse_load(text: bytes) -> tuple[float, float, float]:
+    waiting = running = kv = 0.0
+    for line in text.splitlines():
+        if not line or line[0] == 35:  # '#'
+            continue
+        name_end = min((i for i in (line.find(b"{"), line.find(b" ")) if i > 0), default=-1)
+        if name_end < 0:
+            continue
+        name = line[:name_end]
+        if name in _WAITING or name in _RUNNING or name in _KV:
+            try:
+                value = float(line.rsplit(b" ", 1)[1])
+            except ValueError:
+                continue
+            # vLLM labels its gauges per model (and engine index): sum them.
+            if name in _WAITING:
+                waiting += value
+            elif name in _RUNNING:
+                running += value
+            else:
+                kv = max(kv, value)
+    return waiting, running, kv
+
+
+class Pool:
+    """Every engine this process may send to, by name. A config entry is a group of engines: one
+    for a plain entry, one per address for a `discover: dns` entry (its members come and go as the
+    name's answer changes), and routes name groups (`members`)."""
+
+    def __init__(
+        self,
+        engines: tuple[EngineSettings, ...],
+        health: HealthSettings,
+        metrics: GatewayMetrics,
+        resolver: dns.asyncresolver.Resolver | None = None,  # DNS discovery's; default: the system's
+    ) -> None:
+        self._resolver = resolver
+        self.engines = {e.name: Engine(e) for e in engines if e.discovery is None}
+        self._groups: dict[str, list[str]] = {e.name: [e.name] for e in engines if e.discovery is None}
+        self._watchers = [self._watcher(e) for e in engines if e.discovery is not None]
+        self._health = health
+        self._metrics = metrics
+        self._task: asyncio.Task[None] | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._changed = asyncio.Event()
+        # called after each engine's health check (the scheduler learns capacity from them)
+        self.on_checked: list[Callable[[Engine], None]] = []
+        self._changed_event = asyncio.Event()  # set and replaced on every change: wakes waiters
+        for engine in self.engines.values():
+            self._publish(engine)
+
+    def members(self, name: str) -> list[str]:
+        """The engines a route's entry name stands for now."""
+        return self._groups.get(name, [])
+
+    def start(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=self._health.timeout)
+        self._session = aiohttp.ClientSession(timeout=timeout)
+        self._task = asyncio.create_task(self._run(), name="health-checks")
+        for watcher in self._watchers:
+            watcher.start()
+
+    async def stop(self) -> None:
+        for watcher in self._watchers:
+            await watcher.stop()
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._session:
+            await self._session.close()
+
+    def _watcher(self, entry: EngineSettings) -> DnsWatcher:
+        discovery = entry.discovery
+        assert discovery is not None
+        self._groups[discovery.name] = []
+
+        def on_change(added: set[str], removed: set[str]) -> None:
+            for address in removed:
+                name = discovery.engine_name(address)
+                self.engines.pop(name, None)  # requests in flight keep their Engine object
+                log.info("engine %s left %s", name, discovery.host)
+            for address in added:
+                name = discovery.engine_name(address)
+                settings = replace(entry, name=name, url=discovery.url(address), discovery=None)
+                self.engines[name] = engine = Engine(settings)
+                self._publish(engine)
+                log.info("engine %s found under %s", name, discovery.host)
+            self._groups[discovery.name] = sorted(discovery.engine_name(a) for a in watcher.addresses)
+            self._changed.set()  # health-check the newcomers now: they get no traffic until then
+            self._notify()
+
+        watcher = DnsWatcher(discovery, on_change, self._resolver)
+        return watcher
+
+    def mark_failed(self, engine: Engine, why: str) -> None:
+        """Passive health: a refused connection takes the engine out until a check says otherwise."""
+        if engine.healthy:
+            log.warning("engine %s taken out of rotation: %s", engine.name, why)
+        self._set_health(engine, False)
+        self._changed.set()  # check it again soon rather than at the next interval
+
+    def set_state(self, engine: Engine, state: EngineState) -> None:
+        """The supervisor's word on a managed engine. Running means it has just answered /health."""
+        if engine.state == state:
+            return
+        engine.state = state
+        engine.failures = 0
+        self._set_health(engine, state == EngineState.RUNNING)
+        self._publish(engine)
+        self._notify()
+
+    def any_healthy(self, names: Collection[str]) -> bool:
+        return any(e.healthy for n in names if (e := self.engines.get(n)))
+
+    async def changed(self) -> None:
+        """Until an engine's health or state changes."""
+        await self._changed_event.wait()
+
+    def _notify(self) -> None:
+        self._changed_event.set()
+        self._changed_event = asyncio.Event()
+
+    def _set_health(self, engine: Engine, healthy: bool) -> None:
+        if engine.healthy != healthy:
+            engine.healthy = healthy
+            if healthy:
+                log.info("engine %s is healthy", engine.name)
+            self._notify()
+            self._publish(engine)
+
+    def _publish(self, engine: Engine) -> None:
+        m = self._metrics
+        m.engine_healthy.labels(engine.name).set(1 if engine.healthy else 0)
+        current = engine.public_state
+        for state in ENGINE_STATES:
+            m.engine_state.labels(engine.name, state).set(1 if state == current else 0)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.gather(*(self._check(e) for e in list(self.engines.values())))
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), self._health.interval)
+                await asyncio.sleep(0.1)  # a burst of failures yields one re-check, not many
+            except TimeoutError:
+                pass
+
+    async def _check(self, engine: Engine) -> None:
+        assert self._session is not None
+        s = engine.settings
+        if engine.state != EngineState.RUNNING:
+            return  # stopped, starting or not ours: the supervisor says when it runs
+        headers = {"authorization": f"Bearer {s.api_key}"} if s.api_key else None
+        ssl = engine_ssl(s)
+        try:
+            async with self._session.get(s.url + s.health_path, headers=headers, ssl=ssl) as r:
+                ok, why = r.status == 200, f"status {r.status}"
+            if ok and s.metrics_path:
+                async with self._session.get(s.url + s.metrics_path, headers=headers, ssl=ssl) as r:
+                    if r.status == 200:
+                        engine.waiting, engine.running, engine.kv_usage = parse_load(await r.read())
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            ok, why = False, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if engine.state != EngineState.RUNNING:
+            return  # the supervisor stopped it while we probed
+        engine.failures = 0 if ok else engine.failures + 1
+        if ok:
+            self._set_health(engine, True)
+        elif engine.failures >= self._health.failures_to_eject:
+            if engine.healthy or engine.failures == self._health.failures_to_eject:
+                # One line when it goes (or never came), one when it is back ("is healthy").
+                log.warning("engine %s failed its health check (%s): no traffic until it passes", engine.name, why)
+            self._set_health(engine, False)
+        m = self._metrics
+        m.engine_waiting.labels(engine.name).set(engine.waiting)
+        m.engine_outstanding.labels(engine.name).set(engine.outstanding)
+        for listener in self.on_checked:
+            listener(engine)

@@ -1,0 +1,93 @@
+"""The front of every HTTP request (pure ASGI; BaseHTTPMiddleware breaks streaming and contextvars).
+
+One place for what every route shares: the request id (`x-request-id` on every response, the
+client's own when it sent a sane one), and the one mapping of errors to OpenAI-shaped responses:
+a GatewayError is answered as it says, Starlette's 404/405 become ours, a client that went away
+gets nothing, and anything else is a bug: logged with its traceback, answered 500 in our shape.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.core.bodies import ClientDisconnected
+from gateway.core.errors import Code, GatewayError, internal_error
+
+_MAX_ID = 200
+log = logging.getLogger(__name__)
+
+
+# New request ids: 32 hex characters, a random per-process prefix and a counter (unique, and no
+# system call per request; an id identifies a request, it guards nothing).
+_ID_PREFIX = os.urandom(8).hex()
+_numbers = itertools.count()
+
+
+def request_id_of(scope: Scope) -> bytes:
+    """The client's x-request-id when it is a sane one (printable ASCII, bounded), else a new one."""
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            if 0 < len(value) <= _MAX_ID and all(32 < c < 127 for c in value):
+                return bytes(value)
+            break
+    return f"{_ID_PREFIX}{next(_numbers):016x}".encode()
+
+
+def _from_http(scope: Scope, exc: HTTPException) -> GatewayError:
+    if exc.status_code == 404:
+        return GatewayError(
+            404, f"No route for {scope.get('path')}.", code=Code.ROUTE_NOT_FOUND, type="invalid_request_error"
+        )
+    if exc.status_code == 405:
+        headers = {"allow": exc.headers["Allow"]} if exc.headers and "Allow" in exc.headers else None
+        message = f"Method {scope.get('method')} not allowed here."
+        return GatewayError(405, message, code=Code.METHOD_NOT_ALLOWED, headers=headers)
+    return GatewayError(exc.status_code, str(exc.detail), type="invalid_request_error")
+
+
+class Front:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = request_id_of(scope)
+        scope["request_id"] = rid
+        scope["app"] = self  # Starlette's router then raises HTTPException for 404/405 instead of answering
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid)]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except (ClientDisconnected, ClientDisconnect):
+            return  # nobody is listening
+        except GatewayError as exc:
+            error = exc
+        except HTTPException as exc:
+            error = _from_http(scope, exc)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            error = internal_error()
+        else:
+            return
+        if started:
+            return  # too late for a status; a stream already ended itself in-band
+        try:
+            await send_with_id({"type": "http.response.start", "status": error.status, "headers": error.raw_headers()})
+            await send_with_id({"type": "http.response.body", "body": error.payload()})
+        except OSError:
+            pass  # the client left while we answered

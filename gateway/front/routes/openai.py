@@ -1,0 +1,57 @@
+"""The public OpenAI API: parse -> exchange -> relay. Thin on purpose: the request's life is the
+exchange's (gateway/proxy/exchange.py), parsing is gateway/core/request.py's."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from gateway.core.bodies import read_body, too_large
+from gateway.core.errors import model_not_allowed, model_not_found
+from gateway.core.request import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, parse_request
+from gateway.proxy.context import Gateway
+from gateway.proxy.exchange import Exchange
+
+
+class OpenAIEndpoint:
+    """An ASGI app for one POST endpoint: no Request object, no response class, no send wrapper
+    of its own on the hot path."""
+
+    def __init__(self, gw: Gateway, endpoint: Endpoint) -> None:
+        self.gw = gw
+        self.endpoint = endpoint
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gw = self.gw
+        principal = await gw.access.authenticate(scope)
+        request = parse_request(await read_body(scope, receive, gw.settings.server.max_body_bytes), self.endpoint)
+        if not gw.router.knows(request.model):
+            raise model_not_found(request.model)
+        limit = gw.prompt_limits.get(request.model)
+        if limit is not None and request.size > limit:
+            raise too_large(limit)
+        if not principal.may_use(request.model):
+            raise model_not_allowed(request.model)
+        async with Exchange(gw, principal, request, scope["request_id"], receive) as exchange:
+            await exchange.admit()
+            response = await exchange.call_engine()
+            await exchange.relay(response, send)
+
+
+def openai_routes(gw: Gateway) -> list[Route]:
+    async def models(request: Request) -> Response:
+        principal = await gw.access.authenticate(request.scope)
+        created = int(gw.started)
+        data = [
+            {"id": name, "object": "model", "created": created, "owned_by": "llm-gateway"}
+            for name in gw.router.routes
+            if principal.may_use(name)
+        ]
+        return JSONResponse({"object": "list", "data": data})
+
+    return [
+        *(Route(e.path, OpenAIEndpoint(gw, e), methods=["POST"]) for e in (CHAT, COMPLETIONS, EMBEDDINGS)),
+        Route("/v1/models", models, methods=["GET"]),
+    ]

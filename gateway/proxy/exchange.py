@@ -1,0 +1,301 @@
+"""One owner of a request's life: admission -> engine -> relay -> accounting.
+
+    async with Exchange(gw, principal, request, request_id, receive) as ex:
+        await ex.admit()                 # key and quota: reserve
+        response = await ex.call_engine()  # an engine slot (queued while all are full), send;
+                                           # retried once elsewhere before any byte
+        await ex.relay(response, send)   # whole or streamed
+
+The exchange is entered once and exited exactly once, whatever the ending: answered, refused,
+failed upstream, or the client gone. `__aexit__` is the one place that closes the upstream
+response, reconciles the quota (if the relay has not already, just before the final bytes) and
+records the metrics; it frees the engine slot (gateway/dispatch/scheduler.py) unless the engine finishing
+its answer has freed it already. While it runs, the client is watched: a disconnect
+cancels the work at once, which closes the upstream request, which aborts it in the engine.
+
+A batch line (gateway/batch/) runs through the same exchange with no client: `receive=None`
+(nothing to watch) and a `send` that collects the response in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from types import TracebackType
+
+from starlette.types import Receive, Send
+
+from gateway.access.base import Grant, Principal, Usage
+from gateway.core.bodies import ClientDisconnected, ClientWatch
+from gateway.core.errors import Code, GatewayError, internal_error
+from gateway.core.request import ApiRequest
+from gateway.dispatch.routing import Pick
+from gateway.engines.client import EngineUnreachable, UpstreamError, UpstreamResponse
+from gateway.engines.pool import Engine
+from gateway.monitor.payloads import Capture
+from gateway.monitor.writer import LogEntry
+from gateway.proxy.context import Gateway
+from gateway.proxy.relay import SSE_HEADERS, Outcome, error_of, relay_stream, relay_whole
+
+log = logging.getLogger(__name__)
+
+DISCONNECTED = 499  # nginx's code for a client that went away; never sent, only recorded
+
+
+class Exchange:
+    __slots__ = (
+        "_capture",
+        "_settled",
+        "_slot",
+        "_watch",
+        "grant",
+        "gw",
+        "out",
+        "pick",
+        "principal",
+        "request",
+        "request_id",
+        "response",
+        "started",
+    )
+
+    def __init__(
+        self, gw: Gateway, principal: Principal, request: ApiRequest, request_id: bytes, receive: Receive | None
+    ) -> None:
+        self.gw = gw
+        self.principal = principal
+        self.request = request
+        if request.subject is None:
+            request.subject = principal.key_id  # sticky routing: the user, else the API key
+        self.request_id = request_id
+        self.out = Outcome()
+        self.grant: Grant | None = None
+        self.pick: Pick | None = None
+        self.response: UpstreamResponse | None = None
+        self.started = 0.0
+        self._slot: Engine | None = None  # the engine whose slot this request holds
+        self._settled: Usage | None = None
+        self._capture: Capture | None = None
+        self._watch = ClientWatch()
+        self._watch.start(receive)
+
+    async def __aenter__(self) -> Exchange:
+        self.started = time.perf_counter()
+        self.gw.metrics.in_flight.inc()
+        self.gw.drain.enter(self)
+        return self
+
+    def cut(self, error: GatewayError) -> None:
+        """The gateway is shutting down and this request outlived the drain (gateway/proxy/drain.py): a
+        stream being relayed ends in-band like any broken stream (its upstream is closed; the relay
+        sends `error` and [DONE]); a request not answered yet is cancelled and answered `error`."""
+        if self.out.done or self.out.cut is not None:
+            return
+        self.out.cut = error
+        if self.request.stream and self.out.status == 200 and self.response is not None:
+            self.response.close()
+        else:
+            self._watch.interrupt()
+
+    async def admit(self) -> None:
+        self.grant = await self.gw.access.admit(self.principal, self.request)
+
+    async def call_engine(self) -> UpstreamResponse:
+        """Sends the request to an engine; one that refuses or fails before answering is
+        retried once on another engine (nothing has reached the client yet)."""
+        gw, request, m = self.gw, self.request, self.gw.metrics
+        model = request.model
+        gw.control.note(model)  # scale to zero: traffic starts the model's stopped engines
+        tried: set[str] = set()
+        error: GatewayError | None = None
+        for attempt in range(2):
+            if attempt:
+                pick = gw.scheduler.retry(request, frozenset(tried))
+            else:  # an engine slot: at once when one has room, else in turn (gateway/dispatch/scheduler.py)
+                pick = await gw.scheduler.acquire(request, self.principal, self.grant)
+                if pick is None and await gw.control.wait_for(model):  # a cold start, shared by all waiting
+                    pick = await gw.scheduler.acquire(request, self.principal, self.grant)
+            if pick is None:
+                break
+            self._use(pick)
+            engine = pick.engine
+            tried.add(engine.name)
+            if attempt:
+                m.retries_by(model).inc()
+            m.routing_by(model, engine.name).inc()
+            body = request.upstream_body(pick.route.model)
+            try:
+                response = await gw.upstream.post(engine.settings, request.endpoint.path, body, request.stream)
+            except EngineUnreachable as exc:
+                m.upstream_errors_by(engine.name, "connect").inc()
+                gw.pool.mark_failed(engine, str(exc))
+                error = GatewayError(503, "No engine could take the request.", code=Code.NO_HEALTHY_ENGINE)
+                continue
+            except TimeoutError:
+                m.upstream_errors_by(engine.name, "timeout").inc()
+                raise GatewayError(504, "The engine did not answer in time.", code=Code.UPSTREAM_TIMEOUT) from None
+            except UpstreamError as exc:
+                m.upstream_errors_by(engine.name, "read").inc()
+                error = GatewayError(502, f"The engine failed: {exc}.", code=Code.UPSTREAM_ERROR)
+                continue
+            if response.status == 429 or response.status >= 500:
+                m.upstream_errors_by(engine.name, "overloaded" if response.status == 429 else "5xx").inc()
+                error = await error_of(response)
+                response.release()
+                continue
+            self.response = response
+            return response
+        raise error or GatewayError(503, f"No healthy engine serves '{model}' right now.", code=Code.NO_HEALTHY_ENGINE)
+
+    def _use(self, pick: Pick) -> None:
+        """Holds the pick's engine slot (taken by the scheduler); frees the one held before."""
+        self._free_slot()
+        self.pick = pick
+        self._slot = pick.engine
+        pick.engine.picks += 1  # traffic: the supervisor's idle timer (scale to zero) reads it
+
+    def _free_slot(self) -> None:
+        """Gives the engine slot back (once): the scheduler may hand it to a waiting request."""
+        engine, self._slot = self._slot, None
+        if engine is not None:
+            self.gw.scheduler.release(engine)
+
+    async def relay(self, response: UpstreamResponse, send: Send) -> None:
+        gw = self.gw
+        headers = self._headers()
+        inference_log = gw.inference_log
+        if inference_log is not None and (capture := inference_log.capture(self.request)) is not None:
+            self._capture, send = capture, capture.wrap(send)  # a sampled payload: keep what is sent
+        if not (self.request.stream and response.status == 200):
+            await relay_whole(response, send, self.out, headers, self._finishing)
+            return
+        m = gw.metrics
+        m.streams.inc()
+        gw.watchdog.watch(self.out, self._watch.drop)
+        try:
+            strip = not self.request.usage_wanted
+            on_gap = m.itl_by(self.request.model, self.pick.route.name if self.pick else "-").observe
+            await relay_stream(response, send, self.out, [*SSE_HEADERS, *headers], self._finishing, strip, on_gap)
+        finally:
+            gw.watchdog.unwatch(self.out)
+            m.streams.dec()
+
+    def _headers(self) -> list[tuple[bytes, bytes]]:
+        headers = list(self.grant.headers) if self.grant is not None else []
+        if self.pick is not None:
+            headers.append((b"x-gateway-route", self.pick.route.name.encode()))
+        return headers
+
+    async def _finishing(self) -> None:
+        """The last word before the final bytes leave (the server reports a finished response as
+        a disconnect, so the watch stops first). The engine is done with the request: its slot
+        goes to the next one now, not after the quota round trip and the last send."""
+        self._watch.stop()
+        self._free_slot()
+        await self.settle()
+
+    async def settle(self) -> Usage:
+        """Reconciles the quota with what was used. Done once; release is idempotent, so a
+        settle cut short by a cancellation is simply run again."""
+        if self._settled is None:
+            usage = _usage(self.out)
+            if self.grant is not None:
+                usage = await self.gw.access.settle(self.grant, usage)
+            self._settled = usage
+        return self._settled
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._watch.stop()
+        self.gw.drain.leave(self)
+        gone = self._watch.disconnected(exc)
+        out = self.out
+        cut = out.cut if not gone and self._watch.interrupted(exc) else None
+        if cut is not None:
+            exc = cut  # our own cancellation (shutdown), answered as the error it stands for
+        if gone:
+            out.status = DISCONNECTED
+        elif isinstance(exc, GatewayError):
+            out.status, out.error_code = exc.status, exc.code
+        elif exc is not None and not isinstance(exc, asyncio.CancelledError):
+            log.error("request %s failed", self.request_id.decode(), exc_info=(kind, exc, tb))  # type: ignore[arg-type]
+            out.status, out.error_code = 500, Code.INTERNAL_ERROR
+        elif exc is not None:
+            out.status = 503  # the server is shutting down and cut the request
+        response = self.response
+        if response is not None:
+            if out.done or (out.status != DISCONNECTED and not self.request.stream):
+                response.release()
+            else:
+                response.close()  # drops the connection: the engine aborts the request
+        self._free_slot()  # may dispatch a waiting request
+        gw = self.gw
+        gw.metrics.in_flight.dec()
+        usage = await self.settle()
+        self._record(usage)
+        if gone:
+            raise ClientDisconnected() from None
+        if cut is not None:
+            raise cut from None
+        if exc is not None and not isinstance(exc, GatewayError | asyncio.CancelledError):
+            raise internal_error() from exc
+
+    def _record(self, usage: Usage) -> None:
+        m = self.gw.metrics
+        out, model = self.out, self.request.model
+        pick = self.pick
+        engine = pick.engine.name if pick is not None else "-"
+        route = pick.route.name if pick is not None else "-"
+        status = str(out.status)
+        elapsed = time.perf_counter() - self.started
+        ttft = out.first_chunk - self.started if out.first_chunk else None
+        m.requests_by(model, engine, status, route).inc()
+        m.latency_by(model, route).observe(elapsed)
+        if ttft is not None:
+            m.ttft_by(model, route).observe(ttft)
+        if usage.prompt_tokens:
+            m.prompt_tokens_by(model, route).inc(usage.prompt_tokens)
+        if usage.completion_tokens:
+            m.completion_tokens_by(model, route).inc(usage.completion_tokens)
+        if self.principal.key_id is not None:
+            m.key_requests_by(self.principal.key_id, status).inc()
+        if out.status == DISCONNECTED:
+            m.disconnects_by(model).inc()
+        elif out.error is not None:
+            m.upstream_errors_by(engine, "mid_stream").inc()
+        inference_log = self.gw.inference_log
+        if inference_log is not None:
+            inference_log.add(
+                LogEntry(
+                    time.time() - elapsed,
+                    self.request_id,
+                    self.principal.key_id,
+                    model,
+                    route if pick is not None else None,
+                    engine if pick is not None else None,
+                    out.status,
+                    out.error_code,
+                    self.request.stream,
+                    usage.prompt_tokens,
+                    usage.completion_tokens,
+                    ttft,
+                    elapsed,
+                    out.finish_reason,
+                    out.status == DISCONNECTED,
+                    self.request.batch_id,
+                    self._capture,
+                )
+            )
+
+
+def _usage(out: Outcome) -> Usage:
+    """The engine's usage when it reported one; otherwise every relayed event counts as a token."""
+    reported = out.usage
+    if reported is not None:
+        try:
+            return Usage(int(reported.get("prompt_tokens") or 0), int(reported.get("completion_tokens") or 0), True)
+        except (TypeError, ValueError):
+            pass
+    return Usage(0, max(0, out.events), exact=False)
