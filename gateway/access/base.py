@@ -7,11 +7,15 @@ checks API keys and quotas in Redis. The exchange calls `admit` once and `settle
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from starlette.types import Scope
 
 from gateway.core.request import ApiRequest
+
+if TYPE_CHECKING:  # records of the keyed implementation (gateway/access/auth.py), typed here without a cycle
+    from gateway.access.keys import ApiKey
+    from gateway.access.quota import Admission
 
 PRIORITIES = ("high", "normal", "low")  # a key's scheduling band, in dispatch order (gateway/dispatch/fair_queue.py)
 
@@ -20,7 +24,7 @@ PRIORITIES = ("high", "normal", "low")  # a key's scheduling band, in dispatch o
 class Principal:
     key_id: str | None = None
     models: tuple[str, ...] | None = None  # None: every model
-    key: Any = None  # the ApiKey record, when there is one
+    key: ApiKey | None = None  # the key's record, when there is one
     priority: str = "normal"  # the scheduler's band: high, normal, low (gateway/dispatch/fair_queue.py)
     weight: float = 1.0  # the key's share within its band
 
@@ -37,7 +41,7 @@ class Grant:
 
     principal: Principal
     request: ApiRequest | None = None
-    admission: Any = None  # a quota Admission, when a reservation was made
+    admission: Admission | None = None  # the quota's reservation, when one was made
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     prompt_tokens: int | None = None  # counted at admission, when the reservation needed it
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
 from gateway.core.bodies import json_object
 from gateway.core.errors import invalid
 
@@ -41,7 +39,7 @@ ENDPOINTS = {e.path: e for e in (CHAT, COMPLETIONS, EMBEDDINGS)}
 class ApiRequest:
     endpoint: Endpoint
     model: str
-    body: dict[str, Any]  # the pass-through body; only `upstream_body` writes to it
+    body: dict[str, Any]  # the pass-through body; only the exchange writes to it (the engine body)
     stream: bool = False
     usage_wanted: bool = False  # the client asked for the usage chunk of a stream
     max_tokens: int | None = None
@@ -60,15 +58,6 @@ class ApiRequest:
         """Sets max_tokens where the client sent none, so a reservation bounds what it can spend."""
         if self.max_tokens is None and self.endpoint.kind != "embeddings":
             self.max_tokens = self.body["max_tokens"] = limit
-
-    def upstream_body(self, upstream_model: str) -> bytes:
-        body = self.body
-        body["model"] = upstream_model
-        if self.stream:
-            # Always ask for usage, so accounting is exact; the relay strips it again if unwanted.
-            options = body.get("stream_options")
-            body["stream_options"] = {**options, "include_usage": True} if options else {"include_usage": True}
-        return orjson.dumps(body)
 
     def prefix(self, chars: int) -> bytes | None:
         """The start of the prompt (system prompt and first turns for chat), for prefix affinity."""

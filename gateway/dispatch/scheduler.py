@@ -303,9 +303,9 @@ class Scheduler:
 def _cost(request: ApiRequest, grant: Grant | None, default_max_tokens: int) -> float:
     """A request's size in tokens for fair share: its reservation when one was made, else the
     prompt (counted at admission, or estimated from the body's size) plus what it may write."""
-    reserved = getattr(grant.admission, "reserved", None) if grant is not None else None
-    if isinstance(reserved, int) and reserved > 0:
-        return float(reserved)
+    admission = grant.admission if grant is not None else None
+    if admission is not None and admission.reserved > 0:
+        return float(admission.reserved)
     prompt = grant.prompt_tokens if grant is not None and grant.prompt_tokens is not None else None
     if prompt is None:
         prompt = request.size // BYTES_PER_TOKEN

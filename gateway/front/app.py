@@ -14,58 +14,16 @@ from gateway.batch.runner import BatchRunner
 from gateway.front.listeners import listener_app
 from gateway.front.middleware import Front
 from gateway.front.readiness import readiness
+from gateway.front.routes.admin import admin_routes
 from gateway.front.routes.batches import BatchRoutes
 from gateway.front.routes.console import console_routes
 from gateway.front.routes.files import FileRoutes
 from gateway.front.routes.monitor import monitor_routes
 from gateway.front.routes.openai import openai_routes
-from gateway.front.store_service import StoreService, StoreUser
-from gateway.monitor.writer import InferenceLog
 from gateway.proxy.context import Gateway
 from gateway.proxy.drain import Drain
 from gateway.settings import Settings, multiprocess_dir, settings_from_env
-
-
-class RedisParts:
-    """Keys, quotas, the route store and the admin API: everything that needs Redis."""
-
-    def __init__(self, settings: Settings, gw: Gateway) -> None:
-        from gateway.access.auth import KeyedAccess
-        from gateway.access.keys import KeyStore
-        from gateway.access.quota import Quota
-        from gateway.access.tokens import PromptCounter
-        from gateway.dispatch.route_store import RouteStore
-        from gateway.front.routes.admin import AdminRoutes
-        from gateway.resp.connect import build_clients
-
-        r = settings.redis
-        assert r.url is not None
-        self.clients = build_clients(r.url, cluster=r.cluster, timeout=r.timeout)
-        keys = KeyStore(self.clients.admin, r.prefix, timeout=2 * r.timeout)
-        quota = Quota(
-            self.clients.lean,
-            r.prefix,
-            lease_ttl=settings.auth.lease_ttl,
-            failure_mode=r.failure_mode,
-            redis_timeout=r.timeout,
-            metrics=gw.metrics,
-        )
-        engines = {e.name: e for e in settings.engines}
-        self.store = RouteStore(self.clients.admin, self.clients.subscriber, r.prefix, gw.router, engines)
-        self.counter = PromptCounter({m.name: m.tokenizer for m in settings.models})
-        if settings.auth.enabled:
-            gw.access = KeyedAccess(keys, quota, self.counter, settings.auth, gw.metrics)
-        self.admin_routes = AdminRoutes(
-            settings.auth.admin_key, keys, quota, gw.router, self.store, engines, gw.scheduler.view
-        ).routes()
-
-    def start(self) -> None:
-        self.store.start()  # follows route changes made on any replica
-
-    async def stop(self) -> None:
-        await self.store.stop()
-        await self.clients.aclose()
-        self.counter.close()
+from gateway.store.service import StoreUser
 
 
 def build_app(
@@ -77,13 +35,10 @@ def build_app(
 ) -> Front:
     """`drain` and `control_path` come from the worker process's server (gateway/process/worker.py)."""
     gw = Gateway.build(settings, multiprocess, drain, control_path)
-    parts = RedisParts(settings, gw) if settings.redis.url else None
     runner = BatchRunner(gw)
     users: list[StoreUser] = [runner]
-    if settings.inference_log.enabled:
-        gw.inference_log = InferenceLog(settings.inference_log, settings.models, gw.metrics)
+    if gw.inference_log is not None:
         users.append(gw.inference_log)
-    store = StoreService(gw, users)  # files, batches and the inference log
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -100,17 +55,17 @@ def build_app(
         await gw.upstream.start()
         gw.pool.start()
         await gw.access.start()
-        if parts:
-            parts.start()
-        await store.start()
+        if gw.redis is not None:
+            gw.redis.start()
+        await gw.store.start(users)  # files, batches and the inference log
         await gw.control.start()
         try:
             yield
         finally:
             await gw.control.stop()
-            await store.stop()  # the runner hands back its lines, the log writes its last rows
-            if parts:
-                await parts.stop()
+            await gw.store.stop()  # the runner hands back its lines, the log writes its last rows
+            if gw.redis is not None:
+                await gw.redis.stop()
             await gw.access.stop()
             await gw.pool.stop()
             await gw.upstream.close()
@@ -122,7 +77,7 @@ def build_app(
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
-        *(parts.admin_routes if parts else []),
+        *admin_routes(gw),
         *monitor_routes(gw),
         *console_routes(),
     ]

@@ -1,12 +1,21 @@
-"""What every request of one gateway process shares: settings, metrics, engines, router, clients, store."""
+"""What every request of one gateway process shares: settings, metrics, engines, router, clients,
+access, the store. Built whole by `Gateway.build` before the app serves, and frozen: nothing
+reassigns a field afterwards. What changes at run time lives inside a service (the pool's engine
+states, the store service's open store, the route store's weights), never in the context."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from gateway.access.auth import KeyedAccess
 from gateway.access.base import Access, OpenAccess
+from gateway.access.keys import KeyStore
+from gateway.access.quota import Quota
+from gateway.access.tokens import PromptCounter
 from gateway.core.metrics import GatewayMetrics
+from gateway.dispatch.route_store import RouteStore
 from gateway.dispatch.routing import Router
 from gateway.dispatch.scheduler import Dispatcher, Scheduler, Unscheduled
 from gateway.dispatch.wake import EngineControl
@@ -15,11 +24,53 @@ from gateway.engines.pool import Pool
 from gateway.monitor.writer import InferenceLog
 from gateway.proxy.drain import Drain
 from gateway.proxy.relay import SendWatchdog
+from gateway.resp.connect import RedisClients, build_clients
 from gateway.settings import Settings
-from gateway.store import Store
+from gateway.store.service import StoreService
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
+class RedisServices:
+    """Keys, quotas and the route store: everything of a process that lives in Redis."""
+
+    clients: RedisClients
+    keys: KeyStore
+    quota: Quota
+    routes: RouteStore
+    counter: PromptCounter  # prompt tokens, for the reservations
+
+    @classmethod
+    def build(cls, settings: Settings, router: Router, metrics: GatewayMetrics) -> RedisServices:
+        r = settings.redis
+        assert r.url is not None
+        clients = build_clients(r.url, cluster=r.cluster, timeout=r.timeout)
+        quota = Quota(
+            clients.lean,
+            r.prefix,
+            lease_ttl=settings.auth.lease_ttl,
+            failure_mode=r.failure_mode,
+            redis_timeout=r.timeout,
+            metrics=metrics,
+        )
+        engines = {e.name: e for e in settings.engines}
+        return cls(
+            clients,
+            KeyStore(clients.admin, r.prefix, timeout=2 * r.timeout),
+            quota,
+            RouteStore(clients.admin, clients.subscriber, r.prefix, router, engines),
+            PromptCounter({m.name: m.tokenizer for m in settings.models}),
+        )
+
+    def start(self) -> None:
+        self.routes.start()  # follows route changes made on any replica
+
+    async def stop(self) -> None:
+        await self.routes.stop()
+        await self.clients.aclose()
+        self.counter.close()
+
+
+@dataclass(frozen=True, slots=True)
 class Gateway:
     settings: Settings
     metrics: GatewayMetrics
@@ -30,15 +81,12 @@ class Gateway:
     scheduler: Dispatcher  # engine slots: priorities and fair share when engines are full
     control: EngineControl  # managed engines' states and wakes (scale to zero), from the main process
     drain: Drain  # the graceful shutdown of this process
-    access: Access = field(default_factory=OpenAccess)
-    store: Store | None = None  # files, batches, the inference log: open once gateway/front/store_service.py opened it
-    inference_log: InferenceLog | None = None  # None when the log is off (inference_log.enabled)
+    access: Access  # OpenAccess, or keys and quotas in Redis
+    redis: RedisServices | None  # None without `redis.url`
+    store: StoreService  # files, batches, the inference log; opened in the background
+    inference_log: InferenceLog | None  # None when the log is off (inference_log.enabled)
+    prompt_limits: Mapping[str, int]  # model -> max request bytes
     started: float = field(default_factory=time.time)
-    prompt_limits: dict[str, int] = field(default_factory=dict)  # model -> max request bytes
-
-    def __post_init__(self) -> None:
-        default = self.settings.server.max_body_bytes
-        self.prompt_limits = {m.name: min(default, m.max_prompt_bytes or default) for m in self.settings.models}
 
     @classmethod
     def build(
@@ -52,6 +100,12 @@ class Gateway:
         pool = Pool(settings.engines, settings.health, metrics)
         router = Router(pool, settings.models, settings.routing)
         scheduler = Scheduler(settings, router, metrics) if settings.scheduler.enabled else Unscheduled(router)
+        redis = RedisServices.build(settings, router, metrics) if settings.redis.url else None
+        access: Access = OpenAccess()
+        if redis is not None and settings.auth.enabled:
+            access = KeyedAccess(redis.keys, redis.quota, redis.counter, settings.auth, metrics)
+        log = settings.inference_log
+        default = settings.server.max_body_bytes
         return cls(
             settings,
             metrics,
@@ -62,4 +116,9 @@ class Gateway:
             scheduler,
             EngineControl(pool, router, metrics, control_path),
             drain or Drain(),
+            access,
+            redis,
+            StoreService(settings.store),
+            InferenceLog(log, settings.models, metrics) if log.enabled else None,
+            {m.name: min(default, m.max_prompt_bytes or default) for m in settings.models},
         )

@@ -24,6 +24,7 @@ import logging
 import time
 from types import TracebackType
 
+import orjson
 from starlette.types import Receive, Send
 
 from gateway.access.base import Grant, Principal, Usage
@@ -36,7 +37,7 @@ from gateway.engines.pool import Engine
 from gateway.monitor.payloads import Capture
 from gateway.monitor.writer import LogEntry
 from gateway.proxy.context import Gateway
-from gateway.proxy.relay import SSE_HEADERS, Outcome, error_of, relay_stream, relay_whole
+from gateway.proxy.relay import SSE_HEADERS, Outcome, error_of, read_whole, relay_stream, send_last
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ DISCONNECTED = 499  # nginx's code for a client that went away; never sent, only
 
 class Exchange:
     __slots__ = (
+        "_body",
         "_capture",
         "_settled",
         "_slot",
@@ -77,6 +79,7 @@ class Exchange:
         self._slot: Engine | None = None  # the engine whose slot this request holds
         self._settled: Usage | None = None
         self._capture: Capture | None = None
+        self._body: tuple[str, bytes] | None = None  # (upstream model, the engine body)
         self._watch = ClientWatch()
         self._watch.start(receive)
 
@@ -124,7 +127,7 @@ class Exchange:
             if attempt:
                 m.retries_by(model).inc()
             m.routing_by(model, engine.name).inc()
-            body = request.upstream_body(pick.route.model)
+            body = self._engine_body(pick.route.model)
             try:
                 response = await gw.upstream.post(engine.settings, request.endpoint.path, body, request.stream)
             except EngineUnreachable as exc:
@@ -148,6 +151,22 @@ class Exchange:
             return response
         raise error or GatewayError(503, f"No healthy engine serves '{model}' right now.", code=Code.NO_HEALTHY_ENGINE)
 
+    def _engine_body(self, upstream_model: str) -> bytes:
+        """The body sent to the engine: the client's, with the route's model name and, for a
+        stream, the usage asked for (accounting is exact; the relay strips it again if unwanted).
+        Built once per upstream model, so a retry on the same route reuses it."""
+        if self._body is not None and self._body[0] == upstream_model:
+            return self._body[1]
+        request = self.request
+        body = request.body
+        body["model"] = upstream_model
+        if request.stream:
+            options = body.get("stream_options")
+            body["stream_options"] = {**options, "include_usage": True} if options else {"include_usage": True}
+        encoded = orjson.dumps(body)
+        self._body = (upstream_model, encoded)
+        return encoded
+
     def _use(self, pick: Pick) -> None:
         """Holds the pick's engine slot (taken by the scheduler); frees the one held before."""
         self._free_slot()
@@ -168,7 +187,16 @@ class Exchange:
         if inference_log is not None and (capture := inference_log.capture(self.request)) is not None:
             self._capture, send = capture, capture.wrap(send)  # a sampled payload: keep what is sent
         if not (self.request.stream and response.status == 200):
-            await relay_whole(response, send, self.out, headers, self._finishing)
+            content = await read_whole(response, self.out)
+            await self._finishing()
+            ctype = response.header(b"content-type") or b"application/json"
+            start = {
+                "type": "http.response.start",
+                "status": response.status,
+                "headers": [(b"content-type", ctype), *headers],
+            }
+            await send(start)
+            await send({"type": "http.response.body", "body": content})
             return
         m = gw.metrics
         m.streams.inc()
@@ -176,7 +204,9 @@ class Exchange:
         try:
             strip = not self.request.usage_wanted
             on_gap = m.itl_by(self.request.model, self.pick.route.name if self.pick else "-").observe
-            await relay_stream(response, send, self.out, [*SSE_HEADERS, *headers], self._finishing, strip, on_gap)
+            tail = await relay_stream(response, send, self.out, [*SSE_HEADERS, *headers], strip, on_gap)
+            await self._finishing()
+            await send_last(send, self.out, tail)
         finally:
             gw.watchdog.unwatch(self.out)
             m.streams.dec()

@@ -9,8 +9,9 @@ the gateway's memory; a client that reads nothing for `send_timeout` is dropped 
 for all streams.
 
 What the relay saw goes into an `Outcome`, which the exchange (gateway/proxy/exchange.py) owns and
-accounts for. `finishing` is the exchange's last word before the final bytes leave: it settles
-the quota, so a client never sees its answer complete before its concurrency slot is free.
+accounts for. The relay never sends the final bytes itself: it hands them back, and the exchange
+settles the quota before they leave, so a client never sees its answer complete before its
+concurrency slot is free.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,13 +70,8 @@ async def error_of(response: UpstreamResponse) -> GatewayError:
     return GatewayError(502, f"The engine failed: {detail}", code=Code.UPSTREAM_ERROR)
 
 
-async def relay_whole(
-    response: UpstreamResponse,
-    send: Send,
-    out: Outcome,
-    headers: list[tuple[bytes, bytes]],
-    finishing: Callable[[], Awaitable[None]],
-) -> None:
+async def read_whole(response: UpstreamResponse, out: Outcome) -> bytes:
+    """A whole answer, read and summed up in `out`; the exchange settles, then sends it."""
     try:
         content = await response.read()
     except TimeoutError:
@@ -85,12 +81,7 @@ async def relay_whole(
     out.status = response.status
     if response.status == 200:
         out.usage, out.finish_reason = _summary_of(content)
-    await finishing()
-    ctype = response.header(b"content-type") or b"application/json"
-    await send(
-        {"type": "http.response.start", "status": response.status, "headers": [(b"content-type", ctype), *headers]}
-    )
-    await send({"type": "http.response.body", "body": content})
+    return content
 
 
 async def relay_stream(
@@ -98,13 +89,15 @@ async def relay_stream(
     send: Send,
     out: Outcome,
     headers: list[tuple[bytes, bytes]],
-    finishing: Callable[[], Awaitable[None]],
     strip_usage: bool,
     on_gap: Callable[[float], None],
-) -> None:
+) -> bytes:
+    """Relays a stream up to its last event, which it returns unsent: the `[DONE]` block, or the
+    error event of a stream that broke. The exchange settles, then sends it with `send_last`, so
+    a client never sees its answer complete before its concurrency slot is free."""
     out.status = 200
     await send({"type": "http.response.start", "status": 200, "headers": headers})
-    buf = b""
+    buf = tail = b""
     # The finish reason sits in the last content event, which may have come a block or two
     # before [DONE] (the usage event comes between): keep references, parse only at the end.
     prev = older = b""
@@ -121,7 +114,7 @@ async def relay_stream(
             out.last_chunk = now
             buf = buf + data if buf else data
             end = _event_end(buf)
-            if not end:
+            if not end or out.done:
                 continue
             block, buf = buf[:end], buf[end:]
             out.events += block.count(b"\n\n") + block.count(b"\r\n\r\n")
@@ -131,24 +124,30 @@ async def relay_stream(
                 out.done = True
                 out.events -= 1
                 out.finish_reason = finish_reason_of((block, prev, older))
-                await finishing()
-            if block:
+                tail = block
+            elif block:
                 await _send(send, out, block)
                 older, prev = prev, block
     except (UpstreamError, TimeoutError) as exc:
-        if out.cut is None:
+        if out.cut is None and not out.done:
             out.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    if not out.done:
-        # The engine died or stalled mid-stream, or the gateway cut the stream (shutdown): tell
-        # the client in-band, then end cleanly.
-        if out.cut is not None:
-            error = out.cut
-        else:
-            out.error = out.error or "the engine closed the stream before it finished"
-            error = GatewayError(502, f"The upstream engine failed mid-stream ({out.error}).", code=Code.UPSTREAM_ERROR)
-        out.status, out.error_code = error.status, error.code
-        await finishing()
-        await _send(send, out, error.sse())
+    if out.done:
+        return tail
+    # The engine died or stalled mid-stream, or the gateway cut the stream (shutdown): the
+    # client is told in-band, then the stream ends cleanly.
+    if out.cut is not None:
+        error = out.cut
+    else:
+        out.error = out.error or "the engine closed the stream before it finished"
+        error = GatewayError(502, f"The upstream engine failed mid-stream ({out.error}).", code=Code.UPSTREAM_ERROR)
+    out.status, out.error_code = error.status, error.code
+    return error.sse()
+
+
+async def send_last(send: Send, out: Outcome, tail: bytes) -> None:
+    """The stream's last bytes (see `relay_stream`), then its end."""
+    if tail:
+        await _send(send, out, tail)
     await _send(send, out, b"", more=False)
 
 

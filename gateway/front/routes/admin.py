@@ -18,6 +18,7 @@ from gateway.core.errors import Code, GatewayError, invalid, model_not_found
 from gateway.dispatch.route_store import RouteStore, routes_json
 from gateway.dispatch.routing import Router
 from gateway.engines.pool import Engine
+from gateway.proxy.context import Gateway
 from gateway.settings import ConfigError, EngineSettings, parse_routes
 
 MAX_ADMIN_BODY = 64 * 1024
@@ -180,3 +181,14 @@ def _engine_view(engine: Engine) -> dict[str, Any]:
         "running": engine.running,
         "kv_usage": engine.kv_usage,
     }
+
+
+def admin_routes(gw: Gateway) -> list[Route]:
+    """The admin API; none without Redis, where keys and routes live."""
+    if gw.redis is None:
+        return []
+    r = gw.redis
+    engines = {e.name: e for e in gw.settings.engines}
+    return AdminRoutes(
+        gw.settings.auth.admin_key, r.keys, r.quota, gw.router, r.routes, engines, gw.scheduler.view
+    ).routes()

@@ -26,13 +26,7 @@ MAX_DIGITS = 30  # of a number in a query string
 
 
 def store_of(gw: Gateway) -> Store:
-    if gw.store is None:
-        raise GatewayError(
-            503,
-            "Files and batches are unavailable: the store is not open (see the gateway's log).",
-            code=Code.STORE_UNAVAILABLE,
-        )
-    return gw.store
+    return gw.store.require()
 
 
 def file_not_found(file_id: str, param: str = "file_id") -> GatewayError:

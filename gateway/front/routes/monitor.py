@@ -49,10 +49,7 @@ class MonitorRoutes:
 
     def _store(self, request: Request) -> Store:
         require_admin(request.scope, self._gw.settings.auth.admin_key)
-        store = self._gw.store
-        if store is None:
-            raise GatewayError(503, "The store is not open yet; retry shortly.", code=Code.STORE_UNAVAILABLE)
-        return store
+        return self._gw.store.require()
 
     async def list_requests(self, request: Request) -> Response:
         """The inference log, newest first; `after` is the `id` of the last row of the previous page."""

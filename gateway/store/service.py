@@ -3,8 +3,8 @@
 
 The store is never on the interactive request path, so a store that cannot be opened (PostgreSQL
 down, an unwritable data directory) does not keep the gateway from serving: it logs why, the
-Files and Batches endpoints answer 503 `store_unavailable`, the inference log holds (then drops
-and counts) its rows, and it tries again every RETRY_SECONDS.
+Files and Batches endpoints answer 503 `store_unavailable` (`require`), the inference log holds
+(then drops and counts) its rows, and it tries again every RETRY_SECONDS.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import logging
 from collections.abc import Sequence
 from typing import Protocol
 
-from gateway.proxy.context import Gateway
+from gateway.core.errors import Code, GatewayError
+from gateway.settings.store import StoreSettings
 from gateway.store import Store, open_store, redact_url
 
 log = logging.getLogger(__name__)
@@ -29,12 +30,25 @@ class StoreUser(Protocol):
 
 
 class StoreService:
-    def __init__(self, gw: Gateway, users: Sequence[StoreUser]) -> None:
-        self.gw = gw
-        self._users = list(users)
+    """The one store of a process: `current` is None until it is open (and after it closed)."""
+
+    def __init__(self, settings: StoreSettings) -> None:
+        self.settings = settings
+        self.current: Store | None = None
+        self._users: list[StoreUser] = []
         self._opening: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
+    def require(self) -> Store:
+        if self.current is None:
+            raise GatewayError(
+                503,
+                "Files, batches and the inference log are unavailable: the store is not open (see the gateway's log).",
+                code=Code.STORE_UNAVAILABLE,
+            )
+        return self.current
+
+    async def start(self, users: Sequence[StoreUser]) -> None:
+        self._users = list(users)
         if not await self._open():
             self._opening = asyncio.create_task(self._keep_trying(), name="store-open")
 
@@ -45,12 +59,12 @@ class StoreService:
             await asyncio.gather(self._opening, return_exceptions=True)
         for user in self._users:
             await user.stop()
-        if self.gw.store is not None:
-            await self.gw.store.close()
-            self.gw.store = None
+        store, self.current = self.current, None
+        if store is not None:
+            await store.close()
 
     async def _open(self) -> bool:
-        s = self.gw.settings.store
+        s = self.settings
         try:
             store = await open_store(s.url, s.data_dir)
         except Exception as exc:  # any driver's error: the gateway serves on without the store
@@ -58,7 +72,7 @@ class StoreService:
                 "the store %s cannot be opened (retrying every %.0f s): %s", redact_url(s.url), RETRY_SECONDS, exc
             )
             return False
-        self.gw.store = store
+        self.current = store
         for user in self._users:
             user.start(store)
         return True
@@ -67,5 +81,5 @@ class StoreService:
         while True:
             await asyncio.sleep(RETRY_SECONDS)
             if await self._open():
-                log.info("the store %s is open", redact_url(self.gw.settings.store.url))
+                log.info("the store %s is open", redact_url(self.settings.url))
                 return
