@@ -45,7 +45,7 @@ from bench.request_path_runs import Run, closed_run, log_run, paced_run, started
 from bench.servers import Server, Upstream
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVERS = ("direct", "floor", "gateway", "gateway+quota", "litellm")
+SERVERS = ("direct", "floor", "gateway", "gateway+quota", "baseline", "baseline+quota", "litellm")
 SECTIONS = ("upstreams", "cpu", "paced", "hold", "workers", "profile")
 
 
@@ -74,6 +74,11 @@ class Bench:
             servers.gateway(tmp, url, core),
             servers.gateway(tmp, url, core, quota=servers.RedisServer(tmp, self.args.client_core)),
         ]
+        if self.args.baseline is not None:  # the same two, from another checkout: before vs after
+            tree = self.args.baseline
+            group.append(servers.gateway(tmp, url, core, name="baseline", tree=tree))
+            quota = servers.RedisServer(tmp, self.args.client_core)
+            group.append(servers.gateway(tmp, url, core, quota=quota, name="baseline+quota", tree=tree))
         if litellm and "litellm" in self.args.servers:
             why = servers.litellm_missing()
             if why:
@@ -258,6 +263,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     arg("--rounds", type=int, default=3, help="alternated rounds; figures are medians over them")
     arg("--upstream", choices=("nginx", "fake"), default="nginx", help="canned answers from nginx, or fake_upstream.py")
     arg("--servers", default=",".join(SERVERS), help="compare only these (the floor is the ratios' base)")
+    arg("--baseline", type=Path, default=None, help="a checkout of an earlier commit: adds baseline, baseline+quota")
     arg("--server-core", default="1", help="the core the server under test is pinned to")
     arg("--client-core", default="0", help="the core of the load generator, the upstream and Redis")
     arg("--levels", type=ints, default=[1, 16, 64], help="cpu: concurrent clients")

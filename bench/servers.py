@@ -207,8 +207,11 @@ def gateway(
     quota: RedisServer | None = None,
     workers: int = 1,
     name: str | None = None,
+    tree: Path | None = None,
 ) -> Server:
-    """`llm-gateway serve` with auth off, or with keys and quotas on `quota`'s Redis (create_key() after start)."""
+    """`llm-gateway serve` with auth off, or with keys and quotas on `quota`'s Redis (create_key() after
+    start). `tree`: run the gateway of another checkout (a worktree at an earlier commit) instead of
+    this one, to measure before and after in one run."""
     name = name or ("gateway+quota" if quota else "gateway")
     config: dict[str, object] = {
         "engines": [{"name": "fake", "kind": "openai", "url": upstream_url}],
@@ -221,6 +224,12 @@ def gateway(
     slug = name.replace("+", "-")
     path = write_config(tmp, f"{slug}-{port}", config)
     args = [sys.executable, "-m", "gateway.cli.main", "serve", "--config", str(path), "--port", str(port)]
+    if tree is not None:  # the package layout changed over time: find that tree's command line
+        module = "gateway.cli.main" if (tree / "gateway" / "cli" / "main.py").exists() else "gateway.cli"
+        code = (
+            f"import runpy, sys; sys.path.insert(0, {str(tree)!r}); runpy.run_module({module!r}, run_name='__main__')"
+        )
+        args = [sys.executable, "-c", code, "serve", "--config", str(path), "--port", str(port)]
     args += ["--workers", str(workers), "--log-level", "warning"]
     env = {"GATEWAY_ADMIN_KEY": ADMIN_KEY} if quota else {}
     proc = Proc(name, pinned(args, cpus), port, tmp / f"{slug}-{port}.log", env=env)

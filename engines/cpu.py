@@ -99,9 +99,11 @@ class CpuEngine:
             self._manager.stop(block=True, timeout=10, hard_stop=True)
             self._manager = None
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+    def chat_prompt(self, messages: list[dict[str, str]], continue_final: bool = False) -> list[int]:
         try:
-            text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = self._tokenizer.apply_chat_template(
+                messages, add_generation_prompt=not continue_final, continue_final_message=continue_final, tokenize=False
+            )
         except Exception as exc:  # the template's own raise_exception(), e.g. a role it does not know
             raise invalid(f"The model's chat template rejected the messages: {exc}", param="messages") from None
         return list(self._tokenizer.encode(text, add_special_tokens=False))

@@ -37,6 +37,7 @@ class GenerateRequest:
     sampling: SamplingParams
     messages: tuple[dict[str, str], ...] | None = None
     prompts: tuple[str | tuple[int, ...], ...] = ()
+    continue_final_message: bool = False  # vLLM's: extend the last (assistant) message instead of starting a new one
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,12 +172,24 @@ def parse_chat(body: dict[str, Any]) -> GenerateRequest:
     if not messages:
         raise invalid("'messages' must be a non-empty array.", param="messages")
     stream = _get(body, "stream", bool, False)
+    parsed = tuple(_message(i, m) for i, m in enumerate(messages))
+    # vLLM's two switches, as the gateway uses them to resume a stream on another engine: the
+    # last message is an assistant's partial answer, which the model goes on writing.
+    extend = _get(body, "continue_final_message", bool, False)
+    new_turn = _get(body, "add_generation_prompt", bool, True)
+    if extend and new_turn:
+        raise invalid(
+            "'continue_final_message' and 'add_generation_prompt' cannot both be true.", param="continue_final_message"
+        )
+    if extend and parsed[-1]["role"] != "assistant":
+        raise invalid("'continue_final_message' needs an assistant message last.", param="continue_final_message")
     return GenerateRequest(
         model=model,
         stream=stream,
         include_usage=_stream_options(body, stream),
         sampling=_sampling(body, ("max_completion_tokens", "max_tokens")),
-        messages=tuple(_message(i, m) for i, m in enumerate(messages)),
+        messages=parsed,
+        continue_final_message=extend,
     )
 
 

@@ -49,7 +49,7 @@ class Serving:
     def prepare(self, request: GenerateRequest) -> Prepared:
         engine = self.engine
         if request.messages is not None:
-            prompts = [engine.chat_prompt([dict(m) for m in request.messages])]
+            prompts = [engine.chat_prompt([dict(m) for m in request.messages], request.continue_final_message)]
         else:
             vocab = len(engine.tokenizer)  # type: ignore[arg-type]
             prompts = []

@@ -127,9 +127,9 @@ class KeyedAccess:
         await self.quota.release(admission, usage.prompt_tokens, usage.completion_tokens)
         m = self._metrics
         if usage.prompt_tokens:
-            m.key_tokens_by(admission.key_id, "prompt").inc(usage.prompt_tokens)
+            m.key_tokens_by[admission.key_id, "prompt"].inc(usage.prompt_tokens)
         if usage.completion_tokens:
-            m.key_tokens_by(admission.key_id, "completion").inc(usage.completion_tokens)
+            m.key_tokens_by[admission.key_id, "completion"].inc(usage.completion_tokens)
         return usage
 
     async def _refresh_leases(self) -> None:

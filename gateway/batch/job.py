@@ -206,7 +206,7 @@ class BatchJob:
             lines = self.ctx.gw.metrics.batch_lines_by
             for (line, outcome), ok in zip(group, written, strict=True):
                 self._release(line.claim_token)
-                lines("discarded" if not ok else "failed" if outcome.failed else "completed").inc()
+                lines["discarded" if not ok else "failed" if outcome.failed else "completed"].inc()
 
     def _release(self, token: str) -> None:
         self.held[token] -= 1
@@ -216,7 +216,7 @@ class BatchJob:
     async def _transition(self, expect: list[str], status: str) -> Batch | None:
         batch = await self.store.set_batch_status(self.id, expect=expect, status=status)
         if batch is not None:
-            self.ctx.gw.metrics.batches_by(status).inc()
+            self.ctx.gw.metrics.batches_by[status].inc()
         return batch
 
     async def _finalize(self) -> None:
@@ -227,7 +227,7 @@ class BatchJob:
             await self._transition(["finalizing"], "in_progress")
             return
         if batch is not None:
-            self.ctx.gw.metrics.batches_by("completed").inc()
+            self.ctx.gw.metrics.batches_by["completed"].inc()
 
     async def _expire(self) -> None:
         self.halt()
@@ -236,8 +236,8 @@ class BatchJob:
         failed = await self.store.fail_pending(self.id, "batch_expired", EXPIRED)
         batch = await self.store.finalize_batch(self.id, expect=["in_progress"], status="expired")
         if batch is not None:
-            self.ctx.gw.metrics.batches_by("expired").inc()
-            self.ctx.gw.metrics.batch_lines_by("expired").inc(failed)
+            self.ctx.gw.metrics.batches_by["expired"].inc()
+            self.ctx.gw.metrics.batch_lines_by["expired"].inc(failed)
 
     async def _cancel(self, batch: Batch) -> None:
         self.halt()
@@ -252,8 +252,8 @@ class BatchJob:
         failed = await self.store.fail_pending(self.id, "batch_cancelled", CANCELLED)
         done = await self.store.finalize_batch(self.id, expect=["cancelling"], status="cancelled")
         if done is not None:
-            self.ctx.gw.metrics.batches_by("cancelled").inc()
-            self.ctx.gw.metrics.batch_lines_by("cancelled").inc(failed)
+            self.ctx.gw.metrics.batches_by["cancelled"].inc()
+            self.ctx.gw.metrics.batch_lines_by["cancelled"].inc(failed)
 
     async def _keep(self) -> None:
         """Renews the lease, extends the claims of lines in flight, and watches the batch."""

@@ -66,7 +66,7 @@ class Code(StrEnum):
     STORE_UNAVAILABLE = "store_unavailable"
     # the gateway
     INTERNAL_ERROR = "internal_error"
-    # the connection and the server's life (gateway/front/connection.py, gateway/proxy/drain.py)
+    # the connection and the server's life (gateway/front/http11.py, gateway/proxy/drain.py)
     HEADERS_TOO_LARGE = "headers_too_large"
     REQUEST_TIMEOUT = "request_timeout"
     TOO_MANY_CONNECTIONS = "too_many_connections"

@@ -19,20 +19,21 @@ COLD_START_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
-class Children:
-    """A labelled metric's children by label values, looked up in a plain dict: prometheus_client's
-    own `labels()` validates and locks on every call, which shows in per-request profiles."""
+class Children(dict[Any, Any]):
+    """A labelled metric's children by label values (one value, or a tuple of them), looked up as
+    a plain dict: a hit never runs Python code, where prometheus_client's own `labels()`
+    validates and locks on every call, which shows in per-request profiles."""
 
-    __slots__ = ("_children", "_metric")
+    __slots__ = ("_metric",)
 
     def __init__(self, metric: Any) -> None:
+        super().__init__()
         self._metric = metric
-        self._children: dict[tuple[str, ...], Any] = {}
 
-    def __call__(self, *labels: str) -> Any:
-        child = self._children.get(labels)
-        if child is None:
-            child = self._children[labels] = self._metric.labels(*labels)
+    def __missing__(self, labels: Any) -> Any:
+        child = self[labels] = (
+            self._metric.labels(*labels) if isinstance(labels, tuple) else self._metric.labels(labels)
+        )
         return child
 
 
@@ -109,6 +110,18 @@ class GatewayMetrics:
             "gateway_routing_decisions", "Engines picked per model.", ["model", "engine"], registry=r
         )
         self.retries = Counter("gateway_retries", "Requests retried on another engine.", ["model"], registry=r)
+        self.resumes = Counter(
+            "gateway_stream_resumes",
+            "Streams whose engine failed after the first byte, by outcome: resumed on another engine, or failed.",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "gateway_fallbacks",
+            "Requests served by a fallback model, by model asked and model that served.",
+            ["model", "served"],
+            registry=r,
+        )
         self.upstream_errors = Counter(
             "gateway_upstream_errors", "Upstream failures by engine and kind.", ["engine", "kind"], registry=r
         )
@@ -208,6 +221,8 @@ class GatewayMetrics:
         self.key_tokens_by = Children(self.key_tokens)
         self.routing_by = Children(self.routing)
         self.retries_by = Children(self.retries)
+        self.resumes_by = Children(self.resumes)
+        self.fallbacks_by = Children(self.fallbacks)
         self.upstream_errors_by = Children(self.upstream_errors)
         self.disconnects_by = Children(self.client_disconnects)
 

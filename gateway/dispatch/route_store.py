@@ -91,16 +91,12 @@ class RouteStore:
         self._router.apply_overrides(overrides)
 
     async def _follow(self) -> None:
-        failing = False
+        outage = self._subscriber.outage  # one line per outage, whichever of us notices it first
         async for _ in self._subscriber.subscribe(self._channel, idle_every=POLL_SECONDS):
             # A change announced, a (re)subscription, or the periodic re-read: read the hash.
             try:
                 await self.reload()
             except (RedisError, OSError) as exc:
-                if not failing:
-                    log.warning("route store: Redis unreachable (%s); keeping the current routes", exc)
-                failing = True
+                outage.lost("the route store keeps the current routes (%s)", exc)
             else:
-                if failing:
-                    log.info("route store: Redis reachable again")
-                failing = False
+                outage.back("the route store reads routes again")

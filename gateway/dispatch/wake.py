@@ -44,7 +44,7 @@ class EngineControl:
         self._writer: asyncio.StreamWriter | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._woken: dict[str, float] = {}  # engine -> loop time its wake was sent
-        self._stopped_models: frozenset[str] = frozenset()
+        self.stopped_models: frozenset[str] = frozenset()
         self._sent: dict[str, Any] = {}
         if path:
             for engine in pool.engines.values():
@@ -68,9 +68,9 @@ class EngineControl:
             with contextlib.suppress(ConnectionError):
                 await self._writer.wait_closed()
 
-    def note(self, model: str) -> None:
-        """Traffic for `model` (on the request path: one set lookup): its stopped engines start."""
-        if model in self._stopped_models:
+    def wake_model(self, model: str) -> None:
+        """Traffic for `model`, one of `stopped_models`: its stopped engines start."""
+        if model in self.stopped_models:
             for engine in self._wakeable(model):
                 self._wake(engine)
 
@@ -154,7 +154,7 @@ class EngineControl:
                     self._pool.set_state(engine, EngineState(state))
                     if engine.state != EngineState.STOPPED:
                         self._woken.pop(name, None)
-            self._stopped_models = frozenset(
+            self.stopped_models = frozenset(
                 model
                 for model in self._router.routes
                 if any(e.state in (EngineState.STOPPED, EngineState.STOPPING) for e in self._wakeable(model))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import aiohttp
 import dns.asyncresolver
@@ -43,9 +43,10 @@ class Engine:
     state: EngineState = EngineState.RUNNING  # managed engines: as the supervisor says
     picks: int = 0  # requests sent to it by this process, ever (the supervisor's idle timer reads it)
 
-    @property
-    def name(self) -> str:
-        return self.settings.name
+    name: str = field(init=False)  # the settings' name, read on every pick: a plain attribute
+
+    def __post_init__(self) -> None:
+        self.name = self.settings.name
 
     @property
     def public_state(self) -> str:
@@ -97,7 +98,7 @@ class Pool:
     ) -> None:
         self._resolver = resolver
         self.engines = {e.name: Engine(e) for e in engines if e.discovery is None}
-        self._groups: dict[str, list[str]] = {e.name: [e.name] for e in engines if e.discovery is None}
+        self.groups: dict[str, list[str]] = {e.name: [e.name] for e in engines if e.discovery is None}
         self._watchers = [self._watcher(e) for e in engines if e.discovery is not None]
         self._health = health
         self._metrics = metrics
@@ -112,7 +113,7 @@ class Pool:
 
     def members(self, name: str) -> list[str]:
         """The engines a route's entry name stands for now."""
-        return self._groups.get(name, [])
+        return self.groups.get(name, [])
 
     def start(self) -> None:
         timeout = aiohttp.ClientTimeout(total=self._health.timeout)
@@ -133,7 +134,7 @@ class Pool:
     def _watcher(self, entry: EngineSettings) -> DnsWatcher:
         discovery = entry.discovery
         assert discovery is not None
-        self._groups[discovery.name] = []
+        self.groups[discovery.name] = []
 
         def on_change(added: set[str], removed: set[str]) -> None:
             for address in removed:
@@ -146,7 +147,7 @@ class Pool:
                 self.engines[name] = engine = Engine(settings)
                 self._publish(engine)
                 log.info("engine %s found under %s", name, discovery.host)
-            self._groups[discovery.name] = sorted(discovery.engine_name(a) for a in watcher.addresses)
+            self.groups[discovery.name] = sorted(discovery.engine_name(a) for a in watcher.addresses)
             self._changed.set()  # health-check the newcomers now: they get no traffic until then
             self._notify()
 

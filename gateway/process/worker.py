@@ -1,13 +1,13 @@
-"""One worker process of the gateway: the app on uvicorn, driven by our code, with the graceful drain.
+"""One worker process of the gateway: the app on our HTTP/1.1 server, with the graceful drain.
 
 The main process (gateway/process/main.py) binds the listeners once and starts N of these with the
 sockets (`run_worker`); each serves both the public and the admin listener (gateway/front/listeners.py)
-with one app and one lifespan, over our HTTP protocol (gateway/front/connection.py: header, body,
-keep-alive and connection limits) and, with `server.tls`, HTTPS.
+with one app and one lifespan, over gateway/front/http11.py (header, body, keep-alive and
+connection limits) and, with `server.tls`, HTTPS.
 
-`GatewayServer` is uvicorn's `Server` with its shutdown replaced by the drain of gateway/proxy/drain.py:
-the first SIGTERM or Ctrl-C starts it (uvicorn would stop accepting at once and cut whatever runs
-past a fixed grace, mid-stream, without a word); a second Ctrl-C stops at once.
+The first SIGTERM or Ctrl-C starts the drain of gateway/proxy/drain.py (a plain server would stop
+accepting at once and cut whatever runs past a fixed grace, mid-stream, without a word); a second
+Ctrl-C stops at once.
 """
 
 from __future__ import annotations
@@ -17,31 +17,32 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 from dataclasses import dataclass
-from types import FrameType
+from typing import Any
 
-import uvicorn
+import uvloop
+from starlette.types import ASGIApp, Message
 
-from gateway.front.connection import limited_protocol
+from gateway.front.http11 import HttpConnection, ServerState
 from gateway.proxy.drain import Drain
 from gateway.settings import ServerSettings, Settings
 
 log = logging.getLogger(__name__)
 
 CUT_WAIT = 5.0  # after the drain timeout: how long cut requests get to end and reconcile
-STARTUP_FAILURE = 3  # uvicorn's exit code for a worker that could not start
+STARTUP_FAILURE = 3  # the exit code of a worker that could not start
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def configure_logging(level: str) -> None:
-    """Every line with a timestamp and a level, in every process; uvicorn's own chatter only when debugging."""
+    """Every line with a timestamp and a level, in every process; libraries' chatter only when debugging."""
     numeric = getattr(logging, level.upper(), logging.INFO)
     logging.basicConfig(level=numeric, format=LOG_FORMAT, force=True)
     quiet = max(numeric, logging.WARNING) if numeric > logging.DEBUG else numeric
-    for name in ("uvicorn", "uvicorn.error", "httpx", "httpcore"):
+    for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(quiet)
-    logging.getLogger("uvicorn.access").disabled = True
 
 
 @dataclass(frozen=True)
@@ -55,28 +56,132 @@ class WorkerSpec:
     multiprocess_dir: str | None = None
 
 
-class GatewayServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, drain: Drain, settings: ServerSettings) -> None:
-        super().__init__(config)
+class Lifespan:
+    """The app's ASGI lifespan: startup before the listeners open, shutdown after the drain."""
+
+    def __init__(self, app: ASGIApp, state: dict[str, Any]) -> None:
+        self._app = app
+        self._state = state
+        self._inbox: asyncio.Queue[Message] = asyncio.Queue()
+        self._started = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.failed = False
+
+    async def startup(self) -> bool:
+        self._task = asyncio.create_task(self._run(), name="lifespan")
+        await self._inbox.put({"type": "lifespan.startup"})
+        await self._started.wait()
+        return not self.failed
+
+    async def shutdown(self) -> None:
+        if self._task is None or self._task.done():
+            return
+        await self._inbox.put({"type": "lifespan.shutdown"})
+        await self._stopped.wait()
+
+    async def _run(self) -> None:
+        scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": self._state}
+        try:
+            await self._app(scope, self._inbox.get, self._send)
+        except BaseException as exc:
+            if not self._started.is_set():
+                self.failed = True
+                log.error("the gateway could not start", exc_info=exc)
+            else:
+                log.error("the gateway's shutdown failed", exc_info=exc)
+        finally:
+            self._started.set()
+            self._stopped.set()
+
+    async def _send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "lifespan.startup.failed":
+            self.failed = True
+            log.error("the gateway could not start: %s", message.get("message", ""))
+        if kind.startswith("lifespan.startup."):
+            self._started.set()
+        elif kind.startswith("lifespan.shutdown."):
+            self._stopped.set()
+
+
+class GatewayServer:
+    def __init__(self, app: ASGIApp, drain: Drain, settings: ServerSettings) -> None:
+        self.state = ServerState(app, settings, drain, "https" if settings.tls else "http")
         self.drain = drain
         self.settings = settings
+        self.started = False
+        self.force_exit = False
+        self._exit = False
+        self._servers: list[asyncio.Server] = []
+        self._wake: asyncio.Event | None = None
         self._closed = False
         self._announced = False
 
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        # A signal handler: note the time and let on_tick act (no I/O here).
+    def run(self, sockets: list[socket.socket]) -> None:
+        uvloop.run(self.serve(sockets))
+
+    def exit(self) -> None:
+        """Stops at once, without the drain (tests and benchmarks that run the server in-process)."""
+        self._exit = True
+        if self._wake is not None:
+            self._wake.set()
+
+    def handle_exit(self, sig: int) -> None:
         if self.drain.draining:
             if sig == signal.SIGINT:
-                self.force_exit = self.should_exit = True
+                self.force_exit = True
+                self.exit()
             return
         self.drain.begin(0.0 if sig == signal.SIGINT else self.settings.drain_grace)
+        if self._wake is not None:
+            self._wake.set()
 
-    async def on_tick(self, counter: int) -> bool:
-        if await super().on_tick(counter):
-            return True
+    async def serve(self, sockets: list[socket.socket]) -> None:
+        loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        lifespan = Lifespan(self.state.app, self.state.lifespan_state)
+        if not await lifespan.startup():
+            return
+        tls = self._tls_context()
+        state = self.state
+        for sock in sockets:
+            server = await loop.create_server(lambda: HttpConnection(state), sock=sock, ssl=tls, backlog=4096)
+            self._servers.append(server)
+        self.started = True
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.handle_exit, sig)
+        try:
+            await self._until_done()
+            await self._shutdown()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        if not self.force_exit:
+            await lifespan.shutdown()
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        tls = self.settings.tls
+        if tls is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(tls.cert, tls.key)
+        return context
+
+    async def _until_done(self) -> None:
+        assert self._wake is not None
+        while not self._exit:
+            if not self.drain.draining:
+                await self._wake.wait()
+                self._wake.clear()
+                continue
+            if self._drain_step():
+                return
+            await asyncio.sleep(0.1)
+
+    def _drain_step(self) -> bool:
+        """One look at the drain's timeline (the module docstring of gateway/proxy/drain.py); True when done."""
         drain = self.drain
-        if not drain.draining:
-            return False
         if not self._announced:
             self._announced = True
             log.info(
@@ -89,71 +194,55 @@ class GatewayServer(uvicorn.Server):
         elapsed = drain.elapsed()
         if not self._closed and elapsed >= drain.grace:
             self._close_listeners()
-        if self._closed and not self.server_state.tasks:
+        if self._closed and not self.state.tasks:
             return True
         return elapsed >= self.settings.drain_timeout
 
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+    async def _shutdown(self) -> None:
         self._close_listeners()
-        for sock in sockets or []:
-            sock.close()
-        self._shutdown_connections()
-        state = self.server_state
-        if state.tasks and not self.force_exit:
+        tasks = self.state.tasks
+        if tasks and not self.force_exit:
             cut = self.drain.cut_all()
             log.warning("drain timeout: %d request(s) still in flight were ended (503 or an SSE error)", cut)
             await self._wait_tasks(CUT_WAIT)
-        if state.tasks:
-            log.warning("cancelling %d request task(s) that did not end", len(state.tasks))
-            for task in list(state.tasks):
+        if tasks:
+            log.warning("cancelling %d request task(s) that did not end", len(tasks))
+            for task in list(tasks):
                 task.cancel()
             await self._wait_tasks(1.0)
-        for server in getattr(self, "servers", []):
+        for connection in list(self.state.connections):
+            connection.transport.close()
+        for server in self._servers:
             try:
                 async with asyncio.timeout(1.0):
                     await server.wait_closed()
             except TimeoutError:
                 pass
-        if not self.force_exit:
-            await self.lifespan.shutdown()
 
     def _close_listeners(self) -> None:
         if not self._closed:
             self._closed = True
-            for server in getattr(self, "servers", []):
+            for server in self._servers:
                 server.close()
             self._shutdown_connections()  # also those accepted during the grace period
 
     def _shutdown_connections(self) -> None:
         # Idle keep-alive connections close now; busy ones after their response.
-        for connection in list(self.server_state.connections):
+        for connection in list(self.state.connections):
             connection.shutdown()
 
     async def _wait_tasks(self, seconds: float) -> None:
-        if self.server_state.tasks:
-            await asyncio.wait(list(self.server_state.tasks), timeout=seconds)
+        if self.state.tasks:
+            await asyncio.wait(list(self.state.tasks), timeout=seconds)
 
 
 def build_server(spec: WorkerSpec) -> GatewayServer:
     from gateway.front.app import build_app
 
     settings = spec.settings
-    server = settings.server
     drain = Drain()
     app = build_app(settings, multiprocess=spec.multiprocess_dir, drain=drain, control_path=spec.control_path)
-    config = uvicorn.Config(
-        app,
-        http=limited_protocol(server, drain),
-        lifespan="on",
-        log_config=None,
-        access_log=False,
-        timeout_keep_alive=server.keepalive_timeout,  # type: ignore[arg-type]  # a float works
-        ssl_certfile=server.tls.cert if server.tls else None,
-        ssl_keyfile=server.tls.key if server.tls else None,
-        backlog=4096,
-        server_header=False,
-    )
-    return GatewayServer(config, drain, server)
+    return GatewayServer(app, drain, settings.server)
 
 
 def run_worker(spec: WorkerSpec, sockets: list[socket.socket]) -> None:
@@ -166,6 +255,6 @@ def run_worker(spec: WorkerSpec, sockets: list[socket.socket]) -> None:
     os.setpgrp()
     configure_logging(spec.log_level)
     server = build_server(spec)
-    server.run(sockets=sockets)
+    server.run(sockets)
     if not server.started:
         sys.exit(STARTUP_FAILURE)

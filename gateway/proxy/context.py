@@ -25,7 +25,7 @@ from gateway.monitor.writer import InferenceLog
 from gateway.proxy.drain import Drain
 from gateway.proxy.relay import SendWatchdog
 from gateway.resp.connect import RedisClients, build_clients
-from gateway.settings import Settings
+from gateway.settings import ModelSettings, Settings
 from gateway.store.service import StoreService
 
 
@@ -86,6 +86,7 @@ class Gateway:
     store: StoreService  # files, batches, the inference log; opened in the background
     inference_log: InferenceLog | None  # None when the log is off (inference_log.enabled)
     prompt_limits: Mapping[str, int]  # model -> max request bytes
+    models: Mapping[str, ModelSettings]  # by public name
     started: float = field(default_factory=time.time)
 
     @classmethod
@@ -121,4 +122,5 @@ class Gateway:
             StoreService(settings.store),
             InferenceLog(log, settings.models, metrics) if log.enabled else None,
             {m.name: min(default, m.max_prompt_bytes or default) for m in settings.models},
+            {m.name: m for m in settings.models},
         )

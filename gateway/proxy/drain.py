@@ -30,38 +30,30 @@ class Cuttable(Protocol):
 class Drain:
     def __init__(self) -> None:
         self.started_at: float | None = None
+        self.draining = False  # read on every request and response: a plain attribute
         self.grace = 0.0
-        self._live: set[Cuttable] = set()
-
-    @property
-    def draining(self) -> bool:
-        return self.started_at is not None
+        self.live: set[Cuttable] = set()  # every exchange in flight adds itself while it lives
 
     def begin(self, grace: float) -> None:
         """Safe to call from a signal handler: it only notes the time."""
         if self.started_at is None:
             self.grace = grace
             self.started_at = time.monotonic()
+            self.draining = True
 
     def elapsed(self) -> float:
         return 0.0 if self.started_at is None else time.monotonic() - self.started_at
 
     @property
     def in_flight(self) -> int:
-        return len(self._live)
-
-    def enter(self, exchange: Cuttable) -> None:
-        self._live.add(exchange)
-
-    def leave(self, exchange: Cuttable) -> None:
-        self._live.discard(exchange)
+        return len(self.live)
 
     def cut_all(self) -> int:
         """Ends everything still in flight (see the module docstring); returns how many."""
         error = GatewayError(
             503, "The gateway is shutting down and could not finish this request; retry it.", code=Code.SHUTTING_DOWN
         )
-        live = list(self._live)
+        live = list(self.live)
         for exchange in live:
             exchange.cut(error)
         return len(live)

@@ -37,11 +37,17 @@ from gateway.engines.pool import Engine
 from gateway.monitor.payloads import Capture
 from gateway.monitor.writer import LogEntry
 from gateway.proxy.context import Gateway
-from gateway.proxy.relay import SSE_HEADERS, Outcome, error_of, read_whole, relay_stream, send_last
+from gateway.proxy.relay import SSE_HEADERS, Outcome, broken, error_of, read_whole, relay_stream, send_last
+from gateway.proxy.resume import Splice, Transcript, continuation, read_transcript
 
 log = logging.getLogger(__name__)
 
 DISCONNECTED = 499  # nginx's code for a client that went away; never sent, only recorded
+MAX_RESUMES = 2  # a stream goes on on another engine at most this often
+# What makes a model hand a request to its fallbacks: it cannot serve it now.
+FALLBACK_ON = frozenset(
+    {Code.NO_HEALTHY_ENGINE, Code.ENGINES_OVERLOADED, Code.UPSTREAM_ERROR, Code.QUEUE_TIMEOUT, Code.QUEUE_FULL}
+)
 
 
 class Exchange:
@@ -51,6 +57,7 @@ class Exchange:
         "_settled",
         "_slot",
         "_watch",
+        "fallback_from",
         "grant",
         "gw",
         "out",
@@ -80,13 +87,14 @@ class Exchange:
         self._settled: Usage | None = None
         self._capture: Capture | None = None
         self._body: tuple[str, bytes] | None = None  # (upstream model, the engine body)
+        self.fallback_from: str | None = None  # the model asked for, when a fallback served
         self._watch = ClientWatch()
         self._watch.start(receive)
 
     async def __aenter__(self) -> Exchange:
         self.started = time.perf_counter()
         self.gw.metrics.in_flight.inc()
-        self.gw.drain.enter(self)
+        self.gw.drain.live.add(self)
         return self
 
     def cut(self, error: GatewayError) -> None:
@@ -105,51 +113,97 @@ class Exchange:
         self.grant = await self.gw.access.admit(self.principal, self.request)
 
     async def call_engine(self) -> UpstreamResponse:
-        """Sends the request to an engine; one that refuses or fails before answering is
-        retried once on another engine (nothing has reached the client yet)."""
+        """Sends the request to an engine of its model, else of its fallbacks (the model's
+        `fallbacks`, in order, those the key may use) when the model cannot serve it: no healthy
+        engine, every engine refused or failed before answering, or the queue too long (its
+        `fallback_after`, or the scheduler's own bounds). What served is the request's model
+        from then on: the metrics, the log and `x-gateway-model` say so."""
+        request, gw = self.request, self.gw
+        asked = request.model
+        settings = gw.models[asked]
+        try:
+            return await self._call_model(settings.fallback_after if settings.fallbacks else None)
+        except GatewayError as exc:
+            if exc.code not in FALLBACK_ON or not settings.fallbacks:
+                raise
+            error = exc
+        for fallback in settings.fallbacks:
+            if not self.principal.may_use(fallback) or not gw.router.knows(fallback):
+                continue
+            request.model = fallback
+            self._body = None
+            try:
+                response = await self._call_model(None)
+            except GatewayError as exc:
+                if exc.code not in FALLBACK_ON:
+                    raise
+                continue
+            gw.metrics.fallbacks_by[asked, fallback].inc()
+            self.fallback_from = asked
+            return response
+        request.model = asked
+        raise error
+
+    async def _call_model(self, wait_limit: float | None, tried: set[str] | None = None) -> UpstreamResponse:
+        """One model's engines: an engine slot (queued while all are full, at most `wait_limit`
+        seconds when given), then the call; one that refuses or fails before answering is retried
+        once on another engine (nothing has reached the client yet)."""
         gw, request, m = self.gw, self.request, self.gw.metrics
         model = request.model
-        gw.control.note(model)  # scale to zero: traffic starts the model's stopped engines
-        tried: set[str] = set()
+        if model in gw.control.stopped_models:  # scale to zero: traffic starts the model's stopped engines
+            gw.control.wake_model(model)
+        tried = tried if tried is not None else set()
         error: GatewayError | None = None
         for attempt in range(2):
             if attempt:
                 pick = gw.scheduler.retry(request, frozenset(tried))
             else:  # an engine slot: at once when one has room, else in turn (gateway/dispatch/scheduler.py)
-                pick = await gw.scheduler.acquire(request, self.principal, self.grant)
+                pick = await self._acquire(wait_limit)
                 if pick is None and await gw.control.wait_for(model):  # a cold start, shared by all waiting
-                    pick = await gw.scheduler.acquire(request, self.principal, self.grant)
+                    pick = await self._acquire(wait_limit)
             if pick is None:
                 break
             self._use(pick)
             engine = pick.engine
             tried.add(engine.name)
             if attempt:
-                m.retries_by(model).inc()
-            m.routing_by(model, engine.name).inc()
+                m.retries_by[model].inc()
+            m.routing_by[model, engine.name].inc()
             body = self._engine_body(pick.route.model)
             try:
                 response = await gw.upstream.post(engine.settings, request.endpoint.path, body, request.stream)
             except EngineUnreachable as exc:
-                m.upstream_errors_by(engine.name, "connect").inc()
+                m.upstream_errors_by[engine.name, "connect"].inc()
                 gw.pool.mark_failed(engine, str(exc))
                 error = GatewayError(503, "No engine could take the request.", code=Code.NO_HEALTHY_ENGINE)
                 continue
             except TimeoutError:
-                m.upstream_errors_by(engine.name, "timeout").inc()
+                m.upstream_errors_by[engine.name, "timeout"].inc()
                 raise GatewayError(504, "The engine did not answer in time.", code=Code.UPSTREAM_TIMEOUT) from None
             except UpstreamError as exc:
-                m.upstream_errors_by(engine.name, "read").inc()
+                m.upstream_errors_by[engine.name, "read"].inc()
                 error = GatewayError(502, f"The engine failed: {exc}.", code=Code.UPSTREAM_ERROR)
                 continue
             if response.status == 429 or response.status >= 500:
-                m.upstream_errors_by(engine.name, "overloaded" if response.status == 429 else "5xx").inc()
+                m.upstream_errors_by[engine.name, "overloaded" if response.status == 429 else "5xx"].inc()
                 error = await error_of(response)
                 response.release()
                 continue
             self.response = response
             return response
         raise error or GatewayError(503, f"No healthy engine serves '{model}' right now.", code=Code.NO_HEALTHY_ENGINE)
+
+    async def _acquire(self, wait_limit: float | None) -> Pick | None:
+        scheduler = self.gw.scheduler
+        if wait_limit is None:
+            return await scheduler.acquire(self.request, self.principal, self.grant)
+        try:
+            async with asyncio.timeout(wait_limit):
+                return await scheduler.acquire(self.request, self.principal, self.grant)
+        except TimeoutError:
+            raise GatewayError(
+                429, f"Every engine of '{self.request.model}' is busy.", code=Code.QUEUE_TIMEOUT
+            ) from None
 
     def _engine_body(self, upstream_model: str) -> bytes:
         """The body sent to the engine: the client's, with the route's model name and, for a
@@ -187,7 +241,19 @@ class Exchange:
         if inference_log is not None and (capture := inference_log.capture(self.request)) is not None:
             self._capture, send = capture, capture.wrap(send)  # a sampled payload: keep what is sent
         if not (self.request.stream and response.status == 200):
-            content = await read_whole(response, self.out)
+            try:
+                content = await read_whole(response, self.out)
+            except GatewayError as exc:
+                failed = self.pick.engine if self.pick is not None else None
+                if exc.code != Code.UPSTREAM_ERROR or failed is None or not self._resumes():
+                    raise
+                # The engine failed while answering: nothing reached the client, so another engine
+                # answers the whole request again.
+                gw.pool.mark_failed(failed, f"an answer broke: {exc.message}")
+                gw.metrics.upstream_errors_by[failed.name, "mid_answer"].inc()
+                response.close()
+                response = await self._call_model(None, {failed.name})
+                content = await read_whole(response, self.out)
             await self._finishing()
             ctype = response.header(b"content-type") or b"application/json"
             start = {
@@ -201,20 +267,89 @@ class Exchange:
         m = gw.metrics
         m.streams.inc()
         gw.watchdog.watch(self.out, self._watch.drop)
+        out = self.out
         try:
             strip = not self.request.usage_wanted
-            on_gap = m.itl_by(self.request.model, self.pick.route.name if self.pick else "-").observe
-            tail = await relay_stream(response, send, self.out, [*SSE_HEADERS, *headers], strip, on_gap)
+            on_gap = m.itl_by[self.request.model, self.pick.route.name if self.pick else "-"].observe
+            await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *headers]})
+            out.status = 200
+            kept = Transcript() if self._resumes() else None
+            tail = await relay_stream(response, send, out, strip, on_gap, kept)
+            while tail is None and kept is not None and out.cut is None and out.resumed < MAX_RESUMES:
+                resumed = await self._resume(kept)
+                if resumed is None:
+                    break
+                response, splice = resumed
+                tail = await relay_stream(response, send, out, strip, on_gap, kept, splice)
+            if tail is None:
+                tail = broken(out)
             await self._finishing()
-            await send_last(send, self.out, tail)
+            await send_last(send, out, tail)
         finally:
-            gw.watchdog.unwatch(self.out)
+            gw.watchdog.unwatch(out)
             m.streams.dec()
+
+    async def _resume(self, kept: Transcript) -> tuple[UpstreamResponse, Splice] | None:
+        """The stream's engine failed after the first byte: the same request goes on from what was
+        sent, on another engine of the same route (gateway/proxy/resume.py). None when it cannot."""
+        gw, request, out = self.gw, self.request, self.out
+        m, model = gw.metrics, request.model
+        failed, route = self.pick.engine if self.pick else None, self.pick.route if self.pick else None
+        if failed is None or route is None:
+            return None
+        m.upstream_errors_by[failed.name, "mid_stream"].inc()
+        if out.error != "the engine sent an error event":
+            gw.pool.mark_failed(failed, f"a stream broke: {out.error}")  # its other streams move too
+        so_far = read_transcript(kept.blocks, request.endpoint.kind == "chat") if not kept.overflow else None
+        if so_far is None or so_far.finish_reason is not None:
+            return None  # past its bound; or it had finished but for its [DONE]: ends as broken
+        body = continuation(request.body, request.endpoint.kind == "chat", so_far, request.max_tokens)
+        if body is None:
+            m.resumes_by[model, "not_resumable"].inc()
+            return None
+        self._free_slot()
+        tried = frozenset({failed.name})
+        pick = gw.scheduler.retry(request, tried)
+        if pick is None and not failed.healthy:
+            pick = await gw.scheduler.acquire(request, self.principal, self.grant)
+        if pick is not None and (pick.engine.name in tried or pick.route.name != route.name):
+            gw.scheduler.release(pick.engine)  # another version of the model must not finish this answer
+            pick = None
+        if pick is None:
+            m.resumes_by[model, "no_engine"].inc()
+            return None
+        self._use(pick)
+        engine = pick.engine
+        body["model"] = route.model
+        try:
+            response = await gw.upstream.post(engine.settings, request.endpoint.path, orjson.dumps(body), True)
+        except (EngineUnreachable, UpstreamError, TimeoutError) as exc:
+            gw.pool.mark_failed(engine, f"a resumed stream could not start: {exc}")
+            m.resumes_by[model, "failed"].inc()
+            return None
+        if response.status != 200:
+            response.release()
+            m.resumes_by[model, "failed"].inc()
+            return None
+        if self.response is not None:
+            self.response.close()
+        self.response = response
+        out.error = None
+        out.resumed += 1
+        m.resumes_by[model, "resumed"].inc()
+        log.info("request %s: stream resumed on engine %s after %s", self.request_id.decode(), engine.name, failed.name)
+        prompt = self.grant.prompt_tokens if self.grant is not None else None
+        return response, Splice(so_far, prompt)
+
+    def _resumes(self) -> bool:
+        return self.gw.models[self.request.model].failover == "resume"
 
     def _headers(self) -> list[tuple[bytes, bytes]]:
         headers = list(self.grant.headers) if self.grant is not None else []
         if self.pick is not None:
             headers.append((b"x-gateway-route", self.pick.route.name.encode()))
+        if self.fallback_from is not None:  # a fallback served: say which model
+            headers.append((b"x-gateway-model", self.request.model.encode()))
         return headers
 
     async def _finishing(self) -> None:
@@ -239,7 +374,7 @@ class Exchange:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._watch.stop()
-        self.gw.drain.leave(self)
+        self.gw.drain.live.discard(self)
         gone = self._watch.disconnected(exc)
         out = self.out
         cut = out.cut if not gone and self._watch.interrupted(exc) else None
@@ -281,20 +416,20 @@ class Exchange:
         status = str(out.status)
         elapsed = time.perf_counter() - self.started
         ttft = out.first_chunk - self.started if out.first_chunk else None
-        m.requests_by(model, engine, status, route).inc()
-        m.latency_by(model, route).observe(elapsed)
+        m.requests_by[model, engine, status, route].inc()
+        m.latency_by[model, route].observe(elapsed)
         if ttft is not None:
-            m.ttft_by(model, route).observe(ttft)
+            m.ttft_by[model, route].observe(ttft)
         if usage.prompt_tokens:
-            m.prompt_tokens_by(model, route).inc(usage.prompt_tokens)
+            m.prompt_tokens_by[model, route].inc(usage.prompt_tokens)
         if usage.completion_tokens:
-            m.completion_tokens_by(model, route).inc(usage.completion_tokens)
+            m.completion_tokens_by[model, route].inc(usage.completion_tokens)
         if self.principal.key_id is not None:
-            m.key_requests_by(self.principal.key_id, status).inc()
+            m.key_requests_by[self.principal.key_id, status].inc()
         if out.status == DISCONNECTED:
-            m.disconnects_by(model).inc()
+            m.disconnects_by[model].inc()
         elif out.error is not None:
-            m.upstream_errors_by(engine, "mid_stream").inc()
+            m.upstream_errors_by[engine, "mid_stream"].inc()
         inference_log = self.gw.inference_log
         if inference_log is not None:
             inference_log.add(

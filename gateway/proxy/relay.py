@@ -28,11 +28,13 @@ from starlette.types import Send
 
 from gateway.core.errors import Code, GatewayError
 from gateway.engines.client import UpstreamError, UpstreamResponse
+from gateway.proxy.resume import Transcript
 
 _DONE = b"data: [DONE]"
 _DATA = b"data: "
 _USAGE = b'"usage":{'
 _FINISH = b'"finish_reason"'
+_INBAND_ERROR = b'data: {"error"'
 _EVENT_SPLIT = re.compile(rb"\r?\n\r?\n")
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -56,6 +58,7 @@ class Outcome:
     finish_reason: str | None = None  # why the (last) choice ended: stop, length, ...
     sending_since: float = 0.0  # monotonic time the pending send began; 0 when none is pending
     cut: GatewayError | None = None  # the gateway ended it itself (shutdown): what the client is told
+    resumed: int = 0  # times the stream went on on another engine after its engine failed
 
 
 async def error_of(response: UpstreamResponse) -> GatewayError:
@@ -88,15 +91,17 @@ async def relay_stream(
     response: UpstreamResponse,
     send: Send,
     out: Outcome,
-    headers: list[tuple[bytes, bytes]],
     strip_usage: bool,
     on_gap: Callable[[float], None],
-) -> bytes:
-    """Relays a stream up to its last event, which it returns unsent: the `[DONE]` block, or the
-    error event of a stream that broke. The exchange settles, then sends it with `send_last`, so
-    a client never sees its answer complete before its concurrency slot is free."""
-    out.status = 200
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    kept: Transcript | None = None,
+    splice: Callable[[bytes], bytes] | None = None,
+) -> bytes | None:
+    """Relays a stream's events (the response has started) up to its last, which it returns
+    unsent: the `[DONE]` block. None when the stream broke first (`out.error` says why). The
+    exchange settles, then sends the last bytes with `send_last`, so a client never sees its
+    answer complete before its concurrency slot is free. With `kept`, every block sent is kept
+    for a resume (gateway/proxy/resume.py), and an in-band error event breaks the stream rather
+    than reaching the client; `splice` rewrites a continuation's blocks."""
     buf = tail = b""
     # The finish reason sits in the last content event, which may have come a block or two
     # before [DONE] (the usage event comes between): keep references, parse only at the end.
@@ -117,6 +122,11 @@ async def relay_stream(
             if not end or out.done:
                 continue
             block, buf = buf[:end], buf[end:]
+            if splice is not None:
+                block = splice(block)
+            if kept is not None and _INBAND_ERROR in block:
+                out.error = "the engine sent an error event"
+                return None
             out.events += block.count(b"\n\n") + block.count(b"\r\n\r\n")
             if _USAGE in block:
                 block = take_usage(block, out, strip_usage)
@@ -126,6 +136,8 @@ async def relay_stream(
                 out.finish_reason = finish_reason_of((block, prev, older))
                 tail = block
             elif block:
+                if kept is not None:
+                    kept.keep(block)
                 await _send(send, out, block)
                 older, prev = prev, block
     except (UpstreamError, TimeoutError) as exc:
@@ -133,12 +145,17 @@ async def relay_stream(
             out.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     if out.done:
         return tail
-    # The engine died or stalled mid-stream, or the gateway cut the stream (shutdown): the
-    # client is told in-band, then the stream ends cleanly.
+    if out.cut is None:
+        out.error = out.error or "the engine closed the stream before it finished"
+    return None
+
+
+def broken(out: Outcome) -> bytes:
+    """The end of a stream that broke (or that the gateway cut at shutdown): the client is told
+    in-band, then the stream ends cleanly."""
     if out.cut is not None:
         error = out.cut
     else:
-        out.error = out.error or "the engine closed the stream before it finished"
         error = GatewayError(502, f"The upstream engine failed mid-stream ({out.error}).", code=Code.UPSTREAM_ERROR)
     out.status, out.error_code = error.status, error.code
     return error.sse()

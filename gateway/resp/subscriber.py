@@ -40,6 +40,24 @@ class Event:
     data: bytes | None = None
 
 
+class OutageLog:
+    """ "Redis unreachable" once when an outage begins and "Redis reachable again" once when it
+    ends, however many parts of the process notice it (the subscription, the route store's reads)."""
+
+    def __init__(self) -> None:
+        self.down = False
+
+    def lost(self, message: str, *args: object) -> None:
+        if not self.down:
+            self.down = True
+            log.warning("Redis unreachable: " + message, *args)
+
+    def back(self, message: str, *args: object) -> None:
+        if self.down:
+            self.down = False
+            log.warning("Redis reachable again: " + message, *args)
+
+
 class Subscriber:
     def __init__(
         self,
@@ -61,30 +79,23 @@ class Subscriber:
         self._retry_pause = retry_pause
         self._kwargs = connection_kwargs or {}
         self.node: str | None = None  # the node subscribed to now
+        self.outage = OutageLog()  # shared with those who read what the channel announces
 
     async def subscribe(self, channel: str, idle_every: float | None = None) -> AsyncIterator[Event]:
         """Events of `channel`, forever; cancel the consuming task (or close the iterator) to stop."""
         failed: str | None = None
-        warned = False
+        outage = self.outage
         while True:
             for address in self._order(failed):
                 try:
                     async with contextlib.aclosing(self._follow(address, channel, idle_every)) as events:
                         async for event in events:
-                            if event.kind == "subscribed" and warned:
-                                log.warning("Redis reachable again: subscribed to %s on %s", channel, address)
-                                warned = False
+                            if event.kind == "subscribed":
+                                outage.back("subscribed to %s on %s", channel, address)
                             yield event
                 except (RedisError, OSError, TimeoutError) as exc:
                     failed = address
-                    if not warned:
-                        log.warning(
-                            "Redis unreachable: the subscription to %s on %s was lost (%r); trying other nodes",
-                            channel,
-                            address,
-                            exc,
-                        )
-                        warned = True
+                    outage.lost("the subscription to %s on %s was lost (%r); trying other nodes", channel, address, exc)
             await asyncio.sleep(self._retry_pause)
 
     def _order(self, failed: str | None) -> list[str]:

@@ -19,7 +19,7 @@ import yaml
 from gateway.settings.batch import BatchSettings, FilesSettings, parse_batch, parse_files
 from gateway.settings.engines import ENGINE_KINDS, MANAGED_KINDS, EngineSettings, VllmSettings, parse_engine
 from gateway.settings.inference_log import InferenceLogSettings, PayloadCapture, parse_inference_log
-from gateway.settings.models import ModelSettings, RouteSettings, parse_model, parse_routes
+from gateway.settings.models import ModelSettings, RouteSettings, check_fallbacks, parse_model, parse_routes
 from gateway.settings.reader import ConfigError, Reader
 from gateway.settings.scheduler import SchedulerSettings, parse_scheduler
 from gateway.settings.sections import (
@@ -96,6 +96,7 @@ def parse_settings(
     names = [m.name for m in models]
     if len(names) != len(set(names)):
         raise r.fail("models", "two models share a name")
+    check_fallbacks(r, models)
     redis = parse_redis(r, data, env)
     auth = parse_auth(r, data, env)
     if auth.enabled and not redis.url:

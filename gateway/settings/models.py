@@ -12,6 +12,8 @@ from gateway.settings.inference_log import PayloadCapture, parse_log_payloads
 from gateway.settings.reader import ConfigError, Reader
 
 ASSIGNMENTS = ("weighted", "sticky")
+FAILOVERS = ("resume", "error")
+MAX_FALLBACKS = 8
 MAX_WEIGHT = 1e9
 MAX_ROUTES = 64
 
@@ -32,13 +34,30 @@ class ModelSettings:
     assignment: str = "weighted"  # how a request gets its route: weighted (random) or sticky
     max_prompt_bytes: int | None = None  # a request body bound of its own (else server.max_body_bytes)
     log_payloads: PayloadCapture | None = None  # sampled body capture in the inference log; off by default
+    failover: str = "resume"  # a stream whose engine fails goes on on another engine (resume) or ends (error)
+    fallbacks: tuple[str, ...] = ()  # other models to serve it, in order, when this one cannot
+    fallback_after: float | None = None  # seconds of queue wait after which a fallback serves instead
 
 
 def parse_model(r: Reader, index: int, data: Any, engines: dict[str, EngineSettings], base_dir: Path) -> ModelSettings:
     path = f"models[{index}]."
     if not isinstance(data, Mapping):
         raise r.fail(path[:-1], "must be a mapping")
-    r.known(data, path, ("name", "routes", "tokenizer", "assignment", "max_prompt_bytes", "log_payloads"))
+    r.known(
+        data,
+        path,
+        (
+            "name",
+            "routes",
+            "tokenizer",
+            "assignment",
+            "max_prompt_bytes",
+            "log_payloads",
+            "failover",
+            "fallbacks",
+            "fallback_after",
+        ),
+    )
     name = r.get(data, "name", path, str, None)
     if not name:
         raise r.fail(f"{path}name", "is required")
@@ -49,6 +68,19 @@ def parse_model(r: Reader, index: int, data: Any, engines: dict[str, EngineSetti
         raise r.fail(f"{path}assignment", f"must be one of {', '.join(ASSIGNMENTS)}, got {assignment!r}")
     max_prompt_bytes = r.get(data, "max_prompt_bytes", path, int, None, 1)
     log_payloads = parse_log_payloads(r, f"{path}log_payloads", data.get("log_payloads"))
+    failover = r.get(data, "failover", path, str, "resume")
+    if failover not in FAILOVERS:
+        raise r.fail(f"{path}failover", f"must be one of {', '.join(FAILOVERS)}, got {failover!r}")
+    fallbacks = data.get("fallbacks", [])
+    if (
+        not isinstance(fallbacks, list)
+        or len(fallbacks) > MAX_FALLBACKS
+        or not all(isinstance(f, str) and f for f in fallbacks)
+    ):
+        raise r.fail(f"{path}fallbacks", f"must be a list of at most {MAX_FALLBACKS} model names")
+    if name in fallbacks or len(set(fallbacks)) != len(fallbacks):
+        raise r.fail(f"{path}fallbacks", "must name other models, each once")
+    fallback_after = r.get(data, "fallback_after", path, float, None, 0)
     return ModelSettings(
         name=name,
         routes=routes,
@@ -56,7 +88,19 @@ def parse_model(r: Reader, index: int, data: Any, engines: dict[str, EngineSetti
         assignment=assignment,
         max_prompt_bytes=max_prompt_bytes,
         log_payloads=log_payloads,
+        failover=failover,
+        fallbacks=tuple(fallbacks),
+        fallback_after=fallback_after,
     )
+
+
+def check_fallbacks(r: Reader, models: tuple[ModelSettings, ...]) -> None:
+    """Every fallback names a configured model."""
+    known = {m.name for m in models}
+    for i, m in enumerate(models):
+        for f in m.fallbacks:
+            if f not in known:
+                raise r.fail(f"models[{i}].fallbacks", f"unknown model {f!r} (known: {', '.join(sorted(known))})")
 
 
 def parse_routes(
@@ -106,4 +150,4 @@ def _route(
     )
 
 
-__all__ = ["ConfigError", "ModelSettings", "RouteSettings", "parse_model", "parse_routes"]
+__all__ = ["ConfigError", "ModelSettings", "RouteSettings", "check_fallbacks", "parse_model", "parse_routes"]

@@ -85,14 +85,16 @@ class Router:
         """Steps 1 and 2 alone: the route (version) for the request, among the routes with a
         usable engine; None when there is none. The engine is picked later, in that route."""
         routes = [r for r in self.routes[request.model] if r.weight > 0 and self._usable(r, tried)]
-        return self._assigners[request.model].choose(request, routes) if routes else None
+        if len(routes) < 2:  # nothing to choose between
+            return routes[0] if routes else None
+        return self._assigners[request.model].choose(request, routes)
 
     def members(self, route: RouteSettings) -> list[Engine]:
         """The engines a route names, as they are now (a `discover: dns` entry stands for the
         engines found under its name)."""
         pool = self._pool
         engines = pool.engines
-        return [e for entry in route.engines for name in pool.members(entry) if (e := engines.get(name))]
+        return [e for entry in route.engines for name in pool.groups.get(entry, ()) if (e := engines.get(name))]
 
     def _usable(self, route: RouteSettings, tried: frozenset[str]) -> list[Engine]:
         return [e for e in self.members(route) if e.healthy and e.name not in tried]

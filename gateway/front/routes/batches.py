@@ -107,7 +107,7 @@ class BatchRoutes:
             content = await store.file_content(record.id, principal.key_id)
             errors = await validate_file(content, rules) if content is not None else []
             if errors:
-                metrics.batches_by("failed").inc()
+                metrics.batches_by["failed"].inc()
                 return await store.create_failed_batch(spec, errors)
             content = await store.file_content(record.id, principal.key_id)
             if content is None:
@@ -116,7 +116,7 @@ class BatchRoutes:
         except (StoreError, InvalidLine, DuplicateCustomIdError) as exc:
             # Only a file deleted while it was read, or a key's models changed meanwhile.
             raise invalid(f"The input file changed while the batch was being created: {exc}") from None
-        metrics.batches_by("in_progress").inc()
+        metrics.batches_by["in_progress"].inc()
         self.runner.wake()
         return batch
 
@@ -151,7 +151,7 @@ class BatchRoutes:
         if batch is None:
             raise batch_not_found(batch_id)
         if batch.status == "cancelling" and before.status != "cancelling":
-            self.gw.metrics.batches_by("cancelling").inc()
+            self.gw.metrics.batches_by["cancelling"].inc()
             self.runner.cancelled(batch_id)
         elif batch.status not in ("cancelling", "cancelled"):
             raise GatewayError(
