@@ -102,7 +102,10 @@ class CpuEngine:
     def chat_prompt(self, messages: list[dict[str, str]], continue_final: bool = False) -> list[int]:
         try:
             text = self._tokenizer.apply_chat_template(
-                messages, add_generation_prompt=not continue_final, continue_final_message=continue_final, tokenize=False
+                messages,
+                add_generation_prompt=not continue_final,
+                continue_final_message=continue_final,
+                tokenize=False,
             )
         except Exception as exc:  # the template's own raise_exception(), e.g. a role it does not know
             raise invalid(f"The model's chat template rejected the messages: {exc}", param="messages") from None
