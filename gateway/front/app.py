@@ -14,6 +14,7 @@ from gateway.batch.runner import BatchRunner
 from gateway.front.listeners import listener_app
 from gateway.front.middleware import Front
 from gateway.front.readiness import readiness
+from gateway.front.routes.admin import redis_off_routes
 from gateway.front.routes.batches import BatchRoutes
 from gateway.front.routes.console import console_routes
 from gateway.front.routes.files import FileRoutes
@@ -122,7 +123,7 @@ def build_app(
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
-        *(parts.admin_routes if parts else []),
+        *(parts.admin_routes if parts else redis_off_routes(settings.auth.admin_key)),
         *monitor_routes(gw),
         *console_routes(),
     ]
