@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv and installs the project with every extra. Idempotent; safe to re-run.
 # torch is pinned to the CPU build (see pyproject.toml), so no CUDA wheels are pulled.
-# Takes 2-4 minutes the first time (.venv is about 1.9 GB), seconds after that; it prints a line
+# Takes 2-4 minutes the first time on an idle machine (.venv is about 2.1 GB), under half a minute after that; it prints a line
 # every 15 s while pip works. SETUP_NO_HINT=1 leaves out the closing "start the gateway" hint
 # (scripts/test.sh sets it).
 set -euo pipefail

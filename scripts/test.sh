@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything (scripts/setup.sh), lints, type-checks and runs the whole test suite.
-# The first run installs about 5.5 GB of virtual environments (.venv 1.9 GB, .venv-vllm 3.5 GB);
+# The first run installs about 5.6 GB of virtual environments (.venv 2.1 GB, .venv-vllm 3.5 GB);
 # the suite itself takes about 15-20 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
