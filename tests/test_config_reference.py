@@ -1,9 +1,11 @@
-"""The README's configuration reference is generated from the settings dataclasses
-(gateway/settings/reference.py): it must be the current table, and name exactly the keys the
-config parser accepts, section by section (so a new key cannot go undocumented)."""
+"""The configuration reference (docs/reference/configuration.md) is generated from the settings
+dataclasses (gateway/settings/reference.py): it must be the current page, name exactly the keys
+the config parser accepts, section by section, and every environment variable gateway/settings
+reads (so a new key or variable cannot go undocumented)."""
 
 from __future__ import annotations
 
+import ast
 import copy
 import re
 from collections.abc import Callable
@@ -12,10 +14,11 @@ from typing import Any
 
 import pytest
 
+import gateway.settings
 from gateway.settings import ConfigError, parse_settings
-from gateway.settings.reference import in_readme, markdown, rows
+from gateway.settings.reference import ENVIRONMENT, PAGE, page, rows
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+SETTINGS_DIR = Path(gateway.settings.__file__).parent
 
 BASE: dict[str, Any] = {
     "server": {},
@@ -84,7 +87,19 @@ def test_every_key_has_a_meaning() -> None:
     assert [key for key, _, meaning in rows() if not meaning] == []
 
 
-def test_the_readme_holds_the_current_reference() -> None:
-    table = in_readme(README.read_text())
-    assert table is not None, "README.md lacks the config-reference markers"
-    assert table == markdown(), "stale: run `python -m gateway.settings.reference --write`"
+def test_the_docs_hold_the_current_reference() -> None:
+    assert PAGE.read_text() == page(), "stale: run `python -m gateway.settings.reference --write`"
+
+
+def test_every_environment_variable_is_documented() -> None:
+    """Every string in gateway/settings that names an environment variable (SHOUTING_CASE, not a
+    name the package itself defines) is in the reference's table."""
+    named = set()
+    for path in SETTINGS_DIR.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            value = node.value if isinstance(node, ast.Constant) else None
+            shouting = isinstance(value, str) and re.fullmatch(r"[A-Z][A-Z0-9]*(_[A-Z0-9]+)+", value)
+            if shouting and not hasattr(gateway.settings, str(value)):  # CONFIG_ENV and the like are names
+                named.add(str(value))
+    assert {"GATEWAY_ADMIN_KEY", "GATEWAY_STORE_URL", "GATEWAY_URL", "GATEWAY_API_KEY"} <= named
+    assert named == {name for name, _, _ in ENVIRONMENT}

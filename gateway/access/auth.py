@@ -44,9 +44,20 @@ def require_admin(scope: Scope, admin_key: str | None) -> None:
     """The admin API's one check: 401 without a key, 403 for any other key or when the admin API
     is off (no GATEWAY_ADMIN_KEY)."""
     if admin_key is None:
-        raise GatewayError(403, "The admin API is disabled: set GATEWAY_ADMIN_KEY.", code=Code.ADMIN_DISABLED)
+        raise GatewayError(
+            403,
+            "The admin API is disabled: no admin key is configured. Set the environment variable "
+            "GATEWAY_ADMIN_KEY and restart the gateway.",
+            code=Code.ADMIN_DISABLED,
+        )
+    if not header(scope, b"authorization"):
+        raise GatewayError(
+            401,
+            "Missing admin key: send GATEWAY_ADMIN_KEY as 'Authorization: Bearer <key>'.",
+            code=Code.MISSING_API_KEY,
+        )
     if not is_admin_key(bearer(scope), admin_key):
-        raise GatewayError(403, "This key may not use the admin API.", code=Code.NOT_ADMIN)
+        raise GatewayError(403, "Not the admin key: the admin API takes only GATEWAY_ADMIN_KEY.", code=Code.NOT_ADMIN)
 
 
 class KeyedAccess:

@@ -79,7 +79,10 @@ def call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> dict[st
     except ValueError:
         raise CliError(f"{method} {path}: {r.status_code} {r.text[:200]}") from None
     if r.status_code >= 400:
-        raise CliError(f"{method} {path}: {r.status_code}: {payload.get('error', {}).get('message', r.text)}")
+        message = f"{method} {path}: {r.status_code}: {payload.get('error', {}).get('message', r.text)}"
+        if r.status_code == 401 and "authorization" not in client.headers:
+            message += " (this gateway wants an API key: pass --key or set GATEWAY_API_KEY)"
+        raise CliError(message)
     return payload
 
 

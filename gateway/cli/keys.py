@@ -12,17 +12,28 @@ import httpx
 
 from gateway.settings import admin_client_settings
 
-LIMITS = ("rpm", "tpm", "max_concurrent", "daily_tokens", "monthly_tokens")
+LIMITS = {
+    "rpm": "requests per minute",
+    "tpm": "tokens per minute",
+    "max_concurrent": "requests in flight at once",
+    "daily_tokens": "tokens per UTC day",
+    "monthly_tokens": "tokens per UTC month",
+}
 
 
 def add_keys_commands(sub: Any) -> None:
-    keys = sub.add_parser("keys", help="manage API keys through the admin API")
+    keys = sub.add_parser(
+        "keys",
+        help="manage API keys through the admin API",
+        description="Manage API keys through the gateway's admin API (needs Redis and GATEWAY_ADMIN_KEY "
+        "in this command's environment, the same as the gateway's).",
+    )
     _connection_options(keys, default=True)
-    ops = keys.add_subparsers(dest="op", required=True)
+    ops = keys.add_subparsers(dest="op", required=True, metavar="COMMAND")
 
     def limits(p: argparse.ArgumentParser) -> None:
-        for name in LIMITS:
-            p.add_argument(f"--{name.replace('_', '-')}", type=int, dest=name)
+        for name, what in LIMITS.items():
+            p.add_argument(f"--{name.replace('_', '-')}", type=int, dest=name, metavar="N", help=f"limit: {what}")
         p.add_argument("--models", help="comma-separated public model names (default: all)")
         p.add_argument("--expires-at", help="ISO 8601 or unix seconds")
         p.add_argument("--metadata", help="a JSON object")
@@ -30,16 +41,20 @@ def add_keys_commands(sub: Any) -> None:
         p.add_argument("--weight", type=float, help="share within the band (default 1)")
 
     create = ops.add_parser("create", help="create a key; prints the secret once")
-    create.add_argument("--name", required=True)
+    create.add_argument("--name", required=True, help="a name for people (need not be unique)")
     limits(create)
-    listing = ops.add_parser("list", help="list keys")
+    listing = ops.add_parser("list", help="list every key (never the secrets)")
     parsers = [create, listing]
-    for op in ("get", "revoke", "usage"):
-        parsers.append(ops.add_parser(op))
-        parsers[-1].add_argument("id")
-    update = ops.add_parser("update", help="change a key's limits")
-    update.add_argument("id")
-    update.add_argument("--name")
+    for op, what in (
+        ("get", "show one key's record"),
+        ("revoke", "revoke a key at once on every replica (its record stays for audit)"),
+        ("usage", "show a key's usage: today, this month and the current minute"),
+    ):
+        parsers.append(ops.add_parser(op, help=what))
+        parsers[-1].add_argument("id", help="the key's id (key_...), not its secret")
+    update = ops.add_parser("update", help="change a key's name, limits, models, priority or weight")
+    update.add_argument("id", help="the key's id (key_...), not its secret")
+    update.add_argument("--name", help="a new name")
     limits(update)
     for p in [*parsers, update]:
         _connection_options(p, default=False)  # `keys create --wait 60` as well as `keys --wait 60 create`

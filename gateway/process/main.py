@@ -303,11 +303,20 @@ def raise_open_files(settings: Settings) -> None:
         new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
         if new < wanted:
+            fits = max(0, (new - 1024) // 2)
             log.warning(
-                "open files are limited to %d: fewer than the %d that server.max_connections %d needs",
+                "open files are limited to %d (the hard limit), fewer than the %d that server.max_connections "
+                "%d needs: a worker may run out of file descriptors past about %d connections. Either raise the "
+                "limit (`ulimit -Hn %d` as root, LimitNOFILE=%d under systemd, `docker run --ulimit nofile=%d`) "
+                "or set server.max_connections to %d or less in the config.",
                 new,
                 wanted,
                 settings.server.max_connections,
+                fits,
+                wanted,
+                wanted,
+                wanted,
+                fits,
             )
 
 

@@ -140,14 +140,14 @@ export function queryString(params) {
 /**
  * Whether this gateway has its admin API on, asked without a key:
  * "enabled" (401: it wants a key), "disabled" (403 admin_disabled: no GATEWAY_ADMIN_KEY),
- * "absent" (404: no Redis configured, so no admin routes). Throws on other failures.
+ * "absent" (404 admin_disabled: no Redis configured). Throws on other failures.
  */
 export async function adminState() {
   const response = await send("GET", "admin/keys");
   if (response.status === 401 || response.ok) return "enabled";
   const err = await errorFrom(response);
+  if (response.status === 404) return "absent"; // 404 admin_disabled too: no Redis configured
   if (err.code === "admin_disabled") return "disabled";
-  if (response.status === 404) return "absent";
   throw err;
 }
 

@@ -183,10 +183,37 @@ def _engine_view(engine: Engine) -> dict[str, Any]:
     }
 
 
+# The paths AdminRoutes serves; without Redis they answer why the admin API is off instead of a
+# bare route_not_found (the inference log and batch admin routes need only the admin key).
+REDIS_PATHS = (
+    "/admin/keys",
+    "/admin/keys/{key_id}",
+    "/admin/keys/{key_id}/usage",
+    "/admin/engines",
+    "/admin/models",
+    "/admin/models/{model}",
+    "/admin/models/{model}/routes",
+)
+
+
+def redis_off_routes(admin_key: str | None) -> list[Route]:
+    """For a gateway without Redis: the key and route paths answer 404 `admin_disabled`, naming what to set."""
+    missing = "redis.url in the config or GATEWAY_REDIS_URL"
+    if admin_key is None:
+        missing += ", and GATEWAY_ADMIN_KEY"
+    message = f"The admin API is disabled: keys, models and engines are kept in Redis, and this gateway has none. Set {missing}, then restart it."
+
+    async def disabled(request: Request) -> Response:
+        raise GatewayError(404, message, code=Code.ADMIN_DISABLED)
+
+    methods = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+    return [Route(path, disabled, methods=methods) for path in REDIS_PATHS]
+
+
 def admin_routes(gw: Gateway) -> list[Route]:
-    """The admin API; none without Redis, where keys and routes live."""
+    """The admin API; without Redis, where keys and routes live, its paths say why it is off."""
     if gw.redis is None:
-        return []
+        return redis_off_routes(gw.settings.auth.admin_key)
     r = gw.redis
     engines = {e.name: e for e in gw.settings.engines}
     return AdminRoutes(
