@@ -29,6 +29,7 @@ from gateway.settings import EngineSettings, HealthSettings
 log = logging.getLogger(__name__)
 
 ENGINE_STATES = ("stopped", "starting", "healthy", "unhealthy")
+COLD_PROBE_INTERVAL = 0.25  # seconds between health checks while requests wait for a first engine
 
 # Gauges an engine reports on /metrics that say how loaded it is: ours and vLLM's names.
 _WAITING = (b"engine_num_requests_waiting", b"vllm:num_requests_waiting")
@@ -107,6 +108,7 @@ class Pool:
         self._entries = {e.name: e for e in engines if e.discovery is not None}  # the discovered groups
         self._watchers = {e.name: self._watcher(e) for e in self._entries.values()}
         self._entry_of: dict[str, str] = {}  # discovered engine -> its entry
+        self._hurried = 0  # requests waiting for a cold entry (see hurry)
         self._health = health
         self._metrics = metrics
         self._task: asyncio.Task[None] | None = None
@@ -135,12 +137,23 @@ class Pool:
 
     @contextlib.contextmanager
     def hurry(self, entries: Iterable[str]) -> Iterator[None]:
-        """Resolve these discovered entries every second while in it (requests wait for them)."""
-        with contextlib.ExitStack() as stack:
-            for name in entries:
-                if (watcher := self._watchers.get(name)) is not None:
-                    stack.enter_context(watcher.hurry())
+        """While in it (requests wait for these discovered entries' first engine): resolve them
+        every second, and probe the engines every COLD_PROBE_INTERVAL, so a pod is used within
+        a moment of answering rather than a whole health interval later."""
+        watchers = [w for name in entries if (w := self._watchers.get(name)) is not None]
+        if not watchers:
             yield
+            return
+        with contextlib.ExitStack() as stack:
+            for watcher in watchers:
+                stack.enter_context(watcher.hurry())
+            self._hurried += 1
+            if self._hurried == 1:
+                self._changed.set()
+            try:
+                yield
+            finally:
+                self._hurried -= 1
 
     def start(self) -> None:
         timeout = aiohttp.ClientTimeout(total=self._health.timeout)
@@ -251,8 +264,11 @@ class Pool:
         while True:
             await asyncio.gather(*(self._check(e) for e in list(self.engines.values())))
             self._changed.clear()
+            interval = self._health.interval
+            if self._hurried:
+                interval = min(interval, COLD_PROBE_INTERVAL)
             try:
-                await asyncio.wait_for(self._changed.wait(), self._health.interval)
+                await asyncio.wait_for(self._changed.wait(), interval)
                 await asyncio.sleep(0.1)  # a burst of failures yields one re-check, not many
             except TimeoutError:
                 pass
