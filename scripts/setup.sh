@@ -30,6 +30,11 @@ if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/nul
     exit 1
   fi
 fi
+# tests/test_deploy.py renders the Kustomize overlays with `kubectl kustomize` (kubectl 1.27 or later:
+# kustomize v5); Debian's kubernetes-client is too old, so it is not installed from here.
+if ! command -v kubectl >/dev/null 2>&1; then
+  echo "setup: kubectl is missing: tests/test_deploy.py needs it (and fails without it under CI=true)" >&2
+fi
 size=$(du -sh .venv 2>/dev/null | cut -f1)
 if [ -n "${SETUP_NO_HINT:-}" ]; then
   echo "set-up done in $(($(date +%s) - started))s (.venv: ${size})" >&2

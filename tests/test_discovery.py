@@ -96,6 +96,15 @@ def test_parse_dns_discovery() -> None:
     assert found is not None and (found.interval, found.url("[fd00::1]:8000")) == (2.0, "https://[fd00::1]:8000")
     assert found.engine_name("10.0.0.7:8000") == "vllm@10.0.0.7:8000"
     assert parse_dns_discovery({"name": "a", "kind": "openai", "url": "http://a:1"}, "engines[0].") is None
+    # A DNS server of its own (Consul's DNS interface, a test's): IP, IP:PORT, [IPv6]:PORT.
+    for given, wanted in (
+        ("10.0.0.10", ("10.0.0.10", 53)),
+        ("127.0.0.1:8600", ("127.0.0.1", 8600)),
+        ("fd00::a", ("fd00::a", 53)),
+        ("[fd00::a]:8600", ("fd00::a", 8600)),
+    ):
+        found = parse_dns_discovery({**entry, "nameserver": given}, "engines[0].")
+        assert found is not None and found.nameserver == wanted, given
 
     bad: list[tuple[Mapping[str, Any], str]] = [
         ({**entry, "discover": "consul"}, "engines[0].discover: must be dns"),
@@ -110,6 +119,12 @@ def test_parse_dns_discovery() -> None:
         ({**entry, "scheme": "ftp"}, "engines[0].scheme: "),
         ({k: v for k, v in entry.items() if k != "name"}, "engines[0].name: is required"),
         ({"name": "a", "kind": "openai", "url": "http://a:1", "host": "a"}, "engines[0].host: only an engine with"),
+        ({"name": "a", "kind": "openai", "url": "http://a:1", "nameserver": "10.0.0.1"}, "engines[0].nameserver: only"),
+        ({**entry, "nameserver": "dns.local"}, "engines[0].nameserver: must be an IP address"),
+        ({**entry, "nameserver": "10.0.0.1:dns"}, "engines[0].nameserver: "),
+        ({**entry, "nameserver": "10.0.0.1:70000"}, "engines[0].nameserver: "),
+        ({**entry, "nameserver": "[fd00::a]8600"}, "engines[0].nameserver: "),
+        ({**entry, "nameserver": 53}, "engines[0].nameserver: "),
     ]
     for data, message in bad:
         with pytest.raises(ValueError, match="^" + re.escape(message)):

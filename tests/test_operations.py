@@ -170,6 +170,7 @@ def test_readiness_per_model(logs_dir: Path, fake: Proc) -> None:
         gw.wait_healthy("/ready", timeout=60)
         body = httpx.get(gw.url + "/ready", timeout=10).json()
         assert body["models"] == {"fake": True, "down": False}
+        assert body["model_states"] == {"fake": "ready", "down": "unavailable"}  # not cold: no engine is coming
         assert httpx.get(gw.url + "/ready?model=fake", timeout=10).status_code == 200
         down = httpx.get(gw.url + "/ready?model=down", timeout=10)
         assert down.status_code == 503 and down.json()["engine_states"]["dead"] == "unhealthy"

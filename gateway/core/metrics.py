@@ -203,6 +203,14 @@ class GatewayMetrics:
         self.cold_starts = Counter(
             "gateway_engine_cold_starts", "Stopped engines started by a request.", ["engine"], registry=r
         )
+        # What an autoscaler starts the first engine on (deploy/k8s/base/vllm-scaledobject.yaml).
+        self.cold_waiting = Gauge(
+            "gateway_cold_waiting_requests",
+            "Requests waiting for a cold model (engines stopped or scaled to zero) to get its first engine.",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.cold_start_wait = Histogram(
             "gateway_cold_start_wait_seconds",
             "How long requests waited for a stopped engine of their model to start.",

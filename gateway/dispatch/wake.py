@@ -5,7 +5,14 @@ The supervisor in the main process says which managed engines run; this applies 
 stopped (scale to zero) wakes them and waits, at most the engine's `cold_start_timeout`, then
 503 with `retry-after`; requests arriving meanwhile wait for the same start. Traffic for a model
 with a healthy engine and a stopped one wakes the stopped one in the background, while the healthy
-one serves. Four times a second the worker reports each engine's outstanding requests and how many
+one serves.
+
+Engines found by DNS (`discover: dns`) scale to zero outside the gateway (KEDA on Kubernetes,
+deploy/k8s/): a model whose discovered entries have no address, or only pods that have not passed
+a health check yet, is cold, not down. Its requests wait the same way, at most the entry's
+`cold_start_timeout`, counted in `gateway_cold_waiting_requests{model}` (the autoscaler's signal
+to start the first pod), while the name is resolved every second; they are served as soon as a
+pod answers /health. Four times a second the worker reports each engine's outstanding requests and how many
 it was sent, which the supervisor's idle timer reads.
 
 Without a channel (an app built on its own) every engine counts as running, as before.
@@ -27,6 +34,7 @@ from gateway.core.metrics import GatewayMetrics
 from gateway.dispatch.routing import Router
 from gateway.engines.control import MAX_LINE, EngineState, encode
 from gateway.engines.pool import Engine, Pool
+from gateway.settings import EngineSettings
 
 log = logging.getLogger(__name__)
 
@@ -75,40 +83,61 @@ class EngineControl:
                 self._wake(engine)
 
     async def wait_for(self, model: str) -> bool:
-        """No engine of `model` is healthy: if some can be woken, wake them and wait until one is
-        healthy (True). False when none can be woken (or none can any more: its port is taken);
-        GatewayError 503 when the start takes longer than the engines' cold_start_timeout."""
+        """No engine of `model` is healthy: if some can be woken, wake them, and if it is cold
+        (scaled to zero), wait until one is healthy (True). False when none can be woken (or none
+        can any more: its port is taken) and none is coming; GatewayError 503 when the start takes
+        longer than the engines' cold_start_timeout."""
         engines = self._wakeable(model)
-        if not engines:
+        entries = self._cold(model)
+        if not engines and not entries:
             return False
         for engine in engines:
             self._wake(engine)
-        timeout = max(e.settings.wake_timeout for e in engines)
-        names = self._engines_of(model)
+        timeout = max(s.wake_timeout for s in [*(e.settings for e in engines), *entries])
         pool = self._pool
         loop = asyncio.get_running_loop()
         began = loop.time()
+        waiting = self._metrics.cold_waiting.labels(model)
+        waiting.inc()
         try:
-            async with asyncio.timeout(timeout):
-                while not pool.any_healthy(names) and self._wakeable(model):
-                    await pool.changed()
+            with pool.hurry(e.name for e in entries):
+                async with asyncio.timeout(timeout):
+                    while not self._healthy(model) and (self._wakeable(model) or self._cold(model)):
+                        await pool.changed()
         except TimeoutError:
+            why = "its engine was stopped when idle" if engines else "its engines were scaled to zero"
             raise GatewayError(
                 503,
-                f"The model '{model}' is starting (its engine was stopped when idle) and was not ready "
-                f"within {timeout:g}s; retry shortly.",
+                f"The model '{model}' is starting ({why}) and was not ready within {timeout:g}s; retry shortly.",
                 code=Code.ENGINE_STARTING,
                 headers={"retry-after": str(max(1, math.ceil(timeout / 4)))},
             ) from None
         finally:
+            waiting.dec()
             self._metrics.cold_start_wait.labels(model).observe(loop.time() - began)
-        return pool.any_healthy(names)
+        return self._healthy(model)
 
     def wakeable(self, model: str) -> bool:
-        """Whether a stopped engine could serve `model` (so /ready counts it ready)."""
-        return bool(self._wakeable(model))
+        """Whether a stopped engine could serve `model`, or its engines are scaled to zero (so
+        /ready counts it ready: cold, not down)."""
+        return bool(self._wakeable(model)) or self.cold(model)
+
+    def cold(self, model: str) -> bool:
+        """No engine of `model` is healthy and one is stopped or scaled to zero: the next request
+        waits for it rather than failing."""
+        return not self._healthy(model) and bool(self._wakeable(model) or self._cold(model))
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _healthy(self, model: str) -> bool:
+        members = self._router.members
+        return any(
+            e.healthy for route in self._router.routes.get(model, ()) if route.weight > 0 for e in members(route)
+        )
+
+    def _cold(self, model: str) -> list[EngineSettings]:
+        """The model's `discover: dns` entries that are scaled to zero (gateway/engines/pool.py)."""
+        return self._pool.cold_entries(self._engines_of(model))
 
     def _engines_of(self, model: str) -> set[str]:
         return {name for route in self._router.routes.get(model, ()) if route.weight > 0 for name in route.engines}

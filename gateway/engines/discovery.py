@@ -10,15 +10,21 @@ resolved again every `discover_interval` seconds and engines are added and remov
 changes, with no restart. An answer that there is no such name or no address (NXDOMAIN, no
 records) is an answer: every engine of the entry goes. A failed resolution (timeout, SERVFAIL, no
 resolver) is not: the last answer stands, and it is logged once until resolution works again.
+
+While requests wait for a name without an address (its engines scaled to zero: a cold model,
+gateway/dispatch/wake.py), `hurry()` resolves it every HURRY_INTERVAL seconds instead, so the
+first pod is found within a second of appearing rather than a whole interval later; so does
+`urgent()` (the pool's: the name has engines, none healthy: pods loading, or going away).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import ipaddress
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import dns.asyncresolver
 import dns.exception
@@ -29,6 +35,7 @@ from gateway.settings.discovery import DnsDiscovery
 log = logging.getLogger(__name__)
 
 RESOLVE_TIMEOUT = 5.0  # seconds for one resolution (both record types), however many nameservers
+HURRY_INTERVAL = 1.0  # seconds between resolutions while requests wait for the name's first engine
 
 OnChange = Callable[[set[str], set[str]], Awaitable[None] | None]
 
@@ -43,14 +50,21 @@ class DnsWatcher:
     as all added."""
 
     def __init__(
-        self, discovery: DnsDiscovery, on_change: OnChange, resolver: dns.asyncresolver.Resolver | None = None
+        self,
+        discovery: DnsDiscovery,
+        on_change: OnChange,
+        resolver: dns.asyncresolver.Resolver | None = None,
+        urgent: Callable[[], bool] | None = None,  # True: resolve every HURRY_INTERVAL for now
     ) -> None:
         self.discovery = discovery
         self.addresses: frozenset[str] = frozenset()
         self._on_change = on_change
-        self._resolver = resolver or dns.asyncresolver.Resolver()  # the system's /etc/resolv.conf
+        self._resolver = resolver or _resolver(discovery)
         self._task: asyncio.Task[None] | None = None
         self._failing = False
+        self._hurried = 0  # requests waiting for this name's first engine
+        self._urgent = urgent
+        self._kick = asyncio.Event()
         self.resolved = asyncio.Event()  # set once the first answer has been applied
 
     def start(self) -> None:
@@ -61,10 +75,30 @@ class DnsWatcher:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
+    def kick(self) -> None:
+        """Resolve now (an engine of this name stopped answering: its pod may be gone)."""
+        self._kick.set()
+
+    @contextlib.contextmanager
+    def hurry(self) -> Iterator[None]:
+        """While in it, the name is resolved at once and then every HURRY_INTERVAL seconds."""
+        self._hurried += 1
+        if self._hurried == 1:
+            self._kick.set()
+        try:
+            yield
+        finally:
+            self._hurried -= 1
+
     async def _run(self) -> None:
         while True:
+            self._kick.clear()
             await self.refresh()
-            await asyncio.sleep(self.discovery.interval)
+            interval = self.discovery.interval
+            if self._hurried or (self._urgent is not None and self._urgent()):
+                interval = min(interval, HURRY_INTERVAL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), interval)
 
     async def refresh(self) -> None:
         """Resolve now and apply the answer; a failure keeps the last one."""
@@ -106,3 +140,14 @@ class DnsWatcher:
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return []
         return [rdata.to_text() for rdata in answer]
+
+
+def _resolver(discovery: DnsDiscovery) -> dns.asyncresolver.Resolver:
+    """The system's resolver (/etc/resolv.conf: the cluster DNS in a pod), or the entry's own
+    `nameserver`."""
+    if discovery.nameserver is None:
+        return dns.asyncresolver.Resolver()
+    resolver = dns.asyncresolver.Resolver(configure=False)
+    resolver.nameservers = [discovery.nameserver[0]]
+    resolver.port = discovery.nameserver[1]
+    return resolver

@@ -3,13 +3,18 @@
 A managed engine is probed only while the supervisor says it is running (`state`, pushed over the
 control channel by gateway/dispatch/wake.py): a stopped engine is not an unhealthy one, and a
 port answered by some other process is never mistaken for our engine.
+
+A `discover: dns` entry whose name has no address, or only engines that have never passed a
+health check (pods still loading their model), is *cold*: scaled to zero, not failed; requests
+for it wait (gateway/dispatch/wake.py) and its name is resolved every second meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
 import aiohttp
@@ -24,6 +29,7 @@ from gateway.settings import EngineSettings, HealthSettings
 log = logging.getLogger(__name__)
 
 ENGINE_STATES = ("stopped", "starting", "healthy", "unhealthy")
+COLD_PROBE_INTERVAL = 0.25  # seconds between health checks while requests wait for a first engine
 
 # Gauges an engine reports on /metrics that say how loaded it is: ours and vLLM's names.
 _WAITING = (b"engine_num_requests_waiting", b"vllm:num_requests_waiting")
@@ -42,6 +48,7 @@ class Engine:
     failures: int = 0  # consecutive failed probes
     state: EngineState = EngineState.RUNNING  # managed engines: as the supervisor says
     picks: int = 0  # requests sent to it by this process, ever (the supervisor's idle timer reads it)
+    ever_healthy: bool = False  # a discovered engine that never was is starting, not failed
 
     name: str = field(init=False)  # the settings' name, read on every pick: a plain attribute
 
@@ -99,7 +106,10 @@ class Pool:
         self._resolver = resolver
         self.engines = {e.name: Engine(e) for e in engines if e.discovery is None}
         self.groups: dict[str, list[str]] = {e.name: [e.name] for e in engines if e.discovery is None}
-        self._watchers = [self._watcher(e) for e in engines if e.discovery is not None]
+        self._entries = {e.name: e for e in engines if e.discovery is not None}  # the discovered groups
+        self._watchers = {e.name: self._watcher(e) for e in self._entries.values()}
+        self._entry_of: dict[str, str] = {}  # discovered engine -> its entry
+        self._hurried = 0  # requests waiting for a cold entry (see hurry)
         self._health = health
         self._metrics = metrics
         self._task: asyncio.Task[None] | None = None
@@ -115,15 +125,46 @@ class Pool:
         """The engines a route's entry name stands for now."""
         return self.groups.get(name, [])
 
+    def cold_entries(self, entries: Iterable[str]) -> list[EngineSettings]:
+        """The `discover: dns` entries among `entries` that are cold: no address, or none of their
+        engines ever healthy (a pod found while it still loads its model)."""
+        engines = self.engines
+        return [
+            entry
+            for name in entries
+            if (entry := self._entries.get(name)) is not None
+            and not any((e := engines.get(m)) is not None and e.ever_healthy for m in self.groups[name])
+        ]
+
+    @contextlib.contextmanager
+    def hurry(self, entries: Iterable[str]) -> Iterator[None]:
+        """While in it (requests wait for these discovered entries' first engine): resolve them
+        every second, and probe the engines every COLD_PROBE_INTERVAL, so a pod is used within
+        a moment of answering rather than a whole health interval later."""
+        watchers = [w for name in entries if (w := self._watchers.get(name)) is not None]
+        if not watchers:
+            yield
+            return
+        with contextlib.ExitStack() as stack:
+            for watcher in watchers:
+                stack.enter_context(watcher.hurry())
+            self._hurried += 1
+            if self._hurried == 1:
+                self._changed.set()
+            try:
+                yield
+            finally:
+                self._hurried -= 1
+
     def start(self) -> None:
         timeout = aiohttp.ClientTimeout(total=self._health.timeout)
         self._session = aiohttp.ClientSession(timeout=timeout)
         self._task = asyncio.create_task(self._run(), name="health-checks")
-        for watcher in self._watchers:
+        for watcher in self._watchers.values():
             watcher.start()
 
     async def stop(self) -> None:
-        for watcher in self._watchers:
+        for watcher in self._watchers.values():
             await watcher.stop()
         if self._task:
             self._task.cancel()
@@ -139,19 +180,27 @@ class Pool:
         def on_change(added: set[str], removed: set[str]) -> None:
             for address in removed:
                 name = discovery.engine_name(address)
-                self.engines.pop(name, None)  # requests in flight keep their Engine object
+                gone = self.engines.pop(name, None)  # requests in flight keep their Engine object
+                if gone is not None:
+                    self._forget(gone)
+                self._entry_of.pop(name, None)
                 log.info("engine %s left %s", name, discovery.host)
             for address in added:
                 name = discovery.engine_name(address)
                 settings = replace(entry, name=name, url=discovery.url(address), discovery=None)
                 self.engines[name] = engine = Engine(settings)
+                self._entry_of[name] = discovery.name
                 self._publish(engine)
                 log.info("engine %s found under %s", name, discovery.host)
             self.groups[discovery.name] = sorted(discovery.engine_name(a) for a in watcher.addresses)
             self._changed.set()  # health-check the newcomers now: they get no traffic until then
             self._notify()
 
-        watcher = DnsWatcher(discovery, on_change, self._resolver)
+        def urgent() -> bool:  # engines found, none healthy: loading, or scaled away
+            members = [e for name in self.groups[discovery.name] if (e := self.engines.get(name))]
+            return bool(members) and not any(e.healthy for e in members)
+
+        watcher = DnsWatcher(discovery, on_change, self._resolver, urgent)
         return watcher
 
     def mark_failed(self, engine: Engine, why: str) -> None:
@@ -186,9 +235,24 @@ class Pool:
         if engine.healthy != healthy:
             engine.healthy = healthy
             if healthy:
+                engine.ever_healthy = True
                 log.info("engine %s is healthy", engine.name)
+            elif (entry := self._entry_of.get(engine.name)) is not None:
+                # A discovered engine that stops answering was often scaled away: ask DNS now
+                # rather than at the next interval, so its model turns cold (not down) at once.
+                self._watchers[entry].kick()
             self._notify()
             self._publish(engine)
+
+    def _forget(self, engine: Engine) -> None:
+        """A discovered engine left: its gauges read 0 (a series a worker process wrote stays in
+        the multiprocess files, and a stale waiting count would hold the autoscaler up)."""
+        m = self._metrics
+        m.engine_healthy.labels(engine.name).set(0)
+        m.engine_waiting.labels(engine.name).set(0)
+        m.engine_outstanding.labels(engine.name).set(0)
+        for state in ENGINE_STATES:
+            m.engine_state.labels(engine.name, state).set(0)
 
     def _publish(self, engine: Engine) -> None:
         m = self._metrics
@@ -201,8 +265,11 @@ class Pool:
         while True:
             await asyncio.gather(*(self._check(e) for e in list(self.engines.values())))
             self._changed.clear()
+            interval = self._health.interval
+            if self._hurried:
+                interval = min(interval, COLD_PROBE_INTERVAL)
             try:
-                await asyncio.wait_for(self._changed.wait(), self._health.interval)
+                await asyncio.wait_for(self._changed.wait(), interval)
                 await asyncio.sleep(0.1)  # a burst of failures yields one re-check, not many
             except TimeoutError:
                 pass

@@ -249,6 +249,14 @@ class MainProcess:
         engines = {e.name: e for e in self.settings.engines}
         states = self.supervisor.states()
         wakeable = {name for name, e in engines.items() if e.idle_stop and states.get(name) == str(EngineState.STOPPED)}
+        # A `discover: dns` entry stands for the engines "ENTRY@ADDRESS": ready with a healthy one,
+        # and cold (its requests wait: gateway/dispatch/wake.py) while none is found.
+        reported = {name for report in self._health.values() for name in report}
+        for name, e in engines.items():
+            if e.discovery is not None:
+                members = {n for n in reported if n.startswith(name + "@")}
+                if members & healthy or not members:
+                    wakeable.add(name)
         return {
             m.name: any(n in healthy or n in wakeable for r in m.routes if r.weight > 0 for n in r.engines)
             for m in self.settings.models

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import ipaddress
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-DISCOVERY_KEYS = ("discover", "host", "port", "discover_interval", "scheme")
+DISCOVERY_KEYS = ("discover", "host", "port", "discover_interval", "scheme", "nameserver")
 DEFAULT_INTERVAL = 10.0
+DNS_PORT = 53
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,9 @@ class DnsDiscovery:
     port: int
     interval: float = DEFAULT_INTERVAL
     scheme: str = "http"
+    # The DNS server asked, as (address, port); None: the system's resolver (/etc/resolv.conf).
+    # For a name served elsewhere than the cluster DNS, e.g. Consul's DNS interface on :8600.
+    nameserver: tuple[str, int] | None = None
 
     def url(self, address: str) -> str:
         """`address` as discovery reports it (`10.1.2.3:8000`, `[fd00::3]:8000`) -> the engine URL."""
@@ -35,7 +40,7 @@ def parse_dns_discovery(data: Mapping[str, Any], path: str) -> DnsDiscovery | No
     The entry's other keys (name, kind, health_path, ...) are the engine parser's business.
     Raises ValueError("engines[0].port: must be ..."): the settings loader adds the file name."""
     if "discover" not in data:
-        for key in ("host", "discover_interval", "scheme"):  # `port` is a managed engine's key too
+        for key in ("host", "discover_interval", "scheme", "nameserver"):  # `port` is a managed engine's key too
             if key in data:
                 raise ValueError(f"{path}{key}: only an engine with discover: dns takes it")
         return None
@@ -62,4 +67,35 @@ def parse_dns_discovery(data: Mapping[str, Any], path: str) -> DnsDiscovery | No
     scheme = data.get("scheme", "http")
     if scheme not in ("http", "https"):
         raise fail("scheme", f"must be http or https, got {scheme!r}")
-    return DnsDiscovery(name, host.strip().rstrip("."), port, float(interval), scheme)
+    nameserver = data.get("nameserver")
+    if nameserver is not None:
+        nameserver = _nameserver(nameserver, fail)
+    return DnsDiscovery(name, host.strip().rstrip("."), port, float(interval), scheme, nameserver)
+
+
+def _nameserver(value: Any, fail: Callable[[str, str], ValueError]) -> tuple[str, int]:
+    """`10.0.0.10`, `10.0.0.10:8600`, `fd00::a` or `[fd00::a]:8600` -> (address, port)."""
+    problem = f"must be an IP address with an optional :port (10.0.0.10:8600, [fd00::a]:8600), got {value!r}"
+    if not isinstance(value, str):
+        raise fail("nameserver", problem)
+    text, port = value.strip(), DNS_PORT
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            if not rest.startswith(":") or not rest[1:].isdigit():
+                raise fail("nameserver", problem)
+            port = int(rest[1:])
+    elif text.count(":") == 1:
+        host, _, digits = text.partition(":")
+        if not digits.isdigit():
+            raise fail("nameserver", problem)
+        port = int(digits)
+    else:
+        host = text
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise fail("nameserver", problem) from None
+    if not 0 < port < 65536:
+        raise fail("nameserver", problem)
+    return host, port

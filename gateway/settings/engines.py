@@ -52,7 +52,7 @@ class EngineSettings:
     vllm: VllmSettings = field(default_factory=VllmSettings)
     discovery: DnsDiscovery | None = None  # `discover: dns`: one engine per address of a name
     idle_stop: float | None = None  # managed: stop after this many seconds without traffic (scale to zero)
-    cold_start_timeout: float | None = None  # how long a request waits for a stopped engine (default: startup)
+    cold_start_timeout: float | None = None  # request wait for a stopped or scaled-to-zero engine (default: startup)
     ca_file: str | None = None  # https:// engines: verify the engine's certificate against this CA bundle
 
     @property

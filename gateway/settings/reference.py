@@ -101,6 +101,7 @@ SECTIONS: list[tuple[str, type, tuple[str, ...], dict[str, str]]] = [
             "host": "`discover: dns`: the DNS name (a Kubernetes headless Service)",
             "discover_interval": "`discover: dns`: seconds between resolutions (default `10`)",
             "scheme": "`discover: dns`: `http` (default) or `https`",
+            "nameserver": "`discover: dns`: the DNS server to ask, `IP` or `IP:PORT` (default: the system's resolver)",
         },
     ),
     ("engines[].vllm.", VllmSettings, (), {}),
