@@ -119,6 +119,8 @@ def gateway(
     tmp: Path, config: dict[str, object], *, name: str = "gateway", env: dict[str, str] | None = None, workers: int = 1
 ) -> Proc:
     port = free_port()
+    if "store" not in config:  # a store of its own: gateways of one test session never share a log
+        config = {**config, "store": {"url": f"sqlite:///{tmp / f'{name}-{port}.db'}"}}
     path = write_config(tmp, f"{name}-{port}", config)
     args = [
         sys.executable,
