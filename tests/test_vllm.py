@@ -3,6 +3,7 @@ with the bundled tiny model, beside a CPU engine in one weighted pool, behind ke
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -51,6 +52,12 @@ def stack(logs_dir: Path, redis_session: RedisServer) -> Iterator[tuple[Proc, in
                 "routes": [{"engine": "vllm-0", "weight": 1}, {"engine": "cpu-0", "weight": 1}],
             },
             {"name": "vllm-only", "tokenizer": str(TINY_MODEL), "routes": [{"engine": "vllm-0", "model": MODEL}]},
+            # One route over both engines: a stream whose engine dies goes on on the other.
+            {
+                "name": "failover",
+                "tokenizer": str(TINY_MODEL),
+                "routes": [{"engines": ["vllm-0", "cpu-0"], "model": MODEL}],
+            },
         ],
     }
     proc = gateway(logs_dir, config, name="gw-vllm", env={"GATEWAY_ADMIN_KEY": ADMIN}).start()
@@ -163,6 +170,55 @@ def test_disconnect_aborts_inside_vllm(stack: tuple[Proc, int], key: tuple[str, 
         assert time.monotonic() < deadline, "vLLM still runs the abandoned request"
         time.sleep(0.05)
     # vLLM 0.32 has no abort counter; the running gauge dropping to 0 is its evidence of the abort.
+
+
+def test_streams_of_a_killed_engine_go_on_in_vllm(stack: tuple[Proc, int], key: tuple[str, str]) -> None:
+    """The CPU engine dies under half of the streams: they go on in vLLM, as continuations
+    (`continue_final_message`), and every client sees one whole stream."""
+    gw, _ = stack
+    _, secret = key
+    assert gw.proc is not None
+    engines = httpx.get(gw.url + "/admin/engines", headers={"authorization": f"Bearer {ADMIN}"}).json()["data"]
+    cpu_port = int(next(e["url"] for e in engines if e["name"] == "cpu-0").rsplit(":", 1)[1])
+    client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=secret, max_retries=0, timeout=120)
+
+    async def one(i: int, started: asyncio.Event) -> tuple[int, str | None, set[str], dict[str, Any] | None]:
+        stream = await client.chat.completions.create(
+            model="failover",
+            messages=[{"role": "user", "content": f"Say something about licenses ({i})."}],
+            max_tokens=120,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        pieces, finish, ids, usage = 0, None, set(), None
+        async for chunk in stream:
+            ids.add(chunk.id)
+            if chunk.usage is not None:
+                usage = chunk.usage.model_dump()
+            for choice in chunk.choices:
+                if choice.delta.content:
+                    pieces += 1
+                    if pieces == 8:
+                        started.set()
+                finish = choice.finish_reason or finish
+        return pieces, finish, ids, usage
+
+    async def run() -> list[tuple[int, str | None, set[str], dict[str, Any] | None]]:
+        events = [asyncio.Event() for _ in range(6)]
+        tasks = [asyncio.create_task(one(i, events[i])) for i in range(6)]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 120)
+        assert gw.proc is not None
+        os.kill(child_pid_listening_on(gw.proc.pid, cpu_port), signal.SIGKILL)
+        return await asyncio.gather(*tasks)
+
+    results = asyncio.run(run())
+    for pieces, finish, ids, usage in results:
+        assert finish == "length" and len(ids) == 1, (pieces, finish, ids)
+        assert usage is not None and pieces <= usage["completion_tokens"] <= 120, usage
+    metrics = httpx.get(gw.url + "/metrics").text
+    assert 'gateway_stream_resumes_total{model="failover",outcome="resumed"}' in metrics
+    wait_all_ready(gw, 300)  # the CPU engine is restarted by the supervisor
 
 
 def test_vllm_killed_is_restarted(stack: tuple[Proc, int], key: tuple[str, str]) -> None:

@@ -35,7 +35,8 @@ HIGH_WATER = 256 * 1024  # bytes read ahead of the relay before the engine's soc
 
 
 class EngineUnreachable(Exception):
-    """Nothing answered at the engine's address: it is down (the request was never sent)."""
+    """Nothing answered at the engine's address, or it closed the connection before a byte of an answer:
+    it is down, or dying, or not serving yet. Safe to send the request elsewhere."""
 
 
 class UpstreamError(Exception):
@@ -197,10 +198,12 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         response, self.response = self.response, None
         if response is not None and not response._done:
+            why = f"{type(exc).__name__}: {exc}" if exc else "the engine closed the connection"
             if self.reused and not response.started:
                 response._fail(_Stale())
+            elif not response.started:  # accepted, then closed without a byte: a dying or starting engine
+                response._fail(EngineUnreachable(f"{why} before answering"))
             else:
-                why = f"{type(exc).__name__}: {exc}" if exc else "the engine closed the connection"
                 response._fail(UpstreamError(why))
 
     def close(self) -> None:
