@@ -23,6 +23,7 @@ from types import FrameType
 
 import uvicorn
 
+from gateway.core.text import SafeFormatter
 from gateway.front.connection import limited_protocol
 from gateway.proxy.drain import Drain
 from gateway.settings import ServerSettings, Settings
@@ -37,7 +38,9 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 def configure_logging(level: str) -> None:
     """Every line with a timestamp and a level, in every process; uvicorn's own chatter only when debugging."""
     numeric = getattr(logging, level.upper(), logging.INFO)
-    logging.basicConfig(level=numeric, format=LOG_FORMAT, force=True)
+    handler = logging.StreamHandler()
+    handler.setFormatter(SafeFormatter(LOG_FORMAT))  # client text never breaks or forges a line
+    logging.basicConfig(level=numeric, handlers=[handler], force=True)
     quiet = max(numeric, logging.WARNING) if numeric > logging.DEBUG else numeric
     for name in ("uvicorn", "uvicorn.error", "httpx", "httpcore"):
         logging.getLogger(name).setLevel(quiet)

@@ -12,6 +12,8 @@ from gateway.settings.inference_log import PayloadCapture, parse_log_payloads
 from gateway.settings.reader import ConfigError, Reader
 
 ASSIGNMENTS = ("weighted", "sticky")
+ENDPOINT_KINDS = ("chat", "completions", "embeddings")
+EMBEDDING_MODEL = "all-MiniLM-L6-v2"  # the CPU engine's bundled embedding model (engines/embeddings.py)
 MAX_WEIGHT = 1e9
 MAX_ROUTES = 64
 
@@ -32,13 +34,20 @@ class ModelSettings:
     assignment: str = "weighted"  # how a request gets its route: weighted (random) or sticky
     max_prompt_bytes: int | None = None  # a request body bound of its own (else server.max_body_bytes)
     log_payloads: PayloadCapture | None = None  # sampled body capture in the inference log; off by default
+    # which APIs the model serves (chat, completions, embeddings): a batch line naming it on
+    # another endpoint is refused when the batch is created. Unset: the bundled CPU engines'
+    # (embeddings for all-MiniLM-L6-v2, chat and completions otherwise), all three for others.
+    endpoints: tuple[str, ...] | None = None
+
+    def serves(self, kind: str) -> bool:
+        return self.endpoints is None or kind in self.endpoints
 
 
 def parse_model(r: Reader, index: int, data: Any, engines: dict[str, EngineSettings], base_dir: Path) -> ModelSettings:
     path = f"models[{index}]."
     if not isinstance(data, Mapping):
         raise r.fail(path[:-1], "must be a mapping")
-    r.known(data, path, ("name", "routes", "tokenizer", "assignment", "max_prompt_bytes", "log_payloads"))
+    r.known(data, path, ("name", "routes", "tokenizer", "assignment", "max_prompt_bytes", "log_payloads", "endpoints"))
     name = r.get(data, "name", path, str, None)
     if not name:
         raise r.fail(f"{path}name", "is required")
@@ -49,6 +58,7 @@ def parse_model(r: Reader, index: int, data: Any, engines: dict[str, EngineSetti
         raise r.fail(f"{path}assignment", f"must be one of {', '.join(ASSIGNMENTS)}, got {assignment!r}")
     max_prompt_bytes = r.get(data, "max_prompt_bytes", path, int, None, 1)
     log_payloads = parse_log_payloads(r, f"{path}log_payloads", data.get("log_payloads"))
+    endpoints = _endpoints(r, f"{path}endpoints", data.get("endpoints"), routes, engines)
     return ModelSettings(
         name=name,
         routes=routes,
@@ -56,7 +66,29 @@ def parse_model(r: Reader, index: int, data: Any, engines: dict[str, EngineSetti
         assignment=assignment,
         max_prompt_bytes=max_prompt_bytes,
         log_payloads=log_payloads,
+        endpoints=endpoints,
     )
+
+
+def _endpoints(
+    r: Reader, path: str, data: Any, routes: tuple[RouteSettings, ...], engines: dict[str, EngineSettings]
+) -> tuple[str, ...] | None:
+    if data is None:
+        kinds: set[str] = set()
+        for route in routes:
+            for name in route.engines:
+                kinds.update(_engine_endpoints(engines[name]))
+        return None if kinds == set(ENDPOINT_KINDS) else tuple(k for k in ENDPOINT_KINDS if k in kinds)
+    if not isinstance(data, list) or not data or not all(isinstance(k, str) and k in ENDPOINT_KINDS for k in data):
+        raise r.fail(path, f"must be a non-empty list of {', '.join(ENDPOINT_KINDS)}")
+    return tuple(k for k in ENDPOINT_KINDS if k in data)
+
+
+def _engine_endpoints(engine: EngineSettings) -> tuple[str, ...]:
+    """What an engine serves, where the gateway knows it: its own CPU engine's two kinds of model."""
+    if engine.kind == "cpu":
+        return ("embeddings",) if Path(engine.model or "").name == EMBEDDING_MODEL else ("chat", "completions")
+    return ENDPOINT_KINDS
 
 
 def parse_routes(
