@@ -17,7 +17,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 from dataclasses import dataclass
 from types import FrameType
 
@@ -25,6 +24,7 @@ import uvicorn
 
 from gateway.core.text import SafeFormatter
 from gateway.front.connection import limited_protocol
+from gateway.process import lifeline
 from gateway.proxy.drain import Drain
 from gateway.settings import ServerSettings, Settings
 
@@ -168,7 +168,7 @@ def run_worker(spec: WorkerSpec, sockets: list[socket.socket]) -> None:
     # from the terminal: a second Ctrl-C means "stop at once", so one press must arrive once.
     os.setpgrp()
     configure_logging(spec.log_level)
+    lifeline.watch_parent()  # the main process gone: stop at once, gone within seconds
     server = build_server(spec)
     server.run(sockets=sockets)
-    if not server.started:
-        sys.exit(STARTUP_FAILURE)
+    lifeline.finish(0 if server.started else STARTUP_FAILURE)  # nothing (the pool) may hold the exit
