@@ -198,11 +198,14 @@ return redis.call('HGETALL', KEYS[1])
 
 
 @asynccontextmanager
-async def redis_or_503() -> AsyncIterator[None]:
-    """Admin operations: Redis out of reach is a 503 `quota_unavailable`, never a 500."""
+async def redis_or_503(seconds: float | None = None) -> AsyncIterator[None]:
+    """Admin operations: Redis out of reach is a 503 `quota_unavailable`, never a 500; and one
+    that has not answered within `seconds` (redis.timeout) is out of reach. Without the bound,
+    redis-py's retries made an admin call on a stalled Redis take 8 to 10 seconds."""
     try:
-        yield
-    except REDIS_DOWN:
+        async with asyncio.timeout(seconds):
+            yield
+    except (*REDIS_DOWN, TimeoutError):
         raise quota_unavailable() from None
 
 
@@ -232,12 +235,14 @@ class KeyStore:
         cache_size: int = 10_000,
         record_ttl: float = 2.0,
         timeout: float = 0.5,
+        admin_timeout: float | None = None,
     ) -> None:
         self.redis = redis
         self.prefix = prefix
         self.cache_size = cache_size
         self.record_ttl = record_ttl
-        self.timeout = timeout
+        self.timeout = timeout  # a key lookup on the request path
+        self.admin_timeout = admin_timeout or timeout  # a whole admin operation
         self._index = f"{prefix}:keys"
         self._known: OrderedDict[str, _Known] = OrderedDict()
         self._loading: dict[str, asyncio.Future[ApiKey | None]] = {}
@@ -263,7 +268,7 @@ class KeyStore:
         }
         # No MULTI: the three keys live in different cluster slots. The mapping goes last, so it
         # never points at a missing record.
-        async with redis_or_503(), self.redis.pipeline(transaction=False) as pipe:
+        async with redis_or_503(self.admin_timeout), self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(self._rec(key_id), mapping=record)
             pipe.sadd(self._index, key_id)
             pipe.set(f"{self.prefix}:keyhash:{digest}", key_id)
@@ -275,11 +280,11 @@ class KeyStore:
     async def record_for(self, key_id: str) -> ApiKey | None:
         if not _ID.fullmatch(key_id):
             return None
-        async with redis_or_503():
+        async with redis_or_503(self.admin_timeout):
             return decode_record(await self.redis.hgetall(self._rec(key_id)))
 
     async def list(self) -> list[ApiKey]:
-        async with redis_or_503():
+        async with redis_or_503(self.admin_timeout):
             ids = sorted(_text(i) for i in await self.redis.smembers(self._index))
             if not ids:
                 return []
@@ -295,7 +300,7 @@ class KeyStore:
         if not _ID.fullmatch(key_id):
             return None
         args = [part for pair in encode_fields(fields).items() for part in pair]
-        async with redis_or_503():
+        async with redis_or_503(self.admin_timeout):
             key = decode_record(_pairs(await self._update(keys=[self._rec(key_id)], args=args)))
         self._forget(key_id)
         return key
@@ -303,7 +308,7 @@ class KeyStore:
     async def revoke(self, key_id: str) -> ApiKey | None:
         if not _ID.fullmatch(key_id):
             return None
-        async with redis_or_503():
+        async with redis_or_503(self.admin_timeout):
             key = decode_record(_pairs(await self._revoke(keys=[self._rec(key_id)], args=[repr(time.time())])))
         self._forget(key_id)
         return key

@@ -216,6 +216,7 @@ class Quota:
         self.lease_ttl = lease_ttl
         self.failure_mode = failure_mode
         self.deadline = 2 * redis_timeout  # bounds a whole call, reconnecting included
+        self.admin_deadline = redis_timeout  # bounds an admin read (usage, history)
         self.breaker = breaker  # after a Redis failure, skip Redis this long (seconds)
         self.local = LocalLimiter()
         self.redis_errors = 0
@@ -350,7 +351,7 @@ class Quota:
         base = self._base(key_id)
         fields = ("requests", "tokens", "prompt_tokens", "completion_tokens")
         try:
-            async with asyncio.timeout(self.deadline):
+            async with asyncio.timeout(self.admin_deadline):
                 day, month, minute = await asyncio.gather(
                     self.redis.execute("HMGET", base + "day:" + win.day, *fields),
                     self.redis.execute("HMGET", base + "month:" + win.month, *fields),
@@ -374,9 +375,9 @@ class Quota:
         base = self._base(key_id)
         fields = ("requests", "prompt_tokens", "completion_tokens", "tokens")
         try:
-            async with asyncio.timeout(self.deadline):
+            async with asyncio.timeout(self.admin_deadline):
                 rows = await asyncio.gather(*(self.redis.execute("HMGET", base + "day:" + d, *fields) for d in dates))
-        except REDIS_DOWN as exc:
+        except (*REDIS_DOWN, TimeoutError) as exc:
             self._failed("history", exc)
             raise quota_unavailable() from None
         return [{"date": day, **_counts(fields, row)} for day, row in zip(dates, rows, strict=True)]

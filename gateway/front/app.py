@@ -41,7 +41,7 @@ class RedisParts:
         r = settings.redis
         assert r.url is not None
         self.clients = build_clients(r.url, cluster=r.cluster, timeout=r.timeout)
-        keys = KeyStore(self.clients.admin, r.prefix, timeout=2 * r.timeout)
+        keys = KeyStore(self.clients.admin, r.prefix, timeout=2 * r.timeout, admin_timeout=r.timeout)
         quota = Quota(
             self.clients.lean,
             r.prefix,
@@ -51,7 +51,9 @@ class RedisParts:
             metrics=gw.metrics,
         )
         engines = {e.name: e for e in settings.engines}
-        self.store = RouteStore(self.clients.admin, self.clients.subscriber, r.prefix, gw.router, engines)
+        self.store = RouteStore(
+            self.clients.admin, self.clients.subscriber, r.prefix, gw.router, engines, timeout=r.timeout
+        )
         self.counter = PromptCounter({m.name: m.tokenizer for m in settings.models})
         if settings.auth.enabled:
             gw.access = KeyedAccess(keys, quota, self.counter, settings.auth, gw.metrics)
