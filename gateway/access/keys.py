@@ -32,6 +32,7 @@ from gateway.access.base import PRIORITIES
 from gateway.access.key_fields import FIELDS, LIMITS
 from gateway.core.errors import quota_unavailable
 from gateway.core.times import iso
+from gateway.resp.lag import within
 
 SECRET_PREFIX = "sk-gw-"
 _ID = re.compile(r"key_[0-9a-f]{16}")
@@ -203,7 +204,7 @@ async def redis_or_503(seconds: float | None = None) -> AsyncIterator[None]:
     that has not answered within `seconds` (redis.timeout) is out of reach. Without the bound,
     redis-py's retries made an admin call on a stalled Redis take 8 to 10 seconds."""
     try:
-        async with asyncio.timeout(seconds):
+        async with within(seconds):
             yield
     except (*REDIS_DOWN, TimeoutError):
         raise quota_unavailable() from None
@@ -329,7 +330,8 @@ class KeyStore:
             loading.add_done_callback(lambda done: self._loaded(digest, done))
         try:
             # shield: one caller giving up must not cancel the lookup the others wait on
-            return await asyncio.wait_for(asyncio.shield(loading), self.timeout)
+            async with within(self.timeout):  # Redis's time, not the loop's own lag
+                return await asyncio.shield(loading)
         except (*REDIS_DOWN, TimeoutError):
             if known is not None:
                 return known.key  # a stale snapshot lets fail-open mode serve known keys
