@@ -191,8 +191,10 @@ class RespClient:
             loop = asyncio.get_running_loop()
             try:
                 async with asyncio.timeout(self._connect_timeout):
+                    # A try waits redis.timeout of Redis's silence; a stalled one gets a second
+                    # try on a fresh connection (execute), so a call ends within two
                     _, proto = await loop.create_connection(
-                        lambda: _Protocol(2 * self._connect_timeout), self._host, self._port, ssl=self._tls
+                        lambda: _Protocol(self._connect_timeout), self._host, self._port, ssl=self._tls
                     )
             except (OSError, TimeoutError) as exc:
                 raise CommandNotSent(f"cannot connect to Redis at {self._host}:{self._port}: {exc}") from None
