@@ -81,9 +81,10 @@ def test_every_ui_answer_has_the_security_headers(gw: Proc, target: str) -> None
     assert status in (200, 404), status
     for name, value in SECURITY_HEADERS.items():
         assert headers.get(name) == value, (target, name)
-    r = httpx.post(gw.url + "/ui/app.js", timeout=10)
-    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
-    assert r.headers["content-security-policy"] == SECURITY_HEADERS["content-security-policy"]
+    for path in ("/ui/app.js", "/ui"):
+        r = httpx.post(gw.url + path, timeout=10)
+        assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed", path
+        assert r.headers["content-security-policy"] == SECURITY_HEADERS["content-security-policy"], path
 
 
 def submit(gw: Proc, endpoint: str, models: list[str]) -> dict[str, Any]:

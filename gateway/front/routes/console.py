@@ -108,12 +108,16 @@ class ConsoleFiles(StaticFiles):
 async def _to_index(request: Request) -> Response:
     # The page loads its modules by relative URL, so it must be addressed as a folder. A relative
     # Location also holds behind a proxy that serves the gateway under a path prefix.
+    if request.method not in ("GET", "HEAD"):
+        error = GatewayError(405, "The console's files are read with GET or HEAD.", code=Code.METHOD_NOT_ALLOWED)
+        headers = {**SECURITY_HEADERS, "allow": "GET, HEAD"}
+        return Response(error.payload(), 405, headers=headers, media_type="application/json")
     return RedirectResponse("ui/", status_code=308, headers=SECURITY_HEADERS)
 
 
 def console_routes(directory: Path = UI_DIR) -> list[BaseRoute]:
     """Routes for /ui (a redirect) and /ui/... (the files); add them to the app's routes."""
     return [
-        Route("/ui", _to_index, methods=["GET", "HEAD"]),
+        Route("/ui", _to_index),  # every method: a 405 here carries the console's headers too
         Mount("/ui", app=ConsoleFiles(directory=directory, html=True), name="ui"),
     ]
