@@ -118,6 +118,7 @@ async def _to_index(request: Request) -> Response:
 def console_routes(directory: Path = UI_DIR) -> list[BaseRoute]:
     """Routes for /ui (a redirect) and /ui/... (the files); add them to the app's routes."""
     return [
-        Route("/ui", _to_index),  # every method: a 405 here carries the console's headers too
+        # every method: a 405 here carries the console's headers too
+        Route("/ui", _to_index, methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]),
         Mount("/ui", app=ConsoleFiles(directory=directory, html=True), name="ui"),
     ]
