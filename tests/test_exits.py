@@ -26,6 +26,7 @@ from tests.procs import ROOT, TINY_MODEL, Proc, cpu_engine, fake_upstream, free_
 from tests.redis_fixtures import RedisServer
 
 BIG = "word " * 8000  # 40 KB: past tokens.OFF_LOOP_BYTES, so counted in the pool
+SEEN: list[psutil.Process] = []  # the gateway's processes, for the cleanup after a failed test
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +64,13 @@ def started(
         gw.wait_healthy("/ready", timeout=120)
         yield popen, gw, create_key(gw, tpm=10**12)[1]  # token-limited: its prompts are counted
     finally:
+        left = _family(popen.pid, []) + SEEN  # what a failed test left, even with main gone
         with _quiet():
             os.killpg(popen.pid, signal.SIGKILL)
-        for p in _family(popen.pid, []):
+        for p in left:
             with _quiet():
                 p.kill()
+        SEEN.clear()
         popen.wait(10)
 
 
@@ -175,6 +178,7 @@ def family_of(popen: subprocess.Popen[bytes]) -> list[psutil.Process]:
     commands = [" ".join(c.cmdline()) for c in children]
     assert sum("engines.worker" in c for c in commands) == 1, commands
     assert len(children) >= 5, commands  # 2 workers + their pool children + the engine
+    SEEN.extend(children)
     return children
 
 
