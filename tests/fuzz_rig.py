@@ -1,5 +1,5 @@
 """The setup the fuzz suite (tests/test_fuzz.py) and the soak (bench/soak.py) attack: two gateway
-replicas with keys on, one private redis-server, one SQLite store, a fast fake engine; and the
+replicas with keys on, one private redis-server, one store (SQLite, or PostgreSQL), a fast fake engine; and the
 world on it (client keys, keys to patch and revoke, a file and a batch) that the strategies of
 tests/hostile.py aim at. `after_checks` is what must hold once the attack is over."""
 
@@ -22,13 +22,13 @@ from tests.redis_fixtures import RedisServer
 MODELS = ["fake", "counted", "canary"]
 
 
-def config(redis_url: str, engine_url: str, data_dir: Path) -> dict[str, Any]:
+def config(redis_url: str, engine_url: str, data_dir: Path, store_url: str = "sqlite:///fuzz.db") -> dict[str, Any]:
     return {
         "server": {"drain_grace": 0, "drain_timeout": 2},
         "health": {"interval": 0.5},
         "redis": {"url": redis_url, "timeout": 1.0},  # a loaded 2-core machine: no false outages
         "auth": {"enabled": True, "default_max_tokens": 16},
-        "store": {"url": "sqlite:///fuzz.db", "data_dir": str(data_dir)},
+        "store": {"url": store_url, "data_dir": str(data_dir)},
         "batch": {"min_completion_window": 60, "poll_interval": 0.5},
         "inference_log": {"flush_interval": 0.2},
         "routing": {"strategy": "prefix_affinity"},
@@ -96,8 +96,11 @@ def seed(client: httpx.Client, base: str) -> World:
 
 
 @contextmanager
-def rig(logs: Path, redis: RedisServer, name: str = "fuzz") -> Iterator[tuple[World, list[Proc]]]:
-    """The engine and both replicas started, the world seeded; everything stopped at the end."""
+def rig(
+    logs: Path, redis: RedisServer, name: str = "fuzz", store_url: str = "sqlite:///fuzz.db"
+) -> Iterator[tuple[World, list[Proc]]]:
+    """The engine and both replicas started on one store (SQLite by default, or a PostgreSQL URL),
+    the world seeded; everything stopped at the end."""
     redis.fresh()
     with ExitStack() as stack:
         engine = fake_upstream(logs, "--model", "fake", "--chunks", "3", name=f"{name}-engine").start()
@@ -105,7 +108,7 @@ def rig(logs: Path, redis: RedisServer, name: str = "fuzz") -> Iterator[tuple[Wo
         engine.wait_healthy()
         data_dir = logs / f"{name}-store"
         data_dir.mkdir(exist_ok=True)
-        cfg = config(redis.url, engine.url, data_dir)
+        cfg = config(redis.url, engine.url, data_dir, store_url)
         replicas = []
         for i in range(2):
             proc = gateway(logs, cfg, name=f"{name}-gw{i}", env={"GATEWAY_ADMIN_KEY": ADMIN_KEY}).start()

@@ -9,7 +9,7 @@ remembers what a request created, so later cases aim at it.
 
 from __future__ import annotations
 
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 import orjson
@@ -177,6 +177,7 @@ def odd_request(draw: st.DrawFn) -> tuple[str, str, bytes | None]:
             st.sampled_from(known).map(lambda p: p.replace("/v1/", "/v1/../v1/")),
             st.sampled_from(known).map(lambda p: p.replace("/", "/%2F", 1)),
             st.sampled_from(["/", "*", "/ui", "/ui/", "/ui/../../etc/passwd", "/ui/%2e%2e/x", "/v2/models"]),
+            st.sampled_from(["/ui/.", "/ui/%2e", "/ui/app.js/..", "/ui/%00", "/ui/pages/..", "/ui/%0d%0aX:%20y"]),
             st.sampled_from(["/%00", "/%ff", "/" + "a" * 8000, "/v1/" + "%C3%A9" * 50, "/admin", "/admin/"]),
             st.text(max_size=30).map(lambda t: "/" + quote(t)),
         )
@@ -270,7 +271,7 @@ def problem(case: Case, response: httpx.Response) -> str | None:
     if connection_level:
         return None
     location = response.headers.get("location", "")
-    if 300 <= status < 400 and not location.startswith(("ui/", "/")):
+    if 300 <= status < 400 and (urlsplit(location).scheme or urlsplit(location).netloc or "\\" in location):
         return f"status {status} redirects to {location!r}, a URL the client's Host header may have made"
     if "x-request-id" not in response.headers:
         return f"status {status} without x-request-id"

@@ -123,6 +123,7 @@ def segment(ids: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
     odd = pick(
         st.text(max_size=20).map(lambda t: quote(t, safe="")),
         st.sampled_from(["", ".", "..", "%2F", "%2e%2e", "%00", "%ff", "%", "%zz", "a%2Fb", "x" * 10_000]),
+        st.sampled_from(["%0A1999-01-01%2000:00:00%20CRITICAL%20x", "a%0Db", "%1B%5B2J", "%7F", "%C2%85", "%E2%80%A8"]),
         st.sampled_from(["key_0000000000000000", "file-nope", "batch_nope", "KEY_X"]),
     )
     return pick(ids, ids, odd)
@@ -140,7 +141,8 @@ def query_value(kind: str) -> st.SearchStrategy[str]:
     if kind == "time":
         good = st.sampled_from(["2030-01-31T12:00:00Z", "1700000000", "0", "2020-01-01", "1700000000.5"])
         return pick(good, huge, signs, dates, digits)
-    return pick(st.text(max_size=12), texts, digits, huge)
+    controls = st.sampled_from(["\x00", "a\x00", "\n1999-01-01 00:00:00 CRITICAL x", "\r", "\x1b[0m", "\u2028"])
+    return pick(st.text(max_size=12), texts, digits, huge, controls)
 
 
 @st.composite
@@ -285,6 +287,7 @@ def multipart(draw: st.DrawFn, lines: st.SearchStrategy[bytes]) -> tuple[bytes, 
         pick(
             st.just(b"in.jsonl"),
             st.sampled_from([b"../../etc/passwd", b"", b"a\\b.jsonl", "日本.jsonl".encode(), b"x" * 600, b'q"uote']),
+            st.sampled_from([b"in\x00.jsonl", b"\x00", b"\x1b[2J.jsonl", b"a\tb", b"\x7f", "\u2028".encode()]),
             header_text,
         )
     )

@@ -32,6 +32,7 @@ from gateway.access.base import PRIORITIES
 from gateway.access.key_fields import FIELDS, LIMITS
 from gateway.core.errors import quota_unavailable
 from gateway.core.times import iso
+from gateway.resp.lag import within
 
 SECRET_PREFIX = "sk-gw-"
 _ID = re.compile(r"key_[0-9a-f]{16}")
@@ -198,11 +199,14 @@ return redis.call('HGETALL', KEYS[1])
 
 
 @asynccontextmanager
-async def redis_or_503() -> AsyncIterator[None]:
-    """Admin operations: Redis out of reach is a 503 `quota_unavailable`, never a 500."""
+async def redis_or_503(seconds: float | None = None) -> AsyncIterator[None]:
+    """Admin operations: Redis out of reach is a 503 `quota_unavailable`, never a 500; and one
+    that has not answered within `seconds` (redis.timeout) is out of reach. Without the bound,
+    redis-py's retries made an admin call on a stalled Redis take 8 to 10 seconds."""
     try:
-        yield
-    except REDIS_DOWN:
+        async with within(seconds):
+            yield
+    except (*REDIS_DOWN, TimeoutError):
         raise quota_unavailable() from None
 
 
@@ -232,12 +236,14 @@ class KeyStore:
         cache_size: int = 10_000,
         record_ttl: float = 2.0,
         timeout: float = 0.5,
+        admin_timeout: float | None = None,
     ) -> None:
         self.redis = redis
         self.prefix = prefix
         self.cache_size = cache_size
         self.record_ttl = record_ttl
-        self.timeout = timeout
+        self.timeout = timeout  # a key lookup on the request path
+        self.admin_timeout = admin_timeout or timeout  # a whole admin operation
         self._index = f"{prefix}:keys"
         self._known: OrderedDict[str, _Known] = OrderedDict()
         self._loading: dict[str, asyncio.Future[ApiKey | None]] = {}
@@ -263,7 +269,7 @@ class KeyStore:
         }
         # No MULTI: the three keys live in different cluster slots. The mapping goes last, so it
         # never points at a missing record.
-        async with redis_or_503(), self.redis.pipeline(transaction=False) as pipe:
+        async with redis_or_503(self.admin_timeout), self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(self._rec(key_id), mapping=record)
             pipe.sadd(self._index, key_id)
             pipe.set(f"{self.prefix}:keyhash:{digest}", key_id)
@@ -275,11 +281,11 @@ class KeyStore:
     async def record_for(self, key_id: str) -> ApiKey | None:
         if not _ID.fullmatch(key_id):
             return None
-        async with redis_or_503():
+        async with redis_or_503(self.admin_timeout):
             return decode_record(await self.redis.hgetall(self._rec(key_id)))
 
     async def list(self) -> list[ApiKey]:
-        async with redis_or_503():
+        async with redis_or_503(self.admin_timeout):
             ids = sorted(_text(i) for i in await self.redis.smembers(self._index))
             if not ids:
                 return []
@@ -295,7 +301,7 @@ class KeyStore:
         if not _ID.fullmatch(key_id):
             return None
         args = [part for pair in encode_fields(fields).items() for part in pair]
-        async with redis_or_503():
+        async with redis_or_503(self.admin_timeout):
             key = decode_record(_pairs(await self._update(keys=[self._rec(key_id)], args=args)))
         self._forget(key_id)
         return key
@@ -303,7 +309,7 @@ class KeyStore:
     async def revoke(self, key_id: str) -> ApiKey | None:
         if not _ID.fullmatch(key_id):
             return None
-        async with redis_or_503():
+        async with redis_or_503(self.admin_timeout):
             key = decode_record(_pairs(await self._revoke(keys=[self._rec(key_id)], args=[repr(time.time())])))
         self._forget(key_id)
         return key
@@ -324,7 +330,8 @@ class KeyStore:
             loading.add_done_callback(lambda done: self._loaded(digest, done))
         try:
             # shield: one caller giving up must not cancel the lookup the others wait on
-            return await asyncio.wait_for(asyncio.shield(loading), self.timeout)
+            async with within(self.timeout):  # Redis's time, not the loop's own lag
+                return await asyncio.shield(loading)
         except (*REDIS_DOWN, TimeoutError):
             if known is not None:
                 return known.key  # a stale snapshot lets fail-open mode serve known keys

@@ -52,6 +52,7 @@ from gateway.core.errors import Code, GatewayError, invalid, quota_unavailable
 from gateway.core.metrics import GatewayMetrics
 from gateway.core.request import ApiRequest
 from gateway.resp.client import LeanClient, Script
+from gateway.resp.lag import within
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +217,7 @@ class Quota:
         self.lease_ttl = lease_ttl
         self.failure_mode = failure_mode
         self.deadline = 2 * redis_timeout  # bounds a whole call, reconnecting included
+        self.admin_deadline = redis_timeout  # bounds an admin read (usage, history)
         self.breaker = breaker  # after a Redis failure, skip Redis this long (seconds)
         self.local = LocalLimiter()
         self.redis_errors = 0
@@ -340,24 +342,24 @@ class Quota:
         if not calls:
             return
         try:
-            async with asyncio.timeout(self.deadline):
+            async with within(self.deadline):
                 await asyncio.gather(*calls)  # issued together: one write, one round trip
         except (*REDIS_DOWN, TimeoutError) as exc:
-            self._failed("refresh_leases", exc)
+            self._failed("refresh_leases", exc, trip=False)
 
     async def usage(self, key_id: str, now: float | None = None) -> dict[str, Any]:
         win = window(time.time() if now is None else now)
         base = self._base(key_id)
         fields = ("requests", "tokens", "prompt_tokens", "completion_tokens")
         try:
-            async with asyncio.timeout(self.deadline):
+            async with within(self.admin_deadline):
                 day, month, minute = await asyncio.gather(
                     self.redis.execute("HMGET", base + "day:" + win.day, *fields),
                     self.redis.execute("HMGET", base + "month:" + win.month, *fields),
                     self.redis.execute("HMGET", f"{base}min:{win.minute}", "requests", "tokens"),
                 )
         except (*REDIS_DOWN, TimeoutError) as exc:
-            self._failed("usage", exc)
+            self._failed("usage", exc, trip=False)
             raise quota_unavailable() from None
         return {
             "id": key_id,
@@ -374,17 +376,23 @@ class Quota:
         base = self._base(key_id)
         fields = ("requests", "prompt_tokens", "completion_tokens", "tokens")
         try:
-            async with asyncio.timeout(self.deadline):
+            async with within(self.admin_deadline):
                 rows = await asyncio.gather(*(self.redis.execute("HMGET", base + "day:" + d, *fields) for d in dates))
-        except REDIS_DOWN as exc:
-            self._failed("history", exc)
+        except (*REDIS_DOWN, TimeoutError) as exc:
+            self._failed("history", exc, trip=False)
             raise quota_unavailable() from None
         return [{"date": day, **_counts(fields, row)} for day, row in zip(dates, rows, strict=True)]
 
-    def _failed(self, op: str, exc: BaseException) -> None:
+    def _failed(self, op: str, exc: BaseException, trip: bool = True) -> None:
+        """Counts a Redis failure; `trip`: the breaker opens (admissions skip Redis a while). Only
+        the admission path trips it: an admin read or a lease refresh that timed out says little
+        about Redis and must not refuse every request for a second."""
         self.redis_errors += 1
         if self._metrics is not None:
             self._metrics.redis_errors.inc()
+        if not trip:
+            log.warning("a Redis call failed (%s: %r)", op, exc)
+            return
         self._skip_until = time.monotonic() + self.breaker
         if not self._down:  # one line when Redis goes away, one when it is back (_recovered)
             self._down = True

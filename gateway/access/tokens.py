@@ -10,15 +10,18 @@ with the engine's reported usage when the request ends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import multiprocessing
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from gateway.core.request import ApiRequest
+from gateway.engines.supervisor import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +90,18 @@ class PromptCounter:
         return await loop.run_in_executor(self._pool, _count_in_child, request.model, request.body)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        """Stops the pool without waiting on it: its children are killed, not joined (a child
+        blocked on the pool's queue, or a queue thread with a big prompt half-written into a
+        pipe nobody reads, would hold the process at exit)."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        processes = getattr(pool, "_processes", None) or {}
+        children = list(processes.values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for child in children:
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                child.kill()
 
     @cached_property
     def _tiktoken(self) -> Any:
@@ -139,6 +152,9 @@ _child: PromptCounter | None = None
 
 def _start_child(tokenizers: dict[str, str | None]) -> None:
     global _child
+    parent = multiprocessing.parent_process()
+    # Killed with the worker that started it, however that worker ends
+    die_with_parent(signal.SIGKILL, parent.pid if parent is not None else None)
     _child = PromptCounter(tokenizers)
 
 

@@ -20,6 +20,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from gateway.batch.objects import UPLOAD_PURPOSES
 from gateway.core.bodies import too_large
 from gateway.core.errors import Code, GatewayError, invalid
+from gateway.core.text import has_control
 from gateway.store import FileRecord, FileTooLargeError, Owner, Store
 
 MAX_FIELD_BYTES = 64 * 1024  # any part but the file
@@ -153,6 +154,8 @@ async def receive_file(
                 if record is not None or spooled is not None:
                     raise invalid("Send one file per upload.", param="file")
                 filename = filename or "upload.jsonl"
+                if has_control(filename):  # a NUL is refused by PostgreSQL, a CR or LF forges log lines
+                    raise invalid("The file's name must not hold control characters.", param="file")
                 if purpose is not None:
                     record = await store.create_file(owner, purpose, filename, _part_data(events), max_bytes=max_bytes)
                 else:

@@ -22,6 +22,7 @@ import orjson
 from gateway.batch.jsonl import numbered_lines
 from gateway.core.errors import GatewayError
 from gateway.core.request import Endpoint, parse_request
+from gateway.core.text import has_control
 from gateway.store import BatchError, NewLine
 
 MAX_ERRORS = 1000  # listed in the batch's `errors`; the last entry counts the rest
@@ -56,9 +57,11 @@ def check_line(data: bytes | None, rules: LineRules, seen: set[str]) -> NewLine:
     if not isinstance(item, dict):
         raise InvalidLine("invalid_line", "The line must be a JSON object with custom_id, method, url and body.")
     custom_id = item.get("custom_id")
-    if not isinstance(custom_id, str) or not custom_id or len(custom_id) > MAX_CUSTOM_ID:
+    if not isinstance(custom_id, str) or not custom_id or len(custom_id) > MAX_CUSTOM_ID or has_control(custom_id):
         raise InvalidLine(
-            "missing_custom_id", f"'custom_id' must be a string of 1 to {MAX_CUSTOM_ID} characters.", "custom_id"
+            "missing_custom_id",
+            f"'custom_id' must be a string of 1 to {MAX_CUSTOM_ID} characters without control characters.",
+            "custom_id",
         )
     method = item.get("method")
     if method != "POST":

@@ -40,8 +40,10 @@ class RouteStore:
         prefix: str,
         router: Router,
         engines: dict[str, EngineSettings],
+        timeout: float | None = None,
     ) -> None:
         self._redis = redis
+        self._timeout = timeout  # bounds an admin change (redis.timeout)
         self._subscriber = subscriber
         self._hash = f"{prefix}:routes"
         self._channel = f"{prefix}:routes:changed"
@@ -68,13 +70,13 @@ class RouteStore:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def put(self, model: str, routes: tuple[RouteSettings, ...]) -> None:
-        async with redis_or_503():
+        async with redis_or_503(self._timeout):
             await self._redis.hset(self._hash, model, json.dumps(routes_json(routes)))
             await self._redis.publish(self._channel, model)
             await self.reload()
 
     async def reset(self, model: str) -> None:
-        async with redis_or_503():
+        async with redis_or_503(self._timeout):
             await self._redis.hdel(self._hash, model)
             await self._redis.publish(self._channel, model)
             await self.reload()

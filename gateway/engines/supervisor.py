@@ -61,14 +61,17 @@ def engine_command(engine: EngineSettings) -> list[str]:
     return [*cmd, *engine.args]
 
 
-def die_with_parent() -> None:
-    """Linux: this process gets SIGTERM when the gateway dies outright, so none is orphaned."""
+def die_with_parent(sig: int = signal.SIGTERM, parent: int | None = None) -> None:
+    """Linux: this process gets `sig` when its parent dies outright, so none is orphaned. With
+    `parent` (its pid), a parent that died before this call counts too: `sig` comes at once."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        pass
+        return
+    if parent is not None and os.getppid() != parent:
+        os.kill(os.getpid(), sig)
 
 
 def _engine_preexec() -> None:

@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.core.bodies import ClientDisconnected
 from gateway.core.errors import Code, GatewayError, internal_error
+from gateway.front.params import check_query
 
 _MAX_ID = 200
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class Front:
             await send(message)
 
         try:
+            check_query(scope)  # every cursor and filter of every route, before any route reads it
             await self.app(scope, receive, send_with_id)
         except (ClientDisconnected, ClientDisconnect):
             return  # nobody is listening

@@ -18,14 +18,15 @@ import os
 import signal
 import socket
 import ssl
-import sys
 from dataclasses import dataclass
 from typing import Any
 
 import uvloop
 from starlette.types import ASGIApp, Message
 
+from gateway.core.text import SafeFormatter
 from gateway.front.http11 import HttpConnection, ServerState
+from gateway.process import lifeline
 from gateway.proxy.drain import Drain
 from gateway.settings import ServerSettings, Settings
 
@@ -39,7 +40,9 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 def configure_logging(level: str) -> None:
     """Every line with a timestamp and a level, in every process; libraries' chatter only when debugging."""
     numeric = getattr(logging, level.upper(), logging.INFO)
-    logging.basicConfig(level=numeric, format=LOG_FORMAT, force=True)
+    handler = logging.StreamHandler()
+    handler.setFormatter(SafeFormatter(LOG_FORMAT))  # client text never breaks or forges a line
+    logging.basicConfig(level=numeric, handlers=[handler], force=True)
     quiet = max(numeric, logging.WARNING) if numeric > logging.DEBUG else numeric
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(quiet)
@@ -254,7 +257,7 @@ def run_worker(spec: WorkerSpec, sockets: list[socket.socket]) -> None:
     # from the terminal: a second Ctrl-C means "stop at once", so one press must arrive once.
     os.setpgrp()
     configure_logging(spec.log_level)
+    lifeline.watch_parent()  # the main process gone: stop at once, gone within seconds
     server = build_server(spec)
     server.run(sockets)
-    if not server.started:
-        sys.exit(STARTUP_FAILURE)
+    lifeline.finish(0 if server.started else STARTUP_FAILURE)  # nothing (the pool) may hold the exit

@@ -55,9 +55,9 @@ class RedisServices:
         engines = {e.name: e for e in settings.engines}
         return cls(
             clients,
-            KeyStore(clients.admin, r.prefix, timeout=2 * r.timeout),
+            KeyStore(clients.admin, r.prefix, timeout=2 * r.timeout, admin_timeout=r.timeout),
             quota,
-            RouteStore(clients.admin, clients.subscriber, r.prefix, router, engines),
+            RouteStore(clients.admin, clients.subscriber, r.prefix, router, engines, timeout=r.timeout),
             PromptCounter({m.name: m.tokenizer for m in settings.models}),
         )
 

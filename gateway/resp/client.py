@@ -11,7 +11,10 @@ per node behind a Redis Cluster slot map.
 A command leaves only if its caller is still waiting when the write happens: one that gave up
 (a timeout cancelled it) before that is dropped, never sent late. Errors say whether the command
 may have run: `CommandNotSent` (nothing left: safe to send elsewhere) or a plain ConnectionError
-(the connection died after the write: it may have run, so it is never replayed here).
+(the connection died after the write: it may have run, so it is never replayed here), except
+`RedisStalled`: a connection this client dropped because Redis went silent; the command is sent
+once more on a fresh connection before the caller hears of it (every command sent here is
+idempotent), so one slow moment is not an outage.
 """
 
 from __future__ import annotations
@@ -27,9 +30,15 @@ import hiredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from gateway.resp.lag import lag_meter
+
 
 class CommandNotSent(RedisConnectionError):
     """The command never left this process (no connection, or it died first): safe to retry."""
+
+
+class RedisStalled(RedisConnectionError):
+    """The connection was dropped because Redis sent nothing for the stall timeout."""
 
 
 def _pack(*args: bytes | str | int | float) -> bytes:
@@ -48,7 +57,10 @@ class _Protocol(asyncio.Protocol):
     Redis has sent nothing for `stall_timeout` seconds, the connection is dropped and every waiting
     call fails. Progress, not the wait of one call, is what counts: a burst that keeps this process
     busy (its replies read late) is not mistaken for a Redis that stopped answering, and the hot
-    path arms no timer per command."""
+    path arms no timer per command. Redis's silence is measured from the write of the oldest
+    command waiting (or the last reply since), less the loop's own lag (gateway/resp/lag.py); and
+    before the connection is dropped the loop makes one more pass, in which a reply already in
+    the socket is read."""
 
     def __init__(self, stall_timeout: float = 0.5) -> None:
         self.transport: asyncio.Transport | None = None
@@ -57,6 +69,9 @@ class _Protocol(asyncio.Protocol):
         self.lost = False
         self.stall_timeout = stall_timeout
         self._heard = 0.0  # loop time of the last reply, or of the write that found nothing waiting
+        self._meter = lag_meter()
+        self._heard_lag = 0.0  # the meter's lag at `_heard`
+        self._confirming = False
         self._watchdog: asyncio.TimerHandle | None = None
         self._stalled = False
         # (command, its caller's future, preceded by ASKING): sent at the end of this loop iteration
@@ -76,7 +91,7 @@ class _Protocol(asyncio.Protocol):
             return
         chunks = []
         if not self.waiting:
-            self._heard = asyncio.get_running_loop().time()
+            self._hear(asyncio.get_running_loop().time())
         for data, future, asking in outbox:
             if future.done():  # its caller gave up before it left: never send it late
                 continue
@@ -93,13 +108,25 @@ class _Protocol(asyncio.Protocol):
             if self._watchdog is None:
                 self._watchdog = asyncio.get_running_loop().call_at(self._heard + self.stall_timeout, self._check)
 
+    def _hear(self, now: float) -> None:
+        self._heard = now
+        self._heard_lag = self._meter.lag
+        self._confirming = False
+
     def _check(self) -> None:
         self._watchdog = None
         if not self.waiting or self.lost or self.transport is None:
             return
         loop = asyncio.get_running_loop()
-        if loop.time() - self._heard < self.stall_timeout:
-            self._watchdog = loop.call_at(self._heard + self.stall_timeout, self._check)
+        now = loop.time()
+        silent = now - self._heard - (self._meter.lag - self._heard_lag)
+        if silent < self.stall_timeout:
+            self._watchdog = loop.call_at(now + self.stall_timeout - silent, self._check)
+            return
+        if not self._confirming:
+            # A timer due now runs after the next poll's reads: a reply already here clears this
+            self._confirming = True
+            self._watchdog = loop.call_at(now, self._check)
             return
         self._stalled = True
         self.transport.abort()  # connection_lost fails every waiting call
@@ -108,7 +135,7 @@ class _Protocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        self._heard = asyncio.get_running_loop().time()
+        self._hear(asyncio.get_running_loop().time())
         self.reader.feed(data)
         while (reply := self.reader.gets()) is not False:
             future = self.waiting.popleft()
@@ -120,10 +147,11 @@ class _Protocol(asyncio.Protocol):
         if self._watchdog is not None:
             self._watchdog.cancel()
         why = f"Redis answered nothing for {self.stall_timeout}s" if self._stalled else f"{exc or 'closed'}"
+        error = RedisStalled if self._stalled else RedisConnectionError
         while self.waiting:
             future = self.waiting.popleft()
             if not future.done():
-                future.set_exception(RedisConnectionError(f"Redis connection lost: {why}"))
+                future.set_exception(error(f"Redis connection lost: {why}"))
         outbox, self._outbox = self._outbox, []
         _fail(outbox, f"Redis connection lost before the command was sent: {exc or 'closed'}")
 
@@ -163,8 +191,10 @@ class RespClient:
             loop = asyncio.get_running_loop()
             try:
                 async with asyncio.timeout(self._connect_timeout):
+                    # A try waits redis.timeout of Redis's silence; a stalled one gets a second
+                    # try on a fresh connection (execute), so a call ends within two
                     _, proto = await loop.create_connection(
-                        lambda: _Protocol(2 * self._connect_timeout), self._host, self._port, ssl=self._tls
+                        lambda: _Protocol(self._connect_timeout), self._host, self._port, ssl=self._tls
                     )
             except (OSError, TimeoutError) as exc:
                 raise CommandNotSent(f"cannot connect to Redis at {self._host}:{self._port}: {exc}") from None
@@ -190,7 +220,16 @@ class RespClient:
         return f"{self._host}:{self._port}"
 
     async def execute(self, *args: bytes | str | int | float, key: bytes | str | None = None) -> Any:
-        """One command; `key` routes it on a cluster client and means nothing here."""
+        """One command; `key` routes it on a cluster client and means nothing here. A command whose
+        connection was dropped for silence is sent once more, on a fresh connection, before Redis
+        counts as down: every command this client runs may run twice (the quota scripts are
+        idempotent by lease id; the rest are reads and idempotent writes)."""
+        try:
+            return await self._execute(*args)
+        except RedisStalled:
+            return await self._execute(*args)
+
+    async def _execute(self, *args: bytes | str | int | float) -> Any:
         proto = await self._connection()
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         proto.send(_pack(*args), future)

@@ -14,6 +14,8 @@ from gateway.settings.reader import ConfigError, Reader
 ASSIGNMENTS = ("weighted", "sticky")
 FAILOVERS = ("resume", "error")
 MAX_FALLBACKS = 8
+ENDPOINT_KINDS = ("chat", "completions", "embeddings")
+EMBEDDING_MODEL = "all-MiniLM-L6-v2"  # the CPU engine's bundled embedding model (engines/embeddings.py)
 MAX_WEIGHT = 1e9
 MAX_ROUTES = 64
 
@@ -37,6 +39,13 @@ class ModelSettings:
     failover: str = "resume"  # a stream whose engine fails goes on on another engine (resume) or ends (error)
     fallbacks: tuple[str, ...] = ()  # other models to serve it, in order, when this one cannot
     fallback_after: float | None = None  # seconds of queue wait after which a fallback serves instead
+    # which APIs the model serves (chat, completions, embeddings): a batch line naming it on
+    # another endpoint is refused when the batch is created. Unset: the bundled CPU engines'
+    # (embeddings for all-MiniLM-L6-v2, chat and completions otherwise), all three for others.
+    endpoints: tuple[str, ...] | None = None
+
+    def serves(self, kind: str) -> bool:
+        return self.endpoints is None or kind in self.endpoints
 
 
 def parse_model(r: Reader, index: int, data: Any, engines: dict[str, EngineSettings], base_dir: Path) -> ModelSettings:
@@ -56,6 +65,7 @@ def parse_model(r: Reader, index: int, data: Any, engines: dict[str, EngineSetti
             "failover",
             "fallbacks",
             "fallback_after",
+            "endpoints",
         ),
     )
     name = r.get(data, "name", path, str, None)
@@ -81,6 +91,7 @@ def parse_model(r: Reader, index: int, data: Any, engines: dict[str, EngineSetti
     if name in fallbacks or len(set(fallbacks)) != len(fallbacks):
         raise r.fail(f"{path}fallbacks", "must name other models, each once")
     fallback_after = r.get(data, "fallback_after", path, float, None, 0)
+    endpoints = _endpoints(r, f"{path}endpoints", data.get("endpoints"), routes, engines)
     return ModelSettings(
         name=name,
         routes=routes,
@@ -91,6 +102,7 @@ def parse_model(r: Reader, index: int, data: Any, engines: dict[str, EngineSetti
         failover=failover,
         fallbacks=tuple(fallbacks),
         fallback_after=fallback_after,
+        endpoints=endpoints,
     )
 
 
@@ -101,6 +113,27 @@ def check_fallbacks(r: Reader, models: tuple[ModelSettings, ...]) -> None:
         for f in m.fallbacks:
             if f not in known:
                 raise r.fail(f"models[{i}].fallbacks", f"unknown model {f!r} (known: {', '.join(sorted(known))})")
+
+
+def _endpoints(
+    r: Reader, path: str, data: Any, routes: tuple[RouteSettings, ...], engines: dict[str, EngineSettings]
+) -> tuple[str, ...] | None:
+    if data is None:
+        kinds: set[str] = set()
+        for route in routes:
+            for name in route.engines:
+                kinds.update(_engine_endpoints(engines[name]))
+        return None if kinds == set(ENDPOINT_KINDS) else tuple(k for k in ENDPOINT_KINDS if k in kinds)
+    if not isinstance(data, list) or not data or not all(isinstance(k, str) and k in ENDPOINT_KINDS for k in data):
+        raise r.fail(path, f"must be a non-empty list of {', '.join(ENDPOINT_KINDS)}")
+    return tuple(k for k in ENDPOINT_KINDS if k in data)
+
+
+def _engine_endpoints(engine: EngineSettings) -> tuple[str, ...]:
+    """What an engine serves, where the gateway knows it: its own CPU engine's two kinds of model."""
+    if engine.kind == "cpu":
+        return ("embeddings",) if Path(engine.model or "").name == EMBEDDING_MODEL else ("chat", "completions")
+    return ENDPOINT_KINDS
 
 
 def parse_routes(

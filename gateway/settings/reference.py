@@ -168,6 +168,9 @@ DESCRIPTIONS = {  # where the field's own comment is missing or says why rather 
     "engines[].vllm.enforce_eager": "vLLM `--enforce-eager`",
     "engines[].vllm.max_num_seqs": "vLLM `--max-num-seqs`",
     "models[].name": "the public model name clients send",
+    "models[].endpoints": "the APIs it serves, of `chat`, `completions`, `embeddings` (a batch line naming it on"
+    " another is refused at creation); unset: `embeddings` for a CPU engine's all-MiniLM-L6-v2, `chat` and"
+    " `completions` for other CPU engines, all three otherwise",
     "models[].routes[].engines": "the engines of this route (required: `engines` or `engine`)",
     "models[].routes[].weight": "the share of traffic among the model's routes (0 = none)",
     "engines[].max_inflight": "requests the engine runs at once (split between workers); unset: learned",

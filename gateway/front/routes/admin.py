@@ -18,6 +18,7 @@ from gateway.core.errors import Code, GatewayError, invalid, model_not_found
 from gateway.dispatch.route_store import RouteStore, routes_json
 from gateway.dispatch.routing import Router
 from gateway.engines.pool import Engine
+from gateway.front.params import path_id
 from gateway.proxy.context import Gateway
 from gateway.settings import ConfigError, EngineSettings, parse_routes
 
@@ -84,22 +85,22 @@ class AdminRoutes:
 
     async def get_key(self, request: Request) -> Response:
         self._authorise(request)
-        return JSONResponse((await self._key_or_404(request.path_params["key_id"])).public())
+        return JSONResponse((await self._key_or_404(path_id(request, "key_id"))).public())
 
     async def update_key(self, request: Request) -> Response:
         self._authorise(request)
         fields = validate_key_fields(await self._json(request), partial=True, known_models=self._router.routes)
-        key = await self._keys.update(request.path_params["key_id"], fields)
-        return JSONResponse((key or await self._key_or_404(request.path_params["key_id"])).public())
+        key = await self._keys.update(path_id(request, "key_id"), fields)
+        return JSONResponse((key or await self._key_or_404(path_id(request, "key_id"))).public())
 
     async def revoke_key(self, request: Request) -> Response:
         self._authorise(request)
-        key = await self._keys.revoke(request.path_params["key_id"])
-        return JSONResponse((key or await self._key_or_404(request.path_params["key_id"])).public())
+        key = await self._keys.revoke(path_id(request, "key_id"))
+        return JSONResponse((key or await self._key_or_404(path_id(request, "key_id"))).public())
 
     async def key_usage(self, request: Request) -> Response:
         self._authorise(request)
-        key = await self._key_or_404(request.path_params["key_id"])
+        key = await self._key_or_404(path_id(request, "key_id"))
         usage = await self._quota.usage(key.id)
         if "days" in request.query_params:
             usage["history"] = await self._quota.history(key.id, _days(request.query_params["days"]))
@@ -124,7 +125,7 @@ class AdminRoutes:
         return view
 
     def _model_or_404(self, request: Request) -> str:
-        model = request.path_params["model"]
+        model = path_id(request, "model")
         if not self._router.knows(model):
             raise model_not_found(model)
         return str(model)

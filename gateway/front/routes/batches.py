@@ -23,6 +23,8 @@ from gateway.batch.validate import InvalidLine, LineRules, valid_lines, validate
 from gateway.core.bodies import json_object, read_body
 from gateway.core.errors import Code, GatewayError, invalid
 from gateway.core.request import ENDPOINTS
+from gateway.core.text import check_text
+from gateway.front.params import path_id, query_id
 from gateway.front.routes.files import file_content, file_not_found, int_param, store_of
 from gateway.proxy.context import Gateway
 from gateway.store import (
@@ -74,6 +76,7 @@ class BatchRoutes:
         file_id = body.get("input_file_id")
         if not isinstance(file_id, str) or not file_id:
             raise invalid("'input_file_id' is required: the id of a file uploaded for 'batch'.", param="input_file_id")
+        check_text(file_id, "input_file_id")
         endpoint = body.get("endpoint")
         if not isinstance(endpoint, str) or endpoint not in ENDPOINTS:
             raise invalid(f"'endpoint' must be one of {', '.join(ENDPOINTS)}; got {endpoint!r}.", param="endpoint")
@@ -93,15 +96,25 @@ class BatchRoutes:
                 code=Code.INVALID_FILE_PURPOSE,
             )
 
+        endpoint = ENDPOINTS[spec.endpoint]
+        served = {m.name: m for m in self.gw.settings.models}
+
         def check_model(model: str) -> BatchError | None:
             if not self.gw.router.knows(model):
                 return BatchError("model_not_found", f"The model '{model}' does not exist.")
+            settings = served.get(model)
+            if settings is not None and not settings.serves(endpoint.kind):
+                return BatchError(
+                    "model_not_supported",
+                    f"The model '{model}' does not serve {endpoint.path} (it serves "
+                    f"{', '.join(settings.endpoints or ())}): send it in a batch for its own endpoint.",
+                )
             if not principal.may_use(model):
                 return BatchError("model_not_allowed", f"This API key may not use the model '{model}'.")
             return None
 
         s = self.gw.settings
-        rules = LineRules(ENDPOINTS[spec.endpoint], s.batch.max_lines, s.server.max_body_bytes, check_model)
+        rules = LineRules(endpoint, s.batch.max_lines, s.server.max_body_bytes, check_model)
         metrics = self.gw.metrics
         try:
             content = await store.file_content(record.id, principal.key_id)
@@ -126,14 +139,14 @@ class BatchRoutes:
 
     async def _list(self, request: Request, owner: OwnerScope, with_owner: bool = False) -> Response:
         page = await store_of(self.gw).list_batches(
-            owner, limit=int_param(request, "limit", 20, 1, 100), after=request.query_params.get("after") or None
+            owner, limit=int_param(request, "limit", 20, 1, 100), after=query_id(request, "after")
         )
         data = [_admin_view(b) if with_owner else batch_object(b) for b in page.items]
         return JSONResponse(list_object(data, page.has_more))
 
     async def get_batch(self, request: Request) -> Response:
         owner = (await self.gw.access.authenticate(request.scope)).key_id
-        return JSONResponse(batch_object(await self._get(request.path_params["batch_id"], owner)))
+        return JSONResponse(batch_object(await self._get(path_id(request, "batch_id"), owner)))
 
     async def _get(self, batch_id: str, owner: OwnerScope) -> Batch:
         batch = await store_of(self.gw).get_batch(batch_id, owner)
@@ -143,7 +156,7 @@ class BatchRoutes:
 
     async def cancel(self, request: Request) -> Response:
         owner = (await self.gw.access.authenticate(request.scope)).key_id
-        return JSONResponse(batch_object(await self._cancel(request.path_params["batch_id"], owner)))
+        return JSONResponse(batch_object(await self._cancel(path_id(request, "batch_id"), owner)))
 
     async def _cancel(self, batch_id: str, owner: OwnerScope) -> Batch:
         before = await self._get(batch_id, owner)
@@ -168,15 +181,15 @@ class BatchRoutes:
 
     async def admin_get(self, request: Request) -> Response:
         require_admin(request.scope, self.gw.settings.auth.admin_key)
-        return JSONResponse(_admin_view(await self._get(request.path_params["batch_id"], ALL_OWNERS)))
+        return JSONResponse(_admin_view(await self._get(path_id(request, "batch_id"), ALL_OWNERS)))
 
     async def admin_cancel(self, request: Request) -> Response:
         require_admin(request.scope, self.gw.settings.auth.admin_key)
-        return JSONResponse(_admin_view(await self._cancel(request.path_params["batch_id"], ALL_OWNERS)))
+        return JSONResponse(_admin_view(await self._cancel(path_id(request, "batch_id"), ALL_OWNERS)))
 
     async def admin_file_content(self, request: Request) -> Response:
         require_admin(request.scope, self.gw.settings.auth.admin_key)
-        return await file_content(self.gw, request.path_params["file_id"], ALL_OWNERS)
+        return await file_content(self.gw, path_id(request, "file_id"), ALL_OWNERS)
 
 
 def _admin_view(batch: Batch) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from gateway.batch.objects import file_object, list_object
 from gateway.batch.upload import receive_file
 from gateway.core.bodies import header
 from gateway.core.errors import Code, GatewayError, invalid
+from gateway.front.params import path_id, query_id
 from gateway.proxy.context import Gateway
 from gateway.store import FileRecord, Owner, OwnerScope, Store
 
@@ -90,29 +91,29 @@ class FileRoutes:
             raise invalid("'order' must be asc or desc.", param="order")
         page = await store_of(self.gw).list_files(
             owner,
-            purpose=request.query_params.get("purpose") or None,
+            purpose=query_id(request, "purpose"),
             limit=int_param(request, "limit", MAX_FILES_PAGE, 1, MAX_FILES_PAGE),
-            after=request.query_params.get("after") or None,
+            after=query_id(request, "after"),
             order="asc" if order == "asc" else "desc",
         )
         return JSONResponse(list_object([file_object(f) for f in page.items], page.has_more))
 
     async def get_file(self, request: Request) -> Response:
-        file_id = request.path_params["file_id"]
+        file_id = path_id(request, "file_id")
         record = await store_of(self.gw).get_file(file_id, await self._owner(request))
         if record is None:
             raise file_not_found(file_id)
         return JSONResponse(file_object(record))
 
     async def delete_file(self, request: Request) -> Response:
-        file_id = request.path_params["file_id"]
+        file_id = path_id(request, "file_id")
         if not await store_of(self.gw).delete_file(file_id, await self._owner(request)):
             raise file_not_found(file_id)
         body: dict[str, Any] = {"id": file_id, "object": "file", "deleted": True}
         return JSONResponse(body)
 
     async def content(self, request: Request) -> Response:
-        return await file_content(self.gw, request.path_params["file_id"], await self._owner(request))
+        return await file_content(self.gw, path_id(request, "file_id"), await self._owner(request))
 
 
 async def file_content(gw: Gateway, file_id: str, owner: OwnerScope) -> Response:

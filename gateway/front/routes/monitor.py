@@ -20,7 +20,9 @@ from starlette.routing import Route
 
 from gateway.access.auth import require_admin
 from gateway.core.errors import Code, GatewayError, invalid, model_not_found
+from gateway.core.text import check_text
 from gateway.core.times import iso, parse_time
+from gateway.front.params import path_id
 from gateway.monitor.report import read_report
 from gateway.proxy.context import Gateway
 from gateway.store import InferenceRecord, RequestFilter, Store
@@ -85,7 +87,7 @@ class MonitorRoutes:
         """Routes side by side over [since, until) and drift against [baseline_since, baseline_until).
         Defaults: the last hour, and the window of the same length just before it."""
         store = self._store(request)
-        model = request.path_params["model"]
+        model = path_id(request, "model")
         if not self._gw.router.knows(model):
             raise model_not_found(model)
         q = query(request, REPORT_PARAMS)
@@ -157,9 +159,7 @@ def query(request: Request, allowed: tuple[str, ...]) -> dict[str, str]:
 
 def _text(q: Mapping[str, str], name: str) -> str | None:
     value = q.get(name)
-    if value is not None and len(value) > MAX_TEXT:
-        raise invalid(f"'{name}' is longer than {MAX_TEXT} characters.", param=name)
-    return value
+    return None if value is None else check_text(value, name, MAX_TEXT)
 
 
 def _int(q: Mapping[str, str], name: str, low: int, high: int) -> int | None:
@@ -168,7 +168,7 @@ def _int(q: Mapping[str, str], name: str, low: int, high: int) -> int | None:
         return None
     # int() refuses more than 4,300 digits: a longer one is not a number we take anyway
     if not (value.isascii() and value.isdigit()) or len(value) > 30 or not low <= int(value) <= high:
-        raise invalid(f"'{name}' must be an integer from {low} to {high}, got {value!r}.", param=name)
+        raise invalid(f"'{name}' must be an integer from {low} to {high}.", param=name)
     return int(value)
 
 
