@@ -19,10 +19,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from engines.engine import EngineStats
 from engines.errors import EngineError
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from engines.cpu import CpuEngine
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # never pickled .bin weights: loading those runs code
@@ -82,9 +83,22 @@ class LoraAdapters:
     def resident(self) -> list[Adapter]:
         return [a for a in self._adapters.values() if a.engine is not None]
 
+    async def _locked(self, work: Callable[[], Awaitable[T]]) -> T:
+        """Runs `work` under the lock to its end, even if the caller leaves meanwhile (a client
+        that hangs up): a model half built, or built and then dropped, would leak its loop."""
+
+        async def run() -> T:
+            async with self._lock:
+                return await work()
+
+        task = asyncio.ensure_future(run())
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # never "never retrieved"
+        return await asyncio.shield(task)
+
     async def load(self, name: str, path: Path, shown_path: str, replace: bool) -> None:
         """Registers `name` and makes it resident (evicting the least recently used idle one)."""
-        async with self._lock:
+
+        async def work() -> None:
             old = self._adapters.get(name)
             if old is not None and not replace:
                 raise ValueError(name)
@@ -93,27 +107,35 @@ class LoraAdapters:
             self._adapters[name] = adapter
             if old is not None:
                 self._retire(old)
-        log.info("loaded LoRA adapter %s from %s", name, path)
+            log.info("loaded LoRA adapter %s from %s", name, path)
+
+        await self._locked(work)
 
     async def unload(self, name: str) -> bool:
-        async with self._lock:
+        async def work() -> bool:
             adapter = self._adapters.pop(name, None)
             if adapter is None:
                 return False
             self._retire(adapter)
-        log.info("unloaded LoRA adapter %s", name)
-        return True
+            log.info("unloaded LoRA adapter %s", name)
+            return True
+
+        return await self._locked(work)
 
     async def acquire(self, name: str) -> Lease:
         """The adapter's serving, held until `release` (so it is not evicted mid-request)."""
         adapter = self._adapters[name]
         if adapter.serving is None:
-            async with self._lock:
+
+            async def work() -> None:
                 if adapter.retired:
                     raise KeyError(name)
                 if adapter.serving is None:
                     await self._make_resident(adapter)
-        assert adapter.serving is not None
+
+            await self._locked(work)
+        if adapter.serving is None:  # evicted again between the load and now (another adapter's turn)
+            raise EngineError(429, "The LoRA adapter was evicted by another; retry.", code="engine_overloaded")
         adapter.in_flight += 1
         adapter.last_used = time.monotonic()
         released = False
