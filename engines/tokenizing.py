@@ -26,6 +26,9 @@ from engines.errors import EngineError, invalid
 # Characters of prompt text from which tokenizing goes to the child process. Far below a size
 # that tokenizes slowly (~1 s per 500 KB here), far above any everyday prompt.
 LARGE_PROMPT_CHARS = 256 * 1024
+# The child's memory grows with the largest prompt it has seen (hundreds of MB for a few MB of
+# text) and is not given back: it exits once no huge prompt came for this long.
+CHILD_IDLE_SECONDS = 60.0
 _PIPE_LIMIT = 64 * 1024 * 1024  # the longest answer line: the ids of a prompt that fits the context
 
 log = logging.getLogger(__name__)
@@ -79,6 +82,7 @@ class PromptTokenizer:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         self._child: asyncio.subprocess.Process | None = None
         self._child_lock = asyncio.Lock()  # one exchange at a time on its pipes
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     async def chat(self, messages: list[dict[str, str]]) -> list[int] | int:
         size = sum(len(str(v)) for m in messages for v in m.values())
@@ -104,20 +108,28 @@ class PromptTokenizer:
 
     async def _exchange(self, request: bytes) -> dict[str, Any]:
         async with self._child_lock:
-            child = await self._started()
-            assert child.stdin is not None and child.stdout is not None
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
             try:
-                child.stdin.write(request)
-                await child.stdin.drain()
-                line = await child.stdout.readline()
-                if not line:
-                    raise ConnectionError("the tokenizer process exited")
-                answer: dict[str, Any] = json.loads(line)
-                return answer
-            except (OSError, ValueError) as exc:  # died (killed, out of memory): the next one starts afresh
-                log.warning("tokenizer process failed: %s", exc)
-                self._kill()
-                raise EngineError(503, "The prompt could not be tokenized; retry.", code="engine_unavailable") from None
+                return await self._over_pipes(request)
+            finally:
+                self._idle_timer = asyncio.get_running_loop().call_later(CHILD_IDLE_SECONDS, self._kill_if_idle)
+
+    async def _over_pipes(self, request: bytes) -> dict[str, Any]:
+        child = await self._started()
+        assert child.stdin is not None and child.stdout is not None
+        try:
+            child.stdin.write(request)
+            await child.stdin.drain()
+            line = await child.stdout.readline()
+            if not line:
+                raise ConnectionError("the tokenizer process exited")
+            answer: dict[str, Any] = json.loads(line)
+            return answer
+        except (OSError, ValueError) as exc:  # died (killed, out of memory): the next one starts afresh
+            log.warning("tokenizer process failed: %s", exc)
+            self._kill()
+            raise EngineError(503, "The prompt could not be tokenized; retry.", code="engine_unavailable") from None
 
     async def _started(self) -> asyncio.subprocess.Process:
         if self._child is None or self._child.returncode is not None:
@@ -132,12 +144,18 @@ class PromptTokenizer:
             )
         return self._child
 
+    def _kill_if_idle(self) -> None:
+        if not self._child_lock.locked():  # else in use: that exchange arms the timer again
+            self._kill()
+
     def _kill(self) -> None:
         if self._child is not None and self._child.returncode is None:
             self._child.kill()
         self._child = None
 
     async def aclose(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
         self._thread.shutdown(wait=False, cancel_futures=True)
         child = self._child
         self._kill()
