@@ -39,28 +39,35 @@ def chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except Exception as exc:  # the template's own raise_exception(), e.g. a role it does not know
         raise invalid(f"The model's chat template rejected the messages: {exc}", param="messages") from None
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    return _encode(tokenizer, text, False, "messages")
 
 
 def text_ids(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=True))
+    return _encode(tokenizer, text, True, "prompt")
+
+
+def _encode(tokenizer: Any, text: str, special: bool, param: str) -> list[int]:
+    try:
+        return list(tokenizer.encode(text, add_special_tokens=special))
+    except (TypeError, UnicodeError):  # a lone surrogate (JSON's "\ud800") is no text to a tokenizer
+        raise invalid("The text is not valid Unicode (it holds a lone surrogate).", param=param) from None
 
 
 def _child_main(path: str) -> None:
-    """The child process: one JSON request a line on stdin, one JSON answer a line on stdout."""
+    """The child process. Each request on stdin is a JSON header line {"chat", "limit", "bytes"}
+    followed by that many bytes: the text as UTF-8, or the chat messages as JSON (raw text spares
+    the worker's event loop a multi-MB json.dumps). Each answer is one JSON line on stdout."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # "longer than the maximum length" is the point here
     tokenizer = AutoTokenizer.from_pretrained(path)
-    out = sys.stdout
-    for line in sys.stdin:
+    out, source = sys.stdout, sys.stdin.buffer
+    for line in source:
         request = json.loads(line)
+        payload = source.read(request["bytes"]).decode("utf-8", "surrogatepass")
         try:
-            if request["chat"]:
-                ids = chat_ids(tokenizer, request["payload"])
-            else:
-                ids = text_ids(tokenizer, request["payload"])
+            ids = chat_ids(tokenizer, json.loads(payload)) if request["chat"] else text_ids(tokenizer, payload)
         except Exception as exc:  # an EngineError does not cross the process boundary as itself
             answer: dict[str, Any] = {"rejected": getattr(exc, "message", str(exc))}
         else:
@@ -99,7 +106,10 @@ class PromptTokenizer:
         return await asyncio.get_running_loop().run_in_executor(self._thread, work)
 
     async def _in_child(self, chat: bool, payload: Any) -> list[int] | int:
-        request = (json.dumps({"chat": chat, "payload": payload, "limit": self._limit}) + "\n").encode()
+        # "surrogatepass": a lone surrogate from JSON's \ud800 escapes travels as it came.
+        body = (json.dumps(payload) if chat else payload).encode("utf-8", "surrogatepass")
+        header = json.dumps({"chat": chat, "limit": self._limit, "bytes": len(body)}) + "\n"
+        request = header.encode() + body
         # Shielded: a client that leaves mid-exchange must not leave an answer unread on the pipe.
         answer = await asyncio.shield(asyncio.ensure_future(self._exchange(request)))
         if "rejected" in answer:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import threading
 import time
@@ -128,7 +129,27 @@ def test_health_answers_while_a_huge_prompt_is_tokenized(small_cache_worker: Pro
     assert outcome["body"]["error"]["code"] == "context_length_exceeded"  # type: ignore[index]
     print(f"huge prompt answered in {outcome['took']:.2f}s; {len(times)} health checks, slowest {max(times):.3f}s")
     assert len(times) >= 3, "the huge prompt was answered too fast to watch /health meanwhile"
-    assert max(times) < 0.5, f"/health took {max(times):.2f}s while the prompt was tokenized"
+    # The worker still parses the 3.8 MB JSON body on its event loop (~50 ms of CPU): on a machine
+    # loaded far past its cores one check may wait for that. Tokenizing on the loop blocked every
+    # check for the whole tokenization (seconds), which both bounds catch.
+    times.sort()
+    assert times[int(len(times) * 0.95)] < 0.5, f"/health p95 {times[int(len(times) * 0.95)]:.2f}s meanwhile"
+    assert times[-1] < 2.0, f"/health took {times[-1]:.2f}s while the prompt was tokenized"
+
+
+@pytest.mark.parametrize("size", [10, 300_000])
+def test_a_lone_surrogate_is_a_400(small_cache_worker: Proc, size: int) -> None:
+    text = "a" * size
+    # json.dumps writes the lone surrogate as its escape, "\\ud800": valid JSON, no valid text.
+    raw = json.dumps({"model": MODEL, "prompt": text + "\ud800", "max_tokens": 2}).encode()
+    r = httpx.post(
+        small_cache_worker.url + "/v1/completions",
+        content=raw,
+        headers={"content-type": "application/json"},
+        timeout=300,
+    )
+    assert r.status_code == 400, r.text
+    assert "lone surrogate" in r.json()["error"]["message"]
 
 
 def test_health_turns_red_while_the_generation_loop_is_stuck() -> None:
