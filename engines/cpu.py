@@ -9,8 +9,10 @@ calls back on the loop with `call_soon_threadsafe`, so no thread ever blocks on 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncGenerator
+import time
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +22,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.continuous_batching.requests import GenerationOutput, RequestStatus
 
+from engines import scheduling
 from engines.engine import EngineStats, Slots
-from engines.errors import EngineError, invalid
+from engines.errors import EngineError
 from engines.protocol import SamplingParams
+from engines.tokenizing import chat_ids, text_ids
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +49,25 @@ class CpuEngineConfig:
     max_waiting: int = 64  # past this many queued requests the worker answers 429 at once
     max_model_len: int | None = None
     threads: int | None = None
+    # With work pending, a generation loop that neither steps nor delivers for this long is stuck:
+    # /health turns 503 so that a gateway stops sending it traffic.
+    stall_seconds: float = 15.0
+
+
+def load_model(path: Path) -> Any:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 class CpuEngine:
-    def __init__(self, config: CpuEngineConfig) -> None:
+    def __init__(self, config: CpuEngineConfig, model: Any = None, tokenizer: Any = None) -> None:
+        """`model` and `tokenizer`, when given, are used instead of loading them from
+        config.model_path (an adapter's merged copy of the model shares the base's tokenizer)."""
         self.config = config
+        self.tokenizer_path = config.model_path
         if config.threads:
             torch.set_num_threads(config.threads)
-        self._tokenizer: Any = AutoTokenizer.from_pretrained(config.model_path)
-        self._model = AutoModelForCausalLM.from_pretrained(config.model_path, dtype=torch.float32).eval()
+        self._tokenizer: Any = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(config.model_path)
+        self._model = model if model is not None else load_model(config.model_path)
         model_config = self._model.config
         generation = GenerationConfig.from_model_config(model_config)
         eos = generation.eos_token_id if generation.eos_token_id is not None else self._tokenizer.eos_token_id
@@ -78,11 +92,16 @@ class CpuEngine:
             max_batch_tokens=config.max_batch_tokens,
             per_request_processors=True,
             allow_block_sharing=True,
+            scheduler_type=scheduling.register(),
         )
         self._manager: Any = None
         self._waiting = 0
         self._running = 0
         self._reserved = 0  # queue places promised to requests whose response has not started yet
+        # Progress heartbeat of the generation loop: the step counter last seen and when it moved,
+        # and when the engine last had nothing to do (a stall is only counted while work waits).
+        self._last_step = -1
+        self._last_progress = time.monotonic()
 
     @property
     def tokenizer(self) -> Any:
@@ -94,25 +113,23 @@ class CpuEngine:
         )
         self._manager.start()
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Holds the generation loop between two steps (blocking until it is there), keeping its
+        batch and cache, e.g. to change the model in place. Call it off the event loop."""
+        with self._manager.pause():
+            yield
+
     def stop(self) -> None:
         if self._manager is not None:
             self._manager.stop(block=True, timeout=10, hard_stop=True)
             self._manager = None
 
     def chat_prompt(self, messages: list[dict[str, str]], continue_final: bool = False) -> list[int]:
-        try:
-            text = self._tokenizer.apply_chat_template(
-                messages,
-                add_generation_prompt=not continue_final,
-                continue_final_message=continue_final,
-                tokenize=False,
-            )
-        except Exception as exc:  # the template's own raise_exception(), e.g. a role it does not know
-            raise invalid(f"The model's chat template rejected the messages: {exc}", param="messages") from None
-        return list(self._tokenizer.encode(text, add_special_tokens=False))
+        return chat_ids(self._tokenizer, messages, continue_final)
 
     def text_prompt(self, text: str) -> list[int]:
-        return list(self._tokenizer.encode(text, add_special_tokens=True))
+        return text_ids(self._tokenizer, text)
 
     def stats(self) -> EngineStats:
         total = used = 0
@@ -126,6 +143,27 @@ class CpuEngine:
 
     def is_alive(self) -> bool:
         return self._manager is not None and self._manager.is_running()
+
+    def stalled_for(self) -> float:
+        """Seconds the generation loop has made no progress while requests were pending (0 if it
+        is making progress or has nothing to do). Sampled when asked: cheap enough for /health."""
+        now = time.monotonic()
+        manager = self._manager
+        step = int(getattr(manager, "current_batch", 0) or 0) if manager is not None else 0
+        if step != self._last_step or self._waiting + self._running == 0:
+            self._last_step = step
+            self._last_progress = now
+            return 0.0
+        return now - self._last_progress
+
+    def health(self) -> str | None:
+        """None when healthy, else why not."""
+        if not self.is_alive():
+            return "the generation loop is not running"
+        stalled = self.stalled_for()
+        if stalled > self.config.stall_seconds:
+            return f"the generation loop has made no progress for {stalled:.0f}s with requests pending"
+        return None
 
     def reserve(self, requests: int) -> Slots:
         if self._waiting + self._reserved + requests > self.config.max_waiting:
@@ -144,9 +182,16 @@ class CpuEngine:
             raise EngineError(503, "The engine is not running.", code="engine_unavailable")
         outputs: asyncio.Queue[GenerationOutput] = asyncio.Queue()
         manager = self._manager
-        manager.register_result_handler(request_id, outputs.put_nowait)
+
+        def deliver(output: GenerationOutput) -> None:
+            self._last_progress = time.monotonic()
+            outputs.put_nowait(output)
+
+        manager.register_result_handler(request_id, deliver)
         # EOS handling moves to the serving layer when EOS must be ignored for a while.
         eos: int | list[int] | None = -1 if params.ignore_eos or params.min_tokens else None
+        if self._waiting + self._running == 0:
+            self._last_progress = time.monotonic()  # the stall clock starts when work arrives
         self._waiting += 1
         state = "waiting"
         try:

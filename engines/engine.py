@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from engines.protocol import SamplingParams
@@ -57,6 +58,7 @@ class Tokenizer(Protocol):
 
 class GenerationEngine(Protocol):
     context_length: int
+    tokenizer_path: Path  # where a child process loads the same tokenizer from
     eos_token_ids: frozenset[int]
 
     @property

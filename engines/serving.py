@@ -15,6 +15,7 @@ from engines.errors import EngineError, invalid
 from engines.metrics import WorkerMetrics
 from engines.protocol import GenerateRequest, SamplingParams
 from engines.textstream import TextStream
+from engines.tokenizing import PromptTokenizer
 
 
 @dataclass(slots=True)
@@ -41,26 +42,42 @@ class Prepared:
 
 
 class Serving:
-    def __init__(self, engine: GenerationEngine, model_name: str, metrics: WorkerMetrics) -> None:
+    def __init__(
+        self, engine: GenerationEngine, model_name: str, metrics: WorkerMetrics, prompts: PromptTokenizer | None = None
+    ) -> None:
+        """`prompts` shares one tokenizer (and its child process) between servings of one model."""
         self.engine = engine
         self.model_name = model_name
         self.metrics = metrics
+        self.prompts = prompts or PromptTokenizer(engine.tokenizer, engine.tokenizer_path, engine.context_length)
 
-    def prepare(self, request: GenerateRequest) -> Prepared:
+    async def prepare(self, request: GenerateRequest) -> Prepared:
+        prompts, max_new = await self._tokenized(request)
+        # The queue counters belong to the event loop's thread: the reservation is made here.
+        slots = self.engine.reserve(len(prompts) * request.sampling.n)
+        return Prepared(request, prompts, max_new, request.messages is not None, slots)
+
+    async def aclose(self) -> None:
+        await self.prompts.aclose()
+
+    async def _tokenized(self, request: GenerateRequest) -> tuple[list[list[int]], int]:
+        """The prompts as token ids and the completion's token budget."""
         engine = self.engine
+        # An int stands for a prompt too long to keep the ids of: its token count.
+        prompts: list[list[int] | int] = []
         if request.messages is not None:
-            prompts = [engine.chat_prompt([dict(m) for m in request.messages], request.continue_final_message)]
+            messages = [dict(m) for m in request.messages]
+            prompts.append(await self.prompts.chat(messages, request.continue_final_message))
         else:
             vocab = len(engine.tokenizer)  # type: ignore[arg-type]
-            prompts = []
             for p in request.prompts:
                 if isinstance(p, str):
-                    prompts.append(engine.text_prompt(p))
+                    prompts.append(await self.prompts.text(p))
                 elif max(p) >= vocab:
                     raise invalid(f"Token id {max(p)} is outside the vocabulary (size {vocab}).", param="prompt")
                 else:
                     prompts.append(list(p))
-        longest = max(len(p) for p in prompts)
+        longest = max(p if isinstance(p, int) else len(p) for p in prompts)
         limit = engine.context_length
         param = "messages" if request.messages is not None else "prompt"
         if longest >= limit:
@@ -81,8 +98,7 @@ class Serving:
                 code="context_length_exceeded",
             )
         max_new = wanted if wanted is not None else limit - longest
-        slots = engine.reserve(len(prompts) * request.sampling.n)
-        return Prepared(request, prompts, max_new, request.messages is not None, slots)
+        return [p for p in prompts if not isinstance(p, int)], max_new
 
     async def choices(self, prepared: Prepared) -> AsyncGenerator[ChoiceDelta, None]:
         """Runs every choice (prompts x n) concurrently and yields their deltas as they come."""

@@ -2,17 +2,19 @@
 
 llm-engine --model engines/tiny_model/tiny-llama --port 8001
 llm-engine --model all-MiniLM-L6-v2 --port 8002        # embeddings
+llm-engine --enable-lora --lora-dir /srv/adapters --lora-modules code=engines/tiny_model/adapters/python-code
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import time
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from engines import protocol
+from engines.engine import EngineStats
 from engines.errors import EngineError
 from engines.http import (
     ClientDisconnected,
@@ -33,6 +36,10 @@ from engines.http import (
     read_body,
     unless_disconnected,
 )
+from engines.lora import AdapterLoadError, Lease
+from engines.lora import card as lora_card
+from engines.lora_api import LoraApi
+from engines.lora_api import routes as lora_routes
 from engines.metrics import WorkerMetrics
 from engines.serving import Serving, full_response, stream_response
 
@@ -50,6 +57,28 @@ class WorkerState:
     serving: Serving | None = None  # a generation model
     embedder: Any = None  # an EmbeddingEngine
     created: int = 0
+    lora: LoraApi | None = None  # with --enable-lora
+    lora_modules: list[tuple[str, str]] = field(default_factory=list)  # loaded at start
+
+    async def lease(self, model: str) -> Lease:
+        """The serving for `model` (the base model or a LoRA adapter), held until released."""
+        assert self.serving is not None
+        if model == self.model_name:
+            return Lease(self.serving, _nothing)
+        if self.lora is not None and model in self.lora.adapters:
+            try:
+                return await self.lora.adapters.acquire(model)
+            except KeyError:  # unloaded while it was being loaded again
+                pass
+            except AdapterLoadError as exc:
+                raise EngineError(
+                    400, f"The LoRA adapter '{model}' could not be loaded: {exc}", param="model"
+                ) from None
+        raise protocol.model_not_found(model)
+
+
+def _nothing() -> None:
+    pass
 
 
 def build_app(state: WorkerState, engine: Any = None) -> Starlette:
@@ -69,23 +98,33 @@ def build_app(state: WorkerState, engine: Any = None) -> Starlette:
         endpoint = "chat" if chat else "completions"
         body = await parse(request)
         parsed = protocol.parse_chat(body) if chat else protocol.parse_completion(body)
-        check_model(parsed.model)
-        prepared = state.serving.prepare(parsed)  # a full queue is a 429 here, before any byte
+        lease = await state.lease(parsed.model)
+        try:
+            prepared = await lease.serving.prepare(parsed)  # a full queue is a 429 here, before any byte
+        except BaseException:
+            lease.release()
+            raise
         if parsed.stream:
             state.metrics.requests.labels(endpoint, "stream").inc()
+
+            def release() -> None:
+                prepared.slots.release()
+                lease.release()
+
             return _EngineStream(
-                _count_abort(stream_response(state.serving, prepared), state.metrics),
-                prepared.slots.release,
+                _count_abort(stream_response(lease.serving, prepared), state.metrics),
+                release,
                 media_type="text/event-stream",
                 headers={"cache-control": "no-cache"},
             )
         try:
-            result = await unless_disconnected(request, full_response(state.serving, prepared))
+            result = await unless_disconnected(request, full_response(lease.serving, prepared))
         except ClientDisconnected:
             state.metrics.aborted.inc()
             return Response(status_code=499)
         finally:
             prepared.slots.release()
+            lease.release()
         state.metrics.requests.labels(endpoint, "200").inc()
         return JSONResponse(result)
 
@@ -119,11 +158,20 @@ def build_app(state: WorkerState, engine: Any = None) -> Starlette:
         }
         if state.serving is not None:
             card["max_model_len"] = state.serving.engine.context_length
-        return JSONResponse({"object": "list", "data": [card]})
+        cards = [card]
+        if state.lora is not None:
+            cards += [lora_card(a, state.model_name, state.created) for a in state.lora.adapters.registered()]
+        return JSONResponse({"object": "list", "data": cards})
 
     async def health(request: Request) -> Response:
-        alive = engine is None or engine.is_alive()
-        return JSONResponse({"status": "ok" if alive else "dead"}, status_code=200 if alive else 503)
+        # Answered on the event loop without touching the compute (which runs on other threads),
+        # so a busy engine still answers at once.
+        problem = None if engine is None else engine.health()
+        if problem is None and state.lora is not None:
+            problem = state.lora.adapters.health()
+        if problem is None:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unhealthy", "reason": problem}, status_code=503)
 
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -132,14 +180,22 @@ def build_app(state: WorkerState, engine: Any = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncGenerator[None, None]:
         if engine is not None:
             engine.start()
-            state.metrics.watch(engine.stats)
+            state.metrics.watch(lambda: _all_stats(engine, state.lora))
         try:
+            if state.lora is not None:
+                for name, path in state.lora_modules:  # the operator's own: exempt from --lora-dir
+                    await state.lora.load(name, path, trusted=True)
             yield
         finally:
+            if state.lora is not None:
+                state.lora.adapters.stop()
+            if state.serving is not None:
+                await state.serving.aclose()
             if engine is not None:
                 engine.stop()
 
     routes = [
+        *(Route(path, handler, methods=["POST"]) for path, handler in lora_routes(state.lora).items()),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
@@ -178,6 +234,17 @@ async def _count_abort(chunks: AsyncGenerator[bytes, None], metrics: WorkerMetri
         await chunks.aclose()
 
 
+def _all_stats(engine: Any, lora: LoraApi | None) -> EngineStats:
+    """The base engine's load plus its resident adapters' (each has a batch and a KV cache)."""
+    stats = [engine.stats(), *(lora.adapters.stats() if lora is not None else [])]
+    return EngineStats(
+        running=sum(s.running for s in stats),
+        waiting=sum(s.waiting for s in stats),
+        kv_blocks_used=sum(s.kv_blocks_used for s in stats),
+        kv_blocks_total=sum(s.kv_blocks_total for s in stats),
+    )
+
+
 def _encode(vector: list[float], encoding_format: str) -> Any:
     if encoding_format == "base64":
         import base64
@@ -199,9 +266,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-waiting", type=int, default=64, help="queued requests before answering 429")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument(
+        "--stall-seconds",
+        type=float,
+        default=15.0,
+        help="/health answers 503 when the generation loop makes no progress this long with work pending",
+    )
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY)
+    lora = p.add_argument_group("LoRA adapters (vLLM's flags and API)")
+    lora.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters of the model")
+    lora.add_argument("--max-loras", type=int, default=1, help="adapters resident at once (each a model copy)")
+    lora.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH", help="adapters loaded at start")
+    lora.add_argument(
+        "--lora-dir",
+        action="append",
+        default=[],
+        type=Path,
+        help="a directory POST /v1/load_lora_adapter may load adapters from (repeatable; default: none)",
+    )
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
+
+
+def _lora_module(spec: str) -> tuple[str, str]:
+    """`name=path`, or vLLM's JSON form {"name": ..., "path": ...}."""
+    if spec.startswith("{"):
+        item = json.loads(spec)
+        return str(item["name"]), str(item["path"])
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise SystemExit(f"--lora-modules: expected NAME=PATH, got {spec!r}")
+    return name, path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -210,6 +305,10 @@ def main(argv: list[str] | None = None) -> None:
     from engines.embeddings import DEFAULT_EMBEDDING_MODEL
 
     args = parse_args(argv)
+    if (args.lora_modules or args.lora_dir) and not args.enable_lora:
+        raise SystemExit("--lora-modules and --lora-dir need --enable-lora")
+    if args.max_loras < 1:
+        raise SystemExit("--max-loras must be at least 1")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub: weights are local
     metrics = WorkerMetrics()
@@ -221,6 +320,7 @@ def main(argv: list[str] | None = None) -> None:
         state.embedder = EmbeddingEngine(bundled_minilm_path())
     else:
         from engines.cpu import CpuEngine, CpuEngineConfig
+        from engines.lora import LoraAdapters
 
         path = Path(args.model)
         engine = CpuEngine(
@@ -232,10 +332,15 @@ def main(argv: list[str] | None = None) -> None:
                 max_waiting=args.max_waiting,
                 max_model_len=args.max_model_len,
                 threads=args.threads,
+                stall_seconds=args.stall_seconds,
             )
         )
         state = WorkerState(args.served_model_name or path.name, metrics, args.max_body_bytes)
         state.serving = Serving(engine, state.model_name, metrics)
+        if args.enable_lora:
+            adapters = LoraAdapters(engine, state.model_name, metrics, state.serving.prompts, args.max_loras)
+            state.lora = LoraApi(adapters, args.lora_dir)
+            state.lora_modules = [_lora_module(m) for m in args.lora_modules]
     state.created = int(time.time())
     log.info("serving %s on http://%s:%d", state.model_name, args.host, args.port)
     uvicorn.run(
