@@ -1,4 +1,8 @@
-"""API keys and quotas on the request path: authenticate -> admit (reserve) -> settle (reconcile)."""
+"""API keys and quotas on the request path: authenticate -> admit (reserve) -> settle (reconcile).
+
+Money: admission reserves the most the request may cost at the model's price (its prompt and
+max_tokens); settle charges what the engine reported, and hands each settled request to the
+spend sink (the hourly rollups to the store, gateway/monitor/spend.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import asyncio
 import hmac
 import logging
 import time
+from collections.abc import Callable
 
 from starlette.types import Scope
 
@@ -17,9 +22,12 @@ from gateway.core.bodies import header
 from gateway.core.errors import Code, GatewayError, invalid_key
 from gateway.core.metrics import GatewayMetrics
 from gateway.core.request import ApiRequest
-from gateway.settings import AuthSettings
+from gateway.settings import AuthSettings, PricingSettings
 
 log = logging.getLogger(__name__)
+
+# (the settled grant, the usage charged, its cost in nano-units): the spend rollups listen here
+SpendSink = Callable[[Grant, Usage, int], None]
 
 ADMIN = Principal(key_id="admin")
 
@@ -51,9 +59,17 @@ def require_admin(scope: Scope, admin_key: str | None) -> None:
 
 class KeyedAccess:
     def __init__(
-        self, keys: KeyStore, quota: Quota, counter: PromptCounter, settings: AuthSettings, metrics: GatewayMetrics
+        self,
+        keys: KeyStore,
+        quota: Quota,
+        counter: PromptCounter,
+        settings: AuthSettings,
+        metrics: GatewayMetrics,
+        pricing: PricingSettings | None = None,
     ) -> None:
         self.keys = keys
+        self.pricing = pricing or PricingSettings()
+        self.spend_sink: SpendSink | None = None
         self.quota = quota
         self._counter = counter
         self._settings = settings
@@ -100,8 +116,12 @@ class KeyedAccess:
             request.cap_max_tokens(self._settings.default_max_tokens)
             prompt = await self._counter.count(request)
         reserve = reservation(key, request, prompt or 0)
+        price = self.pricing.price(request.model)
+        money = price.ceiling(prompt or 0, reserve - (prompt or 0)) if price is not None else 0
         try:
-            admission = await self.quota.admit(key, request.model, reserve, batch=request.batch_id is not None)
+            admission = await self.quota.admit(
+                key, request.model, reserve, batch=request.batch_id is not None, money=money
+            )
         except GatewayError as exc:
             if exc.status == 429 and exc.code is not None:
                 self._metrics.quota_rejections.labels(str(exc.code)).inc()
@@ -124,7 +144,12 @@ class KeyedAccess:
                     grant.prompt_tokens if grant.prompt_tokens is not None else await self._counter.count(grant.request)
                 )
             usage = Usage(prompt, usage.completion_tokens, exact=False)
-        await self.quota.release(admission, usage.prompt_tokens, usage.completion_tokens)
+        model = grant.request.model if grant.request is not None else ""
+        price = self.pricing.price(model)
+        cost = price.cost(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens) if price else 0
+        await self.quota.release(admission, usage.prompt_tokens, usage.completion_tokens, cost)
+        if self.spend_sink is not None:
+            self.spend_sink(grant, usage, cost)
         m = self._metrics
         if usage.prompt_tokens:
             m.key_tokens_by(admission.key_id, "prompt").inc(usage.prompt_tokens)

@@ -20,6 +20,8 @@ from gateway.front.routes.files import FileRoutes
 from gateway.front.routes.monitor import monitor_routes
 from gateway.front.routes.openai import openai_routes
 from gateway.front.store_service import StoreService, StoreUser
+from gateway.monitor.audit import AuditLog
+from gateway.monitor.spend import SpendLog
 from gateway.monitor.writer import InferenceLog
 from gateway.proxy.context import Gateway
 from gateway.proxy.drain import Drain
@@ -30,18 +32,25 @@ class RedisParts:
     """Keys, quotas, the route store and the admin API: everything that needs Redis."""
 
     def __init__(self, settings: Settings, gw: Gateway) -> None:
+        from gateway.access.admin_auth import AdminAuth
         from gateway.access.auth import KeyedAccess
         from gateway.access.keys import KeyStore
         from gateway.access.quota import Quota
+        from gateway.access.teams import TeamStore
         from gateway.access.tokens import PromptCounter
         from gateway.dispatch.route_store import RouteStore
         from gateway.front.routes.admin import AdminRoutes
+        from gateway.front.routes.spend import SpendRoutes
+        from gateway.front.routes.teams import TeamRoutes
         from gateway.resp.connect import build_clients
 
         r = settings.redis
         assert r.url is not None
         self.clients = build_clients(r.url, cluster=r.cluster, timeout=r.timeout)
         keys = KeyStore(self.clients.admin, r.prefix, timeout=2 * r.timeout)
+        teams = TeamStore(self.clients.admin, r.prefix)
+        self.audit = AuditLog()  # admin changes, to the store
+        self.spend = SpendLog()  # hourly spend rollups, to the store
         quota = Quota(
             self.clients.lean,
             r.prefix,
@@ -49,15 +58,23 @@ class RedisParts:
             failure_mode=r.failure_mode,
             redis_timeout=r.timeout,
             metrics=gw.metrics,
+            currency=settings.pricing.currency,
         )
         engines = {e.name: e for e in settings.engines}
         self.store = RouteStore(self.clients.admin, self.clients.subscriber, r.prefix, gw.router, engines)
         self.counter = PromptCounter({m.name: m.tokenizer for m in settings.models})
         if settings.auth.enabled:
-            gw.access = KeyedAccess(keys, quota, self.counter, settings.auth, gw.metrics)
-        self.admin_routes = AdminRoutes(
-            settings.auth.admin_key, keys, quota, gw.router, self.store, engines, gw.scheduler.view
-        ).routes()
+            access = KeyedAccess(keys, quota, self.counter, settings.auth, gw.metrics, settings.pricing)
+            access.spend_sink = self.spend.add
+            gw.access = access
+        auth = AdminAuth(settings.auth.admin_key)
+        self.admin_routes = [
+            *AdminRoutes(
+                auth, keys, teams, quota, gw.router, self.store, engines, self.audit, gw.scheduler.view
+            ).routes(),
+            *TeamRoutes(auth, teams, keys, quota, gw.router, self.audit).routes(),
+            *SpendRoutes(auth, self.spend, self.audit, settings.pricing.currency).routes(),
+        ]
 
     def start(self) -> None:
         self.store.start()  # follows route changes made on any replica
@@ -80,6 +97,8 @@ def build_app(
     parts = RedisParts(settings, gw) if settings.redis.url else None
     runner = BatchRunner(gw)
     users: list[StoreUser] = [runner]
+    if parts:
+        users += [parts.audit, parts.spend]
     if settings.inference_log.enabled:
         gw.inference_log = InferenceLog(settings.inference_log, settings.models, gw.metrics)
         users.append(gw.inference_log)
