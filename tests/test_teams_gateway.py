@@ -6,6 +6,10 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,7 +85,7 @@ async def fire(gws: tuple[Proc, ...], secrets: list[str], n: int, model: str = "
 
 
 def test_team_rpm_holds_over_its_keys_and_two_replicas(gws: tuple[Proc, Proc]) -> None:
-    a, b = gws
+    a, _b = gws
     team = make(a, "/admin/teams", rpm=15)
     secrets = [make(a, "/admin/keys", team=team["id"])["key"] for _ in range(4)]
     start = time.time()
@@ -97,7 +101,7 @@ def test_team_rpm_holds_over_its_keys_and_two_replicas(gws: tuple[Proc, Proc]) -
 
 
 def test_team_money_budget_never_overspent_by_concurrent_first_requests(gws: tuple[Proc, Proc]) -> None:
-    a, b = gws
+    a, _b = gws
     team = make(a, "/admin/teams", daily_budget=0.5)
     secrets = [make(a, "/admin/keys", team=team["id"])["key"] for _ in range(4)]
     responses = asyncio.run(fire(gws, secrets, 60))
@@ -212,3 +216,36 @@ def test_hostile_team_payloads_are_4xx(gws: tuple[Proc, Proc], raw: str) -> None
     for path in ("/admin/teams", "/admin/orgs", "/admin/keys"):
         r = admin(a, "POST", path, content=raw.encode())
         assert 400 <= r.status_code < 500 and r.json()["error"]["message"], (path, r.text)
+
+
+def test_teams_and_spend_cli(gws: tuple[Proc, Proc]) -> None:
+    a, _ = gws
+    env = {**os.environ, "GATEWAY_URL": a.url, "GATEWAY_ADMIN_KEY": ADMIN_KEY}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "gateway.cli.main", *args], env=env, capture_output=True, text=True, timeout=60
+        )
+
+    made = cli("teams", "create", "--name", "cli team", "--rpm", "7", "--daily-budget", "2.5")
+    assert made.returncode == 0, made.stderr
+    team = json.loads(made.stdout)
+    assert team["rpm"] == 7 and team["daily_budget"] == 2.5
+    key = cli("keys", "create", "--name", "cli key", "--team", team["id"])
+    assert key.returncode == 0 and json.loads(key.stdout)["team"] == team["id"]
+    assert team["id"] in cli("teams", "list").stdout
+    r = asyncio.run(fire((a,), [json.loads(key.stdout)["key"]], 1))[0]
+    assert r.status_code == 200
+    deadline = time.monotonic() + 20
+    while True:
+        out = cli("spend", "--group-by", "team", "--team", team["id"], "--format", "csv")
+        assert out.returncode == 0, out.stderr
+        rows = list(csv.DictReader(io.StringIO(out.stdout)))
+        if rows or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert rows[0]["team"] == team["id"] and float(rows[0]["spend"]) == pytest.approx(cost(r.json()["usage"], PRICES))
+    table = cli("spend", "--group-by", "team,model")
+    assert table.returncode == 0 and "spend (EUR)" in table.stdout
+    bad = cli("teams", "update", team["id"], "--rpm", "-5")
+    assert bad.returncode == 1 and "rpm" in bad.stderr

@@ -159,6 +159,11 @@ def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
+def admin_token() -> str | None:
+    """For the CLI: a provider's access token for the admin API, when there is no admin key."""
+    return os.environ.get("GATEWAY_ADMIN_TOKEN") or None
+
+
 def admin_client_settings(url: str | None) -> tuple[str, str | None]:
     """For the `keys` CLI: the gateway's address and the admin key, from flags or the environment."""
     base = url or os.environ.get("GATEWAY_URL") or "http://127.0.0.1:8080"
