@@ -67,8 +67,18 @@ class RedisParts:
             access = KeyedAccess(keys, quota, self.counter, settings.auth, gw.metrics, settings.pricing)
             access.spend_sink = self.spend.add
             gw.access = access
-        auth = AdminAuth(settings.auth.admin_key)
+        self.sign_in = None
+        sign_in_routes = []
+        if settings.auth.oidc is not None:
+            from gateway.access.oidc import OidcProvider
+            from gateway.access.sessions import OidcSignIn
+            from gateway.front.routes.signin import SignInRoutes
+
+            self.sign_in = OidcSignIn(OidcProvider(settings.auth.oidc), self.clients.admin, r.prefix)
+            sign_in_routes = SignInRoutes(self.sign_in).routes()
+        auth = AdminAuth(settings.auth.admin_key, self.sign_in)
         self.admin_routes = [
+            *sign_in_routes,
             *AdminRoutes(
                 auth, keys, teams, quota, gw.router, self.store, engines, self.audit, gw.scheduler.view
             ).routes(),
@@ -80,6 +90,8 @@ class RedisParts:
         self.store.start()  # follows route changes made on any replica
 
     async def stop(self) -> None:
+        if self.sign_in is not None:
+            await self.sign_in.provider.close()
         await self.store.stop()
         await self.clients.aclose()
         self.counter.close()
