@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from gateway.access.base import Grant, Usage
 from gateway.batch.runner import BatchRunner
 from gateway.front.listeners import listener_app
 from gateway.front.middleware import Front
@@ -63,9 +64,14 @@ class RedisParts:
         engines = {e.name: e for e in settings.engines}
         self.store = RouteStore(self.clients.admin, self.clients.subscriber, r.prefix, gw.router, engines)
         self.counter = PromptCounter({m.name: m.tokenizer for m in settings.models})
+        self.alerts = None
+        if settings.pricing.alerts is not None:
+            from gateway.monitor.alerts import BudgetAlerts
+
+            self.alerts = BudgetAlerts(settings.pricing.alerts, self.clients.admin, settings.pricing.currency)
         if settings.auth.enabled:
             access = KeyedAccess(keys, quota, self.counter, settings.auth, gw.metrics, settings.pricing)
-            access.spend_sink = self.spend.add
+            access.spend_sink = self._spent
             gw.access = access
         self.sign_in = None
         sign_in_routes = []
@@ -86,12 +92,21 @@ class RedisParts:
             *SpendRoutes(auth, self.spend, self.audit, settings.pricing.currency).routes(),
         ]
 
+    def _spent(self, grant: Grant, usage: Usage, cost: int) -> None:
+        self.spend.add(grant, usage, cost)
+        if self.alerts is not None and cost and grant.admission is not None:
+            self.alerts.note(grant.admission.levels)
+
     def start(self) -> None:
         self.store.start()  # follows route changes made on any replica
+        if self.alerts is not None:
+            self.alerts.start()
 
     async def stop(self) -> None:
         if self.sign_in is not None:
             await self.sign_in.provider.close()
+        if self.alerts is not None:
+            await self.alerts.stop()
         await self.store.stop()
         await self.clients.aclose()
         self.counter.close()

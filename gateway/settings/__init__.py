@@ -121,7 +121,7 @@ def parse_settings(
         scheduler=parse_scheduler(r, data),
         files=parse_files(r, data),
         batch=parse_batch(r, data),
-        pricing=parse_pricing(r, data, set(names)),
+        pricing=parse_pricing(r, data, set(names), env),
     )
 
 

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.settings.alerts import AlertSettings, parse_alerts
 from gateway.settings.reader import Reader
 
 NANOS = 1_000_000_000  # nano-units per currency unit
@@ -44,17 +45,19 @@ class Price:
 @dataclass(frozen=True)
 class PricingSettings:
     currency: str = "USD"  # the currency of prices, spend and budgets
-    models: Mapping[str, Price] = field(
-        default_factory=dict
-    )  # model -> {input, output, cached_input} per million tokens
+    # model -> {input, output, cached_input} per million tokens
+    models: Mapping[str, Price] = field(default_factory=dict)
+    alerts: AlertSettings | None = None  # budget alerts by webhook (gateway/settings/alerts.py)
 
     def price(self, model: str) -> Price | None:
         return self.models.get(model)
 
 
-def parse_pricing(r: Reader, data: Mapping[str, Any], model_names: set[str]) -> PricingSettings:
+def parse_pricing(
+    r: Reader, data: Mapping[str, Any], model_names: set[str], env: Mapping[str, str] | None = None
+) -> PricingSettings:
     section = r.section(data, "pricing", "")
-    r.known(section, "pricing.", ("currency", "models"))
+    r.known(section, "pricing.", ("currency", "models", "alerts"))
     currency = section.get("currency", "USD")
     if not isinstance(currency, str) or not 1 <= len(currency) <= 10 or not currency.isalnum():
         raise r.fail("pricing.currency", f"must be a currency code such as USD, got {currency!r}")
@@ -74,4 +77,4 @@ def parse_pricing(r: Reader, data: Mapping[str, Any], model_names: set[str]) -> 
             raise r.fail(f"pricing.models.{name}", "needs both `input` and `output`")
         cached = values[2] if values[2] is not None else values[0]  # no cache discount unless priced
         models[str(name)] = Price(values[0], values[1], cached)
-    return PricingSettings(currency.upper(), models)
+    return PricingSettings(currency.upper(), models, parse_alerts(r, section, env or {}))
