@@ -85,6 +85,7 @@ def world(logs_dir: Path, redis_session: RedisServer) -> Iterator[World]:
         "store": {"url": f"sqlite:///{logs_dir / 'signin-store.db'}"},
         "engines": [{"name": "fake", "kind": "openai", "url": fake.url}],
         "models": [{"name": "fake", "routes": [{"engine": "fake", "model": "fake"}]}],
+        "pricing": {"currency": "EUR", "models": {"fake": {"input": 1000, "output": 2000}}},
     }
     path = write_config(logs_dir, f"signin-{port}", cfg)
     args = ["python", "-m", "gateway.cli.main", "serve", "--config", str(path), "--port", str(port)]
@@ -212,7 +213,9 @@ def test_bad_tokens_are_refused_without_a_trace(world: World) -> None:
 def test_sign_in_through_the_console_in_a_browser(world: World) -> None:
     require(importlib.util.find_spec("playwright") is not None, "the playwright package is missing (dev extra)")
     require(Path("/usr/bin/chromium").exists(), "no chromium: run scripts/setup-browser.sh")
-    from tests.test_console import CHROMIUM_ARGS
+    from tests.test_console import ARTIFACTS, CHROMIUM_ARGS
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
 
     w = world
     with sync_playwright() as pw:
@@ -243,6 +246,25 @@ def test_sign_in_through_the_console_in_a_browser(world: World) -> None:
             audit = w.call(ADMIN_KEY, "GET", "/admin/audit?action=key.create").json()["data"]
             entry = next(e for e in audit if e["after"]["name"] == "made-by-alice")
             assert entry["actor"] == "alice <alice@example.com>" and entry["via"] == "session"
+            # the team's page: spend per day as a chart, from two requests of a key of the team
+            secret = w.call(ADMIN_KEY, "POST", "/admin/keys", {"name": "spender", "team": w.team_a}).json()["key"]
+            for _ in range(2):
+                r = httpx.post(
+                    w.gw.url + "/v1/chat/completions",
+                    json={"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+                    headers={"authorization": f"Bearer {secret}"},
+                    timeout=30,
+                )
+                assert r.status_code == 200, r.text
+            page.goto(w.gw.url + f"/ui/#/teams/{w.team_a}")
+            expect(page.get_by_role("heading", name="team a")).to_be_visible()
+            expect(page.locator("#team-spend-total")).to_contain_text("2 requests")
+            expect(page.locator("#team-spend-today")).to_contain_text("EUR")
+            expect(page.locator(".chart canvas").first).to_be_visible()
+            page.screenshot(path=str(ARTIFACTS / "team.png"), full_page=True)
+            page.goto(w.gw.url + "/ui/#/audit")
+            expect(page.locator("tr", has_text="alice@example.com").first).to_contain_text("key.create")
+            page.screenshot(path=str(ARTIFACTS / "audit.png"), full_page=True)
             page.get_by_role("button", name="Sign out (alice").click()
             expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
             me = page.evaluate("fetch('/ui/auth/me').then(r => r.json())")

@@ -31,6 +31,7 @@ class SpendLog:
         self._rows: dict[_Key, list[int]] = {}
         self._store: Store | None = None
         self._task: asyncio.Task[None] | None = None
+        self._flushing = asyncio.Lock()  # a reader's flush waits for one in flight (its rows are in it)
         self.dropped = 0
 
     def add(self, grant: Grant, usage: Usage, cost: int) -> None:
@@ -70,6 +71,10 @@ class SpendLog:
 
     async def flush(self) -> bool:
         """Adds what is held to the store; True when nothing is left held."""
+        async with self._flushing:
+            return await self._flush()
+
+    async def _flush(self) -> bool:
         if self._store is None or not self._rows:
             return not self._rows
         taken, self._rows = self._rows, {}

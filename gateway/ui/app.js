@@ -9,6 +9,9 @@ import { Notices, describeError, h } from "./dom.js";
 const PAGES = [
   { route: "keys", title: "Keys", module: "./pages/keys.js", nav: true, admin: true },
   { route: "keys/:id", title: "Key", module: "./pages/key.js", admin: true },
+  { route: "teams", title: "Teams", module: "./pages/teams.js", nav: true, admin: true },
+  { route: "teams/:id", title: "Team", module: "./pages/team.js", admin: true },
+  { route: "audit", title: "Audit log", module: "./pages/audit.js", nav: true, admin: true },
   { route: "models", title: "Models & engines", module: "./pages/models.js", nav: true, admin: true },
   { route: "batches", title: "Batches", module: "./pages/batches.js", nav: true, admin: true },
   { route: "experiments", title: "Experiments", module: "./pages/experiments.js", nav: true, admin: true },
