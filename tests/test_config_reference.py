@@ -49,6 +49,8 @@ PROBES: dict[str, Callable[[dict[str, Any]], None]] = {
     "files.": lambda c: c.update(files={"zz_unknown": 1}),
     "batch.": lambda c: c.update(batch={"zz_unknown": 1}),
     "pricing.": lambda c: c.update(pricing={"zz_unknown": 1}),
+    "pricing.alerts.": lambda c: c.update(pricing={"alerts": {"url": "http://x", "zz_unknown": 1}}),
+    "auth.oidc.": lambda c: c["auth"].update(oidc={"issuer": "http://x", "client_id": "c", "zz_unknown": 1}),
 }
 
 

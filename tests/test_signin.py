@@ -35,6 +35,7 @@ ACCOUNTS = {
     "tina": {"email": "tina@example.com", "groups": ["team-a-leads"]},
     "victor": {"email": "victor@example.com", "groups": ["auditors"]},
 }
+CLIENTS = "urn:llm-gateway-clients"  # the audience of client JWTs on the public API
 BOTS = {"bot-admin": ["platform"], "bot-team": ["team-a-leads"], "bot-viewer": ["auditors"], "bot-none": ["other"]}
 
 
@@ -80,6 +81,7 @@ def world(logs_dir: Path, redis_session: RedisServer) -> Iterator[World]:
                 "viewer": ["auditors"],
                 "team_admin": {"team-a-leads": [team_a]},
                 "audience": RESOURCE,
+                "client_audience": CLIENTS,
             },
         },
         "store": {"url": f"sqlite:///{logs_dir / 'signin-store.db'}"},
@@ -294,6 +296,38 @@ def test_a_viewer_signs_in_and_changes_nothing(world: World) -> None:
         assert refused.status_code == 403 and refused.json()["error"]["code"] == "forbidden"
         replay = c.get(w.gw.url + "/ui/auth/callback", params={"state": "x" * 32, "code": "stolen"})
         assert replay.status_code == 401 and "stolen" not in replay.text
+
+
+def test_client_jwts_are_limited_as_their_team(world: World) -> None:
+    w = world
+    p, key = w.provider, w.provider.keys[0]
+    w.call(ADMIN_KEY, "PATCH", f"/admin/teams/{w.team_b}", {"rpm": 2})
+
+    def chat(token: str) -> httpx.Response:
+        body = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        return httpx.post(
+            w.gw.url + "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {token}"}, timeout=30
+        )
+
+    token = key.sign(p.claims([], aud=CLIENTS, sub="ci-runner", gateway_team=w.team_b))
+    assert [chat(token).status_code for _ in range(2)] == [200, 200]
+    third = chat(token)
+    assert third.status_code == 429 and third.json()["error"]["code"] == "rpm_exceeded"  # the team is its first level
+    usage = w.call(ADMIN_KEY, "GET", f"/admin/teams/{w.team_b}/usage").json()
+    assert usage["minute"]["requests"] == 2
+    refused = {
+        "admin audience": key.sign(p.claims(["platform"], gateway_team=w.team_b)),
+        "no team": key.sign(p.claims([], aud=CLIENTS)),
+        "unknown team": key.sign(p.claims([], aud=CLIENTS, gateway_team="team_0123456789abcdef")),
+        "two teams": key.sign(p.claims([], aud=CLIENTS, gateway_team=[w.team_a, w.team_b])),
+        "hostile team": key.sign(p.claims([], aud=CLIENTS, gateway_team="team_'; DROP TABLE--")),
+        "expired": key.sign(p.claims([], aud=CLIENTS, gateway_team=w.team_a, exp=int(time.time()) - 600)),
+        "forged": SigningKey().sign(p.claims([], aud=CLIENTS, gateway_team=w.team_a), kid=key.kid),
+    }
+    for why, bad in refused.items():
+        r = chat(bad)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (why, r.text)
+        assert bad[-20:] not in r.text
 
 
 def test_jwks_rotation_needs_no_restart(world: World) -> None:

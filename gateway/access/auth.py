@@ -15,7 +15,9 @@ from collections.abc import Callable
 from starlette.types import Scope
 
 from gateway.access.base import Grant, Principal, Usage
+from gateway.access.jwt_clients import JwtClients
 from gateway.access.keys import KeyStore
+from gateway.access.oidc import looks_like_jwt
 from gateway.access.quota import Admission, Quota, reservation
 from gateway.access.tokens import PromptCounter
 from gateway.core.bodies import header
@@ -70,6 +72,7 @@ class KeyedAccess:
         self.keys = keys
         self.pricing = pricing or PricingSettings()
         self.spend_sink: SpendSink | None = None
+        self.jwt_clients: JwtClients | None = None  # client JWTs in place of keys (auth.oidc.client_audience)
         self.quota = quota
         self._counter = counter
         self._settings = settings
@@ -90,6 +93,8 @@ class KeyedAccess:
         secret = bearer(scope)
         if self._settings.admin_is_client and is_admin_key(secret, self._settings.admin_key):
             return ADMIN
+        if self.jwt_clients is not None and looks_like_jwt(secret):
+            return await self.jwt_clients.principal(secret)
         key = await self.keys.resolve(secret)
         if key is None or not key.usable(time.time()):
             raise invalid_key()

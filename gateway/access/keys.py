@@ -72,6 +72,7 @@ class ApiKey:
     monthly_budget: int | None = None
     team: str | None = None
     org: str | None = None  # the team's organization (fixed when the team is made)
+    kind: str = "key"  # "team": a client JWT limited as its team alone (gateway/access/jwt_clients.py)
 
     @property
     def token_limited(self) -> bool:

@@ -53,6 +53,14 @@ def levels_of(prefix: str, key_id: str, team: str | None, org: str | None) -> tu
     return tuple(found)
 
 
+def team_levels(prefix: str, team: str, org: str | None) -> tuple[Level, ...]:
+    """A client limited as its team (a client JWT): the team first, then its organization."""
+    found = [team_level(prefix, team, org)]
+    if org is not None:
+        found.append(org_level(prefix, org))
+    return tuple(found)
+
+
 def team_level(prefix: str, team: str, org: str | None) -> Level:
     tag = f"{prefix}:{{{home_tag(team, org, team)}}}:"
     return Level(TEAM, team, f"{tag}team:{team}", f"{tag}team:{team}:")

@@ -45,7 +45,7 @@ from typing import Any
 import hiredis
 
 from gateway.access.keys import REDIS_DOWN, ApiKey
-from gateway.access.levels import Level, levels_of
+from gateway.access.levels import Level, levels_of, team_levels
 from gateway.access.local_limiter import LocalLimiter
 from gateway.access.quota_retry import PendingOps
 from gateway.access.quota_windows import Window, rate_headers, refusal, refused_key, window
@@ -102,25 +102,20 @@ local k, kw = lim[1], win[1]
 -- a client-side retry of an admission that did run must not reserve twice
 if redis.call('ZSCORE', KEYS[6], lease) then return {'ok', k[1], kw[1], k[2], kw[2]} end
 local function refuse(code, l, used, cap) return {code, k[1], kw[1], k[2], kw[2], used, cap, l} end
-local function used(key, name) return tonumber(redis.call('HGET', key, name) or 0) end
 for l = 1, n do
   local o, x, w = 1 + (l - 1) * 5, lim[l], win[l]
-  -- the longest-lasting refusal first, so its retry-after is honest
-  if x[7] >= 0 then
-    local u = used(KEYS[o + 4], 'spend')
-    if u + money > x[7] then return refuse('monthly_budget', l, u, x[7]) end
+  -- the longest-lasting refusal first, so its retry-after is honest; one read per period
+  if x[7] >= 0 or x[5] >= 0 then
+    local m = redis.call('HMGET', KEYS[o + 4], 'spend', 'tokens')
+    local spent, toks = tonumber(m[1] or 0), tonumber(m[2] or 0)
+    if x[7] >= 0 and spent + money > x[7] then return refuse('monthly_budget', l, spent, x[7]) end
+    if x[5] >= 0 and toks + reserve > x[5] then return refuse('monthly_tokens', l, toks, x[5]) end
   end
-  if x[5] >= 0 then
-    local u = used(KEYS[o + 4], 'tokens')
-    if u + reserve > x[5] then return refuse('monthly_tokens', l, u, x[5]) end
-  end
-  if x[6] >= 0 then
-    local u = used(KEYS[o + 3], 'spend')
-    if u + money > x[6] then return refuse('daily_budget', l, u, x[6]) end
-  end
-  if x[4] >= 0 then
-    local u = used(KEYS[o + 3], 'tokens')
-    if u + reserve > x[4] then return refuse('daily_tokens', l, u, x[4]) end
+  if x[6] >= 0 or x[4] >= 0 then
+    local d = redis.call('HMGET', KEYS[o + 3], 'spend', 'tokens')
+    local spent, toks = tonumber(d[1] or 0), tonumber(d[2] or 0)
+    if x[6] >= 0 and spent + money > x[6] then return refuse('daily_budget', l, spent, x[6]) end
+    if x[4] >= 0 and toks + reserve > x[4] then return refuse('daily_tokens', l, toks, x[4]) end
   end
   if x[1] >= 0 and not batch and w[1] + 1 > x[1] then return refuse('rpm', l, w[1], x[1]) end
   if x[2] >= 0 and w[2] + reserve > x[2] then return refuse('tpm', l, w[2], x[2]) end
@@ -133,8 +128,13 @@ for l = 1, n do
   end
 end
 for l = 1, n do
-  local o = 1 + (l - 1) * 5
-  for i = 2, 4 do
+  local o, x = 1 + (l - 1) * 5, lim[l]
+  -- above the key, a level keeps only what its limits and reports read: its minute window only
+  -- with rpm or tpm, its leases only with max_concurrent (the key's are always kept: they make
+  -- release idempotent)
+  local first = 2
+  if l > 1 and x[1] < 0 and x[2] < 0 then first = 3 end
+  for i = first, 4 do
     -- a counter gets its TTL when it is created (its first request), not on every admission
     local fresh = true
     if not batch or i > 2 then fresh = redis.call('HINCRBY', KEYS[o + i], 'requests', 1) == 1 end
@@ -142,8 +142,10 @@ for l = 1, n do
     if money > 0 and i > 2 then redis.call('HINCRBY', KEYS[o + i], 'spend', ARGV[11]) end
     if fresh then redis.call('EXPIRE', KEYS[o + i], ARGV[5 + i]) end
   end
-  redis.call('ZADD', KEYS[o + 5], now + tonumber(ARGV[5]), lease)
-  redis.call('PEXPIRE', KEYS[o + 5], tonumber(ARGV[5]) + tonumber(ARGV[6]))
+  if l == 1 or x[3] >= 0 then
+    redis.call('ZADD', KEYS[o + 5], now + tonumber(ARGV[5]), lease)
+    redis.call('PEXPIRE', KEYS[o + 5], tonumber(ARGV[5]) + tonumber(ARGV[6]))
+  end
 end
 if batch then return {'ok', k[1], kw[1], k[2], kw[2] + reserve} end
 return {'ok', k[1], kw[1] + 1, k[2], kw[2] + reserve}
@@ -162,9 +164,12 @@ for o = 0, #KEYS - 1, 4 do
   -- never recreate an expired day/month hash: it would live without a TTL
   for i = 3, 4 do
     if redis.call('EXISTS', KEYS[o + i]) == 1 then
-      redis.call('HINCRBY', KEYS[o + i], 'tokens', delta)
-      redis.call('HINCRBY', KEYS[o + i], 'prompt_tokens', ARGV[3])
-      redis.call('HINCRBY', KEYS[o + i], 'completion_tokens', ARGV[4])
+      if delta ~= 0 then redis.call('HINCRBY', KEYS[o + i], 'tokens', delta) end
+      -- the prompt/completion split is the key's (the store's rollups have it for every level)
+      if o == 0 then
+        redis.call('HINCRBY', KEYS[o + i], 'prompt_tokens', ARGV[3])
+        redis.call('HINCRBY', KEYS[o + i], 'completion_tokens', ARGV[4])
+      end
       if spend ~= 0 then redis.call('HINCRBY', KEYS[o + i], 'spend', ARGV[5]) end
     end
   end
@@ -281,6 +286,8 @@ class Quota:
         self._pending = PendingOps(redis, 4 * self.deadline)  # cancels and releases waiting for Redis
 
     def levels(self, key: ApiKey) -> tuple[Level, ...]:
+        if key.kind == "team" and key.team is not None:
+            return team_levels(self.prefix, key.team, key.org)
         return levels_of(self.prefix, key.id, key.team, key.org)
 
     async def admit(

@@ -69,19 +69,26 @@ class RedisParts:
             from gateway.monitor.alerts import BudgetAlerts
 
             self.alerts = BudgetAlerts(settings.pricing.alerts, self.clients.admin, settings.pricing.currency)
-        if settings.auth.enabled:
-            access = KeyedAccess(keys, quota, self.counter, settings.auth, gw.metrics, settings.pricing)
-            access.spend_sink = self._spent
-            gw.access = access
         self.sign_in = None
         sign_in_routes = []
-        if settings.auth.oidc is not None:
+        oidc = settings.auth.oidc
+        provider = None
+        if oidc is not None:
             from gateway.access.oidc import OidcProvider
             from gateway.access.sessions import OidcSignIn
             from gateway.front.routes.signin import SignInRoutes
 
-            self.sign_in = OidcSignIn(OidcProvider(settings.auth.oidc), self.clients.admin, r.prefix)
+            provider = OidcProvider(oidc)
+            self.sign_in = OidcSignIn(provider, self.clients.admin, r.prefix)
             sign_in_routes = SignInRoutes(self.sign_in).routes()
+        if settings.auth.enabled:
+            access = KeyedAccess(keys, quota, self.counter, settings.auth, gw.metrics, settings.pricing)
+            access.spend_sink = self._spent
+            if provider is not None and oidc is not None and oidc.client_audience:
+                from gateway.access.jwt_clients import JwtClients
+
+                access.jwt_clients = JwtClients(provider, teams, oidc.client_audience)
+            gw.access = access
         auth = AdminAuth(settings.auth.admin_key, self.sign_in)
         self.admin_routes = [
             *sign_in_routes,

@@ -18,10 +18,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gateway.settings.alerts import AlertSettings
 from gateway.settings.batch import BatchSettings, FilesSettings
 from gateway.settings.engines import EngineSettings, VllmSettings
 from gateway.settings.inference_log import InferenceLogSettings, PayloadCapture
 from gateway.settings.models import ModelSettings, RouteSettings
+from gateway.settings.oidc import OidcSettings
 from gateway.settings.pricing import PricingSettings
 from gateway.settings.scheduler import SchedulerSettings
 from gateway.settings.sections import AuthSettings, HealthSettings, RedisSettings, RoutingSettings
@@ -43,13 +45,15 @@ SECTIONS: list[tuple[str, type, tuple[str, ...], dict[str, str]]] = [
         {"strategy": "older spelling of `plugins`: `least_loaded` or `prefix_affinity` (+ `least_loaded`)"},
     ),
     ("redis.", RedisSettings, (), {}),
-    ("auth.", AuthSettings, (), {}),
+    ("auth.", AuthSettings, ("oidc",), {"oidc": "single sign-on with an OpenID Connect provider, below"}),
+    ("auth.oidc.", OidcSettings, ("client_secret",), {}),
     ("scheduler.", SchedulerSettings, (), {}),
     ("store.", StoreSettings, (), {}),
     ("inference_log.", InferenceLogSettings, (), {}),
     ("files.", FilesSettings, (), {}),
     ("batch.", BatchSettings, (), {}),
-    ("pricing.", PricingSettings, (), {}),
+    ("pricing.", PricingSettings, ("alerts",), {"alerts": "`{url, threshold}`: budget alerts by webhook, below"}),
+    ("pricing.alerts.", AlertSettings, ("secret",), {}),
     (
         "engines[].",
         EngineSettings,
