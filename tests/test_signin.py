@@ -312,7 +312,7 @@ def test_client_jwts_are_limited_as_their_team(world: World) -> None:
     token = key.sign(p.claims([], aud=CLIENTS, sub="ci-runner", gateway_team=w.team_b))
     assert [chat(token).status_code for _ in range(2)] == [200, 200]
     third = chat(token)
-    assert third.status_code == 429 and third.json()["error"]["code"] == "rpm_exceeded"  # the team is its first level
+    assert third.status_code == 429 and third.json()["error"]["code"] == "team_rpm_exceeded"
     usage = w.call(ADMIN_KEY, "GET", f"/admin/teams/{w.team_b}/usage").json()
     assert usage["minute"]["requests"] == 2
     refused = {
