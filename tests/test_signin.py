@@ -150,6 +150,12 @@ def test_roles_on_every_admin_endpoint(world: World) -> None:
         ("GET", "/admin/engines", None, {"admin", "team_admin", "viewer"}),
         ("GET", "/admin/models", None, {"admin", "team_admin", "viewer"}),
         ("GET", "/admin/models/fake", None, {"admin", "team_admin", "viewer"}),
+        ("GET", "/admin/requests", None, {"admin", "viewer"}),
+        ("GET", "/admin/models/fake/report", None, {"admin", "viewer"}),
+        ("GET", "/admin/batches", None, {"admin", "viewer"}),
+        ("GET", "/admin/batches/batch_nope", None, {"admin", "viewer"}),
+        ("POST", "/admin/batches/batch_nope/cancel", None, {"admin"}),
+        ("GET", "/admin/files/file-nope/content", None, {"admin", "viewer"}),
         ("PUT", "/admin/models/fake/routes", routes, {"admin"}),
         ("DELETE", "/admin/models/fake/routes", None, {"admin"}),
     ]

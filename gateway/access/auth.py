@@ -50,15 +50,6 @@ def is_admin_key(secret: str, admin_key: str | None) -> bool:
     return admin_key is not None and hmac.compare_digest(secret.encode(), admin_key.encode())
 
 
-def require_admin(scope: Scope, admin_key: str | None) -> None:
-    """The admin API's one check: 401 without a key, 403 for any other key or when the admin API
-    is off (no GATEWAY_ADMIN_KEY)."""
-    if admin_key is None:
-        raise GatewayError(403, "The admin API is disabled: set GATEWAY_ADMIN_KEY.", code=Code.ADMIN_DISABLED)
-    if not is_admin_key(bearer(scope), admin_key):
-        raise GatewayError(403, "This key may not use the admin API.", code=Code.NOT_ADMIN)
-
-
 class KeyedAccess:
     def __init__(
         self,

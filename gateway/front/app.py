@@ -89,7 +89,7 @@ class RedisParts:
 
                 access.jwt_clients = JwtClients(provider, teams, oidc.client_audience)
             gw.access = access
-        auth = AdminAuth(settings.auth.admin_key, self.sign_in)
+        self.auth = auth = AdminAuth(settings.auth.admin_key, self.sign_in)
         self.admin_routes = [
             *sign_in_routes,
             *AdminRoutes(
@@ -171,12 +171,12 @@ def build_app(
     routes: list[BaseRoute] = [
         *openai_routes(gw),
         *FileRoutes(gw).routes(),
-        *BatchRoutes(gw, runner).routes(),
+        *BatchRoutes(gw, runner, parts.auth if parts else None).routes(),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         *(parts.admin_routes if parts else []),
-        *monitor_routes(gw),
+        *monitor_routes(gw, parts.auth if parts else None),
         *console_routes(),
     ]
     return Front(listener_app(routes, lifespan, settings.server.admin_port))
