@@ -66,3 +66,34 @@ def test_cost_and_ceiling_in_nano_units() -> None:
     assert price.cost(10, 0, cached=99) == 10 * 250  # cached never exceeds the prompt
     assert price.ceiling(1000, 200) == 800_000 and price.ceiling(1, 0) == 500
     assert Price(0.0001, 0.0001, 0.0001).ceiling(1, 0) == 1  # rounded up: a reservation never undershoots
+
+
+OIDC = {"issuer": "https://login.example.com", "client_id": "gw"}
+
+
+@pytest.mark.parametrize(
+    ("oidc", "where"),
+    [
+        ({**OIDC, "algorithms": ["none"]}, "auth.oidc.algorithms"),
+        ({**OIDC, "algorithms": ["HS256"]}, "auth.oidc.algorithms"),
+        ({**OIDC, "issuer": "ftp://x"}, "auth.oidc.issuer"),
+        ({**OIDC, "client_id": ""}, "auth.oidc.client_id"),
+        ({**OIDC, "admin": "platform"}, "auth.oidc.admin"),
+        ({**OIDC, "team_admin": {"leads": "team_x"}}, "auth.oidc.team_admin.leads"),
+        ({**OIDC, "session_ttl": float("nan")}, "auth.oidc.session_ttl"),
+        ({**OIDC, "client_secret": "in the file"}, "auth.oidc.client_secret"),
+        ("yes", "auth.oidc"),
+    ],
+)
+def test_hostile_sign_in_config_is_refused(oidc: Any, where: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_settings({**BASE, "auth": {"enabled": False, "oidc": oidc}}, "cfg.yaml", env={})
+    assert f"cfg.yaml: {where}" in str(err.value)
+
+
+def test_sign_in_secrets_come_from_the_environment() -> None:
+    env = {"GATEWAY_OIDC_CLIENT_SECRET": "s3cret", "GATEWAY_ALERT_SECRET": "hook"}
+    cfg = {**BASE, "auth": {"enabled": False, "oidc": OIDC}, "pricing": {"alerts": {"url": "https://h"}}}
+    s = parse_settings(cfg, "cfg.yaml", env=env)
+    assert s.auth.oidc is not None and s.auth.oidc.client_secret == "s3cret"
+    assert s.pricing.alerts is not None and s.pricing.alerts.secret == "hook" and s.pricing.alerts.threshold == 0.8
