@@ -66,7 +66,8 @@ class SignInRoutes:
             max_age=int(self._settings.session_ttl),
             path="/",
             httponly=True,
-            secure=request.url.scheme == "https",
+            # behind a TLS-terminating proxy the request is plain HTTP: an https redirect_url says so
+            secure=request.url.scheme == "https" or (self._settings.redirect_url or "").startswith("https://"),
             samesite="strict",
         )
         return response
