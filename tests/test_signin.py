@@ -9,6 +9,7 @@ import asyncio
 import html
 import importlib.util
 import re
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,11 +91,10 @@ def world(logs_dir: Path, redis_session: RedisServer) -> Iterator[World]:
         "pricing": {"currency": "EUR", "models": {"fake": {"input": 1000, "output": 2000}}},
     }
     path = write_config(logs_dir, f"signin-{port}", cfg)
-    args = ["python", "-m", "gateway.cli.main", "serve", "--config", str(path), "--port", str(port)]
+    # the port is chosen first: the provider must know the gateway's callback before either starts
+    args = [sys.executable, "-m", "gateway.cli.main", "serve", "--config", str(path), "--port", str(port)]
     env = {"GATEWAY_ADMIN_KEY": ADMIN_KEY, "GATEWAY_OIDC_CLIENT_SECRET": CONSOLE_SECRET}
-    import sys
-
-    gw = Proc("gw-signin", [sys.executable, *args[1:]], port, logs_dir / f"gw-signin-{port}.log", env=env)
+    gw = Proc("gw-signin", args, port, logs_dir / f"gw-signin-{port}.log", env=env)
     gw.start().wait_healthy("/ready", timeout=60)
     try:
         yield World(gw, provider, team_a, team_b)
