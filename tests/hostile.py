@@ -61,9 +61,13 @@ AREAS = {
         *["key_create", "key_create", "key_patch", "key_patch", "key_get", "key_delete", "key_usage", "keys_list"],
         *["routes_put", "routes_put", "routes_delete", "admin_models", "admin_requests", "admin_report"],
         *["admin_batches", "admin_engines"],
+        *["team_create", "team_patch", "team_get", "org_create", "spend", "audit"],
     ],
     "odd": ["odd_path", "odd_path", "health"],
 }
+
+
+SPEND = {"group_by": "text", "since": "time", "until": "time", "format": "text", "team": "text", "key": "text"}
 
 
 @st.composite
@@ -76,7 +80,7 @@ def cases(draw: st.DrawFn, world: World, area: str | None = None) -> Case:
     files = segment(known(world.file_ids))
     batches = segment(known(world.batch_ids))
     op = draw(st.sampled_from(AREAS[area] if area else [op for ops in AREAS.values() for op in ops]))
-    admin = op.startswith(("key", "routes", "admin"))
+    admin = op.startswith(("key", "routes", "admin", "team", "org", "spend", "audit"))
     method, path, body, ctype = "GET", "/", None, b"application/json"
     if op in ("chat", "completions", "embeddings"):
         method = "POST"
@@ -137,6 +141,26 @@ def cases(draw: st.DrawFn, world: World, area: str | None = None) -> Case:
         method = "POST" if path.endswith("/cancel") else "GET"
     elif op == "admin_engines":
         path = "/admin/engines"
+    elif op == "team_create":
+        method, path, body = "POST", draw(st.sampled_from(["/admin/teams", "/admin/orgs"])), draw(bodies["team"]())
+    elif op == "team_patch":
+        where = draw(segment(st.sampled_from(["team_0123456789abcdef", "org_0123456789abcdef", "x"])))
+        method, path, body = (
+            "PATCH",
+            f"/admin/{draw(st.sampled_from(['teams', 'orgs']))}/{where}",
+            draw(bodies["team"]()),
+        )
+    elif op == "team_get":
+        where = draw(segment(st.sampled_from(["team_0123456789abcdef", "org_0123456789abcdef", "%00", ".."])))
+        path = f"/admin/{draw(st.sampled_from(['teams', 'orgs']))}/{where}" + draw(
+            st.sampled_from(["", "/usage", "/keys"])
+        )
+    elif op == "org_create":
+        method, path, body = "POST", "/admin/orgs", draw(bodies["team"]())
+    elif op == "spend":
+        path = "/admin/spend" + draw(query(SPEND))
+    elif op == "audit":
+        path = "/admin/audit" + draw(query({"limit": "int", "after": "text", "action": "text", "team": "text"}))
     elif op == "health":
         path = draw(st.sampled_from(["/health", "/ready", "/metrics"])) + draw(query({"model": "text"}))
     else:

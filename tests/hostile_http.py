@@ -53,6 +53,16 @@ class Case:
 header_text = st.binary(max_size=24).map(lambda b: bytes(c for c in b if c > 32 and c != 127))
 
 
+JWTS = [
+    b"eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4IiwiZ3JvdXBzIjpbImFkbWluIl19.",  # alg none
+    b"eyJhbGciOiJSUzI1NiIsImtpZCI6IngifQ.eyJzdWIiOiJ4In0.c2ln",  # an unknown key id
+    b"eyJ.eyJ.sig",
+    b"a.b.c",
+    b"..",
+    b"eyJhbGciOiJIUzI1NiJ9." + b"e" * 5000 + b".x",
+]
+
+
 def auth_headers(world: World, admin: bool) -> st.SearchStrategy[bytes | None]:
     """An Authorization value: mostly the right one for the API, else every shape a key can take."""
     right = world.admin_key if admin else None
@@ -70,6 +80,7 @@ def auth_headers(world: World, admin: bool) -> st.SearchStrategy[bytes | None]:
         st.sampled_from([b"Bearer", b"Bearer ", b"Bearer sk-gw-", b"Bearer a b c", b"Token x", b"", b"\xff\xfe"]),
         header_text.map(lambda b: b"Bearer " + b),
         st.sampled_from([1000, 60_000, 70_000]).map(lambda n: b"Bearer " + b"k" * n),
+        st.sampled_from(JWTS).map(lambda t: b"Bearer " + t),  # tokens shaped like a provider's
     )
     return pick(bearer, bearer, bearer, odd)
 
@@ -168,6 +179,18 @@ def _q(value: str) -> str:
 # ---- request bodies of each endpoint ----------------------------------------------------------
 
 
+HOSTILE_NAMES = [
+    "<script>alert(1)</script>",
+    "'; DROP TABLE spend_hourly; --",
+    '=HYPERLINK("http://x")',
+    "\u202eevil",
+    "a" * 201,
+    "\x00",
+    "{team_0123456789abcdef}",
+    "gw:{x}:rec",
+]
+
+
 def bodies_of(world: World) -> dict[str, Callable[[], st.SearchStrategy[bytes]]]:
     models = maybe(st.sampled_from([*world.models, "nope"]))
     small_int = st.integers(-3, 40)
@@ -216,6 +239,9 @@ def bodies_of(world: World) -> dict[str, Callable[[], st.SearchStrategy[bytes]]]
         "max_tokens": counts,
     }
     limit = maybe(pick(st.integers(1, 10**6), st.sampled_from(BOUNDARY_INTS)))
+    money = pick(
+        st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 10**12), st.sampled_from(BOUNDARY_INTS)
+    )
     key = {
         "name": maybe(st.text(min_size=1, max_size=30)),
         "models": maybe(pick(st.none(), st.lists(st.sampled_from([*world.models, "nope"]), max_size=3))),
@@ -225,6 +251,19 @@ def bodies_of(world: World) -> dict[str, Callable[[], st.SearchStrategy[bytes]]]
         "metadata": maybe(st.dictionaries(st.text(max_size=8), st.text(max_size=20), max_size=4)),
         "priority": maybe(st.sampled_from(["high", "normal", "low", None])),
         "weight": maybe(pick(st.none(), st.floats(0, 2e6, allow_nan=False), st.integers(-1, 10))),
+        "team": maybe(
+            pick(st.none(), st.sampled_from(["team_0123456789abcdef", "team_x", "", "org_0123456789abcdef"]))
+        ),
+        **{name: maybe(pick(st.none(), money)) for name in ("daily_budget", "monthly_budget")},
+    }
+    # teams and organizations: hostile names, prices and budgets (NaN, infinities, negative, huge)
+    team = {
+        "name": maybe(pick(st.text(min_size=0, max_size=30), st.sampled_from(HOSTILE_NAMES))),
+        "models": key["models"],
+        **{name: maybe(pick(st.none(), limit)) for name in ("rpm", "tpm", "max_concurrent", "daily_tokens")},
+        **{name: maybe(pick(st.none(), money)) for name in ("daily_budget", "monthly_budget")},
+        "org": maybe(pick(st.none(), st.sampled_from(["org_0123456789abcdef", "org_", "../../etc"]))),
+        "metadata": key["metadata"],
     }
     route = st.fixed_dictionaries(
         {},
@@ -248,6 +287,7 @@ def bodies_of(world: World) -> dict[str, Callable[[], st.SearchStrategy[bytes]]]
         "completions": lambda: json_body(completion, ("model", "prompt")),
         "embeddings": lambda: json_body(embedding, ("model", "input")),
         "key": lambda: json_body(key, ("name",)),
+        "team": lambda: json_body(team, ("name",)),
         "routes": lambda: json_body(routes, ("routes",)),
         "batch": lambda: json_body(batch, ("input_file_id", "endpoint", "completion_window")),
     }

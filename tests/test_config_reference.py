@@ -51,6 +51,9 @@ PROBES: dict[str, Callable[[dict[str, Any]], None]] = {
     "inference_log.": lambda c: c.update(inference_log={"zz_unknown": 1}),
     "files.": lambda c: c.update(files={"zz_unknown": 1}),
     "batch.": lambda c: c.update(batch={"zz_unknown": 1}),
+    "pricing.": lambda c: c.update(pricing={"zz_unknown": 1}),
+    "pricing.alerts.": lambda c: c.update(pricing={"alerts": {"url": "http://x", "zz_unknown": 1}}),
+    "auth.oidc.": lambda c: c["auth"].update(oidc={"issuer": "http://x", "client_id": "c", "zz_unknown": 1}),
 }
 
 

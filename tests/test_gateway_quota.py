@@ -318,7 +318,7 @@ def test_usage_history_and_engines_for_the_console(gws: tuple[Proc, Proc]) -> No
     history = usage["history"]
     assert len(history) == 7 and history[-1]["date"] == usage["day"]["date"]
     assert [d["date"] for d in history] == sorted(d["date"] for d in history)
-    today = {k: usage["day"][k] for k in ("requests", "prompt_tokens", "completion_tokens", "tokens")}
+    today = {k: usage["day"][k] for k in ("requests", "prompt_tokens", "completion_tokens", "tokens", "spend")}
     assert history[-1] == {"date": usage["day"]["date"], **today} and today["requests"] == 2
     assert all(d["requests"] == 0 for d in history[:-1])
     assert len(admin(a, "GET", f"/admin/keys/{key_id}/usage?days=40").json()["history"]) == 40

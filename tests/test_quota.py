@@ -231,6 +231,7 @@ def test_release_is_idempotent_and_so_is_admit(redis_server: RedisServer, monkey
             "tokens": 30,
             "prompt_tokens": 10,
             "completion_tokens": 20,
+            "spend": 0.0,  # no price for this model
         }
         assert usage["minute"] == {"requests": 1, "tokens": 30}
 
@@ -298,6 +299,7 @@ def test_usage_sums_what_was_released(redis_server: RedisServer) -> None:
             "tokens": 0,
             "prompt_tokens": 0,
             "completion_tokens": 0,
+            "spend": 0.0,
         }
         spent = [(12, 30), (7, 0), (100, 250)]
         for prompt, completion in spent:
@@ -324,13 +326,14 @@ def test_history_reads_the_day_hashes_oldest_first(redis_server: RedisServer) ->
         await quota.release(await quota.admit(other, MODEL, 100, now=T), 50, 50)  # another key's day
         week = await quota.history(key.id, 7, now=T)
         assert [d["date"] for d in week] == [f"2030-01-{n:02d}" for n in range(9, 16)]
-        zero = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "tokens": 0}
+        zero = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "tokens": 0, "spend": 0.0}
         assert week[-1] == {
             "date": "2030-01-15",
             "requests": 2,
             "prompt_tokens": 8,
             "completion_tokens": 10,
             "tokens": 18,
+            "spend": 0.0,
         }
         assert week[3] == {
             "date": "2030-01-12",
@@ -338,6 +341,7 @@ def test_history_reads_the_day_hashes_oldest_first(redis_server: RedisServer) ->
             "prompt_tokens": 10,
             "completion_tokens": 20,
             "tokens": 30,
+            "spend": 0.0,
         }
         assert all(d == {"date": d["date"], **zero} for i, d in enumerate(week) if i not in (3, 6))
         forty = await quota.history(key.id, 40, now=T)
@@ -348,6 +352,7 @@ def test_history_reads_the_day_hashes_oldest_first(redis_server: RedisServer) ->
             "prompt_tokens": 1,
             "completion_tokens": 1,
             "tokens": 2,
+            "spend": 0.0,
         }
         assert sum(d["requests"] for d in forty) == 4
         assert await quota.history(key.id, 1, now=T) == [week[-1]]

@@ -1,4 +1,8 @@
-"""API keys and quotas on the request path: authenticate -> admit (reserve) -> settle (reconcile)."""
+"""API keys and quotas on the request path: authenticate -> admit (reserve) -> settle (reconcile).
+
+Money: admission reserves the most the request may cost at the model's price (its prompt and
+max_tokens); settle charges what the engine reported, and hands each settled request to the
+spend sink (the hourly rollups to the store, gateway/monitor/spend.py)."""
 
 from __future__ import annotations
 
@@ -6,20 +10,26 @@ import asyncio
 import hmac
 import logging
 import time
+from collections.abc import Callable
 
 from starlette.types import Scope
 
 from gateway.access.base import Grant, Principal, Usage
+from gateway.access.jwt_clients import JwtClients
 from gateway.access.keys import KeyStore
+from gateway.access.oidc import looks_like_jwt
 from gateway.access.quota import Admission, Quota, reservation
 from gateway.access.tokens import PromptCounter
 from gateway.core.bodies import header
 from gateway.core.errors import Code, GatewayError, invalid_key
 from gateway.core.metrics import GatewayMetrics
 from gateway.core.request import ApiRequest
-from gateway.settings import AuthSettings
+from gateway.settings import AuthSettings, PricingSettings
 
 log = logging.getLogger(__name__)
+
+# (the settled grant, the usage charged, its cost in nano-units): the spend rollups listen here
+SpendSink = Callable[[Grant, Usage, int], None]
 
 ADMIN = Principal(key_id="admin")
 
@@ -40,31 +50,20 @@ def is_admin_key(secret: str, admin_key: str | None) -> bool:
     return admin_key is not None and hmac.compare_digest(secret.encode(), admin_key.encode())
 
 
-def require_admin(scope: Scope, admin_key: str | None) -> None:
-    """The admin API's one check: 401 without a key, 403 for any other key or when the admin API
-    is off (no GATEWAY_ADMIN_KEY)."""
-    if admin_key is None:
-        raise GatewayError(
-            403,
-            "The admin API is disabled: no admin key is configured. Set the environment variable "
-            "GATEWAY_ADMIN_KEY and restart the gateway.",
-            code=Code.ADMIN_DISABLED,
-        )
-    if not header(scope, b"authorization"):
-        raise GatewayError(
-            401,
-            "Missing admin key: send GATEWAY_ADMIN_KEY as 'Authorization: Bearer <key>'.",
-            code=Code.MISSING_API_KEY,
-        )
-    if not is_admin_key(bearer(scope), admin_key):
-        raise GatewayError(403, "Not the admin key: the admin API takes only GATEWAY_ADMIN_KEY.", code=Code.NOT_ADMIN)
-
-
 class KeyedAccess:
     def __init__(
-        self, keys: KeyStore, quota: Quota, counter: PromptCounter, settings: AuthSettings, metrics: GatewayMetrics
+        self,
+        keys: KeyStore,
+        quota: Quota,
+        counter: PromptCounter,
+        settings: AuthSettings,
+        metrics: GatewayMetrics,
+        pricing: PricingSettings | None = None,
     ) -> None:
         self.keys = keys
+        self.pricing = pricing or PricingSettings()
+        self.spend_sink: SpendSink | None = None
+        self.jwt_clients: JwtClients | None = None  # client JWTs in place of keys (auth.oidc.client_audience)
         self.quota = quota
         self._counter = counter
         self._settings = settings
@@ -85,6 +84,8 @@ class KeyedAccess:
         secret = bearer(scope)
         if self._settings.admin_is_client and is_admin_key(secret, self._settings.admin_key):
             return ADMIN
+        if self.jwt_clients is not None and looks_like_jwt(secret):
+            return await self.jwt_clients.principal(secret)
         key = await self.keys.resolve(secret)
         if key is None or not key.usable(time.time()):
             raise invalid_key()
@@ -111,8 +112,12 @@ class KeyedAccess:
             request.cap_max_tokens(self._settings.default_max_tokens)
             prompt = await self._counter.count(request)
         reserve = reservation(key, request, prompt or 0)
+        price = self.pricing.price(request.model)
+        money = price.ceiling(prompt or 0, reserve - (prompt or 0)) if price is not None else 0
         try:
-            admission = await self.quota.admit(key, request.model, reserve, batch=request.batch_id is not None)
+            admission = await self.quota.admit(
+                key, request.model, reserve, batch=request.batch_id is not None, money=money
+            )
         except GatewayError as exc:
             if exc.status == 429 and exc.code is not None:
                 self._metrics.quota_rejections.labels(str(exc.code)).inc()
@@ -135,7 +140,12 @@ class KeyedAccess:
                     grant.prompt_tokens if grant.prompt_tokens is not None else await self._counter.count(grant.request)
                 )
             usage = Usage(prompt, usage.completion_tokens, exact=False)
-        await self.quota.release(admission, usage.prompt_tokens, usage.completion_tokens)
+        model = grant.request.model if grant.request is not None else ""
+        price = self.pricing.price(model)
+        cost = price.cost(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens) if price else 0
+        await self.quota.release(admission, usage.prompt_tokens, usage.completion_tokens, cost)
+        if self.spend_sink is not None:
+            self.spend_sink(grant, usage, cost)
         m = self._metrics
         if usage.prompt_tokens:
             m.key_tokens_by[admission.key_id, "prompt"].inc(usage.prompt_tokens)

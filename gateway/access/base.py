@@ -44,6 +44,7 @@ class Grant:
     admission: Admission | None = None  # the quota's reservation, when one was made
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     prompt_tokens: int | None = None  # counted at admission, when the reservation needed it
+    route: str | None = None  # the route that served it (set by the exchange before settling)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +52,7 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     exact: bool  # reported by the engine; otherwise estimated from what was relayed
+    cached_tokens: int = 0  # of the prompt, served from the engine's prefix cache (priced as cached_input)
 
 
 class Access(Protocol):

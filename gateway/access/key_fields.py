@@ -1,8 +1,11 @@
-"""What an admin may set on an API key: validation of `POST`/`PATCH /admin/keys` payloads."""
+"""What an admin may set on an API key: validation of `POST`/`PATCH /admin/keys` payloads (and the
+checks teams and organizations share with keys: gateway/access/team_fields.py)."""
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Collection
 from typing import Any
 
@@ -13,9 +16,12 @@ from gateway.core.errors import invalid
 from gateway.core.times import parse_time
 
 LIMITS = ("rpm", "tpm", "max_concurrent", "daily_tokens", "monthly_tokens")
+BUDGETS = ("daily_budget", "monthly_budget")  # money, in the pricing currency (stored in nano-units)
 SCHEDULING = ("priority", "weight")  # the key's band and share when engines are full (gateway/dispatch/scheduler.py)
-FIELDS = ("name", "models", *LIMITS, "expires_at", "metadata", *SCHEDULING)
+FIELDS = ("name", "models", *LIMITS, *BUDGETS, "expires_at", "metadata", *SCHEDULING, "team")
 MAX_LIMIT = 2**53 - 1  # Lua numbers are doubles: stay exact
+MAX_BUDGET = 1_000_000_000.0  # in currency units: 1e18 nano-units, inside Redis's 64-bit counters
+NANOS = 1_000_000_000
 MAX_WEIGHT = 1_000_000
 MAX_METADATA_ENTRIES = 50
 MAX_METADATA_CHARS = 16_384
@@ -88,6 +94,28 @@ def _limit(param: str, value: Any) -> int | None:
     return value
 
 
+def _budget(param: str, value: Any) -> int | None:
+    """A money amount > 0 -> nano-units (an int, so Redis and Lua compare it exactly)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise invalid(f"'{param}' must be a number > 0 (in the pricing currency), or null for no budget.", param=param)
+    if not 0 < value <= MAX_BUDGET:
+        raise invalid(f"'{param}' must be > 0 and at most {MAX_BUDGET:.0f}; use null for no budget.", param=param)
+    return max(1, round(value * NANOS))
+
+
+TEAM_ID = re.compile(r"team_[0-9a-f]{16}")
+
+
+def _team(param: str, value: Any) -> str | None:
+    if value is None:
+        return None  # no team
+    if not isinstance(value, str) or not TEAM_ID.fullmatch(value):
+        raise invalid("'team' must be a team id (team_ and 16 hex digits), or null for no team.", param=param)
+    return value
+
+
 def _expires_at(param: str, value: Any) -> float | None:
     return None if value is None else parse_time(value, param)
 
@@ -130,6 +158,8 @@ _CHECKS: dict[str, Any] = {
     "name": _name,
     "models": _models,
     **dict.fromkeys(LIMITS, _limit),
+    **dict.fromkeys(BUDGETS, _budget),
+    "team": _team,
     "expires_at": _expires_at,
     "metadata": _metadata,
     "priority": _priority,

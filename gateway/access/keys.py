@@ -6,6 +6,10 @@ quota counters share a slot and one Lua script may touch them all):
     gw:{key_<16 hex>}:rec     HASH of the record; numbers as strings, "" for null, JSON for lists
     gw:keyhash:<sha256 hex>   STRING -> key id (the secret itself is never stored)
     gw:keys                   SET of every key id, revoked ones included
+
+A key of a team also has a mirror of its record under its team's hash tag, which admission reads
+instead (gateway/access/levels.py), and is listed in its team's member set. The record stays the
+truth: every change writes it first, then the mirror.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ import redis.exceptions
 from redis.asyncio.cluster import RedisCluster
 
 from gateway.access.base import PRIORITIES
-from gateway.access.key_fields import FIELDS, LIMITS
+from gateway.access.key_fields import BUDGETS, FIELDS, LIMITS, NANOS
+from gateway.access.levels import levels_of, team_level
 from gateway.core.errors import quota_unavailable
 from gateway.core.times import iso
 from gateway.resp.lag import within
@@ -64,10 +69,24 @@ class ApiKey:
     prefix: str = ""
     priority: str = "normal"  # the scheduler's band: high, normal, low
     weight: float = 1.0  # the share within the band
+    daily_budget: int | None = None  # nano-units of the pricing currency
+    monthly_budget: int | None = None
+    team: str | None = None
+    org: str | None = None  # the team's organization (fixed when the team is made)
+    kind: str = "key"  # "team": a client JWT limited as its team alone (gateway/access/jwt_clients.py)
 
     @property
     def token_limited(self) -> bool:
-        return self.tpm is not None or self.daily_tokens is not None or self.monthly_tokens is not None
+        """Whether admission must bound what a request may spend: a token or money limit, here or
+        (for a key of a team) possibly at the team or its organization."""
+        return (
+            self.tpm is not None
+            or self.daily_tokens is not None
+            or self.monthly_tokens is not None
+            or self.daily_budget is not None
+            or self.monthly_budget is not None
+            or self.team is not None
+        )
 
     def usable(self, now: float) -> bool:
         return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
@@ -83,6 +102,9 @@ class ApiKey:
             "prefix": self.prefix,
             "models": list(self.models) if self.models is not None else None,
             **{name: getattr(self, name) for name in LIMITS},
+            **{name: money(getattr(self, name)) for name in BUDGETS},
+            "team": self.team,
+            "org": self.org,
             "expires_at": iso(self.expires_at),
             "expires_at_unix": self.expires_at,
             "metadata": dict(self.metadata),
@@ -172,7 +194,15 @@ def decode_record(raw: Mapping[Any, Any]) -> ApiKey | None:
         prefix=h.get("prefix", ""),
         priority=priority if priority in PRIORITIES else "normal",
         weight=weight if weight is not None and 0 < weight < math.inf else 1.0,
+        daily_budget=_int(h.get("daily_budget")),
+        monthly_budget=_int(h.get("monthly_budget")),
+        team=h.get("team") or None,
+        org=h.get("org") or None,
     )
+
+
+def money(nanos: int | None) -> float | None:
+    return None if nanos is None else nanos / NANOS
 
 
 def secret_hash(secret: str) -> str:
@@ -253,8 +283,9 @@ class KeyStore:
     def _rec(self, key_id: str) -> str:
         return record_key(self.prefix, key_id)
 
-    async def create(self, fields: Mapping[str, Any]) -> tuple[ApiKey, str]:
-        """`fields` from validate_key_fields(partial=False). Returns the record and the secret."""
+    async def create(self, fields: Mapping[str, Any], org: str | None = None) -> tuple[ApiKey, str]:
+        """`fields` from validate_key_fields(partial=False); `org`: the organization of the key's
+        team, when it has one (the caller checked the team exists). Returns the record and the secret."""
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)
         key_id = "key_" + secrets.token_hex(8)
         digest = secret_hash(secret)
@@ -266,17 +297,31 @@ class KeyStore:
             "prefix": secret[:10],
             "created_at": repr(time.time()),
             "revoked_at": "",
+            "org": org or "" if fields.get("team") else "",
         }
-        # No MULTI: the three keys live in different cluster slots. The mapping goes last, so it
-        # never points at a missing record.
+        key = decode_record(record)
+        assert key is not None
+        # No MULTI: the keys live in different cluster slots. The mapping goes last, so it never
+        # points at a missing record (or a missing mirror).
         async with redis_or_503(self.admin_timeout), self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(self._rec(key_id), mapping=record)
             pipe.sadd(self._index, key_id)
+            if key.team:
+                self._place(pipe, key, record)
             pipe.set(f"{self.prefix}:keyhash:{digest}", key_id)
             await pipe.execute()
-        key = decode_record(record)
-        assert key is not None
         return key, secret
+
+    def _place(self, pipe: Any, key: ApiKey, record: Mapping[Any, Any]) -> None:
+        """Write the mirror of a team's key and list it in the team."""
+        assert key.team is not None
+        mirror = {k: v for k, v in record.items() if _text(k) != "hash"}
+        pipe.hset(levels_of(self.prefix, key.id, key.team, key.org)[0].limits, mapping=mirror)
+        pipe.sadd(self.members(key.team, key.org), key.id)
+
+    def members(self, team: str, org: str | None) -> str:
+        """The SET of a team's key ids (revoked ones included, until they leave the team)."""
+        return team_level(self.prefix, team, org).base + "keys"
 
     async def record_for(self, key_id: str) -> ApiKey | None:
         if not _ID.fullmatch(key_id):
@@ -296,21 +341,42 @@ class KeyStore:
         keys = [k for k in map(decode_record, raws) if k is not None]
         return sorted(keys, key=lambda k: (k.created_at, k.id))
 
-    async def update(self, key_id: str, fields: Mapping[str, Any]) -> ApiKey | None:
-        """`fields` from validate_key_fields(partial=True); a None value clears that field."""
+    async def update(self, key_id: str, fields: Mapping[str, Any], org: str | None = None) -> ApiKey | None:
+        """`fields` from validate_key_fields(partial=True); a None value clears that field. With
+        `team` in `fields`, `org` is that team's organization (the caller checked the team)."""
         if not _ID.fullmatch(key_id):
             return None
+        fields = dict(fields)
+        if "team" in fields:
+            fields["org"] = org if fields["team"] else None
         args = [part for pair in encode_fields(fields).items() for part in pair]
         async with redis_or_503(self.admin_timeout):
-            key = decode_record(_pairs(await self._update(keys=[self._rec(key_id)], args=args)))
+            before = await self.record_for(key_id) if "team" in fields else None
+            raw = _pairs(await self._update(keys=[self._rec(key_id)], args=args))
+            key = decode_record(raw)
+            if key is not None:
+                await self._follow(before, key, raw)
         self._forget(key_id)
         return key
+
+    async def _follow(self, before: ApiKey | None, key: ApiKey, raw: Mapping[Any, Any]) -> None:
+        """After a change of the record: the mirror follows (and moves when the team changed)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            if before is not None and before.team and before.team != key.team:
+                pipe.delete(levels_of(self.prefix, key.id, before.team, before.org)[0].limits)
+                pipe.srem(self.members(before.team, before.org), key.id)
+            if key.team:
+                self._place(pipe, key, raw)
+            await pipe.execute()
 
     async def revoke(self, key_id: str) -> ApiKey | None:
         if not _ID.fullmatch(key_id):
             return None
         async with redis_or_503(self.admin_timeout):
-            key = decode_record(_pairs(await self._revoke(keys=[self._rec(key_id)], args=[repr(time.time())])))
+            raw = _pairs(await self._revoke(keys=[self._rec(key_id)], args=[repr(time.time())]))
+            key = decode_record(raw)
+            if key is not None and key.team:
+                await self._follow(None, key, raw)
         self._forget(key_id)
         return key
 

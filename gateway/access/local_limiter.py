@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from gateway.access.keys import ApiKey
 from gateway.access.quota_windows import Window, rate_headers, refusal, refused_key
-from gateway.core.errors import Code
 
 
 class LocalLimiter:
@@ -27,12 +26,12 @@ class LocalLimiter:
         requests, tokens = counts[1], counts[2]
         headers = rate_headers(key.rpm, requests, key.tpm, tokens, win.minute_left)
         if key.rpm is not None and requests + 1 > key.rpm:
-            raise refusal(Code.RPM_EXCEEDED, requests, key.rpm, reserve, win, headers)
+            raise refusal("rpm", "key", requests, key.rpm, reserve, win, headers)
         if key.tpm is not None and tokens + reserve > key.tpm:
-            raise refusal(Code.TPM_EXCEEDED, tokens, key.tpm, reserve, win, headers)
+            raise refusal("tpm", "key", tokens, key.tpm, reserve, win, headers)
         inflight = self._inflight.get(key.id, 0)
         if key.max_concurrent is not None and inflight >= key.max_concurrent:
-            raise refusal(Code.CONCURRENCY_EXCEEDED, inflight, key.max_concurrent, reserve, win, headers)
+            raise refusal("concurrency", "key", inflight, key.max_concurrent, reserve, win, headers)
         counts[1] += 1
         counts[2] += reserve
         self._inflight[key.id] = inflight + 1

@@ -1,14 +1,19 @@
 """Quota admission and reconciliation: each one atomic Redis step (a Lua script, EVALSHA).
 
-Per key, next to its record (gateway/access/keys.py) and under the same hash tag, so a script's keys
-share one Redis Cluster slot:
+Per level of a request (the key, its team, the team's organization: gateway/access/levels.py has
+where each lives), under one hash tag, so a script's keys share one Redis Cluster slot. For a key
+without a team, next to its record (gateway/access/keys.py):
 
     gw:{id}:min:<unix minute>   HASH requests, tokens                                (TTL 2 min)
-    gw:{id}:day:<YYYY-MM-DD>    HASH requests, tokens, prompt_tokens, completion_tokens  (40 days)
+    gw:{id}:day:<YYYY-MM-DD>    HASH requests, tokens, spend, prompt_tokens, completion_tokens  (40 days)
     gw:{id}:month:<YYYY-MM>     HASH the same                                         (400 days)
     gw:{id}:leases              ZSET lease id -> expiry (unix ms), one per admitted request
     gw:{id}:bleases             ZSET the same for batch lines (never counted toward max_concurrent)
     gw:{id}:gone:<lease>        STRING, a tombstone: this admission was given up (TTL 1 h)
+
+`spend` is money in nano-units of the pricing currency. Above the key, a level keeps a minute
+window only when it has rpm or tpm, leases only when it has max_concurrent, and no prompt/completion
+split (the store's spend rollups have it). The scripts are in gateway/access/quota_scripts.py.
 
 `tokens` is committed usage plus outstanding reservations, so limits hold across any number of
 replicas. A lease counts toward max_concurrent until it expires; an expired lease is kept for
@@ -45,14 +50,17 @@ from typing import Any
 import hiredis
 
 from gateway.access.keys import REDIS_DOWN, ApiKey
+from gateway.access.levels import Level, levels_of, team_levels
 from gateway.access.local_limiter import LocalLimiter
 from gateway.access.quota_retry import PendingOps
+from gateway.access.quota_scripts import _ADMIT, _CANCEL, _RELEASE
 from gateway.access.quota_windows import Window, rate_headers, refusal, refused_key, window
 from gateway.core.errors import Code, GatewayError, invalid, quota_unavailable
 from gateway.core.metrics import GatewayMetrics
 from gateway.core.request import ApiRequest
 from gateway.resp.client import LeanClient, Script
 from gateway.resp.lag import within
+from gateway.settings import NANOS
 
 log = logging.getLogger(__name__)
 
@@ -61,97 +69,6 @@ DAY_TTL = 40 * 86400
 MONTH_TTL = 400 * 86400
 LEASE_KEEP_MS = 3_600_000
 
-_ADMIT = Script("""
-if redis.call('EXISTS', KEYS[6]) == 1 then return {'cancelled'} end
-local rec = redis.call('HMGET', KEYS[1], 'created_at', 'revoked_at', 'expires_at', 'models',
-  'rpm', 'tpm', 'max_concurrent', 'daily_tokens', 'monthly_tokens')
-if not rec[1] then return {'unknown'} end
--- a missing field (false) and "" both mean null
-for i = 2, 9 do if rec[i] == '' then rec[i] = false end end
-local now = tonumber(ARGV[1])
-if rec[2] then return {'revoked'} end
-if rec[3] and tonumber(rec[3]) * 1000 <= now then return {'expired', rec[3]} end
-if rec[4] then
-  local allowed = false
-  for _, m in ipairs(cjson.decode(rec[4])) do
-    if m == ARGV[2] then allowed = true break end
-  end
-  if not allowed then return {'model'} end
-end
-local function limit(v) if v then return tonumber(v) end return -1 end
-local rpm, tpm, conc = limit(rec[5]), limit(rec[6]), limit(rec[7])
-local daily, monthly = limit(rec[8]), limit(rec[9])
-local reserve, lease, leases = tonumber(ARGV[3]), ARGV[4], KEYS[5]
-local batch = ARGV[10] == '1'
-local win = redis.call('HMGET', KEYS[2], 'requests', 'tokens')
-local mreq, mtok = tonumber(win[1] or 0), tonumber(win[2] or 0)
--- a client-side retry of an admission that did run must not reserve twice
-if redis.call('ZSCORE', leases, lease) then return {'ok', rpm, mreq, tpm, mtok} end
-local function refuse(code, used, lim) return {code, rpm, mreq, tpm, mtok, used, lim} end
--- the longest-lasting refusal first, so its retry-after is honest
-if monthly >= 0 then
-  local used = tonumber(redis.call('HGET', KEYS[4], 'tokens') or 0)
-  if used + reserve > monthly then return refuse('monthly_tokens_exceeded', used, monthly) end
-end
-if daily >= 0 then
-  local used = tonumber(redis.call('HGET', KEYS[3], 'tokens') or 0)
-  if used + reserve > daily then return refuse('daily_tokens_exceeded', used, daily) end
-end
-if rpm >= 0 and not batch and mreq + 1 > rpm then return refuse('rpm_exceeded', mreq, rpm) end
-if tpm >= 0 and mtok + reserve > tpm then return refuse('tpm_exceeded', mtok, tpm) end
--- leases long expired (a crashed gateway's) are trimmed now and then: ZCOUNT skips them anyway
-if string.sub(lease, -1) == '0' then redis.call('ZREMRANGEBYSCORE', leases, '-inf', now - tonumber(ARGV[6])) end
-if conc >= 0 and not batch then
-  local live = redis.call('ZCOUNT', leases, '(' .. ARGV[1], '+inf')
-  if live >= conc then return refuse('concurrency_exceeded', live, conc) end
-end
-for i = 2, 4 do
-  -- a counter gets its TTL when it is created (its first request), not on every admission
-  local fresh = true
-  if not batch or i > 2 then fresh = redis.call('HINCRBY', KEYS[i], 'requests', 1) == 1 end
-  redis.call('HINCRBY', KEYS[i], 'tokens', reserve)
-  if fresh then redis.call('EXPIRE', KEYS[i], ARGV[5 + i]) end
-end
-redis.call('ZADD', leases, now + tonumber(ARGV[5]), lease)
-redis.call('PEXPIRE', leases, tonumber(ARGV[5]) + tonumber(ARGV[6]))
-if batch then return {'ok', rpm, mreq, tpm, mtok + reserve} end
-return {'ok', rpm, mreq + 1, tpm, mtok + reserve}
-""")
-
-_RELEASE = Script("""
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
-local delta = tonumber(ARGV[2])
-if delta ~= 0 and redis.call('EXISTS', KEYS[2]) == 1 then
-  redis.call('HINCRBY', KEYS[2], 'tokens', delta)
-end
--- never recreate an expired day/month hash: it would live without a TTL
-for i = 3, 4 do
-  if redis.call('EXISTS', KEYS[i]) == 1 then
-    redis.call('HINCRBY', KEYS[i], 'tokens', delta)
-    redis.call('HINCRBY', KEYS[i], 'prompt_tokens', ARGV[3])
-    redis.call('HINCRBY', KEYS[i], 'completion_tokens', ARGV[4])
-  end
-end
-return 1
-""")
-
-# KEYS: leases, minute, day, month, tombstone. ARGV: lease, reserved, tombstone TTL (s), batch.
-_CANCEL = Script("""
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
-  -- 0 - x, not -x: Lua writes -0 as "-0", which HINCRBY refuses halfway through the script
-  local undo = 0 - tonumber(ARGV[2])
-  for i = 2, 4 do
-    if redis.call('EXISTS', KEYS[i]) == 1 then
-      -- a batch line added no request to the minute window
-      if ARGV[4] ~= '1' or i > 2 then redis.call('HINCRBY', KEYS[i], 'requests', -1) end
-      redis.call('HINCRBY', KEYS[i], 'tokens', undo)
-    end
-  end
-  return 1
-end
-redis.call('SET', KEYS[5], '1', 'EX', ARGV[3])
-return 0
-""")
 TOMBSTONE_TTL = 3600
 # Lease ids: unique per process (a random prefix) and cheap (a counter): os.urandom per request
 # showed in profiles, and a lease id needs to be unique, not secret.
@@ -170,10 +87,19 @@ class Admission:
     headers: dict[str, str] = field(default_factory=dict)
     local: bool = False  # admitted by the per-process limiter while Redis was unreachable
     batch: bool = False  # a batch line: its lease is in `bleases`
+    levels: tuple[Level, ...] = ()  # where it was reserved, key first (gateway/access/levels.py)
+    money: int = 0  # the money reserved, in nano-units of the pricing currency
 
     @property
     def leases(self) -> str:
         return "bleases" if self.batch else "leases"
+
+    def release_keys(self) -> list[str]:
+        keys = []
+        for lv in self.levels:
+            b = lv.base
+            keys += [b + self.leases, f"{b}min:{self.minute}", b + "day:" + self.day, b + "month:" + self.month]
+        return keys
 
 
 def reservation(key: ApiKey, request: ApiRequest, prompt_tokens: int) -> int:
@@ -208,10 +134,12 @@ class Quota:
         redis_timeout: float = 0.25,
         breaker: float = 1.0,
         metrics: GatewayMetrics | None = None,
+        currency: str = "USD",
     ) -> None:
         if failure_mode not in ("closed", "open"):
             raise ValueError(f"failure_mode must be 'closed' or 'open', not {failure_mode!r}")
         self.redis = redis
+        self.currency = currency
         redis.preload(_ADMIT, _RELEASE, _CANCEL)
         self.prefix = prefix
         self.lease_ttl = lease_ttl
@@ -228,46 +156,69 @@ class Quota:
         self._down = False
         self._pending = PendingOps(redis, 4 * self.deadline)  # cancels and releases waiting for Redis
 
-    def _base(self, key_id: str) -> str:
-        return f"{self.prefix}:{{{key_id}}}:"
+    def levels(self, key: ApiKey) -> tuple[Level, ...]:
+        if key.kind == "team" and key.team is not None:
+            return team_levels(self.prefix, key.team, key.org)
+        return levels_of(self.prefix, key.id, key.team, key.org)
 
     async def admit(
-        self, key: ApiKey, model: str, reserve_tokens: int, now: float | None = None, *, batch: bool = False
+        self,
+        key: ApiKey,
+        model: str,
+        reserve_tokens: int,
+        now: float | None = None,
+        *,
+        batch: bool = False,
+        money: int = 0,
     ) -> Admission:
-        """Checks every limit and reserves. `batch`: a batch line, to which rpm and max_concurrent
-        do not apply; it never falls back to the per-process limiter (it waits for Redis instead)."""
-        if reserve_tokens < 0:
-            raise ValueError("reserve_tokens must be >= 0")
+        """Checks every limit of every level (key, team, organization) and reserves `reserve_tokens`
+        and `money` (nano-units) at each. `batch`: a batch line, to which rpm and max_concurrent do
+        not apply; it never falls back to the per-process limiter (it waits for Redis instead)."""
+        if reserve_tokens < 0 or money < 0:
+            raise ValueError("reserve_tokens and money must be >= 0")
         now = time.time() if now is None else now
         win = window(now)
         lease_id = f"{_LEASE_PREFIX}{next(_lease_numbers):x}"
         if time.monotonic() >= self._skip_until:
-            base = self._base(key.id)
-            counters = [f"{base}min:{win.minute}", base + "day:" + win.day, base + "month:" + win.month]
-            leases = base + ("bleases" if batch else "leases")
-            keys = [base + "rec", *counters, leases, f"{base}gone:{lease_id}"]
+            levels = self.levels(key)
+            tag = levels[0].base  # every level shares the key's hash tag
+            tombstone = f"{tag}gone:{lease_id}"
+            keys = [tombstone]
+            leases = "bleases" if batch else "leases"
+            for lv in levels:
+                b = lv.base
+                keys += [lv.limits, f"{b}min:{win.minute}", b + "day:" + win.day, b + "month:" + win.month, b + leases]
             args: list[str | int] = [round(now * 1000), model, reserve_tokens, lease_id, self._lease_ms]
-            args += [LEASE_KEEP_MS, MINUTE_TTL, DAY_TTL, MONTH_TTL]
-            if batch:
-                args.append(1)
+            args += [LEASE_KEEP_MS, MINUTE_TTL, DAY_TTL, MONTH_TTL, int(batch), money]
             try:
                 # No timer per call: the client drops a connection on which Redis stopped answering.
                 reply = await self.redis.run_script(_ADMIT, keys, args)
             except REDIS_DOWN as exc:
                 self._failed("admit", exc)
-                cancel_keys = [leases, *counters, f"{base}gone:{lease_id}"]
-                cancel_args: list[str | int] = [lease_id, reserve_tokens, TOMBSTONE_TTL, int(batch)]
-                self._retry(lease_id, _CANCEL, cancel_keys, cancel_args)
+                adm = Admission(key.id, lease_id, reserve_tokens, win.minute, win.day, win.month, batch=batch)
+                adm.levels, adm.money = levels, money
+                cancel_args: list[str | int] = [lease_id, reserve_tokens, TOMBSTONE_TTL, int(batch), money]
+                self._retry(lease_id, _CANCEL, [*adm.release_keys(), tombstone], cancel_args)
             else:
                 if self._down:
                     self._recovered()
-                return self._decide(reply, key.id, model, reserve_tokens, lease_id, win, batch)
+                adm = self._decide(reply, key.id, model, reserve_tokens, lease_id, win, batch, levels)
+                adm.money = money
+                return adm
         if batch:
             raise quota_unavailable()
         return self._admit_without_redis(key, model, reserve_tokens, now, win, lease_id)
 
     def _decide(
-        self, reply: list[Any], key_id: str, model: str, reserve: int, lease_id: str, win: Window, batch: bool
+        self,
+        reply: list[Any],
+        key_id: str,
+        model: str,
+        reserve: int,
+        lease_id: str,
+        win: Window,
+        batch: bool,
+        levels: tuple[Level, ...],
     ) -> Admission:
         status = _text(reply[0])
         if status == "cancelled":  # cannot happen to a caller still waiting; refuse all the same
@@ -277,8 +228,11 @@ class Quota:
         rpm, tpm = (None if v < 0 else int(v) for v in (reply[1], reply[3]))
         headers = rate_headers(rpm, int(reply[2]), tpm, int(reply[4]), win.minute_left)
         if status != "ok":
-            raise refusal(Code(status), int(reply[5]), int(reply[6]), reserve, win, headers)
-        return Admission(key_id, lease_id, reserve, win.minute, win.day, win.month, headers, batch=batch)
+            level = levels[int(reply[7]) - 1]
+            raise refusal(status, level.kind, int(reply[5]), int(reply[6]), reserve, win, headers, self.currency)
+        adm = Admission(key_id, lease_id, reserve, win.minute, win.day, win.month, headers, batch=batch)
+        adm.levels = levels
+        return adm
 
     def _admit_without_redis(
         self, key: ApiKey, model: str, reserve: int, now: float, win: Window, lease_id: str
@@ -291,8 +245,9 @@ class Quota:
             self._metrics.fail_open.inc()
         return Admission(key.id, lease_id, reserve, win.minute, win.day, win.month, headers, local=True)
 
-    async def release(self, adm: Admission, prompt_tokens: int, completion_tokens: int) -> None:
-        """Replace the reservation by the actual usage. Idempotent: a repeat changes nothing.
+    async def release(self, adm: Admission, prompt_tokens: int, completion_tokens: int, spend: int = 0) -> None:
+        """Replace the reservation by the actual usage (tokens, and `spend` in nano-units) at every
+        level. Idempotent: a repeat changes nothing.
 
         Sent, not waited for: the request path only needs it to reach Redis before the client's
         next request, and commands of one connection run in order. A failure is retried in the
@@ -300,10 +255,9 @@ class Quota:
         if adm.local:
             self.local.release(adm.lease_id, prompt_tokens + completion_tokens)
             return
-        base = self._base(adm.key_id)
-        keys = [base + adm.leases, f"{base}min:{adm.minute}", base + "day:" + adm.day, base + "month:" + adm.month]
+        keys = adm.release_keys()
         delta = prompt_tokens + completion_tokens - adm.reserved
-        args: list[str | int] = [adm.lease_id, delta, prompt_tokens, completion_tokens]
+        args: list[str | int] = [adm.lease_id, delta, prompt_tokens, completion_tokens, spend - adm.money]
         self.redis.send_script(_RELEASE, keys, args).add_done_callback(
             lambda sent: self._released(sent, adm.lease_id, keys, args)
         )
@@ -335,10 +289,11 @@ class Quota:
         calls = []
         for adm in adms:
             if not adm.local:
-                leases = self._base(adm.key_id) + adm.leases
-                # XX: never revive a released lease
-                calls.append(self.redis.execute("ZADD", leases, "XX", expiry, adm.lease_id))
-                calls.append(self.redis.execute("PEXPIRE", leases, keep))
+                for lv in adm.levels:
+                    leases = lv.base + adm.leases
+                    # XX: never revive a released lease
+                    calls.append(self.redis.execute("ZADD", leases, "XX", expiry, adm.lease_id))
+                    calls.append(self.redis.execute("PEXPIRE", leases, keep))
         if not calls:
             return
         try:
@@ -347,10 +302,16 @@ class Quota:
         except (*REDIS_DOWN, TimeoutError) as exc:
             self._failed("refresh_leases", exc, trip=False)
 
-    async def usage(self, key_id: str, now: float | None = None) -> dict[str, Any]:
+    def _level(self, of: str | Level) -> Level:
+        """A key id stands for a key without a team; a Level for anything else."""
+        return of if isinstance(of, Level) else levels_of(self.prefix, of, None, None)[0]
+
+    async def usage(self, of: str | Level, now: float | None = None) -> dict[str, Any]:
+        """The current windows of a key (its id, when it has no team) or of any level."""
         win = window(time.time() if now is None else now)
-        base = self._base(key_id)
-        fields = ("requests", "tokens", "prompt_tokens", "completion_tokens")
+        level = self._level(of)
+        base, key_id = level.base, level.id
+        fields = ("requests", "tokens", "prompt_tokens", "completion_tokens", "spend")
         try:
             async with within(self.admin_deadline):
                 day, month, minute = await asyncio.gather(
@@ -363,25 +324,26 @@ class Quota:
             raise quota_unavailable() from None
         return {
             "id": key_id,
-            "day": {"date": win.day, **_counts(fields, day)},
-            "month": {"month": win.month, **_counts(fields, month)},
+            "day": {"date": win.day, **_money(_counts(fields, day))},
+            "month": {"month": win.month, **_money(_counts(fields, month))},
             "minute": _counts(("requests", "tokens"), minute),
+            "currency": self.currency,
         }
 
-    async def history(self, key_id: str, days: int, now: float | None = None) -> list[dict[str, Any]]:
+    async def history(self, of: str | Level, days: int, now: float | None = None) -> list[dict[str, Any]]:
         """Usage of the last `days` UTC days (today included), oldest first, from the day hashes.
         A day with no hash (no use, or older than DAY_TTL) counts zero."""
         today = date.fromisoformat(window(time.time() if now is None else now).day)
         dates = [(today - timedelta(days=back)).isoformat() for back in range(days - 1, -1, -1)]
-        base = self._base(key_id)
-        fields = ("requests", "prompt_tokens", "completion_tokens", "tokens")
+        base = self._level(of).base
+        fields = ("requests", "prompt_tokens", "completion_tokens", "tokens", "spend")
         try:
             async with within(self.admin_deadline):
                 rows = await asyncio.gather(*(self.redis.execute("HMGET", base + "day:" + d, *fields) for d in dates))
         except (*REDIS_DOWN, TimeoutError) as exc:
             self._failed("history", exc, trip=False)
             raise quota_unavailable() from None
-        return [{"date": day, **_counts(fields, row)} for day, row in zip(dates, rows, strict=True)]
+        return [{"date": day, **_money(_counts(fields, row))} for day, row in zip(dates, rows, strict=True)]
 
     def _failed(self, op: str, exc: BaseException, trip: bool = True) -> None:
         """Counts a Redis failure; `trip`: the breaker opens (admissions skip Redis a while). Only
@@ -410,6 +372,12 @@ def _text(value: Any) -> str:
 
 def _counts(names: Iterable[str], values: list[Any]) -> dict[str, int]:
     return {name: int(v) if v is not None else 0 for name, v in zip(names, values, strict=True)}
+
+
+def _money(counts: dict[str, Any]) -> dict[str, Any]:
+    """`spend` in nano-units -> in the currency (outstanding reservations included, as `tokens`)."""
+    counts["spend"] = counts.get("spend", 0) / NANOS
+    return counts
 
 
 __all__ = ["Admission", "GatewayError", "Quota", "reservation"]

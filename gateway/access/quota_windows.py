@@ -7,6 +7,7 @@ Shared by the Redis admission (gateway/access/quota.py) and the per-process fail
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
@@ -68,30 +69,70 @@ def rate_headers(rpm: int | None, requests: int, tpm: int | None, tokens: int, l
     return headers
 
 
-_TOKEN_LIMITS = frozenset({Code.TPM_EXCEEDED, *BUDGETS})
+# What the admission script names -> (the key's code, the noun for a level's message)
+_LIMIT_CODES = {
+    "monthly_budget": Code.BUDGET_EXCEEDED,
+    "daily_budget": Code.BUDGET_EXCEEDED,
+    "monthly_tokens": Code.MONTHLY_TOKENS_EXCEEDED,
+    "daily_tokens": Code.DAILY_TOKENS_EXCEEDED,
+    "rpm": Code.RPM_EXCEEDED,
+    "tpm": Code.TPM_EXCEEDED,
+    "concurrency": Code.CONCURRENCY_EXCEEDED,
+}
+_TOKEN_LIMITS = frozenset({"tpm", "daily_tokens", "monthly_tokens"})
+_OWNER = {"team": "The key's team", "org": "The key's organization"}
 
 
-def refusal(code: Code, used: int, limit: int, reserve: int, win: Window, headers: dict[str, str]) -> GatewayError:
-    """One 429 per limit; retry-after is when that limit next has room (at least 1 s)."""
-    if code == Code.MONTHLY_TOKENS_EXCEEDED:
-        msg, wait = f"Monthly token quota exhausted: {used} of {limit} used", win.month_left
-    elif code == Code.DAILY_TOKENS_EXCEEDED:
-        msg, wait = f"Daily token quota exhausted: {used} of {limit} used", win.day_left
-    elif code == Code.RPM_EXCEEDED:
-        msg, wait = f"Rate limit reached: {limit} requests per minute", win.minute_left
-    elif code == Code.TPM_EXCEEDED:
-        msg, wait = f"Rate limit reached: {limit} tokens per minute, {used} used", win.minute_left
+def limit_code(limit: str, level: str) -> Code:
+    """`rpm` at level `team` -> team_rpm_exceeded; at level `key` -> rpm_exceeded."""
+    code = _LIMIT_CODES[limit]
+    return code if level == "key" else Code(f"{level}_{code.value}")
+
+
+def refusal(
+    limit: str,
+    level: str,
+    used: int,
+    cap: int,
+    reserve: int,
+    win: Window,
+    headers: dict[str, str],
+    currency: str = "USD",
+) -> GatewayError:
+    """One 429 per limit and level; retry-after is when that limit next has room (at least 1 s).
+    Money figures (`used`, `cap`) are in nano-units of `currency`."""
+    if limit == "monthly_budget":
+        msg, wait = f"Monthly budget spent: {_cash(used, currency)} of {_cash(cap, currency)}", win.month_left
+    elif limit == "daily_budget":
+        msg, wait = f"Daily budget spent: {_cash(used, currency)} of {_cash(cap, currency)}", win.day_left
+    elif limit == "monthly_tokens":
+        msg, wait = f"Monthly token quota exhausted: {used} of {cap} used", win.month_left
+    elif limit == "daily_tokens":
+        msg, wait = f"Daily token quota exhausted: {used} of {cap} used", win.day_left
+    elif limit == "rpm":
+        msg, wait = f"Rate limit reached: {cap} requests per minute", win.minute_left
+    elif limit == "tpm":
+        msg, wait = f"Rate limit reached: {cap} tokens per minute, {used} used", win.minute_left
     else:
-        msg, wait = f"Too many concurrent requests: the limit is {limit}", 1.0
-    if code in _TOKEN_LIMITS:
+        msg, wait = f"Too many concurrent requests: the limit is {cap}", 1.0
+    if level != "key":
+        msg = f"{_OWNER.get(level, level)}: {msg[0].lower()}{msg[1:]}"
+    if limit in _TOKEN_LIMITS:
         msg += f", this request reserves {reserve} (prompt + max_tokens)"
-        if reserve > limit:
+        if reserve > cap:
             msg += "; it can never fit, lower max_tokens"
+    elif limit.endswith("_budget"):
+        msg += f"; it resets at {iso(time.time() + wait)}"
     retry = max(1, math.ceil(wait))
+    code = limit_code(limit, level)
     kind = "insufficient_quota" if code in BUDGETS else "rate_limit_exceeded"
     return GatewayError(
         429, f"{msg}. Retry after {retry}s.", code=code, type=kind, headers={"retry-after": str(retry), **headers}
     )
+
+
+def _cash(nanos: int, currency: str) -> str:
+    return f"{nanos / 1_000_000_000:.6f}".rstrip("0").rstrip(".") + f" {currency}"
 
 
 def refused_key(reason: str, model: str, expires_at: float | None = None) -> GatewayError:

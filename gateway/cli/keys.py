@@ -28,7 +28,7 @@ def add_keys_commands(sub: Any) -> None:
         description="Manage API keys through the gateway's admin API (needs Redis and GATEWAY_ADMIN_KEY "
         "in this command's environment, the same as the gateway's).",
     )
-    _connection_options(keys, default=True)
+    connection_options(keys, default=True)
     ops = keys.add_subparsers(dest="op", required=True, metavar="COMMAND")
 
     def limits(p: argparse.ArgumentParser) -> None:
@@ -39,6 +39,9 @@ def add_keys_commands(sub: Any) -> None:
         p.add_argument("--metadata", help="a JSON object")
         p.add_argument("--priority", choices=("high", "normal", "low"), help="band when engines are full")
         p.add_argument("--weight", type=float, help="share within the band (default 1)")
+        p.add_argument("--team", help="the team's id ('none': no team)")
+        for name in ("daily_budget", "monthly_budget"):
+            p.add_argument(f"--{name.replace('_', '-')}", type=float, dest=name, help="money, in the pricing currency")
 
     create = ops.add_parser("create", help="create a key; prints the secret once")
     create.add_argument("--name", required=True, help="a name for people (need not be unique)")
@@ -57,11 +60,11 @@ def add_keys_commands(sub: Any) -> None:
     update.add_argument("--name", help="a new name")
     limits(update)
     for p in [*parsers, update]:
-        _connection_options(p, default=False)  # `keys create --wait 60` as well as `keys --wait 60 create`
+        connection_options(p, default=False)  # `keys create --wait 60` as well as `keys --wait 60 create`
     keys.set_defaults(func=run)
 
 
-def _connection_options(p: argparse.ArgumentParser, default: bool) -> None:
+def connection_options(p: argparse.ArgumentParser, default: bool) -> None:
     # On the subcommands the default is SUPPRESS, so that they do not undo a value given before.
     p.add_argument(
         "--url",
@@ -90,13 +93,15 @@ def _fields(args: argparse.Namespace) -> dict[str, Any]:
         fields["expires_at"] = int(args.expires_at) if args.expires_at.isdigit() else args.expires_at
     if args.metadata:
         fields["metadata"] = json.loads(args.metadata)
-    for name in ("priority", "weight"):
+    for name in ("priority", "weight", "daily_budget", "monthly_budget"):
         if getattr(args, name, None) is not None:
             fields[name] = getattr(args, name)
+    if getattr(args, "team", None):
+        fields["team"] = None if args.team == "none" else args.team
     return fields
 
 
-def _request(method: str, url: str, body: Any, headers: dict[str, str], wait: float) -> httpx.Response:
+def request(method: str, url: str, body: Any, headers: dict[str, str], wait: float) -> httpx.Response:
     """One admin call; while nothing listens yet (a gateway still starting), retried for `wait` seconds."""
     deadline = time.monotonic() + wait
     said = False
@@ -129,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     method, path = requests[args.op]
     body = _fields(args) if args.op in ("create", "update") else None
     try:
-        r = _request(method, url + path.format(id=getattr(args, "id", "")), body, headers, args.wait)
+        r = request(method, url + path.format(id=getattr(args, "id", "")), body, headers, args.wait)
     except httpx.HTTPError as exc:
         waited = f" (waited {args.wait:g}s)" if args.wait else ""
         print(

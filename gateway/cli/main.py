@@ -1,5 +1,5 @@
 """`llm-gateway serve --config FILE [--host H] [--port P] [--workers N]`, `llm-gateway keys ...`,
-`llm-gateway report MODEL ...`, `llm-gateway batch ...`."""
+`llm-gateway report MODEL ...`, `llm-gateway batch ...`, `llm-gateway teams|orgs ...`, `llm-gateway spend`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from gateway.cli.batch import add_batch_commands
 from gateway.cli.keys import add_keys_commands
 from gateway.cli.report import add_report_command
+from gateway.cli.teams import add_team_commands
 from gateway.process.worker import configure_logging
 from gateway.settings import ConfigError, Settings, load_settings
 
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_keys_commands(sub)
     add_report_command(sub)
     add_batch_commands(sub)
+    add_team_commands(sub)
     return parser
 
 

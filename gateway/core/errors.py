@@ -50,6 +50,26 @@ class Code(StrEnum):
     DAILY_TOKENS_EXCEEDED = "daily_tokens_exceeded"
     MONTHLY_TOKENS_EXCEEDED = "monthly_tokens_exceeded"
     QUOTA_UNAVAILABLE = "quota_unavailable"
+    BUDGET_EXCEEDED = "budget_exceeded"  # money, per day or month (the message says which)
+    # the same limits of a key's team and organization (gateway/access/levels.py)
+    TEAM_RPM_EXCEEDED = "team_rpm_exceeded"
+    TEAM_TPM_EXCEEDED = "team_tpm_exceeded"
+    TEAM_CONCURRENCY_EXCEEDED = "team_concurrency_exceeded"
+    TEAM_DAILY_TOKENS_EXCEEDED = "team_daily_tokens_exceeded"
+    TEAM_MONTHLY_TOKENS_EXCEEDED = "team_monthly_tokens_exceeded"
+    TEAM_BUDGET_EXCEEDED = "team_budget_exceeded"
+    ORG_RPM_EXCEEDED = "org_rpm_exceeded"
+    ORG_TPM_EXCEEDED = "org_tpm_exceeded"
+    ORG_CONCURRENCY_EXCEEDED = "org_concurrency_exceeded"
+    ORG_DAILY_TOKENS_EXCEEDED = "org_daily_tokens_exceeded"
+    ORG_MONTHLY_TOKENS_EXCEEDED = "org_monthly_tokens_exceeded"
+    ORG_BUDGET_EXCEEDED = "org_budget_exceeded"
+    # teams, organizations, roles
+    TEAM_NOT_FOUND = "team_not_found"
+    ORG_NOT_FOUND = "org_not_found"
+    CONFLICT = "conflict"
+    FORBIDDEN = "forbidden"
+    CSRF_FAILED = "csrf_failed"
     # engines
     NO_HEALTHY_ENGINE = "no_healthy_engine"
     ENGINES_OVERLOADED = "engines_overloaded"
@@ -75,7 +95,19 @@ class Code(StrEnum):
 
 
 RATE_LIMITS = frozenset({Code.RPM_EXCEEDED, Code.TPM_EXCEEDED, Code.CONCURRENCY_EXCEEDED})
-BUDGETS = frozenset({Code.DAILY_TOKENS_EXCEEDED, Code.MONTHLY_TOKENS_EXCEEDED})
+BUDGETS = frozenset(
+    {
+        Code.DAILY_TOKENS_EXCEEDED,
+        Code.MONTHLY_TOKENS_EXCEEDED,
+        Code.BUDGET_EXCEEDED,
+        Code.TEAM_DAILY_TOKENS_EXCEEDED,
+        Code.TEAM_MONTHLY_TOKENS_EXCEEDED,
+        Code.TEAM_BUDGET_EXCEEDED,
+        Code.ORG_DAILY_TOKENS_EXCEEDED,
+        Code.ORG_MONTHLY_TOKENS_EXCEEDED,
+        Code.ORG_BUDGET_EXCEEDED,
+    }
+)
 
 
 class GatewayError(Exception):

@@ -14,7 +14,7 @@ from gateway.batch.runner import BatchRunner
 from gateway.front.listeners import listener_app
 from gateway.front.middleware import Front
 from gateway.front.readiness import readiness
-from gateway.front.routes.admin import admin_routes
+from gateway.front.routes.admin_api import admin_routes
 from gateway.front.routes.batches import BatchRoutes
 from gateway.front.routes.console import console_routes
 from gateway.front.routes.files import FileRoutes
@@ -37,6 +37,7 @@ def build_app(
     gw = Gateway.build(settings, multiprocess, drain, control_path)
     runner = BatchRunner(gw)
     users: list[StoreUser] = [runner]
+    users += [u for u in (gw.audit, gw.spend) if u is not None]
     if gw.inference_log is not None:
         users.append(gw.inference_log)
 
@@ -73,12 +74,12 @@ def build_app(
     routes: list[BaseRoute] = [
         *openai_routes(gw),
         *FileRoutes(gw).routes(),
-        *BatchRoutes(gw, runner).routes(),
+        *BatchRoutes(gw, runner, gw.admin_auth).routes(),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         *admin_routes(gw),
-        *monitor_routes(gw),
+        *monitor_routes(gw, gw.admin_auth),
         *console_routes(),
     ]
     return Front(listener_app(routes, lifespan, settings.server.admin_port))

@@ -9,10 +9,15 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from gateway.access.admin_auth import AdminAuth
 from gateway.access.auth import KeyedAccess
-from gateway.access.base import Access, OpenAccess
+from gateway.access.base import Access, Grant, OpenAccess, Usage
+from gateway.access.jwt_clients import JwtClients
 from gateway.access.keys import KeyStore
+from gateway.access.oidc import OidcProvider
 from gateway.access.quota import Quota
+from gateway.access.sessions import OidcSignIn
+from gateway.access.teams import TeamStore
 from gateway.access.tokens import PromptCounter
 from gateway.core.metrics import GatewayMetrics
 from gateway.dispatch.route_store import RouteStore
@@ -21,6 +26,9 @@ from gateway.dispatch.scheduler import Dispatcher, Scheduler, Unscheduled
 from gateway.dispatch.wake import EngineControl
 from gateway.engines.client import Upstream
 from gateway.engines.pool import Pool
+from gateway.monitor.alerts import BudgetAlerts
+from gateway.monitor.audit import AuditLog
+from gateway.monitor.spend import SpendLog
 from gateway.monitor.writer import InferenceLog
 from gateway.proxy.drain import Drain
 from gateway.proxy.relay import SendWatchdog
@@ -31,13 +39,17 @@ from gateway.store.service import StoreService
 
 @dataclass(frozen=True, slots=True)
 class RedisServices:
-    """Keys, quotas and the route store: everything of a process that lives in Redis."""
+    """Keys, teams, quotas, the route store and sign-in sessions: everything of a process that
+    lives in Redis."""
 
     clients: RedisClients
     keys: KeyStore
+    teams: TeamStore
     quota: Quota
     routes: RouteStore
     counter: PromptCounter  # prompt tokens, for the reservations
+    alerts: BudgetAlerts | None  # budget webhooks (pricing.alerts)
+    sign_in: OidcSignIn | None  # console sessions and provider tokens (auth.oidc)
 
     @classmethod
     def build(cls, settings: Settings, router: Router, metrics: GatewayMetrics) -> RedisServices:
@@ -51,20 +63,34 @@ class RedisServices:
             failure_mode=r.failure_mode,
             redis_timeout=r.timeout,
             metrics=metrics,
+            currency=settings.pricing.currency,
         )
         engines = {e.name: e for e in settings.engines}
+        pricing = settings.pricing
+        alerts = BudgetAlerts(pricing.alerts, clients.admin, pricing.currency) if pricing.alerts else None
+        oidc = settings.auth.oidc
+        sign_in = OidcSignIn(OidcProvider(oidc), clients.admin, r.prefix) if oidc is not None else None
         return cls(
             clients,
             KeyStore(clients.admin, r.prefix, timeout=2 * r.timeout, admin_timeout=r.timeout),
+            TeamStore(clients.admin, r.prefix),
             quota,
             RouteStore(clients.admin, clients.subscriber, r.prefix, router, engines, timeout=r.timeout),
             PromptCounter({m.name: m.tokenizer for m in settings.models}),
+            alerts,
+            sign_in,
         )
 
     def start(self) -> None:
         self.routes.start()  # follows route changes made on any replica
+        if self.alerts is not None:
+            self.alerts.start()
 
     async def stop(self) -> None:
+        if self.sign_in is not None:
+            await self.sign_in.provider.close()
+        if self.alerts is not None:
+            await self.alerts.stop()
         await self.routes.stop()
         await self.clients.aclose()
         self.counter.close()
@@ -82,7 +108,10 @@ class Gateway:
     control: EngineControl  # managed engines' states and wakes (scale to zero), from the main process
     drain: Drain  # the graceful shutdown of this process
     access: Access  # OpenAccess, or keys and quotas in Redis
+    admin_auth: AdminAuth  # who calls the admin API: the admin key, a console session, a provider token
     redis: RedisServices | None  # None without `redis.url`
+    audit: AuditLog | None  # admin changes, to the store (with Redis: the admin API needs it)
+    spend: SpendLog | None  # hourly spend rollups, to the store
     store: StoreService  # files, batches, the inference log; opened in the background
     inference_log: InferenceLog | None  # None when the log is off (inference_log.enabled)
     prompt_limits: Mapping[str, int]  # model -> max request bytes
@@ -103,8 +132,12 @@ class Gateway:
         scheduler = Scheduler(settings, router, metrics) if settings.scheduler.enabled else Unscheduled(router)
         redis = RedisServices.build(settings, router, metrics) if settings.redis.url else None
         access: Access = OpenAccess()
+        audit = spend = None
+        if redis is not None:
+            audit, spend = AuditLog(), SpendLog()
         if redis is not None and settings.auth.enabled:
-            access = KeyedAccess(redis.keys, redis.quota, redis.counter, settings.auth, metrics)
+            access = _keyed_access(settings, redis, metrics, spend)
+        admin_auth = AdminAuth(settings.auth.admin_key, redis.sign_in if redis is not None else None)
         log = settings.inference_log
         default = settings.server.max_body_bytes
         return cls(
@@ -118,9 +151,31 @@ class Gateway:
             EngineControl(pool, router, metrics, control_path),
             drain or Drain(),
             access,
+            admin_auth,
             redis,
+            audit,
+            spend,
             StoreService(settings.store),
             InferenceLog(log, settings.models, metrics) if log.enabled else None,
             {m.name: min(default, m.max_prompt_bytes or default) for m in settings.models},
             {m.name: m for m in settings.models},
         )
+
+
+def _keyed_access(
+    settings: Settings, redis: RedisServices, metrics: GatewayMetrics, spend: SpendLog | None
+) -> KeyedAccess:
+    access = KeyedAccess(redis.keys, redis.quota, redis.counter, settings.auth, metrics, settings.pricing)
+    alerts = redis.alerts
+
+    def spent(grant: Grant, usage: Usage, cost: int) -> None:
+        if spend is not None:
+            spend.add(grant, usage, cost)
+        if alerts is not None and cost and grant.admission is not None:
+            alerts.note(grant.admission.levels)
+
+    access.spend_sink = spent
+    oidc = settings.auth.oidc
+    if redis.sign_in is not None and oidc is not None and oidc.client_audience:
+        access.jwt_clients = JwtClients(redis.sign_in.provider, redis.teams, oidc.client_audience)
+    return access

@@ -366,6 +366,7 @@ class Exchange:
         if self._settled is None:
             usage = _usage(self.out)
             if self.grant is not None:
+                self.grant.route = self.pick.route.name if self.pick is not None else None  # for spend by route
                 usage = await self.gw.access.settle(self.grant, usage)
             self._settled = usage
         return self._settled
@@ -460,7 +461,10 @@ def _usage(out: Outcome) -> Usage:
     reported = out.usage
     if reported is not None:
         try:
-            return Usage(int(reported.get("prompt_tokens") or 0), int(reported.get("completion_tokens") or 0), True)
+            details = reported.get("prompt_tokens_details")
+            cached = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
+            prompt, completion = int(reported.get("prompt_tokens") or 0), int(reported.get("completion_tokens") or 0)
+            return Usage(prompt, completion, True, cached)
         except (TypeError, ValueError):
             pass
     return Usage(0, max(0, out.events), exact=False)

@@ -42,6 +42,12 @@ class RedisStalled(RedisConnectionError):
 
 
 def _pack(*args: bytes | str | int | float) -> bytes:
+    # hiredis packs in C: three times faster than the loop below, which matters for the admission
+    # script's keys (5 per limited level); the loop stays for what hiredis refuses (a bool)
+    try:
+        return bytes(hiredis.pack_command(args))  # type: ignore[arg-type]  # its stub types a 1-tuple
+    except TypeError:
+        pass
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
         data = arg if isinstance(arg, bytes) else str(arg).encode()

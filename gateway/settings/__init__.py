@@ -20,6 +20,7 @@ from gateway.settings.batch import BatchSettings, FilesSettings, parse_batch, pa
 from gateway.settings.engines import ENGINE_KINDS, MANAGED_KINDS, EngineSettings, VllmSettings, parse_engine
 from gateway.settings.inference_log import InferenceLogSettings, PayloadCapture, parse_inference_log
 from gateway.settings.models import ModelSettings, RouteSettings, check_fallbacks, parse_model, parse_routes
+from gateway.settings.pricing import NANOS, Price, PricingSettings, parse_pricing
 from gateway.settings.reader import ConfigError, Reader
 from gateway.settings.scheduler import SchedulerSettings, parse_scheduler
 from gateway.settings.sections import (
@@ -48,6 +49,7 @@ SECTIONS = (
     "scheduler",
     "files",
     "batch",
+    "pricing",
 )
 
 
@@ -66,6 +68,7 @@ class Settings:
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
     files: FilesSettings = field(default_factory=FilesSettings)
     batch: BatchSettings = field(default_factory=BatchSettings)
+    pricing: PricingSettings = field(default_factory=PricingSettings)
 
 
 def parse_settings(
@@ -119,6 +122,7 @@ def parse_settings(
         scheduler=parse_scheduler(r, data),
         files=parse_files(r, data),
         batch=parse_batch(r, data),
+        pricing=parse_pricing(r, data, set(names), env),
     )
 
 
@@ -156,6 +160,11 @@ def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
+def admin_token() -> str | None:
+    """For the CLI: a provider's access token for the admin API, when there is no admin key."""
+    return os.environ.get("GATEWAY_ADMIN_TOKEN") or None
+
+
 def admin_client_settings(url: str | None) -> tuple[str, str | None]:
     """For the `keys` CLI: the gateway's address and the admin key, from flags or the environment."""
     base = url or os.environ.get("GATEWAY_URL") or "http://127.0.0.1:8080"
@@ -166,6 +175,7 @@ __all__ = [
     "CONFIG_ENV",
     "ENGINE_KINDS",
     "MANAGED_KINDS",
+    "NANOS",
     "AuthSettings",
     "BatchSettings",
     "ConfigError",
@@ -175,6 +185,8 @@ __all__ = [
     "InferenceLogSettings",
     "ModelSettings",
     "PayloadCapture",
+    "Price",
+    "PricingSettings",
     "RedisSettings",
     "RouteSettings",
     "RoutingSettings",

@@ -19,10 +19,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gateway.settings.alerts import AlertSettings
 from gateway.settings.batch import BatchSettings, FilesSettings
 from gateway.settings.engines import EngineSettings, VllmSettings
 from gateway.settings.inference_log import InferenceLogSettings, PayloadCapture
 from gateway.settings.models import ModelSettings, RouteSettings
+from gateway.settings.oidc import OidcSettings
+from gateway.settings.pricing import PricingSettings
 from gateway.settings.scheduler import SchedulerSettings
 from gateway.settings.sections import AuthSettings, HealthSettings, RedisSettings, RoutingSettings
 from gateway.settings.server import ServerSettings, TlsSettings
@@ -84,12 +87,15 @@ SECTIONS: list[tuple[str, type, tuple[str, ...], dict[str, str]]] = [
         {"strategy": "older spelling of `plugins`: `least_loaded` or `prefix_affinity` (+ `least_loaded`)"},
     ),
     ("redis.", RedisSettings, (), {}),
-    ("auth.", AuthSettings, (), {}),
+    ("auth.", AuthSettings, ("oidc",), {"oidc": "single sign-on with an OpenID Connect provider, below"}),
+    ("auth.oidc.", OidcSettings, ("client_secret",), {}),
     ("scheduler.", SchedulerSettings, (), {}),
     ("store.", StoreSettings, (), {}),
     ("inference_log.", InferenceLogSettings, (), {}),
     ("files.", FilesSettings, (), {}),
     ("batch.", BatchSettings, (), {}),
+    ("pricing.", PricingSettings, ("alerts",), {"alerts": "`{url, threshold}`: budget alerts by webhook, below"}),
+    ("pricing.alerts.", AlertSettings, ("secret",), {}),
     (
         "engines[].",
         EngineSettings,
@@ -143,6 +149,7 @@ DESCRIPTIONS = {  # where the field's own comment is missing or says why rather 
     "redis.url": "Redis for keys, quotas and routes (`GATEWAY_REDIS_URL` overrides); unset: no keys",
     "redis.timeout": "seconds any Redis call may take",
     "redis.prefix": "prefix of every Redis key",
+    "pricing.models": "per public model, per million tokens: `{input, output, cached_input}` (cached defaults to input)",
     "auth.enabled": "require API keys (needs Redis); `configs/default.yaml` turns it off",
     "auth.admin_key": "not read from the file: set the environment variable `GATEWAY_ADMIN_KEY`",
     "auth.admin_is_client": "the admin key may also call the OpenAI API",

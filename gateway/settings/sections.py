@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from gateway.settings.oidc import OidcSettings, parse_oidc
 from gateway.settings.reader import Reader, simple_section
 from gateway.settings.redis_url import parse_redis_url
 
@@ -48,6 +49,7 @@ class AuthSettings:
     admin_is_client: bool = False
     default_max_tokens: int = 256  # reserved (and set upstream) when a limited key omits max_tokens
     lease_ttl: float = 300.0
+    oidc: OidcSettings | None = None  # single sign-on (gateway/settings/oidc.py)
 
 
 def parse_routing(r: Reader, data: Mapping[str, Any]) -> RoutingSettings:
@@ -87,9 +89,11 @@ def parse_redis(r: Reader, data: Mapping[str, Any], env: Mapping[str, str]) -> R
 
 
 def parse_auth(r: Reader, data: Mapping[str, Any], env: Mapping[str, str]) -> AuthSettings:
-    auth = simple_section(r, data, "auth", AuthSettings)
+    section = r.section(data, "auth", "")
+    oidc = parse_oidc(r, section, env)
+    auth = simple_section(r, {"auth": {k: v for k, v in section.items() if k != "oidc"}}, "auth", AuthSettings)
     admin_key = env.get("GATEWAY_ADMIN_KEY") or None
-    return AuthSettings(auth.enabled, admin_key, auth.admin_is_client, auth.default_max_tokens, auth.lease_ttl)
+    return AuthSettings(auth.enabled, admin_key, auth.admin_is_client, auth.default_max_tokens, auth.lease_ttl, oidc)
 
 
 def parse_health(r: Reader, data: Mapping[str, Any]) -> HealthSettings:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterable, AsyncIterator, Collection, Iterable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from gateway.store.records import (
+    AuditEntry,
     Batch,
     BatchError,
     BatchSpec,
@@ -28,6 +29,8 @@ from gateway.store.records import (
     Page,
     ReportRow,
     RequestFilter,
+    SpendQuery,
+    SpendRow,
 )
 
 
@@ -196,3 +199,28 @@ class Store(ABC):
     @abstractmethod
     async def delete_requests_before(self, cutoff: float) -> int:
         """Retention: delete log rows older than `cutoff` (Unix seconds); returns how many."""
+
+    # Spend rollups and the audit log --------------------------------------------------------
+
+    @abstractmethod
+    async def add_spend(self, rows: Sequence[SpendRow]) -> None:
+        """Add these hours' figures to what is stored (each replica adds its own)."""
+
+    @abstractmethod
+    async def query_spend(self, q: SpendQuery) -> list[dict[str, Any]]:
+        """Sums over [since, until) grouped as asked; spend in nano-units."""
+
+    @abstractmethod
+    async def append_audit(self, entry: AuditEntry) -> None: ...
+
+    @abstractmethod
+    async def query_audit(
+        self,
+        *,
+        limit: int = 100,
+        after: int | None = None,
+        action: str | None = None,
+        team: str | None = None,
+        since: float | None = None,
+    ) -> Page[AuditEntry]:
+        """Newest first; `after` is the `id` of the last entry of the previous page."""

@@ -241,3 +241,53 @@ class ReportRow(NamedTuple):
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str | None
+
+
+@dataclass(frozen=True)
+class SpendRow:
+    """One hour of one key's use of one model through one route ("" where there is none)."""
+
+    hour: int  # Unix seconds at the start of the hour (UTC)
+    key_id: str
+    team_id: str
+    org_id: str
+    model: str
+    route: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    spend: int  # nano-units of the pricing currency
+
+
+SPEND_GROUPS = ("key", "team", "org", "model", "route", "day", "hour")
+
+
+@dataclass(frozen=True)
+class SpendQuery:
+    group_by: tuple[str, ...]  # some of SPEND_GROUPS
+    since: float
+    until: float
+    teams: tuple[str, ...] | None = None  # only these teams (a team admin's view)
+    key_id: str | None = None
+    team_id: str | None = None
+    org_id: str | None = None
+    model: str | None = None
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One admin change: who (and in which role, through what, from where), what, before and after
+    (JSON without secrets), when."""
+
+    time: float
+    actor: str
+    role: str
+    via: str
+    address: str
+    action: str  # e.g. key.create, team.update, routes.put
+    target: str  # the id or name of what changed
+    team: str | None  # the team the change concerns, if any (a team admin's changes)
+    before: str | None  # JSON
+    after: str | None  # JSON
+    id: int = 0

@@ -116,8 +116,25 @@ def _v1(serial: str, float_type: str, bool_type: str, blob: str) -> tuple[str, .
     )
 
 
+def _v2(serial: str, float_type: str) -> tuple[str, ...]:
+    return (
+        # hour: Unix seconds at its start; "" where a request had no team, organization or route
+        "CREATE TABLE spend_hourly (hour BIGINT NOT NULL, key_id TEXT NOT NULL, team_id TEXT NOT NULL,"
+        " org_id TEXT NOT NULL, model TEXT NOT NULL, route TEXT NOT NULL, requests BIGINT NOT NULL,"
+        " prompt_tokens BIGINT NOT NULL, completion_tokens BIGINT NOT NULL, cached_tokens BIGINT NOT NULL,"
+        " spend BIGINT NOT NULL, PRIMARY KEY (hour, key_id, team_id, org_id, model, route))",
+        "CREATE INDEX spend_team ON spend_hourly (team_id, hour)",
+        f"CREATE TABLE audit_log (seq {serial}, time {float_type} NOT NULL, actor TEXT NOT NULL, role TEXT NOT NULL,"
+        " via TEXT NOT NULL, address TEXT NOT NULL, action TEXT NOT NULL, target TEXT NOT NULL, team TEXT,"
+        " before_json TEXT, after_json TEXT)",
+        "CREATE INDEX audit_time ON audit_log (time)",
+        "CREATE INDEX audit_team ON audit_log (team, seq)",
+    )
+
+
 SQLITE_MIGRATIONS = (
     Migration(1, "files, batches, batch lines, inference log", _v1("INTEGER PRIMARY KEY", "REAL", "INTEGER", "BLOB")),
+    Migration(2, "spend rollups, audit log", _v2("INTEGER PRIMARY KEY", "REAL")),
 )
 
 POSTGRES_MIGRATIONS = (
@@ -133,6 +150,9 @@ POSTGRES_MIGRATIONS = (
             " AND 'lz4' = ANY(enumvals)) THEN ALTER TABLE file_parts ALTER COLUMN data SET COMPRESSION lz4;"
             " END IF; END $$",
         ),
+    ),
+    Migration(
+        2, "spend rollups, audit log", _v2("BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", "DOUBLE PRECISION")
     ),
 )
 

@@ -6,14 +6,16 @@ this class only puts them together behind the Store interface.
 
 from __future__ import annotations
 
+from gateway.store.audit import AuditOps
 from gateway.store.base import Store
 from gateway.store.batches import BatchOps
 from gateway.store.files import FileOps
 from gateway.store.finalize import FinalizeOps
 from gateway.store.inference_log import InferenceLogOps
 from gateway.store.lines import LineOps
+from gateway.store.spend import SpendOps
 
 
-class SqlStore(FileOps, BatchOps, LineOps, FinalizeOps, InferenceLogOps, Store):
+class SqlStore(FileOps, BatchOps, LineOps, FinalizeOps, InferenceLogOps, SpendOps, AuditOps, Store):
     async def close(self) -> None:
         await self.db.close()

@@ -1,14 +1,22 @@
-// Talking to the gateway: the admin API (with the admin key) and the OpenAI API (with a client
-// key). Both keys live only in this tab's sessionStorage: gone when the tab closes or on sign-out.
+// Talking to the gateway: the admin API (with the admin key, or a single sign-on session: its
+// HttpOnly cookie goes by itself, and every change carries the session's CSRF token) and the
+// OpenAI API (with a client key). Keys and the CSRF token live only in this tab's sessionStorage:
+// gone when the tab closes or on sign-out.
 // Every failure becomes an ApiError with the status, the gateway's error code and its message.
 
 const ADMIN_KEY = "gw.console.adminKey";
 const CLIENT_KEY = "gw.console.clientKey";
 const MODEL = "gw.console.model";
+const SSO = "gw.console.sso"; // JSON {subject, role, teams, csrf} of a signed-in person
 
 export const session = {
   adminKey: () => sessionStorage.getItem(ADMIN_KEY),
   setAdminKey: (key) => sessionStorage.setItem(ADMIN_KEY, key),
+  sso: () => JSON.parse(sessionStorage.getItem(SSO) || "null"),
+  setSso: (who) => (who ? sessionStorage.setItem(SSO, JSON.stringify(who)) : sessionStorage.removeItem(SSO)),
+  signedIn: () => Boolean(sessionStorage.getItem(ADMIN_KEY) || sessionStorage.getItem(SSO)),
+  /** admin, team_admin or viewer (the admin key is an admin). */
+  role: () => (sessionStorage.getItem(ADMIN_KEY) ? "admin" : (session.sso() || {}).role || null),
   clientKey: () => sessionStorage.getItem(CLIENT_KEY) || "",
   setClientKey: (key) => (key ? sessionStorage.setItem(CLIENT_KEY, key) : sessionStorage.removeItem(CLIENT_KEY)),
   model: () => sessionStorage.getItem(MODEL) || "",
@@ -51,8 +59,9 @@ const ROOT = new URL("../", document.baseURI);
 /** fetch() of a path under the gateway's root ("admin/keys"); a network failure becomes an
  * ApiError; the response is returned as is. */
 export async function send(method, path, { key, body, signal, headers } = {}) {
-  const init = { method, headers: { ...headers }, signal, cache: "no-store" };
+  const init = { method, headers: { ...headers }, signal, cache: "no-store", credentials: "same-origin" };
   if (key) init.headers.authorization = `Bearer ${key}`;
+  else if (method !== "GET" && session.sso()) init.headers["x-csrf-token"] = session.sso().csrf;
   if (body !== undefined) {
     init.headers["content-type"] = "application/json";
     init.body = JSON.stringify(body);
@@ -74,12 +83,13 @@ async function json(method, path, options) {
   }
 }
 
-/** Runs `call` for the admin API; a refused key signs out (the admin key was changed). */
+/** Runs `call` for the admin API; a refused key signs out (the admin key was changed, or the
+ * session ended). Without an admin key the call goes with the session cookie. */
 async function asAdmin(call) {
   try {
     return await call(session.adminKey());
   } catch (err) {
-    if (err.status === 401 || (err.status === 403 && err.code === "not_admin")) {
+    if (err.status === 401 || (err.status === 403 && (err.code === "not_admin" || err.code === "csrf_failed"))) {
       session.signOut();
       window.dispatchEvent(new CustomEvent("gw:signed-out", { detail: err }));
     }
@@ -160,4 +170,19 @@ export async function checkAdminKey(key) {
 export async function clientModels(key) {
   const body = await json("GET", "v1/models", { key });
   return (body.data || []).map((m) => m.id);
+}
+
+/** Who is signed in through single sign-on: {signed_in, sso, subject, role, teams, csrf}, or
+ * {sso: false} when this gateway has no sign-in configured. */
+export async function ssoState() {
+  const response = await send("GET", "ui/auth/me");
+  if (response.status === 404) return { sso: false, signed_in: false };
+  if (!response.ok) throw await errorFrom(response);
+  return response.json();
+}
+
+/** Ends the single sign-on session (the gateway forgets it and clears the cookie). */
+export async function ssoSignOut() {
+  const response = await send("POST", "ui/auth/logout");
+  if (!response.ok && response.status !== 403) throw await errorFrom(response);
 }

@@ -1,7 +1,7 @@
 // The console's shell: the page registry, hash routing, the navigation, sign-in gating, and the
 // last line of defence that turns any uncaught error into a message on the page.
 
-import { session } from "./api.js";
+import { session, ssoSignOut, ssoState } from "./api.js";
 import { Notices, describeError, h } from "./dom.js";
 
 // Each page is one module in pages/ exporting render(view, ctx); see pages/README.md. Adding a
@@ -9,6 +9,9 @@ import { Notices, describeError, h } from "./dom.js";
 const PAGES = [
   { route: "keys", title: "Keys", module: "./pages/keys.js", nav: true, admin: true },
   { route: "keys/:id", title: "Key", module: "./pages/key.js", admin: true },
+  { route: "teams", title: "Teams", module: "./pages/teams.js", nav: true, admin: true },
+  { route: "teams/:id", title: "Team", module: "./pages/team.js", admin: true },
+  { route: "audit", title: "Audit log", module: "./pages/audit.js", nav: true, admin: true },
   { route: "models", title: "Models & engines", module: "./pages/models.js", nav: true, admin: true },
   { route: "batches", title: "Batches", module: "./pages/batches.js", nav: true, admin: true },
   { route: "experiments", title: "Experiments", module: "./pages/experiments.js", nav: true, admin: true },
@@ -103,7 +106,9 @@ function renderNav(active) {
       ),
     ),
   );
-  signOutButton.hidden = !session.adminKey();
+  signOutButton.hidden = !session.signedIn();
+  const who = session.sso();
+  signOutButton.textContent = who ? `Sign out (${who.subject}, ${who.role})` : "Sign out";
 }
 
 async function show() {
@@ -117,11 +122,11 @@ async function show() {
   }
   const found = match(location.hash);
   if (!found) {
-    navigate(session.adminKey() ? "keys" : "signin");
+    navigate(session.signedIn() ? "keys" : "signin");
     return;
   }
   const { page, params, query } = found;
-  if (page.admin && !session.adminKey()) {
+  if (page.admin && !session.signedIn()) {
     navigate(`signin?next=${encodeURIComponent(location.hash.slice(2))}`);
     return;
   }
@@ -151,7 +156,14 @@ async function show() {
   }
 }
 
-signOutButton.addEventListener("click", () => {
+signOutButton.addEventListener("click", async () => {
+  if (session.sso()) {
+    try {
+      await ssoSignOut();
+    } catch (err) {
+      notices.error(err, "sign-out");
+    }
+  }
   session.signOut();
   navigate("signin", { text: "Signed out." });
 });
@@ -176,5 +188,19 @@ document.querySelector(".skip")?.addEventListener("click", (event) => {
   main.focus();
 });
 
-window.addEventListener("hashchange", show);
-show();
+// A single sign-on session (its cookie is HttpOnly: only the gateway can say whether there is one).
+async function start() {
+  try {
+    const state = await ssoState();
+    if (state.signed_in) {
+      session.setSso({ subject: state.subject, role: state.role, teams: state.teams, csrf: state.csrf });
+    } else if (session.sso()) {
+      session.setSso(null); // the session ended (expired, signed out elsewhere)
+    }
+  } catch (err) {
+    notices.error(err, "sso");
+  }
+  window.addEventListener("hashchange", show);
+  show();
+}
+start();

@@ -1,4 +1,5 @@
-"""The admin API under /admin: keys, their usage, and model routes. Authorised by GATEWAY_ADMIN_KEY."""
+"""The admin API under /admin: keys, their usage, and model routes. Who may do what: the caller's
+role (gateway/access/roles.py), found by gateway/access/admin_auth.py; every change is audited."""
 
 from __future__ import annotations
 
@@ -9,17 +10,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.access.auth import require_admin
+from gateway.access.admin_auth import AdminAuth
 from gateway.access.key_fields import validate_key_fields
 from gateway.access.keys import ApiKey, KeyStore
 from gateway.access.quota import Quota
+from gateway.access.roles import Actor
+from gateway.access.teams import TeamStore, not_found
 from gateway.core.bodies import parse_json, read_body
 from gateway.core.errors import Code, GatewayError, invalid, model_not_found
 from gateway.dispatch.route_store import RouteStore, routes_json
 from gateway.dispatch.routing import Router
 from gateway.engines.pool import Engine
 from gateway.front.params import path_id
-from gateway.proxy.context import Gateway
+from gateway.monitor.audit import AuditLog
 from gateway.settings import ConfigError, EngineSettings, parse_routes
 
 MAX_ADMIN_BODY = 64 * 1024
@@ -29,16 +32,20 @@ MAX_HISTORY_DAYS = 40  # the day hashes live 40 days (gateway/access/quota.py)
 class AdminRoutes:
     def __init__(
         self,
-        admin_key: str | None,
+        auth: AdminAuth,
         keys: KeyStore,
+        teams: TeamStore,
         quota: Quota,
         router: Router,
         store: RouteStore,
         engines: dict[str, EngineSettings],
+        audit: AuditLog,
         queues: Callable[[str], dict[str, Any]] | None = None,
     ) -> None:
-        self._admin_key = admin_key
+        self._auth = auth
         self._keys = keys
+        self._teams = teams
+        self._audit = audit
         self._quota = quota
         self._router = router
         self._store = store
@@ -60,8 +67,17 @@ class AdminRoutes:
             Route("/admin/models/{model}/routes", self.reset_routes, methods=["DELETE"]),
         ]
 
-    def _authorise(self, request: Request) -> None:
-        require_admin(request.scope, self._admin_key)
+    async def _authorise(self, request: Request) -> Actor:
+        return await self._auth.actor(request.scope)
+
+    async def _team_org(self, team: str | None) -> str | None:
+        """The organization of a team a key is being put in (404 when there is no such team)."""
+        if team is None:
+            return None
+        exists, org = await self._teams.team_org(team)
+        if not exists:
+            raise not_found("team", team)
+        return org
 
     async def _json(self, request: Request) -> Any:
         return parse_json(await read_body(request.scope, request.receive, MAX_ADMIN_BODY))
@@ -73,42 +89,59 @@ class AdminRoutes:
         return key
 
     async def create_key(self, request: Request) -> Response:
-        self._authorise(request)
+        actor = await self._authorise(request)
         fields = validate_key_fields(await self._json(request), partial=False, known_models=self._router.routes)
-        key, secret = await self._keys.create(fields)
+        actor.require_change_team(fields.get("team"))
+        key, secret = await self._keys.create(fields, await self._team_org(fields.get("team")))
+        await self._audit.record(actor, "key.create", key.id, team=key.team, after=key.public())
         return JSONResponse({**key.public(), "key": secret}, status_code=201)
 
     async def list_keys(self, request: Request) -> Response:
-        self._authorise(request)
+        actor = await self._authorise(request)
         keys = sorted(await self._keys.list(), key=lambda k: k.created_at)
-        return JSONResponse({"object": "list", "data": [k.public() for k in keys]})
+        seen = [k.public() for k in keys if actor.may_read_team(k.team)]
+        return JSONResponse({"object": "list", "data": seen})
 
     async def get_key(self, request: Request) -> Response:
-        self._authorise(request)
-        return JSONResponse((await self._key_or_404(path_id(request, "key_id"))).public())
+        actor = await self._authorise(request)
+        key = await self._key_or_404(path_id(request, "key_id"))
+        actor.require_read_team(key.team)
+        return JSONResponse(key.public())
 
     async def update_key(self, request: Request) -> Response:
-        self._authorise(request)
+        actor = await self._authorise(request)
         fields = validate_key_fields(await self._json(request), partial=True, known_models=self._router.routes)
-        key = await self._keys.update(path_id(request, "key_id"), fields)
-        return JSONResponse((key or await self._key_or_404(path_id(request, "key_id"))).public())
+        before = await self._key_or_404(path_id(request, "key_id"))
+        actor.require_change_team(before.team)
+        org = None
+        if "team" in fields:
+            actor.require_change_team(fields["team"])
+            org = await self._team_org(fields["team"])
+        key = await self._keys.update(before.id, fields, org) or await self._key_or_404(before.id)
+        await self._audit.record(actor, "key.update", key.id, team=key.team, before=before.public(), after=key.public())
+        return JSONResponse(key.public())
 
     async def revoke_key(self, request: Request) -> Response:
-        self._authorise(request)
-        key = await self._keys.revoke(path_id(request, "key_id"))
-        return JSONResponse((key or await self._key_or_404(path_id(request, "key_id"))).public())
+        actor = await self._authorise(request)
+        before = await self._key_or_404(path_id(request, "key_id"))
+        actor.require_change_team(before.team)
+        key = await self._keys.revoke(before.id) or await self._key_or_404(before.id)
+        await self._audit.record(actor, "key.revoke", key.id, team=key.team, before=before.public(), after=key.public())
+        return JSONResponse(key.public())
 
     async def key_usage(self, request: Request) -> Response:
-        self._authorise(request)
+        actor = await self._authorise(request)
         key = await self._key_or_404(path_id(request, "key_id"))
-        usage = await self._quota.usage(key.id)
+        actor.require_read_team(key.team)
+        level = self._quota.levels(key)[0]
+        usage = await self._quota.usage(level)
         if "days" in request.query_params:
-            usage["history"] = await self._quota.history(key.id, _days(request.query_params["days"]))
+            usage["history"] = await self._quota.history(level, days(request.query_params["days"]))
         return JSONResponse(usage)
 
     async def list_engines(self, request: Request) -> Response:
         """This process's view of the engines: health and load (for the console's live table)."""
-        self._authorise(request)
+        await self._authorise(request)
         engines = self._router.pool.engines.values()
         return JSONResponse({"object": "list", "data": [_engine_view(e) for e in engines]})
 
@@ -131,17 +164,19 @@ class AdminRoutes:
         return str(model)
 
     async def list_models(self, request: Request) -> Response:
-        self._authorise(request)
+        await self._authorise(request)
         return JSONResponse({"object": "list", "data": [self._model_view(m) for m in self._router.routes]})
 
     async def get_model(self, request: Request) -> Response:
-        self._authorise(request)
+        await self._authorise(request)
         return JSONResponse(self._model_view(self._model_or_404(request)))
 
     async def put_routes(self, request: Request) -> Response:
         """Replaces a model's routes (e.g. shift canary weights) on every replica, no restart."""
-        self._authorise(request)
+        actor = await self._authorise(request)
+        actor.require_admin()
         model = self._model_or_404(request)
+        before = self._model_view(model)["routes"]
         body = await self._json(request)
         if not isinstance(body, dict) or "routes" not in body:
             raise invalid('Send {"routes": [{"engines": [...], "model": ..., "weight": ...}]}.', param="routes")
@@ -150,17 +185,23 @@ class AdminRoutes:
         except ConfigError as exc:
             raise invalid(str(exc).removeprefix("request: "), param="routes") from None
         await self._store.put(model, routes)
-        return JSONResponse(self._model_view(model))
+        view = self._model_view(model)
+        await self._audit.record(actor, "routes.put", model, before=before, after=view["routes"])
+        return JSONResponse(view)
 
     async def reset_routes(self, request: Request) -> Response:
         """Rolls a model back to the routes of the config file."""
-        self._authorise(request)
+        actor = await self._authorise(request)
+        actor.require_admin()
         model = self._model_or_404(request)
+        before = self._model_view(model)["routes"]
         await self._store.reset(model)
-        return JSONResponse(self._model_view(model))
+        view = self._model_view(model)
+        await self._audit.record(actor, "routes.reset", model, before=before, after=view["routes"])
+        return JSONResponse(view)
 
 
-def _days(raw: str) -> int:
+def days(raw: str) -> int:
     try:
         days = int(raw)
     except ValueError:
@@ -209,14 +250,3 @@ def redis_off_routes(admin_key: str | None) -> list[Route]:
 
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE"]
     return [Route(path, disabled, methods=methods) for path in REDIS_PATHS]
-
-
-def admin_routes(gw: Gateway) -> list[Route]:
-    """The admin API; without Redis, where keys and routes live, its paths say why it is off."""
-    if gw.redis is None:
-        return redis_off_routes(gw.settings.auth.admin_key)
-    r = gw.redis
-    engines = {e.name: e for e in gw.settings.engines}
-    return AdminRoutes(
-        gw.settings.auth.admin_key, r.keys, r.quota, gw.router, r.routes, engines, gw.scheduler.view
-    ).routes()

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.access.auth import require_admin
+from gateway.access.admin_auth import AdminAuth
 from gateway.access.base import Principal
 from gateway.batch.objects import batch_object, check_metadata, list_object, parse_window
 from gateway.batch.runner import BatchRunner
@@ -46,7 +46,8 @@ def batch_not_found(batch_id: str) -> GatewayError:
 
 
 class BatchRoutes:
-    def __init__(self, gw: Gateway, runner: BatchRunner) -> None:
+    def __init__(self, gw: Gateway, runner: BatchRunner, auth: AdminAuth | None = None) -> None:
+        self.admin_auth = auth or AdminAuth(gw.settings.auth.admin_key)
         self.gw = gw
         self.runner = runner
 
@@ -176,19 +177,19 @@ class BatchRoutes:
         return batch
 
     async def admin_list(self, request: Request) -> Response:
-        require_admin(request.scope, self.gw.settings.auth.admin_key)
+        (await self.admin_auth.actor(request.scope)).require_read_all()
         return await self._list(request, ALL_OWNERS, with_owner=True)
 
     async def admin_get(self, request: Request) -> Response:
-        require_admin(request.scope, self.gw.settings.auth.admin_key)
+        (await self.admin_auth.actor(request.scope)).require_read_all()
         return JSONResponse(_admin_view(await self._get(path_id(request, "batch_id"), ALL_OWNERS)))
 
     async def admin_cancel(self, request: Request) -> Response:
-        require_admin(request.scope, self.gw.settings.auth.admin_key)
+        (await self.admin_auth.actor(request.scope)).require_admin()
         return JSONResponse(_admin_view(await self._cancel(path_id(request, "batch_id"), ALL_OWNERS)))
 
     async def admin_file_content(self, request: Request) -> Response:
-        require_admin(request.scope, self.gw.settings.auth.admin_key)
+        (await self.admin_auth.actor(request.scope)).require_read_all()
         return await file_content(self.gw, path_id(request, "file_id"), ALL_OWNERS)
 
 

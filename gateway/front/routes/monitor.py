@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.access.auth import require_admin
+from gateway.access.admin_auth import AdminAuth
 from gateway.core.errors import Code, GatewayError, invalid, model_not_found
 from gateway.core.text import check_text
 from gateway.core.times import iso, parse_time
@@ -37,8 +37,8 @@ MAX_TEXT = 256
 DEFAULT_WINDOW = 3600.0
 
 
-def monitor_routes(gw: Gateway) -> list[Route]:
-    routes = MonitorRoutes(gw)
+def monitor_routes(gw: Gateway, auth: AdminAuth | None = None) -> list[Route]:
+    routes = MonitorRoutes(gw, auth or AdminAuth(gw.settings.auth.admin_key))
     return [
         Route("/admin/requests", routes.list_requests, methods=["GET"]),
         Route("/admin/models/{model}/report", routes.model_report, methods=["GET"]),
@@ -46,16 +46,18 @@ def monitor_routes(gw: Gateway) -> list[Route]:
 
 
 class MonitorRoutes:
-    def __init__(self, gw: Gateway) -> None:
+    def __init__(self, gw: Gateway, auth: AdminAuth) -> None:
         self._gw = gw
+        self._auth = auth
 
-    def _store(self, request: Request) -> Store:
-        require_admin(request.scope, self._gw.settings.auth.admin_key)
+    async def _store(self, request: Request) -> Store:
+        # the log holds every team's requests (and captured payloads): admins and viewers only
+        (await self._auth.actor(request.scope)).require_read_all()
         return self._gw.store.require()
 
     async def list_requests(self, request: Request) -> Response:
         """The inference log, newest first; `after` is the `id` of the last row of the previous page."""
-        store = self._store(request)
+        store = await self._store(request)
         q = query(request, REQUEST_PARAMS)
         status = _int(q, "status", 100, 599)
         where = RequestFilter(
@@ -86,7 +88,7 @@ class MonitorRoutes:
     async def model_report(self, request: Request) -> Response:
         """Routes side by side over [since, until) and drift against [baseline_since, baseline_until).
         Defaults: the last hour, and the window of the same length just before it."""
-        store = self._store(request)
+        store = await self._store(request)
         model = path_id(request, "model")
         if not self._gw.router.knows(model):
             raise model_not_found(model)

@@ -1,7 +1,7 @@
 // Sign-in with the admin key. Asks the gateway first whether its admin API is on at all, so an
 // operator is told plainly when it is disabled instead of being refused key after key.
 
-import { adminState, checkAdminKey, session } from "../api.js";
+import { adminState, checkAdminKey, session, ssoState } from "../api.js";
 import { describeError, field, h } from "../dom.js";
 
 const DISABLED = {
@@ -42,6 +42,16 @@ export async function render(view, ctx) {
     " needs only a client key.",
   );
   view.append(form, playgroundHint);
+  try {
+    const sso = await ssoState();
+    if (sso.sso) {
+      // A plain link: the sign-in is a full-page round trip through the provider.
+      const link = h("a", { class: "button primary", href: "auth/login", id: "sso-sign-in" }, "Sign in with single sign-on");
+      form.before(h("div", { class: "card narrow" }, h("p", null, "Sign in with your company account:"), link));
+    }
+  } catch (err) {
+    ctx.notices.error(err, "sso");
+  }
 
   form.addEventListener("submit", async (event) => {
     event.preventDefault();

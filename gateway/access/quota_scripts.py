@@ -1,0 +1,146 @@
+"""The Lua scripts of quota admission, release and cancel (called by gateway/access/quota.py, whose
+docstring has the key layout). Each runs as one atomic step over the levels of one request (the
+key, its team, its organization: gateway/access/levels.py), all in one Redis Cluster slot.
+"""
+
+from __future__ import annotations
+
+from gateway.resp.client import Script
+
+# KEYS: the tombstone, then 5 per level (key first): limits, minute, day, month, leases.
+# ARGV: now (ms), model, reserved tokens, lease, lease ms, lease keep ms, minute/day/month TTLs,
+# batch ('1' or '0'), reserved money (nanos).
+_ADMIT = Script("""
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'cancelled'} end
+local now = tonumber(ARGV[1])
+local reserve, money, lease = tonumber(ARGV[3]), tonumber(ARGV[11]), ARGV[4]
+local batch = ARGV[10] == '1'
+local n = (#KEYS - 1) / 5
+-- a missing field (false) and "" both mean null
+local function limit(v) if v and v ~= '' then return tonumber(v) end return -1 end
+local lim, win = {}, {}
+for l = 1, n do
+  local o = 1 + (l - 1) * 5
+  local rec = redis.call('HMGET', KEYS[o + 1], 'created_at', 'revoked_at', 'expires_at', 'models',
+    'rpm', 'tpm', 'max_concurrent', 'daily_tokens', 'monthly_tokens', 'daily_budget', 'monthly_budget')
+  if l == 1 then
+    if not rec[1] then return {'unknown'} end
+    if rec[2] and rec[2] ~= '' then return {'revoked'} end
+    if rec[3] and rec[3] ~= '' and tonumber(rec[3]) * 1000 <= now then return {'expired', rec[3]} end
+  end
+  if rec[4] and rec[4] ~= '' then
+    local allowed = false
+    for _, m in ipairs(cjson.decode(rec[4])) do
+      if m == ARGV[2] then allowed = true break end
+    end
+    if not allowed then return {'model'} end
+  end
+  local x = {limit(rec[5]), limit(rec[6]), limit(rec[7]), limit(rec[8]), limit(rec[9]), limit(rec[10]), limit(rec[11])}
+  lim[l] = x
+  win[l] = {0, 0}
+  if l == 1 or x[1] >= 0 or x[2] >= 0 then
+    local w = redis.call('HMGET', KEYS[o + 2], 'requests', 'tokens')
+    win[l] = {tonumber(w[1] or 0), tonumber(w[2] or 0)}
+  end
+end
+local k, kw = lim[1], win[1]
+-- a client-side retry of an admission that did run must not reserve twice
+if redis.call('ZSCORE', KEYS[6], lease) then return {'ok', k[1], kw[1], k[2], kw[2]} end
+local function refuse(code, l, used, cap) return {code, k[1], kw[1], k[2], kw[2], used, cap, l} end
+for l = 1, n do
+  local o, x, w = 1 + (l - 1) * 5, lim[l], win[l]
+  -- the longest-lasting refusal first, so its retry-after is honest; one read per period
+  if x[7] >= 0 or x[5] >= 0 then
+    local m = redis.call('HMGET', KEYS[o + 4], 'spend', 'tokens')
+    local spent, toks = tonumber(m[1] or 0), tonumber(m[2] or 0)
+    if x[7] >= 0 and spent + money > x[7] then return refuse('monthly_budget', l, spent, x[7]) end
+    if x[5] >= 0 and toks + reserve > x[5] then return refuse('monthly_tokens', l, toks, x[5]) end
+  end
+  if x[6] >= 0 or x[4] >= 0 then
+    local d = redis.call('HMGET', KEYS[o + 3], 'spend', 'tokens')
+    local spent, toks = tonumber(d[1] or 0), tonumber(d[2] or 0)
+    if x[6] >= 0 and spent + money > x[6] then return refuse('daily_budget', l, spent, x[6]) end
+    if x[4] >= 0 and toks + reserve > x[4] then return refuse('daily_tokens', l, toks, x[4]) end
+  end
+  if x[1] >= 0 and not batch and w[1] + 1 > x[1] then return refuse('rpm', l, w[1], x[1]) end
+  if x[2] >= 0 and w[2] + reserve > x[2] then return refuse('tpm', l, w[2], x[2]) end
+  if x[3] >= 0 and not batch then
+    local leases = KEYS[o + 5]
+    -- leases long expired (a crashed gateway's) are trimmed now and then: ZCOUNT skips them anyway
+    if string.sub(lease, -1) == '0' then redis.call('ZREMRANGEBYSCORE', leases, '-inf', now - tonumber(ARGV[6])) end
+    local live = redis.call('ZCOUNT', leases, '(' .. ARGV[1], '+inf')
+    if live >= x[3] then return refuse('concurrency', l, live, x[3]) end
+  end
+end
+for l = 1, n do
+  local o, x = 1 + (l - 1) * 5, lim[l]
+  -- above the key, a level keeps only what its limits and reports read: its minute window only
+  -- with rpm or tpm, its leases only with max_concurrent (the key's are always kept: they make
+  -- release idempotent)
+  local first = 2
+  if l > 1 and x[1] < 0 and x[2] < 0 then first = 3 end
+  for i = first, 4 do
+    -- a counter gets its TTL when it is created (its first request), not on every admission
+    local fresh = true
+    if not batch or i > 2 then fresh = redis.call('HINCRBY', KEYS[o + i], 'requests', 1) == 1 end
+    redis.call('HINCRBY', KEYS[o + i], 'tokens', reserve)
+    if money > 0 and i > 2 then redis.call('HINCRBY', KEYS[o + i], 'spend', ARGV[11]) end
+    if fresh then redis.call('EXPIRE', KEYS[o + i], ARGV[5 + i]) end
+  end
+  if l == 1 or x[3] >= 0 then
+    redis.call('ZADD', KEYS[o + 5], now + tonumber(ARGV[5]), lease)
+    redis.call('PEXPIRE', KEYS[o + 5], tonumber(ARGV[5]) + tonumber(ARGV[6]))
+  end
+end
+if batch then return {'ok', k[1], kw[1], k[2], kw[2] + reserve} end
+return {'ok', k[1], kw[1] + 1, k[2], kw[2] + reserve}
+""")
+
+# KEYS: 4 per level (key first): leases, minute, day, month.
+# ARGV: lease, tokens delta, prompt tokens, completion tokens, spend delta (nanos).
+_RELEASE = Script("""
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+local delta, spend = tonumber(ARGV[2]), tonumber(ARGV[5])
+for o = 0, #KEYS - 1, 4 do
+  if o > 0 then redis.call('ZREM', KEYS[o + 1], ARGV[1]) end
+  if delta ~= 0 and redis.call('EXISTS', KEYS[o + 2]) == 1 then
+    redis.call('HINCRBY', KEYS[o + 2], 'tokens', delta)
+  end
+  -- never recreate an expired day/month hash: it would live without a TTL
+  for i = 3, 4 do
+    if redis.call('EXISTS', KEYS[o + i]) == 1 then
+      if delta ~= 0 then redis.call('HINCRBY', KEYS[o + i], 'tokens', delta) end
+      -- the prompt/completion split is the key's (the store's rollups have it for every level)
+      if o == 0 then
+        redis.call('HINCRBY', KEYS[o + i], 'prompt_tokens', ARGV[3])
+        redis.call('HINCRBY', KEYS[o + i], 'completion_tokens', ARGV[4])
+      end
+      if spend ~= 0 then redis.call('HINCRBY', KEYS[o + i], 'spend', ARGV[5]) end
+    end
+  end
+end
+return 1
+""")
+
+# KEYS: 4 per level (leases, minute, day, month), then the tombstone.
+# ARGV: lease, reserved tokens, tombstone TTL (s), batch, reserved money (nanos).
+_CANCEL = Script("""
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+  -- 0 - x, not -x: Lua writes -0 as "-0", which HINCRBY refuses halfway through the script
+  local undo, unspend = 0 - tonumber(ARGV[2]), 0 - tonumber(ARGV[5])
+  for o = 0, #KEYS - 2, 4 do
+    if o > 0 then redis.call('ZREM', KEYS[o + 1], ARGV[1]) end
+    for i = 2, 4 do
+      if redis.call('EXISTS', KEYS[o + i]) == 1 then
+        -- a batch line added no request to the minute window
+        if ARGV[4] ~= '1' or i > 2 then redis.call('HINCRBY', KEYS[o + i], 'requests', -1) end
+        redis.call('HINCRBY', KEYS[o + i], 'tokens', undo)
+        if unspend ~= 0 and i > 2 then redis.call('HINCRBY', KEYS[o + i], 'spend', unspend) end
+      end
+    end
+  end
+  return 1
+end
+redis.call('SET', KEYS[#KEYS], '1', 'EX', ARGV[3])
+return 0
+""")
