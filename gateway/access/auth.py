@@ -62,6 +62,7 @@ class KeyedAccess:
     ) -> None:
         self.keys = keys
         self.pricing = pricing or PricingSettings()
+        self._prices = self.pricing.models  # read on every settle: a plain dict
         self.spend_sink: SpendSink | None = None
         self.jwt_clients: JwtClients | None = None  # client JWTs in place of keys (auth.oidc.client_audience)
         self.quota = quota
@@ -112,7 +113,7 @@ class KeyedAccess:
             request.cap_max_tokens(self._settings.default_max_tokens)
             prompt = await self._counter.count(request)
         reserve = reservation(key, request, prompt or 0)
-        price = self.pricing.price(request.model)
+        price = self._prices.get(request.model)
         money = price.ceiling(prompt or 0, reserve - (prompt or 0)) if price is not None else 0
         try:
             admission = await self.quota.admit(
@@ -141,7 +142,7 @@ class KeyedAccess:
                 )
             usage = Usage(prompt, usage.completion_tokens, exact=False)
         model = grant.request.model if grant.request is not None else ""
-        price = self.pricing.price(model)
+        price = self._prices.get(model)
         cost = price.cost(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens) if price else 0
         await self.quota.release(admission, usage.prompt_tokens, usage.completion_tokens, cost)
         if self.spend_sink is not None:

@@ -12,7 +12,7 @@ from typing import Any
 
 from gateway.core.bodies import json_object
 from gateway.core.errors import invalid
-from gateway.core.text import has_control
+from gateway.core.text import CONTROL
 
 # Bounds on what one request may reserve: with them a reservation (prompt + max_tokens x n x
 # prompts) stays far below 2**53, where Lua's numbers stop being exact.
@@ -70,7 +70,7 @@ class ApiRequest:
 def parse_request(raw: bytes, endpoint: Endpoint) -> ApiRequest:
     body = json_object(raw)
     model = body.get("model")
-    if not isinstance(model, str) or not model or len(model) > MAX_NAME or has_control(model):
+    if not isinstance(model, str) or not model or len(model) > MAX_NAME or CONTROL.search(model):
         raise invalid(
             f"'model' is required: a string of 1 to {MAX_NAME} characters without control characters.", param="model"
         )

@@ -73,7 +73,8 @@ class Front:
             await send(message)
 
         try:
-            check_query(scope)  # every cursor and filter of every route, before any route reads it
+            if scope["query_string"]:  # every cursor and filter of every route, before any route reads it
+                check_query(scope)
             await self.app(scope, receive, send_with_id)
         except (ClientDisconnected, ClientDisconnect):
             return  # nobody is listening

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from gateway.access.base import Grant, Usage
+from gateway.monitor.alerts import BudgetAlerts
 from gateway.store import SpendRow, Store
 
 log = logging.getLogger(__name__)
@@ -25,8 +26,11 @@ _Key = tuple[int, str, str, str, str, str]
 
 
 class SpendLog:
-    def __init__(self, flush_seconds: float = FLUSH_SECONDS, clock: Any = time.time) -> None:
+    def __init__(
+        self, flush_seconds: float = FLUSH_SECONDS, clock: Any = time.time, alerts: BudgetAlerts | None = None
+    ) -> None:
         self.flush_seconds = flush_seconds
+        self._alerts = alerts  # told of every charge, to look at the budgets (off the request path)
         self._clock = clock
         self._rows: dict[_Key, list[int]] = {}
         self._store: Store | None = None
@@ -36,6 +40,8 @@ class SpendLog:
 
     def add(self, grant: Grant, usage: Usage, cost: int) -> None:
         """The spend sink of gateway/access/auth.py: O(1), no I/O."""
+        if self._alerts is not None and cost and grant.admission is not None:
+            self._alerts.note(grant.admission.levels)
         key = grant.principal.key
         if key is None or grant.request is None:
             return

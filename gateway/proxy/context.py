@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from gateway.access.admin_auth import AdminAuth
 from gateway.access.auth import KeyedAccess
-from gateway.access.base import Access, Grant, OpenAccess, Usage
+from gateway.access.base import Access, OpenAccess
 from gateway.access.jwt_clients import JwtClients
 from gateway.access.keys import KeyStore
 from gateway.access.oidc import OidcProvider
@@ -134,7 +134,7 @@ class Gateway:
         access: Access = OpenAccess()
         audit = spend = None
         if redis is not None:
-            audit, spend = AuditLog(), SpendLog()
+            audit, spend = AuditLog(), SpendLog(alerts=redis.alerts)
         if redis is not None and settings.auth.enabled:
             access = _keyed_access(settings, redis, metrics, spend)
         admin_auth = AdminAuth(settings.auth.admin_key, redis.sign_in if redis is not None else None)
@@ -166,15 +166,8 @@ def _keyed_access(
     settings: Settings, redis: RedisServices, metrics: GatewayMetrics, spend: SpendLog | None
 ) -> KeyedAccess:
     access = KeyedAccess(redis.keys, redis.quota, redis.counter, settings.auth, metrics, settings.pricing)
-    alerts = redis.alerts
-
-    def spent(grant: Grant, usage: Usage, cost: int) -> None:
-        if spend is not None:
-            spend.add(grant, usage, cost)
-        if alerts is not None and cost and grant.admission is not None:
-            alerts.note(grant.admission.levels)
-
-    access.spend_sink = spent
+    if spend is not None:
+        access.spend_sink = spend.add
     oidc = settings.auth.oidc
     if redis.sign_in is not None and oidc is not None and oidc.client_audience:
         access.jwt_clients = JwtClients(redis.sign_in.provider, redis.teams, oidc.client_audience)
