@@ -48,6 +48,9 @@ PROBES: dict[str, Callable[[dict[str, Any]], None]] = {
     "inference_log.": lambda c: c.update(inference_log={"zz_unknown": 1}),
     "files.": lambda c: c.update(files={"zz_unknown": 1}),
     "batch.": lambda c: c.update(batch={"zz_unknown": 1}),
+    "tracing.": lambda c: c.update(tracing={"zz_unknown": 1}),
+    "logging.": lambda c: c.update(logging={"zz_unknown": 1}),
+    "logging.access.": lambda c: c.update(logging={"access": {"zz_unknown": 1}}),
 }
 
 

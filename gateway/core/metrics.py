@@ -137,6 +137,14 @@ class GatewayMetrics:
         self.inference_log_write_errors = Counter(
             "gateway_inference_log_write_errors", "Failed writes of a batch of inference log rows.", registry=r
         )
+        # Tracing (gateway/observe/tracing.py): spans are dropped, never waited for.
+        self.trace_spans_dropped = Counter(
+            "gateway_trace_spans_dropped",
+            "Spans not exported, by reason: queue_full (the collector is slower than the traffic) or "
+            "export_failed (the collector is down or refused them).",
+            ["reason"],
+            registry=r,
+        )
         # The scheduler (gateway/dispatch/scheduler.py): requests waiting for an engine slot, by band.
         self.queued = Gauge(
             "gateway_queued_requests",

@@ -152,6 +152,9 @@ def build_server(spec: WorkerSpec) -> GatewayServer:
         ssl_keyfile=server.tls.key if server.tls else None,
         backlog=4096,
         server_header=False,
+        # The client's address is the peer's; X-Forwarded-For counts only from the proxies named
+        # in logging.trusted_proxies (gateway/observe/client_address.py), not uvicorn's default 127.0.0.1.
+        proxy_headers=False,
     )
     return GatewayServer(config, drain, server)
 
@@ -164,6 +167,7 @@ def run_worker(spec: WorkerSpec, sockets: list[socket.socket]) -> None:
     # Signals come from the main process only (it forwards SIGTERM and Ctrl-C), not straight
     # from the terminal: a second Ctrl-C means "stop at once", so one press must arrive once.
     os.setpgrp()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the app's lifespan handles it (reopens logs)
     configure_logging(spec.log_level)
     server = build_server(spec)
     server.run(sockets=sockets)

@@ -13,6 +13,7 @@ from gateway.dispatch.wake import EngineControl
 from gateway.engines.client import Upstream
 from gateway.engines.pool import Pool
 from gateway.monitor.writer import InferenceLog
+from gateway.observe.observer import Observer
 from gateway.proxy.drain import Drain
 from gateway.proxy.relay import SendWatchdog
 from gateway.settings import Settings
@@ -33,6 +34,7 @@ class Gateway:
     access: Access = field(default_factory=OpenAccess)
     store: Store | None = None  # files, batches, the inference log: open once gateway/front/store_service.py opened it
     inference_log: InferenceLog | None = None  # None when the log is off (inference_log.enabled)
+    observe: Observer | None = None  # access log, traces, Server-Timing; None when all are off
     started: float = field(default_factory=time.time)
     prompt_limits: dict[str, int] = field(default_factory=dict)  # model -> max request bytes
 
@@ -52,7 +54,7 @@ class Gateway:
         pool = Pool(settings.engines, settings.health, metrics)
         router = Router(pool, settings.models, settings.routing)
         scheduler = Scheduler(settings, router, metrics) if settings.scheduler.enabled else Unscheduled(router)
-        return cls(
+        gw = cls(
             settings,
             metrics,
             pool,
@@ -63,3 +65,5 @@ class Gateway:
             EngineControl(pool, router, metrics, control_path),
             drain or Drain(),
         )
+        gw.observe = Observer.build(settings, metrics)
+        return gw

@@ -35,6 +35,7 @@ from gateway.engines.client import EngineUnreachable, UpstreamError, UpstreamRes
 from gateway.engines.pool import Engine
 from gateway.monitor.payloads import Capture
 from gateway.monitor.writer import LogEntry
+from gateway.observe.record import current
 from gateway.proxy.context import Gateway
 from gateway.proxy.relay import SSE_HEADERS, Outcome, error_of, relay_stream, relay_whole
 
@@ -51,6 +52,7 @@ class Exchange:
         "_watch",
         "grant",
         "gw",
+        "obs",
         "out",
         "pick",
         "principal",
@@ -79,6 +81,10 @@ class Exchange:
         self._capture: Capture | None = None
         self._watch = ClientWatch()
         self._watch.start(receive)
+        # What the access log and the trace learn of this request (gateway/observe/); None when off.
+        self.obs = obs = current() if gw.observe is not None else None
+        if obs is not None:
+            obs.note_request(principal.key_id, principal.key, principal.priority, request)
 
     async def __aenter__(self) -> Exchange:
         self.started = time.perf_counter()
@@ -99,7 +105,12 @@ class Exchange:
             self._watch.interrupt()
 
     async def admit(self) -> None:
+        obs = self.obs
+        if obs is not None:
+            obs.admit_start = time.perf_counter()
         self.grant = await self.gw.access.admit(self.principal, self.request)
+        if obs is not None:
+            obs.note_admitted(self.grant.headers)
 
     async def call_engine(self) -> UpstreamResponse:
         """Sends the request to an engine; one that refuses or fails before answering is
@@ -113,9 +124,15 @@ class Exchange:
             if attempt:
                 pick = gw.scheduler.retry(request, frozenset(tried))
             else:  # an engine slot: at once when one has room, else in turn (gateway/dispatch/scheduler.py)
+                if self.obs is not None:
+                    self.obs.note_queue(gw.scheduler.waiting())
                 pick = await gw.scheduler.acquire(request, self.principal, self.grant)
                 if pick is None and await gw.control.wait_for(model):  # a cold start, shared by all waiting
+                    if self.obs is not None:
+                        self.obs.cold_start = (self.obs.queue_start, time.perf_counter())
                     pick = await gw.scheduler.acquire(request, self.principal, self.grant)
+                if self.obs is not None:
+                    self.obs.queue_end = time.perf_counter()
             if pick is None:
                 break
             self._use(pick)
@@ -125,8 +142,9 @@ class Exchange:
                 m.retries_by(model).inc()
             m.routing_by(model, engine.name).inc()
             body = request.upstream_body(pick.route.model)
+            head = self.obs.note_upstream(pick.route.name, engine.name, pick.route.model) if self.obs else b""
             try:
-                response = await gw.upstream.post(engine.settings, request.endpoint.path, body, request.stream)
+                response = await gw.upstream.post(engine.settings, request.endpoint.path, body, request.stream, head)
             except EngineUnreachable as exc:
                 m.upstream_errors_by(engine.name, "connect").inc()
                 gw.pool.mark_failed(engine, str(exc))
@@ -145,6 +163,8 @@ class Exchange:
                 response.release()
                 continue
             self.response = response
+            if self.obs is not None:
+                self.obs.upstream_headers = time.perf_counter()
             return response
         raise error or GatewayError(503, f"No healthy engine serves '{model}' right now.", code=Code.NO_HEALTHY_ENGINE)
 
@@ -199,10 +219,15 @@ class Exchange:
         """Reconciles the quota with what was used. Done once; release is idempotent, so a
         settle cut short by a cancellation is simply run again."""
         if self._settled is None:
+            obs = self.obs
+            if obs is not None and not obs.settle_start:
+                obs.settle_start = time.perf_counter()
             usage = _usage(self.out)
             if self.grant is not None:
                 usage = await self.gw.access.settle(self.grant, usage)
             self._settled = usage
+            if obs is not None:
+                obs.settle_end = time.perf_counter()
         return self._settled
 
     async def __aexit__(
@@ -261,6 +286,10 @@ class Exchange:
             m.completion_tokens_by(model, route).inc(usage.completion_tokens)
         if self.principal.key_id is not None:
             m.key_requests_by(self.principal.key_id, status).inc()
+        if self.obs is not None:
+            self.obs.note_outcome(
+                out.status, out.error_code, usage, ttft, out.finish_reason, out.status == DISCONNECTED
+            )
         if out.status == DISCONNECTED:
             m.disconnects_by(model).inc()
         elif out.error is not None:

@@ -3,7 +3,7 @@
 This package is the only place that reads environment variables. Errors name the file, the key
 and what is wrong. Each section has its parser in a module of its own: `server`, `sections`
 (health, routing, redis, auth), `engines`, `models`, `batch` (files, batch), `scheduler`,
-`inference_log`; the store's section is parsed by gateway/settings/store.py; `reader` walks the tree.
+`inference_log`, `observe` (tracing, logging); the store's section is parsed by gateway/settings/store.py; `reader` walks the tree.
 """
 
 from __future__ import annotations
@@ -20,6 +20,13 @@ from gateway.settings.batch import BatchSettings, FilesSettings, parse_batch, pa
 from gateway.settings.engines import ENGINE_KINDS, MANAGED_KINDS, EngineSettings, VllmSettings, parse_engine
 from gateway.settings.inference_log import InferenceLogSettings, PayloadCapture, parse_inference_log
 from gateway.settings.models import ModelSettings, RouteSettings, parse_model, parse_routes
+from gateway.settings.observe import (
+    AccessLogSettings,
+    LoggingSettings,
+    TracingSettings,
+    parse_logging,
+    parse_tracing,
+)
 from gateway.settings.reader import ConfigError, Reader
 from gateway.settings.scheduler import SchedulerSettings, parse_scheduler
 from gateway.settings.sections import (
@@ -48,6 +55,8 @@ SECTIONS = (
     "scheduler",
     "files",
     "batch",
+    "tracing",
+    "logging",
 )
 
 
@@ -66,6 +75,8 @@ class Settings:
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
     files: FilesSettings = field(default_factory=FilesSettings)
     batch: BatchSettings = field(default_factory=BatchSettings)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
 
 
 def parse_settings(
@@ -118,6 +129,8 @@ def parse_settings(
         scheduler=parse_scheduler(r, data),
         files=parse_files(r, data),
         batch=parse_batch(r, data),
+        tracing=parse_tracing(r, data, env),
+        logging=parse_logging(r, data, base_dir),
     )
 
 
@@ -165,6 +178,7 @@ __all__ = [
     "CONFIG_ENV",
     "ENGINE_KINDS",
     "MANAGED_KINDS",
+    "AccessLogSettings",
     "AuthSettings",
     "BatchSettings",
     "ConfigError",
@@ -172,6 +186,7 @@ __all__ = [
     "FilesSettings",
     "HealthSettings",
     "InferenceLogSettings",
+    "LoggingSettings",
     "ModelSettings",
     "PayloadCapture",
     "RedisSettings",
@@ -182,6 +197,7 @@ __all__ = [
     "Settings",
     "StoreSettings",
     "TlsSettings",
+    "TracingSettings",
     "VllmSettings",
     "load_settings",
     "parse_routes",
