@@ -66,7 +66,10 @@ class _BoundedProcessor(BatchSpanProcessor):
     """The SDK's batch processor, which counts the spans a full queue drops (and does not log each)."""
 
     def __init__(self, exporter: SpanExporter, max_queue_size: int, dropped: Any) -> None:
-        super().__init__(exporter, max_queue_size=max_queue_size, schedule_delay_millis=500)
+        batch = min(512, max_queue_size)  # spans per export (the SDK's default, at most the queue)
+        super().__init__(
+            exporter, max_queue_size=max_queue_size, schedule_delay_millis=500, max_export_batch_size=batch
+        )
         self._max = max_queue_size
         self._dropped = dropped
         self._queue = getattr(self._batch_processor, "_queue", None)  # the SDK's deque; its length only
