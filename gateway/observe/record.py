@@ -84,9 +84,9 @@ class Observation:
         self.queue_start = time.perf_counter()
         self.queue_position = waiting
 
-    def note_upstream(self, route: str, engine: str, model: str) -> bytes:
+    def note_upstream(self, route: str, engine: str, model: str, scores: tuple[tuple[str, float], ...]) -> bytes:
         """An upstream call begins; answers the header lines that carry the trace to the engine."""
-        self.route, self.engine, self.response_model = route, engine, model
+        self.route, self.engine, self.response_model, self.scores = route, engine, model, scores
         self.upstream_start = time.perf_counter()
         self.upstream_headers = 0.0
         return self.trace.upstream(self) if self.trace is not None else b""

@@ -80,7 +80,7 @@ def url(host: str, port: int, tls: bool) -> str:
 
 def prepare(settings: Settings) -> tuple[Supervisor, Listeners]:
     """Everything that can fail before anything starts: engine ports, TLS files, the listeners."""
-    supervisor = Supervisor(settings.engines)
+    supervisor = Supervisor(settings.engines, tracing=settings.tracing)
     conflicts = supervisor.conflicts()
     if conflicts:
         raise StartError("\n".join(conflicts))

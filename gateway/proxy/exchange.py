@@ -142,7 +142,9 @@ class Exchange:
                 m.retries_by(model).inc()
             m.routing_by(model, engine.name).inc()
             body = request.upstream_body(pick.route.model)
-            head = self.obs.note_upstream(pick.route.name, engine.name, pick.route.model) if self.obs else b""
+            head = (
+                self.obs.note_upstream(pick.route.name, engine.name, pick.route.model, pick.scores) if self.obs else b""
+            )
             try:
                 response = await gw.upstream.post(engine.settings, request.endpoint.path, body, request.stream, head)
             except EngineUnreachable as exc:
