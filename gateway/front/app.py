@@ -96,7 +96,8 @@ def build_app(
         return JSONResponse(body, status_code=status)
 
     async def metrics(request: Request) -> Response:
-        return Response(gw.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        body, media_type = gw.metrics.render(request.headers.get("accept", ""))
+        return Response(body, media_type=media_type)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncGenerator[None, None]:

@@ -102,6 +102,11 @@ class Observation:
         if self.upstream_start and not self.upstream_end:
             self.upstream_end = self.settle_start or time.perf_counter()
 
+    def exemplar(self) -> str | None:
+        """The trace id for the metrics' exemplars: only of a sampled (exported) trace."""
+        trace = self.trace
+        return trace.trace_id if trace is not None and trace.recording else None
+
     def epoch_ns(self, mark: float) -> int:
         """A perf_counter reading as epoch nanoseconds (what spans carry)."""
         return int((self.wall + (mark - self.started)) * 1e9)

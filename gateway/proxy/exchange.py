@@ -279,19 +279,24 @@ class Exchange:
         elapsed = time.perf_counter() - self.started
         ttft = out.first_chunk - self.started if out.first_chunk else None
         m.requests_by(model, engine, status, route).inc()
-        m.latency_by(model, route).observe(elapsed)
-        if ttft is not None:
-            m.ttft_by(model, route).observe(ttft)
+        obs = self.obs
+        trace_id = obs.exemplar() if obs is not None else None
+        if trace_id is None:
+            m.latency_by(model, route).observe(elapsed)
+            if ttft is not None:
+                m.ttft_by(model, route).observe(ttft)
+        else:  # a sampled trace: its id goes with the observations (exemplars)
+            m.observe(m.latency_by, (model, route), elapsed, trace_id)
+            if ttft is not None:
+                m.observe(m.ttft_by, (model, route), ttft, trace_id)
         if usage.prompt_tokens:
             m.prompt_tokens_by(model, route).inc(usage.prompt_tokens)
         if usage.completion_tokens:
             m.completion_tokens_by(model, route).inc(usage.completion_tokens)
         if self.principal.key_id is not None:
             m.key_requests_by(self.principal.key_id, status).inc()
-        if self.obs is not None:
-            self.obs.note_outcome(
-                out.status, out.error_code, usage, ttft, out.finish_reason, out.status == DISCONNECTED
-            )
+        if obs is not None:
+            obs.note_outcome(out.status, out.error_code, usage, ttft, out.finish_reason, out.status == DISCONNECTED)
         if out.status == DISCONNECTED:
             m.disconnects_by(model).inc()
         elif out.error is not None:
