@@ -58,7 +58,9 @@ def test_latency_and_ttft_buckets_carry_sampled_trace_ids(logs_dir: Path, engine
                 with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body, timeout=30) as r:
                     assert r.status_code == 200
                     r.read()
-            sent = {t["traceparent"].split("-")[1] for t in httpx.get(engine.url + "/traces").json() if t["traceparent"]}
+            sent = {
+                t["traceparent"].split("-")[1] for t in httpx.get(engine.url + "/traces").json() if t["traceparent"]
+            }
             deadline = time.monotonic() + 15  # several workers write their exemplars once a second
             while True:
                 found = exemplars(gw)

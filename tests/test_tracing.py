@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.batch_helpers import client, jsonl, wait_final
 from tests.keyed import ADMIN_KEY, create_key, start_gateway
 from tests.otlp_receiver import GrpcReceiver, HttpReceiver, Span
 from tests.procs import Proc, fake_upstream, free_port, gateway
@@ -177,3 +178,44 @@ def test_a_dead_collector_costs_spans_not_answers(logs_dir: Path, engine: Proc) 
     finally:
         gw.stop()
     assert os.path.exists(gw.log_path)
+
+
+def test_batch_lines_are_traced_and_linked_to_their_batch(logs_dir: Path, engine: Proc, tmp_path: Path) -> None:
+    with HttpReceiver() as receiver:
+        cfg = config(
+            engine,
+            store={"url": "sqlite:///batches.db", "data_dir": str(tmp_path)},
+            batch={"concurrency": 2, "poll_interval": 0.2, "min_completion_window": 1},
+            tracing={"endpoint": receiver.endpoint},
+        )
+        gw = gateway(logs_dir, cfg, name="gw-trace-batch").start().wait_healthy("/ready", 60)
+        try:
+            c = client(gw, "unused")
+            lines = [
+                {
+                    "custom_id": str(i),
+                    "method": "POST",
+                    "url": "/v1/chat/completions",
+                    "body": {"model": "fake", "messages": [{"role": "user", "content": "hi"}]},
+                }
+                for i in range(2)
+            ]
+            uploaded = c.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+            batch = c.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="1s")
+            assert wait_final(c, batch.id, timeout=60).status == "completed"
+
+            def complete(spans: list[Span]) -> bool:
+                names = [s.name for s in spans]
+                return "batch" in names and names.count("batch line") == 2
+
+            spans = receiver.wait_for(complete)
+        finally:
+            gw.stop()
+    run = next(s for s in spans if s.name == "batch")
+    assert run.attributes["gateway.batch_id"] == batch.id
+    line_spans = [s for s in spans if s.name == "batch line"]
+    for line in line_spans:
+        assert line.parent_id == "" and line.links == [(run.trace_id, run.span_id)]  # a trace of its own, linked
+        assert line.attributes["gateway.batch_id"] == batch.id
+        children = {s.name for s in spans if s.parent_id == line.span_id}
+        assert children == set(CHILDREN)
