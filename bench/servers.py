@@ -207,8 +207,10 @@ def gateway(
     quota: RedisServer | None = None,
     workers: int = 1,
     name: str | None = None,
+    extra: dict[str, object] | None = None,
 ) -> Server:
-    """`llm-gateway serve` with auth off, or with keys and quotas on `quota`'s Redis (create_key() after start)."""
+    """`llm-gateway serve` with auth off, or with keys and quotas on `quota`'s Redis (create_key() after start);
+    `extra`: more config sections (logging, tracing)."""
     name = name or ("gateway+quota" if quota else "gateway")
     config: dict[str, object] = {
         "engines": [{"name": "fake", "kind": "openai", "url": upstream_url}],
@@ -217,6 +219,7 @@ def gateway(
     }
     if quota:
         config["redis"] = {"url": quota.url}
+    config.update(extra or {})
     port = free_port()
     slug = name.replace("+", "-")
     path = write_config(tmp, f"{slug}-{port}", config)

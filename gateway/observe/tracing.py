@@ -19,12 +19,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-from opentelemetry.trace import Link, SpanKind
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import Link, SpanContext, SpanKind, get_current_span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from gateway.core.metrics import GatewayMetrics
@@ -101,15 +102,34 @@ def _exporter(settings: TracingSettings) -> SpanExporter:
 class Tracing:
     def __init__(self, settings: TracingSettings, metrics: GatewayMetrics) -> None:
         self.settings = settings
-        resource = Resource.create({"service.name": settings.service_name})
-        sampler = ParentBased(TraceIdRatioBased(settings.sample_ratio))
-        self.provider = TracerProvider(resource=resource, sampler=sampler)
+        self.resource = Resource.create({"service.name": settings.service_name})
+        self.sampler = ParentBased(TraceIdRatioBased(settings.sample_ratio))
+        self.provider = TracerProvider(resource=self.resource, sampler=self.sampler)
         exporter = _CountingExporter(_exporter(settings), metrics.trace_spans_dropped.labels("export_failed"))
         dropped = metrics.trace_spans_dropped.labels("queue_full")
-        self.provider.add_span_processor(_BoundedProcessor(exporter, settings.queue_size, dropped))
+        self.processor = _BoundedProcessor(exporter, settings.queue_size, dropped)
+        self.provider.add_span_processor(self.processor)
         self.tracer = self.provider.get_tracer("llm-gateway")
+        self.scope = InstrumentationScope("llm-gateway")
+        self._ids = RandomIdGenerator()
+        self.new_span_id = self._ids.generate_span_id
         self._propagator = TraceContextTextMapPropagator()
-        self._batches: dict[str, trace.SpanContext] = {}
+        self._batches: dict[str, SpanContext] = {}
+
+    def emit(self, spans: list[ReadableSpan]) -> None:
+        on_end = self.processor.on_end
+        for span in spans:
+            on_end(span)
+
+    def _start(self, o: Observation, name: str, kind: SpanKind, context: Any, links: tuple[Link, ...] = ()) -> None:
+        """The sampler's decision for a new span (a child of the context's span, if any)."""
+        parent = get_current_span(context).get_span_context() if context is not None else None
+        if parent is not None and not parent.is_valid:
+            parent = None
+        trace_id = parent.trace_id if parent is not None else self._ids.generate_trace_id()
+        result = self.sampler.should_sample(context, trace_id, name, kind, None, links)
+        state = result.trace_state if result.trace_state is not None else (parent.trace_state if parent else None)
+        o.trace = RequestTrace(self, name, trace_id, parent, state, result.decision.is_sampled(), links)
 
     def begin_server(self, o: Observation, headers: list[tuple[bytes, bytes]]) -> None:
         """The request's server span, continuing the client's traceparent when it sent one."""
@@ -119,27 +139,13 @@ class Tracing:
                 if carrier is None:
                     carrier = {}
                 carrier[name.decode()] = value.decode("latin-1")
-        parent = self._propagator.extract(carrier) if carrier else None
-        span = self.tracer.start_span(
-            f"{o.method} {o.path}",
-            context=parent,
-            kind=SpanKind.SERVER,
-            start_time=o.epoch_ns(o.started),
-            attributes={"http.request.method": o.method, "url.path": o.path, "gateway.request_id": o.request_id},
-        )
-        o.trace = RequestTrace(self.tracer, span)
+        context = self._propagator.extract(carrier) if carrier else None
+        self._start(o, f"{o.method} {o.path}", SpanKind.SERVER, context)
 
     def begin_line(self, o: Observation, batch_id: str) -> None:
         """A batch line's span: a trace of its own, linked to its batch's span here."""
         batch = self._batches.get(batch_id)
-        span = self.tracer.start_span(
-            "batch line",
-            kind=SpanKind.INTERNAL,
-            start_time=o.epoch_ns(o.started),
-            links=[Link(batch)] if batch is not None else None,
-            attributes={"gateway.batch_id": batch_id, "gateway.request_id": o.request_id},
-        )
-        o.trace = RequestTrace(self.tracer, span)
+        self._start(o, "batch line", SpanKind.INTERNAL, None, (Link(batch),) if batch is not None else ())
 
     @contextmanager
     def batch(self, batch_id: str, attributes: dict[str, Any]) -> Iterator[None]:
