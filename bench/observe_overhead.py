@@ -201,7 +201,7 @@ def server(args: argparse.Namespace, collector_url: str, tmp: Path) -> None:
         name: make(collector_url, str(tmp / f"access-{i}.log")) for i, (name, make) in enumerate(VARIANTS.items())
     }
     variants[DEAD] = {"logging": {"access": {"enabled": False}}, "tracing": {"endpoint": dead}}
-    group = [servers.gateway(tmp, upstream.url, args.server_core, name=n, extra=e) for n, e in variants.items()]
+    group = [servers.gateway(tmp, upstream.json_url, args.server_core, name=n, extra=e) for n, e in variants.items()]
     cpu: dict[str, list[float]] = {s.name: [] for s in group}
     p50: dict[str, list[float]] = {s.name: [] for s in group}
     try:

@@ -29,6 +29,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, get_current_span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from gateway.core.metrics import GatewayMetrics
+from gateway.observe.otlp import HttpExporter, encode
 from gateway.observe.record import Observation
 from gateway.observe.spans import RequestTrace
 from gateway.settings import TracingSettings
@@ -88,15 +89,20 @@ class _BoundedProcessor(BatchSpanProcessor):
 
 def _exporter(settings: TracingSettings) -> SpanExporter:
     headers = dict(settings.headers)
+    endpoint = settings.endpoint or ""
     if settings.protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-        endpoint = settings.endpoint or ""
+        class GrpcExporter(OTLPSpanExporter):
+            """The SDK's gRPC exporter, sending our encoding (gateway/observe/otlp.py) of the spans."""
+
+            def _translate_data(self, data: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
+                return ExportTraceServiceRequest.FromString(encode(data))
+
         secure = endpoint.startswith("https://")
         return GrpcExporter(endpoint=endpoint, insecure=not secure, headers=headers, timeout=EXPORT_TIMEOUT)
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
-
-    return HttpExporter(endpoint=settings.endpoint, headers=headers, timeout=EXPORT_TIMEOUT)
+    return HttpExporter(endpoint, headers, EXPORT_TIMEOUT)
 
 
 class Tracing:
