@@ -74,7 +74,7 @@ def _any(value: Any) -> bytes:
 
 # Encoded KeyValues whose value repeats (names of models, routes, engines, keys; small counts):
 # most attributes of most spans are one dict lookup. Cleared when full, so it stays bounded.
-_pairs: dict[tuple[bytes, str, Any], bytes] = {}
+_pairs: dict[tuple[bytes, str, Any, type], bytes] = {}  # the type too: False == 0, True == 1
 MAX_PAIRS = 8192
 _UNIQUE = frozenset({"gateway.request_id"})  # a new value every time: not worth keeping
 
@@ -90,7 +90,7 @@ def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> list[bytes]
             value.__class__ is str or value.__class__ is bool or (value.__class__ is int and -1 < value < 4096)
         )
         if cacheable:
-            found = pairs.get((tag, key, value))
+            found = pairs.get((tag, key, value, value.__class__))
             if found is not None:
                 out.append(found)
                 continue
@@ -101,7 +101,7 @@ def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> list[bytes]
         if cacheable:
             if len(pairs) >= MAX_PAIRS:
                 pairs.clear()
-            pairs[(tag, key, value)] = encoded
+            pairs[(tag, key, value, value.__class__)] = encoded
         out.append(encoded)
     return out
 
