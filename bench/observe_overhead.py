@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,7 @@ def collector(port: int) -> None:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    HTTPServer(("127.0.0.1", port), Sink).serve_forever()
+    ThreadingHTTPServer(("127.0.0.1", port), Sink).serve_forever()  # a connection kept by each gateway
 
 
 # ---- hooks: in-process ------------------------------------------------------------------------
