@@ -117,12 +117,6 @@ class Observer:
             return _nothing()
         return self.tracing.batch(batch_id, attributes)
 
-    def background(self, name: str, attributes: dict[str, Any]) -> Any:
-        """A span of background work (an engine's wake-up), or a no-op without tracing."""
-        if self.tracing is None:
-            return _nothing()
-        return self.tracing.background(name, attributes)
-
     def server_timing_header(self, o: Observation) -> bytes:
         parts = []
         for name, start, end in (

@@ -166,11 +166,6 @@ class Tracing:
             self._batches.pop(batch_id, None)
             span.end()
 
-    @contextmanager
-    def background(self, name: str, attributes: dict[str, Any]) -> Iterator[None]:
-        with self.tracer.start_as_current_span(name, kind=SpanKind.INTERNAL, attributes=attributes):
-            yield
-
     async def stop(self) -> None:
         # The SDK's shutdown joins its thread and makes a last export: off the event loop.
         await asyncio.to_thread(self.provider.shutdown)
