@@ -4,6 +4,9 @@ Pure ASGI (no framework), canned bodies built once. It also injects faults for t
 `--fail-status 500` answers every completion with that status (health stays good).
 `--delay-ms` is a service time for whole (non-streamed) answers; `--count` counts requests per
 `user` field (`GET /counts` -> {user: n}), so a test can see how often the engine ran a request.
+`--record-trace` keeps the `traceparent` and `tracestate` headers of each completion request
+(`GET /traces` -> [{traceparent, tracestate}], oldest first), so a test sees the trace context
+the gateway sent on.
 
 With `--capacity N` (or `--service-ms M`) it behaves like a saturable engine instead: at most N
 requests run at once, the rest wait in its own first-come queue; a running request holds its
@@ -17,7 +20,7 @@ do), so the slots do not free all at once.
 
     python bench/fake_upstream.py --port 9000 [--chunks 32] [--pace-ms 0] [--fail-status 0]
                                   [--capacity 0] [--service-ms 0] [--first-token-ms -1]
-                                  [--service-spread 0] [--delay-ms 0] [--count]
+                                  [--service-spread 0] [--delay-ms 0] [--count] [--record-trace]
 """
 
 from __future__ import annotations
@@ -141,6 +144,7 @@ class FakeEngine:
         service_spread: float = 0.0,
         delay_ms: float = 0.0,
         count: bool = False,
+        record_trace: bool = False,
     ) -> None:
         self.chunks = chunks
         self.pace = pace_ms / 1000
@@ -154,6 +158,7 @@ class FakeEngine:
         self.rng = random.Random(0)
         self.delay = delay_ms / 1000
         self.counts: dict[str, int] | None = {} if count else None
+        self.traces: list[dict[str, str | None]] | None = [] if record_trace else None
         self.full = _completion(model, chunks)
         self.stream_chunks = [_chunk(model, "x ", None) for _ in range(chunks - 1)] + [_chunk(model, "x", "length")]
         self.usage = _usage_chunk(model, chunks)
@@ -179,6 +184,8 @@ class FakeEngine:
                 return await _reply(send, 200, json.dumps(self.slots.stats()).encode())
             if path == "/counts" and self.counts is not None:
                 return await _reply(send, 200, json.dumps(self.counts).encode())
+            if path == "/traces" and self.traces is not None:
+                return await _reply(send, 200, json.dumps(self.traces).encode())
             return await _reply(send, 404, b'{"error":{"message":"no route"}}')
         if path == "/stats/reset":
             self.slots.reset()
@@ -189,6 +196,9 @@ class FakeEngine:
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
+        if self.traces is not None:
+            headers = {k.decode(): v.decode() for k, v in scope["headers"] if k in (b"traceparent", b"tracestate")}
+            self.traces.append({"traceparent": headers.get("traceparent"), "tracestate": headers.get("tracestate")})
         if self.counts is not None:
             user = str(json.loads(body).get("user"))
             self.counts[user] = self.counts.get(user, 0) + 1
@@ -288,6 +298,7 @@ def main() -> None:
     p.add_argument("--service-spread", type=float, default=0.0, help="service times vary by up to this fraction")
     p.add_argument("--delay-ms", type=float, default=0.0, help="service time of a whole (non-streamed) answer")
     p.add_argument("--count", action="store_true", help="count requests per `user` (GET /counts)")
+    p.add_argument("--record-trace", action="store_true", help="keep each request's traceparent (GET /traces)")
     args = p.parse_args()
     app = FakeEngine(
         args.model,
@@ -300,6 +311,7 @@ def main() -> None:
         args.service_spread,
         args.delay_ms,
         args.count,
+        args.record_trace,
     )
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False, backlog=4096)
 

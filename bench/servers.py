@@ -208,10 +208,11 @@ def gateway(
     workers: int = 1,
     name: str | None = None,
     tree: Path | None = None,
+    extra: dict[str, object] | None = None,
 ) -> Server:
     """`llm-gateway serve` with auth off, or with keys and quotas on `quota`'s Redis (create_key() after
     start). `tree`: run the gateway of another checkout (a worktree at an earlier commit) instead of
-    this one, to measure before and after in one run."""
+    this one, to measure before and after in one run. `extra`: more config sections (logging, tracing)."""
     name = name or ("gateway+quota" if quota else "gateway")
     config: dict[str, object] = {
         "engines": [{"name": "fake", "kind": "openai", "url": upstream_url}],
@@ -220,6 +221,7 @@ def gateway(
     }
     if quota:
         config["redis"] = {"url": quota.url}
+    config.update(extra or {})
     port = free_port()
     slug = name.replace("+", "-")
     path = write_config(tmp, f"{slug}-{port}", config)

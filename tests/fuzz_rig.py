@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 
+from gateway.observe.access_log import FIELDS
 from tests.hostile_http import BATCH_LINE, World
 from tests.keyed import ADMIN_KEY
 from tests.procs import TINY_MODEL, Proc, fake_upstream, gateway
@@ -139,11 +140,19 @@ def after_checks(world: World, replicas: list[Proc]) -> list[str]:
             r = client.post(proc.url + "/v1/chat/completions", json=body, headers=auth)
             if r.status_code != 200:
                 problems.append(f"{proc.name} chat: {r.status_code} {r.text[:300]}")
-    time.sleep(0.5)  # the inference log's last writes
+    time.sleep(0.5)  # the inference log's last writes (and the access log's)
+    secrets = [world.admin_key, *world.client_secrets, *world.other_secrets]
     for proc in replicas:
         log = proc.log_path.read_text(errors="replace")
         for marker in ("Traceback", " ERROR ", " CRITICAL "):
             if marker in log:
                 at = log.index(marker)
                 problems.append(f"{proc.name} log has {marker.strip()}: {log[max(0, at - 300) : at + 2500]}")
+        problems += [f"{proc.name} log has a secret key" for secret in secrets if secret in log]
+        access = [json.loads(line) for line in log.splitlines() if line.startswith('{"time":')]
+        if not access:
+            problems.append(f"{proc.name} wrote no access log line")
+        problems += [
+            f"{proc.name} access log line lacks fields: {line}" for line in access if list(line) != list(FIELDS)
+        ]
     return problems

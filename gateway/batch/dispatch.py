@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import orjson
@@ -107,10 +108,14 @@ class LineDispatcher:
         request.batch_id = self.batch_id
         request_id = os.urandom(16).hex()
         collected = Collected()
-        async with Exchange(self.gw, principal, request, request_id.encode(), None) as exchange:
-            await exchange.admit()
-            response = await exchange.call_engine()
-            await exchange.relay(response, collected)
+        observe = self.gw.observe  # the line's access log line and span (gateway/observe/)
+        with nullcontext() if observe is None else observe.batch_line(self.batch_id, request_id, self.endpoint.kind):
+            async with Exchange(self.gw, principal, request, request_id.encode(), None) as exchange:
+                await exchange.admit()
+                response = await exchange.call_engine()
+                await exchange.relay(response, collected)
+            if exchange.obs is not None:
+                exchange.obs.bytes_out = sum(map(len, collected.chunks))
         return outcome_of(collected.status, collected.body, request_id)
 
 

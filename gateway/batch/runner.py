@@ -98,8 +98,13 @@ class BatchRunner:
         task.add_done_callback(self._tasks.discard)
 
     async def _run_job(self, job: BatchJob) -> None:
+        observe = self.gw.observe
         try:
-            await job.run()
+            if observe is None:
+                await job.run()
+            else:  # one span for the batch's run here; its lines' spans link to it
+                with observe.batch(job.id, {"gateway.batch.endpoint": job.batch.endpoint}):
+                    await job.run()
         except Exception:
             log.exception("batch %s: the job failed; it is taken up again at the next poll", job.id)
         finally:

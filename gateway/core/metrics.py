@@ -5,18 +5,27 @@ for a request that never reached one), so versions compare side by side.
 
 With several uvicorn workers, prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR,
 set by the CLI) sums every worker's values into one scrape.
+
+The latency and time-to-first-token histograms carry exemplars: the trace id of a sampled request
+(gateway/observe/), shown in the OpenMetrics exposition when the scraper asks for it (Accept:
+application/openmetrics-text); with several workers through gateway/core/exemplars.py.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.openmetrics import exposition as openmetrics
+from prometheus_client.samples import Exemplar
+
+from gateway.core.exemplars import ExemplarFiles, MergedCollector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 COLD_START_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Children(dict[Any, Any]):
@@ -24,11 +33,12 @@ class Children(dict[Any, Any]):
     a plain dict: a hit never runs Python code, where prometheus_client's own `labels()`
     validates and locks on every call, which shows in per-request profiles."""
 
-    __slots__ = ("_metric",)
+    __slots__ = ("_metric", "buckets", "name")
 
-    def __init__(self, metric: Any) -> None:
+    def __init__(self, metric: Any, name: str = "", buckets: tuple[float, ...] = ()) -> None:
         super().__init__()
         self._metric = metric
+        self.name, self.buckets = name, buckets  # a histogram's, for its exemplars
 
     def __missing__(self, labels: Any) -> Any:
         child = self[labels] = (
@@ -41,6 +51,7 @@ class GatewayMetrics:
     def __init__(self, multiprocess_dir: str | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._multiprocess_dir = multiprocess_dir
+        self._exemplar_files = ExemplarFiles(multiprocess_dir) if multiprocess_dir else None
         r = self.registry
         self.requests = Counter(
             "gateway_requests",
@@ -150,6 +161,14 @@ class GatewayMetrics:
         self.inference_log_write_errors = Counter(
             "gateway_inference_log_write_errors", "Failed writes of a batch of inference log rows.", registry=r
         )
+        # Tracing (gateway/observe/tracing.py): spans are dropped, never waited for.
+        self.trace_spans_dropped = Counter(
+            "gateway_trace_spans_dropped",
+            "Spans not exported, by reason: queue_full (the collector is slower than the traffic) or "
+            "export_failed (the collector is down or refused them).",
+            ["reason"],
+            registry=r,
+        )
         # The scheduler (gateway/dispatch/scheduler.py): requests waiting for an engine slot, by band.
         self.queued = Gauge(
             "gateway_queued_requests",
@@ -221,8 +240,8 @@ class GatewayMetrics:
         # The children the request path touches, by label values (see Children).
         self.requests_by = Children(self.requests)
         self.key_requests_by = Children(self.key_requests)
-        self.latency_by = Children(self.latency)
-        self.ttft_by = Children(self.ttft)
+        self.latency_by = Children(self.latency, "gateway_request_duration_seconds", LATENCY_BUCKETS)
+        self.ttft_by = Children(self.ttft, "gateway_time_to_first_token_seconds", LATENCY_BUCKETS)
         self.itl_by = Children(self.itl)
         self.prompt_tokens_by = Children(self.prompt_tokens)
         self.completion_tokens_by = Children(self.completion_tokens)
@@ -234,9 +253,27 @@ class GatewayMetrics:
         self.upstream_errors_by = Children(self.upstream_errors)
         self.disconnects_by = Children(self.client_disconnects)
 
-    def render(self) -> bytes:
+    def observe(self, children: Children, labels: tuple[str, ...], value: float, trace_id: str | None) -> None:
+        """A histogram observation, with the trace id of a sampled request as its exemplar."""
+        if trace_id is None:
+            children[labels].observe(value)
+            return
+        exemplar = {"trace_id": trace_id}
+        children[labels].observe(value, exemplar)
+        if self._exemplar_files is not None:  # prometheus_client's multiprocess values drop exemplars
+            self._exemplar_files.note(
+                children.name, labels, children.buckets, value, Exemplar(exemplar, value, time.time())
+            )
+
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """The exposition and its content type: OpenMetrics (with exemplars) when `accept` asks for it."""
+        registry = self.registry
         if self._multiprocess_dir:
             registry = CollectorRegistry()
-            MultiProcessCollector(registry, path=self._multiprocess_dir)
-            return generate_latest(registry)
-        return generate_latest(self.registry)
+            histograms: dict[str, tuple[str, ...]] = {
+                c.name: ("model", "route") for c in (self.latency_by, self.ttft_by)
+            }
+            registry.register(MergedCollector(self._multiprocess_dir, histograms))
+        if "application/openmetrics-text" in accept:
+            return openmetrics.generate_latest(registry), openmetrics.CONTENT_TYPE_LATEST
+        return generate_latest(registry), TEXT

@@ -62,6 +62,10 @@ class Dispatcher(Protocol):
 
     def release(self, engine: Engine) -> None: ...
 
+    def waiting(self) -> int:
+        """Requests waiting in the gateway for an engine slot (a trace notes a request's place)."""
+        ...
+
     def view(self, model: str) -> dict[str, Any]: ...
 
 
@@ -82,6 +86,9 @@ class Unscheduled:
 
     def release(self, engine: Engine) -> None:
         engine.outstanding -= 1
+
+    def waiting(self) -> int:
+        return 0
 
     def view(self, model: str) -> dict[str, Any]:
         return {"enabled": False, "engines": _engines_view(self._router, model, {})}
@@ -137,6 +144,9 @@ class Scheduler:
         engine.outstanding -= 1
         if self._queue.size:
             self._pump()
+
+    def waiting(self) -> int:
+        return self._queue.size
 
     # ---- slots -----------------------------------------------------------------------------
 

@@ -252,11 +252,11 @@ class _Engine:
         self.heads[""] = f"host: {host}\r\ncontent-type: application/json\r\n".encode()
         self.idle: list[_Connection] = []
 
-    def request(self, path: str, body: bytes) -> list[bytes]:
+    def request(self, path: str, body: bytes, extra: bytes = b"") -> list[bytes]:
         head = self.heads.get(path)
         if head is None:
             head = self.heads[path] = f"POST {path} HTTP/1.1\r\n".encode() + self.heads[""] + self.auth
-        return [head, b"content-length: %d\r\n\r\n" % len(body), body]
+        return [head, extra, b"content-length: %d\r\n\r\n" % len(body), body]
 
 
 class Upstream:
@@ -280,12 +280,15 @@ class Upstream:
         for response in list(self._active):
             response.close()
 
-    async def post(self, engine: EngineSettings, path: str, body: bytes, stream: bool) -> UpstreamResponse:
-        """Sends the request and returns once the response headers are in."""
+    async def post(
+        self, engine: EngineSettings, path: str, body: bytes, stream: bool, head: bytes = b""
+    ) -> UpstreamResponse:
+        """Sends the request and returns once the response headers are in. `head`: more header
+        lines, each ending in CRLF (the trace context)."""
         target = self._engines.get(engine.url)
         if target is None:
             target = self._engines[engine.url] = _Engine(engine)
-        request = target.request(path, body)
+        request = target.request(path, body, head)
         s = self._server
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (s.first_byte_timeout if stream else s.request_timeout)

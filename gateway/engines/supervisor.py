@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from gateway.engines.control import EngineState
-from gateway.settings import EngineSettings
+from gateway.settings import EngineSettings, TracingSettings
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +49,12 @@ STOP_WAIT = 10.0  # SIGTERM, then this long, then SIGKILL
 PROBE_TIMEOUT = 1.0
 
 
-def engine_command(engine: EngineSettings) -> list[str]:
+def engine_command(engine: EngineSettings, tracing: TracingSettings | None = None) -> list[str]:
     python = engine.python or sys.executable
     if engine.kind == "vllm":
         from gateway.engines.vllm_launch import vllm_command
 
-        return vllm_command(engine, python)
+        return vllm_command(engine, python, tracing)
     cmd = [python, "-m", "engines.worker", "--model", str(engine.model), "--port", str(engine.port)]
     if engine.served_model_name:
         cmd += ["--served-model-name", engine.served_model_name]
@@ -139,8 +139,14 @@ class ManagedEngine:
 
 
 class Supervisor:
-    def __init__(self, engines: tuple[EngineSettings, ...], on_change: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        engines: tuple[EngineSettings, ...],
+        on_change: Callable[[], None] = lambda: None,
+        tracing: TracingSettings | None = None,
+    ) -> None:
         self.engines = {e.name: ManagedEngine(e) for e in engines if e.managed}
+        self.tracing = tracing  # on: vLLM engines export their spans to the same collector
         self.on_change = on_change
         self._task: asyncio.Task[None] | None = None
         self._halts: set[asyncio.Task[None]] = set()
@@ -247,8 +253,9 @@ class Supervisor:
         if s.kind == "vllm":
             from gateway.engines.vllm_launch import vllm_env
 
-            env.update(vllm_env(s, os.path.join(tempfile.gettempdir(), f"llm-gateway-vllm-{s.name}")))
-        cmd = engine_command(s)
+            cache = os.path.join(tempfile.gettempdir(), f"llm-gateway-vllm-{s.name}")
+            env.update(vllm_env(s, cache, self.tracing))
+        cmd = engine_command(s, self.tracing)
         log.info("starting engine %s: %s", s.name, " ".join(cmd))
         e.proc = subprocess.Popen(cmd, env=env, preexec_fn=_engine_preexec)
         e.started_at = now

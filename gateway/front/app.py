@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncGenerator
+import signal
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -20,6 +22,7 @@ from gateway.front.routes.console import console_routes
 from gateway.front.routes.files import FileRoutes
 from gateway.front.routes.monitor import monitor_routes
 from gateway.front.routes.openai import openai_routes
+from gateway.observe.access_log import reopen_all
 from gateway.proxy.context import Gateway
 from gateway.proxy.drain import Drain
 from gateway.settings import Settings, multiprocess_dir, settings_from_env
@@ -49,10 +52,12 @@ def build_app(
         return JSONResponse(body, status_code=status)
 
     async def metrics(request: Request) -> Response:
-        return Response(gw.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        body, media_type = gw.metrics.render(request.headers.get("accept", ""))
+        return Response(body, media_type=media_type)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncGenerator[None, None]:
+        _on_sighup(reopen_all)  # logrotate moved the access log file: write to a new one
         await gw.upstream.start()
         gw.pool.start()
         await gw.access.start()
@@ -70,6 +75,8 @@ def build_app(
             await gw.access.stop()
             await gw.pool.stop()
             await gw.upstream.close()
+            if gw.observe is not None:
+                await gw.observe.stop()  # the last access log lines, the spans still queued
 
     routes: list[BaseRoute] = [
         *openai_routes(gw),
@@ -82,7 +89,14 @@ def build_app(
         *monitor_routes(gw, gw.admin_auth),
         *console_routes(),
     ]
-    return Front(listener_app(routes, lifespan, settings.server.admin_port))
+    return Front(listener_app(routes, lifespan, settings.server.admin_port), gw.observe)
+
+
+def _on_sighup(handler: Callable[[], None]) -> None:
+    """SIGHUP calls `handler` on the event loop (only possible in the main thread; an app run by
+    another ASGI server, or in a test's thread, keeps that server's handling)."""
+    with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, handler)
 
 
 def app_from_env() -> Front:

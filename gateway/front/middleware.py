@@ -4,6 +4,8 @@ One place for what every route shares: the request id (`x-request-id` on every r
 client's own when it sent a sane one), and the one mapping of errors to OpenAI-shaped responses:
 a GatewayError is answered as it says, Starlette's 404/405 become ours, a client that went away
 gets nothing, and anything else is a bug: logged with its traceback, answered 500 in our shape.
+When observing is on (gateway/observe/), it begins and ends each request's observation: status,
+bytes out, a client that hung up, the error answered, and the opt-in Server-Timing header.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.core.bodies import ClientDisconnected
 from gateway.core.errors import Code, GatewayError, internal_error
 from gateway.front.params import check_query
+from gateway.observe.observer import Observer
+from gateway.observe.record import CURRENT, Observation
 
 _MAX_ID = 200
+DISCONNECTED = 499  # nginx's code for a client that went away
 log = logging.getLogger(__name__)
 
 
@@ -52,9 +57,13 @@ def _from_http(scope: Scope, exc: HTTPException) -> GatewayError:
     return GatewayError(exc.status_code, str(exc.detail), type="invalid_request_error")
 
 
+_GONE = object()  # what `_serve` answers when the client went away
+
+
 class Front:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, observe: Observer | None = None) -> None:
         self.app = app
+        self.observe = observe  # the access log, traces, Server-Timing (gateway/observe/); None: all off
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -63,6 +72,44 @@ class Front:
         rid = request_id_of(scope)
         scope["request_id"] = rid
         scope["app"] = self  # Starlette's router then raises HTTPException for 404/405 instead of answering
+        if self.observe is not None and (o := self.observe.begin(scope, rid)) is not None:
+            await self._observed(scope, receive, send, rid, o)
+        else:
+            await self._serve(scope, receive, send, rid)
+
+    async def _observed(self, scope: Scope, receive: Receive, send: Send, rid: bytes, o: Observation) -> None:
+        observe = self.observe
+        assert observe is not None
+
+        async def observed_send(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                o.bytes_out += len(message.get("body", b""))
+            else:
+                o.status = message["status"]
+                if observe.server_timing and o.admit_end:
+                    message["headers"] = [
+                        *message.get("headers", ()),
+                        (b"server-timing", observe.server_timing_header(o)),
+                    ]
+            await send(message)
+
+        token = CURRENT.set(o)
+        ended: object = None
+        try:
+            ended = await self._serve(scope, receive, observed_send, rid)
+        finally:
+            CURRENT.reset(token)
+            if ended is _GONE:
+                o.hung_up = True
+            elif isinstance(ended, GatewayError) and o.error_code is None and ended.code is not None:
+                o.error_code = str(ended.code)
+            if o.hung_up:
+                o.status = DISCONNECTED
+            observe.end(o)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, rid: bytes) -> object:
+        """Runs the app and answers its errors; returns the error answered, _GONE when the client
+        went away, else None."""
         started = False
 
         async def send_with_id(message: Message) -> None:
@@ -77,7 +124,7 @@ class Front:
                 check_query(scope)
             await self.app(scope, receive, send_with_id)
         except (ClientDisconnected, ClientDisconnect):
-            return  # nobody is listening
+            return _GONE  # nobody is listening
         except GatewayError as exc:
             error = exc
         except HTTPException as exc:
@@ -86,11 +133,12 @@ class Front:
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             error = internal_error()
         else:
-            return
+            return None
         if started:
-            return  # too late for a status; a stream already ended itself in-band
+            return error  # too late for a status; a stream already ended itself in-band
         try:
             await send_with_id({"type": "http.response.start", "status": error.status, "headers": error.raw_headers()})
             await send_with_id({"type": "http.response.body", "body": error.payload()})
         except OSError:
-            pass  # the client left while we answered
+            return _GONE  # the client left while we answered
+        return error

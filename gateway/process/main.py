@@ -80,7 +80,7 @@ def url(host: str, port: int, tls: bool) -> str:
 
 def prepare(settings: Settings) -> tuple[Supervisor, Listeners]:
     """Everything that can fail before anything starts: engine ports, TLS files, the listeners."""
-    supervisor = Supervisor(settings.engines)
+    supervisor = Supervisor(settings.engines, tracing=settings.tracing)
     conflicts = supervisor.conflicts()
     if conflicts:
         raise StartError("\n".join(conflicts))
@@ -147,6 +147,8 @@ class MainProcess:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        # SIGHUP (logrotate): each worker reopens its access log file (gateway/observe/access_log.py).
+        loop.add_signal_handler(signal.SIGHUP, self._send_workers, signal.SIGHUP)
         s = self.settings.server
         if s.workers > 1:
             # Each worker writes its metric values here; any worker's /metrics sums them all.

@@ -256,6 +256,7 @@ def run_worker(spec: WorkerSpec, sockets: list[socket.socket]) -> None:
     # Signals come from the main process only (it forwards SIGTERM and Ctrl-C), not straight
     # from the terminal: a second Ctrl-C means "stop at once", so one press must arrive once.
     os.setpgrp()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the app's lifespan handles it (reopens logs)
     configure_logging(spec.log_level)
     lifeline.watch_parent()  # the main process gone: stop at once, gone within seconds
     server = build_server(spec)

@@ -30,6 +30,7 @@ from gateway.monitor.alerts import BudgetAlerts
 from gateway.monitor.audit import AuditLog
 from gateway.monitor.spend import SpendLog
 from gateway.monitor.writer import InferenceLog
+from gateway.observe.observer import Observer
 from gateway.proxy.drain import Drain
 from gateway.proxy.relay import SendWatchdog
 from gateway.resp.connect import RedisClients, build_clients
@@ -116,6 +117,7 @@ class Gateway:
     inference_log: InferenceLog | None  # None when the log is off (inference_log.enabled)
     prompt_limits: Mapping[str, int]  # model -> max request bytes
     models: Mapping[str, ModelSettings]  # by public name
+    observe: Observer | None  # access log, traces, Server-Timing; None when all are off
     started: float = field(default_factory=time.time)
 
     @classmethod
@@ -159,6 +161,7 @@ class Gateway:
             InferenceLog(log, settings.models, metrics) if log.enabled else None,
             {m.name: min(default, m.max_prompt_bytes or default) for m in settings.models},
             {m.name: m for m in settings.models},
+            Observer.build(settings, metrics),
         )
 
 

@@ -36,6 +36,7 @@ from gateway.engines.client import EngineUnreachable, UpstreamError, UpstreamRes
 from gateway.engines.pool import Engine
 from gateway.monitor.payloads import Capture
 from gateway.monitor.writer import LogEntry
+from gateway.observe.record import current
 from gateway.proxy.context import Gateway
 from gateway.proxy.relay import SSE_HEADERS, Outcome, broken, error_of, read_whole, relay_stream, send_last
 from gateway.proxy.resume import Splice, Transcript, continuation, read_transcript
@@ -60,6 +61,7 @@ class Exchange:
         "fallback_from",
         "grant",
         "gw",
+        "obs",
         "out",
         "pick",
         "principal",
@@ -90,6 +92,10 @@ class Exchange:
         self.fallback_from: str | None = None  # the model asked for, when a fallback served
         self._watch = ClientWatch()
         self._watch.start(receive)
+        # What the access log and the trace learn of this request (gateway/observe/); None when off.
+        self.obs = obs = current() if gw.observe is not None else None
+        if obs is not None:
+            obs.note_request(principal.key_id, principal.key, principal.priority, request)
 
     async def __aenter__(self) -> Exchange:
         self.started = time.perf_counter()
@@ -110,7 +116,12 @@ class Exchange:
             self._watch.interrupt()
 
     async def admit(self) -> None:
+        obs = self.obs
+        if obs is not None:
+            obs.admit_start = time.perf_counter()
         self.grant = await self.gw.access.admit(self.principal, self.request)
+        if obs is not None:
+            obs.note_admitted(self.grant.headers)
 
     async def call_engine(self) -> UpstreamResponse:
         """Sends the request to an engine of its model, else of its fallbacks (the model's
@@ -158,9 +169,15 @@ class Exchange:
             if attempt:
                 pick = gw.scheduler.retry(request, frozenset(tried))
             else:  # an engine slot: at once when one has room, else in turn (gateway/dispatch/scheduler.py)
+                if self.obs is not None:
+                    self.obs.note_queue(gw.scheduler.waiting())
                 pick = await self._acquire(wait_limit)
                 if pick is None and await gw.control.wait_for(model):  # a cold start, shared by all waiting
+                    if self.obs is not None:
+                        self.obs.cold_start = (self.obs.queue_start, time.perf_counter())
                     pick = await self._acquire(wait_limit)
+                if self.obs is not None:
+                    self.obs.queue_end = time.perf_counter()
             if pick is None:
                 break
             self._use(pick)
@@ -170,8 +187,11 @@ class Exchange:
                 m.retries_by[model].inc()
             m.routing_by[model, engine.name].inc()
             body = self._engine_body(pick.route.model)
+            head = (
+                self.obs.note_upstream(pick.route.name, engine.name, pick.route.model, pick.scores) if self.obs else b""
+            )
             try:
-                response = await gw.upstream.post(engine.settings, request.endpoint.path, body, request.stream)
+                response = await gw.upstream.post(engine.settings, request.endpoint.path, body, request.stream, head)
             except EngineUnreachable as exc:
                 m.upstream_errors_by[engine.name, "connect"].inc()
                 gw.pool.mark_failed(engine, str(exc))
@@ -190,6 +210,8 @@ class Exchange:
                 response.release()
                 continue
             self.response = response
+            if self.obs is not None:
+                self.obs.upstream_headers = time.perf_counter()
             return response
         raise error or GatewayError(503, f"No healthy engine serves '{model}' right now.", code=Code.NO_HEALTHY_ENGINE)
 
@@ -364,11 +386,16 @@ class Exchange:
         """Reconciles the quota with what was used. Done once; release is idempotent, so a
         settle cut short by a cancellation is simply run again."""
         if self._settled is None:
+            obs = self.obs
+            if obs is not None and not obs.settle_start:
+                obs.settle_start = time.perf_counter()
             usage = _usage(self.out)
             if self.grant is not None:
                 self.grant.route = self.pick.route.name if self.pick is not None else None  # for spend by route
                 usage = await self.gw.access.settle(self.grant, usage)
             self._settled = usage
+            if obs is not None:
+                obs.settle_end = time.perf_counter()
         return self._settled
 
     async def __aexit__(
@@ -418,15 +445,24 @@ class Exchange:
         elapsed = time.perf_counter() - self.started
         ttft = out.first_chunk - self.started if out.first_chunk else None
         m.requests_by[model, engine, status, route].inc()
-        m.latency_by[model, route].observe(elapsed)
-        if ttft is not None:
-            m.ttft_by[model, route].observe(ttft)
+        obs = self.obs
+        trace_id = obs.exemplar() if obs is not None else None
+        if trace_id is None:
+            m.latency_by[model, route].observe(elapsed)
+            if ttft is not None:
+                m.ttft_by[model, route].observe(ttft)
+        else:  # a sampled trace: its id goes with the observations (exemplars)
+            m.observe(m.latency_by, (model, route), elapsed, trace_id)
+            if ttft is not None:
+                m.observe(m.ttft_by, (model, route), ttft, trace_id)
         if usage.prompt_tokens:
             m.prompt_tokens_by[model, route].inc(usage.prompt_tokens)
         if usage.completion_tokens:
             m.completion_tokens_by[model, route].inc(usage.completion_tokens)
         if self.principal.key_id is not None:
             m.key_requests_by[self.principal.key_id, status].inc()
+        if obs is not None:
+            obs.note_outcome(out.status, out.error_code, usage, ttft, out.finish_reason, out.status == DISCONNECTED)
         if out.status == DISCONNECTED:
             m.disconnects_by[model].inc()
         elif out.error is not None:

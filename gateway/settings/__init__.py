@@ -3,7 +3,7 @@
 This package is the only place that reads environment variables. Errors name the file, the key
 and what is wrong. Each section has its parser in a module of its own: `server`, `sections`
 (health, routing, redis, auth), `engines`, `models`, `batch` (files, batch), `scheduler`,
-`inference_log`; the store's section is parsed by gateway/settings/store.py; `reader` walks the tree.
+`inference_log`, `observe` (tracing, logging); the store's section is parsed by gateway/settings/store.py; `reader` walks the tree.
 """
 
 from __future__ import annotations
@@ -20,6 +20,13 @@ from gateway.settings.batch import BatchSettings, FilesSettings, parse_batch, pa
 from gateway.settings.engines import ENGINE_KINDS, MANAGED_KINDS, EngineSettings, VllmSettings, parse_engine
 from gateway.settings.inference_log import InferenceLogSettings, PayloadCapture, parse_inference_log
 from gateway.settings.models import ModelSettings, RouteSettings, check_fallbacks, parse_model, parse_routes
+from gateway.settings.observe import (
+    AccessLogSettings,
+    LoggingSettings,
+    TracingSettings,
+    parse_logging,
+    parse_tracing,
+)
 from gateway.settings.pricing import NANOS, Price, PricingSettings, parse_pricing
 from gateway.settings.reader import ConfigError, Reader
 from gateway.settings.scheduler import SchedulerSettings, parse_scheduler
@@ -50,6 +57,8 @@ SECTIONS = (
     "files",
     "batch",
     "pricing",
+    "tracing",
+    "logging",
 )
 
 
@@ -69,6 +78,8 @@ class Settings:
     files: FilesSettings = field(default_factory=FilesSettings)
     batch: BatchSettings = field(default_factory=BatchSettings)
     pricing: PricingSettings = field(default_factory=PricingSettings)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
 
 
 def parse_settings(
@@ -123,6 +134,8 @@ def parse_settings(
         files=parse_files(r, data),
         batch=parse_batch(r, data),
         pricing=parse_pricing(r, data, set(names), env),
+        tracing=parse_tracing(r, data, env),
+        logging=parse_logging(r, data, base_dir),
     )
 
 
@@ -176,6 +189,7 @@ __all__ = [
     "ENGINE_KINDS",
     "MANAGED_KINDS",
     "NANOS",
+    "AccessLogSettings",
     "AuthSettings",
     "BatchSettings",
     "ConfigError",
@@ -183,6 +197,7 @@ __all__ = [
     "FilesSettings",
     "HealthSettings",
     "InferenceLogSettings",
+    "LoggingSettings",
     "ModelSettings",
     "PayloadCapture",
     "Price",
@@ -195,6 +210,7 @@ __all__ = [
     "Settings",
     "StoreSettings",
     "TlsSettings",
+    "TracingSettings",
     "VllmSettings",
     "load_settings",
     "parse_routes",

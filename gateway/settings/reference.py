@@ -24,6 +24,7 @@ from gateway.settings.batch import BatchSettings, FilesSettings
 from gateway.settings.engines import EngineSettings, VllmSettings
 from gateway.settings.inference_log import InferenceLogSettings, PayloadCapture
 from gateway.settings.models import ModelSettings, RouteSettings
+from gateway.settings.observe import AccessLogSettings, LoggingSettings, TracingSettings
 from gateway.settings.oidc import OidcSettings
 from gateway.settings.pricing import PricingSettings
 from gateway.settings.scheduler import SchedulerSettings
@@ -96,6 +97,9 @@ SECTIONS: list[tuple[str, type, tuple[str, ...], dict[str, str]]] = [
     ("batch.", BatchSettings, (), {}),
     ("pricing.", PricingSettings, ("alerts",), {"alerts": "`{url, threshold}`: budget alerts by webhook, below"}),
     ("pricing.alerts.", AlertSettings, ("secret",), {}),
+    ("tracing.", TracingSettings, (), {}),
+    ("logging.", LoggingSettings, ("access",), {"access": "the access log: one line per request, below"}),
+    ("logging.access.", AccessLogSettings, (), {}),
     (
         "engines[].",
         EngineSettings,
@@ -207,6 +211,18 @@ DESCRIPTIONS = {  # where the field's own comment is missing or says why rather 
     "models[].log_payloads.sample": "share of requests whose bodies are kept with their row (0 to 1)",
     "models[].log_payloads.redact": "JSON keys to blank at any depth, or `re:REGEX` for matches in strings",
     "models[].log_payloads.max_bytes": "most bytes kept of each body",
+    "tracing.endpoint": "OTLP collector: traces on when set (`OTEL_EXPORTER_OTLP_ENDPOINT` when unset); http/protobuf adds `/v1/traces` to a bare address",
+    "tracing.protocol": "`http/protobuf` or `grpc` (`OTEL_EXPORTER_OTLP_PROTOCOL` when unset)",
+    "tracing.sample_ratio": "share of new traces sampled (parent-based: a client's traceparent decides for its own)",
+    "tracing.service_name": "`service.name` of the gateway's spans (`OTEL_SERVICE_NAME` when unset)",
+    "tracing.headers": "headers sent to the collector, a mapping (`OTEL_EXPORTER_OTLP_HEADERS` when unset)",
+    "tracing.queue_size": "spans waiting for export; past this they are dropped and counted, never waited for",
+    "logging.trusted_proxies": "addresses or networks whose `X-Forwarded-For` is believed for the client address",
+    "logging.server_timing": "send a `Server-Timing` header (admission, queue, upstream) on inference answers",
+    "logging.access.enabled": "one line per request (standard error, or `file`)",
+    "logging.access.format": "`json` or `logfmt`",
+    "logging.access.sample": "share of requests written (0 to 1)",
+    "logging.access.file": "a file of its own (reopened on SIGHUP, for logrotate); unset: standard error",
 }
 
 

@@ -26,6 +26,7 @@ from gateway.settings import ModelSettings, RouteSettings, RoutingSettings
 class Pick:
     engine: Engine
     route: RouteSettings
+    scores: tuple[tuple[str, float], ...] = ()  # each scorer's score of the engine, when it was scored (traces)
 
 
 class Router:
@@ -41,6 +42,7 @@ class Router:
         routing = routing or RoutingSettings()
         self._filters: list[Filter] = [FILTERS[n](routing) for n in routing.plugins if n in FILTERS]
         self._scorers: list[Scorer] = [SCORERS[n](routing) for n in routing.plugins if n in SCORERS]
+        self._scorer_names = [n for n in routing.plugins if n in SCORERS]
         self._assigners: dict[str, Assigner] = {m.name: ASSIGNERS[m.assignment](self._rng) for m in models}
         self._configured: dict[str, tuple[RouteSettings, ...]] = {m.name: m.routes for m in models}
         self.routes = dict(self._configured)
@@ -66,7 +68,7 @@ class Router:
         already (see `assign`), else in a route assigned now."""
         if route is not None:
             found = self._usable(route, tried)
-            return Pick(self._engine(request, found), route) if found else None
+            return self._pick(request, found, route) if found else None
         usable: dict[str, list[Engine]] = {}
         routes: list[RouteSettings] = []
         for route in self.routes[request.model]:
@@ -79,7 +81,7 @@ class Router:
         if not routes:
             return None
         route = self._assigners[request.model].choose(request, routes)
-        return Pick(self._engine(request, usable[route.name]), route)
+        return self._pick(request, usable[route.name], route)
 
     def assign(self, request: ApiRequest, tried: frozenset[str] = frozenset()) -> RouteSettings | None:
         """Steps 1 and 2 alone: the route (version) for the request, among the routes with a
@@ -99,17 +101,16 @@ class Router:
     def _usable(self, route: RouteSettings, tried: frozenset[str]) -> list[Engine]:
         return [e for e in self.members(route) if e.healthy and e.name not in tried]
 
-    def _engine(self, request: ApiRequest, candidates: list[Engine]) -> Engine:
+    def _pick(self, request: ApiRequest, candidates: list[Engine], route: RouteSettings) -> Pick:
         if len(candidates) == 1:
-            return candidates[0]
+            return Pick(candidates[0], route)
         chosen: Sequence[Engine] = candidates
         for f in self._filters:
             chosen = f.filter(request, chosen) or chosen
             if len(chosen) == 1:
-                return chosen[0]
-        totals = [0.0] * len(chosen)
-        for scorer in self._scorers:
-            for i, score in enumerate(scorer.score(request, chosen)):
-                totals[i] += score
+                return Pick(chosen[0], route)
+        scored = [list(scorer.score(request, chosen)) for scorer in self._scorers]
+        totals = [sum(column) for column in zip(*scored, strict=True)] if scored else [0.0] * len(chosen)
         best = max(totals)
-        return self._rng.choice([e for e, t in zip(chosen, totals, strict=True) if t == best])
+        i = self._rng.choice([i for i, t in enumerate(totals) if t == best])
+        return Pick(chosen[i], route, tuple((name, s[i]) for name, s in zip(self._scorer_names, scored, strict=True)))

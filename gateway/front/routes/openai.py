@@ -11,6 +11,7 @@ from starlette.types import Receive, Scope, Send
 from gateway.core.bodies import read_body, too_large
 from gateway.core.errors import model_not_allowed, model_not_found
 from gateway.core.request import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, parse_request
+from gateway.observe.record import current
 from gateway.proxy.context import Gateway
 from gateway.proxy.exchange import Exchange
 
@@ -26,7 +27,12 @@ class OpenAIEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gw = self.gw
         principal = await gw.access.authenticate(scope)
+        obs = current() if gw.observe is not None else None  # the access log names the caller of a refusal too
+        if obs is not None:
+            obs.note_caller(principal.key_id, principal.key, principal.priority)
         request = parse_request(await read_body(scope, receive, gw.settings.server.max_body_bytes), self.endpoint)
+        if obs is not None:
+            obs.model = request.model
         if not gw.router.knows(request.model):
             raise model_not_found(request.model)
         limit = gw.prompt_limits.get(request.model)
