@@ -43,8 +43,8 @@ class GatewayMetrics:
         r = self.registry
         self.requests = Counter(
             "gateway_requests",
-            "Requests by public model, engine, status and route (version).",
-            ["model", "engine", "status", "route"],
+            "Requests by public model, engine, status, route (version) and API (chat, responses, messages, ...).",
+            ["model", "engine", "status", "route", "api"],
             registry=r,
         )
         self.key_requests = Counter(
@@ -53,7 +53,7 @@ class GatewayMetrics:
         self.latency = Histogram(
             "gateway_request_duration_seconds",
             "Whole request latency.",
-            ["model", "route"],
+            ["model", "route", "api"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )

@@ -26,7 +26,7 @@ MAX_NAME = 256
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     path: str
-    kind: str  # chat, completions, embeddings
+    kind: str  # chat, completions, embeddings, responses, messages, ...: the metrics' and the log's `api`
     prompt_field: str  # the field that carries the input: messages, prompt, input
     streams: bool
 
@@ -35,6 +35,9 @@ CHAT = Endpoint("/v1/chat/completions", "chat", "messages", True)
 COMPLETIONS = Endpoint("/v1/completions", "completions", "prompt", True)
 EMBEDDINGS = Endpoint("/v1/embeddings", "embeddings", "input", False)
 ENDPOINTS = {e.path: e for e in (CHAT, COMPLETIONS, EMBEDDINGS)}
+# Translated to chat (gateway/apis/): the request's body is the chat body it became.
+RESPONSES = Endpoint("/v1/responses", "responses", "messages", True)
+MESSAGES = Endpoint("/v1/messages", "messages", "messages", True)
 
 
 @dataclass(slots=True)

@@ -17,8 +17,10 @@ from gateway.front.readiness import readiness
 from gateway.front.routes.batches import BatchRoutes
 from gateway.front.routes.console import console_routes
 from gateway.front.routes.files import FileRoutes
+from gateway.front.routes.messages import messages_routes
 from gateway.front.routes.monitor import monitor_routes
 from gateway.front.routes.openai import openai_routes
+from gateway.front.routes.responses import StoredResponseRoutes
 from gateway.front.store_service import StoreService, StoreUser
 from gateway.monitor.writer import InferenceLog
 from gateway.proxy.context import Gateway
@@ -117,6 +119,8 @@ def build_app(
 
     routes: list[BaseRoute] = [
         *openai_routes(gw),
+        *StoredResponseRoutes(gw).routes(),
+        *messages_routes(gw),
         *FileRoutes(gw).routes(),
         *BatchRoutes(gw, runner).routes(),
         Route("/health", health, methods=["GET"]),

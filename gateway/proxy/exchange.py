@@ -27,6 +27,7 @@ from types import TracebackType
 from starlette.types import Receive, Send
 
 from gateway.access.base import Grant, Principal, Usage
+from gateway.apis.base import Translation
 from gateway.core.bodies import ClientDisconnected, ClientWatch
 from gateway.core.errors import Code, GatewayError, internal_error
 from gateway.core.request import ApiRequest
@@ -37,6 +38,7 @@ from gateway.monitor.payloads import Capture
 from gateway.monitor.writer import LogEntry
 from gateway.proxy.context import Gateway
 from gateway.proxy.relay import SSE_HEADERS, Outcome, error_of, relay_stream, relay_whole
+from gateway.proxy.translated import relay_translated_stream, relay_translated_whole
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +60,20 @@ class Exchange:
         "request_id",
         "response",
         "started",
+        "translation",
     )
 
     def __init__(
-        self, gw: Gateway, principal: Principal, request: ApiRequest, request_id: bytes, receive: Receive | None
+        self,
+        gw: Gateway,
+        principal: Principal,
+        request: ApiRequest,
+        request_id: bytes,
+        receive: Receive | None,
+        translation: Translation | None = None,
     ) -> None:
         self.gw = gw
+        self.translation = translation  # the Responses or Messages API over chat (gateway/apis/)
         self.principal = principal
         self.request = request
         if request.subject is None:
@@ -124,9 +134,13 @@ class Exchange:
             if attempt:
                 m.retries_by(model).inc()
             m.routing_by(model, engine.name).inc()
-            body = request.upstream_body(pick.route.model)
+            if self.translation is None:
+                path, body = request.endpoint.path, request.upstream_body(pick.route.model)
+            else:  # native where the engine serves the API itself, else as chat completions
+                native = self.translation.api in engine.settings.apis
+                path, body = self.translation.upstream(native, pick.route.model)
             try:
-                response = await gw.upstream.post(engine.settings, request.endpoint.path, body, request.stream)
+                response = await gw.upstream.post(engine.settings, path, body, request.stream)
             except EngineUnreachable as exc:
                 m.upstream_errors_by(engine.name, "connect").inc()
                 gw.pool.mark_failed(engine, str(exc))
@@ -167,6 +181,9 @@ class Exchange:
         inference_log = gw.inference_log
         if inference_log is not None and (capture := inference_log.capture(self.request)) is not None:
             self._capture, send = capture, capture.wrap(send)  # a sampled payload: keep what is sent
+        if self.translation is not None:
+            await self._relay_translated(response, send, headers)
+            return
         if not (self.request.stream and response.status == 200):
             await relay_whole(response, send, self.out, headers, self._finishing)
             return
@@ -179,6 +196,23 @@ class Exchange:
             await relay_stream(response, send, self.out, [*SSE_HEADERS, *headers], self._finishing, strip, on_gap)
         finally:
             gw.watchdog.unwatch(self.out)
+            m.streams.dec()
+
+    async def _relay_translated(
+        self, response: UpstreamResponse, send: Send, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        t, m = self.translation, self.gw.metrics
+        assert t is not None
+        if not (self.request.stream and response.status == 200):
+            await relay_translated_whole(response, send, self.out, headers, self._finishing, t)
+            return
+        m.streams.inc()
+        self.gw.watchdog.watch(self.out, self._watch.drop)
+        try:
+            on_gap = m.itl_by(self.request.model, self.pick.route.name if self.pick else "-").observe
+            await relay_translated_stream(response, send, self.out, headers, self._finishing, t, on_gap)
+        finally:
+            self.gw.watchdog.unwatch(self.out)
             m.streams.dec()
 
     def _headers(self) -> list[tuple[bytes, bytes]]:
@@ -251,8 +285,9 @@ class Exchange:
         status = str(out.status)
         elapsed = time.perf_counter() - self.started
         ttft = out.first_chunk - self.started if out.first_chunk else None
-        m.requests_by(model, engine, status, route).inc()
-        m.latency_by(model, route).observe(elapsed)
+        api = self.request.endpoint.kind
+        m.requests_by(model, engine, status, route, api).inc()
+        m.latency_by(model, route, api).observe(elapsed)
         if ttft is not None:
             m.ttft_by(model, route).observe(ttft)
         if usage.prompt_tokens:
@@ -286,6 +321,7 @@ class Exchange:
                     out.status == DISCONNECTED,
                     self.request.batch_id,
                     self._capture,
+                    api,
                 )
             )
 

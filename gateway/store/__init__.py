@@ -46,6 +46,7 @@ from gateway.store.records import (
     ReportRow,
     RequestCounts,
     RequestFilter,
+    StoredResponse,
     StoreError,
     UnfinishedLinesError,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "StoreConfigError",
     "StoreError",
     "StoreSettings",
+    "StoredResponse",
     "UnfinishedLinesError",
     "open_store",
     "parse_store_settings",

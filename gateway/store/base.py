@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterable, AsyncIterator, Collection, Iterable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from gateway.store.records import (
     Batch,
@@ -28,6 +28,7 @@ from gateway.store.records import (
     Page,
     ReportRow,
     RequestFilter,
+    StoredResponse,
 )
 
 
@@ -196,3 +197,20 @@ class Store(ABC):
     @abstractmethod
     async def delete_requests_before(self, cutoff: float) -> int:
         """Retention: delete log rows older than `cutoff` (Unix seconds); returns how many."""
+
+    # Stored responses (the Responses API's `store: true`) ------------------------------------
+
+    @abstractmethod
+    async def save_response(
+        self, response_id: str, owner: Owner, response: dict[str, Any], input_items: list[dict[str, Any]]
+    ) -> None: ...
+
+    @abstractmethod
+    async def get_response(self, response_id: str, owner: OwnerScope) -> StoredResponse | None: ...
+
+    @abstractmethod
+    async def delete_response(self, response_id: str, owner: OwnerScope) -> bool: ...
+
+    @abstractmethod
+    async def delete_responses_before(self, cutoff: float) -> int:
+        """Retention: delete responses stored before `cutoff` (Unix seconds); returns how many."""

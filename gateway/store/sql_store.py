@@ -12,8 +12,9 @@ from gateway.store.files import FileOps
 from gateway.store.finalize import FinalizeOps
 from gateway.store.inference_log import InferenceLogOps
 from gateway.store.lines import LineOps
+from gateway.store.responses import ResponseOps
 
 
-class SqlStore(FileOps, BatchOps, LineOps, FinalizeOps, InferenceLogOps, Store):
+class SqlStore(FileOps, BatchOps, LineOps, FinalizeOps, InferenceLogOps, ResponseOps, Store):
     async def close(self) -> None:
         await self.db.close()

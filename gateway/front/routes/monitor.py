@@ -127,6 +127,7 @@ def record_json(r: InferenceRecord) -> dict[str, Any]:
         "request_id": r.request_id,
         "key_id": r.key_id,
         "model": r.model,
+        "api": r.api,
         "route": r.route,
         "engine": r.engine,
         "status": r.status,
