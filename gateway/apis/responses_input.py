@@ -227,8 +227,11 @@ def _append(messages: list[dict[str, Any]], item: dict[str, Any]) -> None:
         messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": _text(item["output"], "output")})
 
 
-def _chat_content(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+def _chat_content(parts: Any) -> str | list[dict[str, Any]]:
     """Text only: one string (what every chat engine takes); with images, chat's parts."""
+    if not isinstance(parts, list):
+        return parts if isinstance(parts, str) else ""
+    parts = [p for p in parts if isinstance(p, dict)]  # stored history is trusted, but stays readable
     if all(p.get("type") != "input_image" for p in parts):
         return "".join(p.get("text") or p.get("refusal") or "" for p in parts)
     out: list[dict[str, Any]] = []

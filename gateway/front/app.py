@@ -14,6 +14,7 @@ from gateway.batch.runner import BatchRunner
 from gateway.front.listeners import listener_app
 from gateway.front.middleware import Front
 from gateway.front.readiness import readiness
+from gateway.front.response_retention import ResponseRetention
 from gateway.front.routes.batches import BatchRoutes
 from gateway.front.routes.console import console_routes
 from gateway.front.routes.files import FileRoutes
@@ -81,7 +82,7 @@ def build_app(
     gw = Gateway.build(settings, multiprocess, drain, control_path)
     parts = RedisParts(settings, gw) if settings.redis.url else None
     runner = BatchRunner(gw)
-    users: list[StoreUser] = [runner]
+    users: list[StoreUser] = [runner, ResponseRetention(settings.store)]
     if settings.inference_log.enabled:
         gw.inference_log = InferenceLog(settings.inference_log, settings.models, gw.metrics)
         users.append(gw.inference_log)
