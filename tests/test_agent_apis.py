@@ -47,7 +47,8 @@ def gw(logs_dir: Path, redis_session: RedisServer, tiny_worker: Proc, tools_engi
         "inference_log": {"flush_interval": 0.2},
         "engines": [
             {"name": "tiny", "kind": "openai", "url": tiny_worker.url},
-            {"name": "tools", "kind": "openai", "url": tools_engine.url},
+            # Says it serves vLLM's extra endpoints (the fake answers any path), the CPU engine does not.
+            {"name": "tools", "kind": "openai", "url": tools_engine.url, "apis": ["tokenize", "rerank", "score"]},
         ],
         "models": [
             {"name": TINY, "routes": [{"engine": "tiny", "model": TINY}], "tokenizer": str(TINY_MODEL)},
@@ -314,3 +315,24 @@ def test_api_label_in_metrics_and_log(gw: Proc, key: tuple[str, str]) -> None:
         apis = {r["api"] for r in rows}
         time.sleep(0.2)
     assert {"responses", "messages"} <= apis
+
+
+def test_vllm_endpoints_pass_through_with_keys(gw: Proc, key: tuple[str, str]) -> None:
+    key_id, secret = key
+    auth = {"authorization": f"Bearer {secret}"}
+    before = admin(gw, "GET", f"/admin/keys/{key_id}/usage").json()["day"]
+    for path in ("/tokenize", "/detokenize", "/v1/rerank", "/rerank", "/v2/rerank", "/v1/score"):
+        r = httpx.post(
+            gw.url + path, json={"model": "tools", "prompt": "hi", "query": "q", "documents": ["d"]}, headers=auth
+        )
+        assert r.status_code == 200, (path, r.text)
+        assert r.headers["x-gateway-route"] == "v1"
+        refused = httpx.post(gw.url + path, json={"model": TINY, "prompt": "hi"}, headers=auth)
+        assert refused.status_code == 404 and refused.json()["error"]["code"] == "endpoint_not_served"
+        assert path in refused.json()["error"]["message"]
+        assert httpx.post(gw.url + path, json={"model": "tools"}).status_code == 401
+    after = admin(gw, "GET", f"/admin/keys/{key_id}/usage").json()["day"]
+    # The scripted engine reports 11 prompt and 5 completion tokens for every answer.
+    assert after["prompt_tokens"] - before["prompt_tokens"] == 6 * 11
+    assert after["completion_tokens"] - before["completion_tokens"] == 6 * 5
+    assert 'api="rerank"' in httpx.get(gw.url + "/metrics").text

@@ -35,6 +35,7 @@ CHAT = Endpoint("/v1/chat/completions", "chat", "messages", True)
 COMPLETIONS = Endpoint("/v1/completions", "completions", "prompt", True)
 EMBEDDINGS = Endpoint("/v1/embeddings", "embeddings", "input", False)
 ENDPOINTS = {e.path: e for e in (CHAT, COMPLETIONS, EMBEDDINGS)}
+GENERATING = frozenset({"chat", "completions", "responses", "messages"})  # the kinds that write tokens
 # Translated to chat (gateway/apis/): the request's body is the chat body it became.
 RESPONSES = Endpoint("/v1/responses", "responses", "messages", True)
 MESSAGES = Endpoint("/v1/messages", "messages", "messages", True)
@@ -61,7 +62,7 @@ class ApiRequest:
 
     def cap_max_tokens(self, limit: int) -> None:
         """Sets max_tokens where the client sent none, so a reservation bounds what it can spend."""
-        if self.max_tokens is None and self.endpoint.kind != "embeddings":
+        if self.max_tokens is None and self.endpoint.kind in GENERATING:
             self.max_tokens = self.body["max_tokens"] = limit
 
     def upstream_body(self, upstream_model: str) -> bytes:

@@ -21,6 +21,7 @@ from gateway.front.routes.files import FileRoutes
 from gateway.front.routes.messages import messages_routes
 from gateway.front.routes.monitor import monitor_routes
 from gateway.front.routes.openai import openai_routes
+from gateway.front.routes.passthrough import passthrough_routes
 from gateway.front.routes.responses import StoredResponseRoutes
 from gateway.front.store_service import StoreService, StoreUser
 from gateway.monitor.writer import InferenceLog
@@ -122,6 +123,7 @@ def build_app(
         *openai_routes(gw),
         *StoredResponseRoutes(gw).routes(),
         *messages_routes(gw),
+        *passthrough_routes(gw),
         *FileRoutes(gw).routes(),
         *BatchRoutes(gw, runner).routes(),
         Route("/health", health, methods=["GET"]),
