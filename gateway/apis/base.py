@@ -24,11 +24,14 @@ CHAT_PATH = "/v1/chat/completions"
 
 def sse_events(block: bytes) -> list[bytes]:
     """The events of a block of complete SSE events (the separators dropped)."""
-    return [e for e in _EVENT_SPLIT.split(block) if e]
+    events = block.split(b"\n\n") if b"\r" not in block else _EVENT_SPLIT.split(block)
+    return [e for e in events if e]
 
 
 def data_of(event: bytes) -> bytes | None:
     """The `data:` payload of one SSE event (the first data line), or None."""
+    if event.startswith(b"data: ") and b"\n" not in event:
+        return event[6:]  # what engines send: one data line per event
     for line in event.splitlines():
         if line.startswith(b"data:"):
             return line[5:].lstrip()
