@@ -124,8 +124,11 @@ class Translation(ABC):
             return self.observe(block)
         out: list[bytes] = []
         cs = self._chat_stream
-        for event in sse_events(block):
-            data = data_of(event)
+        piece = self.piece
+        for event in block.split(b"\n\n") if b"\r" not in block else _EVENT_SPLIT.split(block):
+            if not event:
+                continue
+            data = event[6:] if event.startswith(b"data: ") and b"\n" not in event else data_of(event)
             if data is None:
                 continue
             if data == b"[DONE]":
@@ -137,11 +140,11 @@ class Translation(ABC):
                 chunk = orjson.loads(data)
             except ValueError:
                 continue
-            if isinstance(chunk, dict):
-                for piece in cs.feed(chunk):
+            if type(chunk) is dict:
+                for p in cs.feed(chunk):
                     self.events += 1
-                    out.append(self.piece(piece))
-        return b"".join(out)
+                    out.append(piece(p))
+        return out[0] if len(out) == 1 else b"".join(out)
 
     @abstractmethod
     def opening(self) -> bytes: ...

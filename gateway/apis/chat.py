@@ -4,7 +4,8 @@ choice is read: the translated APIs have one answer per request."""
 
 from __future__ import annotations
 
-import secrets
+import itertools
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -17,8 +18,14 @@ class ToolCall:
     arguments: str
 
 
+# Ids of responses, items and messages: 24 hex characters, a random per-process part and a
+# counter (unique across replicas, and no system call per id; several ids are made per request).
+_ID_PREFIX = os.urandom(8).hex()
+_numbers = itertools.count()
+
+
 def new_id(prefix: str) -> str:
-    return f"{prefix}{secrets.token_hex(12)}"
+    return f"{prefix}{_ID_PREFIX}{next(_numbers):08x}"
 
 
 class ChatStream:
@@ -55,31 +62,40 @@ class ChatStream:
                     )
                 )
 
-    def feed(self, chunk: dict[str, Any]) -> Iterator[tuple[str, int, str]]:
+    def feed(self, chunk: dict[str, Any]) -> list[tuple[str, int, str]]:
         """The pieces of one chunk: ("text", 0, text), ("tool", i, name) when tool call i begins,
         ("args", i, text) for its arguments."""
         usage = chunk.get("usage")
-        if isinstance(usage, dict):
+        if usage is not None and type(usage) is dict:
             self.usage = usage
         choices = chunk.get("choices")
-        if not choices or not isinstance(choices, list):
-            return
+        if not choices or type(choices) is not list:
+            return []
         choice = choices[0]
-        if not isinstance(choice, dict):
-            return
+        if type(choice) is not dict:
+            return []
         reason = choice.get("finish_reason")
-        if isinstance(reason, str) and reason:
+        if reason and type(reason) is str:
             self.finish_reason = reason
         delta = choice.get("delta")
-        if not isinstance(delta, dict):
-            return
+        if type(delta) is not dict:
+            return []
         content = delta.get("content")
-        if isinstance(content, str) and content:
-            self.text.append(content)
-            yield "text", 0, content
         calls = delta.get("tool_calls")
-        if not isinstance(calls, list):
-            return
+        if calls is None:  # the common chunk: text alone
+            if content and type(content) is str:
+                self.text.append(content)
+                return [("text", 0, content)]
+            return []
+        pieces: list[tuple[str, int, str]] = []
+        if content and type(content) is str:
+            self.text.append(content)
+            pieces.append(("text", 0, content))
+        if type(calls) is list:
+            pieces += self._calls(calls)
+        return pieces
+
+    def _calls(self, calls: list[Any]) -> Iterator[tuple[str, int, str]]:
         for call in calls:
             if not isinstance(call, dict):
                 continue
