@@ -15,7 +15,7 @@ slot (their `user` field); `POST /stats/reset` zeroes them. `--service-spread F`
 request's service time uniformly within ±F of `--service-ms` (as outputs of different lengths
 do), so the slots do not free all at once.
 
-`--tools` scripts tool use, to test the translations of the Responses and Messages APIs: a chat
+`--tools` also answers audio uploads (/v1/audio/*) with the model they named. It scripts tool use, to test the translations of the Responses and Messages APIs: a chat
 request that offers tools and whose last message is not a tool's answer gets a call of its first
 tool with `{"query": <the last user text>}` (finish reason tool_calls); one whose last message is
 a tool's answer gets the text `tool said: <that answer>`. Streams split the arguments in pieces.
@@ -204,6 +204,8 @@ class FakeEngine:
         # A cheap look for "stream":true, as the canned answers need no real parsing.
         stream = b'"stream":true' in body or b'"stream": true' in body
         usage = b'"include_usage":true' in body or b'"include_usage": true' in body
+        if self.tools and path.startswith("/v1/audio/"):
+            return await _transcribed(send, body)
         if self.tools:
             return await _scripted(send, json.loads(body), stream)
         if self.saturable:
@@ -276,6 +278,20 @@ def _text_of(content: object) -> str:
     if isinstance(content, list):
         return "".join(p.get("text", "") for p in content if isinstance(p, dict))
     return content if isinstance(content, str) else ""
+
+
+END = b"\r\n--"
+
+
+async def _transcribed(send: Send, body: bytes) -> None:
+    """--tools: an audio upload answered with the model it named and the size of its file."""
+    model = body.split(b'name="model"\r\n\r\n', 1)[-1].split(b"\r\n", 1)[0].decode(errors="replace")
+    file = body.split(b'name="file"', 1)[-1].split(b"\r\n\r\n", 1)[-1]
+    answer = {
+        "text": f"model={model} bytes={len(file.rsplit(END, 1)[0])}",
+        "usage": {"prompt_tokens": 3, "completion_tokens": 4},
+    }
+    await _reply(send, 200, json.dumps(answer).encode())
 
 
 async def _scripted(send: Send, body: dict[str, object], stream: bool) -> None:

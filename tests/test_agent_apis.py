@@ -48,11 +48,16 @@ def gw(logs_dir: Path, redis_session: RedisServer, tiny_worker: Proc, tools_engi
         "engines": [
             {"name": "tiny", "kind": "openai", "url": tiny_worker.url},
             # Says it serves vLLM's extra endpoints (the fake answers any path), the CPU engine does not.
-            {"name": "tools", "kind": "openai", "url": tools_engine.url, "apis": ["tokenize", "rerank", "score"]},
+            {
+                "name": "tools",
+                "kind": "openai",
+                "url": tools_engine.url,
+                "apis": ["tokenize", "rerank", "score", "audio"],
+            },
         ],
         "models": [
             {"name": TINY, "routes": [{"engine": "tiny", "model": TINY}], "tokenizer": str(TINY_MODEL)},
-            {"name": "tools", "routes": [{"engine": "tools", "model": "tools"}]},
+            {"name": "tools", "routes": [{"engine": "tools", "model": "tools-upstream"}]},
         ],
     }
     proc = start_gateway(logs_dir, cfg, "agent-apis")
@@ -336,3 +341,26 @@ def test_vllm_endpoints_pass_through_with_keys(gw: Proc, key: tuple[str, str]) -
     assert after["prompt_tokens"] - before["prompt_tokens"] == 6 * 11
     assert after["completion_tokens"] - before["completion_tokens"] == 6 * 5
     assert 'api="rerank"' in httpx.get(gw.url + "/metrics").text
+
+
+def test_audio_uploads_pass_through_with_keys(gw: Proc, key: tuple[str, str]) -> None:
+    key_id, secret = key
+    client = oai(gw, secret)
+    before = admin(gw, "GET", f"/admin/keys/{key_id}/usage").json()["day"]
+    audio = b"RIFF" + bytes(range(256)) * 40
+    text = client.audio.transcriptions.create(model="tools", file=("a.wav", audio), language="en")
+    assert text.text == f"model=tools-upstream bytes={len(audio)}"  # the model rewritten, the file intact
+    text = client.audio.translations.create(model="tools", file=("a.wav", audio))
+    assert text.text.startswith("model=tools-upstream")
+    after = admin(gw, "GET", f"/admin/keys/{key_id}/usage").json()["day"]
+    assert after["requests"] - before["requests"] == 2 and after["completion_tokens"] - before["completion_tokens"] == 8
+    with pytest.raises(openai.NotFoundError) as refused:
+        client.audio.transcriptions.create(model=TINY, file=("a.wav", audio))
+    assert refused.value.code == "endpoint_not_served"
+    auth = {"authorization": f"Bearer {secret}"}
+    r = httpx.post(
+        gw.url + "/v1/audio/transcriptions", content=b"{}", headers={**auth, "content-type": "application/json"}
+    )
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(gw.url + "/v1/audio/transcriptions", files={"file": ("a.wav", audio)}, headers=auth)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"

@@ -7,6 +7,7 @@ validates it. Nothing after this module reads the raw dict for those fields agai
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +55,10 @@ class ApiRequest:
     subject: str | None = None  # the `user` field: who the request is for (sticky routing)
     batch_id: str | None = None  # set for the lines of a batch
     size: int = 0  # bytes of the raw body
+    # A body that is not JSON (a multipart audio upload): its content type, and how to write it
+    # for an upstream model name; None for every JSON request.
+    content_type: bytes | None = None
+    rewrite: Callable[[str], bytes] | None = field(default=None, repr=False)
     _prefix: bytes | None = field(default=None, repr=False)
 
     @property
@@ -66,6 +71,8 @@ class ApiRequest:
             self.max_tokens = self.body["max_tokens"] = limit
 
     def upstream_body(self, upstream_model: str) -> bytes:
+        if self.rewrite is not None:
+            return self.rewrite(upstream_model)
         body = self.body
         body["model"] = upstream_model
         if self.stream:

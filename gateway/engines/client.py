@@ -249,11 +249,15 @@ class _Engine:
         self.heads[""] = f"host: {host}\r\ncontent-type: application/json\r\n".encode()
         self.idle: list[_Connection] = []
 
-    def request(self, path: str, body: bytes) -> list[bytes]:
-        head = self.heads.get(path)
-        if head is None:
-            head = self.heads[path] = f"POST {path} HTTP/1.1\r\n".encode() + self.heads[""] + self.auth
-        return [head, b"content-length: %d\r\n\r\n" % len(body), body]
+    def request(self, path: str, body: bytes, content_type: bytes | None = None) -> list[bytes]:
+        if content_type is not None:  # not JSON (a multipart upload): a head of its own, not cached
+            host = self.heads[""].split(b"\r\n", 1)[0]
+            head = b"POST %s HTTP/1.1\r\n%s\r\ncontent-type: %s\r\n" % (path.encode(), host, content_type) + self.auth
+            return [head, b"content-length: %d\r\n\r\n" % len(body), body]
+        cached = self.heads.get(path)
+        if cached is None:
+            cached = self.heads[path] = f"POST {path} HTTP/1.1\r\n".encode() + self.heads[""] + self.auth
+        return [cached, b"content-length: %d\r\n\r\n" % len(body), body]
 
 
 class Upstream:
@@ -277,12 +281,15 @@ class Upstream:
         for response in list(self._active):
             response.close()
 
-    async def post(self, engine: EngineSettings, path: str, body: bytes, stream: bool) -> UpstreamResponse:
-        """Sends the request and returns once the response headers are in."""
+    async def post(
+        self, engine: EngineSettings, path: str, body: bytes, stream: bool, content_type: bytes | None = None
+    ) -> UpstreamResponse:
+        """Sends the request and returns once the response headers are in (a JSON body unless
+        `content_type` says otherwise)."""
         target = self._engines.get(engine.url)
         if target is None:
             target = self._engines[engine.url] = _Engine(engine)
-        request = target.request(path, body)
+        request = target.request(path, body, content_type)
         s = self._server
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (s.first_byte_timeout if stream else s.request_timeout)

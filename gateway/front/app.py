@@ -15,6 +15,7 @@ from gateway.front.listeners import listener_app
 from gateway.front.middleware import Front
 from gateway.front.readiness import readiness
 from gateway.front.response_retention import ResponseRetention
+from gateway.front.routes.audio import audio_routes
 from gateway.front.routes.batches import BatchRoutes
 from gateway.front.routes.console import console_routes
 from gateway.front.routes.files import FileRoutes
@@ -124,6 +125,7 @@ def build_app(
         *StoredResponseRoutes(gw).routes(),
         *messages_routes(gw),
         *passthrough_routes(gw),
+        *audio_routes(gw),
         *FileRoutes(gw).routes(),
         *BatchRoutes(gw, runner).routes(),
         Route("/health", health, methods=["GET"]),

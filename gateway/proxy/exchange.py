@@ -140,7 +140,7 @@ class Exchange:
                 native = self.translation.api in engine.settings.apis
                 path, body = self.translation.upstream(native, pick.route.model)
             try:
-                response = await gw.upstream.post(engine.settings, path, body, request.stream)
+                response = await gw.upstream.post(engine.settings, path, body, request.stream, request.content_type)
             except EngineUnreachable as exc:
                 m.upstream_errors_by(engine.name, "connect").inc()
                 gw.pool.mark_failed(engine, str(exc))

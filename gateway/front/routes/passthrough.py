@@ -1,5 +1,5 @@
 """vLLM's other endpoints, passed through with keys and quotas: `/tokenize`, `/detokenize`,
-`/v1/rerank` (and `/rerank`, `/v2/rerank`), `/v1/score`.
+`/v1/rerank` (and `/rerank`, `/v2/rerank`), `/v1/score` (the audio endpoints: audio.py).
 
 Each is routed by its `model` like chat and goes through the same exchange (admission, engine
 slot, relay, settle with the usage the answer reports), untouched but for the upstream model
@@ -40,17 +40,17 @@ def not_served(model: str, path: str) -> GatewayError:
     )
 
 
+def served_by(gw: Gateway, model: str, api: str) -> bool:
+    """Whether an engine of the model's routes serves `api` itself (its `apis:`)."""
+    router = gw.router
+    return any(api in engine.settings.apis for route in router.routes[model] for engine in router.members(route))
+
+
 class PassThrough:
     def __init__(self, gw: Gateway, path: str, api: str, served_as: str) -> None:
         self.gw = gw
         self.endpoint = Endpoint(path, api, "prompt", False)
         self.served_as = served_as
-
-    def serves(self, model: str) -> bool:
-        router = self.gw.router
-        return any(
-            self.served_as in engine.settings.apis for route in router.routes[model] for engine in router.members(route)
-        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gw = self.gw
@@ -59,7 +59,7 @@ class PassThrough:
         body = json_object(raw)
         request = ApiRequest(self.endpoint, model_of(body), body, size=len(raw))
         check_model(gw, principal, request)
-        if not self.serves(request.model):
+        if not served_by(gw, request.model, self.served_as):
             raise not_served(request.model, self.endpoint.path)
         async with Exchange(gw, principal, request, scope["request_id"], receive) as exchange:
             await exchange.admit()
