@@ -96,6 +96,13 @@ def cases(draw: st.DrawFn, world: World, area: str | None = None) -> Case:
             op
         ]
         body = draw(bodies["messages" if op == "count_tokens" else op]())
+    elif op == "passthrough":
+        method = "POST"
+        path = draw(st.sampled_from(["/tokenize", "/detokenize", "/v1/rerank", "/rerank", "/v2/rerank", "/v1/score"]))
+        body = draw(bodies["completions"]())
+    elif op == "audio":
+        method, path = "POST", draw(st.sampled_from(["/v1/audio/transcriptions", "/v1/audio/translations"]))
+        body, ctype = draw(multipart(batch_line(bodies["chat"]())))
     elif op in ("response_get", "response_delete", "response_items"):
         method = "DELETE" if op == "response_delete" else "GET"
         path = f"/v1/responses/{draw(segment(known(world.response_ids)))}"
@@ -250,6 +257,12 @@ JSON_POSTS = {
     "/v1/responses",
     "/v1/messages",
     "/v1/messages/count_tokens",
+    "/tokenize",
+    "/detokenize",
+    "/v1/rerank",
+    "/rerank",
+    "/v2/rerank",
+    "/v1/score",
 }
 # Anthropic's statuses on /v1/messages*: no 502 or 503 (an engine's failure is a 500 api_error,
 # no engine to take the request a 529 overloaded_error), and its error shape.
