@@ -12,6 +12,10 @@ figure is the median over rounds; the differences and ratios are medians of each
     .venv/bin/python bench/agent_apis.py [--rounds 5] [--requests 3000] [--streams 100] [--chunks 64]
 
 Targets: at most 0.05 ms more CPU per request than chat, at most 1.25x chat's CPU per chunk.
+
+First it prints the translation's own cost in this process (no server, no network): parsing and
+translating a request and its whole answer, against parsing a chat request, and translating one
+streamed chunk; the least of 15 repetitions, which a busy machine disturbs least.
 """
 
 from __future__ import annotations
@@ -72,6 +76,63 @@ async def streams_run(url: str, payload: bytes, streams: int, end: bytes) -> tup
     return done, time.perf_counter() - start
 
 
+def translation_cost() -> None:
+    import orjson
+
+    from gateway.apis.messages import MessagesTranslation
+    from gateway.apis.messages_input import parse_messages
+    from gateway.apis.responses import ResponsesTranslation
+    from gateway.apis.responses_input import parse_responses
+    from gateway.core.request import CHAT, parse_request
+
+    message = {"role": "assistant", "content": "x " * 32}
+    answer = orjson.dumps(
+        {
+            "id": "c",
+            "object": "chat.completion",
+            "model": MODEL,
+            "choices": [{"index": 0, "message": message, "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 8, "completion_tokens": 32, "total_tokens": 40},
+        }
+    )
+    chunk = b'data: {"id":"c","object":"chat.completion.chunk","model":"fake","choices":[{"index":0,"delta":{"content":"x "},"finish_reason":null}]}\n\n'
+
+    def chat() -> None:
+        parse_request(body("chat", False), CHAT).upstream_body(MODEL)
+
+    def responses() -> None:
+        t = ResponsesTranslation(parse_responses(orjson.loads(body("responses", False))), [], 0)
+        t.upstream(False, MODEL)
+        t.whole(200, answer)
+
+    def messages() -> None:
+        t = MessagesTranslation(parse_messages(orjson.loads(body("messages", False))))
+        t.upstream(False, MODEL)
+        t.whole(200, answer)
+
+    streamed_r = ResponsesTranslation(parse_responses(orjson.loads(body("responses", True))), [], 0)
+    streamed_m = MessagesTranslation(parse_messages(orjson.loads(body("messages", True))))
+    for t in (streamed_r, streamed_m):
+        t.upstream(False, MODEL)
+        t.open()
+
+    def least(f: object, n: int) -> float:
+        runs = []
+        for _ in range(15):
+            t0 = time.process_time()
+            for _ in range(n):
+                f()  # type: ignore[operator]
+            runs.append((time.process_time() - t0) / n * 1e6)
+        return min(runs)
+
+    base = least(chat, 3000)
+    extra_r, extra_m = least(responses, 3000) - base, least(messages, 3000) - base
+    chunk_r, chunk_m = least(lambda: streamed_r.feed(chunk), 10000), least(lambda: streamed_m.feed(chunk), 10000)
+    print(f"in-process (least of 15): parse a chat request {base:.1f} us;", end=" ")
+    print(f"responses +{extra_r:.1f} us, messages +{extra_m:.1f} us per request;")
+    print(f"  one streamed chunk: responses {chunk_r:.2f} us, messages {chunk_m:.2f} us")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=5)
@@ -83,6 +144,7 @@ def main() -> None:
     p.add_argument("--server-core", default="1")
     p.add_argument("--client-core", default="0")
     a = p.parse_args()
+    translation_cost()
     raise_nofile()
     tmp = Path(tempfile.mkdtemp(prefix="agent-apis-bench-"))
     whole_up = servers.start_upstream("fake", tmp, chunks=a.chunks, pace_ms=0, cpus=a.client_core)
