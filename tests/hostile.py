@@ -43,6 +43,7 @@ ADMIN_REQUESTS = {
     "until": "time",
     "limit": "int",
     "after": "int",
+    "api": "text",
 }
 REPORT = {"since": "time", "until": "time", "baseline_since": "time", "baseline_until": "time"}
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE", "PROPFIND", "get"]

@@ -320,6 +320,8 @@ def test_api_label_in_metrics_and_log(gw: Proc, key: tuple[str, str]) -> None:
         apis = {r["api"] for r in rows}
         time.sleep(0.2)
     assert {"responses", "messages"} <= apis
+    only = admin(gw, "GET", "/admin/requests?api=messages&limit=200").json()["data"]
+    assert only and {r["api"] for r in only} == {"messages"}
 
 
 def test_vllm_endpoints_pass_through_with_keys(gw: Proc, key: tuple[str, str]) -> None:

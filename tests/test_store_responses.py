@@ -35,5 +35,6 @@ def test_responses_are_kept_per_owner_and_trimmed(store_env: StoreEnv) -> None:
             )
             rows = (await store.query_requests(RequestFilter())).items
             assert [r.api for r in rows] == ["messages"]
+            assert (await store.query_requests(RequestFilter(api="chat"))).items == []
 
     asyncio.run(main())

@@ -105,6 +105,7 @@ class InferenceLogOps(SqlBase):
             ("model", where.model),
             ("route", where.route),
             ("status", None if where.status is None else int(where.status)),
+            ("api", where.api),
         ):
             if value is not None:
                 args.append(value)

@@ -240,6 +240,7 @@ class RequestFilter:
     status: int | None = None
     since: float | None = None
     until: float | None = None
+    api: str | None = None  # chat, completions, embeddings, responses, messages, ...
 
 
 class ReportRow(NamedTuple):

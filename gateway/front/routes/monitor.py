@@ -27,7 +27,7 @@ from gateway.store import InferenceRecord, RequestFilter, Store
 
 log = logging.getLogger(__name__)
 
-REQUEST_PARAMS = ("key_id", "model", "route", "status", "since", "until", "limit", "after")
+REQUEST_PARAMS = ("key_id", "model", "route", "status", "since", "until", "limit", "after", "api")
 REPORT_PARAMS = ("since", "until", "baseline_since", "baseline_until")
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
@@ -66,6 +66,7 @@ class MonitorRoutes:
             status=status,
             since=_time(q, "since"),
             until=_time(q, "until"),
+            api=_text(q, "api"),
         )
         limit = _int(q, "limit", 1, MAX_LIMIT) or DEFAULT_LIMIT
         after = _int(q, "after", 0, 2**63 - 1)
