@@ -18,9 +18,14 @@ slot (their `user` field); `POST /stats/reset` zeroes them. `--service-spread F`
 request's service time uniformly within ±F of `--service-ms` (as outputs of different lengths
 do), so the slots do not free all at once.
 
+`--tools` also answers audio uploads (/v1/audio/*) with the model they named. It scripts tool use, to test the translations of the Responses and Messages APIs: a chat
+request that offers tools and whose last message is not a tool's answer gets a call of its first
+tool with `{"query": <the last user text>}` (finish reason tool_calls); one whose last message is
+a tool's answer gets the text `tool said: <that answer>`. Streams split the arguments in pieces.
+
     python bench/fake_upstream.py --port 9000 [--chunks 32] [--pace-ms 0] [--fail-status 0]
                                   [--capacity 0] [--service-ms 0] [--first-token-ms -1]
-                                  [--service-spread 0] [--delay-ms 0] [--count] [--record-trace]
+                                  [--service-spread 0] [--delay-ms 0] [--count] [--record-trace] [--tools]
 """
 
 from __future__ import annotations
@@ -145,7 +150,9 @@ class FakeEngine:
         delay_ms: float = 0.0,
         count: bool = False,
         record_trace: bool = False,
+        tools: bool = False,
     ) -> None:
+        self.tools = tools
         self.chunks = chunks
         self.pace = pace_ms / 1000
         self.fail_status = fail_status
@@ -207,6 +214,10 @@ class FakeEngine:
         # A cheap look for "stream":true, as the canned answers need no real parsing.
         stream = b'"stream":true' in body or b'"stream": true' in body
         usage = b'"include_usage":true' in body or b'"include_usage": true' in body
+        if self.tools and path.startswith("/v1/audio/"):
+            return await _transcribed(send, body)
+        if self.tools:
+            return await _scripted(send, json.loads(body), stream)
         if self.saturable:
             await self._saturable(receive, send, body, stream, usage)
         elif stream:
@@ -273,6 +284,100 @@ class FakeEngine:
         await send({"type": "http.response.body", "body": tail, "more_body": False})
 
 
+def _text_of(content: object) -> str:
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return content if isinstance(content, str) else ""
+
+
+END = b"\r\n--"
+
+
+async def _transcribed(send: Send, body: bytes) -> None:
+    """--tools: an audio upload answered with the model it named and the size of its file."""
+    model = body.split(b'name="model"\r\n\r\n', 1)[-1].split(b"\r\n", 1)[0].decode(errors="replace")
+    file = body.split(b'name="file"', 1)[-1].split(b"\r\n\r\n", 1)[-1]
+    answer = {
+        "text": f"model={model} bytes={len(file.rsplit(END, 1)[0])}",
+        "usage": {"prompt_tokens": 3, "completion_tokens": 4},
+    }
+    await _reply(send, 200, json.dumps(answer).encode())
+
+
+async def _scripted(send: Send, body: dict[str, object], stream: bool) -> None:
+    """--tools: a tool call when tools are offered, the tool's answer echoed once it came back."""
+    messages = body.get("messages") or []
+    assert isinstance(messages, list)
+    last = messages[-1] if messages else {}
+    tools = body.get("tools") or []
+    assert isinstance(tools, list)
+    model = str(body.get("model"))
+    call = None
+    if tools and last.get("role") != "tool":
+        user = next((_text_of(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), "")
+        name = tools[0]["function"]["name"]
+        call = {"id": "call_fake1", "name": name, "arguments": json.dumps({"query": user})}
+        text, finish = "", "tool_calls"
+    else:
+        text, finish = "tool said: " + _text_of(last.get("content")) if last.get("role") == "tool" else "hello", "stop"
+    usage = {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}
+    if not stream:
+        message: dict[str, object] = {"role": "assistant", "content": text or None}
+        if call:
+            message["tool_calls"] = [
+                {
+                    "id": call["id"],
+                    "type": "function",
+                    "function": {"name": call["name"], "arguments": call["arguments"]},
+                }
+            ]
+        answer = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "created": 0,
+            "model": model,
+            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+            "usage": usage,
+        }
+        return await _reply(send, 200, json.dumps(answer).encode())
+    deltas: list[dict[str, object]] = [{"role": "assistant", "content": ""}]
+    if call:
+        args = call["arguments"]
+        half = len(args) // 2
+        deltas.append(
+            {
+                "tool_calls": [
+                    {
+                        "index": 0,
+                        "id": call["id"],
+                        "type": "function",
+                        "function": {"name": call["name"], "arguments": ""},
+                    }
+                ]
+            }
+        )
+        deltas += [
+            {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]} for piece in (args[:half], args[half:])
+        ]
+    else:
+        words = text.split(" ")
+        deltas += [{"content": w + (" " if i < len(words) - 1 else "")} for i, w in enumerate(words)]
+    await send({"type": "http.response.start", "status": 200, "headers": SSE})
+    for i, delta in enumerate(deltas):
+        chunk = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish if i == len(deltas) - 1 else None}],
+        }
+        await send(
+            {"type": "http.response.body", "body": b"data: " + json.dumps(chunk).encode() + b"\n\n", "more_body": True}
+        )
+    tail = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model, "choices": [], "usage": usage}
+    end = b"data: " + json.dumps(tail).encode() + b"\n\ndata: [DONE]\n\n"
+    await send({"type": "http.response.body", "body": end, "more_body": False})
+
+
 async def _disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
@@ -299,6 +404,7 @@ def main() -> None:
     p.add_argument("--delay-ms", type=float, default=0.0, help="service time of a whole (non-streamed) answer")
     p.add_argument("--count", action="store_true", help="count requests per `user` (GET /counts)")
     p.add_argument("--record-trace", action="store_true", help="keep each request's traceparent (GET /traces)")
+    p.add_argument("--tools", action="store_true", help="scripted tool calls (see the module's docstring)")
     args = p.parse_args()
     app = FakeEngine(
         args.model,
@@ -312,6 +418,7 @@ def main() -> None:
         args.delay_ms,
         args.count,
         args.record_trace,
+        args.tools,
     )
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False, backlog=4096)
 

@@ -83,6 +83,7 @@ def seed(client: httpx.Client, base: str) -> World:
     file_id, victim_file = upload(), upload()
     spec = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
     batch_id = _call(client, "POST", base + "/v1/batches", secret, json=spec)["id"]
+    response_id = _call(client, "POST", base + "/v1/responses", secret, json={"model": "fake", "input": "hi"})["id"]
     return World(
         admin_key=ADMIN_KEY,
         client_secrets=[secret, limited["key"], narrow["key"]],
@@ -93,6 +94,7 @@ def seed(client: httpx.Client, base: str) -> World:
         victim_file_ids=[victim_file],
         batch_ids=[batch_id],
         models=list(MODELS),
+        response_ids=[response_id],
     )
 
 

@@ -43,6 +43,7 @@ ADMIN_REQUESTS = {
     "until": "time",
     "limit": "int",
     "after": "int",
+    "api": "text",
 }
 REPORT = {"since": "time", "until": "time", "baseline_since": "time", "baseline_until": "time"}
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE", "PROPFIND", "get"]
@@ -64,6 +65,14 @@ AREAS = {
         *["team_create", "team_patch", "team_get", "org_create", "spend", "audit"],
     ],
     "odd": ["odd_path", "odd_path", "health"],
+    "agent": [
+        *["responses"] * 4,
+        *["messages"] * 4,
+        "count_tokens",
+        "response_get",
+        "response_delete",
+        "response_items",
+    ],
 }
 
 
@@ -86,6 +95,24 @@ def cases(draw: st.DrawFn, world: World, area: str | None = None) -> Case:
         method = "POST"
         path = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings"}[op]
         body = draw(bodies[op]())
+    elif op in ("responses", "messages", "count_tokens"):
+        method = "POST"
+        path = {"responses": "/v1/responses", "messages": "/v1/messages", "count_tokens": "/v1/messages/count_tokens"}[
+            op
+        ]
+        body = draw(bodies["messages" if op == "count_tokens" else op]())
+    elif op == "passthrough":
+        method = "POST"
+        path = draw(st.sampled_from(["/tokenize", "/detokenize", "/v1/rerank", "/rerank", "/v2/rerank", "/v1/score"]))
+        body = draw(bodies["completions"]())
+    elif op == "audio":
+        method, path = "POST", draw(st.sampled_from(["/v1/audio/transcriptions", "/v1/audio/translations"]))
+        body, ctype = draw(multipart(batch_line(bodies["chat"]())))
+    elif op in ("response_get", "response_delete", "response_items"):
+        method = "DELETE" if op == "response_delete" else "GET"
+        path = f"/v1/responses/{draw(segment(known(world.response_ids)))}"
+        if op == "response_items":
+            path += "/input_items" + draw(query({"limit": "int", "after": "text", "order": "text"}))
     elif op == "models":
         path = "/v1/models"
     elif op == "files_upload":
@@ -216,9 +243,18 @@ def learn(world: World, case: Case, response: httpx.Response) -> None:
     aim at it: a batch from a hostile file, a patch of a key made with odd fields."""
     if case.method != "POST" or response.status_code not in (200, 201):
         return
-    made = {"/v1/files": world.file_ids, "/v1/batches": world.batch_ids, "/admin/keys": world.victim_ids}
+    made = {
+        "/v1/files": world.file_ids,
+        "/v1/batches": world.batch_ids,
+        "/admin/keys": world.victim_ids,
+        "/v1/responses": world.response_ids,
+    }
     known = made.get(case.target)
-    if known is not None and len(known) < MAX_LEARNED:
+    if (
+        known is not None
+        and len(known) < MAX_LEARNED
+        and "application/json" in response.headers.get("content-type", "")
+    ):
         known.append(str(response.json()["id"]))
 
 
@@ -238,7 +274,37 @@ ALLOWED_5XX = {
 }
 
 
-JSON_POSTS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/batches", "/admin/keys"}
+JSON_POSTS = {
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/batches",
+    "/admin/keys",
+    "/v1/responses",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+    "/tokenize",
+    "/detokenize",
+    "/v1/rerank",
+    "/rerank",
+    "/v2/rerank",
+    "/v1/score",
+}
+# Anthropic's statuses on /v1/messages*: no 502 or 503 (an engine's failure is a 500 api_error,
+# no engine to take the request a 529 overloaded_error), and its error shape.
+ANTHROPIC_5XX = {500: {"api_error"}, 504: {"timeout_error"}, 529: {"overloaded_error"}}
+ANTHROPIC_PATHS = ("/v1/messages", "/v1/messages/count_tokens")
+
+
+def anthropic_problem(status: int, body: object) -> str | None:
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(body, dict) or body.get("type") != "error" or not isinstance(error, dict):
+        return f"status {status} not in Anthropic's error shape: {body!r:.300}"
+    if set(error) != {"type", "message"} or not error["message"] or not isinstance(error["message"], str):
+        return f"status {status} not in Anthropic's error shape: {body!r:.300}"
+    if status >= 500 and error["type"] not in ANTHROPIC_5XX.get(status, set()):
+        return f"status {status} ({error['type']}): {error['message']}"
+    return None
 
 
 def _strict_object(body: bytes | None) -> bool:
@@ -247,6 +313,17 @@ def _strict_object(body: bytes | None) -> bool:
         return isinstance(orjson.loads(body or b""), dict)
     except orjson.JSONDecodeError:
         return False
+
+
+def openai_problem(status: int, body: object) -> str | None:
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict) or set(error) != {"message", "type", "param", "code"}:
+        return f"status {status} not in OpenAI's error shape: {body!r:.300}"
+    if not isinstance(error["message"], str) or not error["message"] or not isinstance(error["type"], str):
+        return f"status {status} with an empty message or type: {body!r:.300}"
+    if status >= 500 and error["code"] not in ALLOWED_5XX.get(status, set()):
+        return f"status {status} ({error['code']}): {error['message']}"
+    return None
 
 
 def send(client: httpx.Client, world: World, case: Case) -> httpx.Response:
@@ -274,13 +351,13 @@ def problem(case: Case, response: httpx.Response) -> str | None:
             body = response.json()
         except ValueError:
             return f"status {status} with a body that is not JSON: {response.content[:200]!r}"
-        error = body.get("error") if isinstance(body, dict) else None
-        if not isinstance(error, dict) or set(error) != {"message", "type", "param", "code"}:
-            return f"status {status} not in OpenAI's error shape: {body!r:.300}"
-        if not isinstance(error["message"], str) or not error["message"] or not isinstance(error["type"], str):
-            return f"status {status} with an empty message or type: {body!r:.300}"
-        if status >= 500 and error["code"] not in ALLOWED_5XX.get(status, set()):
-            return f"status {status} ({error['code']}): {error['message']}"
+        trouble = (
+            anthropic_problem(status, body)
+            if case.target in ANTHROPIC_PATHS and status not in (408, 431)  # 408, 431: the connection's own
+            else openai_problem(status, body)
+        )
+        if trouble is not None:
+            return trouble
         if "application/json" not in content_type:
             return f"status {status} with content-type {content_type!r}"
     elif case.method == "POST" and case.target in JSON_POSTS and not _strict_object(case.body):

@@ -32,6 +32,7 @@ class World:
     batch_ids: list[str]
     models: list[str]
     replicas: list[str] = field(default_factory=list)  # base URLs
+    response_ids: list[str] = field(default_factory=list)  # stored Responses API answers
 
 
 @dataclass(frozen=True)
@@ -282,7 +283,121 @@ def bodies_of(world: World) -> dict[str, Callable[[], st.SearchStrategy[bytes]]]
         "completion_window": maybe(st.sampled_from(["24h", "60s", "1m", "30d", "31d", "0h", "99999999d", "24H"])),
         "metadata": maybe(st.dictionaries(st.text(max_size=70), st.text(max_size=20), max_size=17)),
     }
+    text_part = st.fixed_dictionaries(
+        {
+            "type": maybe(st.sampled_from(["input_text", "output_text", "input_image", "text"])),
+            "text": maybe(st.text(max_size=20)),
+        }
+    )
+    item = pick(
+        st.fixed_dictionaries(
+            {"role": maybe(st.sampled_from(["user", "assistant", "system", "developer", "tool"]))},
+            optional={
+                "type": st.just("message"),
+                "content": maybe(pick(st.text(max_size=20), st.lists(text_part, max_size=3))),
+            },
+        ),
+        st.fixed_dictionaries(
+            {
+                "type": st.just("function_call"),
+                "call_id": maybe(st.text(max_size=8)),
+                "name": maybe(st.text(max_size=8)),
+            },
+            optional={"arguments": maybe(st.text(max_size=20))},
+        ),
+        st.fixed_dictionaries(
+            {"type": st.just("function_call_output"), "call_id": maybe(st.text(max_size=8))},
+            optional={"output": maybe(st.text(max_size=20))},
+        ),
+        st.fixed_dictionaries({"type": maybe(st.sampled_from(["reasoning", "web_search_call", "item_reference"]))}),
+    )
+    function_tool = st.fixed_dictionaries(
+        {"type": maybe(st.just("function")), "name": maybe(st.text(max_size=12))},
+        optional={"parameters": maybe(st.just({"type": "object"})), "description": maybe(st.text(max_size=10))},
+    )
+    responses = {
+        "model": models,
+        "input": maybe(pick(st.text(max_size=40), long_text, st.lists(maybe(item), max_size=4))),
+        "instructions": maybe(st.text(max_size=20)),
+        "max_output_tokens": counts,
+        "temperature": sampling,
+        "top_p": sampling,
+        "tools": maybe(st.lists(maybe(function_tool), max_size=3)),
+        "tool_choice": maybe(
+            pick(st.sampled_from(["auto", "none", "required", "any"]), st.just({"type": "function", "name": "f"}))
+        ),
+        "stream": stream,
+        "store": maybe(st.booleans()),
+        "previous_response_id": maybe(pick(known(world.response_ids), st.just("resp_nope"))),
+        "metadata": maybe(st.dictionaries(st.text(max_size=70), st.text(max_size=20), max_size=17)),
+        "user": maybe(st.text(max_size=20)),
+        "parallel_tool_calls": maybe(st.booleans()),
+    }
+    block = pick(
+        st.fixed_dictionaries({"type": maybe(st.just("text")), "text": maybe(st.text(max_size=20))}),
+        st.fixed_dictionaries(
+            {
+                "type": st.just("image"),
+                "source": maybe(
+                    st.fixed_dictionaries(
+                        {"type": st.just("base64"), "media_type": st.just("image/png"), "data": st.text(max_size=8)}
+                    )
+                ),
+            }
+        ),
+        st.fixed_dictionaries(
+            {
+                "type": st.just("tool_use"),
+                "id": maybe(st.text(max_size=8)),
+                "name": maybe(st.text(max_size=8)),
+                "input": maybe(st.just({"q": 1})),
+            }
+        ),
+        st.fixed_dictionaries(
+            {
+                "type": st.just("tool_result"),
+                "tool_use_id": maybe(st.text(max_size=8)),
+                "content": maybe(st.text(max_size=8)),
+            }
+        ),
+    )
+    turn = st.fixed_dictionaries(
+        {
+            "role": maybe(st.sampled_from(["user", "assistant", "system"])),
+            "content": maybe(pick(st.text(max_size=30), st.lists(maybe(block), max_size=3))),
+        }
+    )
+    messages_body = {
+        "model": models,
+        "max_tokens": counts,
+        "messages": maybe(st.lists(maybe(turn), min_size=1, max_size=4)),
+        "system": maybe(pick(st.text(max_size=20), st.lists(block, max_size=2))),
+        "temperature": sampling,
+        "top_p": sampling,
+        "top_k": counts,
+        "stop_sequences": maybe(st.lists(st.text(max_size=5), max_size=5)),
+        "stream": stream,
+        "tools": maybe(
+            st.lists(
+                maybe(
+                    st.fixed_dictionaries(
+                        {"name": maybe(st.text(max_size=12)), "input_schema": maybe(st.just({"type": "object"}))}
+                    )
+                ),
+                max_size=3,
+            )
+        ),
+        "tool_choice": maybe(
+            st.fixed_dictionaries(
+                {"type": maybe(st.sampled_from(["auto", "any", "tool", "none"]))},
+                optional={"name": maybe(st.text(max_size=5))},
+            )
+        ),
+        "metadata": maybe(st.fixed_dictionaries({"user_id": maybe(st.text(max_size=20))})),
+    }
     return {
+        "responses": lambda: json_body(responses, ("model", "input")),
+        "messages": lambda: json_body(messages_body, ("model", "max_tokens", "messages")),
         "chat": lambda: json_body(chat, ("model", "messages")),
         "completions": lambda: json_body(completion, ("model", "prompt")),
         "embeddings": lambda: json_body(embedding, ("model", "input")),

@@ -649,3 +649,26 @@ def test_says_so_when_the_admin_api_is_disabled(browser: Browser, logs_dir: Path
             context.close()
     finally:
         plain.stop()
+
+
+def test_playground_speaks_responses_and_messages(page: Page, gw: Proc) -> None:
+    created = admin(gw, "POST", "/admin/keys", {"name": "agent-apis"}).json()
+    page.goto(gw.url + "/ui/#/playground")
+    page.get_by_label("Client key").fill(created["key"])
+    page.get_by_role("button", name="Load models").click()
+    expect(page.get_by_label("Model")).to_have_value(MODEL)
+    page.get_by_label("Max tokens").fill("12")
+    spent = 0
+    for api, label in (("responses", "Responses"), ("messages", "Messages (Anthropic)")):
+        page.get_by_label("API").select_option(label=label)
+        page.get_by_label("Message", exact=True).fill("Tell me a story")
+        page.get_by_role("button", name="Send").click()
+        answer = page.locator(".msg.assistant").last
+        expect(answer).to_have_attribute("data-state", "done")
+        assert answer.get_attribute("data-api") == api
+        assert answer.locator(".text").inner_text()
+        usage = json.loads(answer.locator(".meta").get_attribute("data-usage") or "{}")
+        assert 0 < usage["completion_tokens"] <= 12 and usage["prompt_tokens"] > 0
+        spent += usage["prompt_tokens"] + usage["completion_tokens"]
+    day = admin(gw, "GET", f"/admin/keys/{created['id']}/usage").json()["day"]
+    assert day["requests"] == 2 and day["prompt_tokens"] + day["completion_tokens"] == spent

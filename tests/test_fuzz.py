@@ -51,7 +51,9 @@ def check(client: httpx.Client, world: World, case: Case) -> None:
     learn(world, case, response)
 
 
-@pytest.mark.parametrize(("area", "examples"), [("public", 1300), ("files", 700), ("admin", 1000), ("odd", 400)])
+@pytest.mark.parametrize(
+    ("area", "examples"), [("public", 1300), ("files", 700), ("admin", 1000), ("odd", 400), ("agent", 800)]
+)
 def test_hostile_requests_get_clear_answers(
     attacked: tuple[World, list[Proc], httpx.Client], area: str, examples: int
 ) -> None:

@@ -305,7 +305,7 @@ def test_an_overloaded_engine_is_a_429_not_a_broken_stream(gwr: Proc) -> None:
         else:
             assert status == 429 and retry and "engines_overloaded" in text, (status, text)
     after = httpx.get(gwr.url + "/metrics").text
-    label = 'gateway_requests_total{engine="small",model="small",route="v1",status="429"}'
+    label = 'gateway_requests_total{api="completions",engine="small",model="small",route="v1",status="429"}'
     assert metric_value(after, label) - metric_value(before, label) == statuses.count(429)
 
 

@@ -42,6 +42,7 @@ def stack(logs_dir: Path, redis_session: RedisServer, receiver: HttpReceiver) ->
         "health": {"interval": 0.3},
         "redis": {"url": redis_session.url, "timeout": 1.0},
         "auth": {"enabled": True},
+        "store": {"url": f"sqlite:///{logs_dir / 'gw-vllm.db'}"},
         "engines": [
             {
                 "name": "vllm-0",
@@ -142,6 +143,53 @@ def test_chat_and_completions_through_vllm_with_usage_accounted(stack: tuple[Pro
     admin = httpx.get(f"{gw.url}/admin/keys/{key_id}/usage", headers={"authorization": f"Bearer {ADMIN}"}).json()
     assert admin["day"]["requests"] == 4
     assert admin["day"]["prompt_tokens"] >= prompt and admin["day"]["completion_tokens"] == completion + 5
+
+
+def test_agent_apis_native_on_vllm(stack: tuple[Proc, int], key: tuple[str, str]) -> None:
+    """vLLM serves /v1/responses, /v1/messages and /tokenize itself: the gateway passes them through
+    (keeping stored responses and the conversation itself) and charges the usage vLLM reports."""
+    import anthropic
+
+    gw, _ = stack
+    key_id, secret = key
+    admin_headers = {"authorization": f"Bearer {ADMIN}"}
+    before = httpx.get(f"{gw.url}/admin/keys/{key_id}/usage", headers=admin_headers).json()["day"]
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=secret, max_retries=0, timeout=120)
+    first = client.responses.create(model="vllm-only", input="Once upon a time", max_output_tokens=8)
+    assert first.output_text and first.usage is not None and 0 < first.usage.output_tokens <= 8
+    assert client.responses.retrieve(first.id).output_text == first.output_text  # kept by the gateway
+    second = client.responses.create(
+        model="vllm-only", input="And then?", previous_response_id=first.id, max_output_tokens=4
+    )
+    assert second.usage is not None and second.usage.input_tokens > first.usage.input_tokens
+    with client.responses.create(model="vllm-only", input="The sea", max_output_tokens=6, stream=True) as stream:
+        events = list(stream)
+    assert events[0].type == "response.created" and events[-1].type in ("response.completed", "response.incomplete")
+    streamed = events[-1].response
+    claude = anthropic.Anthropic(base_url=gw.url, api_key=secret, max_retries=0, timeout=120)
+    message = claude.messages.create(
+        model="vllm-only", max_tokens=6, messages=[{"role": "user", "content": "Once upon a time"}]
+    )
+    assert message.content[0].text and message.usage.output_tokens <= 6
+    with claude.messages.stream(
+        model="vllm-only", max_tokens=5, messages=[{"role": "user", "content": "The sea"}]
+    ) as s:
+        final = s.get_final_message()
+    assert final.usage.output_tokens <= 5 and final.usage.input_tokens > 0
+    tokens = httpx.post(
+        gw.url + "/tokenize",
+        json={"model": "vllm-only", "prompt": "hello world"},
+        headers={"authorization": f"Bearer {secret}"},
+    )
+    assert tokens.status_code == 200 and tokens.json()["count"] > 0
+    after = httpx.get(f"{gw.url}/admin/keys/{key_id}/usage", headers=admin_headers).json()["day"]
+    outputs = [r.usage.output_tokens for r in (first, second, streamed) if r.usage] + [
+        message.usage.output_tokens,
+        final.usage.output_tokens,
+    ]
+    assert after["completion_tokens"] - before["completion_tokens"] == sum(outputs)
+    metrics = httpx.get(gw.url + "/metrics").text
+    assert 'api="responses"' in metrics and 'api="messages"' in metrics and 'api="tokenize"' in metrics
 
 
 def test_mixed_pool_serves_one_model_from_both_engines(stack: tuple[Proc, int], key: tuple[str, str]) -> None:

@@ -84,6 +84,9 @@ class Code(StrEnum):
     INVALID_FILE_PURPOSE = "invalid_file_purpose"
     BATCH_NOT_CANCELLABLE = "batch_not_cancellable"
     STORE_UNAVAILABLE = "store_unavailable"
+    # the Responses API's stored responses; an engine that does not serve an endpoint
+    RESPONSE_NOT_FOUND = "response_not_found"
+    ENDPOINT_NOT_SERVED = "endpoint_not_served"
     # the gateway
     INTERNAL_ERROR = "internal_error"
     # the connection and the server's life (gateway/front/http11.py, gateway/proxy/drain.py)

@@ -55,8 +55,8 @@ class GatewayMetrics:
         r = self.registry
         self.requests = Counter(
             "gateway_requests",
-            "Requests by public model, engine, status and route (version).",
-            ["model", "engine", "status", "route"],
+            "Requests by public model, engine, status, route (version) and API (chat, responses, messages, ...).",
+            ["model", "engine", "status", "route", "api"],
             registry=r,
         )
         self.key_requests = Counter(
@@ -65,7 +65,7 @@ class GatewayMetrics:
         self.latency = Histogram(
             "gateway_request_duration_seconds",
             "Whole request latency.",
-            ["model", "route"],
+            ["model", "route", "api"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -271,7 +271,8 @@ class GatewayMetrics:
         if self._multiprocess_dir:
             registry = CollectorRegistry()
             histograms: dict[str, tuple[str, ...]] = {
-                c.name: ("model", "route") for c in (self.latency_by, self.ttft_by)
+                self.latency_by.name: ("model", "route", "api"),
+                self.ttft_by.name: ("model", "route"),
             }
             registry.register(MergedCollector(self._multiprocess_dir, histograms))
         if "application/openmetrics-text" in accept:

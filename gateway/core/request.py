@@ -7,6 +7,7 @@ validates it. Nothing after this module reads the raw dict for those fields agai
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,7 @@ MAX_NAME = 256
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     path: str
-    kind: str  # chat, completions, embeddings
+    kind: str  # chat, completions, embeddings, responses, messages, ...: the metrics' and the log's `api`
     prompt_field: str  # the field that carries the input: messages, prompt, input
     streams: bool
 
@@ -34,6 +35,10 @@ CHAT = Endpoint("/v1/chat/completions", "chat", "messages", True)
 COMPLETIONS = Endpoint("/v1/completions", "completions", "prompt", True)
 EMBEDDINGS = Endpoint("/v1/embeddings", "embeddings", "input", False)
 ENDPOINTS = {e.path: e for e in (CHAT, COMPLETIONS, EMBEDDINGS)}
+GENERATING = frozenset({"chat", "completions", "responses", "messages"})  # the kinds that write tokens
+# Translated to chat (gateway/apis/): the request's body is the chat body it became.
+RESPONSES = Endpoint("/v1/responses", "responses", "messages", True)
+MESSAGES = Endpoint("/v1/messages", "messages", "messages", True)
 
 
 @dataclass(slots=True)
@@ -49,6 +54,10 @@ class ApiRequest:
     subject: str | None = None  # the `user` field: who the request is for (sticky routing)
     batch_id: str | None = None  # set for the lines of a batch
     size: int = 0  # bytes of the raw body
+    # A body that is not JSON (a multipart audio upload): its content type, and how to write it
+    # for an upstream model name; None for every JSON request.
+    content_type: bytes | None = None
+    rewrite: Callable[[str], bytes] | None = field(default=None, repr=False)
     _prefix: bytes | None = field(default=None, repr=False)
 
     @property
@@ -57,7 +66,7 @@ class ApiRequest:
 
     def cap_max_tokens(self, limit: int) -> None:
         """Sets max_tokens where the client sent none, so a reservation bounds what it can spend."""
-        if self.max_tokens is None and self.endpoint.kind != "embeddings":
+        if self.max_tokens is None and self.endpoint.kind in GENERATING:
             self.max_tokens = self.body["max_tokens"] = limit
 
     def prefix(self, chars: int) -> bytes | None:

@@ -252,11 +252,17 @@ class _Engine:
         self.heads[""] = f"host: {host}\r\ncontent-type: application/json\r\n".encode()
         self.idle: list[_Connection] = []
 
-    def request(self, path: str, body: bytes, extra: bytes = b"") -> list[bytes]:
-        head = self.heads.get(path)
-        if head is None:
-            head = self.heads[path] = f"POST {path} HTTP/1.1\r\n".encode() + self.heads[""] + self.auth
-        return [head, extra, b"content-length: %d\r\n\r\n" % len(body), body]
+    def request(self, path: str, body: bytes, extra: bytes = b"", content_type: bytes | None = None) -> list[bytes]:
+        """`extra`: more header lines, each ending in CRLF; `content_type`: a body that is not JSON
+        (a multipart upload), whose head is its own and not cached."""
+        if content_type is not None:
+            host = self.heads[""].split(b"\r\n", 1)[0]
+            head = b"POST %s HTTP/1.1\r\n%s\r\ncontent-type: %s\r\n" % (path.encode(), host, content_type) + self.auth
+            return [head, extra, b"content-length: %d\r\n\r\n" % len(body), body]
+        cached = self.heads.get(path)
+        if cached is None:
+            cached = self.heads[path] = f"POST {path} HTTP/1.1\r\n".encode() + self.heads[""] + self.auth
+        return [cached, extra, b"content-length: %d\r\n\r\n" % len(body), body]
 
 
 class Upstream:
@@ -281,14 +287,21 @@ class Upstream:
             response.close()
 
     async def post(
-        self, engine: EngineSettings, path: str, body: bytes, stream: bool, head: bytes = b""
+        self,
+        engine: EngineSettings,
+        path: str,
+        body: bytes,
+        stream: bool,
+        head: bytes = b"",
+        content_type: bytes | None = None,
     ) -> UpstreamResponse:
         """Sends the request and returns once the response headers are in. `head`: more header
-        lines, each ending in CRLF (the trace context)."""
+        lines, each ending in CRLF (the trace context); a JSON body unless `content_type` says
+        otherwise."""
         target = self._engines.get(engine.url)
         if target is None:
             target = self._engines[engine.url] = _Engine(engine)
-        request = target.request(path, body, head)
+        request = target.request(path, body, head, content_type)
         s = self._server
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (s.first_byte_timeout if stream else s.request_timeout)

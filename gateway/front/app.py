@@ -16,12 +16,17 @@ from gateway.batch.runner import BatchRunner
 from gateway.front.listeners import listener_app
 from gateway.front.middleware import Front
 from gateway.front.readiness import readiness
+from gateway.front.response_retention import ResponseRetention
 from gateway.front.routes.admin_api import admin_routes
+from gateway.front.routes.audio import audio_routes
 from gateway.front.routes.batches import BatchRoutes
 from gateway.front.routes.console import console_routes
 from gateway.front.routes.files import FileRoutes
+from gateway.front.routes.messages import messages_routes
 from gateway.front.routes.monitor import monitor_routes
 from gateway.front.routes.openai import openai_routes
+from gateway.front.routes.passthrough import passthrough_routes
+from gateway.front.routes.responses import StoredResponseRoutes
 from gateway.observe.access_log import reopen_all
 from gateway.proxy.context import Gateway
 from gateway.proxy.drain import Drain
@@ -39,7 +44,7 @@ def build_app(
     """`drain` and `control_path` come from the worker process's server (gateway/process/worker.py)."""
     gw = Gateway.build(settings, multiprocess, drain, control_path)
     runner = BatchRunner(gw)
-    users: list[StoreUser] = [runner]
+    users: list[StoreUser] = [runner, ResponseRetention(settings.store)]
     users += [u for u in (gw.audit, gw.spend) if u is not None]
     if gw.inference_log is not None:
         users.append(gw.inference_log)
@@ -80,6 +85,10 @@ def build_app(
 
     routes: list[BaseRoute] = [
         *openai_routes(gw),
+        *StoredResponseRoutes(gw).routes(),
+        *messages_routes(gw),
+        *passthrough_routes(gw),
+        *audio_routes(gw),
         *FileRoutes(gw).routes(),
         *BatchRoutes(gw, runner, gw.admin_auth).routes(),
         Route("/health", health, methods=["GET"]),

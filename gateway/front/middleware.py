@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.apis.messages import anthropic
 from gateway.core.bodies import ClientDisconnected
 from gateway.core.errors import Code, GatewayError, internal_error
 from gateway.front.params import check_query
@@ -26,6 +27,7 @@ from gateway.observe.record import CURRENT, Observation
 
 _MAX_ID = 200
 DISCONNECTED = 499  # nginx's code for a client that went away
+ANTHROPIC_PATHS = ("/v1/messages/", "/v1/messages")
 log = logging.getLogger(__name__)
 
 
@@ -136,6 +138,8 @@ class Front:
             return None
         if started:
             return error  # too late for a status; a stream already ended itself in-band
+        if str(scope.get("path", "")).startswith(ANTHROPIC_PATHS):
+            error = anthropic(error)  # Anthropic's clients read Anthropic's errors, 404 and 405 included
         try:
             await send_with_id({"type": "http.response.start", "status": error.status, "headers": error.raw_headers()})
             await send_with_id({"type": "http.response.body", "body": error.payload()})

@@ -66,6 +66,7 @@ class LogEntry(NamedTuple):
     client_disconnect: bool
     batch_id: str | None
     capture: Capture | None = None
+    api: str = "chat"  # the endpoint's kind: chat, completions, embeddings, responses, messages, ...
 
 
 class _Sampler(NamedTuple):
@@ -236,4 +237,5 @@ class InferenceLog:
             client_disconnect=e.client_disconnect,
             batch_id=e.batch_id,
             payload=payload,
+            api=e.api,
         )

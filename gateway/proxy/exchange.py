@@ -28,6 +28,7 @@ import orjson
 from starlette.types import Receive, Send
 
 from gateway.access.base import Grant, Principal, Usage
+from gateway.apis.base import Translation
 from gateway.core.bodies import ClientDisconnected, ClientWatch
 from gateway.core.errors import Code, GatewayError, internal_error
 from gateway.core.request import ApiRequest
@@ -40,6 +41,7 @@ from gateway.observe.record import current
 from gateway.proxy.context import Gateway
 from gateway.proxy.relay import SSE_HEADERS, Outcome, broken, error_of, read_whole, relay_stream, send_last
 from gateway.proxy.resume import Splice, Transcript, continuation, read_transcript
+from gateway.proxy.translated import relay_translated_stream, relay_translated_whole
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +71,20 @@ class Exchange:
         "request_id",
         "response",
         "started",
+        "translation",
     )
 
     def __init__(
-        self, gw: Gateway, principal: Principal, request: ApiRequest, request_id: bytes, receive: Receive | None
+        self,
+        gw: Gateway,
+        principal: Principal,
+        request: ApiRequest,
+        request_id: bytes,
+        receive: Receive | None,
+        translation: Translation | None = None,
     ) -> None:
         self.gw = gw
+        self.translation = translation  # the Responses or Messages API over chat (gateway/apis/)
         self.principal = principal
         self.request = request
         if request.subject is None:
@@ -186,12 +196,18 @@ class Exchange:
             if attempt:
                 m.retries_by[model].inc()
             m.routing_by[model, engine.name].inc()
-            body = self._engine_body(pick.route.model)
+            if self.translation is None:
+                path, body = request.endpoint.path, self._engine_body(pick.route.model)
+            else:  # native where the engine serves the API itself, else as chat completions
+                native = self.translation.api in engine.settings.apis
+                path, body = self.translation.upstream(native, pick.route.model)
             head = (
                 self.obs.note_upstream(pick.route.name, engine.name, pick.route.model, pick.scores) if self.obs else b""
             )
             try:
-                response = await gw.upstream.post(engine.settings, request.endpoint.path, body, request.stream, head)
+                response = await gw.upstream.post(
+                    engine.settings, path, body, request.stream, head, request.content_type
+                )
             except EngineUnreachable as exc:
                 m.upstream_errors_by[engine.name, "connect"].inc()
                 gw.pool.mark_failed(engine, str(exc))
@@ -234,6 +250,10 @@ class Exchange:
         if self._body is not None and self._body[0] == upstream_model:
             return self._body[1]
         request = self.request
+        if request.rewrite is not None:  # a passed-through upload: its own encoding
+            encoded = request.rewrite(upstream_model)
+            self._body = (upstream_model, encoded)
+            return encoded
         body = request.body
         body["model"] = upstream_model
         if request.stream:
@@ -262,6 +282,9 @@ class Exchange:
         inference_log = gw.inference_log
         if inference_log is not None and (capture := inference_log.capture(self.request)) is not None:
             self._capture, send = capture, capture.wrap(send)  # a sampled payload: keep what is sent
+        if self.translation is not None:
+            await self._relay_translated(response, send, headers)
+            return
         if not (self.request.stream and response.status == 200):
             try:
                 content = await read_whole(response, self.out)
@@ -366,6 +389,23 @@ class Exchange:
     def _resumes(self) -> bool:
         return self.gw.models[self.request.model].failover == "resume"
 
+    async def _relay_translated(
+        self, response: UpstreamResponse, send: Send, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        t, m = self.translation, self.gw.metrics
+        assert t is not None
+        if not (self.request.stream and response.status == 200):
+            await relay_translated_whole(response, send, self.out, headers, self._finishing, t)
+            return
+        m.streams.inc()
+        self.gw.watchdog.watch(self.out, self._watch.drop)
+        try:
+            on_gap = m.itl_by[self.request.model, self.pick.route.name if self.pick else "-"].observe
+            await relay_translated_stream(response, send, self.out, headers, self._finishing, t, on_gap)
+        finally:
+            self.gw.watchdog.unwatch(self.out)
+            m.streams.dec()
+
     def _headers(self) -> list[tuple[bytes, bytes]]:
         headers = list(self.grant.headers) if self.grant is not None else []
         if self.pick is not None:
@@ -444,15 +484,16 @@ class Exchange:
         status = str(out.status)
         elapsed = time.perf_counter() - self.started
         ttft = out.first_chunk - self.started if out.first_chunk else None
-        m.requests_by[model, engine, status, route].inc()
+        api = self.request.endpoint.kind
+        m.requests_by[model, engine, status, route, api].inc()
         obs = self.obs
         trace_id = obs.exemplar() if obs is not None else None
         if trace_id is None:
-            m.latency_by[model, route].observe(elapsed)
+            m.latency_by[model, route, api].observe(elapsed)
             if ttft is not None:
                 m.ttft_by[model, route].observe(ttft)
         else:  # a sampled trace: its id goes with the observations (exemplars)
-            m.observe(m.latency_by, (model, route), elapsed, trace_id)
+            m.observe(m.latency_by, (model, route, api), elapsed, trace_id)
             if ttft is not None:
                 m.observe(m.ttft_by, (model, route), ttft, trace_id)
         if usage.prompt_tokens:
@@ -488,6 +529,7 @@ class Exchange:
                     out.status == DISCONNECTED,
                     self.request.batch_id,
                     self._capture,
+                    api,
                 )
             )
 

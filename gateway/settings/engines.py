@@ -13,6 +13,13 @@ from gateway.settings.reader import ConfigError, Reader, dataclass_fields
 
 ENGINE_KINDS = ("cpu", "openai", "vllm")
 MANAGED_KINDS = ("cpu", "vllm")
+# The APIs beyond chat, completions and embeddings that an engine may serve itself (`apis:`).
+# Responses and Messages are translated to chat completions for an engine that does not; the
+# others (tokenize, rerank, score, audio) reach only engines that serve them.
+ENGINE_APIS = ("responses", "messages", "tokenize", "rerank", "score", "audio")
+# vLLM (0.32) serves them all (/v1/responses, /v1/messages, /tokenize, /v1/rerank, /v1/score,
+# /v1/audio/*); our CPU engine none of them.
+DEFAULT_APIS = {"vllm": frozenset(ENGINE_APIS), "cpu": frozenset(), "openai": frozenset()}
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,7 @@ class EngineSettings:
     idle_stop: float | None = None  # managed: stop after this many seconds without traffic (scale to zero)
     cold_start_timeout: float | None = None  # request wait for a stopped or scaled-to-zero engine (default: startup)
     ca_file: str | None = None  # https:// engines: verify the engine's certificate against this CA bundle
+    apis: frozenset[str] = frozenset()  # of ENGINE_APIS: what it serves itself (default by kind)
 
     @property
     def managed(self) -> bool:
@@ -90,6 +98,7 @@ _ENGINE_KEYS = (
     "idle_stop",
     "cold_start_timeout",
     "ca_file",
+    "apis",
 )
 
 
@@ -122,6 +131,7 @@ def parse_engine(r: Reader, index: int, data: Any, base_dir: Path, env: Mapping[
         "served_model_name": r.get(data, "served_model_name", path, str, None),
         "max_restarts_per_minute": r.get(data, "max_restarts_per_minute", path, int, 10, 1),
         "max_inflight": r.get(data, "max_inflight", path, int, None, 1),
+        "apis": _apis(r, data, path, kind),
         **_operations(r, data, path, kind, base_dir),
     }
     if "vllm" in data:
@@ -200,3 +210,12 @@ def _vllm(r: Reader, data: Any, path: str) -> VllmSettings:
     if values["startup_timeout"] is None:
         values["startup_timeout"] = VllmSettings.startup_timeout
     return VllmSettings(**values)
+
+
+def _apis(r: Reader, data: Mapping[str, Any], path: str, kind: str) -> frozenset[str]:
+    value = data.get("apis")
+    if value is None:
+        return DEFAULT_APIS[kind]
+    if not isinstance(value, list) or not all(isinstance(a, str) and a in ENGINE_APIS for a in value):
+        raise r.fail(f"{path}apis", f"must be a list of: {', '.join(ENGINE_APIS)}")
+    return frozenset(value)

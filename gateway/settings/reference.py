@@ -136,6 +136,7 @@ SECTIONS: list[tuple[str, type, tuple[str, ...], dict[str, str]]] = [
 DEFAULTS = {  # where the dataclass default does not say it
     "engines[].url": "required for `openai`",
     "engines[].served_model_name": "the model directory's name",
+    "engines[].apis": "all of them for `vllm`; none for `cpu` and `openai`",
     "models[].routes[].model": "the first engine's `served_model_name`",
     "models[].routes[].name": "`v1`, `v2`, ... by position",
 }
@@ -160,6 +161,7 @@ DESCRIPTIONS = {  # where the field's own comment is missing or says why rather 
     "auth.lease_ttl": "seconds a concurrency slot lives unless refreshed (a crashed gateway leaks nothing)",
     "health.failures_to_eject": "failed health checks in a row that take an engine out of rotation",
     "engines[].name": "the engine's name in routes, metrics and logs",
+    "engines[].apis": "the APIs it serves itself, of `responses`, `messages`, `tokenize`, `rerank`, `score`, `audio`; Responses and Messages are translated to chat completions for the others",
     "engines[].kind": "`cpu` or `vllm` (managed: the gateway starts and stops it) or `openai` (reached at `url`)",
     "engines[].url": "`openai` engines: an `http://` or `https://` address",
     "engines[].model": "managed engines: the model directory, or `all-MiniLM-L6-v2` (required for them)",

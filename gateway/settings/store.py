@@ -6,6 +6,7 @@ store:
   # url: sqlite:////var/lib/gateway/gateway.db          (four slashes: an absolute path)
   # url: postgresql://gateway@db.internal:5432/gateway  (several replicas share it)
   data_dir: ./data                 # default; relative to the project root
+  responses_retention_days: 30     # stored Responses API answers are deleted after this; 0 keeps them
 ```
 
 `GATEWAY_STORE_URL` in the environment overrides `store.url` (a PostgreSQL URL may carry a
@@ -40,6 +41,7 @@ class StoreConfigError(ValueError):
 class StoreSettings:
     url: str = DEFAULT_URL
     data_dir: Path = Path(DEFAULT_DATA_DIR)
+    responses_retention_days: float = 30.0  # stored responses (`store: true`) are deleted after this; 0 keeps them
 
     @property
     def backend(self) -> str:
@@ -65,8 +67,8 @@ def parse_store_settings(
     if not isinstance(raw, Mapping):
         raise StoreConfigError(key, "must be a mapping")
     for name in raw:
-        if name not in ("url", "data_dir"):
-            raise StoreConfigError(f"{key}.{name}", "unknown key (allowed: url, data_dir)")
+        if name not in ("url", "data_dir", "responses_retention_days"):
+            raise StoreConfigError(f"{key}.{name}", "unknown key (allowed: url, data_dir, responses_retention_days)")
     url = (env or {}).get(URL_ENV) or raw.get("url", DEFAULT_URL)
     url_key = URL_ENV if (env or {}).get(URL_ENV) else f"{key}.url"
     if not isinstance(url, str) or not url:
@@ -78,7 +80,10 @@ def parse_store_settings(
     path = Path(data_dir).expanduser()
     if not path.is_absolute():
         path = (base_dir or Path.cwd()) / path
-    return StoreSettings(url=url, data_dir=path)
+    retention = raw.get("responses_retention_days", 30.0)
+    if isinstance(retention, bool) or not isinstance(retention, int | float) or retention < 0:
+        raise StoreConfigError(f"{key}.responses_retention_days", f"must be a number of days >= 0, got {retention!r}")
+    return StoreSettings(url=url, data_dir=path, responses_retention_days=float(retention))
 
 
 def check_store_url(url: str, key: str = "store.url") -> None:

@@ -50,6 +50,7 @@ from gateway.store.records import (
     RequestFilter,
     SpendQuery,
     SpendRow,
+    StoredResponse,
     StoreError,
     UnfinishedLinesError,
 )
@@ -85,6 +86,7 @@ __all__ = [
     "StoreConfigError",
     "StoreError",
     "StoreSettings",
+    "StoredResponse",
     "UnfinishedLinesError",
     "open_store",
     "parse_store_settings",

@@ -31,6 +31,7 @@ from gateway.store.records import (
     RequestFilter,
     SpendQuery,
     SpendRow,
+    StoredResponse,
 )
 
 
@@ -224,3 +225,20 @@ class Store(ABC):
         since: float | None = None,
     ) -> Page[AuditEntry]:
         """Newest first; `after` is the `id` of the last entry of the previous page."""
+
+    # Stored responses (the Responses API's `store: true`) ------------------------------------
+
+    @abstractmethod
+    async def save_response(
+        self, response_id: str, owner: Owner, response: dict[str, Any], input_items: list[dict[str, Any]]
+    ) -> None: ...
+
+    @abstractmethod
+    async def get_response(self, response_id: str, owner: OwnerScope) -> StoredResponse | None: ...
+
+    @abstractmethod
+    async def delete_response(self, response_id: str, owner: OwnerScope) -> bool: ...
+
+    @abstractmethod
+    async def delete_responses_before(self, cutoff: float) -> int:
+        """Retention: delete responses stored before `cutoff` (Unix seconds); returns how many."""

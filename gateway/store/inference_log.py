@@ -32,6 +32,7 @@ REQUEST_COLUMNS = (
     "client_disconnect",
     "batch_id",
     "payload",
+    "api",
 )
 REPORT_COLUMNS = "time, route, status, ttft, duration, prompt_tokens, completion_tokens, finish_reason"
 REPORT_PAGE = 5000
@@ -58,6 +59,7 @@ def _values(r: InferenceRecord) -> tuple[object, ...]:
         bool(r.client_disconnect),
         r.batch_id,
         r.payload,
+        r.api,
     )
 
 
@@ -81,6 +83,7 @@ def _record(row: Row) -> InferenceRecord:
         batch_id=row["batch_id"],
         payload=row["payload"],
         id=int(row["seq"]),
+        api=row["api"],
     )
 
 
@@ -102,6 +105,7 @@ class InferenceLogOps(SqlBase):
             ("model", where.model),
             ("route", where.route),
             ("status", None if where.status is None else int(where.status)),
+            ("api", where.api),
         ):
             if value is not None:
                 args.append(value)

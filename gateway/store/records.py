@@ -216,6 +216,18 @@ class InferenceRecord:
     batch_id: str | None = None
     payload: str | None = None  # sampled request/response capture, JSON text
     id: int | None = None
+    api: str | None = None  # chat, completions, embeddings, responses, messages, ... (None: rows before it)
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    """A stored Responses API answer: the response object and the input items it answered."""
+
+    id: str
+    owner: str | None
+    created_at: float
+    response: dict[str, Any]
+    input_items: list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -228,6 +240,7 @@ class RequestFilter:
     status: int | None = None
     since: float | None = None
     until: float | None = None
+    api: str | None = None  # chat, completions, embeddings, responses, messages, ...
 
 
 class ReportRow(NamedTuple):

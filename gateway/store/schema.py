@@ -132,9 +132,23 @@ def _v2(serial: str, float_type: str) -> tuple[str, ...]:
     )
 
 
+def _v3(serial: str, float_type: str) -> tuple[str, ...]:
+    # Stored Responses API answers (`store: true`): the response object and the input it
+    # answered, as JSON text; read back whole by id, deleted by retention on created_at.
+    return (
+        f"CREATE TABLE responses (seq {serial}, id TEXT NOT NULL UNIQUE, owner TEXT,"
+        f" created_at {float_type} NOT NULL, response TEXT NOT NULL, input_items TEXT NOT NULL)",
+        "CREATE INDEX responses_created ON responses (created_at)",
+        "ALTER TABLE requests ADD COLUMN api TEXT",  # chat, completions, embeddings, responses, messages, ...
+    )
+
+
+_V3 = "stored responses; the inference log's api"
+
 SQLITE_MIGRATIONS = (
     Migration(1, "files, batches, batch lines, inference log", _v1("INTEGER PRIMARY KEY", "REAL", "INTEGER", "BLOB")),
     Migration(2, "spend rollups, audit log", _v2("INTEGER PRIMARY KEY", "REAL")),
+    Migration(3, _V3, _v3("INTEGER PRIMARY KEY", "REAL")),
 )
 
 POSTGRES_MIGRATIONS = (
@@ -154,6 +168,7 @@ POSTGRES_MIGRATIONS = (
     Migration(
         2, "spend rollups, audit log", _v2("BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", "DOUBLE PRECISION")
     ),
+    Migration(3, _V3, _v3("BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", "DOUBLE PRECISION")),
 )
 
 SCHEMA_VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)"

@@ -13,9 +13,10 @@ from gateway.store.files import FileOps
 from gateway.store.finalize import FinalizeOps
 from gateway.store.inference_log import InferenceLogOps
 from gateway.store.lines import LineOps
+from gateway.store.responses import ResponseOps
 from gateway.store.spend import SpendOps
 
 
-class SqlStore(FileOps, BatchOps, LineOps, FinalizeOps, InferenceLogOps, SpendOps, AuditOps, Store):
+class SqlStore(FileOps, BatchOps, LineOps, FinalizeOps, InferenceLogOps, SpendOps, AuditOps, ResponseOps, Store):
     async def close(self) -> None:
         await self.db.close()

@@ -29,7 +29,7 @@ from gateway.store import InferenceRecord, RequestFilter, Store
 
 log = logging.getLogger(__name__)
 
-REQUEST_PARAMS = ("key_id", "model", "route", "status", "since", "until", "limit", "after")
+REQUEST_PARAMS = ("key_id", "model", "route", "status", "since", "until", "limit", "after", "api")
 REPORT_PARAMS = ("since", "until", "baseline_since", "baseline_until")
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
@@ -67,6 +67,7 @@ class MonitorRoutes:
             status=status,
             since=_time(q, "since"),
             until=_time(q, "until"),
+            api=_text(q, "api"),
         )
         limit = _int(q, "limit", 1, MAX_LIMIT) or DEFAULT_LIMIT
         after = _int(q, "after", 0, 2**63 - 1)
@@ -128,6 +129,7 @@ def record_json(r: InferenceRecord) -> dict[str, Any]:
         "request_id": r.request_id,
         "key_id": r.key_id,
         "model": r.model,
+        "api": r.api,
         "route": r.route,
         "engine": r.engine,
         "status": r.status,

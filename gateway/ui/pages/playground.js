@@ -1,6 +1,8 @@
 // Playground: chat with a model through the gateway as a client would, with a client key
 // (sk-gw-..., kept in this tab's sessionStorage only; none when the gateway runs without auth).
 // Streams the answer (tokens shown as they arrive), then the usage and the route that answered.
+// The API selector speaks chat completions, the Responses API or Anthropic's Messages API (each
+// with its own request and event stream; see API_CALLS below), to the same models.
 
 import { ApiError, clientModels, errorFrom, send, session } from "../api.js";
 import { describeError, field, formatInt, h } from "../dom.js";
@@ -24,6 +26,11 @@ export async function render(view, ctx) {
   modelSelect.append(
     remembered ? h("option", { value: remembered }, remembered) : h("option", { value: "" }, "load the models first"),
   );
+  const apiSelect = h(
+    "select",
+    { name: "api" },
+    ...Object.entries(API_CALLS).map(([value, call]) => h("option", { value }, call.label)),
+  );
   const maxTokens = h("input", { type: "number", name: "max-tokens", min: 1, step: 1, value: "128" });
   const extra = h("input", { type: "text", name: "extra", spellcheck: "false", placeholder: '{"temperature": 0.7}' });
   const transcript = h("ol", { class: "transcript", "aria-label": "Conversation", "aria-live": "polite" });
@@ -43,6 +50,7 @@ export async function render(view, ctx) {
         field("Client key", keyInput, "Empty when the gateway runs without auth. Kept in this tab only."),
         h("div", { class: "field button-field" }, loadModels),
         field("Model", modelSelect),
+        field("API", apiSelect, "How the request is sent: the answer is the same model's."),
         field("Max tokens", maxTokens),
         field("Other parameters (JSON)", extra, "Merged into the request body."),
       ),
@@ -153,40 +161,30 @@ export async function render(view, ctx) {
   }
 
   async function stream(messages, answer, signal) {
-    const body = {
-      ...extraParameters(),
-      model: modelSelect.value,
-      messages,
-      stream: true,
-      stream_options: { include_usage: true },
-      max_tokens: Number(maxTokens.value) || undefined,
-    };
-    const response = await send("POST", "v1/chat/completions", { key: keyInput.value.trim(), body, signal });
+    const call = API_CALLS[apiSelect.value] || API_CALLS.chat;
+    const body = { ...extraParameters(), ...call.body(modelSelect.value, messages, Number(maxTokens.value) || undefined) };
+    const response = await send("POST", call.path, { key: keyInput.value.trim(), body, signal });
     if (!response.ok) throw await errorFrom(response);
     const route = response.headers.get("x-gateway-route"); // which route version answered, where the gateway says
     const requestId = response.headers.get("x-request-id");
     answer.item.dataset.state = "streaming";
-    let reply = "";
-    let usage = null;
-    let finish = null;
+    answer.item.dataset.api = apiSelect.value;
+    const seen = { reply: "", usage: null, finish: null };
     for await (const { data } of readEvents(response, signal)) {
       if (data === "[DONE]") break;
-      let chunk;
+      let event;
       try {
-        chunk = JSON.parse(data);
+        event = JSON.parse(data);
       } catch {
         throw new ApiError(response.status, "bad_stream", "The stream sent an event that is not JSON.");
       }
-      if (chunk.error) throw new ApiError(response.status, chunk.error.code, chunk.error.message);
-      const choice = chunk.choices && chunk.choices[0];
-      const delta = choice && choice.delta && choice.delta.content;
+      const delta = call.read(event, seen, response.status);
       if (delta) {
-        reply += delta;
-        answer.body.textContent = reply;
+        seen.reply += delta;
+        answer.body.textContent = seen.reply;
       }
-      if (choice && choice.finish_reason) finish = choice.finish_reason;
-      if (chunk.usage) usage = chunk.usage;
     }
+    const { reply, usage, finish } = seen;
     if (signal.aborted) throw new DOMException("stopped", "AbortError");
     answer.item.dataset.state = "done";
     const parts = [];
@@ -205,3 +203,69 @@ export async function render(view, ctx) {
 
   await fetchModels(false);
 }
+
+// Each API's request body and stream events: read() returns the text an event adds, and notes the
+// usage ({prompt_tokens, completion_tokens, total_tokens}) and the finish reason in `seen`.
+const API_CALLS = {
+  chat: {
+    label: "Chat completions",
+    path: "v1/chat/completions",
+    body: (model, messages, maxTokens) => ({
+      model,
+      messages,
+      stream: true,
+      stream_options: { include_usage: true },
+      max_tokens: maxTokens,
+    }),
+    read(chunk, seen, status) {
+      if (chunk.error) throw new ApiError(status, chunk.error.code, chunk.error.message);
+      const choice = chunk.choices && chunk.choices[0];
+      if (choice && choice.finish_reason) seen.finish = choice.finish_reason;
+      if (chunk.usage) seen.usage = chunk.usage;
+      return choice && choice.delta && choice.delta.content;
+    },
+  },
+  responses: {
+    label: "Responses",
+    path: "v1/responses",
+    body: (model, messages, maxTokens) => ({
+      model,
+      input: messages,
+      stream: true,
+      store: false,
+      max_output_tokens: maxTokens,
+    }),
+    read(event, seen, status) {
+      if (event.type === "error") throw new ApiError(status, event.code, event.message);
+      if (event.type === "response.completed" || event.type === "response.incomplete") {
+        const u = event.response.usage;
+        if (u) seen.usage = { prompt_tokens: u.input_tokens, completion_tokens: u.output_tokens, total_tokens: u.total_tokens };
+        seen.finish = event.response.status;
+      }
+      return event.type === "response.output_text.delta" ? event.delta : "";
+    },
+  },
+  messages: {
+    label: "Messages (Anthropic)",
+    path: "v1/messages",
+    body: (model, messages, maxTokens) => ({
+      model,
+      messages: messages.filter((m) => m.role !== "system"),
+      system: messages.filter((m) => m.role === "system").map((m) => m.content).join("\n") || undefined,
+      stream: true,
+      max_tokens: maxTokens || 1024,
+    }),
+    read(event, seen, status) {
+      if (event.type === "error") throw new ApiError(status, event.error.type, event.error.message);
+      if (event.type === "message_start") seen.prompt = event.message.usage.input_tokens;
+      if (event.type === "message_delta") {
+        const prompt = event.usage.input_tokens ?? seen.prompt ?? 0;
+        const completion = event.usage.output_tokens;
+        seen.usage = { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion };
+        seen.finish = event.delta.stop_reason;
+      }
+      const delta = event.type === "content_block_delta" && event.delta;
+      return delta && delta.type === "text_delta" ? delta.text : "";
+    },
+  },
+};

@@ -1,0 +1,106 @@
+"""The relay of an answer that a translation (gateway/apis/) rewrites on the way: the Responses
+and Messages APIs. Beside relay.py, whose raw-bytes path for chat stays untouched.
+
+Same contract as relay.py: the client's pace drives the reads, `finishing` (the exchange's
+settle) runs before the final bytes leave, and a stream that breaks ends in-band, here with the
+API's own error event. The translation reads the usage and finish reason (a translated stream
+parses every chunk anyway; a native one only its final events) and they go into the Outcome.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+from starlette.types import Send
+
+from gateway.apis.base import Translation
+from gateway.core.errors import Code, GatewayError
+from gateway.engines.client import UpstreamError, UpstreamResponse
+from gateway.proxy.relay import SSE_HEADERS, Outcome, _event_end, _send
+
+JSON = (b"content-type", b"application/json")
+
+
+def _settled(t: Translation, out: Outcome) -> None:
+    out.usage, out.finish_reason = t.usage, t.finish_reason
+    out.events = t.events
+
+
+async def relay_translated_whole(
+    response: UpstreamResponse,
+    send: Send,
+    out: Outcome,
+    headers: list[tuple[bytes, bytes]],
+    finishing: Callable[[], Awaitable[None]],
+    t: Translation,
+) -> None:
+    try:
+        content = await response.read()
+    except TimeoutError:
+        raise GatewayError(504, "The engine did not answer in time.", code=Code.UPSTREAM_TIMEOUT) from None
+    except UpstreamError as exc:
+        raise GatewayError(502, f"The engine failed: {exc}.", code=Code.UPSTREAM_ERROR) from None
+    out.status = response.status
+    body = t.whole(response.status, content)
+    _settled(t, out)
+    await finishing()
+    if response.status == 200:
+        await t.finished()
+    await send({"type": "http.response.start", "status": response.status, "headers": [JSON, *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def relay_translated_stream(
+    response: UpstreamResponse,
+    send: Send,
+    out: Outcome,
+    headers: list[tuple[bytes, bytes]],
+    finishing: Callable[[], Awaitable[None]],
+    t: Translation,
+    on_gap: Callable[[float], None],
+) -> None:
+    out.status = 200
+    await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *headers]})
+    opening = t.open()
+    if opening:
+        await _send(send, out, opening)
+    buf = b""
+    try:
+        while True:
+            data = await response.chunk()
+            if not data:
+                break
+            now = time.perf_counter()
+            if out.first_chunk:
+                on_gap(now - out.last_chunk)
+            else:
+                out.first_chunk = now
+            out.last_chunk = now
+            buf = buf + data if buf else data
+            end = _event_end(buf)
+            if not end:
+                continue
+            block, buf = buf[:end], buf[end:]
+            block = t.feed(block)
+            if t.done and not out.done:
+                out.done = True
+                _settled(t, out)
+                await finishing()
+                await t.finished()
+            if block:
+                await _send(send, out, block)
+    except (UpstreamError, TimeoutError) as exc:
+        if out.cut is None:
+            out.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if not out.done:
+        if out.cut is not None:
+            error = out.cut
+        else:
+            out.error = out.error or "the engine closed the stream before it finished"
+            error = GatewayError(502, f"The upstream engine failed mid-stream ({out.error}).", code=Code.UPSTREAM_ERROR)
+        out.status, out.error_code = error.status, error.code
+        _settled(t, out)
+        await finishing()
+        await _send(send, out, t.failed(error))
+    await _send(send, out, b"", more=False)
