@@ -109,7 +109,9 @@ class KeyedAccess:
             # Without a cap the engine may write up to the context length: set one, so the
             # reservation bounds what the request can spend and a budget is never overspent.
             request.cap_max_tokens(self._settings.default_max_tokens)
-            prompt = await self._counter.count(request)
+            prompt = request.prompt_tokens
+            if prompt is None:
+                prompt = request.prompt_tokens = await self._counter.count(request)
         reserve = reservation(key, request, prompt or 0)
         try:
             admission = await self.quota.admit(key, request.model, reserve, batch=request.batch_id is not None)

@@ -48,6 +48,7 @@ class ApiRequest:
     subject: str | None = None  # the `user` field: who the request is for (sticky routing)
     batch_id: str | None = None  # set for the lines of a batch
     size: int = 0  # bytes of the raw body
+    prompt_tokens: int | None = None  # counted once, by whoever needs it first (prompt bound, quota)
     _prefix: bytes | None = field(default=None, repr=False)
 
     @property

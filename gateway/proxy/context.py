@@ -40,7 +40,9 @@ class RedisServices:
     counter: PromptCounter  # prompt tokens, for the reservations
 
     @classmethod
-    def build(cls, settings: Settings, router: Router, metrics: GatewayMetrics) -> RedisServices:
+    def build(
+        cls, settings: Settings, router: Router, metrics: GatewayMetrics, counter: PromptCounter
+    ) -> RedisServices:
         r = settings.redis
         assert r.url is not None
         clients = build_clients(r.url, cluster=r.cluster, timeout=r.timeout)
@@ -58,7 +60,7 @@ class RedisServices:
             KeyStore(clients.admin, r.prefix, timeout=2 * r.timeout),
             quota,
             RouteStore(clients.admin, clients.subscriber, r.prefix, router, engines),
-            PromptCounter({m.name: m.tokenizer for m in settings.models}),
+            counter,
         )
 
     def start(self) -> None:
@@ -67,7 +69,6 @@ class RedisServices:
     async def stop(self) -> None:
         await self.routes.stop()
         await self.clients.aclose()
-        self.counter.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +87,7 @@ class Gateway:
     store: StoreService  # files, batches, the inference log; opened in the background
     inference_log: InferenceLog | None  # None when the log is off (inference_log.enabled)
     prompt_limits: Mapping[str, int]  # model -> max request bytes
+    counter: PromptCounter  # prompt tokens: quota reservations and the models' max_prompt_tokens
     models: Mapping[str, ModelSettings]  # by public name
     started: float = field(default_factory=time.time)
 
@@ -98,10 +100,13 @@ class Gateway:
         control_path: str | None = None,
     ) -> Gateway:
         metrics = GatewayMetrics(multiprocess_dir)
-        pool = Pool(settings.engines, settings.health, metrics)
+        # a breaker's trial request is void once it could have timed out (and its slot freed)
+        trial_timeout = settings.server.first_byte_timeout + 1
+        pool = Pool(settings.engines, settings.health, metrics, trial_timeout=trial_timeout)
         router = Router(pool, settings.models, settings.routing)
         scheduler = Scheduler(settings, router, metrics) if settings.scheduler.enabled else Unscheduled(router)
-        redis = RedisServices.build(settings, router, metrics) if settings.redis.url else None
+        counter = PromptCounter({m.name: m.tokenizer for m in settings.models})
+        redis = RedisServices.build(settings, router, metrics, counter) if settings.redis.url else None
         access: Access = OpenAccess()
         if redis is not None and settings.auth.enabled:
             access = KeyedAccess(redis.keys, redis.quota, redis.counter, settings.auth, metrics)
@@ -122,5 +127,6 @@ class Gateway:
             StoreService(settings.store),
             InferenceLog(log, settings.models, metrics) if log.enabled else None,
             {m.name: min(default, m.max_prompt_bytes or default) for m in settings.models},
+            counter,
             {m.name: m for m in settings.models},
         )
