@@ -33,9 +33,8 @@ class ModelSettings:
     tokenizer: str | None = None  # a tokenizer.json or model directory for exact prompt counts
     assignment: str = "weighted"  # how a request gets its route: weighted (random) or sticky
     max_prompt_bytes: int | None = None  # a request body bound of its own (else server.max_body_bytes)
-    # prompt tokens a request may carry (counted as for quotas); more is refused with 400
-    # context_length_exceeded before any engine sees it. Unset: the engine's own limit applies
-    max_prompt_tokens: int | None = None
+    # Unset: only the engine's own context limit applies (after it has read the whole prompt).
+    max_prompt_tokens: int | None = None  # a longer prompt is refused 400 before an engine sees it
     log_payloads: PayloadCapture | None = None  # sampled body capture in the inference log; off by default
     failover: str = "resume"  # a stream whose engine fails goes on on another engine (resume) or ends (error)
     fallbacks: tuple[str, ...] = ()  # other models to serve it, in order, when this one cannot

@@ -15,10 +15,9 @@ class HealthSettings:
     interval: float = 1.0
     timeout: float = 2.0
     failures_to_eject: int = 2  # one slow probe under load must not eject a working engine
-    # The circuit breaker per engine: this many consecutive failed requests (refused, no first
-    # byte within server.first_byte_timeout, a 5xx answer, a stream broken mid-way) take an engine
-    # out even while its health check passes; 0: no breaker
-    breaker_failures: int = 3
+    # The circuit breaker per engine (refused, no first byte within server.first_byte_timeout or
+    # request_timeout, a 5xx answer, a stream broken mid-way all count as failed requests).
+    breaker_failures: int = 3  # failed requests in a row that take an engine out; 0: off
     breaker_cooldown: float = 10.0  # seconds an open breaker keeps traffic off; then one request is its trial
 
 
