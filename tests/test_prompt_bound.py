@@ -53,7 +53,9 @@ def test_big_prompts_are_refused_before_any_engine_sees_them(bounded: tuple[Proc
     gw, engine = bounded
     huge = "lorem ipsum dolor " * 210_000  # 3.8 MB
     began = time.monotonic()
-    r = _post(gw, "/v1/chat/completions", {"model": "fake", "user": "huge", "messages": [{"role": "user", "content": huge}]})
+    r = _post(
+        gw, "/v1/chat/completions", {"model": "fake", "user": "huge", "messages": [{"role": "user", "content": huge}]}
+    )
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["code"] == "context_length_exceeded" and error["param"] == "messages", error

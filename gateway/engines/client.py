@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import httptools
@@ -277,8 +278,17 @@ class Upstream:
         for response in list(self._active):
             response.close()
 
-    async def post(self, engine: EngineSettings, path: str, body: bytes, stream: bool) -> UpstreamResponse:
-        """Sends the request and returns once the response headers are in."""
+    async def post(
+        self,
+        engine: EngineSettings,
+        path: str,
+        body: bytes,
+        stream: bool,
+        on_sent: Callable[[UpstreamResponse], None] | None = None,
+    ) -> UpstreamResponse:
+        """Sends the request and returns once the response headers are in. `on_sent` gets the
+        response as soon as the request is written: closing it meanwhile ends the wait with
+        UpstreamError (the caller may then send the request elsewhere)."""
         target = self._engines.get(engine.url)
         if target is None:
             target = self._engines[engine.url] = _Engine(engine)
@@ -295,6 +305,8 @@ class Upstream:
             conn.response = response
             self._active.add(response)
             conn.transport.writelines(request)
+            if on_sent is not None:
+                on_sent(response)
             try:
                 await response._headers_in
             except _Stale:

@@ -55,6 +55,7 @@ class Exchange:
     __slots__ = (
         "_body",
         "_capture",
+        "_pending",
         "_settled",
         "_slot",
         "_watch",
@@ -88,6 +89,7 @@ class Exchange:
         self._settled: Usage | None = None
         self._capture: Capture | None = None
         self._body: tuple[str, bytes] | None = None  # (upstream model, the engine body)
+        self._pending: UpstreamResponse | None = None  # sent, its answer's head not in yet
         self.fallback_from: str | None = None  # the model asked for, when a fallback served
         self._watch = ClientWatch()
         self._watch.start(receive)
@@ -175,7 +177,9 @@ class Exchange:
             m.routing_by[model, engine.name].inc()
             body = self._engine_body(pick.route.model)
             try:
-                response = await gw.upstream.post(engine.settings, request.endpoint.path, body, request.stream)
+                response = await gw.upstream.post(
+                    engine.settings, request.endpoint.path, body, request.stream, self._sent
+                )
             except EngineUnreachable as exc:
                 m.upstream_errors_by[engine.name, "connect"].inc()
                 gw.pool.request_failed(engine, "refused")
@@ -183,10 +187,12 @@ class Exchange:
                 error = GatewayError(503, "No engine could take the request.", code=Code.NO_HEALTHY_ENGINE)
                 continue
             except TimeoutError:
+                self._pending = None
                 m.upstream_errors_by[engine.name, "timeout"].inc()
                 gw.pool.request_failed(engine, "no first byte in time")
                 raise GatewayError(504, "The engine did not answer in time.", code=Code.UPSTREAM_TIMEOUT) from None
             except UpstreamError as exc:
+                self._pending = None
                 m.upstream_errors_by[engine.name, "read"].inc()
                 gw.pool.request_failed(engine, "the connection broke before the answer")
                 error = GatewayError(502, f"The engine failed: {exc}.", code=Code.UPSTREAM_ERROR)
@@ -201,6 +207,7 @@ class Exchange:
                 error = await error_of(response)
                 response.release()
                 continue
+            self._pending = None
             gw.pool.request_answered(engine)
             self.response = response
             return response
@@ -249,15 +256,22 @@ class Exchange:
             engine.inflight.discard(self)
             self.gw.scheduler.release(engine)
 
+    def _sent(self, response: UpstreamResponse) -> None:
+        self._pending = response
+
     def engine_out(self, engine: Engine, why: str) -> None:
         """The pool took this request's engine out (its health check failed, its breaker opened):
-        an answer being relayed that can go on on another engine of its route moves now, by
-        closing its upstream (the relay sees a broken answer and resumes it), rather than when
-        a hung engine's socket finally breaks. With nowhere to go it stays, for as long as it lasts."""
-        response, pick, out = self.response, self.pick, self.out
-        if response is None or pick is None or pick.engine is not engine or out.done or out.cut is not None:
+        it moves now, by closing its upstream, rather than when a hung engine's socket finally
+        breaks. One still waiting for its answer's head is sent to another engine (as after a
+        refusal); an answer being relayed goes on on another engine of its route (the relay sees
+        it broken and resumes it). With nowhere to go it stays, for as long as it lasts."""
+        pick, out = self.pick, self.out
+        if pick is None or pick.engine is not engine or out.done or out.cut is not None:
             return
-        if not self._resumes() or not any(e.healthy for e in self.gw.router.members(pick.route) if e is not engine):
+        response = self._pending
+        if response is None and (response := self.response) is not None and not self._resumes():
+            return
+        if response is None or not any(e.healthy for e in self.gw.router.members(pick.route) if e is not engine):
             return
         log.info("request %s: leaving engine %s: %s", self.request_id.decode(), engine.name, why)
         response.close()
