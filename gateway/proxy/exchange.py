@@ -266,8 +266,8 @@ class Exchange:
         refusal); an answer being relayed goes on on another engine of its route (the relay sees
         it broken and resumes it). With nowhere to go it stays, for as long as it lasts."""
         pick, out = self.pick, self.out
-        if pick is None or pick.engine is not engine or out.done or out.cut is not None:
-            return
+        if pick is None or pick.engine is not engine or out.done or out.cut is not None or out.error is not None:
+            return  # (an error: the relay saw it broken already, and is moving it)
         response = self._pending
         if response is None and (response := self.response) is not None and not self._resumes():
             return
