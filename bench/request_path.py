@@ -3,7 +3,8 @@
 Compared, each started by this script and pinned with taskset (bench/servers.py says what each is):
 `direct` (the upstream alone), `floor` (bench/floor_proxy.py, uvicorn + Starlette + aiohttp, no features),
 `gateway` (auth off), `gateway+quota` (keys and quotas on a private redis-server, whose CPU is counted
-too) and `litellm` (LiteLLM's proxy, master key only). The server under test runs on --server-core (1);
+too), `gateway-noresume` (auth off, the model's `failover: error`: no stream keeps a transcript for a
+resume) and `litellm` (LiteLLM's proxy, master key only). The server under test runs on --server-core (1);
 the load generator (this process), the upstream and Redis share --client-core (0). Runs alternate
 between the servers, the order rotating each round, and every figure is the median over rounds; the
 ratio to the floor is the median of each round's own ratio (the pair shares that round's noise).
@@ -45,7 +46,7 @@ from bench.request_path_runs import Run, closed_run, log_run, paced_run, started
 from bench.servers import Server, Upstream
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVERS = ("direct", "floor", "gateway", "gateway+quota", "baseline", "baseline+quota", "litellm")
+SERVERS = ("direct", "floor", "gateway", "gateway+quota", "gateway-noresume", "baseline", "baseline+quota", "litellm")
 SECTIONS = ("upstreams", "cpu", "paced", "hold", "workers", "profile")
 
 
@@ -73,6 +74,8 @@ class Bench:
             servers.floor(tmp, url, core),
             servers.gateway(tmp, url, core),
             servers.gateway(tmp, url, core, quota=servers.RedisServer(tmp, self.args.client_core)),
+            # failover: error: streams keep no transcript (resume's cost, side by side with `gateway`)
+            servers.gateway(tmp, url, core, name="gateway-noresume", failover="error"),
         ]
         if self.args.baseline is not None:  # the same two, from another checkout: before vs after
             tree = self.args.baseline

@@ -151,7 +151,29 @@ def summarize(runs: list[Run]) -> Figures:
         figures["4_hold"] = hold
     if "workers" in sections:
         figures["5_workers"] = _workers(runs)
+    if any(r.server == "gateway-noresume" for r in runs):
+        figures["6_resume_cost"] = _resume_cost(runs)
     return figures
+
+
+def _resume_cost(runs: list[Run]) -> Figures:
+    """Streams that can be resumed (`gateway`: each keeps a transcript) against `gateway-noresume`
+    (`failover: error`), per section and stream count: the median of each round's own CPU ratio,
+    and for held streams the difference of peak RSS per stream."""
+    out: Figures = {}
+    for section in ("paced", "hold"):
+        table = _by_round(runs, section)
+        for n in sorted({n for n, server in table if server == "gateway-noresume"}):
+            if (n, "gateway") not in table:
+                continue
+            on, off = table[(n, "gateway")], table[(n, "gateway-noresume")]
+            rss = [(on[k].rss_peak_mib - off[k].rss_peak_mib) * 1024 / n for k in on if k in off]
+            out[f"{section} {n}"] = {
+                "cpu_ratio": _ratio(table, n, "gateway", "gateway-noresume", "cpu_ms"),
+                "cpu_ratios_by_round": [on[k].cpu_ms / off[k].cpu_ms for k in sorted(on) if k in off and off[k].cpu_ms],
+                "rss_peak_kib_per_stream": med(rss) if section == "hold" else None,
+            }
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -272,5 +294,12 @@ def print_figures(
         print_hold(figures["4_hold"], args.hold_streams, args.hold_pace_ms)
     if "5_workers" in figures:
         print_workers(figures["5_workers"], args.client_core, args.server_core)
+    if "6_resume_cost" in figures:
+        print("\nFigure 6. Resume on (`gateway`) vs off (`gateway-noresume`, failover: error), same run")
+        for where, f in figures["6_resume_cost"].items():
+            rounds = ", ".join(f"{r:.3f}" for r in f["cpu_ratios_by_round"])
+            memory = f["rss_peak_kib_per_stream"]
+            extra = f"; peak RSS {memory:+.1f} KiB per stream" if memory is not None else ""
+            print(f"  {where:<12} CPU per chunk {_x(f['cpu_ratio'])} (rounds: {rounds}){extra}")
     for note in notes:
         print(f"note: {note}")

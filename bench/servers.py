@@ -209,16 +209,20 @@ def gateway(
     name: str | None = None,
     tree: Path | None = None,
     extra: dict[str, object] | None = None,
+    failover: str | None = None,
 ) -> Server:
     """`llm-gateway serve` with auth off, or with keys and quotas on `quota`'s Redis (create_key() after
     start). `tree`: run the gateway of another checkout (a worktree at an earlier commit) instead of
-    this one, to measure before and after in one run. `extra`: more config sections (logging, tracing)."""
+    this one, to measure before and after in one run. `extra`: more config sections (logging,
+    tracing). `failover`: the model's (resume or error; unset: the default, resume)."""
     name = name or ("gateway+quota" if quota else "gateway")
     config: dict[str, object] = {
         "engines": [{"name": "fake", "kind": "openai", "url": upstream_url}],
         "models": [{"name": MODEL, "routes": [{"engine": "fake"}]}],
         "auth": {"enabled": quota is not None},
     }
+    if failover is not None:
+        config["models"] = [{"name": MODEL, "routes": [{"engine": "fake"}], "failover": failover}]
     if quota:
         config["redis"] = {"url": quota.url}
     config.update(extra or {})

@@ -111,7 +111,9 @@ class KeyedAccess:
             # Without a cap the engine may write up to the context length: set one, so the
             # reservation bounds what the request can spend and a budget is never overspent.
             request.cap_max_tokens(self._settings.default_max_tokens)
-            prompt = await self._counter.count(request)
+            prompt = request.prompt_tokens
+            if prompt is None:
+                prompt = request.prompt_tokens = await self._counter.count(request)
         reserve = reservation(key, request, prompt or 0)
         price = self._prices.get(request.model)
         money = price.ceiling(prompt or 0, reserve - (prompt or 0)) if price is not None else 0

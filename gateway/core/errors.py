@@ -75,6 +75,7 @@ class Code(StrEnum):
     ENGINES_OVERLOADED = "engines_overloaded"
     UPSTREAM_ERROR = "upstream_error"
     UPSTREAM_TIMEOUT = "upstream_timeout"
+    CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # OpenAI's code for a prompt over the bound
     # the scheduler (every engine of the model full)
     QUEUE_FULL = "queue_full"
     QUEUE_TIMEOUT = "queue_timeout"

@@ -219,6 +219,19 @@ class GatewayMetrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.engine_breaker = Gauge(
+            "gateway_engine_breaker_state",
+            "1 for the engine's circuit breaker state in this process: closed, open, half_open.",
+            ["engine", "state"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.breaker_opens = Counter(
+            "gateway_engine_breaker_opens",
+            "Times an engine's circuit breaker opened: its requests kept failing.",
+            ["engine"],
+            registry=r,
+        )
         self.cold_starts = Counter(
             "gateway_engine_cold_starts", "Stopped engines started by a request.", ["engine"], registry=r
         )
@@ -250,6 +263,7 @@ class GatewayMetrics:
         self.retries_by = Children(self.retries)
         self.resumes_by = Children(self.resumes)
         self.fallbacks_by = Children(self.fallbacks)
+        self.breaker_opens_by = Children(self.breaker_opens)
         self.upstream_errors_by = Children(self.upstream_errors)
         self.disconnects_by = Children(self.client_disconnects)
 

@@ -58,6 +58,7 @@ class ApiRequest:
     # for an upstream model name; None for every JSON request.
     content_type: bytes | None = None
     rewrite: Callable[[str], bytes] | None = field(default=None, repr=False)
+    prompt_tokens: int | None = None  # counted once, by whoever needs it first (prompt bound, quota)
     _prefix: bytes | None = field(default=None, repr=False)
 
     @property

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import httptools
@@ -294,10 +295,12 @@ class Upstream:
         stream: bool,
         head: bytes = b"",
         content_type: bytes | None = None,
+        on_sent: Callable[[UpstreamResponse], None] | None = None,
     ) -> UpstreamResponse:
         """Sends the request and returns once the response headers are in. `head`: more header
         lines, each ending in CRLF (the trace context); a JSON body unless `content_type` says
-        otherwise."""
+        otherwise. `on_sent` gets the response as soon as the request is written: closing it
+        meanwhile ends the wait with UpstreamError (the caller may then send the request elsewhere)."""
         target = self._engines.get(engine.url)
         if target is None:
             target = self._engines[engine.url] = _Engine(engine)
@@ -314,6 +317,8 @@ class Upstream:
             conn.response = response
             self._active.add(response)
             conn.transport.writelines(request)
+            if on_sent is not None:
+                on_sent(response)
             try:
                 await response._headers_in
             except _Stale:

@@ -4,6 +4,13 @@ A managed engine is probed only while the supervisor says it is running (`state`
 control channel by gateway/dispatch/wake.py): a stopped engine is not an unhealthy one, and a
 port answered by some other process is never mistaken for our engine.
 
+`healthy`, the one flag the router reads per candidate, is the health check's verdict and the
+engine's circuit breaker's (gateway/engines/breaker.py) together: an engine whose requests keep
+failing is out while its /health still passes. When the pool takes an engine out (its health
+check fails, its breaker opens, a request could not reach it), the requests in flight there are
+told at once (`Inflight.engine_out`): a stream that can go on elsewhere moves now, rather than
+when its socket finally breaks (a hung engine keeps the socket open).
+
 A `discover: dns` entry whose name has no address, or only engines that have never passed a
 health check (pods still loading their model), is *cold*: scaled to zero, not failed; requests
 for it wait (gateway/dispatch/wake.py) and its name is resolved every second meanwhile.
@@ -14,13 +21,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import aiohttp
 import dns.asyncresolver
 
 from gateway.core.metrics import GatewayMetrics
+from gateway.engines.breaker import BREAKER_STATES, Breaker, BreakerState
 from gateway.engines.control import EngineState
 from gateway.engines.discovery import DnsWatcher
 from gateway.engines.tls import engine_ssl
@@ -37,10 +47,16 @@ _RUNNING = (b"engine_num_requests_running", b"vllm:num_requests_running")
 _KV = (b"engine_kv_cache_usage_perc", b"vllm:kv_cache_usage_perc", b"vllm:gpu_cache_usage_perc")
 
 
+class Inflight(Protocol):
+    """A request on an engine (the proxy's exchange), told when the pool takes its engine out."""
+
+    def engine_out(self, engine: Engine, why: str) -> None: ...
+
+
 @dataclass
 class Engine:
     settings: EngineSettings
-    healthy: bool = False
+    healthy: bool = False  # usable: the health check passes and the breaker lets traffic in
     outstanding: int = 0  # requests this process has in flight there
     waiting: float = 0.0  # the engine's own queue, from its last /metrics scrape
     running: float = 0.0
@@ -49,6 +65,9 @@ class Engine:
     state: EngineState = EngineState.RUNNING  # managed engines: as the supervisor says
     picks: int = 0  # requests sent to it by this process, ever (the supervisor's idle timer reads it)
     ever_healthy: bool = False  # a discovered engine that never was is starting, not failed
+    checked: bool = False  # the health check's own verdict (healthy also needs the breaker)
+    breaker: Breaker = field(default_factory=lambda: Breaker(0))
+    inflight: set[Inflight] = field(default_factory=set)  # this process's requests there now
 
     name: str = field(init=False)  # the settings' name, read on every pick: a plain attribute
 
@@ -60,7 +79,7 @@ class Engine:
         """stopped, starting, healthy or unhealthy: what the metrics and /ready show."""
         if self.state in (EngineState.STOPPED, EngineState.STARTING):
             return str(self.state)
-        return "healthy" if self.healthy else "unhealthy"
+        return "healthy" if self.checked else "unhealthy"
 
     def load(self) -> float:
         """Lower is better: what we have sent it plus what it says is queued."""
@@ -102,15 +121,17 @@ class Pool:
         health: HealthSettings,
         metrics: GatewayMetrics,
         resolver: dns.asyncresolver.Resolver | None = None,  # DNS discovery's; default: the system's
+        trial_timeout: float = 30.0,  # a half-open breaker's trial that has not answered by then is void
     ) -> None:
         self._resolver = resolver
-        self.engines = {e.name: Engine(e) for e in engines if e.discovery is None}
+        self._trial_timeout = trial_timeout
+        self._health = health
+        self.engines = {e.name: self._engine(e) for e in engines if e.discovery is None}
         self.groups: dict[str, list[str]] = {e.name: [e.name] for e in engines if e.discovery is None}
         self._entries = {e.name: e for e in engines if e.discovery is not None}  # the discovered groups
         self._watchers = {e.name: self._watcher(e) for e in self._entries.values()}
         self._entry_of: dict[str, str] = {}  # discovered engine -> its entry
         self._hurried = 0  # requests waiting for a cold entry (see hurry)
-        self._health = health
         self._metrics = metrics
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -188,7 +209,7 @@ class Pool:
             for address in added:
                 name = discovery.engine_name(address)
                 settings = replace(entry, name=name, url=discovery.url(address), discovery=None)
-                self.engines[name] = engine = Engine(settings)
+                self.engines[name] = engine = self._engine(settings)
                 self._entry_of[name] = discovery.name
                 self._publish(engine)
                 log.info("engine %s found under %s", name, discovery.host)
@@ -203,12 +224,66 @@ class Pool:
         watcher = DnsWatcher(discovery, on_change, self._resolver, urgent)
         return watcher
 
+    def _engine(self, settings: EngineSettings) -> Engine:
+        return Engine(settings, breaker=Breaker(self._health.breaker_failures))
+
     def mark_failed(self, engine: Engine, why: str) -> None:
         """Passive health: a refused connection takes the engine out until a check says otherwise."""
-        if engine.healthy:
+        if engine.checked:
             log.warning("engine %s taken out of rotation: %s", engine.name, why)
-        self._set_health(engine, False)
+        self._set_health(engine, False, why)
         self._changed.set()  # check it again soon rather than at the next interval
+
+    # ---- the circuit breaker (gateway/engines/breaker.py) -------------------------------------
+
+    def request_failed(self, engine: Engine, why: str) -> None:
+        """A request failed on the engine: refused, no first byte in time, a 5xx, a broken stream."""
+        breaker = engine.breaker
+        if not breaker.failed(why):
+            return
+        cooldown = self._health.breaker_cooldown
+        breaker.opened_at = time.time()
+        log.warning(
+            "engine %s: circuit breaker open after %d consecutive failed requests (last: %s): no traffic for %gs",
+            engine.name,
+            breaker.errors,
+            why,
+            cooldown,
+        )
+        self._metrics.breaker_opens_by[engine.name].inc()
+        asyncio.get_running_loop().call_later(cooldown, self._cooled, engine, breaker.opens)
+        self._set_health(engine, engine.checked, f"its circuit breaker opened ({why})")
+
+    def request_answered(self, engine: Engine) -> None:
+        """A request got its answer's head from the engine (any status below 500)."""
+        breaker = engine.breaker
+        if (breaker.errors or breaker.state is not BreakerState.CLOSED) and breaker.succeeded():
+            log.info("engine %s: circuit breaker closed (a trial request was answered)", engine.name)
+            self._set_health(engine, engine.checked)
+
+    def take_trial(self, engine: Engine) -> None:
+        """The router picked a half-open engine: this request is its one trial; no other traffic
+        until it ends (or `trial_timeout` passes without a word on it)."""
+        breaker = engine.breaker
+        if breaker.state is not BreakerState.HALF_OPEN or breaker.trial:
+            return
+        breaker.trial = True
+        asyncio.get_running_loop().call_later(self._trial_timeout, self._trial_lapsed, engine, breaker.opens)
+        self._set_health(engine, engine.checked)
+
+    def _cooled(self, engine: Engine, opens: int) -> None:
+        breaker = engine.breaker
+        if breaker.opens != opens or breaker.state is not BreakerState.OPEN:
+            return  # opened again since: that opening has its own timer
+        breaker.cooled()
+        log.info("engine %s: circuit breaker half-open: the next request is a trial", engine.name)
+        self._set_health(engine, engine.checked)
+
+    def _trial_lapsed(self, engine: Engine, opens: int) -> None:
+        breaker = engine.breaker
+        if breaker.opens == opens and breaker.state is BreakerState.HALF_OPEN and breaker.trial:
+            breaker.trial = False  # its client left, or it never ended: another request tries
+            self._set_health(engine, engine.checked)
 
     def set_state(self, engine: Engine, state: EngineState) -> None:
         """The supervisor's word on a managed engine. Running means it has just answered /health."""
@@ -216,7 +291,7 @@ class Pool:
             return
         engine.state = state
         engine.failures = 0
-        self._set_health(engine, state == EngineState.RUNNING)
+        self._set_health(engine, state == EngineState.RUNNING, f"it is {state}")
         self._publish(engine)
         self._notify()
 
@@ -231,18 +306,29 @@ class Pool:
         self._changed_event.set()
         self._changed_event = asyncio.Event()
 
-    def _set_health(self, engine: Engine, healthy: bool) -> None:
-        if engine.healthy != healthy:
+    def _set_health(self, engine: Engine, checked: bool, why: str = "") -> None:
+        """The health verdict `checked`, combined with the breaker into `healthy`. Taking an engine
+        out (for its health or its breaker, not for a trial in flight) tells its requests."""
+        was_checked, was_open = engine.checked, engine.breaker.state is BreakerState.OPEN
+        engine.checked = checked
+        if checked:
+            engine.ever_healthy = True
+        healthy = checked and engine.breaker.admits
+        changed = engine.healthy != healthy
+        if changed:
             engine.healthy = healthy
             if healthy:
-                engine.ever_healthy = True
                 log.info("engine %s is healthy", engine.name)
-            elif (entry := self._entry_of.get(engine.name)) is not None:
+            elif not checked and (entry := self._entry_of.get(engine.name)) is not None:
                 # A discovered engine that stops answering was often scaled away: ask DNS now
                 # rather than at the next interval, so its model turns cold (not down) at once.
                 self._watchers[entry].kick()
+        if (was_checked and not checked) or (engine.breaker.state is BreakerState.OPEN and not was_open):
+            for request in list(engine.inflight):
+                request.engine_out(engine, why or "it was taken out")
+        if changed or was_checked != checked:
             self._notify()
-            self._publish(engine)
+        self._publish(engine)
 
     def _forget(self, engine: Engine) -> None:
         """A discovered engine left: its gauges read 0 (a series a worker process wrote stays in
@@ -253,6 +339,8 @@ class Pool:
         m.engine_outstanding.labels(engine.name).set(0)
         for state in ENGINE_STATES:
             m.engine_state.labels(engine.name, state).set(0)
+        for state in BREAKER_STATES:
+            m.engine_breaker.labels(engine.name, state).set(0)
 
     def _publish(self, engine: Engine) -> None:
         m = self._metrics
@@ -260,6 +348,9 @@ class Pool:
         current = engine.public_state
         for state in ENGINE_STATES:
             m.engine_state.labels(engine.name, state).set(1 if state == current else 0)
+        breaker = engine.breaker.state
+        for state in BREAKER_STATES:
+            m.engine_breaker.labels(engine.name, state).set(1 if state == breaker else 0)
 
     async def _run(self) -> None:
         while True:
@@ -296,10 +387,10 @@ class Pool:
         if ok:
             self._set_health(engine, True)
         elif engine.failures >= self._health.failures_to_eject:
-            if engine.healthy or engine.failures == self._health.failures_to_eject:
+            if engine.checked or engine.failures == self._health.failures_to_eject:
                 # One line when it goes (or never came), one when it is back ("is healthy").
                 log.warning("engine %s failed its health check (%s): no traffic until it passes", engine.name, why)
-            self._set_health(engine, False)
+            self._set_health(engine, False, f"it failed its health check ({why})")
         m = self._metrics
         m.engine_waiting.labels(engine.name).set(engine.waiting)
         m.engine_outstanding.labels(engine.name).set(engine.outstanding)

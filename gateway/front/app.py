@@ -77,6 +77,7 @@ def build_app(
             await gw.store.stop()  # the runner hands back its lines, the log writes its last rows
             if gw.redis is not None:
                 await gw.redis.stop()
+            gw.counter.close()
             await gw.access.stop()
             await gw.pool.stop()
             await gw.upstream.close()

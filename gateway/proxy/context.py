@@ -53,7 +53,9 @@ class RedisServices:
     sign_in: OidcSignIn | None  # console sessions and provider tokens (auth.oidc)
 
     @classmethod
-    def build(cls, settings: Settings, router: Router, metrics: GatewayMetrics) -> RedisServices:
+    def build(
+        cls, settings: Settings, router: Router, metrics: GatewayMetrics, counter: PromptCounter
+    ) -> RedisServices:
         r = settings.redis
         assert r.url is not None
         clients = build_clients(r.url, cluster=r.cluster, timeout=r.timeout)
@@ -77,7 +79,7 @@ class RedisServices:
             TeamStore(clients.admin, r.prefix),
             quota,
             RouteStore(clients.admin, clients.subscriber, r.prefix, router, engines, timeout=r.timeout),
-            PromptCounter({m.name: m.tokenizer for m in settings.models}),
+            counter,
             alerts,
             sign_in,
         )
@@ -94,7 +96,6 @@ class RedisServices:
             await self.alerts.stop()
         await self.routes.stop()
         await self.clients.aclose()
-        self.counter.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +117,7 @@ class Gateway:
     store: StoreService  # files, batches, the inference log; opened in the background
     inference_log: InferenceLog | None  # None when the log is off (inference_log.enabled)
     prompt_limits: Mapping[str, int]  # model -> max request bytes
+    counter: PromptCounter  # prompt tokens: quota reservations and the models' max_prompt_tokens
     models: Mapping[str, ModelSettings]  # by public name
     observe: Observer | None  # access log, traces, Server-Timing; None when all are off
     started: float = field(default_factory=time.time)
@@ -129,10 +131,13 @@ class Gateway:
         control_path: str | None = None,
     ) -> Gateway:
         metrics = GatewayMetrics(multiprocess_dir)
-        pool = Pool(settings.engines, settings.health, metrics)
+        # a breaker's trial request is void once it could have timed out (and its slot freed)
+        trial_timeout = settings.server.first_byte_timeout + 1
+        pool = Pool(settings.engines, settings.health, metrics, trial_timeout=trial_timeout)
         router = Router(pool, settings.models, settings.routing)
         scheduler = Scheduler(settings, router, metrics) if settings.scheduler.enabled else Unscheduled(router)
-        redis = RedisServices.build(settings, router, metrics) if settings.redis.url else None
+        counter = PromptCounter({m.name: m.tokenizer for m in settings.models})
+        redis = RedisServices.build(settings, router, metrics, counter) if settings.redis.url else None
         access: Access = OpenAccess()
         audit = spend = None
         if redis is not None:
@@ -160,6 +165,7 @@ class Gateway:
             StoreService(settings.store),
             InferenceLog(log, settings.models, metrics) if log.enabled else None,
             {m.name: min(default, m.max_prompt_bytes or default) for m in settings.models},
+            counter,
             {m.name: m for m in settings.models},
             Observer.build(settings, metrics),
         )

@@ -39,6 +39,7 @@ from gateway.monitor.payloads import Capture
 from gateway.monitor.writer import LogEntry
 from gateway.observe.record import current
 from gateway.proxy.context import Gateway
+from gateway.proxy.prompt_bound import bound_prompt
 from gateway.proxy.relay import SSE_HEADERS, Outcome, broken, error_of, read_whole, relay_stream, send_last
 from gateway.proxy.resume import Splice, Transcript, continuation, read_transcript
 from gateway.proxy.translated import relay_translated_stream, relay_translated_whole
@@ -57,6 +58,7 @@ class Exchange:
     __slots__ = (
         "_body",
         "_capture",
+        "_pending",
         "_settled",
         "_slot",
         "_watch",
@@ -99,6 +101,7 @@ class Exchange:
         self._settled: Usage | None = None
         self._capture: Capture | None = None
         self._body: tuple[str, bytes] | None = None  # (upstream model, the engine body)
+        self._pending: UpstreamResponse | None = None  # sent, its answer's head not in yet
         self.fallback_from: str | None = None  # the model asked for, when a fallback served
         self._watch = ClientWatch()
         self._watch.start(receive)
@@ -126,6 +129,9 @@ class Exchange:
             self._watch.interrupt()
 
     async def admit(self) -> None:
+        limit = self.gw.models[self.request.model].max_prompt_tokens
+        if limit is not None:  # before the quota: a refused prompt reserves nothing
+            await bound_prompt(self.gw.counter, self.request, limit)
         obs = self.obs
         if obs is not None:
             obs.admit_start = time.perf_counter()
@@ -206,25 +212,37 @@ class Exchange:
             )
             try:
                 response = await gw.upstream.post(
-                    engine.settings, path, body, request.stream, head, request.content_type
+                    engine.settings, path, body, request.stream, head, request.content_type, self._sent
                 )
             except EngineUnreachable as exc:
                 m.upstream_errors_by[engine.name, "connect"].inc()
+                gw.pool.request_failed(engine, "refused")
                 gw.pool.mark_failed(engine, str(exc))
                 error = GatewayError(503, "No engine could take the request.", code=Code.NO_HEALTHY_ENGINE)
                 continue
             except TimeoutError:
+                self._pending = None
                 m.upstream_errors_by[engine.name, "timeout"].inc()
+                gw.pool.request_failed(engine, "no first byte in time")
                 raise GatewayError(504, "The engine did not answer in time.", code=Code.UPSTREAM_TIMEOUT) from None
             except UpstreamError as exc:
+                self._pending = None
                 m.upstream_errors_by[engine.name, "read"].inc()
+                gw.pool.request_failed(engine, "the connection broke before the answer")
                 error = GatewayError(502, f"The engine failed: {exc}.", code=Code.UPSTREAM_ERROR)
                 continue
             if response.status == 429 or response.status >= 500:
-                m.upstream_errors_by[engine.name, "overloaded" if response.status == 429 else "5xx"].inc()
+                if response.status == 429:
+                    m.upstream_errors_by[engine.name, "overloaded"].inc()
+                    gw.pool.request_answered(engine)  # busy, not broken
+                else:
+                    m.upstream_errors_by[engine.name, "5xx"].inc()
+                    gw.pool.request_failed(engine, f"status {response.status}")
                 error = await error_of(response)
                 response.release()
                 continue
+            self._pending = None
+            gw.pool.request_answered(engine)
             self.response = response
             if self.obs is not None:
                 self.obs.upstream_headers = time.perf_counter()
@@ -267,14 +285,36 @@ class Exchange:
         """Holds the pick's engine slot (taken by the scheduler); frees the one held before."""
         self._free_slot()
         self.pick = pick
-        self._slot = pick.engine
-        pick.engine.picks += 1  # traffic: the supervisor's idle timer (scale to zero) reads it
+        engine = self._slot = pick.engine
+        engine.picks += 1  # traffic: the supervisor's idle timer (scale to zero) reads it
+        engine.inflight.add(self)  # told if the pool takes the engine out (engine_out)
 
     def _free_slot(self) -> None:
         """Gives the engine slot back (once): the scheduler may hand it to a waiting request."""
         engine, self._slot = self._slot, None
         if engine is not None:
+            engine.inflight.discard(self)
             self.gw.scheduler.release(engine)
+
+    def _sent(self, response: UpstreamResponse) -> None:
+        self._pending = response
+
+    def engine_out(self, engine: Engine, why: str) -> None:
+        """The pool took this request's engine out (its health check failed, its breaker opened):
+        it moves now, by closing its upstream, rather than when a hung engine's socket finally
+        breaks. One still waiting for its answer's head is sent to another engine (as after a
+        refusal); an answer being relayed goes on on another engine of its route (the relay sees
+        it broken and resumes it). With nowhere to go it stays, for as long as it lasts."""
+        pick, out = self.pick, self.out
+        if pick is None or pick.engine is not engine or out.done or out.cut is not None or out.error is not None:
+            return  # (an error: the relay saw it broken already, and is moving it)
+        response = self._pending
+        if response is None and (response := self.response) is not None and not self._resumes():
+            return
+        if response is None or not any(e.healthy for e in self.gw.router.members(pick.route) if e is not engine):
+            return
+        log.info("request %s: leaving engine %s: %s", self.request_id.decode(), engine.name, why)
+        response.close()
 
     async def relay(self, response: UpstreamResponse, send: Send) -> None:
         gw = self.gw
@@ -294,7 +334,9 @@ class Exchange:
                     raise
                 # The engine failed while answering: nothing reached the client, so another engine
                 # answers the whole request again.
-                gw.pool.mark_failed(failed, f"an answer broke: {exc.message}")
+                if failed.healthy:  # else it was taken out, and this answer moved (engine_out)
+                    gw.pool.request_failed(failed, "an answer broke")
+                    gw.pool.mark_failed(failed, f"an answer broke: {exc.message}")
                 gw.metrics.upstream_errors_by[failed.name, "mid_answer"].inc()
                 response.close()
                 response = await self._call_model(None, {failed.name})
@@ -343,7 +385,8 @@ class Exchange:
         if failed is None or route is None:
             return None
         m.upstream_errors_by[failed.name, "mid_stream"].inc()
-        if out.error != "the engine sent an error event":
+        if out.error != "the engine sent an error event" and failed.healthy:  # else it moved (engine_out)
+            gw.pool.request_failed(failed, "a stream broke")
             gw.pool.mark_failed(failed, f"a stream broke: {out.error}")  # its other streams move too
         so_far = read_transcript(kept.blocks, request.endpoint.kind == "chat") if not kept.overflow else None
         if so_far is None or so_far.finish_reason is not None:
@@ -369,13 +412,17 @@ class Exchange:
         try:
             response = await gw.upstream.post(engine.settings, request.endpoint.path, orjson.dumps(body), True)
         except (EngineUnreachable, UpstreamError, TimeoutError) as exc:
+            gw.pool.request_failed(engine, "a resumed stream could not start")
             gw.pool.mark_failed(engine, f"a resumed stream could not start: {exc}")
             m.resumes_by[model, "failed"].inc()
             return None
         if response.status != 200:
+            if response.status >= 500:
+                gw.pool.request_failed(engine, f"status {response.status}")
             response.release()
             m.resumes_by[model, "failed"].inc()
             return None
+        gw.pool.request_answered(engine)
         if self.response is not None:
             self.response.close()
         self.response = response

@@ -35,6 +35,8 @@ class ModelSettings:
     tokenizer: str | None = None  # a tokenizer.json or model directory for exact prompt counts
     assignment: str = "weighted"  # how a request gets its route: weighted (random) or sticky
     max_prompt_bytes: int | None = None  # a request body bound of its own (else server.max_body_bytes)
+    # Unset: only the engine's own context limit applies (after it has read the whole prompt).
+    max_prompt_tokens: int | None = None  # a longer prompt is refused 400 before an engine sees it
     log_payloads: PayloadCapture | None = None  # sampled body capture in the inference log; off by default
     failover: str = "resume"  # a stream whose engine fails goes on on another engine (resume) or ends (error)
     fallbacks: tuple[str, ...] = ()  # other models to serve it, in order, when this one cannot
@@ -61,6 +63,7 @@ def parse_model(r: Reader, index: int, data: Any, engines: dict[str, EngineSetti
             "tokenizer",
             "assignment",
             "max_prompt_bytes",
+            "max_prompt_tokens",
             "log_payloads",
             "failover",
             "fallbacks",
@@ -77,6 +80,7 @@ def parse_model(r: Reader, index: int, data: Any, engines: dict[str, EngineSetti
     if assignment not in ASSIGNMENTS:
         raise r.fail(f"{path}assignment", f"must be one of {', '.join(ASSIGNMENTS)}, got {assignment!r}")
     max_prompt_bytes = r.get(data, "max_prompt_bytes", path, int, None, 1)
+    max_prompt_tokens = r.get(data, "max_prompt_tokens", path, int, None, 1)
     log_payloads = parse_log_payloads(r, f"{path}log_payloads", data.get("log_payloads"))
     failover = r.get(data, "failover", path, str, "resume")
     if failover not in FAILOVERS:
@@ -98,6 +102,7 @@ def parse_model(r: Reader, index: int, data: Any, engines: dict[str, EngineSetti
         tokenizer=tokenizer,
         assignment=assignment,
         max_prompt_bytes=max_prompt_bytes,
+        max_prompt_tokens=max_prompt_tokens,
         log_payloads=log_payloads,
         failover=failover,
         fallbacks=tuple(fallbacks),

@@ -16,6 +16,10 @@ class HealthSettings:
     interval: float = 1.0
     timeout: float = 2.0
     failures_to_eject: int = 2  # one slow probe under load must not eject a working engine
+    # The circuit breaker per engine (refused, no first byte within server.first_byte_timeout or
+    # request_timeout, a 5xx answer, a stream broken mid-way all count as failed requests).
+    breaker_failures: int = 3  # failed requests in a row that take an engine out; 0: off
+    breaker_cooldown: float = 10.0  # seconds an open breaker keeps traffic off; then one request is its trial
 
 
 ROUTING_PLUGINS = ("least_loaded", "prefix_affinity", "kv_cache")  # gateway/dispatch/routing/plugins.py

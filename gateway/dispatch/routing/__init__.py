@@ -1,6 +1,7 @@
 """Picks the engine for a request: filter -> assign a route -> filter engines -> score -> pick.
 
-1. Routes of the model with a usable engine (healthy, not already tried by this request).
+1. Routes of the model with a usable engine (healthy, not already tried by this request;
+   `healthy` includes the engine's circuit breaker, gateway/engines/breaker.py).
 2. The model's assigner picks one route (version) among them (gateway/dispatch/routing/assign.py).
 3. The configured plugins filter and score that route's engines (gateway/dispatch/routing/plugins.py);
    the highest total score wins, ties broken at random so equal engines share the load.
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from gateway.core.request import ApiRequest
 from gateway.dispatch.routing.assign import ASSIGNERS, Assigner
 from gateway.dispatch.routing.plugins import FILTERS, SCORERS, Filter, Scorer
+from gateway.engines.breaker import BreakerState
 from gateway.engines.pool import Engine, Pool
 from gateway.settings import ModelSettings, RouteSettings, RoutingSettings
 
@@ -102,6 +104,12 @@ class Router:
         return [e for e in self.members(route) if e.healthy and e.name not in tried]
 
     def _pick(self, request: ApiRequest, candidates: list[Engine], route: RouteSettings) -> Pick:
+        pick = self._choose(request, candidates, route)
+        if pick.engine.breaker.state is not BreakerState.CLOSED:
+            self._pool.take_trial(pick.engine)  # half-open: this request is its one trial
+        return pick
+
+    def _choose(self, request: ApiRequest, candidates: list[Engine], route: RouteSettings) -> Pick:
         if len(candidates) == 1:
             return Pick(candidates[0], route)
         chosen: Sequence[Engine] = candidates

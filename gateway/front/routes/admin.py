@@ -217,11 +217,25 @@ def _engine_view(engine: Engine) -> dict[str, Any]:
         "name": s.name,
         "kind": s.kind,
         "url": s.url,
-        "healthy": engine.healthy,
+        "healthy": engine.healthy,  # gets traffic: its health check passes and its breaker allows
+        "health_check": engine.checked,
+        "breaker": _breaker_view(engine),
         "outstanding": engine.outstanding,
         "waiting": engine.waiting,
         "running": engine.running,
         "kv_usage": engine.kv_usage,
+    }
+
+
+def _breaker_view(engine: Engine) -> dict[str, Any]:
+    """The engine's circuit breaker in the process that answered (gateway/engines/breaker.py)."""
+    b = engine.breaker
+    return {
+        "state": str(b.state),
+        "consecutive_failures": b.errors,
+        "last_failure": b.last_error or None,
+        "opened_at": int(b.opened_at) if b.opened_at else None,
+        "opens": b.opens,
     }
 
 
