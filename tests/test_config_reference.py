@@ -51,6 +51,7 @@ PROBES: dict[str, Callable[[dict[str, Any]], None]] = {
     "inference_log.": lambda c: c.update(inference_log={"zz_unknown": 1}),
     "files.": lambda c: c.update(files={"zz_unknown": 1}),
     "batch.": lambda c: c.update(batch={"zz_unknown": 1}),
+    "cache.": lambda c: c.update(cache={"zz_unknown": 1}),
 }
 
 

@@ -16,6 +16,7 @@ from gateway.front.middleware import Front
 from gateway.front.readiness import readiness
 from gateway.front.routes.admin import admin_routes
 from gateway.front.routes.batches import BatchRoutes
+from gateway.front.routes.cache_admin import cache_admin_routes
 from gateway.front.routes.console import console_routes
 from gateway.front.routes.files import FileRoutes
 from gateway.front.routes.monitor import monitor_routes
@@ -78,6 +79,7 @@ def build_app(
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         *admin_routes(gw),
+        *cache_admin_routes(gw),
         *monitor_routes(gw),
         *console_routes(),
     ]

@@ -14,6 +14,8 @@ from gateway.access.base import Access, OpenAccess
 from gateway.access.keys import KeyStore
 from gateway.access.quota import Quota
 from gateway.access.tokens import PromptCounter
+from gateway.cache.service import ResponseCache
+from gateway.cache.store import CacheStore
 from gateway.core.metrics import GatewayMetrics
 from gateway.dispatch.route_store import RouteStore
 from gateway.dispatch.routing import Router
@@ -87,6 +89,7 @@ class Gateway:
     inference_log: InferenceLog | None  # None when the log is off (inference_log.enabled)
     prompt_limits: Mapping[str, int]  # model -> max request bytes
     models: Mapping[str, ModelSettings]  # by public name
+    cache: ResponseCache | None = None  # None: no model uses the response cache (or no Redis)
     started: float = field(default_factory=time.time)
 
     @classmethod
@@ -107,6 +110,12 @@ class Gateway:
             access = KeyedAccess(redis.keys, redis.quota, redis.counter, settings.auth, metrics)
         log = settings.inference_log
         default = settings.server.max_body_bytes
+        models = {m.name: m for m in settings.models}
+        cache = None
+        if redis is not None and ResponseCache.wanted(settings.cache, models):
+            c = settings.cache
+            store = CacheStore(redis.clients.lean, settings.redis.prefix, c.ttl, c.max_memory)
+            cache = ResponseCache(c, models, lambda m: router.routes[m], store, metrics)
         return cls(
             settings,
             metrics,
@@ -122,5 +131,6 @@ class Gateway:
             StoreService(settings.store),
             InferenceLog(log, settings.models, metrics) if log.enabled else None,
             {m.name: min(default, m.max_prompt_bytes or default) for m in settings.models},
-            {m.name: m for m in settings.models},
+            models,
+            cache,
         )

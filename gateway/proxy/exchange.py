@@ -28,6 +28,7 @@ import orjson
 from starlette.types import Receive, Send
 
 from gateway.access.base import Grant, Principal, Usage
+from gateway.cache.service import Lookup
 from gateway.core.bodies import ClientDisconnected, ClientWatch
 from gateway.core.errors import Code, GatewayError, internal_error
 from gateway.core.request import ApiRequest
@@ -57,6 +58,7 @@ class Exchange:
         "_settled",
         "_slot",
         "_watch",
+        "cache",
         "fallback_from",
         "grant",
         "gw",
@@ -88,6 +90,7 @@ class Exchange:
         self._capture: Capture | None = None
         self._body: tuple[str, bytes] | None = None  # (upstream model, the engine body)
         self.fallback_from: str | None = None  # the model asked for, when a fallback served
+        self.cache: Lookup | None = None  # the response cache was consulted (gateway/cache/)
         self._watch = ClientWatch()
         self._watch.start(receive)
 
@@ -111,6 +114,25 @@ class Exchange:
 
     async def admit(self) -> None:
         self.grant = await self.gw.access.admit(self.principal, self.request)
+
+    async def from_cache(self, lookup: Lookup, send: Send) -> bool:
+        """Answers from the response cache when it holds the answer (False: a miss; the relay
+        then keeps the engine's answer for next time). A hit is settled as cached."""
+        self.cache = lookup
+        assert self.gw.cache is not None
+        replay = await self.gw.cache.answer(lookup, self.request)
+        if replay is None:
+            return False
+        out = self.out
+        out.status, out.usage, out.finish_reason, out.done = 200, replay.usage, replay.finish_reason, True
+        self._watch.stop()
+        self._settled = await self.gw.access.settle(self.grant, replay.charged) if self.grant else replay.charged
+        headers = [(b"content-type", replay.content_type), *self._headers()]
+        if self.request.stream:
+            headers.append((b"cache-control", b"no-cache"))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": replay.body})
+        return True
 
     async def call_engine(self) -> UpstreamResponse:
         """Sends the request to an engine of its model, else of its fallbacks (the model's
@@ -240,6 +262,8 @@ class Exchange:
         inference_log = gw.inference_log
         if inference_log is not None and (capture := inference_log.capture(self.request)) is not None:
             self._capture, send = capture, capture.wrap(send)  # a sampled payload: keep what is sent
+        if self.cache is not None and gw.cache is not None:  # a cache miss: keep the answer
+            send = self.cache.record(send, 4 * gw.cache.settings.max_entry_bytes)
         if not (self.request.stream and response.status == 200):
             try:
                 content = await read_whole(response, self.out)
@@ -350,6 +374,8 @@ class Exchange:
             headers.append((b"x-gateway-route", self.pick.route.name.encode()))
         if self.fallback_from is not None:  # a fallback served: say which model
             headers.append((b"x-gateway-model", self.request.model.encode()))
+        if self.cache is not None:
+            headers.append((b"x-gateway-cache", b"hit" if self.cache.hit else b"miss"))
         return headers
 
     async def _finishing(self) -> None:
@@ -413,6 +439,12 @@ class Exchange:
         pick = self.pick
         engine = pick.engine.name if pick is not None else "-"
         route = pick.route.name if pick is not None else "-"
+        cache = self.cache
+        if cache is not None and self.gw.cache is not None:
+            done = out.done if self.request.stream else out.error is None
+            self.gw.cache.finish(cache, self.request, out.status, done, out.usage)
+            if cache.hit:
+                engine = route = "cache"  # the metrics and the inference log say who answered
         status = str(out.status)
         elapsed = time.perf_counter() - self.started
         ttft = out.first_chunk - self.started if out.first_chunk else None
@@ -438,8 +470,8 @@ class Exchange:
                     self.request_id,
                     self.principal.key_id,
                     model,
-                    route if pick is not None else None,
-                    engine if pick is not None else None,
+                    route if pick is not None or engine == "cache" else None,
+                    engine if pick is not None or engine == "cache" else None,
                     out.status,
                     out.error_code,
                     self.request.stream,

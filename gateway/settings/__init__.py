@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from gateway.settings.batch import BatchSettings, FilesSettings, parse_batch, parse_files
+from gateway.settings.cache import CacheSettings, parse_cache
 from gateway.settings.engines import ENGINE_KINDS, MANAGED_KINDS, EngineSettings, VllmSettings, parse_engine
 from gateway.settings.inference_log import InferenceLogSettings, PayloadCapture, parse_inference_log
 from gateway.settings.models import ModelSettings, RouteSettings, check_fallbacks, parse_model, parse_routes
@@ -48,6 +49,7 @@ SECTIONS = (
     "scheduler",
     "files",
     "batch",
+    "cache",
 )
 
 
@@ -66,6 +68,7 @@ class Settings:
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
     files: FilesSettings = field(default_factory=FilesSettings)
     batch: BatchSettings = field(default_factory=BatchSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
 
 
 def parse_settings(
@@ -119,6 +122,7 @@ def parse_settings(
         scheduler=parse_scheduler(r, data),
         files=parse_files(r, data),
         batch=parse_batch(r, data),
+        cache=parse_cache(r, data),
     )
 
 
@@ -168,6 +172,7 @@ __all__ = [
     "MANAGED_KINDS",
     "AuthSettings",
     "BatchSettings",
+    "CacheSettings",
     "ConfigError",
     "EngineSettings",
     "FilesSettings",

@@ -37,6 +37,7 @@ class ModelSettings:
     failover: str = "resume"  # a stream whose engine fails goes on on another engine (resume) or ends (error)
     fallbacks: tuple[str, ...] = ()  # other models to serve it, in order, when this one cannot
     fallback_after: float | None = None  # seconds of queue wait after which a fallback serves instead
+    cache: bool | None = None  # the response cache for this model: on or off (default: cache.enabled)
 
 
 def parse_model(r: Reader, index: int, data: Any, engines: dict[str, EngineSettings], base_dir: Path) -> ModelSettings:
@@ -56,6 +57,7 @@ def parse_model(r: Reader, index: int, data: Any, engines: dict[str, EngineSetti
             "failover",
             "fallbacks",
             "fallback_after",
+            "cache",
         ),
     )
     name = r.get(data, "name", path, str, None)
@@ -91,6 +93,7 @@ def parse_model(r: Reader, index: int, data: Any, engines: dict[str, EngineSetti
         failover=failover,
         fallbacks=tuple(fallbacks),
         fallback_after=fallback_after,
+        cache=r.get(data, "cache", path, bool, None),
     )
 
 

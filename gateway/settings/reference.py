@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.settings.batch import BatchSettings, FilesSettings
+from gateway.settings.cache import CacheSettings
 from gateway.settings.engines import EngineSettings, VllmSettings
 from gateway.settings.inference_log import InferenceLogSettings, PayloadCapture
 from gateway.settings.models import ModelSettings, RouteSettings
@@ -90,6 +91,7 @@ SECTIONS: list[tuple[str, type, tuple[str, ...], dict[str, str]]] = [
     ("inference_log.", InferenceLogSettings, (), {}),
     ("files.", FilesSettings, (), {}),
     ("batch.", BatchSettings, (), {}),
+    ("cache.", CacheSettings, (), {}),
     (
         "engines[].",
         EngineSettings,

@@ -34,8 +34,11 @@ class OpenAIEndpoint:
             raise too_large(limit)
         if not principal.may_use(request.model):
             raise model_not_allowed(request.model)
+        cache = gw.cache.consult(scope, request, principal) if gw.cache is not None else None
         async with Exchange(gw, principal, request, scope["request_id"], receive) as exchange:
             await exchange.admit()
+            if cache is not None and await exchange.from_cache(cache, send):
+                return
             response = await exchange.call_engine()
             await exchange.relay(response, send)
 
