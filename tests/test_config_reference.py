@@ -52,6 +52,8 @@ PROBES: dict[str, Callable[[dict[str, Any]], None]] = {
     "files.": lambda c: c.update(files={"zz_unknown": 1}),
     "batch.": lambda c: c.update(batch={"zz_unknown": 1}),
     "cache.": lambda c: c.update(cache={"zz_unknown": 1}),
+    "adapters.": lambda c: c.update(adapters={"zz_unknown": 1}),
+    "adapters.models[].": lambda c: c.update(adapters={"models": [{"zz_unknown": 1}]}),
 }
 
 

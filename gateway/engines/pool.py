@@ -49,6 +49,7 @@ class Engine:
     state: EngineState = EngineState.RUNNING  # managed engines: as the supervisor says
     picks: int = 0  # requests sent to it by this process, ever (the supervisor's idle timer reads it)
     ever_healthy: bool = False  # a discovered engine that never was is starting, not failed
+    adapters: set[str] = field(default_factory=set)  # LoRA adapters it holds, as gateway/adapters/ last saw
 
     name: str = field(init=False)  # the settings' name, read on every pick: a plain attribute
 

@@ -52,6 +52,8 @@ def vllm_command(engine: EngineSettings, python: str) -> list[str]:
         cmd.append("--enable-prefix-caching" if v.enable_prefix_caching else "--no-enable-prefix-caching")
     if v.enforce_eager:
         cmd.append("--enforce-eager")
+    if engine.max_loras:  # the config has adapters: loaded and unloaded at run time (gateway/adapters/)
+        cmd += ["--enable-lora", "--max-loras", str(engine.max_loras)]
     return [*cmd, *engine.args]
 
 

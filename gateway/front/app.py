@@ -14,6 +14,7 @@ from gateway.batch.runner import BatchRunner
 from gateway.front.listeners import listener_app
 from gateway.front.middleware import Front
 from gateway.front.readiness import readiness
+from gateway.front.routes.adapters_admin import adapter_admin_routes
 from gateway.front.routes.admin import admin_routes
 from gateway.front.routes.batches import BatchRoutes
 from gateway.front.routes.cache_admin import cache_admin_routes
@@ -58,6 +59,8 @@ def build_app(
         await gw.access.start()
         if gw.redis is not None:
             gw.redis.start()
+        if gw.adapters is not None:
+            gw.adapters.start()
         await gw.store.start(users)  # files, batches and the inference log
         await gw.control.start()
         try:
@@ -65,6 +68,8 @@ def build_app(
         finally:
             await gw.control.stop()
             await gw.store.stop()  # the runner hands back its lines, the log writes its last rows
+            if gw.adapters is not None:
+                await gw.adapters.stop()
             if gw.redis is not None:
                 await gw.redis.stop()
             await gw.access.stop()
@@ -80,6 +85,7 @@ def build_app(
         Route("/metrics", metrics, methods=["GET"]),
         *admin_routes(gw),
         *cache_admin_routes(gw),
+        *adapter_admin_routes(gw),
         *monitor_routes(gw),
         *console_routes(),
     ]

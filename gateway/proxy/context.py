@@ -14,6 +14,7 @@ from gateway.access.base import Access, OpenAccess
 from gateway.access.keys import KeyStore
 from gateway.access.quota import Quota
 from gateway.access.tokens import PromptCounter
+from gateway.adapters.service import Adapters
 from gateway.cache.service import ResponseCache
 from gateway.cache.store import CacheStore
 from gateway.core.metrics import GatewayMetrics
@@ -90,6 +91,7 @@ class Gateway:
     prompt_limits: Mapping[str, int]  # model -> max request bytes
     models: Mapping[str, ModelSettings]  # by public name
     cache: ResponseCache | None = None  # None: no model uses the response cache (or no Redis)
+    adapters: Adapters | None = None  # None: no `adapters:` section (or no Redis)
     started: float = field(default_factory=time.time)
 
     @classmethod
@@ -116,12 +118,17 @@ class Gateway:
             c = settings.cache
             store = CacheStore(redis.clients.lean, settings.redis.prefix, c.ttl, c.max_memory)
             cache = ResponseCache(c, models, lambda m: router.routes[m], store, metrics)
+        upstream = Upstream(settings.server)
+        adapters = None
+        if redis is not None and settings.adapters is not None:
+            p = settings.redis.prefix
+            adapters = Adapters(settings.adapters, redis.clients, p, router, models, upstream, metrics)
         return cls(
             settings,
             metrics,
             pool,
             router,
-            Upstream(settings.server),
+            upstream,
             SendWatchdog(settings.server.send_timeout),
             scheduler,
             EngineControl(pool, router, metrics, control_path),
@@ -133,4 +140,5 @@ class Gateway:
             {m.name: min(default, m.max_prompt_bytes or default) for m in settings.models},
             models,
             cache,
+            adapters,
         )

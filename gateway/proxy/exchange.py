@@ -55,6 +55,7 @@ class Exchange:
     __slots__ = (
         "_body",
         "_capture",
+        "_lora",
         "_settled",
         "_slot",
         "_watch",
@@ -86,6 +87,7 @@ class Exchange:
         self.response: UpstreamResponse | None = None
         self.started = 0.0
         self._slot: Engine | None = None  # the engine whose slot this request holds
+        self._lora: tuple[Engine, str] | None = None  # the adapter this request keeps loaded there
         self._settled: Usage | None = None
         self._capture: Capture | None = None
         self._body: tuple[str, bytes] | None = None  # (upstream model, the engine body)
@@ -188,6 +190,8 @@ class Exchange:
             self._use(pick)
             engine = pick.engine
             tried.add(engine.name)
+            if pick.route.adapter is not None:  # a LoRA adapter: loaded there first if need be
+                await self._hold_adapter(engine, pick.route.adapter)
             if attempt:
                 m.retries_by[model].inc()
             m.routing_by[model, engine.name].inc()
@@ -255,6 +259,14 @@ class Exchange:
         engine, self._slot = self._slot, None
         if engine is not None:
             self.gw.scheduler.release(engine)
+        if self._lora is not None and self.gw.adapters is not None:  # the adapter may be unloaded now
+            self.gw.adapters.placement.done(*self._lora)
+            self._lora = None
+
+    async def _hold_adapter(self, engine: Engine, adapter: str) -> None:
+        assert self.gw.adapters is not None
+        await self.gw.adapters.placement.ensure(engine, adapter)
+        self._lora = (engine, adapter)
 
     async def relay(self, response: UpstreamResponse, send: Send) -> None:
         gw = self.gw
@@ -344,6 +356,8 @@ class Exchange:
             return None
         self._use(pick)
         engine = pick.engine
+        if route.adapter is not None:
+            await self._hold_adapter(engine, route.adapter)
         body["model"] = route.model
         try:
             response = await gw.upstream.post(engine.settings, request.endpoint.path, orjson.dumps(body), True)

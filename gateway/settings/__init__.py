@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from gateway.settings.adapters import AdapterSettings, AdaptersSettings, check_name, check_path, parse_adapters
 from gateway.settings.batch import BatchSettings, FilesSettings, parse_batch, parse_files
 from gateway.settings.cache import CacheSettings, parse_cache
 from gateway.settings.engines import ENGINE_KINDS, MANAGED_KINDS, EngineSettings, VllmSettings, parse_engine
@@ -50,6 +51,7 @@ SECTIONS = (
     "files",
     "batch",
     "cache",
+    "adapters",
 )
 
 
@@ -69,6 +71,7 @@ class Settings:
     files: FilesSettings = field(default_factory=FilesSettings)
     batch: BatchSettings = field(default_factory=BatchSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
+    adapters: AdaptersSettings | None = None  # None: no `adapters:` section, LoRA off
 
 
 def parse_settings(
@@ -100,6 +103,9 @@ def parse_settings(
     if len(names) != len(set(names)):
         raise r.fail("models", "two models share a name")
     check_fallbacks(r, models)
+    adapters = parse_adapters(r, data, set(names))
+    if adapters is not None:  # engines of every model may serve adapters: managed vLLM starts with LoRA on
+        engines = {n: e if e.max_loras else replace(e, max_loras=1) for n, e in engines.items()}
     redis = parse_redis(r, data, env)
     auth = parse_auth(r, data, env)
     if auth.enabled and not redis.url:
@@ -123,6 +129,7 @@ def parse_settings(
         files=parse_files(r, data),
         batch=parse_batch(r, data),
         cache=parse_cache(r, data),
+        adapters=adapters,
     )
 
 
@@ -170,6 +177,8 @@ __all__ = [
     "CONFIG_ENV",
     "ENGINE_KINDS",
     "MANAGED_KINDS",
+    "AdapterSettings",
+    "AdaptersSettings",
     "AuthSettings",
     "BatchSettings",
     "CacheSettings",
@@ -189,6 +198,8 @@ __all__ = [
     "StoreSettings",
     "TlsSettings",
     "VllmSettings",
+    "check_name",
+    "check_path",
     "load_settings",
     "parse_routes",
     "parse_settings",

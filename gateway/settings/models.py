@@ -24,6 +24,7 @@ class RouteSettings:
     model: str  # the upstream model name
     weight: float = 1.0
     name: str = "v1"  # the version label: x-gateway-route, metrics, the inference log
+    adapter: str | None = None  # set on the routes the gateway derives for a LoRA adapter
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gateway.settings.adapters import AdapterSettings, AdaptersSettings
 from gateway.settings.batch import BatchSettings, FilesSettings
 from gateway.settings.cache import CacheSettings
 from gateway.settings.engines import EngineSettings, VllmSettings
@@ -92,6 +93,8 @@ SECTIONS: list[tuple[str, type, tuple[str, ...], dict[str, str]]] = [
     ("files.", FilesSettings, (), {}),
     ("batch.", BatchSettings, (), {}),
     ("cache.", CacheSettings, (), {}),
+    ("adapters.", AdaptersSettings, ("models",), {"models": "adapters declared here, below"}),
+    ("adapters.models[].", AdapterSettings, (), {}),
     (
         "engines[].",
         EngineSettings,
@@ -120,7 +123,7 @@ SECTIONS: list[tuple[str, type, tuple[str, ...], dict[str, str]]] = [
     (
         "models[].routes[].",
         RouteSettings,
-        (),
+        ("adapter",),
         {"engine": "one engine: short for `engines: [NAME]`"},
     ),
 ]

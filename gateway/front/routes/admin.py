@@ -35,6 +35,7 @@ class AdminRoutes:
         store: RouteStore,
         engines: dict[str, EngineSettings],
         queues: Callable[[str], dict[str, Any]] | None = None,
+        adapters: Callable[[Engine], list[dict[str, Any]]] | None = None,
     ) -> None:
         self._admin_key = admin_key
         self._keys = keys
@@ -43,6 +44,7 @@ class AdminRoutes:
         self._store = store
         self._engines = engines
         self._queues = queues  # this process's scheduler: queues by band, engine slots
+        self._adapters = adapters  # the LoRA adapters an engine holds (gateway/adapters/)
 
     def routes(self) -> list[Route]:
         return [
@@ -109,7 +111,12 @@ class AdminRoutes:
         """This process's view of the engines: health and load (for the console's live table)."""
         self._authorise(request)
         engines = self._router.pool.engines.values()
-        return JSONResponse({"object": "list", "data": [_engine_view(e) for e in engines]})
+        data = [_engine_view(e) for e in engines]
+        if self._adapters is not None:
+            for view, engine in zip(data, engines, strict=True):
+                view["adapters"] = self._adapters(engine)
+                view["max_loras"] = engine.settings.max_loras
+        return JSONResponse({"object": "list", "data": data})
 
     def _model_view(self, model: str) -> dict[str, Any]:
         current = self._router.routes[model]
@@ -217,5 +224,12 @@ def admin_routes(gw: Gateway) -> list[Route]:
     r = gw.redis
     engines = {e.name: e for e in gw.settings.engines}
     return AdminRoutes(
-        gw.settings.auth.admin_key, r.keys, r.quota, gw.router, r.routes, engines, gw.scheduler.view
+        gw.settings.auth.admin_key,
+        r.keys,
+        r.quota,
+        gw.router,
+        r.routes,
+        engines,
+        gw.scheduler.view,
+        gw.adapters.engine_view if gw.adapters is not None else None,
     ).routes()

@@ -47,11 +47,15 @@ def openai_routes(gw: Gateway) -> list[Route]:
     async def models(request: Request) -> Response:
         principal = await gw.access.authenticate(request.scope)
         created = int(gw.started)
-        data = [
+        adapters = gw.router.adapters
+        data: list[dict[str, object]] = [
             {"id": name, "object": "model", "created": created, "owned_by": "llm-gateway"}
             for name in gw.router.routes
             if principal.may_use(name)
         ]
+        for entry in data:
+            if entry["id"] in adapters:  # a LoRA adapter: its base model, as vLLM lists it
+                entry["parent"] = adapters[str(entry["id"])]
         return JSONResponse({"object": "list", "data": data})
 
     return [
