@@ -61,6 +61,7 @@ AREAS = {
         *["key_create", "key_create", "key_patch", "key_patch", "key_get", "key_delete", "key_usage", "keys_list"],
         *["routes_put", "routes_put", "routes_delete", "admin_models", "admin_requests", "admin_report"],
         *["admin_batches", "admin_engines"],
+        *["adapters_post", "adapters_post", "adapters_get", "adapters_delete", "cache_admin"],
     ],
     "odd": ["odd_path", "odd_path", "health"],
 }
@@ -76,7 +77,7 @@ def cases(draw: st.DrawFn, world: World, area: str | None = None) -> Case:
     files = segment(known(world.file_ids))
     batches = segment(known(world.batch_ids))
     op = draw(st.sampled_from(AREAS[area] if area else [op for ops in AREAS.values() for op in ops]))
-    admin = op.startswith(("key", "routes", "admin"))
+    admin = op.startswith(("key", "routes", "admin", "adapters", "cache"))
     method, path, body, ctype = "GET", "/", None, b"application/json"
     if op in ("chat", "completions", "embeddings"):
         method = "POST"
@@ -137,6 +138,20 @@ def cases(draw: st.DrawFn, world: World, area: str | None = None) -> Case:
         method = "POST" if path.endswith("/cancel") else "GET"
     elif op == "admin_engines":
         path = "/admin/engines"
+    elif op == "adapters_post":
+        method, path, body = "POST", "/admin/adapters", draw(bodies["adapter"]())
+    elif op == "adapters_get":
+        path = draw(
+            pick(
+                st.just("/admin/adapters"),
+                segment(st.sampled_from(["lora-a", "lora-b"])).map("/admin/adapters/{}".format),
+            )
+        )
+    elif op == "adapters_delete":
+        method, path = "DELETE", f"/admin/adapters/{draw(segment(st.sampled_from(['lora-a', 'lora-b'])))}"
+    elif op == "cache_admin":
+        method = draw(st.sampled_from(["GET", "POST"]))
+        path, body = "/admin/cache", draw(bodies["cache"]()) if method == "POST" else None
     elif op == "health":
         path = draw(st.sampled_from(["/health", "/ready", "/metrics"])) + draw(query({"model": "text"}))
     else:
@@ -213,7 +228,14 @@ ALLOWED_5XX = {
 }
 
 
-JSON_POSTS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/batches", "/admin/keys"}
+JSON_POSTS = {
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/batches",
+    "/admin/keys",
+    "/admin/adapters",
+}
 
 
 def _strict_object(body: bytes | None) -> bool:

@@ -99,7 +99,18 @@ request_ids = pick(
 )
 extra_headers = st.lists(
     st.tuples(
-        st.sampled_from([b"x-forwarded-for", b"accept", b"accept-encoding", b"cookie", b"expect", b"x-custom", b"te"]),
+        st.sampled_from(
+            [
+                b"x-forwarded-for",
+                b"accept",
+                b"accept-encoding",
+                b"cookie",
+                b"expect",
+                b"x-custom",
+                b"te",
+                b"x-gateway-cache",
+            ]
+        ),
         header_text,
     ),
     max_size=2,
@@ -241,7 +252,29 @@ def bodies_of(world: World) -> dict[str, Callable[[], st.SearchStrategy[bytes]]]
         "completion_window": maybe(st.sampled_from(["24h", "60s", "1m", "30d", "31d", "0h", "99999999d", "24H"])),
         "metadata": maybe(st.dictionaries(st.text(max_size=70), st.text(max_size=20), max_size=17)),
     }
+    adapter_paths = [
+        "/etc/passwd",
+        "../../etc",
+        "relative",
+        "s3://fuzz/ok",
+        "s3://fuzz/../x",
+        "s3://u:p@fuzz/x",
+        "http://127.0.0.1:6379/",
+        "file:///etc/passwd",
+        "/tmp/../etc",
+        "\x00",
+        "s3://other/x",
+        "C:\\x",
+    ]
+    adapter = {
+        "name": maybe(st.sampled_from(["lora-b", "lora-a", "fake", "../x", "a/b", "", "x" * 300, "ok.1"])),
+        "base": maybe(st.sampled_from(["fake", "nope", "lora-a"])),
+        "path": maybe(pick(st.sampled_from(adapter_paths), st.text(max_size=30))),
+    }
+    cache = {"model": maybe(st.sampled_from([*world.models, "nope", "lora-a"]))}
     return {
+        "adapter": lambda: json_body(adapter, ("name", "base", "path")),
+        "cache": lambda: json_body(cache, ()),
         "chat": lambda: json_body(chat, ("model", "messages")),
         "completions": lambda: json_body(completion, ("model", "prompt")),
         "embeddings": lambda: json_body(embedding, ("model", "input")),
