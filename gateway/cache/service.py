@@ -15,7 +15,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -36,14 +36,16 @@ MODES = (b"use", b"refresh", b"skip")
 _NOT_KEYED = ("stream", "stream_options")  # both shapes share one entry
 
 
-@dataclass(slots=True)
 class Lookup:
-    model: str
-    digest: str
-    refresh: bool
-    hit: bool = False
-    sent: list[bytes] = field(default_factory=list)  # what a miss sent the client, to store
-    size: int = 0
+    __slots__ = ("digest", "hit", "model", "refresh", "sent", "size")
+
+    def __init__(self, model: str, digest: str, refresh: bool) -> None:
+        self.model = model
+        self.digest = digest
+        self.refresh = refresh
+        self.hit = False
+        self.sent: list[bytes] = []  # what a miss sent the client, to store
+        self.size = 0
 
     def record(self, send: Send, limit: int) -> Send:
         """`send`, keeping a copy of the body bytes up to `limit` (more: nothing is stored)."""
@@ -83,7 +85,6 @@ class ResponseCache:
         self._versions: dict[str, tuple[tuple[RouteSettings, ...], bytes]] = {}
         self.store = store
         self._metrics = metrics
-        self._pending: set[asyncio.Task[None]] = set()
 
     @staticmethod
     def wanted(settings: CacheSettings, models: Mapping[str, ModelSettings]) -> bool:
@@ -103,13 +104,13 @@ class ResponseCache:
             return None
         if not self._deterministic(request):
             return None
-        body = {k: v for k, v in request.body.items() if k not in _NOT_KEYED}
-        who = b"*" if model in self._shared else (principal.key_id or "-").encode()
-        h = hashlib.blake2b(digest_size=20)
-        for part in (request.endpoint.kind.encode(), model.encode(), self._version(model), who):
-            h.update(part + b"\0")
-        h.update(orjson.dumps(body, option=orjson.OPT_SORT_KEYS))
-        return Lookup(model, h.hexdigest(), refresh=mode == b"refresh")
+        body = request.body
+        if "stream" in body or "stream_options" in body:
+            body = {k: v for k, v in body.items() if k not in _NOT_KEYED}
+        who = "*" if model in self._shared else principal.key_id or "-"
+        head = f"{request.endpoint.kind}\0{model}\0{who}\0".encode() + self._version(model)
+        digest = hashlib.blake2b(head + orjson.dumps(body, option=orjson.OPT_SORT_KEYS), digest_size=20).hexdigest()
+        return Lookup(model, digest, mode == b"refresh")
 
     def _deterministic(self, request: ApiRequest) -> bool:
         if request.n > 1:
@@ -175,15 +176,15 @@ class ResponseCache:
         value = fold_stream(sent, request.endpoint.kind == "chat", usage) if request.stream else sent
         if value is None or len(value) > limit:
             return
-        task = asyncio.ensure_future(self._put(lookup, value))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        # Sent without waiting (no task): the reply only says whether it fit.
+        self.store.send_put(lookup.model, lookup.digest, value, int(time.time() * 1000)).add_done_callback(_stored)
 
-    async def _put(self, lookup: Lookup, value: bytes) -> None:
-        try:
-            await self.store.put(lookup.model, lookup.digest, value, int(time.time() * 1000))
-        except Exception as exc:
-            log.warning("response cache store failed: %s", exc)
+
+def _stored(future: asyncio.Future[Any]) -> None:
+    exc = None if future.cancelled() else future.exception()
+    reply = None if exc is not None or future.cancelled() else future.result()
+    if exc is not None or isinstance(reply, Exception):  # NOSCRIPT after a Redis restart included
+        log.warning("response cache store failed: %s", exc or reply)
 
 
 def _tokens(usage: dict[str, Any] | None) -> tuple[int, int]:

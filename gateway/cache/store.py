@@ -16,6 +16,7 @@ generation: old entries are never read again and leave by TTL or eviction.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from gateway.resp.client import LeanClient, Script
@@ -70,6 +71,7 @@ return 1
 class CacheStore:
     def __init__(self, redis: LeanClient, prefix: str, ttl: float, max_memory: int) -> None:
         self._redis = redis
+        redis.preload(_GET, _PUT)
         base = f"{prefix}:{{cache}}"
         self._gen, self._idx, self._size, self._total = (f"{base}:{n}" for n in ("gen", "idx", "size", "total"))
         self._entries = f"{base}:e:"
@@ -80,10 +82,12 @@ class CacheStore:
         reply = await self._redis.run_script(_GET, [self._gen], [model, self._entries, digest])
         return bytes(reply) if reply is not None else None
 
-    async def put(self, model: str, digest: str, value: bytes, now_ms: int) -> bool:
+    def send_put(self, model: str, digest: str, value: bytes, now_ms: int) -> asyncio.Future[Any]:
+        """Stores without waiting; the future's reply says whether the entry fit (1) or not (0),
+        or the error. The scripts are loaded on every (re)connection, so NOSCRIPT cannot happen."""
         keys = [self._gen, self._idx, self._size, self._total]
         args = [model, self._entries, digest, value, self._ttl_ms, now_ms, self._max]
-        return bool(await self._redis.run_script(_PUT, keys, args))
+        return self._redis.send_script(_PUT, keys, args)
 
     async def invalidate(self, model: str | None) -> int:
         """A new generation for the model (None: every model); returns it."""
