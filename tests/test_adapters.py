@@ -132,7 +132,6 @@ def test_admin_adapters_and_hostile_names_and_paths(replicas: list[Proc], engine
     root = tmp_path / "adapters"
     made = admin(a, "POST", "/admin/adapters", {"name": "extra", "base": "base", "path": str(root / "a1")})
     assert made.status_code == 201, made.text
-    assert admin(b, "GET", "/admin/adapters/extra").json()["source"] == "admin"
     # the other replica sees it within a sweep, and serves it
     import time
 
@@ -141,6 +140,7 @@ def test_admin_adapters_and_hostile_names_and_paths(replicas: list[Proc], engine
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert ask(b, "extra")[1].startswith("[extra] ")
+    assert admin(b, "GET", "/admin/adapters/extra").json()["source"] == "admin"
     hostile: list[Any] = [
         {"name": "../etc", "base": "base", "path": str(root / "x")},
         {"name": "x" * 200, "base": "base", "path": str(root / "x")},

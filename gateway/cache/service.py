@@ -6,6 +6,11 @@ A request is cacheable when the cache is on for its model (the model's `cache:`,
 or an integer seed, `n` at most 1, no tools unless `cache.tools`. `x-gateway-cache: refresh` does
 not read the cache but stores the new answer; `skip` leaves the cache alone. Redis trouble never
 fails a request: a lookup that fails is a miss, a store that fails is dropped.
+
+Each process keeps the digests of the entries it knows are stored (its own stores at once, every
+replica's within `SYNC` seconds, read from the store's index), and asks Redis only for those: a
+miss costs no round trip before the engine is asked. An entry stored elsewhere less than `SYNC`
+ago may be missed once; a digest whose entry expired or was evicted costs one empty lookup.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from gateway.settings import CacheSettings, ModelSettings, RouteSettings
 
 log = logging.getLogger(__name__)
 
+SYNC = 1.0  # seconds between reads of the entries other replicas stored
+MAX_KNOWN = 1_000_000  # digests remembered; past it, forgotten and read again
 HEADER = b"x-gateway-cache"
 MODES = (b"use", b"refresh", b"skip")
 _NOT_KEYED = ("stream", "stream_options")  # both shapes share one entry
@@ -85,6 +92,32 @@ class ResponseCache:
         self._versions: dict[str, tuple[tuple[RouteSettings, ...], bytes]] = {}
         self.store = store
         self._metrics = metrics
+        self._known: set[str] = set()
+        self._seen = float("-inf")  # the newest index score read
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._sync())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _sync(self) -> None:
+        while True:
+            try:
+                if len(self._known) > MAX_KNOWN:
+                    self._known.clear()
+                    self._seen = float("-inf")
+                while True:
+                    digests, self._seen = await self.store.new_entries(self._seen)
+                    self._known.update(digests)
+                    if len(digests) < 10_000:
+                        break
+            except Exception as exc:  # Redis away: try again next time
+                log.warning("response cache sync failed: %s", exc)
+            await asyncio.sleep(SYNC)
 
     @staticmethod
     def wanted(settings: CacheSettings, models: Mapping[str, ModelSettings]) -> bool:
@@ -136,7 +169,7 @@ class ResponseCache:
         return known[1]
 
     async def answer(self, lookup: Lookup, request: ApiRequest) -> Replay | None:
-        if lookup.refresh:
+        if lookup.refresh or lookup.digest not in self._known:
             return None
         try:
             stored = await self.store.get(lookup.model, lookup.digest)
@@ -177,6 +210,7 @@ class ResponseCache:
         if value is None or len(value) > limit:
             return
         # Sent without waiting (no task): the reply only says whether it fit.
+        self._known.add(lookup.digest)
         self.store.send_put(lookup.model, lookup.digest, value, int(time.time() * 1000)).add_done_callback(_stored)
 
 

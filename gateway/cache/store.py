@@ -89,6 +89,16 @@ class CacheStore:
         args = [model, self._entries, digest, value, self._ttl_ms, now_ms, self._max]
         return self._redis.send_script(_PUT, keys, args)
 
+    async def new_entries(self, after: float, limit: int = 10_000) -> tuple[list[str], float]:
+        """Digests of the entries stored since `after` (their expiry, in ms: entries share one
+        TTL, so it grows with the time they were stored), and the newest such expiry."""
+        reply = await self._redis.execute(
+            "ZRANGEBYSCORE", self._idx, f"({after}", "+inf", "WITHSCORES", "LIMIT", 0, limit, key=self._idx
+        )
+        digests = [bytes(reply[i]).decode().rsplit(":", 1)[-1] for i in range(0, len(reply), 2)]
+        newest = float(reply[-1]) if reply else after
+        return digests, newest
+
     async def invalidate(self, model: str | None) -> int:
         """A new generation for the model (None: every model); returns it."""
         return int(await self._redis.execute("HINCRBY", self._gen, model or "*", 1, key=self._gen))

@@ -61,6 +61,8 @@ def build_app(
             gw.redis.start()
         if gw.adapters is not None:
             gw.adapters.start()
+        if gw.cache is not None:
+            gw.cache.start()
         await gw.store.start(users)  # files, batches and the inference log
         await gw.control.start()
         try:
@@ -70,6 +72,8 @@ def build_app(
             await gw.store.stop()  # the runner hands back its lines, the log writes its last rows
             if gw.adapters is not None:
                 await gw.adapters.stop()
+            if gw.cache is not None:
+                await gw.cache.stop()
             if gw.redis is not None:
                 await gw.redis.stop()
             await gw.access.stop()

@@ -49,9 +49,7 @@ class EngineSettings:
     # requests the gateway keeps in flight there at most (split between its worker processes);
     # None: learned from the engine's own running/waiting figures (gateway/dispatch/capacity.py)
     max_inflight: int | None = None
-    max_loras: int | None = (
-        None  # LoRA adapters it holds at once (vLLM's --max-loras); 1 when the config has `adapters:`
-    )
+    max_loras: int | None = None  # LoRA adapters held at once (--max-loras); 1 with `adapters:`
     vllm: VllmSettings = field(default_factory=VllmSettings)
     discovery: DnsDiscovery | None = None  # `discover: dns`: one engine per address of a name
     idle_stop: float | None = None  # managed: stop after this many seconds without traffic (scale to zero)
