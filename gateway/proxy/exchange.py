@@ -357,7 +357,11 @@ class Exchange:
         self._use(pick)
         engine = pick.engine
         if route.adapter is not None:
-            await self._hold_adapter(engine, route.adapter)
+            try:
+                await self._hold_adapter(engine, route.adapter)
+            except GatewayError:  # the adapter could not be placed there: the stream ends as broken
+                m.resumes_by[model, "failed"].inc()
+                return None
         body["model"] = route.model
         try:
             response = await gw.upstream.post(engine.settings, request.endpoint.path, orjson.dumps(body), True)
