@@ -23,6 +23,16 @@ request that offers tools and whose last message is not a tool's answer gets a c
 tool with `{"query": <the last user text>}` (finish reason tool_calls); one whose last message is
 a tool's answer gets the text `tool said: <that answer>`. Streams split the arguments in pieces.
 
+With `--enable-lora` it speaks vLLM's adapter API as scripted behaviour: `POST
+/v1/load_lora_adapter {lora_name, lora_path}` and `POST /v1/unload_lora_adapter {lora_name}`
+with vLLM's errors (400 both fields required, 400 already loaded, 404 not found), `--max-loras N`
+enforced (a load past it is refused with 400 and counted), `--lora-modules name=path` loaded at
+start, `--load-ms` a load's duration; adapters are listed in `/v1/models` with `parent`; a
+request whose `model` names no loaded adapter (nor the base model) gets vLLM's 404; an answer
+from an adapter starts with `[name]`, so a test can tell which adapter answered. `GET
+/lora_stats` counts loads and unloads per adapter, refused loads, the most loaded at once, and
+unloads of an adapter while one of its requests ran (`unloaded_in_use`).
+
     python bench/fake_upstream.py --port 9000 [--chunks 32] [--pace-ms 0] [--fail-status 0]
                                   [--capacity 0] [--service-ms 0] [--first-token-ms -1]
                                   [--service-spread 0] [--delay-ms 0] [--count] [--record-trace] [--tools]
@@ -136,6 +146,85 @@ class Slots:
         }
 
 
+class Loras:
+    """vLLM's runtime adapter API, scripted (see the module docstring)."""
+
+    def __init__(self, base: str, max_loras: int, modules: list[str], load_ms: float) -> None:
+        self.base = base
+        self.max_loras = max_loras
+        self.load = load_ms / 1000
+        self.loaded: dict[str, str] = dict(m.split("=", 1) for m in modules)
+        self.running: dict[str, int] = {}
+        self.stats: dict[str, object] = {
+            "loads": {},
+            "unloads": {},
+            "refused": 0,
+            "duplicates": 0,
+            "unloaded_in_use": 0,
+            "most_loaded": 0,
+        }
+
+    def _count(self, kind: str, name: str) -> None:
+        counts = self.stats[kind]
+        assert isinstance(counts, dict)
+        counts[name] = counts.get(name, 0) + 1
+
+    async def load_adapter(self, body: bytes) -> tuple[int, bytes]:
+        request = _json_or_empty(body)
+        name, path = request.get("lora_name"), request.get("lora_path")
+        if not name or not path:
+            return 400, _vllm_error("Both 'lora_name' and 'lora_path' must be provided.", "InvalidUserInput", 400)
+        if name == self.base:
+            return 400, _vllm_error(
+                f"The lora adapter '{name}' conflicts with a served base model.", "InvalidUserInput", 400
+            )
+        if name in self.loaded:
+            self.stats["duplicates"] = int(str(self.stats["duplicates"])) + 1
+            return 400, _vllm_error(f"The lora adapter '{name}' has already been loaded.", "InvalidUserInput", 400)
+        if len(self.loaded) >= self.max_loras:
+            self.stats["refused"] = int(str(self.stats["refused"])) + 1
+            return 400, _vllm_error(
+                f"max_loras ({self.max_loras}) adapters are loaded already.", "InvalidUserInput", 400
+            )
+        self.loaded[name] = "loading"  # a second load while this one runs is refused as vLLM's lock would
+        await asyncio.sleep(self.load)
+        self.loaded[name] = path
+        self._count("loads", name)
+        self.stats["most_loaded"] = max(int(str(self.stats["most_loaded"])), len(self.loaded))
+        return 200, f"Success: LoRA adapter '{name}' added successfully.".encode()
+
+    def unload_adapter(self, body: bytes) -> tuple[int, bytes]:
+        name = _json_or_empty(body).get("lora_name")
+        if not name:
+            return 400, _vllm_error(
+                "'lora_name' needs to be provided to unload a LoRA adapter.", "InvalidUserInput", 400
+            )
+        if name not in self.loaded:
+            return 404, _vllm_error(f"The lora adapter '{name}' cannot be found.", "NotFoundError", 404)
+        if self.running.get(name):
+            self.stats["unloaded_in_use"] = int(str(self.stats["unloaded_in_use"])) + 1
+        del self.loaded[name]
+        self._count("unloads", name)
+        return 200, f"Success: LoRA adapter '{name}' removed successfully.".encode()
+
+    def models(self) -> bytes:
+        cards = [{"id": self.base, "object": "model", "root": self.base, "parent": None}]
+        cards += [{"id": n, "object": "model", "root": p, "parent": self.base} for n, p in self.loaded.items()]
+        return json.dumps({"object": "list", "data": cards}).encode()
+
+
+def _json_or_empty(body: bytes) -> dict[str, object]:
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _vllm_error(message: str, kind: str, code: int) -> bytes:
+    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
+
+
 class FakeEngine:
     def __init__(
         self,
@@ -151,8 +240,10 @@ class FakeEngine:
         count: bool = False,
         record_trace: bool = False,
         tools: bool = False,
+        loras: Loras | None = None,
     ) -> None:
         self.tools = tools
+        self.loras = loras
         self.chunks = chunks
         self.pace = pace_ms / 1000
         self.fail_status = fail_status
@@ -182,7 +273,10 @@ class FakeEngine:
             if path == "/health":
                 return await _reply(send, 200, b'{"status":"ok"}')
             if path == "/v1/models":
-                return await _reply(send, 200, self.models)
+                return await _reply(send, 200, self.loras.models() if self.loras else self.models)
+            if path == "/lora_stats" and self.loras is not None:
+                stats = {**self.loras.stats, "loaded": sorted(self.loras.loaded)}
+                return await _reply(send, 200, json.dumps(stats).encode())
             if path == "/metrics":
                 slots = self.slots
                 text = f"engine_num_requests_running {slots.running}\nengine_num_requests_waiting {len(slots.queue)}\n"
@@ -206,6 +300,8 @@ class FakeEngine:
         if self.traces is not None:
             headers = {k.decode(): v.decode() for k, v in scope["headers"] if k in (b"traceparent", b"tracestate")}
             self.traces.append({"traceparent": headers.get("traceparent"), "tracestate": headers.get("tracestate")})
+        if self.loras is not None:
+            return await self._lora_route(path, body, send)
         if self.counts is not None:
             user = str(json.loads(body).get("user"))
             self.counts[user] = self.counts.get(user, 0) + 1
@@ -226,6 +322,41 @@ class FakeEngine:
             if self.delay:
                 await asyncio.sleep(self.delay)
             await _reply(send, 200, self.full)
+
+    async def _lora_route(self, path: str, body: bytes, send: Send) -> None:
+        """Adapter mode: the adapter API, and answers tagged with the adapter that gave them."""
+        loras = self.loras
+        assert loras is not None
+        if path == "/v1/load_lora_adapter":
+            status, reply = await loras.load_adapter(body)
+            return await _reply(send, status, reply, JSON if status != 200 else [(b"content-type", b"text/plain")])
+        if path == "/v1/unload_lora_adapter":
+            status, reply = loras.unload_adapter(body)
+            return await _reply(send, status, reply, JSON if status != 200 else [(b"content-type", b"text/plain")])
+        request = _json_or_empty(body)
+        model = str(request.get("model"))
+        if model != loras.base and loras.loaded.get(model) in (None, "loading"):
+            return await _reply(send, 404, _vllm_error(f"The model `{model}` does not exist.", "NotFoundError", 404))
+        loras.running[model] = loras.running.get(model, 0) + 1
+        try:
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            tag = f"[{model}] " if model != loras.base else ""
+            answer = json.loads(_completion(model, self.chunks))
+            answer["choices"][0]["message"]["content"] = tag + answer["choices"][0]["message"]["content"]
+            if request.get("stream"):
+                await send({"type": "http.response.start", "status": 200, "headers": SSE})
+                first = _chunk(model, tag, None)
+                rest = b"".join(self.stream_chunks).replace(
+                    b'"model":' + json.dumps(loras.base, separators=(",", ":")).encode(),
+                    b'"model":' + json.dumps(model).encode(),
+                )
+                usage = self.usage if (request.get("stream_options") or {}).get("include_usage") else b""  # type: ignore[union-attr]
+                await send({"type": "http.response.body", "body": first + rest + usage + b"data: [DONE]\n\n"})
+            else:
+                await _reply(send, 200, json.dumps(answer).encode())
+        finally:
+            loras.running[model] -= 1
 
     async def _saturable(self, receive: Receive, send: Send, body: bytes, stream: bool, usage: bool) -> None:
         """Like a real engine: waits for a slot, holds it for the service time, aborts when the
@@ -405,7 +536,12 @@ def main() -> None:
     p.add_argument("--count", action="store_true", help="count requests per `user` (GET /counts)")
     p.add_argument("--record-trace", action="store_true", help="keep each request's traceparent (GET /traces)")
     p.add_argument("--tools", action="store_true", help="scripted tool calls (see the module's docstring)")
+    p.add_argument("--enable-lora", action="store_true", help="speak vLLM's adapter API (see the docstring)")
+    p.add_argument("--max-loras", type=int, default=1)
+    p.add_argument("--lora-modules", nargs="*", default=[], help="name=path adapters loaded at start")
+    p.add_argument("--load-ms", type=float, default=0.0, help="how long loading an adapter takes")
     args = p.parse_args()
+    loras = Loras(args.model, args.max_loras, args.lora_modules, args.load_ms) if args.enable_lora else None
     app = FakeEngine(
         args.model,
         args.chunks,
@@ -419,6 +555,7 @@ def main() -> None:
         args.count,
         args.record_trace,
         args.tools,
+        loras,
     )
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False, backlog=4096)
 

@@ -20,7 +20,7 @@ from tests.keyed import ADMIN_KEY
 from tests.procs import TINY_MODEL, Proc, fake_upstream, gateway
 from tests.redis_fixtures import RedisServer
 
-MODELS = ["fake", "counted", "canary"]
+MODELS = ["fake", "counted", "canary", "lora-a"]
 
 
 def config(redis_url: str, engine_url: str, data_dir: Path, store_url: str = "sqlite:///fuzz.db") -> dict[str, Any]:
@@ -33,12 +33,18 @@ def config(redis_url: str, engine_url: str, data_dir: Path, store_url: str = "sq
         "batch": {"min_completion_window": 60, "poll_interval": 0.5},
         "inference_log": {"flush_interval": 0.2},
         "routing": {"strategy": "prefix_affinity"},
+        "cache": {"max_memory": 200_000},  # on for `fake` only (its model entry)
+        "adapters": {
+            "directories": [str(data_dir / "adapters")],
+            "uris": ["s3://fuzz/"],
+            "models": [{"name": "lora-a", "base": "fake", "path": str(data_dir / "adapters" / "a")}],
+        },
         "engines": [
             {"name": "fake", "kind": "openai", "url": engine_url},
             {"name": "fake-b", "kind": "openai", "url": engine_url},
         ],
         "models": [
-            {"name": "fake", "routes": [{"engine": "fake"}]},
+            {"name": "fake", "routes": [{"engine": "fake"}], "cache": True},
             {
                 "name": "counted",
                 "routes": [{"engine": "fake-b", "model": "fake"}],

@@ -63,6 +63,7 @@ AREAS = {
         *["routes_put", "routes_put", "routes_delete", "admin_models", "admin_requests", "admin_report"],
         *["admin_batches", "admin_engines"],
         *["team_create", "team_patch", "team_get", "org_create", "spend", "audit"],
+        *["adapters_post", "adapters_post", "adapters_get", "adapters_delete", "cache_admin"],
     ],
     "odd": ["odd_path", "odd_path", "health"],
     "agent": [
@@ -89,7 +90,7 @@ def cases(draw: st.DrawFn, world: World, area: str | None = None) -> Case:
     files = segment(known(world.file_ids))
     batches = segment(known(world.batch_ids))
     op = draw(st.sampled_from(AREAS[area] if area else [op for ops in AREAS.values() for op in ops]))
-    admin = op.startswith(("key", "routes", "admin", "team", "org", "spend", "audit"))
+    admin = op.startswith(("key", "routes", "admin", "team", "org", "spend", "audit", "adapters", "cache"))
     method, path, body, ctype = "GET", "/", None, b"application/json"
     if op in ("chat", "completions", "embeddings"):
         method = "POST"
@@ -188,6 +189,20 @@ def cases(draw: st.DrawFn, world: World, area: str | None = None) -> Case:
         path = "/admin/spend" + draw(query(SPEND))
     elif op == "audit":
         path = "/admin/audit" + draw(query({"limit": "int", "after": "text", "action": "text", "team": "text"}))
+    elif op == "adapters_post":
+        method, path, body = "POST", "/admin/adapters", draw(bodies["adapter"]())
+    elif op == "adapters_get":
+        path = draw(
+            pick(
+                st.just("/admin/adapters"),
+                segment(st.sampled_from(["lora-a", "lora-b"])).map("/admin/adapters/{}".format),
+            )
+        )
+    elif op == "adapters_delete":
+        method, path = "DELETE", f"/admin/adapters/{draw(segment(st.sampled_from(['lora-a', 'lora-b'])))}"
+    elif op == "cache_admin":
+        method = draw(st.sampled_from(["GET", "POST"]))
+        path, body = "/admin/cache", draw(bodies["cache"]()) if method == "POST" else None
     elif op == "health":
         path = draw(st.sampled_from(["/health", "/ready", "/metrics"])) + draw(query({"model": "text"}))
     else:
@@ -280,6 +295,7 @@ JSON_POSTS = {
     "/v1/embeddings",
     "/v1/batches",
     "/admin/keys",
+    "/admin/adapters",
     "/v1/responses",
     "/v1/messages",
     "/v1/messages/count_tokens",

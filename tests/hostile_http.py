@@ -111,7 +111,18 @@ request_ids = pick(
 )
 extra_headers = st.lists(
     st.tuples(
-        st.sampled_from([b"x-forwarded-for", b"accept", b"accept-encoding", b"cookie", b"expect", b"x-custom", b"te"]),
+        st.sampled_from(
+            [
+                b"x-forwarded-for",
+                b"accept",
+                b"accept-encoding",
+                b"cookie",
+                b"expect",
+                b"x-custom",
+                b"te",
+                b"x-gateway-cache",
+            ]
+        ),
         header_text,
     ),
     max_size=2,
@@ -395,9 +406,31 @@ def bodies_of(world: World) -> dict[str, Callable[[], st.SearchStrategy[bytes]]]
         ),
         "metadata": maybe(st.fixed_dictionaries({"user_id": maybe(st.text(max_size=20))})),
     }
+    adapter_paths = [
+        "/etc/passwd",
+        "../../etc",
+        "relative",
+        "s3://fuzz/ok",
+        "s3://fuzz/../x",
+        "s3://u:p@fuzz/x",
+        "http://127.0.0.1:6379/",
+        "file:///etc/passwd",
+        "/tmp/../etc",
+        "\x00",
+        "s3://other/x",
+        "C:\\x",
+    ]
+    adapter = {
+        "name": maybe(st.sampled_from(["lora-b", "lora-a", "fake", "../x", "a/b", "", "x" * 300, "ok.1"])),
+        "base": maybe(st.sampled_from(["fake", "nope", "lora-a"])),
+        "path": maybe(pick(st.sampled_from(adapter_paths), st.text(max_size=30))),
+    }
+    cache = {"model": maybe(st.sampled_from([*world.models, "nope", "lora-a"]))}
     return {
         "responses": lambda: json_body(responses, ("model", "input")),
         "messages": lambda: json_body(messages_body, ("model", "max_tokens", "messages")),
+        "adapter": lambda: json_body(adapter, ("name", "base", "path")),
+        "cache": lambda: json_body(cache, ()),
         "chat": lambda: json_body(chat, ("model", "messages")),
         "completions": lambda: json_body(completion, ("model", "prompt")),
         "embeddings": lambda: json_body(embedding, ("model", "input")),

@@ -57,6 +57,9 @@ PROBES: dict[str, Callable[[dict[str, Any]], None]] = {
     "tracing.": lambda c: c.update(tracing={"zz_unknown": 1}),
     "logging.": lambda c: c.update(logging={"zz_unknown": 1}),
     "logging.access.": lambda c: c.update(logging={"access": {"zz_unknown": 1}}),
+    "cache.": lambda c: c.update(cache={"zz_unknown": 1}),
+    "adapters.": lambda c: c.update(adapters={"zz_unknown": 1}),
+    "adapters.models[].": lambda c: c.update(adapters={"models": [{"zz_unknown": 1}]}),
 }
 
 

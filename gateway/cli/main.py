@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gateway.cli.adapters import add_adapter_commands
 from gateway.cli.batch import add_batch_commands
 from gateway.cli.keys import add_keys_commands
 from gateway.cli.report import add_report_command
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", required=True)
     c.set_defaults(func=check)
     add_keys_commands(sub)
+    add_adapter_commands(sub)
     add_report_command(sub)
     add_batch_commands(sub)
     add_team_commands(sub)

@@ -250,6 +250,47 @@ class GatewayMetrics:
             buckets=COLD_START_BUCKETS,
             registry=r,
         )
+        # The response cache (gateway/cache/): hit ratio per model = hit / (hit + miss).
+        self.cache = Counter(
+            "gateway_cache_requests",
+            "Requests that consulted the response cache, by model and result.",
+            ["model", "result"],
+            registry=r,
+        )
+        self.cache_tokens = Counter(
+            "gateway_cache_tokens",
+            "Tokens answered from the response cache (not generated), by model.",
+            ["model"],
+            registry=r,
+        )
+        self.cache_by = Children(self.cache)
+        self.cache_tokens_by = Children(self.cache_tokens)
+        # LoRA adapters (gateway/adapters/); labels: configured adapters and engines only.
+        self.adapter_loads = Counter(
+            "gateway_adapter_loads",
+            "Adapter loads onto engines, by adapter, engine and outcome.",
+            ["adapter", "engine", "outcome"],
+            registry=r,
+        )
+        self.adapter_unloads = Counter(
+            "gateway_adapter_unloads",
+            "Adapters unloaded from engines (room for another).",
+            ["adapter", "engine"],
+            registry=r,
+        )
+        self.adapter_load_time = Histogram(
+            "gateway_adapter_load_seconds",
+            "How long loading an adapter onto an engine took.",
+            ["adapter"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.adapter_requests = Counter(
+            "gateway_adapter_requests", "Requests for an adapter, by adapter.", ["adapter"], registry=r
+        )
+        self.adapter_loads_by = Children(self.adapter_loads)
+        self.adapter_unloads_by = Children(self.adapter_unloads)
+        self.adapter_requests_by = Children(self.adapter_requests)
         # The children the request path touches, by label values (see Children).
         self.requests_by = Children(self.requests)
         self.key_requests_by = Children(self.key_requests)

@@ -29,7 +29,8 @@ POLL_SECONDS = 5.0
 
 
 def routes_json(routes: tuple[RouteSettings, ...]) -> list[dict[str, Any]]:
-    return [{**asdict(r), "engines": list(r.engines)} for r in routes]
+    # `adapter` marks routes the gateway derives for a LoRA adapter: never stored nor sent back
+    return [{**{k: v for k, v in asdict(r).items() if k != "adapter"}, "engines": list(r.engines)} for r in routes]
 
 
 class RouteStore:

@@ -68,6 +68,7 @@ class Engine:
     checked: bool = False  # the health check's own verdict (healthy also needs the breaker)
     breaker: Breaker = field(default_factory=lambda: Breaker(0))
     inflight: set[Inflight] = field(default_factory=set)  # this process's requests there now
+    adapters: set[str] = field(default_factory=set)  # LoRA adapters it holds, as gateway/adapters/ last saw
 
     name: str = field(init=False)  # the settings' name, read on every pick: a plain attribute
 

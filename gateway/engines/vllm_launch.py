@@ -59,6 +59,8 @@ def vllm_command(engine: EngineSettings, python: str, tracing: TracingSettings |
         cmd.append("--enforce-eager")
     if tracing is not None and tracing.endpoint is not None and "--otlp-traces-endpoint" not in engine.args:
         cmd += ["--otlp-traces-endpoint", tracing.endpoint]
+    if engine.max_loras:  # the config has adapters: loaded and unloaded at run time (gateway/adapters/)
+        cmd += ["--enable-lora", "--max-loras", str(engine.max_loras)]
     return [*cmd, *engine.args]
 
 

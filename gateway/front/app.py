@@ -17,9 +17,11 @@ from gateway.front.listeners import listener_app
 from gateway.front.middleware import Front
 from gateway.front.readiness import readiness
 from gateway.front.response_retention import ResponseRetention
+from gateway.front.routes.adapters_admin import adapter_admin_routes
 from gateway.front.routes.admin_api import admin_routes
 from gateway.front.routes.audio import audio_routes
 from gateway.front.routes.batches import BatchRoutes
+from gateway.front.routes.cache_admin import cache_admin_routes
 from gateway.front.routes.console import console_routes
 from gateway.front.routes.files import FileRoutes
 from gateway.front.routes.messages import messages_routes
@@ -68,6 +70,10 @@ def build_app(
         await gw.access.start()
         if gw.redis is not None:
             gw.redis.start()
+        if gw.adapters is not None:
+            gw.adapters.start()
+        if gw.cache is not None:
+            gw.cache.start()
         await gw.store.start(users)  # files, batches and the inference log
         await gw.control.start()
         try:
@@ -75,6 +81,10 @@ def build_app(
         finally:
             await gw.control.stop()
             await gw.store.stop()  # the runner hands back its lines, the log writes its last rows
+            if gw.adapters is not None:
+                await gw.adapters.stop()
+            if gw.cache is not None:
+                await gw.cache.stop()
             if gw.redis is not None:
                 await gw.redis.stop()
             gw.counter.close()
@@ -96,6 +106,8 @@ def build_app(
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         *admin_routes(gw),
+        *cache_admin_routes(gw),
+        *adapter_admin_routes(gw),
         *monitor_routes(gw, gw.admin_auth),
         *console_routes(),
     ]

@@ -19,6 +19,9 @@ from gateway.access.quota import Quota
 from gateway.access.sessions import OidcSignIn
 from gateway.access.teams import TeamStore
 from gateway.access.tokens import PromptCounter
+from gateway.adapters.service import Adapters
+from gateway.cache.service import ResponseCache
+from gateway.cache.store import CacheStore
 from gateway.core.metrics import GatewayMetrics
 from gateway.dispatch.route_store import RouteStore
 from gateway.dispatch.routing import Router
@@ -120,6 +123,8 @@ class Gateway:
     counter: PromptCounter  # prompt tokens: quota reservations and the models' max_prompt_tokens
     models: Mapping[str, ModelSettings]  # by public name
     observe: Observer | None  # access log, traces, Server-Timing; None when all are off
+    cache: ResponseCache | None  # None: no model uses the response cache (or no Redis)
+    adapters: Adapters | None  # None: no `adapters:` section (or no Redis)
     started: float = field(default_factory=time.time)
 
     @classmethod
@@ -147,12 +152,23 @@ class Gateway:
         admin_auth = AdminAuth(settings.auth.admin_key, redis.sign_in if redis is not None else None)
         log = settings.inference_log
         default = settings.server.max_body_bytes
+        models = {m.name: m for m in settings.models}
+        cache = None
+        if redis is not None and ResponseCache.wanted(settings.cache, models):
+            c = settings.cache
+            store = CacheStore(redis.clients.lean, settings.redis.prefix, c.ttl, c.max_memory)
+            cache = ResponseCache(c, models, lambda m: router.routes[m], store, metrics)
+        upstream = Upstream(settings.server)
+        adapters = None
+        if redis is not None and settings.adapters is not None:
+            p = settings.redis.prefix
+            adapters = Adapters(settings.adapters, redis.clients, p, router, models, upstream, metrics)
         return cls(
             settings,
             metrics,
             pool,
             router,
-            Upstream(settings.server),
+            upstream,
             SendWatchdog(settings.server.send_timeout),
             scheduler,
             EngineControl(pool, router, metrics, control_path),
@@ -166,8 +182,10 @@ class Gateway:
             InferenceLog(log, settings.models, metrics) if log.enabled else None,
             {m.name: min(default, m.max_prompt_bytes or default) for m in settings.models},
             counter,
-            {m.name: m for m in settings.models},
+            models,
             Observer.build(settings, metrics),
+            cache,
+            adapters,
         )
 
 

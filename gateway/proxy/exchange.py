@@ -29,6 +29,7 @@ from starlette.types import Receive, Send
 
 from gateway.access.base import Grant, Principal, Usage
 from gateway.apis.base import Translation
+from gateway.cache.service import Lookup
 from gateway.core.bodies import ClientDisconnected, ClientWatch
 from gateway.core.errors import Code, GatewayError, internal_error
 from gateway.core.request import ApiRequest
@@ -58,10 +59,12 @@ class Exchange:
     __slots__ = (
         "_body",
         "_capture",
+        "_lora",
         "_pending",
         "_settled",
         "_slot",
         "_watch",
+        "cache",
         "fallback_from",
         "grant",
         "gw",
@@ -98,11 +101,13 @@ class Exchange:
         self.response: UpstreamResponse | None = None
         self.started = 0.0
         self._slot: Engine | None = None  # the engine whose slot this request holds
+        self._lora: tuple[Engine, str] | None = None  # the adapter this request keeps loaded there
         self._settled: Usage | None = None
         self._capture: Capture | None = None
         self._body: tuple[str, bytes] | None = None  # (upstream model, the engine body)
         self._pending: UpstreamResponse | None = None  # sent, its answer's head not in yet
         self.fallback_from: str | None = None  # the model asked for, when a fallback served
+        self.cache: Lookup | None = None  # the response cache was consulted (gateway/cache/)
         self._watch = ClientWatch()
         self._watch.start(receive)
         # What the access log and the trace learn of this request (gateway/observe/); None when off.
@@ -138,6 +143,25 @@ class Exchange:
         self.grant = await self.gw.access.admit(self.principal, self.request)
         if obs is not None:
             obs.note_admitted(self.grant.headers)
+
+    async def from_cache(self, lookup: Lookup, send: Send) -> bool:
+        """Answers from the response cache when it holds the answer (False: a miss; the relay
+        then keeps the engine's answer for next time). A hit is settled as cached."""
+        self.cache = lookup
+        assert self.gw.cache is not None
+        replay = await self.gw.cache.answer(lookup, self.request)
+        if replay is None:
+            return False
+        out = self.out
+        out.status, out.usage, out.finish_reason, out.done = 200, replay.usage, replay.finish_reason, True
+        self._watch.stop()
+        self._settled = await self.gw.access.settle(self.grant, replay.charged) if self.grant else replay.charged
+        headers = [(b"content-type", replay.content_type), *self._headers()]
+        if self.request.stream:
+            headers.append((b"cache-control", b"no-cache"))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": replay.body})
+        return True
 
     async def call_engine(self) -> UpstreamResponse:
         """Sends the request to an engine of its model, else of its fallbacks (the model's
@@ -199,6 +223,8 @@ class Exchange:
             self._use(pick)
             engine = pick.engine
             tried.add(engine.name)
+            if pick.route.adapter is not None:  # a LoRA adapter: loaded there first if need be
+                await self._hold_adapter(engine, pick.route.adapter)
             if attempt:
                 m.retries_by[model].inc()
             m.routing_by[model, engine.name].inc()
@@ -295,6 +321,14 @@ class Exchange:
         if engine is not None:
             engine.inflight.discard(self)
             self.gw.scheduler.release(engine)
+        if self._lora is not None and self.gw.adapters is not None:  # the adapter may be unloaded now
+            self.gw.adapters.placement.done(*self._lora)
+            self._lora = None
+
+    async def _hold_adapter(self, engine: Engine, adapter: str) -> None:
+        assert self.gw.adapters is not None
+        await self.gw.adapters.placement.ensure(engine, adapter)
+        self._lora = (engine, adapter)
 
     def _sent(self, response: UpstreamResponse) -> None:
         self._pending = response
@@ -322,6 +356,8 @@ class Exchange:
         inference_log = gw.inference_log
         if inference_log is not None and (capture := inference_log.capture(self.request)) is not None:
             self._capture, send = capture, capture.wrap(send)  # a sampled payload: keep what is sent
+        if self.cache is not None and gw.cache is not None:  # a cache miss: keep the answer
+            send = self.cache.record(send, 4 * gw.cache.settings.max_entry_bytes)
         if self.translation is not None:
             await self._relay_translated(response, send, headers)
             return
@@ -408,6 +444,12 @@ class Exchange:
             return None
         self._use(pick)
         engine = pick.engine
+        if route.adapter is not None:
+            try:
+                await self._hold_adapter(engine, route.adapter)
+            except GatewayError:  # the adapter could not be placed there: the stream ends as broken
+                m.resumes_by[model, "failed"].inc()
+                return None
         body["model"] = route.model
         try:
             response = await gw.upstream.post(engine.settings, request.endpoint.path, orjson.dumps(body), True)
@@ -459,6 +501,8 @@ class Exchange:
             headers.append((b"x-gateway-route", self.pick.route.name.encode()))
         if self.fallback_from is not None:  # a fallback served: say which model
             headers.append((b"x-gateway-model", self.request.model.encode()))
+        if self.cache is not None:
+            headers.append((b"x-gateway-cache", b"hit" if self.cache.hit else b"miss"))
         return headers
 
     async def _finishing(self) -> None:
@@ -528,6 +572,12 @@ class Exchange:
         pick = self.pick
         engine = pick.engine.name if pick is not None else "-"
         route = pick.route.name if pick is not None else "-"
+        cache = self.cache
+        if cache is not None and self.gw.cache is not None:
+            done = out.done if self.request.stream else out.error is None
+            self.gw.cache.finish(cache, self.request, out.status, done, out.usage)
+            if cache.hit:
+                engine = route = "cache"  # the metrics and the inference log say who answered
         status = str(out.status)
         elapsed = time.perf_counter() - self.started
         ttft = out.first_chunk - self.started if out.first_chunk else None
@@ -563,8 +613,8 @@ class Exchange:
                     self.request_id,
                     self.principal.key_id,
                     model,
-                    route if pick is not None else None,
-                    engine if pick is not None else None,
+                    route if pick is not None or engine == "cache" else None,
+                    engine if pick is not None or engine == "cache" else None,
                     out.status,
                     out.error_code,
                     self.request.stream,

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from gateway.settings.adapters import AdapterSettings, AdaptersSettings, check_name, check_path, parse_adapters
 from gateway.settings.batch import BatchSettings, FilesSettings, parse_batch, parse_files
+from gateway.settings.cache import CacheSettings, parse_cache
 from gateway.settings.engines import ENGINE_KINDS, MANAGED_KINDS, EngineSettings, VllmSettings, parse_engine
 from gateway.settings.inference_log import InferenceLogSettings, PayloadCapture, parse_inference_log
 from gateway.settings.models import ModelSettings, RouteSettings, check_fallbacks, parse_model, parse_routes
@@ -59,6 +61,8 @@ SECTIONS = (
     "pricing",
     "tracing",
     "logging",
+    "cache",
+    "adapters",
 )
 
 
@@ -80,6 +84,8 @@ class Settings:
     pricing: PricingSettings = field(default_factory=PricingSettings)
     tracing: TracingSettings = field(default_factory=TracingSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    adapters: AdaptersSettings | None = None  # None: no `adapters:` section, LoRA off
 
 
 def parse_settings(
@@ -111,6 +117,9 @@ def parse_settings(
     if len(names) != len(set(names)):
         raise r.fail("models", "two models share a name")
     check_fallbacks(r, models)
+    adapters = parse_adapters(r, data, set(names))
+    if adapters is not None:  # engines of every model may serve adapters: managed vLLM starts with LoRA on
+        engines = {n: e if e.max_loras else replace(e, max_loras=1) for n, e in engines.items()}
     redis = parse_redis(r, data, env)
     auth = parse_auth(r, data, env)
     if auth.enabled and not redis.url:
@@ -136,6 +145,8 @@ def parse_settings(
         pricing=parse_pricing(r, data, set(names), env),
         tracing=parse_tracing(r, data, env),
         logging=parse_logging(r, data, base_dir),
+        cache=parse_cache(r, data),
+        adapters=adapters,
     )
 
 
@@ -190,8 +201,11 @@ __all__ = [
     "MANAGED_KINDS",
     "NANOS",
     "AccessLogSettings",
+    "AdapterSettings",
+    "AdaptersSettings",
     "AuthSettings",
     "BatchSettings",
+    "CacheSettings",
     "ConfigError",
     "EngineSettings",
     "FilesSettings",
@@ -212,6 +226,8 @@ __all__ = [
     "TlsSettings",
     "TracingSettings",
     "VllmSettings",
+    "check_name",
+    "check_path",
     "load_settings",
     "parse_routes",
     "parse_settings",

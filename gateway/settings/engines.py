@@ -56,6 +56,7 @@ class EngineSettings:
     # requests the gateway keeps in flight there at most (split between its worker processes);
     # None: learned from the engine's own running/waiting figures (gateway/dispatch/capacity.py)
     max_inflight: int | None = None
+    max_loras: int | None = None  # LoRA adapters held at once (--max-loras); 1 with `adapters:`
     vllm: VllmSettings = field(default_factory=VllmSettings)
     discovery: DnsDiscovery | None = None  # `discover: dns`: one engine per address of a name
     idle_stop: float | None = None  # managed: stop after this many seconds without traffic (scale to zero)
@@ -93,6 +94,7 @@ _ENGINE_KEYS = (
     "api_key_env",
     "max_restarts_per_minute",
     "max_inflight",
+    "max_loras",
     "vllm",
     *DISCOVERY_KEYS,
     "idle_stop",
@@ -132,6 +134,7 @@ def parse_engine(r: Reader, index: int, data: Any, base_dir: Path, env: Mapping[
         "max_restarts_per_minute": r.get(data, "max_restarts_per_minute", path, int, 10, 1),
         "max_inflight": r.get(data, "max_inflight", path, int, None, 1),
         "apis": _apis(r, data, path, kind),
+        "max_loras": r.get(data, "max_loras", path, int, None, 1, 1024),
         **_operations(r, data, path, kind, base_dir),
     }
     if "vllm" in data:

@@ -26,6 +26,7 @@ class RouteSettings:
     model: str  # the upstream model name
     weight: float = 1.0
     name: str = "v1"  # the version label: x-gateway-route, metrics, the inference log
+    adapter: str | None = None  # set on the routes the gateway derives for a LoRA adapter
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class ModelSettings:
     # another endpoint is refused when the batch is created. Unset: the bundled CPU engines'
     # (embeddings for all-MiniLM-L6-v2, chat and completions otherwise), all three for others.
     endpoints: tuple[str, ...] | None = None
+    cache: bool | None = None  # the response cache for this model: on or off (default: cache.enabled)
 
     def serves(self, kind: str) -> bool:
         return self.endpoints is None or kind in self.endpoints
@@ -69,6 +71,7 @@ def parse_model(r: Reader, index: int, data: Any, engines: dict[str, EngineSetti
             "fallbacks",
             "fallback_after",
             "endpoints",
+            "cache",
         ),
     )
     name = r.get(data, "name", path, str, None)
@@ -108,6 +111,7 @@ def parse_model(r: Reader, index: int, data: Any, engines: dict[str, EngineSetti
         fallbacks=tuple(fallbacks),
         fallback_after=fallback_after,
         endpoints=endpoints,
+        cache=r.get(data, "cache", path, bool, None),
     )
 
 

@@ -19,8 +19,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gateway.settings.adapters import AdapterSettings, AdaptersSettings
 from gateway.settings.alerts import AlertSettings
 from gateway.settings.batch import BatchSettings, FilesSettings
+from gateway.settings.cache import CacheSettings
 from gateway.settings.engines import EngineSettings, VllmSettings
 from gateway.settings.inference_log import InferenceLogSettings, PayloadCapture
 from gateway.settings.models import ModelSettings, RouteSettings
@@ -119,6 +121,9 @@ SECTIONS: list[tuple[str, type, tuple[str, ...], dict[str, str]]] = [
     ("tracing.", TracingSettings, (), {}),
     ("logging.", LoggingSettings, ("access",), {"access": "the access log: one line per request, below"}),
     ("logging.access.", AccessLogSettings, (), {}),
+    ("cache.", CacheSettings, (), {}),
+    ("adapters.", AdaptersSettings, ("models",), {"models": "adapters declared here, below"}),
+    ("adapters.models[].", AdapterSettings, (), {}),
     (
         "engines[].",
         EngineSettings,
@@ -147,7 +152,7 @@ SECTIONS: list[tuple[str, type, tuple[str, ...], dict[str, str]]] = [
     (
         "models[].routes[].",
         RouteSettings,
-        (),
+        ("adapter",),
         {"engine": "one engine: short for `engines: [NAME]`"},
     ),
 ]

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gateway.core.request import ApiRequest
 from gateway.dispatch.routing.assign import ASSIGNERS, Assigner
-from gateway.dispatch.routing.plugins import FILTERS, SCORERS, Filter, Scorer
+from gateway.dispatch.routing.plugins import FILTERS, SCORERS, AdapterAffinity, Filter, Scorer
 from gateway.engines.breaker import BreakerState
 from gateway.engines.pool import Engine, Pool
 from gateway.settings import ModelSettings, RouteSettings, RoutingSettings
@@ -42,11 +42,16 @@ class Router:
         self._pool = pool
         self._rng = rng or random.Random()
         routing = routing or RoutingSettings()
-        self._filters: list[Filter] = [FILTERS[n](routing) for n in routing.plugins if n in FILTERS]
+        self._filters: list[Filter] = [
+            AdapterAffinity(),
+            *(FILTERS[n](routing) for n in routing.plugins if n in FILTERS),
+        ]
         self._scorers: list[Scorer] = [SCORERS[n](routing) for n in routing.plugins if n in SCORERS]
         self._scorer_names = [n for n in routing.plugins if n in SCORERS]
         self._assigners: dict[str, Assigner] = {m.name: ASSIGNERS[m.assignment](self._rng) for m in models}
         self._configured: dict[str, tuple[RouteSettings, ...]] = {m.name: m.routes for m in models}
+        self._overrides: dict[str, tuple[RouteSettings, ...]] = {}
+        self.adapters: dict[str, str] = {}  # LoRA adapter -> its base model (gateway/adapters/)
         self.routes = dict(self._configured)
 
     @property
@@ -55,10 +60,24 @@ class Router:
 
     def apply_overrides(self, overrides: Mapping[str, tuple[RouteSettings, ...]]) -> None:
         """Routes changed at run time (admin API) replace the configured ones of those models."""
-        self.routes = {**self._configured, **{m: r for m, r in overrides.items() if m in self._configured}}
+        self._overrides = {m: r for m, r in overrides.items() if m in self._configured}
+        self._rebuild()
+
+    def set_adapters(self, adapters: Mapping[str, str]) -> None:
+        """The LoRA adapters served (name -> base model): each is a model whose routes are its
+        base's, with the adapter's name as the upstream model (how vLLM selects an adapter)."""
+        self.adapters = {a: b for a, b in adapters.items() if b in self._configured and a not in self._configured}
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        routes = {**self._configured, **self._overrides}
+        for adapter, base in self.adapters.items():
+            routes[adapter] = tuple(replace(r, model=adapter, adapter=adapter) for r in routes[base])
+            self._assigners[adapter] = self._assigners[base]
+        self.routes = routes
 
     def configured(self, model: str) -> tuple[RouteSettings, ...]:
-        return self._configured[model]
+        return self._configured.get(model) or self.routes[model]
 
     def knows(self, model: str) -> bool:
         return model in self.routes

@@ -23,6 +23,18 @@ class Scorer(Protocol):
     def score(self, request: ApiRequest, engines: Sequence[Engine]) -> list[float]: ...
 
 
+class AdapterAffinity:
+    """A request for a LoRA adapter goes to the engines that hold it, among those with room (the
+    candidates); when none does, any engine may take it and the gateway loads it there first
+    (gateway/adapters/placement.py). Always on; a base model's request is held by no engine's
+    adapters, so it keeps every candidate."""
+
+    def filter(self, request: ApiRequest, engines: Sequence[Engine]) -> Sequence[Engine]:
+        model = request.model
+        holders = [e for e in engines if model in e.adapters]
+        return holders or engines
+
+
 class LeastLoaded:
     """The fewer requests in flight there (ours plus the engine's own queue), the better."""
 

@@ -41,6 +41,7 @@ class AdminRoutes:
         engines: dict[str, EngineSettings],
         audit: AuditLog,
         queues: Callable[[str], dict[str, Any]] | None = None,
+        adapters: Callable[[Engine], list[dict[str, Any]]] | None = None,
     ) -> None:
         self._auth = auth
         self._keys = keys
@@ -51,6 +52,7 @@ class AdminRoutes:
         self._store = store
         self._engines = engines
         self._queues = queues  # this process's scheduler: queues by band, engine slots
+        self._adapters = adapters  # the LoRA adapters an engine holds (gateway/adapters/)
 
     def routes(self) -> list[Route]:
         return [
@@ -143,7 +145,12 @@ class AdminRoutes:
         """This process's view of the engines: health and load (for the console's live table)."""
         await self._authorise(request)
         engines = self._router.pool.engines.values()
-        return JSONResponse({"object": "list", "data": [_engine_view(e) for e in engines]})
+        data = [_engine_view(e) for e in engines]
+        if self._adapters is not None:
+            for view, engine in zip(data, engines, strict=True):
+                view["adapters"] = self._adapters(engine)
+                view["max_loras"] = engine.settings.max_loras
+        return JSONResponse({"object": "list", "data": data})
 
     def _model_view(self, model: str) -> dict[str, Any]:
         current = self._router.routes[model]

@@ -21,7 +21,18 @@ def admin_routes(gw: Gateway) -> list[Route]:
     engines = {e.name: e for e in gw.settings.engines}
     return [
         *(SignInRoutes(r.sign_in).routes() if r.sign_in is not None else []),
-        *AdminRoutes(auth, r.keys, r.teams, r.quota, gw.router, r.routes, engines, audit, gw.scheduler.view).routes(),
+        *AdminRoutes(
+            auth,
+            r.keys,
+            r.teams,
+            r.quota,
+            gw.router,
+            r.routes,
+            engines,
+            audit,
+            gw.scheduler.view,
+            gw.adapters.engine_view if gw.adapters is not None else None,
+        ).routes(),
         *TeamRoutes(auth, r.teams, r.keys, r.quota, gw.router, audit).routes(),
         *SpendRoutes(auth, spend, audit, gw.settings.pricing.currency).routes(),
     ]

@@ -40,8 +40,11 @@ class OpenAIEndpoint:
             raise too_large(limit)
         if not principal.may_use(request.model):
             raise model_not_allowed(request.model)
+        cache = gw.cache.consult(scope, request, principal) if gw.cache is not None else None
         async with Exchange(gw, principal, request, scope["request_id"], receive) as exchange:
             await exchange.admit()
+            if cache is not None and await exchange.from_cache(cache, send):
+                return
             response = await exchange.call_engine()
             await exchange.relay(response, send)
 
@@ -50,11 +53,15 @@ def openai_routes(gw: Gateway) -> list[Route]:
     async def models(request: Request) -> Response:
         principal = await gw.access.authenticate(request.scope)
         created = int(gw.started)
-        data = [
+        adapters = gw.router.adapters
+        data: list[dict[str, object]] = [
             {"id": name, "object": "model", "created": created, "owned_by": "llm-gateway"}
             for name in gw.router.routes
             if principal.may_use(name)
         ]
+        for entry in data:
+            if entry["id"] in adapters:  # a LoRA adapter: its base model, as vLLM lists it
+                entry["parent"] = adapters[str(entry["id"])]
         return JSONResponse({"object": "list", "data": data})
 
     return [

@@ -23,13 +23,13 @@ export async function render(view, ctx) {
       h(
         "table",
         { class: "data", "aria-labelledby": "engines-title" },
-        tableHead(["Engine", "Kind", "URL", "Health", "Outstanding", "Waiting", "Running", "KV cache"]),
+        tableHead(["Engine", "Kind", "URL", "Health", "Outstanding", "Waiting", "Running", "KV cache", "Adapters"]),
         engineRows,
       ),
       h(
         "p",
         { class: "hint" },
-        "Outstanding: requests this gateway process has in flight there. Waiting, running and KV cache: what the engine reports on its /metrics.",
+        "Outstanding: requests this gateway process has in flight there. Waiting, running and KV cache: what the engine reports on its /metrics. Adapters: the LoRA adapters it holds (of max_loras), with this process's requests in flight on each.",
       ),
     ),
     h(
@@ -80,12 +80,20 @@ export async function render(view, ctx) {
             " ",
             formatPercent(e.kv_usage),
           ),
+          h("td", null, adapterCell(e)),
         ),
       ),
     );
     if (!engines.length)
-      engineRows.append(h("tr", null, h("td", { colspan: 8, class: "empty" }, "No engines configured.")));
+      engineRows.append(h("tr", null, h("td", { colspan: 9, class: "empty" }, "No engines configured.")));
     updated.textContent = `Live, every ${LIVE_MS / 1000} s · updated ${new Date().toISOString().slice(11, 19)} UTC`;
+  }
+
+  // The adapters an engine holds (absent when the config has no `adapters:` section).
+  function adapterCell(e) {
+    if (!e.adapters) return "–";
+    const held = e.adapters.map((a) => `${a.name}${a.in_flight ? ` (${a.in_flight})` : ""}`).join(", ");
+    return `${held || "none"} · ${e.adapters.length}/${e.max_loras}`;
   }
 
   // Routes carry a version name (x-gateway-route, metrics) where the gateway has them: then it is
