@@ -16,22 +16,19 @@ import httpx
 import openai
 import pytest
 
-from tests.batch_helpers import (
-    ADMIN_KEY,
-    admin,
+from testkit.batch import (
     assert_each_once,
     chat_line,
     client,
-    create_key,
     jsonl,
     results,
-    start_gateway,
     store_url,
     usage,
     wait_final,
 )
-from tests.procs import TINY_MODEL, Proc, worker
-from tests.redis_fixtures import RedisServer
+from testkit.keyed import ADMIN_KEY, admin, create_key, start_gateway
+from testkit.procs import TINY_MODEL, Proc, running, worker
+from testkit.redis_server import RedisServer
 
 TINY = "tiny-llama"
 MINILM = "all-MiniLM-L6-v2"
@@ -42,11 +39,8 @@ CONCURRENCY = 4
 
 @pytest.fixture(scope="module")
 def embed_worker(logs_dir: Path) -> Iterator[Proc]:
-    proc = worker(logs_dir, "--model", MINILM, name="embed-batch").start()
-    try:
-        yield proc.wait_healthy()
-    finally:
-        proc.stop()
+    with running(worker(logs_dir, "--model", MINILM, name="embed-batch")) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])

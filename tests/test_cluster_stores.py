@@ -28,7 +28,7 @@ from gateway.engines.pool import Pool
 from gateway.resp.cluster import ClusterClient
 from gateway.resp.connect import RedisClients, build_clients
 from gateway.settings import EngineSettings, HealthSettings, ModelSettings, RouteSettings
-from tests.redis_cluster import RedisCluster
+from testkit.redis_cluster import RedisCluster
 
 MODEL = "tiny"
 TIMEOUT = 1.0

@@ -192,7 +192,7 @@ def test_the_pool_and_the_router_follow_the_answer() -> None:
     from gateway.dispatch.routing import Router
     from gateway.engines.pool import Pool
     from gateway.settings import parse_settings
-    from tests.procs import free_port
+    from testkit.procs import free_port
 
     async def main() -> None:
         server, transport, resolver = await serve()

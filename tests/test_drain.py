@@ -16,30 +16,27 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.procs import Proc, fake_upstream, gateway
-from tests.redis_fixtures import RedisServer
-
-ADMIN_KEY = "admin-secret-for-drain-tests"
+from testkit.keyed import ADMIN_KEY
+from testkit.procs import Proc, fake_upstream, gateway, running
+from testkit.redis_server import RedisServer
 
 
 @pytest.fixture(scope="module")
 def paced(logs_dir: Path) -> Iterator[Proc]:
     """Streams of 30 chunks 100 ms apart: 3 s each."""
-    proc = fake_upstream(logs_dir, "--model", "fake", "--chunks", "30", "--pace-ms", "100", name="paced").start()
-    try:
-        yield proc.wait_healthy()
-    finally:
-        proc.stop()
+    with running(
+        fake_upstream(logs_dir, "--model", "fake", "--chunks", "30", "--pace-ms", "100", name="paced")
+    ) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")
 def endless(logs_dir: Path) -> Iterator[Proc]:
     """Streams of 400 chunks 100 ms apart: 40 s, far longer than any drain here."""
-    proc = fake_upstream(logs_dir, "--model", "fake", "--chunks", "400", "--pace-ms", "100", name="endless").start()
-    try:
-        yield proc.wait_healthy()
-    finally:
-        proc.stop()
+    with running(
+        fake_upstream(logs_dir, "--model", "fake", "--chunks", "400", "--pace-ms", "100", name="endless")
+    ) as proc:
+        yield proc
 
 
 def config(engine: Proc, **server: Any) -> dict[str, Any]:

@@ -10,34 +10,22 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
+from testkit.keyed import ADMIN_KEY
+from testkit.procs import Proc, gateway, write_config
+from testkit.redis_server import RedisServer
 
-from tests.procs import Proc, fake_upstream, gateway, write_config
-from tests.redis_fixtures import RedisServer
-
-ADMIN_KEY = "admin-secret-for-first-run-tests"
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+: ")
 
 
-@pytest.fixture(scope="module")
-def fake(logs_dir: Path) -> Iterator[Proc]:
-    proc = fake_upstream(logs_dir, "--model", "fake", "--chunks", "3", name="fake-first").start()
-    try:
-        yield proc.wait_healthy()
-    finally:
-        proc.stop()
-
-
-def config(fake: Proc, redis: RedisServer) -> dict[str, Any]:
+def config(fake_engine: Proc, redis: RedisServer) -> dict[str, Any]:
     return {
         "health": {"interval": 0.3},
         "redis": {"url": redis.url, "timeout": 0.5},
         "auth": {"enabled": True},
-        "engines": [{"name": "fake", "kind": "openai", "url": fake.url}],
+        "engines": [{"name": "fake", "kind": "openai", "url": fake_engine.url}],
         "models": [{"name": "fake", "routes": [{"engine": "fake"}]}],
     }
 
@@ -56,9 +44,9 @@ def wait_for_line(gw: Proc, pattern: str, timeout: float = 30) -> None:
 
 
 def test_a_first_run_says_when_it_is_ready_and_when_it_stopped(
-    logs_dir: Path, fake: Proc, redis_server: RedisServer
+    logs_dir: Path, fake_engine: Proc, redis_server: RedisServer
 ) -> None:
-    gw = gateway(logs_dir, config(fake, redis_server), name="first-run", env={"GATEWAY_ADMIN_KEY": ADMIN_KEY})
+    gw = gateway(logs_dir, config(fake_engine, redis_server), name="first-run", env={"GATEWAY_ADMIN_KEY": ADMIN_KEY})
     # The keys CLI started before the gateway waits for it instead of failing at once.
     cli = keys_cli(gw.url, "create", "--name", "early", "--wait", "60")
     time.sleep(1.0)
@@ -83,13 +71,13 @@ def test_a_first_run_says_when_it_is_ready_and_when_it_stopped(
     assert late.returncode == 1 and "cannot reach the gateway" in err
 
 
-def test_a_taken_port_is_a_clear_error_and_no_ready_line(logs_dir: Path, fake: Proc, tmp_path: Path) -> None:
+def test_a_taken_port_is_a_clear_error_and_no_ready_line(logs_dir: Path, fake_engine: Proc, tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
         cfg = {
-            "engines": [{"name": "fake", "kind": "openai", "url": fake.url}],
+            "engines": [{"name": "fake", "kind": "openai", "url": fake_engine.url}],
             "models": [{"name": "fake", "routes": [{"engine": "fake"}]}],
             "auth": {"enabled": False},
         }
@@ -101,9 +89,9 @@ def test_a_taken_port_is_a_clear_error_and_no_ready_line(logs_dir: Path, fake: P
 
 
 def test_redis_going_away_is_logged_once_and_its_return_once(
-    logs_dir: Path, fake: Proc, redis_server: RedisServer
+    logs_dir: Path, fake_engine: Proc, redis_server: RedisServer
 ) -> None:
-    gw = gateway(logs_dir, config(fake, redis_server), name="redis-outage", env={"GATEWAY_ADMIN_KEY": ADMIN_KEY})
+    gw = gateway(logs_dir, config(fake_engine, redis_server), name="redis-outage", env={"GATEWAY_ADMIN_KEY": ADMIN_KEY})
     gw.start().wait_healthy("/ready", timeout=60)
     try:
         redis_server.kill()

@@ -17,9 +17,10 @@ import pytest
 
 from gateway.core.bodies import MAX_DEPTH, check_depth
 from gateway.core.errors import GatewayError
-from tests.keyed import admin, chat, create_key, start_gateway
-from tests.procs import TINY_MODEL, Proc, all_healthy, fake_upstream, metric, worker
-from tests.redis_fixtures import RedisServer
+from testkit.keyed import admin, chat, create_key, start_gateway
+from testkit.metrics import metric
+from testkit.procs import TINY_MODEL, Proc, all_healthy, fake_upstream, worker
+from testkit.redis_server import RedisServer
 
 
 @pytest.fixture(scope="module")
@@ -305,15 +306,10 @@ def test_an_overloaded_engine_is_a_429_not_a_broken_stream(gwr: Proc) -> None:
         else:
             assert status == 429 and retry and "engines_overloaded" in text, (status, text)
     after = httpx.get(gwr.url + "/metrics").text
-    label = 'gateway_requests_total{engine="small",model="small",route="v1",status="429"}'
-    assert metric_value(after, label) - metric_value(before, label) == statuses.count(429)
-
-
-def metric_value(text: str, sample: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(sample + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    label = {"engine": "small", "model": "small", "route": "v1", "status": "429"}
+    assert metric(after, "gateway_requests_total", **label) - metric(
+        before, "gateway_requests_total", **label
+    ) == statuses.count(429)
 
 
 # 15: counting big prompts does not stall the gateway; a model may bound its prompt size.
@@ -346,7 +342,3 @@ def test_a_request_that_can_never_fit_is_a_400(gwr: Proc) -> None:
     r = chat(gwr, secret, max_tokens=500)
     assert r.status_code == 400 and "tpm limit of 100" in r.json()["error"]["message"], r.text
     assert chat(gwr, secret, max_tokens=20).status_code == 200
-
-
-def test_metric_helper_reads_a_labelled_sample() -> None:
-    assert metric_value('x{a="1"} 3.0\n', 'x{a="1"}') == 3.0 and metric("x 2.0\n", "x") == 2.0

@@ -23,7 +23,7 @@ from gateway.monitor.writer import InferenceLog, LogEntry
 from gateway.proxy.relay import finish_reason_of
 from gateway.settings import ConfigError, InferenceLogSettings, ModelSettings, RouteSettings, parse_settings
 from gateway.store import RequestFilter, Store
-from tests.store_fixtures import FakeClock, StoreEnv
+from testkit.stores import FakeClock, StoreEnv
 
 T0 = 1_800_000_000.0
 MODEL = ModelSettings("m", (RouteSettings(("e",), "m"),))

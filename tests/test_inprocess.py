@@ -20,9 +20,10 @@ from starlette.types import Message, Receive, Scope, Send
 from gateway.front.app import build_app
 from gateway.front.middleware import Front
 from gateway.settings import parse_settings
-from tests.keyed import ADMIN_KEY
-from tests.procs import Proc, all_healthy, fake_upstream
-from tests.redis_fixtures import RedisServer
+from testkit.keyed import ADMIN_KEY
+from testkit.metrics import metric
+from testkit.procs import Proc, all_healthy, fake_upstream
+from testkit.redis_server import RedisServer
 
 CHUNKS = 3  # the fake engine's answer: 3 tokens (one per chunk), 8 prompt tokens
 BODY = {"model": "fake", "messages": [{"role": "user", "content": "hello"}]}
@@ -113,18 +114,13 @@ async def served(settings: Any) -> AsyncIterator[tuple[Front, httpx.AsyncClient]
             yield app, client
 
 
-def total(text: str, name: str) -> float:
-    """The sum of every sample of `name` in Prometheus text, whatever its labels."""
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith((name + " ", name + "{")))
-
-
 async def gauges(client: httpx.AsyncClient) -> tuple[float, float, float]:
     """Requests in flight, streams in flight, and requests this process has at the engine."""
     text = (await client.get("/metrics")).text
     return (
-        total(text, "gateway_requests_in_flight"),
-        total(text, "gateway_streams_in_flight"),
-        total(text, "gateway_engine_outstanding_requests"),
+        metric(text, "gateway_requests_in_flight"),
+        metric(text, "gateway_streams_in_flight"),
+        metric(text, "gateway_engine_outstanding_requests"),
     )
 
 
@@ -247,9 +243,9 @@ def test_whole_answers_and_streams_relay_and_every_gauge_returns_to_zero(tmp_pat
             assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == CHUNKS
 
             text = (await client.get("/metrics")).text
-            assert total(text, "gateway_requests_total") == 3
-            assert total(text, "gateway_prompt_tokens_total") == 3 * 8
-            assert total(text, "gateway_completion_tokens_total") == 3 * CHUNKS
+            assert metric(text, "gateway_requests_total") == 3
+            assert metric(text, "gateway_prompt_tokens_total") == 3 * 8
+            assert metric(text, "gateway_completion_tokens_total") == 3 * CHUNKS
             assert await gauges(client) == (0, 0, 0)
 
     asyncio.run(go())

@@ -16,8 +16,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.resp.client import RespClient, Script
 from gateway.resp.cluster import ClusterClient
-from tests.redis_cluster import ClusterNode, RedisCluster
-from tests.redis_fixtures import RedisServer
+from testkit.redis_cluster import ClusterNode, RedisCluster
+from testkit.redis_server import RedisServer
 
 INCR = Script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
 TWO_KEYS = Script("redis.call('SET', KEYS[1], ARGV[1]); redis.call('SET', KEYS[2], ARGV[1]); return 1")

@@ -13,9 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.keyed import ADMIN_KEY, admin, create_key, start_gateway
-from tests.procs import Proc, all_healthy, fake_upstream
-from tests.redis_cluster import RedisCluster
+from testkit.keyed import ADMIN_KEY, admin, create_key, start_gateway
+from testkit.procs import Proc, all_healthy, fake_upstream
+from testkit.redis_cluster import RedisCluster
 
 REPLICAS = 4
 

@@ -15,7 +15,7 @@ slot (their `user` field); `POST /stats/reset` zeroes them. `--service-spread F`
 request's service time uniformly within ±F of `--service-ms` (as outputs of different lengths
 do), so the slots do not free all at once.
 
-    python bench/fake_upstream.py --port 9000 [--chunks 32] [--pace-ms 0] [--fail-status 0]
+    python testkit/fake_upstream.py --port 9000 [--chunks 32] [--pace-ms 0] [--fail-status 0]
                                   [--capacity 0] [--service-ms 0] [--first-token-ms -1]
                                   [--service-spread 0] [--delay-ms 0] [--count]
 """

@@ -25,7 +25,7 @@ import asyncpg
 import pytest
 
 from gateway.store import Store, open_store
-from tests.conftest import require
+from testkit.ci import require
 
 PG_SERVER = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432")
 

@@ -10,13 +10,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 
-from tests.procs import Proc, gateway
-from tests.store_fixtures import fresh_database
+from testkit.keyed import admin
+from testkit.procs import Proc
+from testkit.stores import fresh_database
 
-ADMIN_KEY = "admin-secret-for-batch-tests"
 FINAL = ("completed", "failed", "expired", "cancelled")
 
 
@@ -28,21 +27,6 @@ def store_url(backend: str, tmp: Path) -> Iterator[dict[str, str]]:
         return
     with fresh_database("gateway_batch") as url:
         yield {"url": url}
-
-
-def start_gateway(logs: Path, config: dict[str, Any], name: str) -> Proc:
-    proc = gateway(logs, config, name=name, env={"GATEWAY_ADMIN_KEY": ADMIN_KEY}).start()
-    return proc.wait_healthy("/ready", timeout=90)
-
-
-def admin(gw: Proc, method: str, path: str, body: Any = None) -> httpx.Response:
-    return httpx.request(method, gw.url + path, json=body, headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=30)
-
-
-def create_key(gw: Proc, **fields: Any) -> tuple[str, str]:
-    r = admin(gw, "POST", "/admin/keys", {"name": "batch-test", **fields})
-    assert r.status_code == 201, r.text
-    return r.json()["id"], r.json()["key"]
 
 
 def client(gw: Proc, secret: str) -> openai.OpenAI:

@@ -1,4 +1,4 @@
-"""Start and stop the project's real processes for tests: engine workers, gateways, redis."""
+"""Start and stop the project's real processes for tests and benches: engine workers, gateways, the fake engine."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = Path(os.environ.get("TINY_MODEL_DIR", ROOT / "engines" / "tiny_model" / "tiny-llama"))
@@ -86,6 +87,16 @@ def worker(tmp: Path, *extra: str, name: str = "worker", port: int | None = None
 
 
 @contextmanager
+def running(proc: Proc, path: str = "/health", timeout: float = 120.0) -> Iterator[Proc]:
+    """Started and healthy for the block; stopped after it, whatever happens."""
+    proc.start()
+    try:
+        yield proc.wait_healthy(path, timeout)
+    finally:
+        proc.stop()
+
+
+@contextmanager
 def all_healthy(procs: dict[str, Proc]) -> Iterator[dict[str, Proc]]:
     """Start them all (so they load side by side), wait until each is healthy; stop them all after."""
     for p in procs.values():
@@ -97,14 +108,6 @@ def all_healthy(procs: dict[str, Proc]) -> Iterator[dict[str, Proc]]:
     finally:
         for p in procs.values():
             p.stop()
-
-
-def metric(text: str, name: str) -> float:
-    """The value of an unlabelled sample in Prometheus text."""
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{}"):
-            return float(line.rsplit(" ", 1)[1])
-    raise KeyError(name)
 
 
 def write_config(tmp: Path, name: str, config: dict[str, object]) -> Path:
@@ -139,7 +142,7 @@ def gateway(
 
 def fake_upstream(tmp: Path, *extra: str, name: str = "fake", port: int | None = None) -> Proc:
     port = port or free_port()
-    args = [sys.executable, str(ROOT / "bench" / "fake_upstream.py"), "--port", str(port), *extra]
+    args = [sys.executable, str(ROOT / "testkit" / "fake_upstream.py"), "--port", str(port), *extra]
     return Proc(name, args, port, tmp / f"{name}-{port}.log")
 
 
@@ -150,8 +153,6 @@ def cpu_engine(name: str, port: int, *args: str) -> dict[str, object]:
 
 def child_pid_listening_on(parent_pid: int, port: int) -> int:
     """The pid of the parent's child process started with `--port PORT` (a managed engine)."""
-    import psutil
-
     for child in psutil.Process(parent_pid).children(recursive=True):
         try:
             cmd = child.cmdline()
@@ -160,3 +161,14 @@ def child_pid_listening_on(parent_pid: int, port: int) -> int:
         if "--port" in cmd and cmd[cmd.index("--port") + 1] == str(port):
             return child.pid
     raise LookupError(f"no child of {parent_pid} serves port {port}")
+
+
+def tree_rss(p: psutil.Process) -> int:
+    """Resident memory of a process and all its descendants, in bytes."""
+    total = p.memory_info().rss
+    for child in p.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.Error:
+            continue
+    return total

@@ -3,7 +3,7 @@ replicas) on free local ports, made by `redis-cli --cluster create`; one per ses
 test. Helpers kill a master the way a crash does (SIGKILL) and wait until its replica has taken
 over, and restart a node (it rejoins as a replica of whoever owns its slots now).
 
-Registered as a plugin in tests/conftest.py: `pytest_plugins = [..., "tests.redis_cluster"]`.
+Registered as a plugin in tests/conftest.py: `pytest_plugins = [..., "testkit.redis_cluster"]`.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from tests.conftest import require
-from tests.redis_fixtures import RedisServer
+from testkit.ci import require
+from testkit.redis_server import RedisServer
 
 NODE_TIMEOUT_MS = 1500  # how long a silent master is given before its replica takes over
 BUS_OFFSET = 10_000  # the cluster bus listens on port + 10000

@@ -6,23 +6,24 @@ from typing import Any
 
 import httpx
 
-from tests.procs import Proc, gateway
+from testkit.procs import Proc, gateway
 
 ADMIN_KEY = "admin-secret-for-tests"
 
 
 def start_gateway(logs: Any, cfg: dict[str, Any], name: str) -> Proc:
-    proc = gateway(logs, cfg, name=name, env={"GATEWAY_ADMIN_KEY": ADMIN_KEY}).start()
-    proc.wait_healthy("/ready", timeout=60)
-    return proc
+    """A gateway with this admin key, started and ready."""
+    return (
+        gateway(logs, cfg, name=name, env={"GATEWAY_ADMIN_KEY": ADMIN_KEY}).start().wait_healthy("/ready", timeout=90)
+    )
 
 
 def admin(gw: Proc, method: str, path: str, body: Any = None, key: str = ADMIN_KEY, **kwargs: Any) -> httpx.Response:
     headers = {"authorization": f"Bearer {key}"}
     if "content" in kwargs:
         headers["content-type"] = "application/json"
-        return httpx.request(method, gw.url + path, headers=headers, timeout=10, **kwargs)
-    return httpx.request(method, gw.url + path, json=body, headers=headers, timeout=10, **kwargs)
+        return httpx.request(method, gw.url + path, headers=headers, timeout=30, **kwargs)
+    return httpx.request(method, gw.url + path, json=body, headers=headers, timeout=30, **kwargs)
 
 
 def create_key(gw: Proc, **fields: Any) -> tuple[str, str]:
