@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -20,10 +21,47 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = Path(os.environ.get("TINY_MODEL_DIR", ROOT / "engines" / "tiny_model" / "tiny-llama"))
 
 
-def free_port() -> int:
+# Ports for the processes tests start come from below the kernel's ephemeral range (32768-60999
+# on Linux), so no outgoing connection takes one between its choice and the process binding it,
+# and from a block of their own for each pytest-xdist worker (up to 8), so parallel workers never
+# choose the same one. Within a block the choice starts at random (two separate runs rarely meet)
+# and goes round, skipping ports something else holds.
+WORKER_BLOCKS = 8
+
+
+def worker_index() -> int:
+    """This pytest-xdist worker's number (gw3: 3), 0 outside xdist (a serial run, a bench)."""
+    name = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return int(name[2:]) % WORKER_BLOCKS if name[2:].isdigit() else 0
+
+
+def bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def port_block(first: int, size: int) -> Iterator[int]:
+    """Endless: the ports of this worker's block of `size` from `first`, from a random start."""
+    block = range(first + worker_index() * size, first + (worker_index() + 1) * size)
+    start = random.Random().randrange(size)
+    while True:
+        for i in range(size):
+            yield block[(start + i) % size]
+
+
+_ports = port_block(21_000, 1_375)  # 8 blocks: 21000-31999
+
+
+def free_port() -> int:
+    for _ in range(1_375):
+        port = next(_ports)
+        if bindable(port):
+            return port
+    raise RuntimeError("no free port in this worker's block")
 
 
 @dataclass

@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from testkit.keyed import ADMIN_KEY
+from testkit.poll import eventually_async
 from testkit.procs import Proc, fake_upstream, gateway, running
 from testkit.redis_server import RedisServer
 
@@ -62,6 +63,16 @@ async def stream(client: httpx.AsyncClient, url: str, first: asyncio.Event, head
     return lines
 
 
+async def refused(url: str) -> bool:
+    """Whether a new connection to the gateway is refused (its listeners closed)."""
+    try:
+        async with httpx.AsyncClient(timeout=5) as client:
+            await client.get(url)
+    except httpx.ConnectError:
+        return True
+    return False
+
+
 def wait_exit(gw: Proc, timeout: float) -> float:
     assert gw.proc is not None
     started = time.monotonic()
@@ -83,13 +94,12 @@ def test_sigterm_lets_streams_in_flight_finish(logs_dir: Path, paced: Proc) -> N
             gw.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
             signalled = time.monotonic()
             # /ready turns 503 at once (the listeners are still open during the grace period).
-            await asyncio.sleep(0.3)
-            ready = await client.get(gw.url + "/ready")
-            assert ready.status_code == 503 and ready.json()["draining"] is True
+            ready = await eventually_async(
+                lambda: client.get(gw.url + "/ready"), lambda r: r.status_code == 503, timeout=10, what="/ready 503"
+            )
+            assert ready.json()["draining"] is True
             # After the grace period new connections are refused.
-            await asyncio.sleep(1.5)
-            with pytest.raises(httpx.ConnectError):
-                await httpx.AsyncClient(timeout=5).get(gw.url + "/v1/models")
+            await eventually_async(lambda: refused(gw.url + "/v1/models"), timeout=10, what="connections refused")
             return await asyncio.gather(*streams), signalled
 
     results, signalled = asyncio.run(run())
@@ -164,10 +174,8 @@ def test_ctrl_c_drains_without_a_grace_period(logs_dir: Path, paced: Proc) -> No
             task = asyncio.create_task(stream(client, gw.url, first))
             await asyncio.wait_for(first.wait(), 20)
             gw.proc.send_signal(signal.SIGINT)  # type: ignore[union-attr]
-            await asyncio.sleep(0.5)
-            # An interactive stop: no load balancer to wait for, so no grace period.
-            with pytest.raises(httpx.ConnectError):
-                await httpx.AsyncClient(timeout=5).get(gw.url + "/health")
+            # An interactive stop: no load balancer to wait for, so no grace period (of 5 s here).
+            await eventually_async(lambda: refused(gw.url + "/health"), timeout=3, what="connections refused")
             return await task
 
     lines = asyncio.run(run())

@@ -168,7 +168,7 @@ def scheduler(**section: Any) -> tuple[Scheduler, Pool]:
     pool = Pool(s.engines, s.health, GatewayMetrics())
     for e in pool.engines.values():
         e.healthy = True
-    return Scheduler(s, Router(pool, s.models, s.routing), GatewayMetrics()), pool
+    return Scheduler(s, Router(pool, s.models, s.routing, random.Random(3)), GatewayMetrics()), pool
 
 
 def request(model: str = "m", user: str | None = None) -> ApiRequest:
@@ -350,7 +350,7 @@ def test_scheduler_off_sends_everything_at_once() -> None:
         )
         pool = Pool(s.engines, s.health, GatewayMetrics())
         pool.engines["e"].healthy = True
-        off = Unscheduled(Router(pool, s.models, s.routing))
+        off = Unscheduled(Router(pool, s.models, s.routing, random.Random(3)))
         picks = [await off.acquire(request(), Principal(), None) for _ in range(3)]
         assert all(picks) and pool.engines["e"].outstanding == 3  # the engine queues, not us
         off.release(pool.engines["e"])

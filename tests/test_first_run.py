@@ -49,12 +49,15 @@ def test_a_first_run_says_when_it_is_ready_and_when_it_stopped(
     gw = gateway(logs_dir, config(fake_engine, redis_server), name="first-run", env={"GATEWAY_ADMIN_KEY": ADMIN_KEY})
     # The keys CLI started before the gateway waits for it instead of failing at once.
     cli = keys_cli(gw.url, "create", "--name", "early", "--wait", "60")
-    time.sleep(1.0)
+    assert cli.stderr is not None
+    waiting = cli.stderr.readline()  # the gateway starts once the CLI has found nothing there
+    assert "waiting up to 60s for the gateway" in waiting, waiting
     gw.start()
     try:
         out, err = cli.communicate(timeout=90)
+        err = waiting + err
         assert cli.returncode == 0, err
-        assert '"name": "early"' in out and "waiting up to 60s for the gateway" in err
+        assert '"name": "early"' in out
         assert "httpx" not in err and "INFO" not in err
         wait_for_line(gw, "llm-gateway is ready on")
         ready = [line for line in gw.log_path.read_text().splitlines() if "llm-gateway is ready on" in line]

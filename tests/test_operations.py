@@ -23,6 +23,7 @@ from cryptography.x509.oid import NameOID
 
 from testkit.ci import require
 from testkit.keyed import ADMIN_KEY
+from testkit.poll import eventually
 from testkit.procs import TINY_MODEL, Proc, cpu_engine, free_port, gateway, write_config
 from testkit.redis_server import RedisServer
 
@@ -109,9 +110,12 @@ def test_tls_through_the_openai_sdk_and_to_an_https_engine(logs_dir: Path, tmp_p
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
             # Without the CA file the certificate is not trusted: the engine never becomes healthy.
             unverified.wait_healthy("/health", timeout=60)
-            time.sleep(1.5)
+            eventually(
+                lambda: "CERTIFICATE_VERIFY_FAILED" in unverified.log_path.read_text(),
+                timeout=30,
+                what="a refused check",
+            )
             assert httpx.get(unverified.url + "/ready", timeout=5).status_code == 503
-            assert "CERTIFICATE_VERIFY_FAILED" in unverified.log_path.read_text()
         finally:
             back.stop()
             unverified.stop()
