@@ -25,6 +25,7 @@ from gateway.access.keys import ApiKey, decode_record, encode_fields
 from gateway.core.errors import GatewayError
 from testkit.keyed import ADMIN_KEY, admin, create_key
 from testkit.metrics import scrape
+from testkit.poll import eventually_async
 from testkit.procs import TINY_MODEL, Proc, fake_upstream, gateway, running
 from testkit.redis_server import RedisServer
 
@@ -364,7 +365,8 @@ def _admin() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def slow(logs_dir: Path) -> Iterator[Proc]:
     with running(
-        fake_upstream(logs_dir, "--chunks", "2", "--capacity", "1", "--service-ms", "2500", name="slow")
+        # 6 s: the other requests queue and time out (after 1 s) long before it ends, even on a busy machine
+        fake_upstream(logs_dir, "--chunks", "2", "--capacity", "1", "--service-ms", "6000", name="slow")
     ) as proc:
         yield proc
 
@@ -397,7 +399,7 @@ def test_queue_full_and_queue_timeout(bounded: Proc, slow: Proc) -> None:
                 return r.status_code, payload, r.headers.get("retry-after"), time.monotonic() - start
 
             running = asyncio.ensure_future(one("k"))
-            await asyncio.sleep(0.2)
+            await eventually_async(lambda: asyncio.to_thread(stats, slow), lambda st: st["running"] == 1)
             queued = [asyncio.ensure_future(one("k")) for _ in range(3)]
             deadline = time.monotonic() + 5
             while scrape(bounded.url, "gateway_queued_requests") < 3:
