@@ -12,7 +12,6 @@ from typing import Any
 
 import openai
 
-from testkit.keyed import admin
 from testkit.procs import Proc
 from testkit.stores import fresh_database
 
@@ -73,9 +72,3 @@ def assert_each_once(ids: list[str], output: list[dict[str, Any]], errors: list[
     assert sorted(seen) == sorted(ids), (len(seen), len(ids))
     assert all(line["error"] is None and line["response"]["status_code"] == 200 for line in output)
     assert all(line["error"] is not None for line in errors)
-
-
-def usage(gw: Proc, key_id: str) -> dict[str, Any]:
-    r = admin(gw, "GET", f"/admin/keys/{key_id}/usage")
-    assert r.status_code == 200, r.text
-    return dict(r.json())

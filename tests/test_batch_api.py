@@ -23,10 +23,9 @@ from testkit.batch import (
     jsonl,
     results,
     store_url,
-    usage,
     wait_final,
 )
-from testkit.keyed import ADMIN_KEY, admin, create_key, start_gateway
+from testkit.keyed import ADMIN_KEY, admin, create_key, keyed_gateway, usage
 from testkit.procs import TINY_MODEL, Proc, running, worker
 from testkit.redis_server import RedisServer
 
@@ -78,11 +77,8 @@ def gw(
                 "min_completion_window": 1,
             },
         }
-        proc = start_gateway(logs_dir, config, f"gw-batch-{request.param}")
-        try:
+        with keyed_gateway(logs_dir, config, f"gw-batch-{request.param}") as proc:
             yield proc
-        finally:
-            proc.stop()
 
 
 @pytest.fixture

@@ -26,10 +26,9 @@ from testkit.batch import (
     jsonl,
     results,
     store_url,
-    usage,
     wait_final,
 )
-from testkit.keyed import admin, create_key, start_gateway
+from testkit.keyed import admin, create_key, start_gateway, usage
 from testkit.procs import Proc, fake_upstream
 from testkit.redis_server import RedisServer
 

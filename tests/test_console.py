@@ -93,11 +93,12 @@ def gw(
             {"name": BATCH_MODEL, "routes": [{"engine": "fake"}]},
         ],
     }
-    proc = gateway(logs_dir, config, name="console-gw", env={"GATEWAY_ADMIN_KEY": ADMIN_KEY}).start()
-    try:
-        yield proc.wait_healthy(f"/ready?model={MODEL}", timeout=120)  # the fake engine is up long before
-    finally:
-        proc.stop()
+    with running(
+        gateway(logs_dir, config, name="console-gw", env={"GATEWAY_ADMIN_KEY": ADMIN_KEY}),
+        f"/ready?model={MODEL}",
+        timeout=120,
+    ) as proc:  # the fake engine is up long before
+        yield proc
 
 
 @pytest.fixture(scope="module")

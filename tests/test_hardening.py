@@ -17,7 +17,7 @@ import pytest
 
 from gateway.core.bodies import MAX_DEPTH, check_depth
 from gateway.core.errors import GatewayError
-from testkit.keyed import admin, chat, create_key, start_gateway
+from testkit.keyed import admin, chat, create_key, keyed_gateway, usage
 from testkit.metrics import metric
 from testkit.procs import TINY_MODEL, Proc, all_healthy, fake_upstream, worker
 from testkit.redis_server import RedisServer
@@ -49,11 +49,8 @@ def gw(logs_dir: Path, redis_session: RedisServer, engines: dict[str, Proc]) -> 
             {"name": "bounded", "routes": [{"engine": "fake", "model": "fake"}], "max_prompt_bytes": 1000},
         ],
     }
-    proc = start_gateway(logs_dir, cfg, "hardened")
-    try:
+    with keyed_gateway(logs_dir, cfg, "hardened") as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture
@@ -64,12 +61,6 @@ def gwr(gw: Proc, redis_server: RedisServer) -> Proc:
 
 def post(gw: Proc, path: str, secret: str, body: dict[str, Any]) -> httpx.Response:
     return httpx.post(gw.url + path, json=body, headers={"authorization": f"Bearer {secret}"}, timeout=30)
-
-
-def usage(gw: Proc, key_id: str) -> dict[str, Any]:
-    r = admin(gw, "GET", f"/admin/keys/{key_id}/usage")
-    assert r.status_code == 200, r.text
-    return dict(r.json())
 
 
 # 1, 2: what a request may reserve is bounded; negative or zero counts are refused.

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -24,7 +23,7 @@ from gateway.proxy.relay import finish_reason_of
 from gateway.settings import ConfigError, InferenceLogSettings, ModelSettings, RouteSettings, parse_settings
 from gateway.store import RequestFilter, Store
 from testkit.poll import eventually_async
-from testkit.stores import FakeClock, StoreEnv
+from testkit.stores import FakeClock, StoreEnv, sqlite_locked
 
 T0 = 1_800_000_000.0
 MODEL = ModelSettings("m", (RouteSettings(("e",), "m"),))
@@ -89,13 +88,8 @@ def written_of(counter: Any) -> Callable[[], Awaitable[float]]:
 async def writes_blocked(env: StoreEnv) -> AsyncIterator[None]:
     """Another client holds the log's table: the writer's next write waits, as on a slow store."""
     if env.backend == "sqlite":
-        conn = sqlite3.connect(env.data_dir / "store.db", isolation_level=None)
-        conn.execute("BEGIN EXCLUSIVE")
-        try:
+        with sqlite_locked(env):
             yield
-        finally:
-            conn.execute("COMMIT")
-            conn.close()
     else:
         pg = await asyncpg.connect(env.url)
         tx = pg.transaction()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sqlite3
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from testkit.metrics import metric
 from testkit.poll import eventually
 from testkit.procs import Proc, gateway, running
 from testkit.redis_server import RedisServer
-from testkit.stores import StoreEnv
+from testkit.stores import StoreEnv, sqlite_locked
 from testkit.tcp_proxy import TcpProxy
 
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
@@ -295,13 +294,8 @@ def store_away(store_env: StoreEnv, proxy: TcpProxy | None) -> Iterator[None]:
         finally:
             proxy.start()
         return
-    conn = sqlite3.connect(store_env.data_dir / "store.db", isolation_level=None)
-    conn.execute("BEGIN EXCLUSIVE")
-    try:
+    with sqlite_locked(store_env):
         yield
-    finally:
-        conn.execute("COMMIT")
-        conn.close()
 
 
 def settled(gw: Proc, total: int, timeout: float = 40.0) -> tuple[list[str], float]:

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from testkit.keyed import admin, create_key, start_gateway
+from testkit.keyed import admin, create_key, start_gateway, usage
 from testkit.poll import eventually_async
 from testkit.procs import Proc, all_healthy, fake_upstream
 from testkit.redis_cluster import RedisCluster
@@ -63,12 +63,6 @@ async def spread(gws: list[Proc], secret: str, count: int, model: str = "fake", 
             c.post(gws[i % len(gws)].url + "/v1/chat/completions", json=body, headers=headers) for i in range(count)
         ]
         return [r.status_code for r in await asyncio.gather(*calls)]
-
-
-def usage(gw: Proc, key_id: str) -> dict[str, Any]:
-    r = admin(gw, "GET", f"/admin/keys/{key_id}/usage")
-    assert r.status_code == 200, r.text
-    return dict(r.json())
 
 
 @pytest.mark.parametrize(

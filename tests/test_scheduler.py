@@ -23,7 +23,7 @@ import pytest
 from gateway.access.key_fields import validate_key_fields
 from gateway.access.keys import ApiKey, decode_record, encode_fields
 from gateway.core.errors import GatewayError
-from testkit.keyed import ADMIN_KEY, admin, create_key
+from testkit.keyed import ADMIN_KEY, admin, create_key, keyed_gateway
 from testkit.metrics import scrape
 from testkit.poll import eventually_async
 from testkit.procs import TINY_MODEL, Proc, fake_upstream, gateway, running
@@ -35,22 +35,18 @@ SERVICE_S = 0.4  # the `fixed` engine: 2 slots, each request holds one 400 ms
 
 @pytest.fixture(scope="module")
 def fixed(logs_dir: Path) -> Iterator[Proc]:
-    proc = fake_upstream(logs_dir, "--chunks", "4", "--capacity", "2", "--service-ms", "400", name="fixed")
-    proc.start()
-    try:
-        yield proc.wait_healthy()
-    finally:
-        proc.stop()
+    with running(
+        fake_upstream(logs_dir, "--chunks", "4", "--capacity", "2", "--service-ms", "400", name="fixed")
+    ) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")
 def learn(logs_dir: Path) -> Iterator[Proc]:
-    proc = fake_upstream(logs_dir, "--chunks", "4", "--capacity", "3", "--service-ms", "300", name="learn")
-    proc.start()
-    try:
-        yield proc.wait_healthy()
-    finally:
-        proc.stop()
+    with running(
+        fake_upstream(logs_dir, "--chunks", "4", "--capacity", "3", "--service-ms", "300", name="learn")
+    ) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +69,8 @@ def module_gw(
             {"name": TINY, "routes": [{"engine": "tiny", "model": TINY}], "tokenizer": str(TINY_MODEL)},
         ],
     }
-    proc = gateway(logs_dir, config, name="sched-gw", env={"GATEWAY_ADMIN_KEY": ADMIN_KEY}).start()
-    try:
-        yield proc.wait_healthy("/ready", timeout=60)
-    finally:
-        proc.stop()
+    with keyed_gateway(logs_dir, config, "sched-gw") as proc:
+        yield proc
 
 
 @pytest.fixture
@@ -381,11 +374,8 @@ def bounded(logs_dir: Path, slow: Proc) -> Iterator[Proc]:
         "engines": [{"name": "slow", "kind": "openai", "url": slow.url, "max_inflight": 1}],
         "models": [{"name": "slow", "routes": [{"engine": "slow", "model": "fake"}]}],
     }
-    proc = gateway(logs_dir, config, name="bounded-gw").start()
-    try:
-        yield proc.wait_healthy("/ready", timeout=60)
-    finally:
-        proc.stop()
+    with running(gateway(logs_dir, config, name="bounded-gw"), "/ready", timeout=60) as proc:
+        yield proc
 
 
 def test_queue_full_and_queue_timeout(bounded: Proc, slow: Proc) -> None:
