@@ -68,6 +68,22 @@ def value(counter: Any) -> float:
     return next(s.value for s in counter.collect()[0].samples if s.name.endswith("_total"))
 
 
+def written(store: Store, log: InferenceLog) -> Callable[[], Awaitable[tuple[int, float]]]:
+    """Rows in the store, and rows the log has counted as written."""
+
+    async def probe() -> tuple[int, float]:
+        return len(await rows(store)), value(log.written)
+
+    return probe
+
+
+def held_of(log: InferenceLog) -> Callable[[], Awaitable[int]]:
+    async def held() -> int:
+        return log.held
+
+    return held
+
+
 def pending_of(log: InferenceLog) -> Callable[[], Awaitable[int]]:
     """The rows the writer has taken and is writing (it has no public count of them)."""
 
@@ -129,8 +145,8 @@ def test_rows_are_written_in_batches_by_time_or_count(store_env: StoreEnv) -> No
             log.start(store)
             for i in range(100, 110):
                 log.add(entry(i))
-            await eventually_async(lambda: rows(store), lambda got: len(got) == 40, timeout=5)
-            assert value(log.written) == 10
+            # the batch is in, and the writer has counted it (just after the write returned)
+            await eventually_async(written(store, log), lambda seen: seen == (40, 10), timeout=5)
             await log.stop()
 
     asyncio.run(main())
@@ -152,11 +168,11 @@ def test_a_slow_store_drops_rows_past_the_buffer_and_never_holds_the_caller(stor
                 started = time.perf_counter()
                 for i in range(6, 106):
                     log.add(entry(i))
-                assert time.perf_counter() - started < 0.05  # 100 calls, none waited
+                assert time.perf_counter() - started < 1.0  # 100 calls, none waited (for a store blocked for good)
                 assert log.held == 20 and value(log.dropped) == 85
             # The store is back: everything held is written, nothing else was lost.
             await eventually_async(lambda: rows(store), lambda got: len(got) == 21)
-            assert log.held == 0
+            await eventually_async(held_of(log), lambda n: n == 0, timeout=5, what="rows held once written")
             await log.stop()
             assert value(log.dropped) == 85
 
