@@ -18,7 +18,7 @@ from gateway.settings import load_settings, parse_settings
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
 DASHBOARD = ROOT / "deploy" / "grafana" / "llm-gateway.json"
-METRICS_PY = ROOT / "gateway" / "metrics.py"
+METRICS_PY = ROOT / "gateway" / "core" / "metrics.py"
 KUBERNETES_VERSION = "1.30"
 MANIFESTS = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
 # Custom resources are checked against their CRD's schema, vendored (no network in tests).
