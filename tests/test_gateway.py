@@ -194,7 +194,7 @@ def test_client_disconnect_aborts_in_engine(gw: Proc) -> None:
     body = {"model": MODEL, "prompt": "Once", "max_tokens": 900, "stream": True, "ignore_eos": True}
     with httpx.Client(timeout=30) as c, c.stream("POST", gw.url + "/v1/completions", json=body) as r:
         next(r.iter_lines())
-    deadline = time.monotonic() + 2
+    deadline = time.monotonic() + 10  # generous: the counter is the evidence, not the time
     while sum(engine_metric(p, "engine_requests_aborted_total") for p in ports) <= aborted:
         assert time.monotonic() < deadline, "the engine never saw the abort"
         time.sleep(0.05)
