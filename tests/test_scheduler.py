@@ -57,7 +57,7 @@ def module_gw(
         "health": {"interval": 0.2},
         "redis": {"url": redis_session.url, "timeout": 1.0},
         "auth": {"enabled": True, "default_max_tokens": 16},
-        "scheduler": {"max_queue_wait": 20},
+        "scheduler": {"max_queue_wait": 120},  # the CPU engine is slow on a busy machine
         "engines": [
             {"name": "fixed", "kind": "openai", "url": fixed.url, "max_inflight": 2},
             {"name": "learn", "kind": "openai", "url": learn.url},  # capacity learned
