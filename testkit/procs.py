@@ -83,7 +83,9 @@ class Proc:
         self.proc = subprocess.Popen(self.args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         return self
 
-    def wait_healthy(self, path: str = "/health", timeout: float = 120.0) -> Proc:
+    def wait_healthy(self, path: str = "/health", timeout: float = 180.0) -> Proc:
+        """Polls `path` until 200; the default wait allows for several engines loading torch at once
+        on 2 cores (a parallel run starts one per worker)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc is not None
@@ -125,7 +127,7 @@ def worker(tmp: Path, *extra: str, name: str = "worker", port: int | None = None
 
 
 @contextmanager
-def running(proc: Proc, path: str = "/health", timeout: float = 120.0) -> Iterator[Proc]:
+def running(proc: Proc, path: str = "/health", timeout: float = 180.0) -> Iterator[Proc]:
     """Started and healthy for the block; stopped after it, whatever happens."""
     proc.start()
     try:
