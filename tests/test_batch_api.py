@@ -351,14 +351,16 @@ def test_cancel_mid_way(gws: Proc) -> None:
 def test_expiry_keeps_done_lines(gws: Proc) -> None:
     _, secret = create_key(gws)
     c = client(gws, secret)
-    lines = slow_lines(150, tokens=64)  # far more than 6 s of work for the tiny engine
+    # Far more than 12 s of work for the tiny engine (the same ratio as 150 lines in 6 s), and 12 s
+    # enough for a few lines even on a busy machine (6 s saw none done under load).
+    lines = slow_lines(300, tokens=64)  # the gateway's max_lines here
     f = c.files.create(file=("slow.jsonl", jsonl(lines)), purpose="batch")
-    batch = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="6s")
-    assert batch.completion_window == "6s" and batch.expires_at == batch.created_at + 6
-    done = wait_final(c, batch.id, timeout=60)
-    assert done.status == "expired" and done.expired_at and done.expired_at >= batch.expires_at
+    batch = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="12s")
+    assert batch.completion_window == "12s" and batch.expires_at == batch.created_at + 12
+    done = wait_final(c, batch.id, timeout=90)
+    assert done.status == "expired" and done.expired_at and done.expired_at >= batch.expires_at, done.errors
     counts = done.request_counts
-    assert counts.completed >= 1 and counts.failed >= 1 and counts.completed + counts.failed == 150, counts
+    assert counts.completed >= 1 and counts.failed >= 1 and counts.completed + counts.failed == 300, counts
     output, errors = results(c, done)
     assert_each_once([line["custom_id"] for line in lines], output, errors)
     assert {e["error"]["code"] for e in errors} == {"batch_expired"}

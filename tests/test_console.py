@@ -123,6 +123,7 @@ def watched_tab(browser: Browser, base: str) -> Iterator[Page]:
     context.grant_permissions(["clipboard-read", "clipboard-write"], origin=base)
     tab = context.new_page()
     tab.set_default_timeout(WAIT_MS)
+    expect.set_options(timeout=WAIT_MS)  # expect()'s own default is 5 s: short on a busy machine
     uncaught: list[str] = []
     policy: list[str] = []
     elsewhere: list[str] = []

@@ -51,6 +51,7 @@ def check(client: httpx.Client, world: World, case: Case) -> None:
     learn(world, case, response)
 
 
+@pytest.mark.timeout(900)  # CPU-bound: a parallel run on a busy machine gives it a fraction of a core
 @pytest.mark.parametrize(("area", "examples"), [("public", 1300), ("files", 700), ("admin", 1000), ("odd", 400)])
 def test_hostile_requests_get_clear_answers(
     attacked: tuple[World, list[Proc], httpx.Client], area: str, examples: int
