@@ -13,16 +13,18 @@ pytest_plugins = ["testkit.fixtures", "testkit.redis_server", "testkit.redis_clu
 
 # The longest files, longest first (measured with --durations=0 on 2 cores); the rest keep their order.
 SLOW_FIRST = (
-    "test_vllm.py",
     "test_fuzz.py",
-    "test_console.py",
-    "test_scheduler.py",
-    "test_gateway_quota.py",
-    "test_hardening.py",
+    "test_vllm.py",
     "test_batch_api.py",
+    "test_hardening.py",
+    "test_gateway_quota.py",
+    "test_scheduler.py",
+    "test_monitor_gateway.py",
+    "test_console.py",
     "test_worker.py",
     "test_store_batches.py",
     "test_scale_to_zero.py",
+    "test_gateway.py",
 )
 
 
