@@ -1,7 +1,7 @@
 """The cost of translating: CPU per request and per streamed chunk for `/v1/responses` and
 `/v1/messages` against `/v1/chat/completions`, through one gateway in one run.
 
-One gateway (auth off) in front of the fake upstream (bench/fake_upstream.py), pinned apart
+One gateway (auth off) in front of the fake upstream (testkit/fake_upstream.py), pinned apart
 (--server-core, --client-core) as bench/request_path.py does. Each round runs the three APIs in a
 rotating order: a closed loop of whole requests (CPU per request, the gateway's process), then
 paced streams (the upstream's chunks --pace-ms apart; CPU per upstream chunk, the usage chunk
@@ -34,8 +34,8 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import servers
 from bench.gateway_overhead import raise_nofile, run_async
-from bench.loadgen import closed_loop
 from bench.servers import MODEL
+from testkit.loadgen import closed_loop
 
 APIS = ("chat", "responses", "messages")
 PATHS = {"chat": "/v1/chat/completions", "responses": "/v1/responses", "messages": "/v1/messages"}

@@ -36,8 +36,10 @@ import aiohttp
 import httpx
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.procs import TINY_MODEL, Proc, fake_upstream, gateway, worker
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # the repo root, for bench/ and testkit/ (run as `python bench/x.py`)
+from testkit.procs import TINY_MODEL, Proc, fake_upstream, gateway, worker
 
 MODEL = "tiny-llama"
 FINAL = ("completed", "failed", "expired", "cancelled")

@@ -37,8 +37,8 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.procs import Proc, fake_upstream, free_port, gateway  # noqa: E402
-from tests.redis_fixtures import RedisServer  # noqa: E402
+from testkit.procs import Proc, fake_upstream, free_port, gateway  # noqa: E402
+from testkit.redis_server import RedisServer  # noqa: E402
 
 SERIAL = count()
 

@@ -36,8 +36,8 @@ from gateway.dispatch.routing.plugins import AdapterAffinity  # noqa: E402
 from gateway.engines.pool import Pool  # noqa: E402
 from gateway.resp.connect import build_clients  # noqa: E402
 from gateway.settings import parse_settings  # noqa: E402
-from tests.procs import free_port  # noqa: E402
-from tests.redis_fixtures import RedisServer  # noqa: E402
+from testkit.procs import free_port  # noqa: E402
+from testkit.redis_server import RedisServer  # noqa: E402
 
 ANSWER = orjson.dumps(
     {

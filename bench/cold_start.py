@@ -20,9 +20,10 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from tests.procs import TINY_MODEL, Proc, free_port, gateway  # noqa: E402
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # the repo root, for bench/ and testkit/ (run as `python bench/x.py`)
+from testkit.procs import TINY_MODEL, Proc, free_port, gateway
 
 IDLE_STOP = 1.0
 

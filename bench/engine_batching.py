@@ -17,9 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.loadgen import run_level
-from tests.procs import TINY_MODEL, worker
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # the repo root, for bench/ and testkit/ (run as `python bench/x.py`)
+from testkit.loadgen import run_level
+from testkit.procs import TINY_MODEL, worker
 
 MODEL = "tiny-llama"
 

@@ -53,8 +53,10 @@ from typing import Any
 import aiohttp
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.procs import Proc, fake_upstream, free_port, write_config
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # the repo root, for bench/ and testkit/ (run as `python bench/x.py`)
+from testkit.procs import Proc, fake_upstream, free_port, tree_rss, write_config
 
 # Targets (from the gateway's performance brief).
 TARGET_CPU_JSON_MS = 0.5  # gateway CPU per non-streaming request
@@ -143,16 +145,6 @@ def cpu_since(p: psutil.Process | None, before: tuple[float, float]) -> tuple[fl
     user, system = tree_cpu(p)
     total = user - before[0] + system - before[1]
     return total, (system - before[1]) / total if total > 0 else 0.0
-
-
-def tree_rss(p: psutil.Process) -> int:
-    total = p.memory_info().rss
-    for child in p.children(recursive=True):
-        try:
-            total += child.memory_info().rss
-        except psutil.Error:
-            continue
-    return total
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -34,14 +34,15 @@ from typing import Any
 
 import asyncpg
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from bench.quota_overhead import cpu_seconds, load  # noqa: E402
-from gateway.core.metrics import GatewayMetrics  # noqa: E402
-from gateway.monitor.writer import InferenceLog, LogEntry  # noqa: E402
-from gateway.settings import InferenceLogSettings, ModelSettings, RouteSettings  # noqa: E402
-from gateway.store import Store, open_store  # noqa: E402
-from tests.procs import fake_upstream, gateway  # noqa: E402
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # the repo root, for bench/ and testkit/ (run as `python bench/x.py`)
+from bench.quota_overhead import cpu_seconds, load
+from gateway.core.metrics import GatewayMetrics
+from gateway.monitor.writer import InferenceLog, LogEntry
+from gateway.settings import InferenceLogSettings, ModelSettings, RouteSettings
+from gateway.store import Store, open_store
+from testkit.procs import fake_upstream, gateway
 
 MODEL = ModelSettings("fake", (RouteSettings(("fake",), "fake"),))
 TARGET_MS = 0.03  # added gateway CPU per request with the log on

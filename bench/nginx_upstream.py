@@ -1,7 +1,7 @@
 """nginx as the benchmarks' upstream: canned OpenAI answers for a small fraction of a Python server's CPU.
 
 One nginx (one worker process) listens on two ports: `json_port` answers every POST with the same chat
-completion as bench/fake_upstream.py, `sse_port` answers with an event stream of `chunks` chunks, `pace_ms`
+completion as testkit/fake_upstream.py, `sse_port` answers with an event stream of `chunks` chunks, `pace_ms`
 apart (the echo module's `echo_sleep`, one write per chunk as `echo_flush` forces), then a usage chunk and
 `[DONE]`. Both answer the gateway's health probes (`/health`, `/metrics`). The canned bodies are the fake
 upstream's own, so the two upstreams are interchangeable; the cheaper one leaves more of the load
@@ -17,9 +17,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.fake_upstream import FakeEngine
-from tests.procs import Proc, free_port
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # the repo root, for bench/ and testkit/ (run as `python bench/x.py`)
+from testkit.fake_upstream import FakeEngine
+from testkit.procs import Proc, free_port
 
 ECHO_MODULE = Path("/usr/lib/nginx/modules/ngx_http_echo_module.so")
 

@@ -3,7 +3,7 @@ The scheduler on (fair share) and off (first come, first served in the engine's 
 side by side in one run, alternating rounds.
 
 Each mode has its own gateway (keys and quotas on, one private Redis for both) in front of its
-own fake engine with a fixed capacity and service time (bench/fake_upstream.py `--capacity
+own fake engine with a fixed capacity and service time (testkit/fake_upstream.py `--capacity
 --service-ms --first-token-ms`). Per round and mode:
 
 1. idle: key B alone sends `--idle-requests` streams one after another; its time to first token
@@ -37,10 +37,11 @@ from typing import Any
 import aiohttp
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from tests.procs import Proc, fake_upstream, free_port, gateway  # noqa: E402
-from tests.redis_fixtures import RedisServer  # noqa: E402
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # the repo root, for bench/ and testkit/ (run as `python bench/x.py`)
+from testkit.procs import Proc, fake_upstream, free_port, gateway
+from testkit.redis_server import RedisServer
 
 ADMIN = "bench-admin"
 BODY = {"model": "fake", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16, "stream": True}

@@ -25,8 +25,10 @@ import aiohttp
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from tests.procs import TINY_MODEL, Proc, free_port, gateway, worker  # noqa: E402
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # the repo root, for bench/ and testkit/ (run as `python bench/x.py`)
+from testkit.procs import TINY_MODEL, Proc, free_port, gateway, worker  # noqa: E402
 
 WORDS = [
     "license",

@@ -25,10 +25,11 @@ import httpx
 import psutil
 import redis
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from tests.procs import Proc, fake_upstream, free_port, gateway  # noqa: E402
-from tests.redis_fixtures import RedisServer  # noqa: E402
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # the repo root, for bench/ and testkit/ (run as `python bench/x.py`)
+from testkit.procs import Proc, fake_upstream, free_port, gateway
+from testkit.redis_server import RedisServer
 
 ADMIN = "bench-admin"
 

@@ -28,13 +28,14 @@ from typing import Any
 
 import redis
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from gateway.access.quota import _ADMIT, _RELEASE, DAY_TTL, LEASE_KEEP_MS, MINUTE_TTL, MONTH_TTL, window  # noqa: E402
-from gateway.resp.client import RespClient, Script  # noqa: E402
-from gateway.resp.cluster import ClusterClient  # noqa: E402
-from tests.procs import free_port  # noqa: E402
-from tests.redis_cluster import ClusterNode, RedisCluster, free_cluster_ports  # noqa: E402
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # the repo root, for bench/ and testkit/ (run as `python bench/x.py`)
+from gateway.access.quota import _ADMIT, _RELEASE, DAY_TTL, LEASE_KEEP_MS, MINUTE_TTL, MONTH_TTL, window
+from gateway.resp.client import RespClient, Script
+from gateway.resp.cluster import ClusterClient
+from testkit.procs import free_port
+from testkit.redis_cluster import ClusterNode, RedisCluster, free_cluster_ports
 
 KEYS = 64  # API keys, spread over the slots (and so over the cluster's masters)
 RECORD = {"id": "", "name": "bench", "models": "", "rpm": "1000000000", "tpm": "1000000000000"}

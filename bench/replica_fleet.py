@@ -4,7 +4,7 @@ key's usage and leases at the end).
 
 A fleet is N `llm-gateway serve --workers 1` processes (pinned with taskset) with keys and quotas on,
 in front of one upstream, all pointed at the same Redis: a private `redis-server`, or a private
-6-node Redis Cluster (3 masters, 3 replicas) made by the tests' cluster helper (tests/redis_cluster.py).
+6-node Redis Cluster (3 masters, 3 replicas) made by the tests' cluster helper (testkit/redis_cluster.py).
 The key has rpm, tpm, max_concurrent and a daily budget set far too high ever to refuse, so each
 request runs the full admission and reconciliation. All of the key's Redis keys share one hash tag,
 so on the cluster its traffic lands on one master (and that master's replica).
@@ -26,13 +26,15 @@ import httpx
 import psutil
 import redis
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # the repo root, for bench/ and testkit/ (run as `python bench/x.py`)
 from bench import servers
 from bench.servers import MODEL, UNLIMITED_KEY, RedisServer, Server, pinned
 from gateway.access import quota
 from gateway.resp.client import Script
-from tests.procs import Proc, free_port, write_config
-from tests.redis_cluster import ClusterNode, RedisCluster, free_cluster_ports
+from testkit.procs import Proc, free_port, write_config
+from testkit.redis_cluster import ClusterNode, RedisCluster, free_cluster_ports
 
 ADMIN_KEY = "bench-admin"
 # Commands the quota scripts run inside Redis: commandstats counts them too, but they are no round trips.

@@ -6,7 +6,7 @@ Set-up (bench/replica_fleet.py): two fleets of --replicas (4) `llm-gateway serve
 with keys and quotas on, one fleet on a private 6-node Redis Cluster (3 masters + 3 replicas), one on a
 private redis-server; one API key per fleet with rpm, tpm, max_concurrent and a daily budget set too high
 ever to refuse; both in front of one fast upstream (nginx with canned answers, bench/nginx_upstream.py,
-or bench/fake_upstream.py with --upstream fake). The gateways share --gateway-cores (1); the load
+or testkit/fake_upstream.py with --upstream fake). The gateways share --gateway-cores (1); the load
 generator (this process), the upstream and every Redis node share --client-cores (0).
 
 A run: --levels total clients (4, 16, 64), dealt evenly over the replicas, each a closed loop of
@@ -37,14 +37,16 @@ from typing import Any
 
 import aiohttp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # the repo root, for bench/ and testkit/ (run as `python bench/x.py`)
 from bench import servers
 from bench.gateway_overhead import run_async
-from bench.loadgen import closed_loop
 from bench.replica_fleet import Backing, Fleet, gateway, one_redis, redis_cluster
 from bench.request_path import git_commit
 from bench.request_path_runs import JSON_BODY, session_for
 from bench.servers import Upstream, start_upstream
+from testkit.loadgen import closed_loop
 
 MACHINE_NOTE = (
     "The machine: 2 vCPUs shared with other sessions' work. The gateways share one core and the load\n"

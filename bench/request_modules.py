@@ -117,7 +117,7 @@ def main() -> None:
             stdout=subprocess.DEVNULL,
         ),
         subprocess.Popen(
-            [sys.executable, str(ROOT / "bench" / "fake_upstream.py"), "--port", str(engine_port), "--chunks", "8"],
+            [sys.executable, str(ROOT / "testkit" / "fake_upstream.py"), "--port", str(engine_port), "--chunks", "8"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         ),

@@ -38,12 +38,15 @@ from typing import Any
 
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import pyspy_top, servers
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # the repo root, for bench/ and testkit/ (run as `python bench/x.py`)
+from bench import servers
 from bench.gateway_overhead import raise_nofile, run_async
 from bench.request_path_report import print_figures, summarize
 from bench.request_path_runs import Run, closed_run, log_run, paced_run, started, warm_up
 from bench.servers import Server, Upstream
+from testkit import pyspy
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVERS = ("direct", "floor", "gateway", "gateway+quota", "gateway-noresume", "baseline", "baseline+quota", "litellm")
@@ -232,7 +235,7 @@ class Bench:
                     warm_up(group, warm)
                     for s in group:
                         out = out_dir / f"{s.name.replace('+', '-')}-{load}.txt"
-                        spy = pyspy_top.record(s.process.pid, a.profile_s, out, cpus=a.client_core)
+                        spy = pyspy.record(s.process.pid, a.profile_s, out, cpus=a.client_core)
                         deadline = time.monotonic() + a.profile_s
                         while time.monotonic() < deadline:  # keep it loaded for the whole recording
                             if load == "cpu":
@@ -244,7 +247,7 @@ class Bench:
                         if spy.returncode != 0 or not out.exists():
                             raise SystemExit(f"py-spy failed on {s.name}: {err.decode()[-2000:]}")
                         load_text = "non-stream, 16 clients" if load == "cpu" else f"{streams} paced streams"
-                        print(pyspy_top.report(f"{s.name}, {load_text}", pyspy_top.load(out), a.profile_top))
+                        print(pyspy.report(f"{s.name}, {load_text}", pyspy.load(out), a.profile_top))
             finally:
                 up.stop()
         print(f"\nraw stacks (speedscope, flamegraph.pl): {out_dir}")

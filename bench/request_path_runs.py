@@ -19,11 +19,13 @@ from typing import Any
 import aiohttp
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # the repo root, for bench/ and testkit/ (run as `python bench/x.py`)
 from bench import servers
 from bench.gateway_overhead import run_async
-from bench.loadgen import closed_loop, paced_streams
 from bench.servers import MODEL, Server, Upstream
+from testkit.loadgen import closed_loop, paced_streams
 
 JSON_BODY = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 32}).encode()
 STREAM_BODY = json.dumps(

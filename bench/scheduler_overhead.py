@@ -19,15 +19,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from gateway.access.base import Principal  # noqa: E402
-from gateway.core.metrics import GatewayMetrics  # noqa: E402
-from gateway.core.request import CHAT, parse_request  # noqa: E402
-from gateway.dispatch.routing import Router  # noqa: E402
-from gateway.dispatch.scheduler import Dispatcher, Scheduler  # noqa: E402
-from gateway.engines.pool import Pool  # noqa: E402
-from gateway.settings import parse_settings  # noqa: E402
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # the repo root, for bench/ and testkit/ (run as `python bench/x.py`)
+from gateway.access.base import Principal
+from gateway.core.metrics import GatewayMetrics
+from gateway.core.request import CHAT, parse_request
+from gateway.dispatch.routing import Router
+from gateway.dispatch.scheduler import Dispatcher, Scheduler
+from gateway.engines.pool import Pool
+from gateway.settings import parse_settings
 
 
 def build(max_inflight: int | None, engines: int) -> tuple[Scheduler, Router]:

@@ -1,6 +1,6 @@
 """The processes bench/request_path.py compares, each started pinned to its cores, and what their CPU is.
 
-- the upstream: bench/fake_upstream.py (uvicorn, Python) or nginx with canned bodies (bench/nginx_upstream.py);
+- the upstream: testkit/fake_upstream.py (uvicorn, Python) or nginx with canned bodies (bench/nginx_upstream.py);
 - `direct`: that upstream alone, for reference;
 - `floor`: bench/floor_proxy.py, the thinnest uvicorn + Starlette + aiohttp pass-through;
 - `gateway`: `python -m gateway.cli.main serve` with auth off;
@@ -28,11 +28,13 @@ import httpx
 import psutil
 import redis
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.gateway_overhead import tree_cpu, tree_rss
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # the repo root, for bench/ and testkit/ (run as `python bench/x.py`)
+from bench.gateway_overhead import tree_cpu
 from bench.nginx_upstream import available as nginx_missing
 from bench.nginx_upstream import nginx_upstream
-from tests.procs import Proc, fake_upstream, free_port, write_config
+from testkit.procs import Proc, fake_upstream, free_port, tree_rss, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "fake"

@@ -26,9 +26,11 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from bench.loadgen import run_level  # noqa: E402
-from tests.procs import TINY_MODEL, free_port, gateway  # noqa: E402
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # the repo root, for bench/ and testkit/ (run as `python bench/x.py`)
+from testkit.loadgen import run_level  # noqa: E402
+from testkit.procs import TINY_MODEL, free_port, gateway  # noqa: E402
 
 
 def pinned_python(tmp: Path, python: str, cores: str) -> Path:

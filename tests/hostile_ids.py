@@ -15,8 +15,8 @@ from urllib.parse import quote
 import httpx
 from hypothesis import strategies as st
 
-from tests.hostile_http import BATCH_LINE, Case, World, known
-from tests.hostile_json import pick
+from testkit.hostile_http import BATCH_LINE, Case, World, known
+from testkit.hostile_json import pick
 
 FORGED = "1999-01-01 00:00:00,000 CRITICAL gateway: forged by a client"
 CONTROLS = ["\x00", "\n", "\r", "\r\n", "\t", "\x1b[31m", "\x7f", "\x85", "\x9b", "\u2028", "\x0b", "\x08"]

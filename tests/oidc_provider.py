@@ -16,8 +16,8 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
-from tests.conftest import require
-from tests.procs import ROOT, Proc, free_port
+from testkit.ci import require
+from testkit.procs import ROOT, Proc, free_port
 
 OIDC_DIR = ROOT / "tests" / "oidc"
 RESOURCE = "urn:llm-gateway"  # the audience of the admin API's access tokens

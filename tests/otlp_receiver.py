@@ -17,7 +17,7 @@ from typing import Any
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
-from tests.procs import free_port
+from testkit.procs import free_port
 
 
 @dataclass

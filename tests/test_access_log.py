@@ -17,10 +17,10 @@ import httpx
 import pytest
 
 from gateway.observe.access_log import FIELDS
-from tests.batch_helpers import client, jsonl, wait_final
-from tests.keyed import ADMIN_KEY, chat, create_key, start_gateway
-from tests.procs import Proc, fake_upstream, gateway
-from tests.redis_fixtures import RedisServer
+from testkit.batch import client, jsonl, wait_final
+from testkit.keyed import ADMIN_KEY, chat, create_key, start_gateway
+from testkit.procs import Proc, fake_upstream, gateway
+from testkit.redis_server import RedisServer
 
 
 def lines_of(path: Path, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:

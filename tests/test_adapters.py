@@ -1,5 +1,5 @@
 """LoRA adapters as models, against real processes: two fake engines speaking vLLM's adapter API
-(bench/fake_upstream.py --enable-lora, max_loras 1, slow loads), two gateway replicas sharing one
+(testkit/fake_upstream.py --enable-lora, max_loras 1, slow loads), two gateway replicas sharing one
 Redis, three adapters. Every answer must come from the adapter named (the fake tags its answers),
 nothing may be unloaded while one of its requests runs, and the two replicas must never load the
 same adapter on the same engine twice (the fake counts loads, refusals and duplicates)."""
@@ -14,9 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.keyed import admin, start_gateway
-from tests.procs import Proc, fake_upstream
-from tests.redis_fixtures import RedisServer
+from testkit.keyed import admin, start_gateway
+from testkit.procs import Proc, fake_upstream
+from testkit.redis_server import RedisServer
 
 ADAPTERS = ("a1", "a2", "a3")
 

@@ -1,7 +1,7 @@
 """The Responses and Messages APIs end to end, with the official clients unchanged: the `openai`
 SDK, the OpenAI Agents SDK and the `anthropic` SDK against a gateway with keys on (a private
 Redis), translating to chat completions for the CPU engine (tiny model) and for a fake engine
-scripted to call tools (bench/fake_upstream.py --tools), so tool use is shown both ways."""
+scripted to call tools (testkit/fake_upstream.py --tools), so tool use is shown both ways."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import require
-from tests.keyed import admin, create_key, start_gateway
-from tests.procs import TINY_MODEL, Proc, fake_upstream
-from tests.redis_fixtures import RedisServer
+from testkit.ci import require
+from testkit.keyed import admin, create_key, start_gateway
+from testkit.procs import TINY_MODEL, Proc, fake_upstream
+from testkit.redis_server import RedisServer
 
 try:
     import agents

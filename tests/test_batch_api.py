@@ -16,22 +16,18 @@ import httpx
 import openai
 import pytest
 
-from tests.batch_helpers import (
-    ADMIN_KEY,
-    admin,
+from testkit.batch import (
     assert_each_once,
     chat_line,
     client,
-    create_key,
     jsonl,
     results,
-    start_gateway,
     store_url,
-    usage,
     wait_final,
 )
-from tests.procs import TINY_MODEL, Proc, worker
-from tests.redis_fixtures import RedisServer
+from testkit.keyed import ADMIN_KEY, admin, create_key, keyed_gateway, usage
+from testkit.procs import TINY_MODEL, Proc, running, worker
+from testkit.redis_server import RedisServer
 
 TINY = "tiny-llama"
 MINILM = "all-MiniLM-L6-v2"
@@ -42,11 +38,8 @@ CONCURRENCY = 4
 
 @pytest.fixture(scope="module")
 def embed_worker(logs_dir: Path) -> Iterator[Proc]:
-    proc = worker(logs_dir, "--model", MINILM, name="embed-batch").start()
-    try:
-        yield proc.wait_healthy()
-    finally:
-        proc.stop()
+    with running(worker(logs_dir, "--model", MINILM, name="embed-batch")) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -84,11 +77,8 @@ def gw(
                 "min_completion_window": 1,
             },
         }
-        proc = start_gateway(logs_dir, config, f"gw-batch-{request.param}")
-        try:
+        with keyed_gateway(logs_dir, config, f"gw-batch-{request.param}") as proc:
             yield proc
-        finally:
-            proc.stop()
 
 
 @pytest.fixture
@@ -361,14 +351,16 @@ def test_cancel_mid_way(gws: Proc) -> None:
 def test_expiry_keeps_done_lines(gws: Proc) -> None:
     _, secret = create_key(gws)
     c = client(gws, secret)
-    lines = slow_lines(150, tokens=64)  # far more than 6 s of work for the tiny engine
+    # Far more than 12 s of work for the tiny engine (the same ratio as 150 lines in 6 s), and 12 s
+    # enough for a few lines even on a busy machine (6 s saw none done under load).
+    lines = slow_lines(300, tokens=64)  # the gateway's max_lines here
     f = c.files.create(file=("slow.jsonl", jsonl(lines)), purpose="batch")
-    batch = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="6s")
-    assert batch.completion_window == "6s" and batch.expires_at == batch.created_at + 6
-    done = wait_final(c, batch.id, timeout=60)
-    assert done.status == "expired" and done.expired_at and done.expired_at >= batch.expires_at
+    batch = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="12s")
+    assert batch.completion_window == "12s" and batch.expires_at == batch.created_at + 12
+    done = wait_final(c, batch.id, timeout=90)
+    assert done.status == "expired" and done.expired_at and done.expired_at >= batch.expires_at, done.errors
     counts = done.request_counts
-    assert counts.completed >= 1 and counts.failed >= 1 and counts.completed + counts.failed == 150, counts
+    assert counts.completed >= 1 and counts.failed >= 1 and counts.completed + counts.failed == 300, counts
     output, errors = results(c, done)
     assert_each_once([line["custom_id"] for line in lines], output, errors)
     assert {e["error"]["code"] for e in errors} == {"batch_expired"}

@@ -20,20 +20,17 @@ from pathlib import Path
 import httpx
 import psutil
 
-from tests.batch_helpers import (
-    admin,
+from testkit.batch import (
     assert_each_once,
     client,
-    create_key,
     jsonl,
     results,
-    start_gateway,
     store_url,
-    usage,
     wait_final,
 )
-from tests.procs import Proc, fake_upstream
-from tests.redis_fixtures import RedisServer
+from testkit.keyed import admin, create_key, start_gateway, usage
+from testkit.procs import Proc, fake_upstream
+from testkit.redis_server import RedisServer
 
 log = logging.getLogger(__name__)
 LINES = 500

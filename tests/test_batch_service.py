@@ -13,7 +13,7 @@ import httpx
 
 from gateway.store import FileRecord, open_store
 from gateway.store.files import insert_file, insert_part
-from tests.procs import fake_upstream, free_port, gateway
+from testkit.procs import fake_upstream, free_port, gateway
 
 
 def test_the_gateway_serves_without_its_store(logs_dir: Path, tmp_path: Path) -> None:

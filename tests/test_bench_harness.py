@@ -13,9 +13,9 @@ import aiohttp
 import httpx
 import pytest
 
-from bench import pyspy_top
-from bench.loadgen import closed_loop, paced_streams
-from tests.procs import ROOT, Proc, fake_upstream, free_port
+from testkit import pyspy
+from testkit.loadgen import closed_loop, paced_streams
+from testkit.procs import ROOT, Proc, fake_upstream, free_port
 
 CHUNKS = 8
 BODY = b'{"model":"fake","messages":[{"role":"user","content":"hi"}]}'
@@ -81,12 +81,12 @@ def test_profile_summary_counts_self_total_and_drops_idle_waits(tmp_path: Path) 
         f"<module> (gateway/cli/main.py:1);{run};{route};{post} 60\n"
         f"_bootstrap (threading.py:1002);Supervisor._watch (gateway/engines/supervisor.py:94);{wait} 500\n"
     )
-    profile = pyspy_top.load(raw)
+    profile = pyspy.load(raw)
     assert profile.samples == 100  # the supervisor's sleep is not CPU
     assert profile.self_counts[post] == 60 and profile.self_counts[route] == 10
     assert profile.total_counts[route] == 70 and profile.total_counts[run] == 100
     assert profile.package_self == {"aiohttp": 60, "asyncio": 30, "gateway": 10}
-    text = pyspy_top.report("test", profile, top=3)
+    text = pyspy.report("test", profile, top=3)
     assert "60.0%  ClientSession._request (aiohttp/client.py:558)" in text
     assert "70.0%  OpenAIRoutes.asgi (gateway/front/routes/openai.py:92)" in text
     assert "gateway/cli/main.py" not in text.split("gateway functions")[1]

@@ -1,7 +1,7 @@
 """Engines that stop answering are found out: the circuit breaker per engine, and streams that leave
 an engine the moment the pool takes it out.
 
-Real processes: fake engines (bench/fake_upstream.py) behind a gateway with a private Redis. One
+Real processes: fake engines (testkit/fake_upstream.py) behind a gateway with a private Redis. One
 fake answers /health at once but holds every request longer than the gateway waits for a first
 byte; another is SIGSTOPped in the middle of streams (its socket stays open, nothing comes).
 """
@@ -21,9 +21,9 @@ import httpx
 import pytest
 
 from gateway.engines.breaker import Breaker, BreakerState
-from tests.keyed import ADMIN_KEY, admin, create_key
-from tests.procs import Proc, all_healthy, fake_upstream, gateway
-from tests.redis_fixtures import RedisServer
+from testkit.keyed import ADMIN_KEY, admin, create_key
+from testkit.procs import Proc, all_healthy, fake_upstream, gateway
+from testkit.redis_server import RedisServer
 
 COOLDOWN = 5.0  # long enough that a loaded machine reads the open state before it ends
 

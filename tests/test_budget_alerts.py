@@ -22,7 +22,7 @@ from gateway.access.teams import TeamStore
 from gateway.monitor.alerts import BudgetAlerts, signature
 from gateway.resp.client import RespClient
 from gateway.settings.alerts import AlertSettings
-from tests.redis_fixtures import RedisServer
+from testkit.redis_server import RedisServer
 from tests.test_quota import MODEL, TIMEOUT, T
 from tests.test_teams_quota import key_of, team
 

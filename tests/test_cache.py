@@ -11,9 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.keyed import admin, create_key, start_gateway
-from tests.procs import Proc, fake_upstream
-from tests.redis_fixtures import RedisServer
+from testkit.keyed import admin, create_key, start_gateway
+from testkit.procs import Proc, fake_upstream
+from testkit.redis_server import RedisServer
 
 DET = {"temperature": 0}
 

@@ -2,7 +2,7 @@
 
 Two replicas share a private Redis (append-only, fsync always: a SIGKILL loses nothing) and a
 PostgreSQL database of their own, reached through a TCP proxy (tests/tcp_proxy.py) so the
-machine's server itself is never touched. Fake engines (bench/fake_upstream.py) keep it fast.
+machine's server itself is never touched. Fake engines (testkit/fake_upstream.py) keep it fast.
 Several keys send chats and streams to either replica while a batch runs; meanwhile, at seeded
 random moments, one at a time: an engine is SIGKILLed (then restarted) or SIGSTOPped (then
 continued), a replica's worker is SIGKILLed (its main process starts another) or SIGSTOPped,
@@ -39,12 +39,13 @@ import httpx
 import psutil
 import pytest
 
-from tests.batch_helpers import assert_each_once, client, jsonl, results, wait_final
-from tests.keyed import ADMIN_KEY, admin, create_key
-from tests.procs import Proc, fake_upstream, free_port, gateway
-from tests.redis_fixtures import IN_CI, RedisServer
-from tests.store_fixtures import fresh_database
-from tests.tcp_proxy import TcpProxy
+from testkit.batch import assert_each_once, client, jsonl, results, wait_final
+from testkit.ci import IN_CI
+from testkit.keyed import ADMIN_KEY, admin, create_key
+from testkit.procs import Proc, fake_upstream, free_port, gateway
+from testkit.redis_server import RedisServer
+from testkit.stores import fresh_database
+from testkit.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(420)]
 

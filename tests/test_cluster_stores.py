@@ -28,7 +28,8 @@ from gateway.engines.pool import Pool
 from gateway.resp.cluster import ClusterClient
 from gateway.resp.connect import RedisClients, build_clients
 from gateway.settings import EngineSettings, HealthSettings, ModelSettings, RouteSettings
-from tests.redis_cluster import RedisCluster
+from testkit.poll import eventually_async
+from testkit.redis_cluster import RedisCluster
 
 MODEL = "tiny"
 TIMEOUT = 1.0
@@ -220,7 +221,11 @@ def test_failover_under_traffic_counts_nothing_twice(redis_cluster: RedisCluster
                     await asyncio.sleep(0.05)
 
         tasks = [asyncio.create_task(traffic(r)) for r in (a, b, a, b)]
-        await asyncio.sleep(0.3)
+
+        async def admitted() -> int:
+            return len(acknowledged)
+
+        await eventually_async(admitted, lambda n: n >= 8, what="admissions before the failover")
         await asyncio.to_thread(redis_cluster.kill_master, master)
         failed_over = True
         for _ in range(100):
@@ -248,10 +253,19 @@ def test_failover_under_traffic_counts_nothing_twice(redis_cluster: RedisCluster
 # ---- the route store ------------------------------------------------------------------------------
 
 
+def subscribers(cluster: RedisCluster, channel: str) -> int:
+    """Clients subscribed to `channel`, on any node."""
+    total = 0
+    for node in cluster.live():
+        with node.client() as client:
+            total += int(client.pubsub_numsub(channel)[0][1])
+    return total
+
+
 def router() -> Router:
     engines = (EngineSettings(name="e1", kind="openai", url="http://127.0.0.1:9"),)
     pool = Pool(engines, HealthSettings(), GatewayMetrics())
-    return Router(pool, (ModelSettings(MODEL, (RouteSettings(("e1",), MODEL),)),))
+    return Router(pool, (ModelSettings(MODEL, (RouteSettings(("e1",), MODEL),)),), rng=random.Random(1))
 
 
 def test_route_changes_reach_the_other_replica(redis_cluster: RedisCluster) -> None:
@@ -264,7 +278,7 @@ def test_route_changes_reach_the_other_replica(redis_cluster: RedisCluster) -> N
         follower = RouteStore(b.clients.admin, b.clients.subscriber, "gw", follower_router, engines)
         follower.start()
         try:
-            await asyncio.sleep(0.5)  # subscribed
+            await eventually_async(lambda: asyncio.to_thread(subscribers, redis_cluster, "gw:routes:changed"))
             canary = (RouteSettings(("e1",), MODEL, 90.0), RouteSettings(("e1",), "tiny-v2", 10.0, "v2"))
             await writer.put(MODEL, canary)
             assert writer_router.routes[MODEL] == canary
@@ -286,8 +300,9 @@ def test_quota_scripts_accept_a_stale_admission_object(redis_cluster: RedisClust
     async def body(a: Replica, b: Replica) -> None:
         key, _ = await new_key(a, daily_tokens=1000)
         adm: Admission = await a.quota.admit(key, MODEL, 100)
-        await asyncio.sleep(0.2)  # replicated
-        await asyncio.to_thread(redis_cluster.kill_master, redis_cluster.master_of(f"gw:{{{key.id}}}:rec"))
+        master = redis_cluster.master_of(f"gw:{{{key.id}}}:rec")
+        await asyncio.to_thread(redis_cluster.wait_replicated, master)
+        await asyncio.to_thread(redis_cluster.kill_master, master)
         for _ in range(50):
             with contextlib.suppress(GatewayError):
                 await a.quota.admit(key, MODEL, 1)  # the breaker lapses, the map is re-read

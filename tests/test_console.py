@@ -1,6 +1,6 @@
 """The admin console (/ui) in a real browser: Debian's chromium driven by Playwright, against a real
 gateway with auth on, a private redis-server, a SQLite store, a CPU engine with the tiny model and
-a fake engine (bench/fake_upstream.py) slow enough for a batch to be watched and cancelled.
+a fake engine (testkit/fake_upstream.py) slow enough for a batch to be watched and cancelled.
 
 Screenshots of each page land in artifacts/console/ (CI keeps that folder).
 """
@@ -24,9 +24,10 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import require
-from tests.procs import ROOT, TINY_MODEL, Proc, cpu_engine, fake_upstream, free_port, gateway
-from tests.redis_fixtures import RedisServer
+from testkit.ci import require
+from testkit.keyed import ADMIN_KEY, admin
+from testkit.procs import ROOT, TINY_MODEL, Proc, cpu_engine, fake_upstream, free_port, gateway, running
+from testkit.redis_server import RedisServer
 
 if importlib.util.find_spec("playwright") is not None:
     from playwright.sync_api import Browser, Page, expect, sync_playwright
@@ -42,7 +43,6 @@ CHROMIUM_ARGS = [
     *(["--no-sandbox"] if os.geteuid() == 0 else []),  # chromium's sandbox refuses to run as root
 ]
 ARTIFACTS = ROOT / "artifacts" / "console"
-ADMIN_KEY = "console-admin-key-for-tests"
 MODEL = "tiny-llama"
 AB_MODEL = "ab-test"  # two versions (v1, v2) on the tiny model: the experiments page's subject
 BATCH_MODEL = "slow-fake"  # the fake engine: 300 ms per whole answer
@@ -55,12 +55,13 @@ def engine_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def fake_engine(logs_dir: Path) -> Iterator[Proc]:
-    proc = fake_upstream(logs_dir, "--delay-ms", "300", "--chunks", "8", "--pace-ms", "5", name="console-fake").start()
-    try:
-        yield proc.wait_healthy("/health", timeout=30)
-    finally:
-        proc.stop()
+def paced_engine(logs_dir: Path) -> Iterator[Proc]:
+    with running(
+        fake_upstream(logs_dir, "--delay-ms", "300", "--chunks", "8", "--pace-ms", "5", name="console-fake"),
+        "/health",
+        timeout=30,
+    ) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def gw(
     tmp_path_factory: pytest.TempPathFactory,
     redis_session: RedisServer,
     engine_port: int,
-    fake_engine: Proc,
+    paced_engine: Proc,
 ) -> Iterator[Proc]:
     require((TINY_MODEL / "config.json").exists(), f"tiny model missing at {TINY_MODEL}")
     redis_session.fresh()
@@ -81,7 +82,7 @@ def gw(
         "store": {"url": "sqlite:///console.db", "data_dir": str(tmp_path_factory.mktemp("console-store"))},
         "inference_log": {"flush_interval": 0.2},
         "batch": {"concurrency": 2, "poll_interval": 0.2},
-        "engines": [cpu_engine("cpu-0", engine_port), {"name": "fake", "kind": "openai", "url": fake_engine.url}],
+        "engines": [cpu_engine("cpu-0", engine_port), {"name": "fake", "kind": "openai", "url": paced_engine.url}],
         "models": [
             {"name": MODEL, "routes": [{"engine": "cpu-0"}], "tokenizer": str(TINY_MODEL)},
             {
@@ -92,11 +93,12 @@ def gw(
             {"name": BATCH_MODEL, "routes": [{"engine": "fake"}]},
         ],
     }
-    proc = gateway(logs_dir, config, name="console-gw", env={"GATEWAY_ADMIN_KEY": ADMIN_KEY}).start()
-    try:
-        yield proc.wait_healthy(f"/ready?model={MODEL}", timeout=120)  # the fake engine is up long before
-    finally:
-        proc.stop()
+    with running(
+        gateway(logs_dir, config, name="console-gw", env={"GATEWAY_ADMIN_KEY": ADMIN_KEY}),
+        f"/ready?model={MODEL}",
+        timeout=120,
+    ) as proc:  # the fake engine is up long before
+        yield proc
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +123,7 @@ def watched_tab(browser: Browser, base: str) -> Iterator[Page]:
     context.grant_permissions(["clipboard-read", "clipboard-write"], origin=base)
     tab = context.new_page()
     tab.set_default_timeout(WAIT_MS)
+    expect.set_options(timeout=WAIT_MS)  # expect()'s own default is 5 s: short on a busy machine
     uncaught: list[str] = []
     policy: list[str] = []
     elsewhere: list[str] = []
@@ -143,11 +146,6 @@ def page(browser: Browser, gw: Proc, redis_session: RedisServer) -> Iterator[Pag
     redis_session.up()
     with watched_tab(browser, gw.url) as tab:
         yield tab
-
-
-def admin(gw: Proc, method: str, path: str, body: Any = None) -> httpx.Response:
-    headers = {"authorization": f"Bearer {ADMIN_KEY}"}
-    return httpx.request(method, gw.url + path, json=body, headers=headers, timeout=10)
 
 
 def sign_in(page: Page, gw: Proc | str, then: str = "keys") -> None:
@@ -551,7 +549,7 @@ def test_experiments_report_matches_the_api_and_flags_drift(page: Page, gw: Proc
 
 
 def test_console_and_playground_on_the_admin_port(
-    browser: Browser, logs_dir: Path, fake_engine: Proc, redis_session: RedisServer
+    browser: Browser, logs_dir: Path, paced_engine: Proc, redis_session: RedisServer
 ) -> None:
     redis_session.up()
     admin_port = free_port()
@@ -562,7 +560,7 @@ def test_console_and_playground_on_the_admin_port(
         "auth": {"enabled": True},
         # nothing listens there: the store never opens, and the batches page must say so
         "store": {"url": f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"},
-        "engines": [{"name": "fake", "kind": "openai", "url": fake_engine.url}],
+        "engines": [{"name": "fake", "kind": "openai", "url": paced_engine.url}],
         "models": [{"name": "fake-chat", "routes": [{"engine": "fake"}]}],
     }
     proc = gateway(logs_dir, config, name="console-admin-port", env={"GATEWAY_ADMIN_KEY": ADMIN_KEY}).start()

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from gateway.settings import Settings, load_settings, parse_settings
-from tests.conftest import require
+from testkit.ci import require
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -207,7 +208,7 @@ def test_the_pool_and_the_router_follow_the_answer() -> None:
     from gateway.dispatch.routing import Router
     from gateway.engines.pool import Pool
     from gateway.settings import parse_settings
-    from tests.procs import free_port
+    from testkit.procs import free_port
 
     async def main() -> None:
         server, transport, resolver = await serve()
@@ -230,7 +231,7 @@ def test_the_pool_and_the_router_follow_the_answer() -> None:
             env={},
         )
         pool = Pool(settings.engines, settings.health, GatewayMetrics(), resolver=resolver)
-        router = Router(pool, settings.models, settings.routing)
+        router = Router(pool, settings.models, settings.routing, random.Random(5))
         request = ApiRequest(COMPLETIONS, "m", {"model": "m", "prompt": "x"})
 
         async def picked(expected: set[str]) -> None:

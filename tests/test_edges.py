@@ -16,7 +16,7 @@ import pytest
 
 from gateway.front.routes.console import SECURITY_HEADERS
 from gateway.settings import ConfigError, load_settings
-from tests.procs import Proc, fake_upstream, gateway, write_config
+from testkit.procs import Proc, fake_upstream, gateway, write_config
 
 
 @pytest.fixture(scope="module")

@@ -12,18 +12,15 @@ import httpx
 import openai
 import pytest
 
-from tests.procs import Proc, worker
+from testkit.procs import Proc, running, worker
 
 MODEL = "all-MiniLM-L6-v2"
 
 
 @pytest.fixture(scope="module")
 def embed_worker(logs_dir: Path) -> Iterator[Proc]:
-    proc = worker(logs_dir, "--model", MODEL, name="embed").start()
-    try:
-        yield proc.wait_healthy()
-    finally:
-        proc.stop()
+    with running(worker(logs_dir, "--model", MODEL, name="embed")) as proc:
+        yield proc
 
 
 def cosine(a: list[float], b: list[float]) -> float:
@@ -57,7 +54,7 @@ def test_base64_and_errors(embed_worker: Proc) -> None:
 
 
 def test_embeddings_through_the_gateway(embed_worker: Proc, logs_dir: Path) -> None:
-    from tests.procs import gateway
+    from testkit.procs import gateway
 
     config = {
         "engines": [{"name": "embed", "kind": "openai", "url": embed_worker.url}],

@@ -14,8 +14,9 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import require
-from tests.procs import ROOT, TINY_MODEL, Proc, metric, worker
+from testkit.ci import require
+from testkit.metrics import metric
+from testkit.procs import ROOT, TINY_MODEL, Proc, worker
 
 MODEL = "tiny-llama"
 ADAPTER = ROOT / "engines" / "tiny_model" / "adapters" / "python-code"

@@ -17,7 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.procs import TINY_MODEL, Proc, metric, worker
+from testkit.metrics import metric
+from testkit.procs import TINY_MODEL, Proc, worker
 
 MODEL = "tiny-llama"
 STREAMS = 64

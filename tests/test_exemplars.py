@@ -13,8 +13,8 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from prometheus_client.parser import text_string_to_metric_families as text_families
 
+from testkit.procs import Proc, fake_upstream, gateway
 from tests.otlp_receiver import HttpReceiver
-from tests.procs import Proc, fake_upstream, gateway
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 HISTOGRAMS = ("gateway_request_duration_seconds", "gateway_time_to_first_token_seconds")

@@ -21,9 +21,9 @@ import httpx
 import psutil
 import pytest
 
-from tests.keyed import ADMIN_KEY, create_key
-from tests.procs import ROOT, TINY_MODEL, Proc, cpu_engine, fake_upstream, free_port, gateway
-from tests.redis_fixtures import RedisServer
+from testkit.keyed import ADMIN_KEY, create_key
+from testkit.procs import ROOT, TINY_MODEL, Proc, cpu_engine, fake_upstream, free_port, gateway
+from testkit.redis_server import RedisServer
 
 BIG = "word " * 8000  # 40 KB: past tokens.OFF_LOOP_BYTES, so counted in the pool
 SEEN: list[psutil.Process] = []  # the gateway's processes, for the cleanup after a failed test

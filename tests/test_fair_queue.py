@@ -168,7 +168,7 @@ def scheduler(**section: Any) -> tuple[Scheduler, Pool]:
     pool = Pool(s.engines, s.health, GatewayMetrics())
     for e in pool.engines.values():
         e.healthy = True
-    return Scheduler(s, Router(pool, s.models, s.routing), GatewayMetrics()), pool
+    return Scheduler(s, Router(pool, s.models, s.routing, random.Random(3)), GatewayMetrics()), pool
 
 
 def request(model: str = "m", user: str | None = None) -> ApiRequest:
@@ -187,7 +187,7 @@ def test_slots_are_taken_at_once_and_respected() -> None:
         await asyncio.sleep(0.01)
         assert not waiter.done() and sched.view("m")["bands"]["normal"]["queued"] == 1
         sched.release(pool.engines["e2"])
-        pick = await asyncio.wait_for(waiter, 1)
+        pick = await asyncio.wait_for(waiter, 10)
         assert pick is not None and pick.engine.name == "e2" and pool.engines["e2"].outstanding == 1
 
     asyncio.run(run())
@@ -252,7 +252,7 @@ def test_bands_and_flows_through_the_scheduler() -> None:
 
 def test_queue_bounds() -> None:
     async def run() -> None:
-        sched, pool = scheduler(max_queue_wait=0.2, max_queued_per_key=2)
+        sched, pool = scheduler(max_queue_wait=1.0, max_queued_per_key=2)  # long enough for a busy machine
         assert await sched.acquire(request("only2"), Principal(), None) is not None
         waiters = [asyncio.ensure_future(sched.acquire(request("only2", "k"), Principal(), None)) for _ in range(2)]
         await asyncio.sleep(0.01)
@@ -285,7 +285,7 @@ def test_a_woken_request_that_left_gives_its_slot_on() -> None:
         assert held is not None
         sched.release(e2)  # hands the slot to `left`...
         left.cancel()  # ...which is cancelled before it runs: the slot goes to `stays`
-        pick = await asyncio.wait_for(stays, 1)
+        pick = await asyncio.wait_for(stays, 10)
         assert pick is not None and e2.outstanding == 1 and left.cancelled()
 
     asyncio.run(run())
@@ -301,7 +301,7 @@ def test_a_request_whose_engines_all_fail_is_answered_at_once() -> None:
         e2.healthy = False
         sched._checked(e2)  # the health check that took it out
         with pytest.raises(GatewayError) as err:
-            await asyncio.wait_for(waiter, 1)
+            await asyncio.wait_for(waiter, 10)
         assert err.value.status == 503 and sched.view("only2")["bands"]["normal"]["queued"] == 0
 
     asyncio.run(run())
@@ -350,7 +350,7 @@ def test_scheduler_off_sends_everything_at_once() -> None:
         )
         pool = Pool(s.engines, s.health, GatewayMetrics())
         pool.engines["e"].healthy = True
-        off = Unscheduled(Router(pool, s.models, s.routing))
+        off = Unscheduled(Router(pool, s.models, s.routing, random.Random(3)))
         picks = [await off.acquire(request(), Principal(), None) for _ in range(3)]
         assert all(picks) and pool.engines["e"].outstanding == 3  # the engine queues, not us
         off.release(pool.engines["e"])

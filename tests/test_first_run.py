@@ -14,35 +14,24 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
-from tests.procs import ROOT, Proc, fake_upstream, gateway, write_config
-from tests.redis_fixtures import RedisServer
+from testkit.keyed import ADMIN_KEY
+from testkit.procs import ROOT, Proc, gateway, write_config
+from testkit.redis_server import RedisServer
 
-ADMIN_KEY = "admin-secret-for-first-run-tests"
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+: ")
 
 
-@pytest.fixture(scope="module")
-def fake(logs_dir: Path) -> Iterator[Proc]:
-    proc = fake_upstream(logs_dir, "--model", "fake", "--chunks", "3", name="fake-first").start()
-    try:
-        yield proc.wait_healthy()
-    finally:
-        proc.stop()
-
-
-def config(fake: Proc, redis: RedisServer) -> dict[str, Any]:
+def config(fake_engine: Proc, redis: RedisServer) -> dict[str, Any]:
     return {
         "health": {"interval": 0.3},
         "redis": {"url": redis.url, "timeout": 0.5},
         "auth": {"enabled": True},
-        "engines": [{"name": "fake", "kind": "openai", "url": fake.url}],
+        "engines": [{"name": "fake", "kind": "openai", "url": fake_engine.url}],
         "models": [{"name": "fake", "routes": [{"engine": "fake"}]}],
     }
 
@@ -61,17 +50,20 @@ def wait_for_line(gw: Proc, pattern: str, timeout: float = 30) -> None:
 
 
 def test_a_first_run_says_when_it_is_ready_and_when_it_stopped(
-    logs_dir: Path, fake: Proc, redis_server: RedisServer
+    logs_dir: Path, fake_engine: Proc, redis_server: RedisServer
 ) -> None:
-    gw = gateway(logs_dir, config(fake, redis_server), name="first-run", env={"GATEWAY_ADMIN_KEY": ADMIN_KEY})
+    gw = gateway(logs_dir, config(fake_engine, redis_server), name="first-run", env={"GATEWAY_ADMIN_KEY": ADMIN_KEY})
     # The keys CLI started before the gateway waits for it instead of failing at once.
     cli = keys_cli(gw.url, "create", "--name", "early", "--wait", "60")
-    time.sleep(1.0)
+    assert cli.stderr is not None
+    waiting = cli.stderr.readline()  # the gateway starts once the CLI has found nothing there
+    assert "waiting up to 60s for the gateway" in waiting, waiting
     gw.start()
     try:
         out, err = cli.communicate(timeout=90)
+        err = waiting + err
         assert cli.returncode == 0, err
-        assert '"name": "early"' in out and "waiting up to 60s for the gateway" in err
+        assert '"name": "early"' in out
         assert "httpx" not in err and "INFO" not in err
         wait_for_line(gw, "llm-gateway is ready on")
         ready = [line for line in gw.log_path.read_text().splitlines() if "llm-gateway is ready on" in line]
@@ -88,13 +80,13 @@ def test_a_first_run_says_when_it_is_ready_and_when_it_stopped(
     assert late.returncode == 1 and "cannot reach the gateway" in err
 
 
-def test_a_taken_port_is_a_clear_error_and_no_ready_line(logs_dir: Path, fake: Proc, tmp_path: Path) -> None:
+def test_a_taken_port_is_a_clear_error_and_no_ready_line(logs_dir: Path, fake_engine: Proc, tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
         cfg = {
-            "engines": [{"name": "fake", "kind": "openai", "url": fake.url}],
+            "engines": [{"name": "fake", "kind": "openai", "url": fake_engine.url}],
             "models": [{"name": "fake", "routes": [{"engine": "fake"}]}],
             "auth": {"enabled": False},
         }
@@ -106,9 +98,9 @@ def test_a_taken_port_is_a_clear_error_and_no_ready_line(logs_dir: Path, fake: P
 
 
 def test_redis_going_away_is_logged_once_and_its_return_once(
-    logs_dir: Path, fake: Proc, redis_server: RedisServer
+    logs_dir: Path, fake_engine: Proc, redis_server: RedisServer
 ) -> None:
-    gw = gateway(logs_dir, config(fake, redis_server), name="redis-outage", env={"GATEWAY_ADMIN_KEY": ADMIN_KEY})
+    gw = gateway(logs_dir, config(fake_engine, redis_server), name="redis-outage", env={"GATEWAY_ADMIN_KEY": ADMIN_KEY})
     gw.start().wait_healthy("/ready", timeout=60)
     try:
         redis_server.kill()
@@ -148,8 +140,8 @@ def serve_on_taken_port(config_path: Path, nofile: int) -> str:
     return done.stderr
 
 
-def test_too_few_open_files_says_what_to_do(fake: Proc, tmp_path: Path) -> None:
-    cfg = open_config(fake)  # server.max_connections 10000 by default: 21024 descriptors wanted
+def test_too_few_open_files_says_what_to_do(fake_engine: Proc, tmp_path: Path) -> None:
+    cfg = open_config(fake_engine)  # server.max_connections 10000 by default: 21024 descriptors wanted
     err = serve_on_taken_port(write_config(tmp_path, "nofile", cfg), 4096)
     assert "open files are limited to 4096" in err and "server.max_connections 10000" in err, err
     assert "ulimit -Hn 21024" in err and "LimitNOFILE=21024" in err, err
@@ -159,9 +151,9 @@ def test_too_few_open_files_says_what_to_do(fake: Proc, tmp_path: Path) -> None:
     assert "open files" not in err, err
 
 
-def test_the_admin_api_says_why_it_is_off(logs_dir: Path, fake: Proc) -> None:
-    no_key = gateway(logs_dir, open_config(fake), name="admin-off", env={"GATEWAY_ADMIN_KEY": ""})
-    keyed = gateway(logs_dir, open_config(fake), name="admin-no-redis", env={"GATEWAY_ADMIN_KEY": ADMIN_KEY})
+def test_the_admin_api_says_why_it_is_off(logs_dir: Path, fake_engine: Proc) -> None:
+    no_key = gateway(logs_dir, open_config(fake_engine), name="admin-off", env={"GATEWAY_ADMIN_KEY": ""})
+    keyed = gateway(logs_dir, open_config(fake_engine), name="admin-no-redis", env={"GATEWAY_ADMIN_KEY": ADMIN_KEY})
     no_key.start()
     keyed.start()
     try:
@@ -201,9 +193,9 @@ def test_the_admin_api_says_why_it_is_off(logs_dir: Path, fake: Proc) -> None:
 
 
 def test_a_batch_without_a_key_names_where_the_key_goes(
-    logs_dir: Path, fake: Proc, redis_server: RedisServer, tmp_path: Path
+    logs_dir: Path, fake_engine: Proc, redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    gw = gateway(logs_dir, config(fake, redis_server), name="batch-no-key", env={"GATEWAY_ADMIN_KEY": ADMIN_KEY})
+    gw = gateway(logs_dir, config(fake_engine, redis_server), name="batch-no-key", env={"GATEWAY_ADMIN_KEY": ADMIN_KEY})
     gw.start().wait_healthy("/ready", timeout=60)
     lines = tmp_path / "questions.jsonl"
     lines.write_text(

@@ -1,7 +1,7 @@
 """Property-based fuzzing of the whole HTTP surface (issue 9, "How to show it"), on real processes:
 two gateway replicas with keys on over one private Redis, one SQLite store and a fast fake engine.
 
-Hypothesis draws hostile requests (tests/hostile.py) for the public API, the Files and Batches
+Hypothesis draws hostile requests (testkit/hostile.py) for the public API, the Files and Batches
 APIs, the admin API and odd paths and methods; every answer must be OpenAI-shaped JSON when it is
 an error, never a 500, and a status >= 500 only 503/504 with their documented codes. After the
 run both replicas must be healthy and ready, with the key list and model routes readable and no
@@ -19,12 +19,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bench.soak import soak
-from tests.fuzz_rig import after_checks, rig
-from tests.hostile import cases, learn, problem, send
-from tests.hostile_http import Case, World
-from tests.procs import Proc
-from tests.redis_fixtures import RedisServer
+from testkit.fuzz_rig import after_checks, rig
+from testkit.hostile import cases, learn, problem, send
+from testkit.hostile_http import Case, World
+from testkit.procs import Proc
+from testkit.redis_server import RedisServer
+from testkit.soak import soak
 
 
 def fuzz_settings(examples: int) -> settings:
@@ -51,6 +51,7 @@ def check(client: httpx.Client, world: World, case: Case) -> None:
     learn(world, case, response)
 
 
+@pytest.mark.timeout(900)  # CPU-bound: a parallel run on a busy machine gives it a fraction of a core
 @pytest.mark.parametrize(
     ("area", "examples"), [("public", 1300), ("files", 700), ("admin", 1000), ("odd", 400), ("agent", 800)]
 )
@@ -73,7 +74,7 @@ def test_hostile_requests_get_clear_answers(
 
 
 def test_the_soak_counts_every_answer(attacked: tuple[World, list[Proc], httpx.Client]) -> None:
-    """bench/soak.py on the same setup, briefly: every request counted once, by status and by
+    """The soak (testkit/soak.py, bench/soak.py) on the same setup, briefly: every request counted once, by status and by
     operation, memory sampled, and no problem."""
     world, replicas, _ = attacked
     tally, _ = soak(world, replicas, total=60, rng_seed=1, concurrency=4)

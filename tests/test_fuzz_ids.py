@@ -20,13 +20,13 @@ from hypothesis import strategies as st
 
 from gateway.core.text import SafeFormatter
 from gateway.process.worker import LOG_FORMAT
-from tests.conftest import require
-from tests.fuzz_rig import after_checks, rig
-from tests.hostile import cases, learn, problem, send
+from testkit.ci import require
+from testkit.fuzz_rig import after_checks, rig
+from testkit.hostile import cases, learn, problem, send
+from testkit.procs import free_port
+from testkit.redis_server import RedisServer
+from testkit.stores import fresh_database
 from tests.hostile_ids import FORGED, id_cases, id_problem, log_problems
-from tests.procs import free_port
-from tests.redis_fixtures import RedisServer
-from tests.store_fixtures import fresh_database
 from tests.test_fuzz import fuzz_settings
 
 

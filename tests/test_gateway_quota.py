@@ -15,21 +15,22 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.keyed import ADMIN_KEY, admin, chat, create_key, start_gateway
-from tests.procs import TINY_MODEL, Proc, fake_upstream
-from tests.redis_fixtures import RedisServer
+from testkit.keyed import ADMIN_KEY, admin, chat, create_key, start_gateway
+from testkit.poll import eventually
+from testkit.procs import TINY_MODEL, Proc
+from testkit.redis_server import RedisServer
 
 TINY = "tiny-llama"
 
 
-def config(redis: RedisServer, tiny: Proc, fake: Proc, failure_mode: str = "closed") -> dict[str, Any]:
+def config(redis: RedisServer, tiny: Proc, fake_engine: Proc, failure_mode: str = "closed") -> dict[str, Any]:
     return {
         "health": {"interval": 0.3},
         "redis": {"url": redis.url, "failure_mode": failure_mode, "timeout": 1.0},
         "auth": {"enabled": True, "default_max_tokens": 16},
         "engines": [
             {"name": "tiny", "kind": "openai", "url": tiny.url},
-            {"name": "fake", "kind": "openai", "url": fake.url},
+            {"name": "fake", "kind": "openai", "url": fake_engine.url},
         ],
         "models": [
             {"name": TINY, "routes": [{"engine": "tiny", "model": TINY}], "tokenizer": str(TINY_MODEL)},
@@ -39,17 +40,10 @@ def config(redis: RedisServer, tiny: Proc, fake: Proc, failure_mode: str = "clos
 
 
 @pytest.fixture(scope="module")
-def fake(logs_dir: Path) -> Iterator[Proc]:
-    proc = fake_upstream(logs_dir, "--model", "fake", "--chunks", "4", name="fake-q").start()
-    try:
-        yield proc.wait_healthy()
-    finally:
-        proc.stop()
-
-
-@pytest.fixture(scope="module")
-def replicas(logs_dir: Path, redis_session: RedisServer, tiny_worker: Proc, fake: Proc) -> Iterator[tuple[Proc, Proc]]:
-    cfg = config(redis_session.up(), tiny_worker, fake)
+def replicas(
+    logs_dir: Path, redis_session: RedisServer, tiny_worker: Proc, fake_engine: Proc
+) -> Iterator[tuple[Proc, Proc]]:
+    cfg = config(redis_session.up(), tiny_worker, fake_engine)
     a = start_gateway(logs_dir, cfg, "replica-a")
     b = start_gateway(logs_dir, cfg, "replica-b")
     try:
@@ -80,8 +74,7 @@ def test_keys_are_required_and_checked(gws: tuple[Proc, Proc]) -> None:
     models = httpx.get(a.url + "/v1/models", headers={"authorization": f"Bearer {secret}"}).json()
     assert [m["id"] for m in models["data"]] == ["fake"]
     _, expired = create_key(a, expires_at=int(time.time()) + 1)
-    time.sleep(1.1)
-    assert chat(a, expired).status_code == 401
+    eventually(lambda: chat(a, expired).status_code, lambda status: status == 401, timeout=15, what="key expired")
     assert admin(a, "DELETE", f"/admin/keys/{key_id}").json()["revoked"] is True
     assert chat(a, secret).status_code == 401
     # The admin key is not a client key (not configured to be).
@@ -288,9 +281,9 @@ def test_redis_down_fail_closed_then_recovers(gws: tuple[Proc, Proc], redis_serv
 
 
 def test_redis_down_fail_open_uses_local_limits(
-    logs_dir: Path, redis_server: RedisServer, tiny_worker: Proc, fake: Proc
+    logs_dir: Path, redis_server: RedisServer, tiny_worker: Proc, fake_engine: Proc
 ) -> None:
-    gw = start_gateway(logs_dir, config(redis_server, tiny_worker, fake, failure_mode="open"), "fail-open")
+    gw = start_gateway(logs_dir, config(redis_server, tiny_worker, fake_engine, failure_mode="open"), "fail-open")
     try:
         _, secret = create_key(gw, rpm=3)
         assert chat(gw, secret).status_code == 200  # the key is now known to this replica

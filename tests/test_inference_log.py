@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -23,7 +22,8 @@ from gateway.monitor.writer import InferenceLog, LogEntry
 from gateway.proxy.relay import finish_reason_of
 from gateway.settings import ConfigError, InferenceLogSettings, ModelSettings, RouteSettings, parse_settings
 from gateway.store import RequestFilter, Store
-from tests.store_fixtures import FakeClock, StoreEnv
+from testkit.poll import eventually_async
+from testkit.stores import FakeClock, StoreEnv, sqlite_locked
 
 T0 = 1_800_000_000.0
 MODEL = ModelSettings("m", (RouteSettings(("e",), "m"),))
@@ -53,7 +53,9 @@ def entry(i: int, t: float = T0, **kw: Any) -> LogEntry:
 
 
 def new_log(**settings: Any) -> InferenceLog:
-    return InferenceLog(InferenceLogSettings(**settings), (MODEL,), GatewayMetrics(), clock=FakeClock(T0))
+    return InferenceLog(
+        InferenceLogSettings(**settings), (MODEL,), GatewayMetrics(), clock=FakeClock(T0), rng=random.Random(3)
+    )
 
 
 async def rows(store: Store, limit: int = 1000) -> list[str]:
@@ -66,24 +68,44 @@ def value(counter: Any) -> float:
     return next(s.value for s in counter.collect()[0].samples if s.name.endswith("_total"))
 
 
-async def wait_for(condition: Any, within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not await condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
+def written(store: Store, log: InferenceLog) -> Callable[[], Awaitable[tuple[int, float]]]:
+    """Rows in the store, and rows the log has counted as written."""
+
+    async def probe() -> tuple[int, float]:
+        return len(await rows(store)), value(log.written)
+
+    return probe
+
+
+def held_of(log: InferenceLog) -> Callable[[], Awaitable[int]]:
+    async def held() -> int:
+        return log.held
+
+    return held
+
+
+def pending_of(log: InferenceLog) -> Callable[[], Awaitable[int]]:
+    """The rows the writer has taken and is writing (it has no public count of them)."""
+
+    async def pending() -> int:
+        return len(log._pending)
+
+    return pending
+
+
+def written_of(counter: Any) -> Callable[[], Awaitable[float]]:
+    async def read() -> float:
+        return value(counter)
+
+    return read
 
 
 @asynccontextmanager
 async def writes_blocked(env: StoreEnv) -> AsyncIterator[None]:
     """Another client holds the log's table: the writer's next write waits, as on a slow store."""
     if env.backend == "sqlite":
-        conn = sqlite3.connect(env.data_dir / "store.db", isolation_level=None)
-        conn.execute("BEGIN EXCLUSIVE")
-        try:
+        with sqlite_locked(env):
             yield
-        finally:
-            conn.execute("COMMIT")
-            conn.close()
     else:
         pg = await asyncpg.connect(env.url)
         tx = pg.transaction()
@@ -103,7 +125,7 @@ def test_rows_are_written_in_batches_by_time_or_count(store_env: StoreEnv) -> No
             log.start(store)
             for i in range(30):
                 log.add(entry(i, error_code="upstream_error" if i == 3 else None))
-            await wait_for(lambda: _count(store, 30))
+            await eventually_async(lambda: rows(store), lambda got: len(got) == 30)
             got = (await store.query_requests(RequestFilter(), limit=1000)).items
             by_id = {r.request_id: r for r in got}
             r1, r3 = by_id["req-1"], by_id["req-3"]
@@ -121,18 +143,13 @@ def test_rows_are_written_in_batches_by_time_or_count(store_env: StoreEnv) -> No
             # flush_rows: a full batch goes at once, long before the interval.
             log = new_log(flush_interval=30, flush_rows=10)
             log.start(store)
-            await asyncio.sleep(0.05)  # the writer is waiting for its first tick
             for i in range(100, 110):
                 log.add(entry(i))
-            await wait_for(lambda: _count(store, 40), within=5)
-            assert value(log.written) == 10
+            # the batch is in, and the writer has counted it (just after the write returned)
+            await eventually_async(written(store, log), lambda seen: seen == (40, 10), timeout=5)
             await log.stop()
 
     asyncio.run(main())
-
-
-async def _count(store: Store, n: int) -> bool:
-    return len(await rows(store)) == n
 
 
 def test_a_slow_store_drops_rows_past_the_buffer_and_never_holds_the_caller(store_env: StoreEnv) -> None:
@@ -141,20 +158,21 @@ def test_a_slow_store_drops_rows_past_the_buffer_and_never_holds_the_caller(stor
             log = new_log(flush_interval=0.02, flush_rows=5, buffer_size=20)
             log.start(store)
             log.add(entry(0))
-            await wait_for(lambda: _count(store, 1))
+            await eventually_async(lambda: rows(store), lambda got: len(got) == 1)
             async with writes_blocked(store_env):
                 for i in range(1, 6):
                     log.add(entry(i))
-                await asyncio.sleep(0.3)  # the writer has taken them and is stuck writing
+                # the writer has taken them (a full batch wakes it) and is stuck writing
+                await eventually_async(pending_of(log), lambda n: n == 5, timeout=10, what="rows being written")
                 assert log.held == 5
                 started = time.perf_counter()
                 for i in range(6, 106):
                     log.add(entry(i))
-                assert time.perf_counter() - started < 0.05  # 100 calls, none waited
+                assert time.perf_counter() - started < 1.0  # 100 calls, none waited (for a store blocked for good)
                 assert log.held == 20 and value(log.dropped) == 85
             # The store is back: everything held is written, nothing else was lost.
-            await wait_for(lambda: _count(store, 21))
-            assert log.held == 0
+            await eventually_async(lambda: rows(store), lambda got: len(got) == 21)
+            await eventually_async(held_of(log), lambda n: n == 0, timeout=5, what="rows held once written")
             await log.stop()
             assert value(log.dropped) == 85
 
@@ -169,8 +187,7 @@ def test_a_dead_store_keeps_the_batch_for_retry_then_counts_the_rest_at_shutdown
         # The store is closed under the writer: every write fails.
         for i in range(15):
             log.add(entry(i))
-        await asyncio.sleep(0.3)
-        assert value(log.write_errors) >= 1
+        await eventually_async(written_of(log.write_errors), lambda n: n >= 1, timeout=10, what="a write error")
         assert log.held == 10 and value(log.dropped) == 5
         await log.stop()
         assert log.held == 0 and value(log.dropped) == 15
@@ -214,7 +231,7 @@ def test_payloads_are_sampled_redacted_and_written_by_the_writer(store_env: Stor
 
     async def main() -> None:
         async with store_env.open() as store:
-            log = InferenceLog(settings.inference_log, settings.models, GatewayMetrics())
+            log = InferenceLog(settings.inference_log, settings.models, GatewayMetrics(), rng=random.Random(3))
             log.start(store)
             capture = log.capture(ApiRequest(CHAT, "m", body))
             assert capture is not None and log.capture(ApiRequest(CHAT, "quiet", body)) is None

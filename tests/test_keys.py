@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from gateway.access.key_fields import validate_key_fields
 from gateway.access.keys import ApiKey, KeyStore
 from gateway.core.errors import GatewayError
-from tests.redis_fixtures import RedisServer
+from testkit.redis_server import RedisServer
 
 Body = Callable[[KeyStore, aioredis.Redis], Awaitable[Any]]
 

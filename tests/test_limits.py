@@ -18,27 +18,19 @@ import httpx
 import psutil
 import pytest
 
-from tests.procs import Proc, fake_upstream, free_port, gateway
+from testkit.poll import eventually
+from testkit.procs import Proc, free_port, gateway
 
 HEADER_TIMEOUT = 1.0
 BODY_TIMEOUT = 1.0
 KEEPALIVE = 1.0
 
 
-@pytest.fixture(scope="module")
-def fake(logs_dir: Path) -> Iterator[Proc]:
-    proc = fake_upstream(logs_dir, "--model", "fake", "--chunks", "4", name="fake-limits").start()
-    try:
-        yield proc.wait_healthy()
-    finally:
-        proc.stop()
-
-
-def limited_gateway(logs: Path, fake: Proc, name: str, **server: Any) -> Proc:
+def limited_gateway(logs: Path, fake_engine: Proc, name: str, **server: Any) -> Proc:
     config = {
         "server": server,
         "health": {"interval": 0.3},
-        "engines": [{"name": "fake", "kind": "openai", "url": fake.url}],
+        "engines": [{"name": "fake", "kind": "openai", "url": fake_engine.url}],
         "models": [{"name": "fake", "routes": [{"engine": "fake"}]}],
         "auth": {"enabled": False},
     }
@@ -46,10 +38,10 @@ def limited_gateway(logs: Path, fake: Proc, name: str, **server: Any) -> Proc:
 
 
 @pytest.fixture(scope="module")
-def gw(logs_dir: Path, fake: Proc) -> Iterator[Proc]:
+def gw(logs_dir: Path, fake_engine: Proc) -> Iterator[Proc]:
     proc = limited_gateway(
         logs_dir,
-        fake,
+        fake_engine,
         "gw-limits",
         header_timeout=HEADER_TIMEOUT,
         body_timeout=BODY_TIMEOUT,
@@ -194,22 +186,25 @@ def test_idle_and_slow_connections_are_closed(gw: Proc) -> None:
         assert closed_within(sock, KEEPALIVE + 10) < KEEPALIVE + 5
 
 
-def test_connections_over_the_cap_get_503(logs_dir: Path, fake: Proc) -> None:
+def test_connections_over_the_cap_get_503(logs_dir: Path, fake_engine: Proc) -> None:
     admin_port = free_port()
-    gw = limited_gateway(logs_dir, fake, "gw-cap", max_connections=5, header_timeout=60, admin_port=admin_port)
+    gw = limited_gateway(logs_dir, fake_engine, "gw-cap", max_connections=5, header_timeout=60, admin_port=admin_port)
     try:
         held = [connect(gw.port) for _ in range(5)]
-        time.sleep(0.3)  # accepted by the worker
-        with connect(gw.port) as sock:
-            sock.sendall(b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n")
-            status, headers, body = read_response(sock)
-        assert status == 503 and headers["retry-after"] == "1"
+
+        def sixth() -> tuple[int, dict[str, str], bytes]:
+            with connect(gw.port) as sock:
+                sock.sendall(b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n")
+                return read_response(sock)
+
+        # once the worker has accepted the five held connections
+        _, headers, body = eventually(sixth, lambda answer: answer[0] == 503, timeout=20, what="a sixth refused")
+        assert headers["retry-after"] == "1"
         assert json.loads(body)["error"]["code"] == "too_many_connections"
         # The admin listener is not counted: metrics stay readable during a flood.
         assert httpx.get(f"http://127.0.0.1:{admin_port}/metrics", timeout=10).status_code == 200
         for sock in held:
             sock.close()
-        time.sleep(0.3)
-        assert httpx.get(gw.url + "/v1/models", timeout=10).status_code == 200
+        eventually(lambda: httpx.get(gw.url + "/v1/models", timeout=10).status_code, lambda st: st == 200, timeout=20)
     finally:
         gw.stop()

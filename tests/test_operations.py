@@ -10,7 +10,6 @@ import ipaddress
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +21,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.conftest import require
-from tests.procs import TINY_MODEL, Proc, cpu_engine, fake_upstream, free_port, gateway, write_config
-from tests.redis_fixtures import RedisServer
-
-ADMIN_KEY = "admin-secret-for-operations-tests"
+from testkit.ci import require
+from testkit.keyed import ADMIN_KEY
+from testkit.poll import eventually
+from testkit.procs import TINY_MODEL, Proc, cpu_engine, free_port, gateway, write_config
+from testkit.redis_server import RedisServer
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:
@@ -55,28 +54,19 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-@pytest.fixture(scope="module")
-def fake(logs_dir: Path) -> Iterator[Proc]:
-    proc = fake_upstream(logs_dir, "--model", "fake", "--chunks", "4", name="fake-ops").start()
-    try:
-        yield proc.wait_healthy()
-    finally:
-        proc.stop()
-
-
-def fake_config(fake: Proc, **server: Any) -> dict[str, Any]:
+def fake_config(fake_engine: Proc, **server: Any) -> dict[str, Any]:
     return {
         "server": server,
         "health": {"interval": 0.3},
-        "engines": [{"name": "fake", "kind": "openai", "url": fake.url}],
+        "engines": [{"name": "fake", "kind": "openai", "url": fake_engine.url}],
         "models": [{"name": "fake", "routes": [{"engine": "fake"}]}],
         "auth": {"enabled": False},
     }
 
 
-def test_tls_through_the_openai_sdk_and_to_an_https_engine(logs_dir: Path, tmp_path: Path, fake: Proc) -> None:
+def test_tls_through_the_openai_sdk_and_to_an_https_engine(logs_dir: Path, tmp_path: Path, fake_engine: Proc) -> None:
     cert, key = self_signed(tmp_path)
-    front = gateway(logs_dir, fake_config(fake, tls={"cert": str(cert), "key": str(key)}), name="tls")
+    front = gateway(logs_dir, fake_config(fake_engine, tls={"cert": str(cert), "key": str(key)}), name="tls")
     front.start()
     https = f"https://127.0.0.1:{front.port}"
     try:
@@ -120,9 +110,12 @@ def test_tls_through_the_openai_sdk_and_to_an_https_engine(logs_dir: Path, tmp_p
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
             # Without the CA file the certificate is not trusted: the engine never becomes healthy.
             unverified.wait_healthy("/health", timeout=60)
-            time.sleep(1.5)
+            eventually(
+                lambda: "CERTIFICATE_VERIFY_FAILED" in unverified.log_path.read_text(),
+                timeout=30,
+                what="a refused check",
+            )
             assert httpx.get(unverified.url + "/ready", timeout=5).status_code == 503
-            assert "CERTIFICATE_VERIFY_FAILED" in unverified.log_path.read_text()
         finally:
             back.stop()
             unverified.stop()
@@ -130,9 +123,11 @@ def test_tls_through_the_openai_sdk_and_to_an_https_engine(logs_dir: Path, tmp_p
         front.stop()
 
 
-def test_admin_listener_is_split_from_the_public_one(logs_dir: Path, fake: Proc, redis_server: RedisServer) -> None:
+def test_admin_listener_is_split_from_the_public_one(
+    logs_dir: Path, fake_engine: Proc, redis_server: RedisServer
+) -> None:
     admin_port = free_port()
-    cfg = fake_config(fake, admin_port=admin_port)
+    cfg = fake_config(fake_engine, admin_port=admin_port)
     cfg["redis"] = {"url": redis_server.url, "timeout": 1.0}
     cfg["auth"] = {"enabled": True}
     gw = gateway(logs_dir, cfg, name="admin-split", env={"GATEWAY_ADMIN_KEY": ADMIN_KEY}).start()
@@ -160,9 +155,9 @@ def test_admin_listener_is_split_from_the_public_one(logs_dir: Path, fake: Proc,
         gw.stop()
 
 
-def test_readiness_per_model(logs_dir: Path, fake: Proc) -> None:
+def test_readiness_per_model(logs_dir: Path, fake_engine: Proc) -> None:
     dead = free_port()  # nothing listens there
-    cfg = fake_config(fake)
+    cfg = fake_config(fake_engine)
     cfg["engines"].append({"name": "dead", "kind": "openai", "url": f"http://127.0.0.1:{dead}"})
     cfg["models"].append({"name": "down", "routes": [{"engine": "dead"}]})
     gw = gateway(logs_dir, cfg, name="ready-models").start()

@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import require
-from tests.procs import TINY_MODEL, Proc, all_healthy, fake_upstream, gateway
+from testkit.ci import require
+from testkit.procs import TINY_MODEL, Proc, all_healthy, fake_upstream, gateway
 
 LIMIT = 1000
 

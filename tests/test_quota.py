@@ -23,7 +23,7 @@ from gateway.access.quota import Admission, Quota
 from gateway.access.quota_windows import reset_after, window
 from gateway.core.errors import GatewayError
 from gateway.resp.client import RespClient
-from tests.redis_fixtures import RedisServer
+from testkit.redis_server import RedisServer
 
 Body = Callable[[KeyStore, Quota, aioredis.Redis], Awaitable[Any]]
 T = datetime(2030, 1, 15, 12, 0, 10, tzinfo=UTC).timestamp()  # 50 s before the minute turns

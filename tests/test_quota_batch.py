@@ -9,7 +9,7 @@ import redis.asyncio as aioredis
 from gateway.access.keys import KeyStore
 from gateway.access.quota import Quota
 from gateway.access.quota_windows import window
-from tests.redis_fixtures import RedisServer
+from testkit.redis_server import RedisServer
 from tests.test_quota import MODEL, T, new_key, refused, run
 
 

@@ -15,8 +15,8 @@ from gateway.resp.client import RespClient
 from gateway.resp.cluster import ClusterClient
 from gateway.resp.connect import build_clients, lean_client, parse_redis_url
 from gateway.resp.subscriber import Event, Subscriber
-from tests.redis_cluster import RedisCluster
-from tests.redis_fixtures import RedisServer
+from testkit.redis_cluster import RedisCluster
+from testkit.redis_server import RedisServer
 
 CHANNEL = "gw:routes:changed"
 

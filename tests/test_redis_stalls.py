@@ -22,10 +22,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import require
-from tests.keyed import admin, create_key, start_gateway
-from tests.procs import Proc, fake_upstream, free_port
-from tests.redis_fixtures import RedisServer
+from testkit.ci import require
+from testkit.keyed import admin, create_key, start_gateway
+from testkit.procs import Proc, fake_upstream, free_port
+from testkit.redis_server import RedisServer
 
 REDIS_TIMEOUT = 0.5
 MARGIN = 0.75

@@ -19,10 +19,10 @@ import httpx
 import pytest
 
 from gateway.proxy.resume import SoFar, Splice, Transcript, continuation, read_transcript
-from tests.conftest import require
-from tests.keyed import ADMIN_KEY, admin, create_key
-from tests.procs import TINY_MODEL, Proc, all_healthy, fake_upstream, gateway, worker
-from tests.redis_fixtures import RedisServer
+from testkit.ci import require
+from testkit.keyed import ADMIN_KEY, admin, create_key
+from testkit.procs import TINY_MODEL, Proc, all_healthy, fake_upstream, gateway, worker
+from testkit.redis_server import RedisServer
 
 STREAMS = 20
 MAX_TOKENS = 160

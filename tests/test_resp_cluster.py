@@ -16,8 +16,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.resp.client import RespClient, Script
 from gateway.resp.cluster import ClusterClient
-from tests.redis_cluster import ClusterNode, RedisCluster
-from tests.redis_fixtures import RedisServer
+from testkit.poll import eventually_async
+from testkit.redis_cluster import ClusterNode, RedisCluster
+from testkit.redis_server import RedisServer
 
 INCR = Script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
 TWO_KEYS = Script("redis.call('SET', KEYS[1], ARGV[1]); redis.call('SET', KEYS[2], ARGV[1]); return 1")
@@ -160,7 +161,11 @@ def test_failover_under_traffic(redis_cluster: RedisCluster) -> None:
                     await asyncio.sleep(0.05)
 
         tasks = [asyncio.create_task(traffic()) for _ in range(4)]
-        await asyncio.sleep(0.3)
+
+        async def served() -> int:
+            return outcomes["ok"]
+
+        await eventually_async(served, lambda n: n >= 8, what="calls served before the failover")
         promoted = await asyncio.to_thread(redis_cluster.kill_master, master)
         before = outcomes["ok"]
         target = before + 20

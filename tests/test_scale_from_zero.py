@@ -22,8 +22,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import require
-from tests.procs import TINY_MODEL, Proc, free_port, gateway, worker
+from testkit.ci import require
+from testkit.procs import TINY_MODEL, Proc, free_port, gateway, worker
 from tests.test_discovery import NAME, TinyDns
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,38 +16,22 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import require
-from tests.procs import TINY_MODEL, Proc, child_pid_listening_on, cpu_engine, fake_upstream, free_port, gateway
+from testkit.ci import require
+from testkit.metrics import metric
+from testkit.procs import TINY_MODEL, Proc, child_pid_listening_on, cpu_engine, free_port, gateway
 
 IDLE_STOP = 2.0
 
 
-def labelled(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 @pytest.fixture(scope="module")
-def fake(logs_dir: Path) -> Iterator[Proc]:
-    proc = fake_upstream(logs_dir, "--model", "fake", "--chunks", "3", name="fake-s2z").start()
-    try:
-        yield proc.wait_healthy()
-    finally:
-        proc.stop()
-
-
-@pytest.fixture(scope="module")
-def gw(logs_dir: Path, fake: Proc) -> Iterator[Proc]:
+def gw(logs_dir: Path, fake_engine: Proc) -> Iterator[Proc]:
     require((TINY_MODEL / "config.json").exists(), "tiny model missing")
     port = free_port()
     config = {
         "health": {"interval": 0.3},
         "engines": [
             {**cpu_engine("a", port), "idle_stop": IDLE_STOP, "cold_start_timeout": 90},
-            {"name": "fake", "kind": "openai", "url": fake.url},
+            {"name": "fake", "kind": "openai", "url": fake_engine.url},
         ],
         "models": [
             {"name": "tiny", "routes": [{"engine": "a"}]},
@@ -99,12 +83,12 @@ def test_an_idle_engine_stops_and_a_request_wakes_it(gw: Proc) -> None:
     r = complete(gw)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
     after = metrics(gw)
-    assert labelled(after, "gateway_engine_cold_starts_total", engine="a") == (
-        labelled(before, "gateway_engine_cold_starts_total", engine="a") + 1
+    assert metric(after, "gateway_engine_cold_starts_total", engine="a") == (
+        metric(before, "gateway_engine_cold_starts_total", engine="a") + 1
     )
-    waited = labelled(after, "gateway_cold_start_wait_seconds_sum", model="tiny")
-    assert waited - labelled(before, "gateway_cold_start_wait_seconds_sum", model="tiny") > 0.1
-    assert labelled(after, "gateway_engine_state", engine="a", state="healthy") == 1
+    waited = metric(after, "gateway_cold_start_wait_seconds_sum", model="tiny")
+    assert waited - metric(before, "gateway_cold_start_wait_seconds_sum", model="tiny") > 0.1
+    assert metric(after, "gateway_engine_state", engine="a", state="healthy") == 1
 
 
 def test_twenty_requests_during_a_cold_start_cause_one_start(gw: Proc) -> None:
@@ -120,11 +104,11 @@ def test_twenty_requests_during_a_cold_start_cause_one_start(gw: Proc) -> None:
     assert [r.status_code for r in responses] == [200] * 20
     assert starts(gw) == before_starts + 1
     after = metrics(gw)
-    assert labelled(after, "gateway_engine_cold_starts_total", engine="a") == (
-        labelled(before, "gateway_engine_cold_starts_total", engine="a") + 1
+    assert metric(after, "gateway_engine_cold_starts_total", engine="a") == (
+        metric(before, "gateway_engine_cold_starts_total", engine="a") + 1
     )
-    assert labelled(after, "gateway_cold_start_wait_seconds_count", model="tiny") == (
-        labelled(before, "gateway_cold_start_wait_seconds_count", model="tiny") + 20
+    assert metric(after, "gateway_cold_start_wait_seconds_count", model="tiny") == (
+        metric(before, "gateway_cold_start_wait_seconds_count", model="tiny") + 20
     )
 
 

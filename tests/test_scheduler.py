@@ -23,32 +23,30 @@ import pytest
 from gateway.access.key_fields import validate_key_fields
 from gateway.access.keys import ApiKey, decode_record, encode_fields
 from gateway.core.errors import GatewayError
-from tests.procs import TINY_MODEL, Proc, fake_upstream, gateway
-from tests.redis_fixtures import RedisServer
+from testkit.keyed import ADMIN_KEY, admin, create_key, keyed_gateway
+from testkit.metrics import scrape
+from testkit.poll import eventually_async
+from testkit.procs import TINY_MODEL, Proc, fake_upstream, gateway, running
+from testkit.redis_server import RedisServer
 
-ADMIN_KEY = "admin-secret-for-scheduler-tests"
 TINY = "tiny-llama"
 SERVICE_S = 0.4  # the `fixed` engine: 2 slots, each request holds one 400 ms
 
 
 @pytest.fixture(scope="module")
 def fixed(logs_dir: Path) -> Iterator[Proc]:
-    proc = fake_upstream(logs_dir, "--chunks", "4", "--capacity", "2", "--service-ms", "400", name="fixed")
-    proc.start()
-    try:
-        yield proc.wait_healthy()
-    finally:
-        proc.stop()
+    with running(
+        fake_upstream(logs_dir, "--chunks", "4", "--capacity", "2", "--service-ms", "400", name="fixed")
+    ) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")
 def learn(logs_dir: Path) -> Iterator[Proc]:
-    proc = fake_upstream(logs_dir, "--chunks", "4", "--capacity", "3", "--service-ms", "300", name="learn")
-    proc.start()
-    try:
-        yield proc.wait_healthy()
-    finally:
-        proc.stop()
+    with running(
+        fake_upstream(logs_dir, "--chunks", "4", "--capacity", "3", "--service-ms", "300", name="learn")
+    ) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +57,7 @@ def module_gw(
         "health": {"interval": 0.2},
         "redis": {"url": redis_session.url, "timeout": 1.0},
         "auth": {"enabled": True, "default_max_tokens": 16},
-        "scheduler": {"max_queue_wait": 20},
+        "scheduler": {"max_queue_wait": 120},  # the CPU engine is slow on a busy machine
         "engines": [
             {"name": "fixed", "kind": "openai", "url": fixed.url, "max_inflight": 2},
             {"name": "learn", "kind": "openai", "url": learn.url},  # capacity learned
@@ -71,11 +69,8 @@ def module_gw(
             {"name": TINY, "routes": [{"engine": "tiny", "model": TINY}], "tokenizer": str(TINY_MODEL)},
         ],
     }
-    proc = gateway(logs_dir, config, name="sched-gw", env={"GATEWAY_ADMIN_KEY": ADMIN_KEY}).start()
-    try:
-        yield proc.wait_healthy("/ready", timeout=60)
-    finally:
-        proc.stop()
+    with keyed_gateway(logs_dir, config, "sched-gw") as proc:
+        yield proc
 
 
 @pytest.fixture
@@ -84,30 +79,10 @@ def gw(module_gw: Proc, redis_server: RedisServer) -> Proc:
     return module_gw
 
 
-def admin(gw: Proc, method: str, path: str, body: Any = None) -> httpx.Response:
-    return httpx.request(method, gw.url + path, json=body, headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=10)
-
-
-def create_key(gw: Proc, **fields: Any) -> tuple[str, str]:
-    r = admin(gw, "POST", "/admin/keys", {"name": "sched", **fields})
-    assert r.status_code == 201, r.text
-    return r.json()["id"], r.json()["key"]
-
-
 def stats(fake: Proc, reset: bool = False) -> dict[str, Any]:
     if reset:
         httpx.post(fake.url + "/stats/reset", timeout=5)
     return dict(httpx.get(fake.url + "/stats", timeout=5).json())
-
-
-def metric_sum(gw: Proc, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in httpx.get(gw.url + "/metrics", timeout=5).text.splitlines():
-        if line.startswith(name) and line[len(name)] in "{ ":
-            head, value = line.rsplit(" ", 1)
-            if all(f'{k}="{v}"' in head for k, v in labels.items()):
-                total += float(value)
-    return total
 
 
 def body(model: str, tag: str, stream: bool = True, **extra: Any) -> dict[str, Any]:
@@ -178,8 +153,8 @@ def test_idle_engines_add_nothing(gw: Proc, fixed: Proc) -> None:
     """Below capacity no request enters a queue: no dispatch, no queue wait, straight through."""
     _, secret = create_key(gw)
     stats(fixed, reset=True)
-    dispatched = metric_sum(gw, "gateway_dispatches_total")
-    waits = metric_sum(gw, "gateway_queue_wait_seconds_count")
+    dispatched = scrape(gw.url, "gateway_dispatches_total")
+    waits = scrape(gw.url, "gateway_queue_wait_seconds_count")
 
     async def run() -> None:
         async with httpx.AsyncClient(timeout=30) as client:
@@ -191,9 +166,9 @@ def test_idle_engines_add_nothing(gw: Proc, fixed: Proc) -> None:
                 await asyncio.sleep(0.05)
 
     asyncio.run(run())
-    assert metric_sum(gw, "gateway_dispatches_total") == dispatched
-    assert metric_sum(gw, "gateway_queue_wait_seconds_count") == waits
-    assert metric_sum(gw, "gateway_queued_requests") == 0
+    assert scrape(gw.url, "gateway_dispatches_total") == dispatched
+    assert scrape(gw.url, "gateway_queue_wait_seconds_count") == waits
+    assert scrape(gw.url, "gateway_queued_requests") == 0
     engine = stats(fixed)
     assert engine["served"] == 9 and engine["max_running"] == 2 and engine["max_waiting"] == 0
     view = admin(gw, "GET", "/admin/models/fixed").json()["scheduler"]
@@ -207,7 +182,7 @@ def test_a_flood_does_not_delay_another_key(gw: Proc, fixed: Proc) -> None:
     _, flooder = create_key(gw)
     _, polite = create_key(gw)
     stats(fixed, reset=True)
-    dispatched = metric_sum(gw, "gateway_dispatches_total", band="normal")
+    dispatched = scrape(gw.url, "gateway_dispatches_total", band="normal")
 
     async def run() -> tuple[int, float, list[float]]:
         async with httpx.AsyncClient(timeout=60) as client:
@@ -224,8 +199,8 @@ def test_a_flood_does_not_delay_another_key(gw: Proc, fixed: Proc) -> None:
     assert engine["order"].index("B") - served <= 1, engine["order"]
     assert sum(done > polite_done for done in flood_done) >= 8
     assert engine["max_running"] == 2 and engine["max_waiting"] == 0  # the engine's queue never used
-    assert metric_sum(gw, "gateway_dispatches_total", band="normal") - dispatched == 11
-    assert metric_sum(gw, "gateway_queue_wait_seconds_count", band="normal") >= 11
+    assert scrape(gw.url, "gateway_dispatches_total", band="normal") - dispatched == 11
+    assert scrape(gw.url, "gateway_queue_wait_seconds_count", band="normal") >= 11
 
 
 def test_a_high_priority_key_overtakes_a_queue_of_normal_ones(gw: Proc, fixed: Proc) -> None:
@@ -248,7 +223,7 @@ def test_a_high_priority_key_overtakes_a_queue_of_normal_ones(gw: Proc, fixed: P
     order = stats(fixed)["order"]
     # both high requests got the next two slots (a third at most, if one freed as they arrived)
     assert order[served : served + 3].count("H") == 2, order
-    assert metric_sum(gw, "gateway_dispatches_total", band="high") >= 1
+    assert scrape(gw.url, "gateway_dispatches_total", band="high") >= 1
 
 
 def test_the_gateway_never_exceeds_an_engines_capacity(gw: Proc, fixed: Proc) -> None:
@@ -302,7 +277,7 @@ def test_a_client_that_leaves_the_queue_holds_nothing(gw: Proc, fixed: Proc, red
             writer.close()
             await writer.wait_closed()
             await wait_queued(client, gw, "fixed", 0)
-            deadline = time.monotonic() + 2
+            deadline = time.monotonic() + 10
             while redis.zcard(leases) or usage()["day"]["tokens"]:
                 assert time.monotonic() < deadline, (redis.zcard(leases), usage())
                 await asyncio.sleep(0.02)
@@ -311,7 +286,7 @@ def test_a_client_that_leaves_the_queue_holds_nothing(gw: Proc, fixed: Proc, red
     asyncio.run(run())
     assert usage()["day"]["tokens"] == 0 and redis.zcard(leases) == 0
     assert "gone" not in stats(fixed)["order"]
-    assert metric_sum(gw, "gateway_client_disconnects_total", model="fixed") >= 1
+    assert scrape(gw.url, "gateway_client_disconnects_total", model="fixed") >= 1
     assert admin(gw, "GET", f"/admin/keys/{holder_id}/usage").json()["day"]["requests"] == 16
     redis.close()
 
@@ -382,11 +357,11 @@ def _admin() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def slow(logs_dir: Path) -> Iterator[Proc]:
-    proc = fake_upstream(logs_dir, "--chunks", "2", "--capacity", "1", "--service-ms", "2500", name="slow").start()
-    try:
-        yield proc.wait_healthy()
-    finally:
-        proc.stop()
+    with running(
+        # 6 s: the other requests queue and time out (after 1 s) long before it ends, even on a busy machine
+        fake_upstream(logs_dir, "--chunks", "2", "--capacity", "1", "--service-ms", "6000", name="slow")
+    ) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")
@@ -399,11 +374,8 @@ def bounded(logs_dir: Path, slow: Proc) -> Iterator[Proc]:
         "engines": [{"name": "slow", "kind": "openai", "url": slow.url, "max_inflight": 1}],
         "models": [{"name": "slow", "routes": [{"engine": "slow", "model": "fake"}]}],
     }
-    proc = gateway(logs_dir, config, name="bounded-gw").start()
-    try:
-        yield proc.wait_healthy("/ready", timeout=60)
-    finally:
-        proc.stop()
+    with running(gateway(logs_dir, config, name="bounded-gw"), "/ready", timeout=60) as proc:
+        yield proc
 
 
 def test_queue_full_and_queue_timeout(bounded: Proc, slow: Proc) -> None:
@@ -417,10 +389,10 @@ def test_queue_full_and_queue_timeout(bounded: Proc, slow: Proc) -> None:
                 return r.status_code, payload, r.headers.get("retry-after"), time.monotonic() - start
 
             running = asyncio.ensure_future(one("k"))
-            await asyncio.sleep(0.2)
+            await eventually_async(lambda: asyncio.to_thread(stats, slow), lambda st: st["running"] == 1)
             queued = [asyncio.ensure_future(one("k")) for _ in range(3)]
             deadline = time.monotonic() + 5
-            while metric_sum(bounded, "gateway_queued_requests") < 3:
+            while scrape(bounded.url, "gateway_queued_requests") < 3:
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.02)
             refused = await one("k")  # a fourth waiting request of the same user
@@ -435,7 +407,7 @@ def test_queue_full_and_queue_timeout(bounded: Proc, slow: Proc) -> None:
         assert status == 429 and error["code"] == "queue_timeout" and int(retry_after or 0) >= 1
         assert 0.9 < took < 3.0
     assert running[0] == 200
-    assert metric_sum(bounded, "gateway_queue_timeouts_total", band="normal") == 4
-    assert metric_sum(bounded, "gateway_queue_full_total", band="normal") == 1
-    assert metric_sum(bounded, "gateway_queued_requests") == 0
+    assert scrape(bounded.url, "gateway_queue_timeouts_total", band="normal") == 4
+    assert scrape(bounded.url, "gateway_queue_full_total", band="normal") == 1
+    assert scrape(bounded.url, "gateway_queued_requests") == 0
     assert stats(slow)["served"] == 1 and stats(slow)["max_waiting"] == 0

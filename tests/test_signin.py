@@ -22,11 +22,11 @@ import redis.asyncio as aioredis
 
 from gateway.access.team_fields import TEAM_FIELDS, validate_group_fields
 from gateway.access.teams import TeamStore
-from tests.conftest import require
-from tests.keyed import ADMIN_KEY
+from testkit.ci import require
+from testkit.keyed import ADMIN_KEY
+from testkit.procs import Proc, fake_upstream, free_port, write_config
+from testkit.redis_server import RedisServer
 from tests.oidc_provider import CONSOLE_CLIENT, CONSOLE_SECRET, RESOURCE, OidcProvider, SigningKey
-from tests.procs import Proc, fake_upstream, free_port, write_config
-from tests.redis_fixtures import RedisServer
 
 if importlib.util.find_spec("playwright") is not None:
     from playwright.sync_api import expect, sync_playwright

@@ -31,8 +31,8 @@ from gateway.store import (
 )
 from gateway.store.schema import POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS
 from gateway.store.sql_store import SqlStore
-from tests.procs import free_port
-from tests.store_fixtures import FakeClock, StoreEnv
+from testkit.procs import free_port
+from testkit.stores import FakeClock, StoreEnv
 
 MiB = 1 << 20
 

@@ -26,7 +26,7 @@ from gateway.store import (
     UnfinishedLinesError,
     open_store,
 )
-from tests.store_fixtures import FakeClock, StoreEnv
+from testkit.stores import FakeClock, StoreEnv
 
 ENDPOINT = "/v1/chat/completions"
 DAY = 86400

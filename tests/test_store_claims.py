@@ -8,7 +8,7 @@ from pathlib import Path
 import asyncpg
 
 from gateway.store.batches import ANALYZE_AFTER_LINES
-from tests.store_fixtures import FakeClock, StoreEnv, fresh_database
+from testkit.stores import FakeClock, StoreEnv, fresh_database
 from tests.test_store_batches import lines, ok, spec
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from gateway.store import ALL_OWNERS, InferenceRecord, RequestFilter
-from tests.store_fixtures import FakeClock, StoreEnv
+from testkit.stores import FakeClock, StoreEnv
 
 
 def test_responses_are_kept_per_owner_and_trimmed(store_env: StoreEnv) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 from gateway.store import AuditEntry, SpendQuery, SpendRow
-from tests.store_fixtures import StoreEnv
+from testkit.stores import StoreEnv
 
 H = 1_800_000_000 // 3600 * 3600  # an hour's start
 DAY = H // 86400 * 86400

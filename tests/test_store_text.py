@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from gateway.core.errors import GatewayError
-from tests.store_fixtures import StoreEnv
+from testkit.stores import StoreEnv
 
 
 def test_a_nul_never_reaches_postgresql(store_env: StoreEnv) -> None:

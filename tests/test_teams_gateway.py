@@ -18,9 +18,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.keyed import ADMIN_KEY, admin, start_gateway
-from tests.procs import Proc, fake_upstream
-from tests.redis_fixtures import RedisServer
+from testkit.keyed import ADMIN_KEY, admin, start_gateway
+from testkit.procs import Proc, fake_upstream
+from testkit.redis_server import RedisServer
 
 PRICES = {"input": 1000.0, "output": 2000.0, "cached_input": 500.0}  # per million tokens: easy sums
 

@@ -20,7 +20,7 @@ from gateway.access.team_fields import ORG_FIELDS, TEAM_FIELDS, validate_group_f
 from gateway.access.teams import Group, TeamStore
 from gateway.core.errors import GatewayError
 from gateway.resp.client import RespClient
-from tests.redis_fixtures import RedisServer
+from testkit.redis_server import RedisServer
 from tests.test_quota import MODEL, TIMEOUT, T, connect, refused
 
 

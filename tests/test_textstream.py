@@ -4,8 +4,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from engines.textstream import TextStream
-from tests.conftest import require
-from tests.procs import TINY_MODEL
+from testkit.ci import require
+from testkit.procs import TINY_MODEL
 
 TEXT = "Permission is hereby granted, free of charge — naïve café ☕ to any person obtaining a copy."
 

@@ -19,11 +19,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.batch_helpers import client, jsonl, wait_final
-from tests.keyed import ADMIN_KEY, create_key, start_gateway
+from testkit.batch import client, jsonl, wait_final
+from testkit.keyed import ADMIN_KEY, create_key, start_gateway
+from testkit.procs import Proc, fake_upstream, free_port, gateway
+from testkit.redis_server import RedisServer
 from tests.otlp_receiver import GrpcReceiver, HttpReceiver, Span
-from tests.procs import Proc, fake_upstream, free_port, gateway
-from tests.redis_fixtures import RedisServer
 
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"

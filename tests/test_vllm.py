@@ -18,10 +18,11 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import require
+from testkit.ci import require
+from testkit.metrics import metric, scrape
+from testkit.procs import ROOT, TINY_MODEL, Proc, child_pid_listening_on, cpu_engine, free_port, gateway
+from testkit.redis_server import RedisServer
 from tests.otlp_receiver import HttpReceiver
-from tests.procs import ROOT, TINY_MODEL, Proc, child_pid_listening_on, cpu_engine, free_port, gateway
-from tests.redis_fixtures import RedisServer
 
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 ADMIN = "vllm-test-admin"
@@ -101,14 +102,6 @@ def key(stack: tuple[Proc, int], redis_session: RedisServer) -> tuple[str, str]:
     )
     assert r.status_code == 201, r.text
     return r.json()["id"], r.json()["key"]
-
-
-def vllm_metric(port: int, name: str) -> float:
-    total = 0.0
-    for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def test_chat_and_completions_through_vllm_with_usage_accounted(stack: tuple[Proc, int], key: tuple[str, str]) -> None:
@@ -200,16 +193,7 @@ def test_mixed_pool_serves_one_model_from_both_engines(stack: tuple[Proc, int], 
         r = client.completions.create(model=MODEL, prompt="x", max_tokens=1)
         assert r.usage is not None
     metrics = httpx.get(gw.url + "/metrics").text
-    picked = {
-        engine: sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in metrics.splitlines()
-            if line.startswith("gateway_routing_decisions_total{")
-            and f'engine="{engine}"' in line
-            and f'model="{MODEL}"' in line
-        )
-        for engine in ("vllm-0", "cpu-0")
-    }
+    picked = {e: metric(metrics, "gateway_routing_decisions_total", engine=e, model=MODEL) for e in ("vllm-0", "cpu-0")}
     assert picked["vllm-0"] >= 5 and picked["cpu-0"] >= 5, picked
 
 
@@ -222,9 +206,9 @@ def test_disconnect_aborts_inside_vllm(stack: tuple[Proc, int], key: tuple[str, 
     ) as s:
         lines = s.iter_lines()
         assert next(lines).startswith("data: ")
-        assert vllm_metric(vllm_port, "vllm:num_requests_running") == 1
+        assert scrape(f"http://127.0.0.1:{vllm_port}", "vllm:num_requests_running") == 1
     deadline = time.monotonic() + 3
-    while vllm_metric(vllm_port, "vllm:num_requests_running") != 0:
+    while scrape(f"http://127.0.0.1:{vllm_port}", "vllm:num_requests_running") != 0:
         assert time.monotonic() < deadline, "vLLM still runs the abandoned request"
         time.sleep(0.05)
     # vLLM 0.32 has no abort counter; the running gauge dropping to 0 is its evidence of the abort.

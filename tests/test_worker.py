@@ -12,7 +12,8 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from tests.procs import TINY_MODEL, Proc, metric, worker
+from testkit.metrics import metric
+from testkit.procs import TINY_MODEL, Proc, running, worker
 
 MODEL = "tiny-llama"
 
@@ -298,14 +299,11 @@ def test_unknown_route_and_method(tiny_worker: Proc) -> None:
 
 @pytest.fixture(scope="module")
 def small_queue_worker(logs_dir: Path) -> Iterator[Proc]:
-    proc = worker(logs_dir, "--model", str(TINY_MODEL), "--max-waiting", "2", name="smallq").start()
-    try:
-        yield proc.wait_healthy()
-    finally:
-        proc.stop()
+    with running(worker(logs_dir, "--model", str(TINY_MODEL), "--max-waiting", "2", name="smallq")) as proc:
+        yield proc
 
 
-def running(proc: Proc) -> float:
+def requests_running(proc: Proc) -> float:
     return metric(httpx.get(proc.url + "/metrics").text, "engine_num_requests_running")
 
 
@@ -317,9 +315,9 @@ def test_streaming_disconnect_aborts_in_engine(small_queue_worker: Proc) -> None
     ):
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
-        assert running(small_queue_worker) == 1
+        assert requests_running(small_queue_worker) == 1
     gone = time.monotonic()
-    while running(small_queue_worker) != 0:
+    while requests_running(small_queue_worker) != 0:
         assert time.monotonic() - gone < 1.0, "the aborted stream still runs in the engine"
         time.sleep(0.02)
     assert metric(httpx.get(small_queue_worker.url + "/metrics").text, "engine_requests_aborted_total") >= 1
@@ -330,7 +328,7 @@ def test_non_streaming_disconnect_aborts_in_engine(small_queue_worker: Proc) -> 
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(small_queue_worker.url + "/v1/completions", json=body, timeout=1.0)
     gone = time.monotonic()
-    while running(small_queue_worker) != 0:
+    while requests_running(small_queue_worker) != 0:
         assert time.monotonic() - gone < 1.0, "the abandoned request still runs in the engine"
         time.sleep(0.02)
 

@@ -1,11 +1,10 @@
 """A private redis-server for tests (never the shared one on 6379): one per session, flushed per test.
 
-Registered as a plugin in tests/conftest.py: `pytest_plugins = ["tests.redis_fixtures"]`.
+Registered as a plugin in tests/conftest.py: `pytest_plugins = ["testkit.redis_server"]`.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -18,9 +17,8 @@ from typing import Self
 import pytest
 import redis
 
-from tests.procs import free_port
-
-IN_CI = os.environ.get("CI", "").lower() == "true"
+from testkit.ci import require
+from testkit.procs import free_port
 
 
 @dataclass
@@ -95,11 +93,8 @@ class RedisServer:
 @pytest.fixture(scope="session")
 def redis_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     binary = shutil.which("redis-server")
-    if binary is None:
-        # CI must never pass by skipping
-        if IN_CI:
-            pytest.fail("redis-server is not on PATH (required under CI)")
-        pytest.skip("redis-server is not on PATH")
+    require(binary is not None, "redis-server is not on PATH")
+    assert binary is not None
     server = RedisServer(binary, free_port(), tmp_path_factory.mktemp("redis")).start()
     try:
         yield server

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import threading
 
-from tests.procs import free_port
+from testkit.procs import free_port
 
 
 class TcpProxy:

@@ -1,7 +1,7 @@
 """The setup the fuzz suite (tests/test_fuzz.py) and the soak (bench/soak.py) attack: two gateway
 replicas with keys on, one private redis-server, one store (SQLite, or PostgreSQL), a fast fake engine; and the
 world on it (client keys, keys to patch and revoke, a file and a batch) that the strategies of
-tests/hostile.py aim at. `after_checks` is what must hold once the attack is over."""
+testkit/hostile.py aim at. `after_checks` is what must hold once the attack is over."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from typing import Any
 import httpx
 
 from gateway.observe.access_log import FIELDS
-from tests.hostile_http import BATCH_LINE, World
-from tests.keyed import ADMIN_KEY
-from tests.procs import TINY_MODEL, Proc, fake_upstream, gateway
-from tests.redis_fixtures import RedisServer
+from testkit.hostile_http import BATCH_LINE, World
+from testkit.keyed import ADMIN_KEY
+from testkit.procs import TINY_MODEL, Proc, fake_upstream, gateway
+from testkit.redis_server import RedisServer
 
 MODELS = ["fake", "counted", "canary", "lora-a"]
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import asyncpg
 import pytest
 
 from gateway.store import Store, open_store
-from tests.conftest import require
+from testkit.ci import require
 
 PG_SERVER = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432")
 
@@ -101,3 +102,16 @@ def store_env(request: pytest.FixtureRequest, tmp_path: Path) -> StoreEnv:
     url: str = request.getfixturevalue("postgres_url")
     asyncio.run(_reset_schema(url))
     return StoreEnv("postgresql", url, tmp_path)
+
+
+@contextmanager
+def sqlite_locked(env: StoreEnv) -> Iterator[None]:
+    """Another client holds the SQLite store's write lock for the block: every write waits, as
+    on a slow store."""
+    conn = sqlite3.connect(env.data_dir / "store.db", isolation_level=None)
+    conn.execute("BEGIN EXCLUSIVE")
+    try:
+        yield
+    finally:
+        conn.execute("COMMIT")
+        conn.close()

@@ -33,7 +33,7 @@ from an adapter starts with `[name]`, so a test can tell which adapter answered.
 /lora_stats` counts loads and unloads per adapter, refused loads, the most loaded at once, and
 unloads of an adapter while one of its requests ran (`unloaded_in_use`).
 
-    python bench/fake_upstream.py --port 9000 [--chunks 32] [--pace-ms 0] [--fail-status 0]
+    python testkit/fake_upstream.py --port 9000 [--chunks 32] [--pace-ms 0] [--fail-status 0]
                                   [--capacity 0] [--service-ms 0] [--first-token-ms -1]
                                   [--service-spread 0] [--delay-ms 0] [--count] [--record-trace] [--tools]
 """
@@ -172,7 +172,7 @@ class Loras:
     async def load_adapter(self, body: bytes) -> tuple[int, bytes]:
         request = _json_or_empty(body)
         name, path = request.get("lora_name"), request.get("lora_path")
-        if not name or not path:
+        if not isinstance(name, str) or not isinstance(path, str) or not name or not path:
             return 400, _vllm_error("Both 'lora_name' and 'lora_path' must be provided.", "InvalidUserInput", 400)
         if name == self.base:
             return 400, _vllm_error(
@@ -351,7 +351,8 @@ class FakeEngine:
                     b'"model":' + json.dumps(loras.base, separators=(",", ":")).encode(),
                     b'"model":' + json.dumps(model).encode(),
                 )
-                usage = self.usage if (request.get("stream_options") or {}).get("include_usage") else b""  # type: ignore[union-attr]
+                options = request.get("stream_options")
+                usage = self.usage if isinstance(options, dict) and options.get("include_usage") else b""
                 await send({"type": "http.response.body", "body": first + rest + usage + b"data: [DONE]\n\n"})
             else:
                 await _reply(send, 200, json.dumps(answer).encode())

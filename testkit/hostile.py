@@ -1,8 +1,8 @@
 """Hostile HTTP requests to the gateway as Hypothesis strategies, and what every answer must be.
 
 Shared by the property-based fuzz suite (tests/test_fuzz.py, a few thousand cases in CI) and the
-soak (bench/soak.py, 10,000). A `Case` (tests/hostile_http.py) is one raw request: method,
-request target (sent as is, not normalised), headers and body bytes (tests/hostile_json.py).
+soak (bench/soak.py, 10,000). A `Case` (testkit/hostile_http.py) is one raw request: method,
+request target (sent as is, not normalised), headers and body bytes (testkit/hostile_json.py).
 `cases` draws one for an area of the API; `problem` says what is wrong with its answer; `learn`
 remembers what a request created, so later cases aim at it.
 """
@@ -15,7 +15,7 @@ import httpx
 import orjson
 from hypothesis import strategies as st
 
-from tests.hostile_http import (
+from testkit.hostile_http import (
     MAX_LEARNED,
     Case,
     World,
@@ -30,7 +30,7 @@ from tests.hostile_http import (
     request_ids,
     segment,
 )
-from tests.hostile_json import dump, hostile, pick
+from testkit.hostile_json import dump, hostile, pick
 
 # ---- the operations ---------------------------------------------------------------------------
 
@@ -91,7 +91,8 @@ def cases(draw: st.DrawFn, world: World, area: str | None = None) -> Case:
     batches = segment(known(world.batch_ids))
     op = draw(st.sampled_from(AREAS[area] if area else [op for ops in AREAS.values() for op in ops]))
     admin = op.startswith(("key", "routes", "admin", "team", "org", "spend", "audit", "adapters", "cache"))
-    method, path, body, ctype = "GET", "/", None, b"application/json"
+    method, path, body = "GET", "/", None
+    ctype: bytes | None = b"application/json"
     if op in ("chat", "completions", "embeddings"):
         method = "POST"
         path = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings"}[op]

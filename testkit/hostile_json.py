@@ -1,4 +1,4 @@
-"""Hostile JSON for the fuzz suite (tests/hostile.py): bodies written by hand (`dump`), so they can
+"""Hostile JSON for the fuzz suite (testkit/hostile.py): bodies written by hand (`dump`), so they can
 hold what JSON cannot: NaN, Infinity, 1e999, integers of 400 digits, lone surrogates as escapes,
 invalid UTF-8, nesting past any parser's limit, duplicate keys, truncated text; and the strategies
 of hostile values and of endpoint bodies built from them."""

@@ -10,13 +10,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 
-from tests.procs import Proc, gateway
-from tests.store_fixtures import fresh_database
+from testkit.procs import Proc
+from testkit.stores import fresh_database
 
-ADMIN_KEY = "admin-secret-for-batch-tests"
 FINAL = ("completed", "failed", "expired", "cancelled")
 
 
@@ -28,21 +26,6 @@ def store_url(backend: str, tmp: Path) -> Iterator[dict[str, str]]:
         return
     with fresh_database("gateway_batch") as url:
         yield {"url": url}
-
-
-def start_gateway(logs: Path, config: dict[str, Any], name: str) -> Proc:
-    proc = gateway(logs, config, name=name, env={"GATEWAY_ADMIN_KEY": ADMIN_KEY}).start()
-    return proc.wait_healthy("/ready", timeout=90)
-
-
-def admin(gw: Proc, method: str, path: str, body: Any = None) -> httpx.Response:
-    return httpx.request(method, gw.url + path, json=body, headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=30)
-
-
-def create_key(gw: Proc, **fields: Any) -> tuple[str, str]:
-    r = admin(gw, "POST", "/admin/keys", {"name": "batch-test", **fields})
-    assert r.status_code == 201, r.text
-    return r.json()["id"], r.json()["key"]
 
 
 def client(gw: Proc, secret: str) -> openai.OpenAI:
@@ -89,9 +72,3 @@ def assert_each_once(ids: list[str], output: list[dict[str, Any]], errors: list[
     assert sorted(seen) == sorted(ids), (len(seen), len(ids))
     assert all(line["error"] is None and line["response"]["status_code"] == 200 for line in output)
     assert all(line["error"] is not None for line in errors)
-
-
-def usage(gw: Proc, key_id: str) -> dict[str, Any]:
-    r = admin(gw, "GET", f"/admin/keys/{key_id}/usage")
-    assert r.status_code == 200, r.text
-    return dict(r.json())

@@ -1,8 +1,9 @@
-"""Start and stop the project's real processes for tests: engine workers, gateways, redis."""
+"""Start and stop the project's real processes for tests and benches: engine workers, gateways, the fake engine."""
 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -14,15 +15,53 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = Path(os.environ.get("TINY_MODEL_DIR", ROOT / "engines" / "tiny_model" / "tiny-llama"))
 
 
-def free_port() -> int:
+# Ports for the processes tests start come from below the kernel's ephemeral range (32768-60999
+# on Linux), so no outgoing connection takes one between its choice and the process binding it,
+# and from a block of their own for each pytest-xdist worker (up to 8), so parallel workers never
+# choose the same one. Within a block the choice starts at random (two separate runs rarely meet)
+# and goes round, skipping ports something else holds.
+WORKER_BLOCKS = 8
+
+
+def worker_index() -> int:
+    """This pytest-xdist worker's number (gw3: 3), 0 outside xdist (a serial run, a bench)."""
+    name = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return int(name[2:]) % WORKER_BLOCKS if name[2:].isdigit() else 0
+
+
+def bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def port_block(first: int, size: int) -> Iterator[int]:
+    """Endless: the ports of this worker's block of `size` from `first`, from a random start."""
+    block = range(first + worker_index() * size, first + (worker_index() + 1) * size)
+    start = random.Random().randrange(size)
+    while True:
+        for i in range(size):
+            yield block[(start + i) % size]
+
+
+_ports = port_block(21_000, 1_375)  # 8 blocks: 21000-31999
+
+
+def free_port() -> int:
+    for _ in range(1_375):
+        port = next(_ports)
+        if bindable(port):
+            return port
+    raise RuntimeError("no free port in this worker's block")
 
 
 @dataclass
@@ -44,7 +83,9 @@ class Proc:
         self.proc = subprocess.Popen(self.args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         return self
 
-    def wait_healthy(self, path: str = "/health", timeout: float = 120.0) -> Proc:
+    def wait_healthy(self, path: str = "/health", timeout: float = 180.0) -> Proc:
+        """Polls `path` until 200; the default wait allows for several engines loading torch at once
+        on 2 cores (a parallel run starts one per worker)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc is not None
@@ -86,6 +127,16 @@ def worker(tmp: Path, *extra: str, name: str = "worker", port: int | None = None
 
 
 @contextmanager
+def running(proc: Proc, path: str = "/health", timeout: float = 180.0) -> Iterator[Proc]:
+    """Started and healthy for the block; stopped after it, whatever happens."""
+    proc.start()
+    try:
+        yield proc.wait_healthy(path, timeout)
+    finally:
+        proc.stop()
+
+
+@contextmanager
 def all_healthy(procs: dict[str, Proc]) -> Iterator[dict[str, Proc]]:
     """Start them all (so they load side by side), wait until each is healthy; stop them all after."""
     for p in procs.values():
@@ -97,14 +148,6 @@ def all_healthy(procs: dict[str, Proc]) -> Iterator[dict[str, Proc]]:
     finally:
         for p in procs.values():
             p.stop()
-
-
-def metric(text: str, name: str) -> float:
-    """The value of an unlabelled sample in Prometheus text."""
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{}"):
-            return float(line.rsplit(" ", 1)[1])
-    raise KeyError(name)
 
 
 def write_config(tmp: Path, name: str, config: dict[str, object]) -> Path:
@@ -141,7 +184,7 @@ def gateway(
 
 def fake_upstream(tmp: Path, *extra: str, name: str = "fake", port: int | None = None) -> Proc:
     port = port or free_port()
-    args = [sys.executable, str(ROOT / "bench" / "fake_upstream.py"), "--port", str(port), *extra]
+    args = [sys.executable, str(ROOT / "testkit" / "fake_upstream.py"), "--port", str(port), *extra]
     return Proc(name, args, port, tmp / f"{name}-{port}.log")
 
 
@@ -152,8 +195,6 @@ def cpu_engine(name: str, port: int, *args: str) -> dict[str, object]:
 
 def child_pid_listening_on(parent_pid: int, port: int) -> int:
     """The pid of the parent's child process started with `--port PORT` (a managed engine)."""
-    import psutil
-
     for child in psutil.Process(parent_pid).children(recursive=True):
         try:
             cmd = child.cmdline()
@@ -162,3 +203,14 @@ def child_pid_listening_on(parent_pid: int, port: int) -> int:
         if "--port" in cmd and cmd[cmd.index("--port") + 1] == str(port):
             return child.pid
     raise LookupError(f"no child of {parent_pid} serves port {port}")
+
+
+def tree_rss(p: psutil.Process) -> int:
+    """Resident memory of a process and all its descendants, in bytes."""
+    total = p.memory_info().rss
+    for child in p.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.Error:
+            continue
+    return total

@@ -3,15 +3,14 @@ replicas) on free local ports, made by `redis-cli --cluster create`; one per ses
 test. Helpers kill a master the way a crash does (SIGKILL) and wait until its replica has taken
 over, and restart a node (it rejoins as a replica of whoever owns its slots now).
 
-Registered as a plugin in tests/conftest.py: `pytest_plugins = [..., "tests.redis_cluster"]`.
+Registered as a plugin in tests/conftest.py: `pytest_plugins = [..., "testkit.redis_cluster"]`.
 """
 
 from __future__ import annotations
 
-import random
+import itertools
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,32 +20,28 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from tests.conftest import require
-from tests.redis_fixtures import RedisServer
+from testkit.ci import require
+from testkit.poll import eventually
+from testkit.procs import bindable, port_block
+from testkit.redis_server import RedisServer
 
 NODE_TIMEOUT_MS = 1500  # how long a silent master is given before its replica takes over
 BUS_OFFSET = 10_000  # the cluster bus listens on port + 10000
-MAX_PORT = 65_535 - BUS_OFFSET
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+_cluster_ports = port_block(10_000, 125)  # 8 blocks: 10000-10999, their buses 20000-20999
 
 
 def free_cluster_ports(count: int) -> list[int]:
-    """Ports p whose cluster-bus port p + 10000 is free too (so p <= 55535)."""
+    """Ports p whose cluster-bus port p + 10000 is free too, from this worker's block (below the
+    ephemeral range and free_port's blocks, which start at 21000)."""
     ports: list[int] = []
-    rng = random.Random()
-    while len(ports) < count:
-        port = rng.randint(20_000, MAX_PORT)
-        if port not in ports and port + BUS_OFFSET not in ports and _free(port) and _free(port + BUS_OFFSET):
+    for port in itertools.islice(_cluster_ports, 125):
+        if port not in ports and bindable(port) and bindable(port + BUS_OFFSET):
             ports.append(port)
-    return ports
+        if len(ports) == count:
+            return ports
+    raise RuntimeError(f"fewer than {count} free ports (and bus ports) in this worker's block")
 
 
 @dataclass
@@ -164,6 +159,18 @@ class RedisCluster:
             if role[0] in (b"slave", "slave") and int(role[2]) == master.port:
                 return node
         raise LookupError(f"master {master.port} ({master_id}) has no live replica")
+
+    def wait_replicated(self, master: ClusterNode, timeout: float = 10.0) -> None:
+        """Until the master's replica has received every write the master has (its replication
+        offset caught up), so a failover now loses nothing."""
+        replica = self.replica_of(master)
+        offset = int(master.info("replication")["master_repl_offset"])
+        eventually(
+            lambda: int(replica.info("replication")["slave_repl_offset"]),
+            lambda seen: seen >= offset,
+            timeout=timeout,
+            what=f"replica {replica.port} at offset {offset}",
+        )
 
     def kill_master(self, master: ClusterNode, timeout: float = 30.0) -> ClusterNode:
         """SIGKILL a master and wait until its replica is promoted and the cluster is ok again.

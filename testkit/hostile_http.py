@@ -1,4 +1,4 @@
-"""The pieces of a hostile request for the fuzz suite (tests/hostile.py): the world under test
+"""The pieces of a hostile request for the fuzz suite (testkit/hostile.py): the world under test
 (`World`: what exists on the gateways, so most cases reach deep into the handlers), the raw
 request (`Case`), and strategies for headers, path segments, query strings, the bodies of each
 endpoint and Files API uploads."""
@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import quote
 
 from hypothesis import strategies as st
 
-from tests.hostile_json import BOUNDARY_INTS, Raw, dump, hostile, json_body, long_text, maybe, pick, texts
+from testkit.hostile_json import BOUNDARY_INTS, Raw, dump, hostile, json_body, long_text, maybe, pick, texts
 
-MAX_LEARNED = 64  # ids remembered per kind (tests/hostile.py, learn)
+MAX_LEARNED = 64  # ids remembered per kind (testkit/hostile.py, learn)
 
 # ---- the world under test ---------------------------------------------------------------------
 
@@ -456,7 +457,7 @@ def batch_line(draw: st.DrawFn, chat_body: st.SearchStrategy[bytes]) -> bytes:
     kind = draw(st.sampled_from(["good", "good", "field", "body", "other"]))
     if kind == "other":
         return draw(pick(st.builds(dump, hostile), st.binary(max_size=30)))
-    items = {**BATCH_LINE, "custom_id": str(draw(st.integers(0, 3)))}
+    items: dict[str, Any] = {**BATCH_LINE, "custom_id": str(draw(st.integers(0, 3)))}
     if kind == "field":
         items[draw(st.sampled_from(list(items)))] = draw(hostile)
     elif kind == "body":
