@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from testkit.keyed import admin, create_key, start_gateway
+from testkit.metrics import metric
 from testkit.procs import Proc, fake_upstream
 from testkit.redis_server import RedisServer
 
@@ -125,7 +126,7 @@ def test_a_repeated_deterministic_request_is_a_hit_whole_and_streamed(gw: Proc, 
     assert runs(fake, "s1") == 1 and runs(fake, "u1") == hits_before == 1
     metrics = httpx.get(gw.url + "/metrics").text
     assert 'gateway_cache_requests_total{model="fake",result="hit"}' in metrics
-    assert 'gateway_requests_total{engine="cache"' in metrics
+    assert metric(metrics, "gateway_requests_total", engine="cache") >= 1
 
 
 def test_what_is_never_cached_and_the_header(gw: Proc, fake: Proc) -> None:

@@ -16,6 +16,7 @@ import pytest
 
 from testkit.ci import require
 from testkit.metrics import metric
+from testkit.poll import eventually
 from testkit.procs import ROOT, TINY_MODEL, Proc, worker
 
 MODEL = "tiny-llama"
@@ -128,19 +129,20 @@ def test_streaming_with_an_adapter(lora_worker: Proc) -> None:
 
 def test_load_unload_and_max_loras(lora_worker: Proc, lora_dir: Path) -> None:
     adapted = text_of(lora_worker, "code")
-    assert kv_total(lora_worker) == 2 * NUM_BLOCKS  # the base and its one resident adapter
+    # the base and its one resident adapter (the figures follow the engine's loop: polled)
+    eventually(lambda: kv_total(lora_worker), lambda v: v == 2 * NUM_BLOCKS, timeout=10, what="kv blocks")
     r = load(lora_worker, {"lora_name": "second", "lora_path": str(lora_dir / "second")})
     assert r.status_code == 200, r.text
     assert r.text == "Success: LoRA adapter 'second' added successfully."
     # One more than max_loras: registered like vLLM does, the least recently used one evicted.
-    assert kv_total(lora_worker) == 2 * NUM_BLOCKS
+    eventually(lambda: kv_total(lora_worker), lambda v: v == 2 * NUM_BLOCKS, timeout=10, what="kv blocks")
     names = {c["id"] for c in httpx.get(lora_worker.url + "/v1/models").json()["data"]}
     assert names == {MODEL, "code", "second"}
     assert text_of(lora_worker, "second") == adapted  # the same weights under another name
     started = time.monotonic()
     assert text_of(lora_worker, "code") == adapted  # loaded again on demand, evicting "second"
     print(f"an evicted adapter answered in {time.monotonic() - started:.2f}s (loaded again)")
-    assert kv_total(lora_worker) == 2 * NUM_BLOCKS
+    eventually(lambda: kv_total(lora_worker), lambda v: v == 2 * NUM_BLOCKS, timeout=10, what="kv blocks")
 
     again = load(lora_worker, {"lora_name": "second", "lora_path": str(lora_dir / "second")})
     assert "already been loaded" in vllm_error(again, 400, "InvalidUserInput")

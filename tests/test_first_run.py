@@ -7,6 +7,7 @@ set, and set-up scripts that show progress while pip and apt-get are silent."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import resource
@@ -73,7 +74,10 @@ def test_a_first_run_says_when_it_is_ready_and_when_it_stopped(
         gw.stop()
     log = gw.log_path.read_text().splitlines()
     assert len([line for line in log if "llm-gateway stopped" in line]) == 1
-    assert log and all(LOG_LINE.match(line) for line in log), "\n".join(log)
+    # Every line is a log line with its time and level, or an access log line (one JSON object).
+    access = [line for line in log if line.startswith('{"time":')]
+    assert "/admin/keys" in [json.loads(line)["path"] for line in access], access
+    assert log and all(LOG_LINE.match(line) for line in log if line not in access), "\n".join(log)
     # Nothing listens any more: the CLI without --wait fails at once with a clear message.
     late = keys_cli(gw.url, "list", "--wait", "0")
     _, err = late.communicate(timeout=60)

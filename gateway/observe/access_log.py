@@ -88,8 +88,25 @@ def fields_of(o: Observation) -> dict[str, Any]:
     }
 
 
+# JSON leaves U+0085, U+2028 and U+2029 unescaped, and so does orjson; but str.splitlines and many
+# log viewers break lines there, so a client's path could split (or forge) a line. Escaped, they
+# are the same JSON.
+_LINE_BREAKS = tuple((c.encode(), f"\\u{ord(c):04x}".encode()) for c in "\u0085\u2028\u2029")
+
+
 def json_line(o: Observation) -> bytes:
-    return orjson.dumps(fields_of(o)) + b"\n"
+    line = orjson.dumps(fields_of(o))
+    if not line.isascii():  # rare: a client's text beyond ASCII; only then looked at closely
+        for raw, escaped in _LINE_BREAKS:
+            line = line.replace(raw, escaped)
+    return line + b"\n"
+
+
+def json_text(text: str) -> str:
+    quoted = orjson.dumps(text)
+    for raw, escaped in _LINE_BREAKS:
+        quoted = quoted.replace(raw, escaped)
+    return quoted.decode()
 
 
 def _logfmt_value(value: Any) -> str:
@@ -99,7 +116,8 @@ def _logfmt_value(value: Any) -> str:
         return "true" if value else "false"
     text = str(value)
     if not text or any(c in text for c in ' ="\\') or not text.isprintable():
-        return orjson.dumps(text).decode()  # quoted, with escapes
+        # quoted, with escapes (U+2028 and U+2029 too: see json_line)
+        return json_text(text)
     return text
 
 
