@@ -326,7 +326,11 @@ def test_usage_history_and_engines_for_the_console(gws: tuple[Proc, Proc]) -> No
         ("fake", "openai", True),
     ]
     for engine in engines["data"]:
-        assert set(engine) == {"name", "kind", "url", "healthy", "outstanding", "waiting", "running", "kv_usage"}
+        assert set(engine) == {
+            *("name", "kind", "url", "healthy", "health_check", "breaker"),
+            *("outstanding", "waiting", "running", "kv_usage"),
+        }
+        assert engine["breaker"]["state"] == "closed" and engine["health_check"] is True
         assert engine["outstanding"] == 0 and engine["waiting"] >= 0 and 0 <= engine["kv_usage"] <= 1
     assert engines["data"][0]["url"].startswith("http://127.0.0.1:")
     assert admin(a, "GET", "/admin/engines", key=secret).status_code == 403

@@ -41,6 +41,12 @@ from gateway.settings import ModelSettings, Settings
 from gateway.store.service import StoreService
 
 
+# An admin call (a scan of the keys, a route write) is bounded by redis.timeout plus this: it does
+# more than one command, and a loaded machine's Redis answers a list of keys more slowly than an
+# admission; a stalled Redis still gets a 503 within about a second, not the client library's 10.
+ADMIN_MARGIN = 0.5
+
+
 @dataclass(frozen=True, slots=True)
 class RedisServices:
     """Keys, teams, quotas, the route store and sign-in sessions: everything of a process that
@@ -78,10 +84,10 @@ class RedisServices:
         sign_in = OidcSignIn(OidcProvider(oidc), clients.admin, r.prefix) if oidc is not None else None
         return cls(
             clients,
-            KeyStore(clients.admin, r.prefix, timeout=2 * r.timeout, admin_timeout=r.timeout),
+            KeyStore(clients.admin, r.prefix, timeout=2 * r.timeout, admin_timeout=r.timeout + ADMIN_MARGIN),
             TeamStore(clients.admin, r.prefix),
             quota,
-            RouteStore(clients.admin, clients.subscriber, r.prefix, router, engines, timeout=r.timeout),
+            RouteStore(clients.admin, clients.subscriber, r.prefix, router, engines, timeout=r.timeout + ADMIN_MARGIN),
             counter,
             alerts,
             sign_in,
