@@ -5,13 +5,17 @@ releases, on a real Redis and a real Redis Cluster."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
+import httpx
 import redis.asyncio as aioredis
 from redis.crc import key_slot
 
 from gateway.access.keys import KeyStore
 from gateway.access.quota import Quota
+from tests.keyed import admin, create_key, start_gateway
+from tests.procs import fake_upstream
 from tests.redis_cluster import RedisCluster
 from tests.redis_fixtures import RedisServer
 from tests.test_cluster_stores import Replica
@@ -57,3 +61,37 @@ def test_a_batch_is_one_call_per_slot_on_a_cluster(redis_cluster: RedisCluster) 
             assert usage["day"]["prompt_tokens"] == 21 and usage["day"]["completion_tokens"] == 15
 
     run_cluster(redis_cluster, body)
+
+
+def test_a_slot_is_free_before_the_client_has_its_answer(logs_dir: Path, redis_server: RedisServer) -> None:
+    """Clients of keys with max_concurrent 1, each sending its next request the moment it has the
+    previous answer, many at once (so releases share batches): never a concurrency refusal, and
+    every request counted once."""
+    up = fake_upstream(logs_dir, "--model", "fake", name="settle-fake").start().wait_healthy()
+    cfg = {
+        "redis": {"url": redis_server.url, "timeout": 1.0},
+        "auth": {"enabled": True},
+        "engines": [{"name": "fake", "kind": "openai", "url": up.url}],
+        "models": [{"name": "fake", "routes": [{"engine": "fake", "model": "fake"}]}],
+    }
+    gw = start_gateway(logs_dir, cfg, "gw-settle")
+    try:
+        keys = [create_key(gw, max_concurrent=1) for _ in range(12)]
+        body = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
+
+        async def client(secret: str) -> list[int]:
+            headers = {"authorization": f"Bearer {secret}"}
+            async with httpx.AsyncClient(timeout=30, headers=headers) as c:
+                return [(await c.post(gw.url + "/v1/chat/completions", json=body)).status_code for _ in range(25)]
+
+        async def all_clients() -> list[list[int]]:
+            return await asyncio.gather(*(client(secret) for _, secret in keys))
+
+        statuses = asyncio.run(all_clients())
+        assert all(s == 200 for one in statuses for s in one), statuses
+        for key_id, _ in keys:
+            usage = admin(gw, "GET", f"/admin/keys/{key_id}/usage").json()
+            assert usage["day"]["requests"] == 25
+    finally:
+        gw.stop()
+        up.stop()
