@@ -25,7 +25,8 @@ ran, or will still run: the command may sit in a socket buffer of a stalled Redi
 resumes. So every abandoned admission is cancelled in the background until Redis answers: the
 cancel undoes the admission if it ran, and otherwise leaves a tombstone that makes it refuse to
 run later. Either order nets to nothing, so no charge and no lease outlive a refused request.
-Releases that could not reach Redis are retried the same way (release is idempotent).
+Releases that could not reach Redis are retried the same way (release is idempotent). Releases
+leave in batches, those of one loop iteration in one script call (gateway/access/settle_batch.py).
 
 A batch line (`batch=True`, ARGV[10]) is charged like any request but rpm and max_concurrent do
 not apply to it: it adds no request to the minute window (which rpm reads) and its lease lives in
