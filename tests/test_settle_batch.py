@@ -14,10 +14,10 @@ from redis.crc import key_slot
 
 from gateway.access.keys import KeyStore
 from gateway.access.quota import Quota
-from tests.keyed import admin, create_key, start_gateway
-from tests.procs import fake_upstream
-from tests.redis_cluster import RedisCluster
-from tests.redis_fixtures import RedisServer
+from testkit.keyed import admin, create_key, start_gateway
+from testkit.procs import fake_upstream
+from testkit.redis_cluster import RedisCluster
+from testkit.redis_server import RedisServer
 from tests.test_cluster_stores import Replica
 from tests.test_cluster_stores import new_key as new_cluster_key
 from tests.test_cluster_stores import run as run_cluster
