@@ -49,7 +49,17 @@ from bench.servers import Server, Upstream
 from testkit import pyspy
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVERS = ("direct", "floor", "gateway", "gateway+quota", "gateway-noresume", "baseline", "baseline+quota", "litellm")
+SERVERS = (
+    "direct",
+    "floor",
+    "gateway",
+    "gateway+quota",
+    "gateway-noresume",
+    "baseline",
+    "baseline+quota",
+    "litellm",
+    "sglang",
+)
 SECTIONS = ("upstreams", "cpu", "paced", "hold", "workers", "profile")
 
 
@@ -91,6 +101,12 @@ class Bench:
                 self.notes.append(f"litellm not compared: {why}")
             else:
                 group.append(servers.litellm(tmp, url, core))
+        if "sglang" in self.args.servers:
+            why = servers.sglang_missing()
+            if why:
+                self.notes.append(f"sglang not compared: {why}")
+            else:
+                group.append(servers.sglang(tmp, url, core))
         return [s for s in group if s.name in self.args.servers]
 
     def record(self, r: Run, server: Server) -> None:

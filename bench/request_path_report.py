@@ -16,7 +16,18 @@ if TYPE_CHECKING:
 
 Figures = dict[str, Any]
 # Tables list the floor first, then the gateway variants, LiteLLM, and the upstream alone.
-ORDER = ("floor", "gateway", "gateway+quota", "litellm", "direct", "fake", "nginx")
+ORDER = (
+    "floor",
+    "gateway",
+    "gateway+quota",
+    "baseline",
+    "baseline+quota",
+    "sglang",
+    "litellm",
+    "direct",
+    "fake",
+    "nginx",
+)
 
 
 def med(values: list[float]) -> float:
@@ -54,6 +65,7 @@ def _cell(table: dict[tuple[int, str], dict[int, Run]], n: int, server: str, bas
         "rate": med([r.rps for r in runs]),
         "p50_ms": med([r.p50_ms for r in runs]),
         "p99_ms": med([r.p99_ms for r in runs]),
+        "redis_cmds": med([r.redis_cmds for r in runs]),
         "client_core_busy": med([r.client_core_busy for r in runs]),
         "failures": sum(r.failures for r in runs),
         "units": sum(r.units for r in runs),
@@ -210,6 +222,14 @@ def print_cpu(grid: Figures, client_core: str) -> None:
     quota = [f"c={n} {row['gateway+quota']['redis_cpu_ms']:.4f}" for n, row in grid.items() if "gateway+quota" in row]
     if quota:
         print("  of which Redis, in gateway+quota: " + ", ".join(quota) + " ms")
+    keyed = [s for s in names if "quota" in s]
+    for s in keyed:
+        cmds = [f"c={n} {row[s]['redis_cmds']:.2f}" for n, row in grid.items() if s in row]
+        print(f"  Redis commands per request, {s}: " + ", ".join(cmds))
+    print("latency p50 / p99, ms")
+    for n, row in grid.items():
+        cells = [f"{row[s]['p50_ms']:.2f} / {row[s]['p99_ms']:.2f}" if s in row else "-" for s in names]
+        print(f"{n:>7}" + "".join(f"{c:>22}" for c in cells))
     print(f"req/s (how busy core {client_core} was: the load generator, the upstream and Redis)")
     for n, row in grid.items():
         cells = [f"{row[s]['rate']:.0f} ({row[s]['client_core_busy']:.0%})" if s in row else "-" for s in names]

@@ -59,6 +59,7 @@ class Run:
     client_core_busy: float  # CPU of the load generator, upstream and Redis over the wall time: their core's load
     p50_ms: float = 0.0  # latency (cpu, workers) or gap between chunks (paced, hold)
     p99_ms: float = 0.0
+    redis_cmds: float = 0.0  # per unit: commands the server's Redis ran (cpu section)
     held: int = 0  # streams open at once
     completed: int = 0  # streams that ended with every chunk and [DONE]
     rss_before_mib: float = 0.0
@@ -105,15 +106,16 @@ async def closed_run(
         # Warm-up on the same session: the connections the measured run uses are open.
         await closed_loop(session, url, JSON_BODY, clients, requests=2 * clients, seconds=30)
         cpu0, redis0, up0 = server.cpu(), server.redis_cpu(), servers.cpu_seconds([upstream.process])
-        core0 = client_core_cpu(server, upstream)
+        core0, cmds0 = client_core_cpu(server, upstream), server.redis_commands()
         r = await closed_loop(session, url, JSON_BODY, clients, requests=requests, seconds=seconds)
+        cmds = server.redis_commands() - cmds0
         cpu, redis_cpu = server.cpu() - cpu0, server.redis_cpu() - redis0
         up, core = servers.cpu_seconds([upstream.process]) - up0, client_core_cpu(server, upstream) - core0
     n = max(r.requests, 1)
     return Run(
         section, server.name, round_, clients, r.requests, r.seconds, r.rps, r.failures, r.errors,
         cpu_ms=cpu / n * 1e3, redis_cpu_ms=redis_cpu / n * 1e3, upstream_cpu_ms=up / n * 1e3,
-        client_core_busy=core / r.seconds, p50_ms=r.p50_ms, p99_ms=r.p99_ms,
+        client_core_busy=core / r.seconds, p50_ms=r.p50_ms, p99_ms=r.p99_ms, redis_cmds=cmds / n,
     )  # fmt: skip
 
 

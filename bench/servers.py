@@ -7,7 +7,9 @@
 - `gateway+quota`: the same with keys and quotas on a private redis-server, whose CPU is counted with it;
 - `litellm`: LiteLLM's proxy (bench/setup-litellm.sh), master key only: its virtual keys need a database
   through Prisma, whose engines are downloaded from Prisma's own servers at first use (not a package
-  registry), which this machine cannot reach.
+  registry), which this machine cannot reach;
+- `sglang`: SGLang's router (Rust, bench/setup-sglang.sh), round robin over the one upstream, no auth and
+  no accounting: the compiled bare relay.
 
 Every process is started under `taskset -c CPUS`; the children a server starts inherit the mask.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,6 +37,8 @@ sys.path.insert(
 from bench.gateway_overhead import tree_cpu
 from bench.nginx_upstream import available as nginx_missing
 from bench.nginx_upstream import nginx_upstream
+from gateway.access import quota_scripts
+from gateway.resp.client import Script
 from testkit.procs import Proc, fake_upstream, free_port, tree_rss, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +46,15 @@ MODEL = "fake"
 ADMIN_KEY = "bench-admin"
 LITELLM_MASTER_KEY = "sk-bench-master"
 LITELLM = ROOT / ".venv-litellm" / "bin" / "litellm"
+SGLANG = ROOT / ".venv-sglang" / "bin" / "python"
+# What the quota scripts run inside Redis (commandstats counts those too). ZADD and PEXPIRE are also
+# sent on their own by the lease refresh, every lease_ttl / 3: none during a bench run.
+IN_SCRIPTS = frozenset(
+    name.lower()
+    for value in vars(quota_scripts).values()
+    if isinstance(value, Script)
+    for name in re.findall(r"redis\.call\('(\w+)'", value.source)
+)
 SCHEDSTAT = Path("/proc/self/schedstat").exists()
 # A key that is checked and counted on every request but never refused.
 UNLIMITED_KEY = {"name": "bench", "rpm": 10**9, "tpm": 10**12, "max_concurrent": 10**6, "daily_tokens": 10**15}
@@ -173,6 +187,20 @@ class Server:
     def redis_cpu(self) -> float:
         return cpu_seconds([self.redis.process]) if self.redis else 0.0
 
+    def redis_commands(self) -> int:
+        """Commands clients sent this server's Redis so far (0 without one): INFO commandstats counts
+        a script's own commands too, which are no round trips; this bench's INFO is left out."""
+        if not self.redis:
+            return 0
+        with redis.Redis(port=self.redis.port) as client:
+            stats = client.info("commandstats")
+        sent = 0
+        for name, figures in stats.items():
+            command = name.removeprefix("cmdstat_")
+            if command not in IN_SCRIPTS and command != "info":
+                sent += int(figures["calls"])
+        return sent
+
     def rss(self) -> int:
         """The server's own resident memory (its children included, its Redis not)."""
         return tree_rss(self.process)
@@ -290,3 +318,16 @@ def litellm(tmp: Path, upstream_url: str, cpus: str | None) -> Server:
     env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}
     proc = Proc("litellm", pinned(args, cpus), port, tmp / f"litellm-{port}.log", env=env)
     return Server("litellm", proc, "/health/liveliness", headers={"authorization": f"Bearer {LITELLM_MASTER_KEY}"})
+
+
+def sglang_missing() -> str | None:
+    return None if SGLANG.exists() else f"{SGLANG} is missing: run bench/setup-sglang.sh"
+
+
+def sglang(tmp: Path, upstream_url: str, cpus: str | None) -> Server:
+    """SGLang's router in front of the upstream (its /health answers the router's probes), round robin."""
+    port = free_port()
+    args = [str(SGLANG), "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port)]
+    args += ["--worker-urls", upstream_url, "--policy", "round_robin", "--log-level", "error"]
+    proc = Proc("sglang", pinned(args, cpus), port, tmp / f"sglang-{port}.log")
+    return Server("sglang", proc, "/liveness")

@@ -25,7 +25,8 @@ ran, or will still run: the command may sit in a socket buffer of a stalled Redi
 resumes. So every abandoned admission is cancelled in the background until Redis answers: the
 cancel undoes the admission if it ran, and otherwise leaves a tombstone that makes it refuse to
 run later. Either order nets to nothing, so no charge and no lease outlive a refused request.
-Releases that could not reach Redis are retried the same way (release is idempotent).
+Releases that could not reach Redis are retried the same way (release is idempotent). Releases
+leave in batches, those of one loop iteration in one script call (gateway/access/settle_batch.py).
 
 A batch line (`batch=True`, ARGV[10]) is charged like any request but rpm and max_concurrent do
 not apply to it: it adds no request to the minute window (which rpm reads) and its lease lives in
@@ -47,14 +48,13 @@ from dataclasses import dataclass, field
 from datetime import date, timedelta
 from typing import Any
 
-import hiredis
-
 from gateway.access.keys import REDIS_DOWN, ApiKey
 from gateway.access.levels import Level, levels_of, team_levels
 from gateway.access.local_limiter import LocalLimiter
 from gateway.access.quota_retry import PendingOps
-from gateway.access.quota_scripts import _ADMIT, _CANCEL, _RELEASE
+from gateway.access.quota_scripts import _ADMIT, _CANCEL, _RELEASE, _SETTLE
 from gateway.access.quota_windows import Window, rate_headers, refusal, refused_key, window
+from gateway.access.settle_batch import Release, SettleBatch
 from gateway.core.errors import Code, GatewayError, invalid, quota_unavailable
 from gateway.core.metrics import GatewayMetrics
 from gateway.core.request import ApiRequest
@@ -140,7 +140,7 @@ class Quota:
             raise ValueError(f"failure_mode must be 'closed' or 'open', not {failure_mode!r}")
         self.redis = redis
         self.currency = currency
-        redis.preload(_ADMIT, _RELEASE, _CANCEL)
+        redis.preload(_ADMIT, _RELEASE, _CANCEL, _SETTLE)
         self.prefix = prefix
         self.lease_ttl = lease_ttl
         self.failure_mode = failure_mode
@@ -155,6 +155,7 @@ class Quota:
         self._skip_until = 0.0
         self._down = False
         self._pending = PendingOps(redis, 4 * self.deadline)  # cancels and releases waiting for Redis
+        self.settles = SettleBatch(redis, self._release_failed)  # releases of one loop iteration, one call
 
     def levels(self, key: ApiKey) -> tuple[Level, ...]:
         if key.kind == "team" and key.team is not None:
@@ -249,26 +250,23 @@ class Quota:
         """Replace the reservation by the actual usage (tokens, and `spend` in nano-units) at every
         level. Idempotent: a repeat changes nothing.
 
-        Sent, not waited for: the request path only needs it to reach Redis before the client's
-        next request, and commands of one connection run in order. A failure is retried in the
-        background (`_released`); meanwhile the reservation stays counted (the safe side)."""
+        Batched, sent, not waited for: the releases of one loop iteration leave in one script call
+        (gateway/access/settle_batch.py), and this returns once that call has been handed to the
+        connection. The request path only needs it to reach Redis before the client's next
+        request, and commands of one connection run in order. A failure is retried in the
+        background; meanwhile the reservation stays counted (the safe side)."""
         if adm.local:
             self.local.release(adm.lease_id, prompt_tokens + completion_tokens)
             return
-        keys = adm.release_keys()
         delta = prompt_tokens + completion_tokens - adm.reserved
         args: list[str | int] = [adm.lease_id, delta, prompt_tokens, completion_tokens, spend - adm.money]
-        self.redis.send_script(_RELEASE, keys, args).add_done_callback(
-            lambda sent: self._released(sent, adm.lease_id, keys, args)
-        )
+        await self.settles.add((adm.lease_id, adm.release_keys(), args))
 
-    def _released(self, sent: asyncio.Future[Any], lease_id: str, keys: list[str], args: list[str | int]) -> None:
-        error = None if sent.cancelled() else sent.exception()
-        if sent.cancelled() or isinstance(error, REDIS_DOWN):
-            self._failed("release", error or TimeoutError("cancelled"))
-        elif error is None and not isinstance(sent.result(), hiredis.ReplyError):
-            return
+    def _release_failed(self, release: Release, error: BaseException | None) -> None:
+        if isinstance(error, (*REDIS_DOWN, TimeoutError)):  # TimeoutError: the send was cancelled
+            self._failed("release", error)
         # NOSCRIPT (Redis restarted) or Redis unreachable: run_script in the retry loads the script
+        lease_id, keys, args = release
         self._retry(lease_id, _RELEASE, keys, args)
 
     def _retry(self, lease_id: str, script: Script, keys: list[str], args: list[str | int]) -> None:
@@ -280,6 +278,7 @@ class Quota:
 
     async def close(self) -> None:
         """Stops the retries after one last try (a shutdown reconciles what it can)."""
+        self.settles.flush()
         await self._pending.close()
 
     async def refresh_leases(self, adms: Iterable[Admission]) -> None:

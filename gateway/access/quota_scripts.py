@@ -144,3 +144,36 @@ end
 redis.call('SET', KEYS[#KEYS], '1', 'EX', ARGV[3])
 return 0
 """)
+
+# Many releases in one call (gateway/access/settle_batch.py), each exactly as _RELEASE does it.
+# KEYS: each release's 4 per level (key first), one release after the other.
+# ARGV: per release 6: its number of levels, then _RELEASE's 5 (lease, tokens delta, prompt
+# tokens, completion tokens, spend delta). Returns how many releases were not repeats.
+_SETTLE = Script("""
+local k, done = 0, 0
+for a = 0, #ARGV - 1, 6 do
+  local n, lease = tonumber(ARGV[a + 1]), ARGV[a + 2]
+  if redis.call('ZREM', KEYS[k + 1], lease) == 1 then
+    done = done + 1
+    local delta, spend = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 6])
+    for o = k, k + 4 * (n - 1), 4 do
+      if o > k then redis.call('ZREM', KEYS[o + 1], lease) end
+      if delta ~= 0 and redis.call('EXISTS', KEYS[o + 2]) == 1 then
+        redis.call('HINCRBY', KEYS[o + 2], 'tokens', delta)
+      end
+      for i = 3, 4 do
+        if redis.call('EXISTS', KEYS[o + i]) == 1 then
+          if delta ~= 0 then redis.call('HINCRBY', KEYS[o + i], 'tokens', delta) end
+          if o == k then
+            redis.call('HINCRBY', KEYS[o + i], 'prompt_tokens', ARGV[a + 4])
+            redis.call('HINCRBY', KEYS[o + i], 'completion_tokens', ARGV[a + 5])
+          end
+          if spend ~= 0 then redis.call('HINCRBY', KEYS[o + i], 'spend', ARGV[a + 6]) end
+        end
+      end
+    end
+  end
+  k = k + 4 * n
+end
+return done
+""")
