@@ -40,7 +40,6 @@ from gateway.resp.connect import RedisClients, build_clients
 from gateway.settings import ModelSettings, Settings
 from gateway.store.service import StoreService
 
-
 # An admin call (a scan of the keys, a route write) is bounded by redis.timeout plus this: it does
 # more than one command, and a loaded machine's Redis answers a list of keys more slowly than an
 # admission; a stalled Redis still gets a 503 within about a second, not the client library's 10.
