@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import stat
 import sys
 import time
@@ -88,25 +89,25 @@ def fields_of(o: Observation) -> dict[str, Any]:
     }
 
 
-# JSON leaves U+0085, U+2028 and U+2029 unescaped, and so does orjson; but str.splitlines and many
-# log viewers break lines there, so a client's path could split (or forge) a line. Escaped, they
-# are the same JSON.
-_LINE_BREAKS = tuple((c.encode(), f"\\u{ord(c):04x}".encode()) for c in "\u0085\u2028\u2029")
+# JSON leaves DEL, the C1 controls (U+0080-U+009F), U+2028 and U+2029 unescaped, and so does
+# orjson; but they break or garble lines (str.splitlines splits at U+0085, U+2028 and U+2029;
+# terminals act on C1), so a client's path could split or forge a line. Escaped, the JSON is the same.
+_UNSAFE = re.compile(rb"\x7f|\xc2[\x80-\x9f]|\xe2\x80[\xa8\xa9]")
+
+
+def _escaped(match: re.Match[bytes]) -> bytes:
+    return b"\\u%04x" % ord(match.group().decode())
 
 
 def json_line(o: Observation) -> bytes:
     line = orjson.dumps(fields_of(o))
-    if not line.isascii():  # rare: a client's text beyond ASCII; only then looked at closely
-        for raw, escaped in _LINE_BREAKS:
-            line = line.replace(raw, escaped)
+    if not line.isascii() or b"\x7f" in line:  # rare: only then looked at closely
+        line = _UNSAFE.sub(_escaped, line)
     return line + b"\n"
 
 
 def json_text(text: str) -> str:
-    quoted = orjson.dumps(text)
-    for raw, escaped in _LINE_BREAKS:
-        quoted = quoted.replace(raw, escaped)
-    return quoted.decode()
+    return _UNSAFE.sub(_escaped, orjson.dumps(text)).decode()
 
 
 def _logfmt_value(value: Any) -> str:
