@@ -97,8 +97,9 @@ def translation_cost() -> None:
     )
     chunk = b'data: {"id":"c","object":"chat.completion.chunk","model":"fake","choices":[{"index":0,"delta":{"content":"x "},"finish_reason":null}]}\n\n'
 
-    def chat() -> None:
-        parse_request(body("chat", False), CHAT).upstream_body(MODEL)
+    def chat() -> None:  # what the exchange does for a chat request: parse, then the engine body
+        request = parse_request(body("chat", False), CHAT)
+        orjson.dumps({**request.body, "model": MODEL})
 
     def responses() -> None:
         t = ResponsesTranslation(parse_responses(orjson.loads(body("responses", False))), [], 0)
