@@ -130,9 +130,9 @@ async def _hooks_run(extra: dict[str, Any], requests: int) -> float:
             obs.note_outcome(200, None, usage, 0.001, "stop", False)
         trace_id = obs.exemplar() if obs is not None else None
         if trace_id is None:
-            latency("m", "v1").observe(0.01)
+            latency["m", "v1", "chat"].observe(0.01)
         else:
-            metrics.observe(latency, ("m", "v1"), 0.01, trace_id)
+            metrics.observe(latency, ("m", "v1", "chat"), 0.01, trace_id)
         if obs is not None:
             obs.status, obs.bytes_out = 200, 1000
             CURRENT.reset(token)
@@ -160,7 +160,7 @@ async def _empty_run(requests: int) -> float:
     latency = GatewayMetrics().latency_by
     start = time.process_time()
     for i in range(requests):
-        latency("m", "v1").observe(0.01)
+        latency["m", "v1", "chat"].observe(0.01)
         if i % 256 == 0:
             await asyncio.sleep(0)
     return (time.process_time() - start) / requests
