@@ -111,9 +111,7 @@ class KeyedAccess:
             # Without a cap the engine may write up to the context length: set one, so the
             # reservation bounds what the request can spend and a budget is never overspent.
             request.cap_max_tokens(self._settings.default_max_tokens)
-            prompt = request.prompt_tokens
-            if prompt is None:
-                prompt = request.prompt_tokens = await self._counter.count(request)
+            prompt = await self._counter.of(request)
         reserve = reservation(key, request, prompt or 0)
         price = self._prices.get(request.model)
         money = price.ceiling(prompt or 0, reserve - (prompt or 0)) if price is not None else 0
@@ -127,7 +125,7 @@ class KeyedAccess:
             raise
         self._in_flight[admission.lease_id] = admission
         headers = [(k.encode(), v.encode()) for k, v in admission.headers.items()]
-        return Grant(principal, request, admission, headers, prompt)
+        return Grant(principal, request, admission, headers)
 
     async def settle(self, grant: Grant, usage: Usage) -> Usage:
         admission: Admission | None = grant.admission
@@ -139,9 +137,7 @@ class KeyedAccess:
             # the prompt only when the engine got as far as writing something.
             prompt = 0
             if usage.completion_tokens and grant.request is not None:
-                prompt = (
-                    grant.prompt_tokens if grant.prompt_tokens is not None else await self._counter.count(grant.request)
-                )
+                prompt = await self._counter.of(grant.request)  # counted once: at admission when it was
             usage = Usage(prompt, usage.completion_tokens, exact=False)
         model = grant.request.model if grant.request is not None else ""
         price = self._prices.get(model)

@@ -43,7 +43,6 @@ class Grant:
     request: ApiRequest | None = None
     admission: Admission | None = None  # the quota's reservation, when one was made
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    prompt_tokens: int | None = None  # counted at admission, when the reservation needed it
     route: str | None = None  # the route that served it (set by the exchange before settling)
 
 

@@ -77,6 +77,13 @@ class PromptCounter:
         self._processes = processes
         self._pool: ProcessPoolExecutor | None = None
 
+    async def of(self, request: ApiRequest) -> int:
+        """The request's prompt tokens, counted once whoever asks first (the prompt bound, the
+        quota's reservation, the settle of an aborted request)."""
+        if request.prompt_tokens is None:
+            request.prompt_tokens = await self.count(request)
+        return request.prompt_tokens
+
     async def count(self, request: ApiRequest) -> int:
         """Prompt tokens of a request; big prompts are counted off the event loop."""
         if request.size < OFF_LOOP_BYTES:

@@ -316,7 +316,7 @@ def _cost(request: ApiRequest, grant: Grant | None, default_max_tokens: int) -> 
     admission = grant.admission if grant is not None else None
     if admission is not None and admission.reserved > 0:
         return float(admission.reserved)
-    prompt = grant.prompt_tokens if grant is not None and grant.prompt_tokens is not None else None
+    prompt = request.prompt_tokens  # counted at admission, when the reservation or the prompt bound needed it
     if prompt is None:
         prompt = request.size // BYTES_PER_TOKEN
     completion = 0

@@ -472,7 +472,7 @@ class Exchange:
         out.resumed += 1
         m.resumes_by[model, "resumed"].inc()
         log.info("request %s: stream resumed on engine %s after %s", self.request_id.decode(), engine.name, failed.name)
-        prompt = self.grant.prompt_tokens if self.grant is not None else None
+        prompt = request.prompt_tokens  # as counted at admission, when it was
         return response, Splice(so_far, prompt)
 
     def _resumes(self) -> bool:

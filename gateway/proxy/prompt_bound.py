@@ -29,9 +29,7 @@ async def bound_prompt(counter: PromptCounter, request: ApiRequest, limit: int) 
             param=param,
             code=Code.CONTEXT_LENGTH_EXCEEDED,
         )
-    tokens = request.prompt_tokens
-    if tokens is None:
-        tokens = request.prompt_tokens = await counter.count(request)
+    tokens = await counter.of(request)
     if tokens > limit:
         raise invalid(
             f"This model's prompt limit is {limit} tokens, but the prompt has {tokens} tokens. Shorten the prompt.",
