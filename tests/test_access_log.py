@@ -18,6 +18,7 @@ import pytest
 
 from gateway.observe.access_log import FIELDS
 from testkit.batch import client, jsonl, wait_final
+from testkit.poll import eventually
 from testkit.keyed import ADMIN_KEY, chat, create_key, start_gateway
 from testkit.procs import Proc, fake_upstream, gateway
 from testkit.redis_server import RedisServer
@@ -215,17 +216,27 @@ def test_logfmt_to_a_file_reopened_on_sighup_and_untrusted_forwarding_ignored(
         os.rename(log_file, rotated)
         assert gw.proc is not None
         os.kill(gw.proc.pid, signal.SIGHUP)  # the main process passes it to both workers
-        time.sleep(0.5)
-        for i in range(6):  # both workers serve some of them
-            headers = {"x-request-id": f"after-rotation-{i}"}
-            assert (
-                httpx.post(gw.url + "/v1/chat/completions", json=body, headers=headers, timeout=30).status_code == 200
+
+        def text(path: Path) -> str:
+            return path.read_text() if path.exists() else ""
+
+        # The signal reaches each worker in its own time (on two loaded cores, that can be
+        # seconds): rounds of six requests, until a whole round lands in the new file.
+        deadline = time.monotonic() + 60
+        for round_ in range(1000):
+            ids = [f"after-rotation-{round_}-{i}" for i in range(6)]
+            for request_id in ids:  # both workers serve some of them
+                r = httpx.post(gw.url + "/v1/chat/completions", json=body, headers={"x-request-id": request_id}, timeout=30)
+                assert r.status_code == 200
+            written = eventually(
+                lambda: (text(log_file), text(rotated)),
+                lambda files: all(f"request_id={x} " in files[0] + files[1] for x in ids),
+                what="every line written to one of the two files",
             )
-        deadline = time.monotonic() + 10
-        while (log_file.read_text() if log_file.exists() else "").count("after-rotation") < 6:
+            if all(f"request_id={x} " in written[0] for x in ids):
+                break
             assert time.monotonic() < deadline, "the lines after SIGHUP did not reach the new file"
-            time.sleep(0.1)
-        assert "after-rotation" not in rotated.read_text()
+        assert f"after-rotation-{round_}-" not in text(rotated)  # no line is written twice
         assert gw.proc.poll() is None  # SIGHUP stopped nothing
     finally:
         gw.stop()
