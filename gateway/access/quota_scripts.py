@@ -7,94 +7,135 @@ from __future__ import annotations
 
 from gateway.resp.client import Script
 
+MINUTE_TTL = 120  # seconds a window lives after its first request
+DAY_TTL = 40 * 86400
+MONTH_TTL = 400 * 86400
+LEASE_KEEP_MS = 3_600_000  # an expired lease is kept this long, so a late release still reconciles
+
 # KEYS: the tombstone, then 5 per level (key first): limits, minute, day, month, leases.
-# ARGV: now (ms), model, reserved tokens, lease, lease ms, lease keep ms, minute/day/month TTLs,
-# batch ('1' or '0'), reserved money (nanos).
-_ADMIT = Script("""
-if redis.call('EXISTS', KEYS[1]) == 1 then return {'cancelled'} end
+# ARGV (admit_args in gateway/access/quota.py): now (ms), model, reserved tokens, lease, the lease's
+# expiry (ms), the lease sets' TTL (ms), batch ('1' or '0'), reserved money (nanos).
+#
+# What a script costs is mostly its redis.calls (about 0.3 us each, a write more, a field read or
+# written about 0.1 us more) and the numbers it formats: a Lua number passed to redis.call is
+# printed by snprintf, so numbers used at every level come as text (the lease's expiry, TTLs). A
+# window the checks have read is written back in one HSET of its new values rather than one
+# HINCRBY per field. Those sums are exact while below 2^53 (Lua numbers are doubles); past it the
+# window falls back to HINCRBY (Redis's 64-bit integers). Either way a field holds the same
+# decimal integer.
+_ADMIT = Script(
+    f"""
+local MINUTE_TTL, DAY_TTL, MONTH_TTL, KEEP = '{MINUTE_TTL}', '{DAY_TTL}', '{MONTH_TTL}', {LEASE_KEEP_MS}
+"""
+    + """if redis.call('EXISTS', KEYS[1]) == 1 then return {'cancelled'} end
 local now = tonumber(ARGV[1])
-local reserve, money, lease = tonumber(ARGV[3]), tonumber(ARGV[11]), ARGV[4]
-local batch = ARGV[10] == '1'
+local reserve, money, lease = tonumber(ARGV[3]), tonumber(ARGV[8]), ARGV[4]
+local batch = ARGV[7] == '1'
 local n = (#KEYS - 1) / 5
 -- a missing field (false) and "" both mean null
 local function limit(v) if v and v ~= '' then return tonumber(v) end return -1 end
-local lim, win = {}, {}
+local function num(v) return tonumber(v or 0) end
+-- per level: its limits (rpm, tpm, max_concurrent, daily/monthly tokens, daily/monthly budget) and
+-- the windows read: minute {tokens, requests}, day and month {tokens, requests, spend}
+local lim, mins, days, months = {}, {}, {}, {}
 for l = 1, n do
   local o = 1 + (l - 1) * 5
-  local rec = redis.call('HMGET', KEYS[o + 1], 'created_at', 'revoked_at', 'expires_at', 'models',
-    'rpm', 'tpm', 'max_concurrent', 'daily_tokens', 'monthly_tokens', 'daily_budget', 'monthly_budget')
+  local rec
   if l == 1 then
-    if not rec[1] then return {'unknown'} end
-    if rec[2] and rec[2] ~= '' then return {'revoked'} end
-    if rec[3] and rec[3] ~= '' and tonumber(rec[3]) * 1000 <= now then return {'expired', rec[3]} end
+    rec = redis.call('HMGET', KEYS[o + 1], 'models', 'rpm', 'tpm', 'max_concurrent', 'daily_tokens',
+      'monthly_tokens', 'daily_budget', 'monthly_budget', 'created_at', 'revoked_at', 'expires_at')
+    if not rec[9] then return {'unknown'} end
+    if rec[10] and rec[10] ~= '' then return {'revoked'} end
+    if rec[11] and rec[11] ~= '' and tonumber(rec[11]) * 1000 <= now then return {'expired', rec[11]} end
+  else
+    rec = redis.call('HMGET', KEYS[o + 1], 'models', 'rpm', 'tpm', 'max_concurrent', 'daily_tokens',
+      'monthly_tokens', 'daily_budget', 'monthly_budget')
   end
-  if rec[4] and rec[4] ~= '' then
+  if rec[1] and rec[1] ~= '' then
     local allowed = false
-    for _, m in ipairs(cjson.decode(rec[4])) do
+    for _, m in ipairs(cjson.decode(rec[1])) do
       if m == ARGV[2] then allowed = true break end
     end
     if not allowed then return {'model'} end
   end
-  local x = {limit(rec[5]), limit(rec[6]), limit(rec[7]), limit(rec[8]), limit(rec[9]), limit(rec[10]), limit(rec[11])}
+  local x = {limit(rec[2]), limit(rec[3]), limit(rec[4]), limit(rec[5]), limit(rec[6]), limit(rec[7]), limit(rec[8])}
   lim[l] = x
-  win[l] = {0, 0}
-  if l == 1 or x[1] >= 0 or x[2] >= 0 then
-    local w = redis.call('HMGET', KEYS[o + 2], 'requests', 'tokens')
-    win[l] = {tonumber(w[1] or 0), tonumber(w[2] or 0)}
-  end
+  -- above the key, a level keeps only what its limits and reports read: its minute window only
+  -- with rpm or tpm, its leases only with max_concurrent (the key's are always kept: they make
+  -- release idempotent)
+  if l == 1 or x[1] >= 0 or x[2] >= 0 then mins[l] = redis.call('HMGET', KEYS[o + 2], 'tokens', 'requests') end
 end
-local k, kw = lim[1], win[1]
+local kw = mins[1]
+local k, kreq, ktok = lim[1], num(kw[2]), num(kw[1])
 -- a client-side retry of an admission that did run must not reserve twice
-if redis.call('ZSCORE', KEYS[6], lease) then return {'ok', k[1], kw[1], k[2], kw[2]} end
-local function refuse(code, l, used, cap) return {code, k[1], kw[1], k[2], kw[2], used, cap, l} end
+if redis.call('ZSCORE', KEYS[6], lease) then return {'ok', k[1], kreq, k[2], ktok} end
+local function refuse(code, l, used, cap) return {code, k[1], kreq, k[2], ktok, used, cap, l} end
 for l = 1, n do
-  local o, x, w = 1 + (l - 1) * 5, lim[l], win[l]
+  local o, x, w = 1 + (l - 1) * 5, lim[l], mins[l]
   -- the longest-lasting refusal first, so its retry-after is honest; one read per period
   if x[7] >= 0 or x[5] >= 0 then
-    local m = redis.call('HMGET', KEYS[o + 4], 'spend', 'tokens')
-    local spent, toks = tonumber(m[1] or 0), tonumber(m[2] or 0)
-    if x[7] >= 0 and spent + money > x[7] then return refuse('monthly_budget', l, spent, x[7]) end
-    if x[5] >= 0 and toks + reserve > x[5] then return refuse('monthly_tokens', l, toks, x[5]) end
+    local m = redis.call('HMGET', KEYS[o + 4], 'tokens', 'requests', 'spend')
+    months[l] = m
+    if x[7] >= 0 and num(m[3]) + money > x[7] then return refuse('monthly_budget', l, num(m[3]), x[7]) end
+    if x[5] >= 0 and num(m[1]) + reserve > x[5] then return refuse('monthly_tokens', l, num(m[1]), x[5]) end
   end
   if x[6] >= 0 or x[4] >= 0 then
-    local d = redis.call('HMGET', KEYS[o + 3], 'spend', 'tokens')
-    local spent, toks = tonumber(d[1] or 0), tonumber(d[2] or 0)
-    if x[6] >= 0 and spent + money > x[6] then return refuse('daily_budget', l, spent, x[6]) end
-    if x[4] >= 0 and toks + reserve > x[4] then return refuse('daily_tokens', l, toks, x[4]) end
+    local d = redis.call('HMGET', KEYS[o + 3], 'tokens', 'requests', 'spend')
+    days[l] = d
+    if x[6] >= 0 and num(d[3]) + money > x[6] then return refuse('daily_budget', l, num(d[3]), x[6]) end
+    if x[4] >= 0 and num(d[1]) + reserve > x[4] then return refuse('daily_tokens', l, num(d[1]), x[4]) end
   end
-  if x[1] >= 0 and not batch and w[1] + 1 > x[1] then return refuse('rpm', l, w[1], x[1]) end
-  if x[2] >= 0 and w[2] + reserve > x[2] then return refuse('tpm', l, w[2], x[2]) end
+  if w and not batch and x[1] >= 0 and num(w[2]) + 1 > x[1] then return refuse('rpm', l, num(w[2]), x[1]) end
+  if w and x[2] >= 0 and num(w[1]) + reserve > x[2] then return refuse('tpm', l, num(w[1]), x[2]) end
   if x[3] >= 0 and not batch then
     local leases = KEYS[o + 5]
     -- leases long expired (a crashed gateway's) are trimmed now and then: ZCOUNT skips them anyway
-    if string.sub(lease, -1) == '0' then redis.call('ZREMRANGEBYSCORE', leases, '-inf', now - tonumber(ARGV[6])) end
+    if string.sub(lease, -1) == '0' then redis.call('ZREMRANGEBYSCORE', leases, '-inf', now - KEEP) end
     local live = redis.call('ZCOUNT', leases, '(' .. ARGV[1], '+inf')
     if live >= x[3] then return refuse('concurrency', l, live, x[3]) end
   end
 end
-for l = 1, n do
-  local o, x = 1 + (l - 1) * 5, lim[l]
-  -- above the key, a level keeps only what its limits and reports read: its minute window only
-  -- with rpm or tpm, its leases only with max_concurrent (the key's are always kept: they make
-  -- release idempotent)
-  local first = 2
-  if l > 1 and x[1] < 0 and x[2] < 0 then first = 3 end
-  for i = first, 4 do
-    -- a counter gets its TTL when it is created (its first request), not on every admission
-    local fresh = true
-    if not batch or i > 2 then fresh = redis.call('HINCRBY', KEYS[o + i], 'requests', 1) == 1 end
-    redis.call('HINCRBY', KEYS[o + i], 'tokens', reserve)
-    if money > 0 and i > 2 then redis.call('HINCRBY', KEYS[o + i], 'spend', ARGV[11]) end
-    if fresh then redis.call('EXPIRE', KEYS[o + i], ARGV[5 + i]) end
+local EXACT = 9007199254740992  -- 2^53 (counters never go below 0)
+-- Charges a day or month window, read as `w` by the checks (nil: not read); a counter gets its
+-- TTL when it is created (its first request), not on every admission.
+local function charge(h, w, ttl)
+  if w then
+    local t, s = num(w[1]) + reserve, num(w[3]) + money
+    if t < EXACT and s < EXACT then
+      if money > 0 then redis.call('HSET', h, 'tokens', t, 'requests', num(w[2]) + 1, 'spend', s)
+      else redis.call('HSET', h, 'tokens', t, 'requests', num(w[2]) + 1) end
+      if not w[1] then redis.call('EXPIRE', h, ttl) end
+      return
+    end
   end
-  if l == 1 or x[3] >= 0 then
-    redis.call('ZADD', KEYS[o + 5], now + tonumber(ARGV[5]), lease)
-    redis.call('PEXPIRE', KEYS[o + 5], tonumber(ARGV[5]) + tonumber(ARGV[6]))
+  local fresh = redis.call('HINCRBY', h, 'requests', 1) == 1
+  redis.call('HINCRBY', h, 'tokens', ARGV[3])
+  if money > 0 then redis.call('HINCRBY', h, 'spend', ARGV[8]) end
+  if fresh then redis.call('EXPIRE', h, ttl) end
+end
+for l = 1, n do
+  local o, w = 1 + (l - 1) * 5, mins[l]
+  if w then
+    -- a batch line adds no request to the minute window
+    local t = num(w[1]) + reserve
+    if t >= EXACT then
+      redis.call('HINCRBY', KEYS[o + 2], 'tokens', ARGV[3])
+      if not batch then redis.call('HINCRBY', KEYS[o + 2], 'requests', 1) end
+    elseif batch then redis.call('HSET', KEYS[o + 2], 'tokens', t)
+    else redis.call('HSET', KEYS[o + 2], 'tokens', t, 'requests', num(w[2]) + 1) end
+    if not w[1] then redis.call('EXPIRE', KEYS[o + 2], MINUTE_TTL) end
+  end
+  charge(KEYS[o + 3], days[l], DAY_TTL)
+  charge(KEYS[o + 4], months[l], MONTH_TTL)
+  if l == 1 or lim[l][3] >= 0 then
+    redis.call('ZADD', KEYS[o + 5], ARGV[5], lease)
+    redis.call('PEXPIRE', KEYS[o + 5], ARGV[6])
   end
 end
-if batch then return {'ok', k[1], kw[1], k[2], kw[2] + reserve} end
-return {'ok', k[1], kw[1] + 1, k[2], kw[2] + reserve}
-""")
+if batch then return {'ok', k[1], kreq, k[2], ktok + reserve} end
+return {'ok', k[1], kreq + 1, k[2], ktok + reserve}
+"""
+)
 
 # KEYS: 4 per level (key first): leases, minute, day, month.
 # ARGV: lease, tokens delta, prompt tokens, completion tokens, spend delta (nanos).
