@@ -216,8 +216,8 @@ class RequestTrace:
 def _who(o: Observation) -> bytes:
     """The server span's attributes that repeat from request to request (who asked for what, and
     where it went), encoded together and kept by their values."""
-    key = (o.path, o.method, o.client, o.api, o.model, o.response_model, o.key_id, o.team, o.route, o.engine)
-    key += (o.priority, o.batch_id, o.stream)
+    key: tuple[Any, ...] = (o.path, o.method, o.client, o.api, o.model, o.response_model, o.key_id, o.team)
+    key += (o.route, o.engine, o.priority, o.batch_id, o.stream)
     found = _bundles.get(key)
     if found is not None:
         return found
