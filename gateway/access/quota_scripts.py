@@ -16,16 +16,15 @@ LEASE_KEEP_MS = 3_600_000  # an expired lease is kept this long, so a late relea
 # ARGV (admit_args in gateway/access/quota.py): now (ms), model, reserved tokens, lease, the lease's
 # expiry (ms), the lease sets' TTL (ms), batch ('1' or '0'), reserved money (nanos).
 #
-# What a script costs is mostly its redis.calls (about 0.3 us each, a write more, a field read or
-# written about 0.1 us more) and the numbers it formats: a Lua number passed to redis.call is
-# printed by snprintf, so numbers used at every level come as text (the lease's expiry, TTLs). A
-# window the checks have read is written back in one HSET of its new values rather than one
-# HINCRBY per field. Those sums are exact while below 2^53 (Lua numbers are doubles); past it the
-# window falls back to HINCRBY (Redis's 64-bit integers). Either way a field holds the same
-# decimal integer.
+# What a script costs in Redis (callgrind, instructions): a redis.call about 4,000 (a write some
+# 6,000), each field it reads into Lua about 3,000 more, each `tonumber` (strtod) about 2,000, each
+# Lua number passed to redis.call about 2,800 (snprintf %.17g). So numbers used at every level
+# come as text (the lease's expiry, TTLs), each value read is converted once, and a level above the
+# key reads only the 8 fields of its record admission needs. (HSET of sums read before costs what
+# HINCRBY per field does, once the sums are formatted: the counters stay HINCRBY's.)
 _ADMIT = Script(
     f"""
-local MINUTE_TTL, DAY_TTL, MONTH_TTL, KEEP = '{MINUTE_TTL}', '{DAY_TTL}', '{MONTH_TTL}', {LEASE_KEEP_MS}
+local TTLS, KEEP = {{[2] = '{MINUTE_TTL}', [3] = '{DAY_TTL}', [4] = '{MONTH_TTL}'}}, {LEASE_KEEP_MS}
 """
     + """if redis.call('EXISTS', KEYS[1]) == 1 then return {'cancelled'} end
 local now = tonumber(ARGV[1])
@@ -34,10 +33,10 @@ local batch = ARGV[7] == '1'
 local n = (#KEYS - 1) / 5
 -- a missing field (false) and "" both mean null
 local function limit(v) if v and v ~= '' then return tonumber(v) end return -1 end
-local function num(v) return tonumber(v or 0) end
 -- per level: its limits (rpm, tpm, max_concurrent, daily/monthly tokens, daily/monthly budget) and
--- the windows read: minute {tokens, requests}, day and month {tokens, requests, spend}
-local lim, mins, days, months = {}, {}, {}, {}
+-- its minute window {tokens, requests} where kept, as numbers (each converted once: tonumber is
+-- strtod, half the price of a redis.call)
+local lim, mins = {}, {}
 for l = 1, n do
   local o = 1 + (l - 1) * 5
   local rec
@@ -63,30 +62,36 @@ for l = 1, n do
   -- above the key, a level keeps only what its limits and reports read: its minute window only
   -- with rpm or tpm, its leases only with max_concurrent (the key's are always kept: they make
   -- release idempotent)
-  if l == 1 or x[1] >= 0 or x[2] >= 0 then mins[l] = redis.call('HMGET', KEYS[o + 2], 'tokens', 'requests') end
+  if l == 1 or x[1] >= 0 or x[2] >= 0 then
+    local w = redis.call('HMGET', KEYS[o + 2], 'tokens', 'requests')
+    mins[l] = {tonumber(w[1] or 0), tonumber(w[2] or 0)}
+  end
 end
-local kw = mins[1]
-local k, kreq, ktok = lim[1], num(kw[2]), num(kw[1])
+local k, kw = lim[1], mins[1]
+local kreq, ktok = kw[2], kw[1]
 -- a client-side retry of an admission that did run must not reserve twice
 if redis.call('ZSCORE', KEYS[6], lease) then return {'ok', k[1], kreq, k[2], ktok} end
 local function refuse(code, l, used, cap) return {code, k[1], kreq, k[2], ktok, used, cap, l} end
+-- a period's window {tokens, spend}
+local function period(h)
+  local v = redis.call('HMGET', h, 'tokens', 'spend')
+  return {tonumber(v[1] or 0), tonumber(v[2] or 0)}
+end
 for l = 1, n do
   local o, x, w = 1 + (l - 1) * 5, lim[l], mins[l]
   -- the longest-lasting refusal first, so its retry-after is honest; one read per period
   if x[7] >= 0 or x[5] >= 0 then
-    local m = redis.call('HMGET', KEYS[o + 4], 'tokens', 'requests', 'spend')
-    months[l] = m
-    if x[7] >= 0 and num(m[3]) + money > x[7] then return refuse('monthly_budget', l, num(m[3]), x[7]) end
-    if x[5] >= 0 and num(m[1]) + reserve > x[5] then return refuse('monthly_tokens', l, num(m[1]), x[5]) end
+    local m = period(KEYS[o + 4])
+    if x[7] >= 0 and m[2] + money > x[7] then return refuse('monthly_budget', l, m[2], x[7]) end
+    if x[5] >= 0 and m[1] + reserve > x[5] then return refuse('monthly_tokens', l, m[1], x[5]) end
   end
   if x[6] >= 0 or x[4] >= 0 then
-    local d = redis.call('HMGET', KEYS[o + 3], 'tokens', 'requests', 'spend')
-    days[l] = d
-    if x[6] >= 0 and num(d[3]) + money > x[6] then return refuse('daily_budget', l, num(d[3]), x[6]) end
-    if x[4] >= 0 and num(d[1]) + reserve > x[4] then return refuse('daily_tokens', l, num(d[1]), x[4]) end
+    local d = period(KEYS[o + 3])
+    if x[6] >= 0 and d[2] + money > x[6] then return refuse('daily_budget', l, d[2], x[6]) end
+    if x[4] >= 0 and d[1] + reserve > x[4] then return refuse('daily_tokens', l, d[1], x[4]) end
   end
-  if w and not batch and x[1] >= 0 and num(w[2]) + 1 > x[1] then return refuse('rpm', l, num(w[2]), x[1]) end
-  if w and x[2] >= 0 and num(w[1]) + reserve > x[2] then return refuse('tpm', l, num(w[1]), x[2]) end
+  if w and not batch and x[1] >= 0 and w[2] + 1 > x[1] then return refuse('rpm', l, w[2], x[1]) end
+  if w and x[2] >= 0 and w[1] + reserve > x[2] then return refuse('tpm', l, w[1], x[2]) end
   if x[3] >= 0 and not batch then
     local leases = KEYS[o + 5]
     -- leases long expired (a crashed gateway's) are trimmed now and then: ZCOUNT skips them anyway
@@ -95,38 +100,18 @@ for l = 1, n do
     if live >= x[3] then return refuse('concurrency', l, live, x[3]) end
   end
 end
-local EXACT = 9007199254740992  -- 2^53 (counters never go below 0)
--- Charges a day or month window, read as `w` by the checks (nil: not read); a counter gets its
--- TTL when it is created (its first request), not on every admission.
-local function charge(h, w, ttl)
-  if w then
-    local t, s = num(w[1]) + reserve, num(w[3]) + money
-    if t < EXACT and s < EXACT then
-      if money > 0 then redis.call('HSET', h, 'tokens', t, 'requests', num(w[2]) + 1, 'spend', s)
-      else redis.call('HSET', h, 'tokens', t, 'requests', num(w[2]) + 1) end
-      if not w[1] then redis.call('EXPIRE', h, ttl) end
-      return
-    end
-  end
-  local fresh = redis.call('HINCRBY', h, 'requests', 1) == 1
-  redis.call('HINCRBY', h, 'tokens', ARGV[3])
-  if money > 0 then redis.call('HINCRBY', h, 'spend', ARGV[8]) end
-  if fresh then redis.call('EXPIRE', h, ttl) end
-end
 for l = 1, n do
-  local o, w = 1 + (l - 1) * 5, mins[l]
-  if w then
-    -- a batch line adds no request to the minute window
-    local t = num(w[1]) + reserve
-    if t >= EXACT then
-      redis.call('HINCRBY', KEYS[o + 2], 'tokens', ARGV[3])
-      if not batch then redis.call('HINCRBY', KEYS[o + 2], 'requests', 1) end
-    elseif batch then redis.call('HSET', KEYS[o + 2], 'tokens', t)
-    else redis.call('HSET', KEYS[o + 2], 'tokens', t, 'requests', num(w[2]) + 1) end
-    if not w[1] then redis.call('EXPIRE', KEYS[o + 2], MINUTE_TTL) end
+  local o = 1 + (l - 1) * 5
+  -- above the key, a level keeps a minute window only with rpm or tpm (see the reads above); a
+  -- batch line adds no request to it
+  for i = mins[l] and 2 or 3, 4 do
+    -- a counter gets its TTL when it is created (its first request), not on every admission
+    local fresh = true
+    if not batch or i > 2 then fresh = redis.call('HINCRBY', KEYS[o + i], 'requests', 1) == 1 end
+    redis.call('HINCRBY', KEYS[o + i], 'tokens', ARGV[3])
+    if money > 0 and i > 2 then redis.call('HINCRBY', KEYS[o + i], 'spend', ARGV[8]) end
+    if fresh then redis.call('EXPIRE', KEYS[o + i], TTLS[i]) end
   end
-  charge(KEYS[o + 3], days[l], DAY_TTL)
-  charge(KEYS[o + 4], months[l], MONTH_TTL)
   if l == 1 or lim[l][3] >= 0 then
     redis.call('ZADD', KEYS[o + 5], ARGV[5], lease)
     redis.call('PEXPIRE', KEYS[o + 5], ARGV[6])
