@@ -9,7 +9,6 @@ parses every chunk anyway; a native one only its final events) and they go into 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 from starlette.types import Send
@@ -17,7 +16,7 @@ from starlette.types import Send
 from gateway.apis.base import Translation
 from gateway.core.errors import Code, GatewayError
 from gateway.engines.client import UpstreamError, UpstreamResponse
-from gateway.proxy.relay import SSE_HEADERS, Outcome, _event_end, _send
+from gateway.proxy.relay import SSE_HEADERS, Outcome, _event_end, _send, arrived
 
 JSON = (b"content-type", b"application/json")
 
@@ -63,12 +62,7 @@ async def relay_translated_stream(
             data = await response.chunk()
             if not data:
                 break
-            now = time.perf_counter()
-            if out.first_chunk:
-                on_gap(now - out.last_chunk)
-            else:
-                out.first_chunk = now
-            out.last_chunk = now
+            arrived(out, on_gap)
             buf = buf + data if buf else data
             end = _event_end(buf)
             if not end:

@@ -16,7 +16,7 @@ from gateway.apis.checks import model_of
 from gateway.core.bodies import json_object, read_body
 from gateway.core.errors import Code, GatewayError
 from gateway.core.request import ApiRequest, Endpoint
-from gateway.front.routes.translated import check_model
+from gateway.front.routes.openai import check_model
 from gateway.proxy.context import Gateway
 from gateway.proxy.exchange import Exchange
 

@@ -25,7 +25,8 @@ from gateway.core.errors import Code, GatewayError, invalid
 from gateway.core.request import RESPONSES
 from gateway.front.params import path_id
 from gateway.front.routes.files import int_param, store_of
-from gateway.front.routes.translated import chat_request, check_model, serve_translated
+from gateway.front.routes.openai import check_model
+from gateway.front.routes.translated import chat_request, serve_translated
 from gateway.proxy.context import Gateway
 from gateway.store import Owner, Store
 
