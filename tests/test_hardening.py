@@ -15,8 +15,8 @@ import httpx
 import orjson
 import pytest
 
-from gateway.core.bodies import MAX_DEPTH, check_depth
 from gateway.core.errors import GatewayError
+from gateway.core.request import MAX_DEPTH, check_depth
 from testkit.keyed import admin, chat, create_key, keyed_gateway, usage
 from testkit.metrics import metric
 from testkit.procs import TINY_MODEL, Proc, all_healthy, fake_upstream, worker

@@ -30,9 +30,8 @@ from starlette.types import Receive, Send
 from gateway.access.base import Grant, Principal, Usage
 from gateway.apis.base import Translation
 from gateway.cache.service import Lookup
-from gateway.core.bodies import ClientDisconnected, ClientWatch
 from gateway.core.errors import Code, GatewayError, internal_error
-from gateway.core.request import ApiRequest
+from gateway.core.request import ApiRequest, ClientDisconnected, ClientWatch
 from gateway.dispatch.routing import Pick
 from gateway.engines.client import EngineUnreachable, UpstreamError, UpstreamResponse
 from gateway.engines.pool import Engine

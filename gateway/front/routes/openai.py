@@ -9,9 +9,17 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from gateway.access.base import Principal
-from gateway.core.bodies import read_body, too_large
 from gateway.core.errors import model_not_allowed, model_not_found
-from gateway.core.request import CHAT, COMPLETIONS, EMBEDDINGS, ApiRequest, Endpoint, parse_request
+from gateway.core.request import (
+    CHAT,
+    COMPLETIONS,
+    EMBEDDINGS,
+    ApiRequest,
+    Endpoint,
+    parse_request,
+    read_body,
+    too_large,
+)
 from gateway.observe.record import current
 from gateway.proxy.context import Gateway
 from gateway.proxy.exchange import Exchange
