@@ -7,9 +7,12 @@ Per request it reports this process's CPU (the lean client: building, packing an
 script calls) and the Redis server's CPU (INFO cpu: the scripts, the protocol, the network), each
 for admission and for the settle, and the difference between the levels. `--before DIR` runs the
 same in a checkout of an older commit (a subprocess with that tree on its path) against the same
-Redis, interleaved, so the two are compared in one run.
+Redis, interleaved, so the two are compared in one run. `--callgrind` runs redis-server under
+valgrind and counts the instructions it executes per request instead: slow, but the same figure on
+a busy machine as on a quiet one.
 
     .venv/bin/python bench/quota_levels.py [--rounds 5] [--requests 4000] [--concurrency 16] [--before DIR]
+    .venv/bin/python bench/quota_levels.py --callgrind --rounds 1 --requests 512 [--before DIR]
 """
 
 from __future__ import annotations
@@ -96,8 +99,67 @@ async def measure(port: int, prefix: str, requests: int, concurrency: int) -> di
     return out
 
 
-def child(port: int, prefix: str, requests: int, concurrency: int) -> None:
-    print(json.dumps(asyncio.run(measure(port, prefix, requests, concurrency))))
+class Callgrind:
+    """Instructions Redis executed (valgrind's callgrind counts them: the same on a busy machine as on
+    a quiet one), between `zero` and `total`."""
+
+    def __init__(self, pid: int, out: str) -> None:
+        self.pid, self.out = pid, out
+
+    def zero(self) -> None:
+        subprocess.run(["callgrind_control", "-z", str(self.pid)], capture_output=True, check=True)
+
+    def total(self) -> int:
+        subprocess.run(["callgrind_control", "-d", str(self.pid)], capture_output=True, check=True)
+        dumps = sorted(Path(self.out).parent.glob(Path(self.out).name + "*"), key=lambda f: f.stat().st_mtime)
+        for line in dumps[-1].read_text().splitlines():
+            if line.startswith(("totals:", "summary:")):
+                return int(line.split()[1])
+        raise RuntimeError(f"no totals in {dumps[-1]}")
+
+
+async def instructions(port: int, prefix: str, requests: int, concurrency: int, meter: Callgrind) -> dict[str, Any]:
+    """Per variant: Redis's instructions per request, for admission and for the settle."""
+    from gateway.access.keys import ApiKey
+    from gateway.access.quota import Quota
+    from gateway.resp.client import RespClient
+
+    r = redis.Redis(port=port)
+    seed(r, prefix)
+    keys = {
+        "key alone": ApiKey(id="key_a", name="a"),
+        "key + team": ApiKey(id="key_c", name="c", team="team_x"),
+        "key + team + org": ApiKey(id="key_b", name="b", team="team_y", org="org_z"),
+    }
+    out: dict[str, Any] = {}
+    for name, key in keys.items():
+        quota = Quota(RespClient(f"redis://127.0.0.1:{port}/0", 30.0), prefix, redis_timeout=30.0)
+        await quota.release(await quota.admit(key, "m", 40, money=1000), 10, 16, 900)  # loads the scripts
+        meter.zero()
+        admitted = []
+        for _ in range(0, requests, concurrency):
+            admitted += await asyncio.gather(*(quota.admit(key, "m", 40, money=1000) for _ in range(concurrency)))
+        admit = meter.total()
+        meter.zero()
+        for i in range(0, len(admitted), concurrency):
+            await asyncio.gather(*(quota.release(adm, 10, 16, 900) for adm in admitted[i : i + concurrency]))
+            quota.settles.flush()
+        await quota.redis.execute("PING")
+        settle = meter.total()
+        await quota.close()
+        await quota.redis.close()
+        out[name] = [admit / len(admitted), settle / len(admitted)]
+    r.close()
+    return out
+
+
+def child(port: int, prefix: str, requests: int, concurrency: int, callgrind: str) -> None:
+    if callgrind:
+        pid, out = callgrind.split(":", 1)
+        figures = asyncio.run(instructions(port, prefix, requests, concurrency, Callgrind(int(pid), out)))
+    else:
+        figures = asyncio.run(measure(port, prefix, requests, concurrency))
+    print(json.dumps(figures))
 
 
 def main() -> None:
@@ -106,10 +168,15 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=4000)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--before", type=Path, help="a checkout of an older commit, run side by side")
-    p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--callgrind",
+        action="store_true",
+        help="count Redis's instructions instead of its CPU time (redis-server under valgrind; use few requests)",
+    )
+    p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        child(int(args.child[0]), args.child[1], int(args.child[2]), int(args.child[3]))
+        child(int(args.child[0]), args.child[1], int(args.child[2]), int(args.child[3]), args.child[4])
         return
     binary = shutil.which("redis-server")
     assert binary, "redis-server is needed (scripts/setup.sh installs it)"
@@ -120,12 +187,15 @@ def main() -> None:
     results: dict[tuple[str, str], list[list[float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
-        server = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmp],
-            stdout=subprocess.DEVNULL,
-        )
+        command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmp]
+        out = f"{tmp}/callgrind.out"
+        if args.callgrind:
+            assert shutil.which("valgrind") and shutil.which("callgrind_control"), "--callgrind needs valgrind"
+            command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *command]
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        meter = f"{server.pid}:{out}" if args.callgrind else ""
         try:
-            for _ in range(100):
+            for _ in range(600):
                 try:
                     redis.Redis(port=port).ping()
                     break
@@ -135,7 +205,8 @@ def main() -> None:
                 for tree_name, tree in trees.items():
                     command = [sys.executable, __file__, "--child", str(port), f"r{round_}", str(args.requests)]
                     env = {**os.environ, "PYTHONPATH": str(tree)}
-                    done = subprocess.run([*command, str(args.concurrency)], env=env, cwd=tree, capture_output=True)
+                    command += [str(args.concurrency), meter]
+                    done = subprocess.run(command, env=env, cwd=tree, capture_output=True)
                     if done.returncode:
                         raise SystemExit(done.stderr.decode())
                     for variant, figures in json.loads(done.stdout).items():
@@ -148,6 +219,18 @@ def main() -> None:
 
 def report(args: Any, trees: dict[str, Path], results: dict[tuple[str, str], list[list[float]]]) -> None:
     load = os.getloadavg()[0]
+    if args.callgrind:
+        print(f"Redis's instructions per request (thousands), median of {args.rounds} rounds of {args.requests}")
+        print(f"{'':<8} {'':<18}{'admission':>12}{'settle':>12}{'total':>12}{'vs key alone':>14}")
+        for tree_name in trees:
+            alone = 0.0
+            for variant in VARIANTS:
+                runs = results[(tree_name, variant)]
+                admit, settle = (statistics.median(run[i] for run in runs) / 1000 for i in range(2))
+                alone = admit + settle if variant == "key alone" else alone
+                extra = f"{admit + settle - alone:>+14.0f}" if variant != "key alone" else ""
+                print(f"{tree_name:<8} {variant:<18}{admit:>12.0f}{settle:>12.0f}{admit + settle:>12.0f}{extra}")
+        return
     print(
         f"CPU µs per request, median of {args.rounds} rounds of {args.requests} requests, {args.concurrency} at a "
         f"time (load average {load:.1f})"

@@ -28,6 +28,10 @@ def value(counter: Counter) -> float:
     return counter._value.get()
 
 
+def broken(item: object) -> bytes:
+    raise ValueError(f"cannot encode {item!r}")
+
+
 @pytest.fixture
 def hanging() -> Iterator[socket.socket]:
     """A collector that takes connections and never answers (nothing reads them)."""
@@ -62,10 +66,12 @@ def test_batches_reach_the_collector_whole() -> None:
         sender = HttpSender(receiver.endpoint, {"x-token": "t"}, 5.0)
         resource = resource_of(RESOURCE.attributes)
         queue = SpanQueue(sender, resource, scope_of("llm-gateway"), 1000, dropped, failed, batch=64, delay=60)
-        for s in spans(200):
+        for i, s in enumerate(spans(200)):
             queue.put(span_field, s, 1)
+            if i == 100:
+                queue.put(broken, s, 3)  # an item that cannot be encoded costs its own spans only
         assert queue.flush(10)  # 64 at a time as they came, then what was left on flush
         assert sorted(int(s.span_id, 16) - 2**63 for s in receiver.spans) == list(range(200))
         assert {s.service for s in receiver.spans} == {"gw"} and receiver.spans[0].headers.get("x-token") == "t"
-        assert value(dropped) == value(failed) == 0
+        assert (value(dropped), value(failed)) == (0, 3)
         queue.close(5)

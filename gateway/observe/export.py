@@ -77,8 +77,9 @@ class SpanQueue:
         self._thread.start()
 
     def put(self, encoder: Callable[[Any], bytes], item: Any, spans: int) -> None:
-        """Queues `spans` spans that `encoder(item)` writes (as ScopeSpans' span fields). Never
-        blocks: while the queue holds `max_spans` or more, they are dropped, and counted."""
+        """Queues `spans` spans that `encoder(item)` writes (as ScopeSpans' span fields), from the
+        event loop (the one producer). Never blocks: while `max_spans` or more wait, they are
+        dropped, and counted."""
         waiting = self._queued - self._taken
         if waiting >= self._max:
             self._dropped.inc(spans)
@@ -118,26 +119,34 @@ class SpanQueue:
         """Sends (or drops) one batch; answers how many spans it held."""
         items, chunks, spans = self._items, [], 0
         while items and spans < self._batch:
-            encoder, item, count = items.popleft()
-            chunks.append((encoder, item))
-            spans += count
+            chunk = items.popleft()
+            chunks.append(chunk)
+            spans += chunk[2]
         self._taken += spans
+        taken = spans
         if self._down_until and time.monotonic() < self._down_until:
             self._failed.inc(spans)  # the collector failed a moment ago: not even encoded
-            return spans
+            return taken
+        parts = []
+        for encoder, item, count in chunks:
+            try:
+                parts.append(encoder(item))
+            except Exception:  # one request's spans lost, not the batch's
+                log.warning("tracing: %d spans could not be encoded", count, exc_info=True)
+                self._failed.inc(count)
+                spans -= count
         try:
-            body = request(self._resource, self._scope, b"".join([encoder(item) for encoder, item in chunks]))
-            sent = self._sender.send(body, spans)
+            sent = self._sender.send(request(self._resource, self._scope, b"".join(parts)), spans)
         except Exception:
             log.warning("tracing: the export of %d spans failed", spans, exc_info=True)
             sent = False
         if sent:
             self._down_until, self._backoff = 0.0, BACKOFF_START
-            return spans
+            return taken
         self._failed.inc(spans)
         self._down_until = time.monotonic() + self._backoff
         self._backoff = min(BACKOFF_MAX, self._backoff * 2)
-        return spans
+        return taken
 
 
 class HttpSender:
