@@ -52,6 +52,17 @@ def seed(r: redis.Redis, prefix: str) -> None:
     r.hset(f"{prefix}:{{team_x}}:team:team_x", mapping={**COMMON, "name": "t", **BIG, **MONEY, "org": ""})
 
 
+def variant_keys() -> dict[str, Any]:
+    """The keys `seed` made, as the key store would answer them."""
+    from gateway.access.keys import ApiKey
+
+    return {
+        "key alone": ApiKey(id="key_a", name="a"),
+        "key + team": ApiKey(id="key_c", name="c", team="team_x"),
+        "key + team + org": ApiKey(id="key_b", name="b", team="team_y", org="org_z"),
+    }
+
+
 def redis_cpu(r: redis.Redis) -> float:
     cpu = r.info("cpu")
     return float(cpu["used_cpu_user"] + cpu["used_cpu_sys"])
@@ -59,17 +70,12 @@ def redis_cpu(r: redis.Redis) -> float:
 
 async def measure(port: int, prefix: str, requests: int, concurrency: int) -> dict[str, list[float]]:
     """Per variant: CPU µs per request of this process and of Redis, for admission and settle."""
-    from gateway.access.keys import ApiKey
     from gateway.access.quota import Quota
     from gateway.resp.client import RespClient
 
     r = redis.Redis(port=port)
     seed(r, prefix)
-    keys = {
-        "key alone": ApiKey(id="key_a", name="a"),
-        "key + team": ApiKey(id="key_c", name="c", team="team_x"),
-        "key + team + org": ApiKey(id="key_b", name="b", team="team_y", org="org_z"),
-    }
+    keys = variant_keys()
     out: dict[str, list[float]] = {}
     for name, key in keys.items():
         quota = Quota(RespClient(f"redis://127.0.0.1:{port}/0", 1.0), prefix)
@@ -120,17 +126,12 @@ class Callgrind:
 
 async def instructions(port: int, prefix: str, requests: int, concurrency: int, meter: Callgrind) -> dict[str, Any]:
     """Per variant: Redis's instructions per request, for admission and for the settle."""
-    from gateway.access.keys import ApiKey
     from gateway.access.quota import Quota
     from gateway.resp.client import RespClient
 
     r = redis.Redis(port=port)
     seed(r, prefix)
-    keys = {
-        "key alone": ApiKey(id="key_a", name="a"),
-        "key + team": ApiKey(id="key_c", name="c", team="team_x"),
-        "key + team + org": ApiKey(id="key_b", name="b", team="team_y", org="org_z"),
-    }
+    keys = variant_keys()
     out: dict[str, Any] = {}
     for name, key in keys.items():
         quota = Quota(RespClient(f"redis://127.0.0.1:{port}/0", 30.0), prefix, redis_timeout=30.0)

@@ -41,30 +41,38 @@ MAX_BUNDLES = 4096
 
 # Each attribute the spans carry: its key encoded once, its values' KeyValues kept by value where
 # they repeat (gateway/observe/otlp.py).
-_METHOD = Attribute("http.request.method")
-_PATH = Attribute("url.path")
-_STATUS = Attribute("http.response.status_code")
-_CLIENT_ADDRESS = Attribute("client.address")
-_OPERATION = Attribute("gen_ai.operation.name")
-_MODEL = Attribute("gen_ai.request.model")
-_RESPONSE_MODEL = Attribute("gen_ai.response.model")
-_INPUT = Attribute("gen_ai.usage.input_tokens")
-_OUTPUT = Attribute("gen_ai.usage.output_tokens")
-_FINISH = Attribute("gen_ai.response.finish_reasons")
+_METHOD, _PATH, _STATUS, _CLIENT_ADDRESS = map(
+    Attribute, ("http.request.method", "url.path", "http.response.status_code", "client.address")
+)
+_OPERATION, _MODEL, _RESPONSE_MODEL, _INPUT, _OUTPUT, _FINISH = map(
+    Attribute,
+    (
+        "gen_ai.operation.name",
+        "gen_ai.request.model",
+        "gen_ai.response.model",
+        "gen_ai.usage.input_tokens",
+        "gen_ai.usage.output_tokens",
+        "gen_ai.response.finish_reasons",
+    ),
+)
+_API, _KEY, _TEAM, _ROUTE, _ENGINE, _PRIORITY, _BATCH = map(
+    Attribute,
+    (
+        "gateway.api",
+        "gateway.key_id",
+        "gateway.team",
+        "gateway.route",
+        "gateway.engine",
+        "gateway.priority",
+        "gateway.batch_id",
+    ),
+)
+_STREAM, _HUNG_UP, _LIMITS, _POSITION, _ERROR = map(
+    Attribute, ("gateway.stream", "gateway.client_hung_up", "gateway.limits", "gateway.queue.position", "error.type")
+)
+# a new value every time: not worth keeping
 _REQUEST_ID = Attribute("gateway.request_id", cached=False)
-_API = Attribute("gateway.api")
-_KEY = Attribute("gateway.key_id")
-_TEAM = Attribute("gateway.team")
-_ROUTE = Attribute("gateway.route")
-_ENGINE = Attribute("gateway.engine")
-_PRIORITY = Attribute("gateway.priority")
-_BATCH = Attribute("gateway.batch_id")
-_STREAM = Attribute("gateway.stream")
-_HUNG_UP = Attribute("gateway.client_hung_up")
 _TTFT = Attribute("gateway.time_to_first_token_s", cached=False)
-_ERROR = Attribute("error.type")
-_LIMITS = Attribute("gateway.limits")
-_POSITION = Attribute("gateway.queue.position")
 _scores: dict[str, Attribute] = {}  # gateway.routing.score.<plugin>
 
 # Names of the spans whose name never changes (Span.name, field 5), and events' (Event.name)
