@@ -53,6 +53,9 @@ from gateway.access.levels import Level, levels_of, team_levels
 from gateway.access.local_limiter import LocalLimiter
 from gateway.access.quota_retry import PendingOps
 from gateway.access.quota_scripts import _ADMIT, _CANCEL, _RELEASE, _SETTLE, LEASE_KEEP_MS
+from gateway.access.quota_scripts import DAY_TTL as DAY_TTL  # the windows' TTLs, where they were
+from gateway.access.quota_scripts import MINUTE_TTL as MINUTE_TTL
+from gateway.access.quota_scripts import MONTH_TTL as MONTH_TTL
 from gateway.access.quota_windows import Window, rate_headers, refusal, refused_key, window
 from gateway.access.settle_batch import Release, SettleBatch
 from gateway.core.errors import Code, GatewayError, invalid, quota_unavailable

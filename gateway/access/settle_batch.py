@@ -28,11 +28,11 @@ import hiredis
 from redis.crc import key_slot
 
 from gateway.access.quota_scripts import _SETTLE
-from gateway.resp.client import Keys, LeanClient
+from gateway.resp.client import Keys, LeanClient, ScriptKeys
 from gateway.resp.cluster import ClusterClient
 
 # (lease id, keys, the `_RELEASE` arguments): one request's release
-Release = tuple[str, Keys, list[str | int]]
+Release = tuple[str, ScriptKeys, list[str | int]]
 # called with a release the batch could not run, and the error (None: the script refused it)
 Failed = Callable[[Release, BaseException | None], None]
 
@@ -64,7 +64,7 @@ class SettleBatch:
             if self._cluster:
                 groups: dict[int, list[Release]] = {}
                 for release in queue:
-                    groups.setdefault(key_slot(release[1].names[0].encode()), []).append(release)
+                    groups.setdefault(key_slot(next(iter(release[1])).encode()), []).append(release)
                 for group in groups.values():
                     self._send(group)
             else:

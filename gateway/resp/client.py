@@ -77,13 +77,14 @@ class Keys:
         self.packed = _bulks(self.names) if self.names else b""
 
     @classmethod
-    def join(cls, parts: Iterable[Keys]) -> Keys:
-        """These keys one after the other."""
+    def join(cls, parts: Iterable[ScriptKeys]) -> Keys:
+        """These keys one after the other (a plain sequence of names is packed now)."""
         names: list[str] = []
         chunks: list[bytes] = []
         for part in parts:
-            names += part.names
-            chunks.append(part.packed)
+            keys = part if isinstance(part, Keys) else Keys(part)
+            names += keys.names
+            chunks.append(keys.packed)
         return cls._made(tuple(names), b"".join(chunks))
 
     def after(self, key: str) -> Keys:
