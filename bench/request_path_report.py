@@ -137,6 +137,11 @@ def _workers(runs: list[Run]) -> Figures:
             "w2_over_w1": _ratio(table, n, server, base + " w1", "rps"),
             "w1_cpu_ms": med([r.cpu_ms for r in w1.values()]),
             "w2_cpu_ms": med([r.cpu_ms for r in w2.values()]),
+            "cpu_w2_over_w1": _ratio(table, n, server, base + " w1", "cpu_ms"),
+            "w1_p50_ms": med([r.p50_ms for r in w1.values()]),
+            "w2_p50_ms": med([r.p50_ms for r in w2.values()]),
+            "w1_p99_ms": med([r.p99_ms for r in w1.values()]),
+            "w2_p99_ms": med([r.p99_ms for r in w2.values()]),
             "w1_client_core_busy": med([r.client_core_busy for r in w1.values()]),
             "w2_client_core_busy": med([r.client_core_busy for r in w2.values()]),
             "failures": sum(r.failures for r in [*w1.values(), *w2.values()]),
@@ -282,12 +287,16 @@ def print_workers(table: Figures, client_core: str, server_core: str) -> None:
         f"\nFigure 5. --workers 2 vs 1, the gateway free on cores {client_core},{server_core}"
         f" (the load generator, the upstream and Redis pinned to core {client_core})"
     )
-    print(f"{'clients':>7} {'server':<15}{'w1 req/s':>9}{'w2 req/s':>9}{'w2/w1':>7}{'CPU ms/req w1':>14}{'w2':>7}")
+    print(
+        f"{'clients':>7} {'server':<16}{'w1 req/s':>9}{'w2 req/s':>9}{'w2/w1':>7}{'CPU ms/req w1':>14}{'w2':>7}"
+        f"{'CPU w2/w1':>10}{'p50 ms w1':>10}{'w2':>6}{'p99 ms w1':>10}{'w2':>6}"
+    )
     for n, row in table.items():
         for s, c in row.items():
             print(
-                f"{n:>7} {s:<15}{c['w1_rps']:>9.0f}{c['w2_rps']:>9.0f}{_x(c['w2_over_w1']):>7}"
-                f"{c['w1_cpu_ms']:>14.4f}{c['w2_cpu_ms']:>7.4f}"
+                f"{n:>7} {s:<16}{c['w1_rps']:>9.0f}{c['w2_rps']:>9.0f}{_x(c['w2_over_w1']):>7}"
+                f"{c['w1_cpu_ms']:>14.4f}{c['w2_cpu_ms']:>7.4f}{_x(c['cpu_w2_over_w1']):>10}"
+                f"{c['w1_p50_ms']:>10.2f}{c['w2_p50_ms']:>6.2f}{c['w1_p99_ms']:>10.2f}{c['w2_p99_ms']:>6.2f}"
             )
 
 

@@ -32,19 +32,19 @@ from gateway.front.routes.responses import StoredResponseRoutes
 from gateway.observe.access_log import reopen_all
 from gateway.proxy.context import Gateway
 from gateway.proxy.drain import Drain
-from gateway.settings import Settings, multiprocess_dir, settings_from_env
+from gateway.settings import Settings, settings_from_env
 from gateway.store.service import StoreUser
 
 
 def build_app(
     settings: Settings,
     *,
-    multiprocess: str | None = None,
+    metrics_hub: str | None = None,
     drain: Drain | None = None,
     control_path: str | None = None,
 ) -> Front:
-    """`drain` and `control_path` come from the worker process's server (gateway/process/worker.py)."""
-    gw = Gateway.build(settings, multiprocess, drain, control_path)
+    """`metrics_hub`, `drain` and `control_path` come from the worker process's server (gateway/process/worker.py)."""
+    gw = Gateway.build(settings, metrics_hub, drain, control_path)
     runner = BatchRunner(gw)
     users: list[StoreUser] = [runner, ResponseRetention(settings.store)]
     users += [u for u in (gw.audit, gw.spend) if u is not None]
@@ -59,7 +59,7 @@ def build_app(
         return JSONResponse(body, status_code=status)
 
     async def metrics(request: Request) -> Response:
-        body, media_type = gw.metrics.render(request.headers.get("accept", ""))
+        body, media_type = await gw.metrics.exposition(request.headers.get("accept", ""))
         return Response(body, media_type=media_type)
 
     @contextlib.asynccontextmanager
@@ -76,6 +76,7 @@ def build_app(
             gw.cache.start()
         await gw.store.start(users)  # files, batches and the inference log
         await gw.control.start()
+        await gw.metrics.start()
         try:
             yield
         finally:
@@ -93,6 +94,7 @@ def build_app(
             await gw.upstream.close()
             if gw.observe is not None:
                 await gw.observe.stop()  # the last access log lines, the spans still queued
+            await gw.metrics.stop()  # with several workers: the last counts, to the main process
 
     routes: list[BaseRoute] = [
         *openai_routes(gw),
@@ -123,6 +125,6 @@ def _on_sighup(handler: Callable[[], None]) -> None:
 
 def app_from_env() -> Front:
     """For serving the app under another ASGI server (`uvicorn --factory gateway.front.app:app_from_env`,
-    with LLM_GATEWAY_CONFIG set): no managed engines, no drain of ours. `llm-gateway serve`
-    (gateway/process/main.py) is the normal way."""
-    return build_app(settings_from_env(), multiprocess=multiprocess_dir())
+    with LLM_GATEWAY_CONFIG set): no managed engines, no drain of ours, and each process's /metrics
+    reports that process alone. `llm-gateway serve` (gateway/process/main.py) is the normal way."""
+    return build_app(settings_from_env())

@@ -56,7 +56,7 @@ class WorkerSpec:
     index: int
     log_level: str = "info"
     control_path: str | None = None
-    multiprocess_dir: str | None = None
+    metrics_hub: str | None = None  # with several workers: gateway/process/metrics_hub.py
 
 
 class Lifespan:
@@ -244,7 +244,7 @@ def build_server(spec: WorkerSpec) -> GatewayServer:
 
     settings = spec.settings
     drain = Drain()
-    app = build_app(settings, multiprocess=spec.multiprocess_dir, drain=drain, control_path=spec.control_path)
+    app = build_app(settings, metrics_hub=spec.metrics_hub, drain=drain, control_path=spec.control_path)
     return GatewayServer(app, drain, settings.server)
 
 

@@ -136,11 +136,11 @@ class Gateway:
     def build(
         cls,
         settings: Settings,
-        multiprocess_dir: str | None = None,
+        metrics_hub: str | None = None,
         drain: Drain | None = None,
         control_path: str | None = None,
     ) -> Gateway:
-        metrics = GatewayMetrics(multiprocess_dir)
+        metrics = GatewayMetrics(metrics_hub)
         # a breaker's trial request is void once it could have timed out (and its slot freed)
         trial_timeout = settings.server.first_byte_timeout + 1
         pool = Pool(settings.engines, settings.health, metrics, trial_timeout=trial_timeout)

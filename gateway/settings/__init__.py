@@ -180,10 +180,6 @@ def settings_from_env() -> Settings:
     return load_settings(path)
 
 
-def multiprocess_dir() -> str | None:
-    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
-
-
 def admin_token() -> str | None:
     """For the CLI: a provider's access token for the admin API, when there is no admin key."""
     return os.environ.get("GATEWAY_ADMIN_TOKEN") or None

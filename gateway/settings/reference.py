@@ -75,11 +75,6 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
     ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "`serve`", "the same for traces only; wins over the one above"),
     ("OTEL_SERVICE_NAME", "`serve`", "the service name of the gateway's spans, when `tracing.service_name` is not set"),
     ("OTEL_SDK_DISABLED", "`serve`", "`true` turns tracing off whatever the config says"),
-    (
-        "PROMETHEUS_MULTIPROC_DIR",
-        "`gateway.front.app:app_from_env`",
-        "metrics summed over processes; `serve` sets it for its own workers, so set it only for another ASGI server",
-    ),
 ]
 
 INTRO = """# Configuration reference
