@@ -219,7 +219,9 @@ class Bench:
                     group.append(servers.gateway(self.tmp, up.json_url, both, quota=redis, workers=workers, name=name))
                 if a.baseline is not None:  # the same, from another checkout: before vs after
                     name = f"baseline w{workers}"
-                    group.append(servers.gateway(self.tmp, up.json_url, both, workers=workers, name=name, tree=a.baseline))
+                    group.append(
+                        servers.gateway(self.tmp, up.json_url, both, workers=workers, name=name, tree=a.baseline)
+                    )
             with started(*group):
                 warm_up(
                     group,

@@ -18,15 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import logging
 from typing import Any
-
-import orjson
 
 from gateway.core.metrics_link import MAX_LINE, encode
 from gateway.core.metrics_sum import Families, counted, merge
-
-log = logging.getLogger(__name__)
+from gateway.engines.control import ControlServer
 
 COLLECT_WAIT = 2.0  # seconds a scrape waits for the other workers' snapshots
 
@@ -34,11 +30,10 @@ COLLECT_WAIT = 2.0  # seconds a scrape waits for the other workers' snapshots
 class MetricsHub:
     def __init__(self, path: str) -> None:
         self.path = path
-        self._server: asyncio.Server | None = None
-        self._writers: dict[int, asyncio.StreamWriter] = {}
+        self._channel = ControlServer(path, self._handle, self._gone, limit=MAX_LINE)
         self._latest: dict[int, Families] = {}  # each connected worker's last snapshot
         self._retired: Families = {}  # the counts of workers that ended
-        self._ids = itertools.count(1)
+        self._answers: set[asyncio.Task[None]] = set()
         self._rounds = itertools.count(1)
         self._round: asyncio.Task[None] | None = None
         self._round_id = 0
@@ -46,48 +41,30 @@ class MetricsHub:
         self._answered = asyncio.Event()
 
     async def start(self) -> None:
-        self._server = await asyncio.start_unix_server(self._serve, self.path, limit=MAX_LINE)
+        await self._channel.start()
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for writer in list(self._writers.values()):
-            writer.close()
-        self._writers.clear()
+        await self._channel.close()
 
     def total(self) -> Families:
         return merge([self._retired, *self._latest.values()])
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        worker = next(self._ids)
-        self._writers[worker] = writer
-        answers: set[asyncio.Task[None]] = set()
-        try:
-            while line := await reader.readline():
-                message = orjson.loads(line)
-                self._note(worker, message)
-                if message.get("op") == "scrape":
-                    task = asyncio.get_running_loop().create_task(self._answer(worker, message.get("id")))
-                    answers.add(task)
-                    task.add_done_callback(answers.discard)
-        except (ConnectionError, ValueError) as exc:  # ValueError: not JSON, or a line over MAX_LINE
-            log.warning("metrics hub: worker connection %d failed (%s)", worker, exc)
-        finally:
-            self._writers.pop(worker, None)
-            last = self._latest.pop(worker, None)
-            if last is not None:
-                self._retired = merge([self._retired, counted(last)])
-            self._done(worker)
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-
-    def _note(self, worker: int, message: dict[str, Any]) -> None:
-        families = message.get("families")
+    def _handle(self, worker: int, message: dict[str, Any]) -> None:
+        op, families = message.get("op"), message.get("families")
         if isinstance(families, dict):
             self._latest[worker] = families
-        if message.get("op") == "snapshot" and message.get("id") == self._round_id:
+        if op == "snapshot" and message.get("id") == self._round_id:
             self._done(worker)
+        elif op == "scrape":
+            task = asyncio.get_running_loop().create_task(self._answer(worker, message.get("id")))
+            self._answers.add(task)
+            task.add_done_callback(self._answers.discard)
+
+    def _gone(self, worker: int) -> None:
+        last = self._latest.pop(worker, None)
+        if last is not None:
+            self._retired = merge([self._retired, counted(last)])
+        self._done(worker)
 
     def _done(self, worker: int) -> None:
         self._pending.discard(worker)
@@ -98,18 +75,16 @@ class MetricsHub:
         if self._round is None or self._round.done():
             self._round = asyncio.get_running_loop().create_task(self._collect(worker))
         await asyncio.shield(self._round)
-        writer = self._writers.get(worker)
-        if writer is not None and not writer.is_closing():
-            writer.write(encode({"op": "sum", "id": ask, "families": self.total()}))
+        self._channel.send(worker, encode({"op": "sum", "id": ask, "families": self.total()}))
 
     async def _collect(self, scraped: int) -> None:
         """Every other worker's snapshot, or its last one for those that do not answer in time."""
         self._round_id = next(self._rounds)
-        self._pending = set(self._writers) - {scraped}
+        self._pending = self._channel.workers - {scraped}
         self._answered.clear()
         ask = encode({"op": "collect", "id": self._round_id})
         for worker in self._pending:
-            self._writers[worker].write(ask)
+            self._channel.send(worker, ask)
         if self._pending:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(COLLECT_WAIT):
