@@ -44,6 +44,8 @@ def encode(message: dict[str, Any]) -> bytes:
 
 
 class MetricsLink:
+    """This worker's connection to the hub; `snapshot` gives this worker's values (GatewayMetrics)."""
+
     def __init__(self, path: str, snapshot: Callable[[], Families]) -> None:
         self._path = path
         self._snapshot = snapshot
@@ -104,6 +106,8 @@ class MetricsLink:
         except (ConnectionError, ValueError) as exc:
             log.error("the metrics hub's connection failed (%s): /metrics answers 503", exc)
         finally:
+            if self._writer is not None:
+                self._writer.close()  # from now on a scrape fails at once
             for answer in self._asked.values():
                 if not answer.done():
                     answer.set_exception(ConnectionError("the metrics hub closed the connection"))
