@@ -3,8 +3,8 @@
 It binds the listeners (the public one, and the admin one with `server.admin_port`), starts the
 managed engines (gateway/engines/supervisor.py) and N worker processes that serve the requests on the
 inherited sockets (gateway/process/worker.py), and carries the control channel between them
-(gateway/engines/control.py) and, with several workers, the sum of their metrics (gateway/process/metrics_hub.py).
-The engines are started once whatever N, outlive a crashed worker, and stop
+(gateway/engines/control.py) and, with several workers, the sum of their metrics
+(gateway/process/metrics_hub.py). The engines are started once whatever N, outlive a crashed worker, and stop
 last, after the workers drained. This process says one line when the gateway can serve (the
 listeners are bound, every worker serves, every model has a healthy engine) and one when it has
 stopped.
