@@ -28,7 +28,7 @@ run later. Either order nets to nothing, so no charge and no lease outlive a ref
 Releases that could not reach Redis are retried the same way (release is idempotent). Releases
 leave in batches, those of one loop iteration in one script call (gateway/access/settle_batch.py).
 
-A batch line (`batch=True`, ARGV[10]) is charged like any request but rpm and max_concurrent do
+A batch line (`batch=True`, ARGV[7]) is charged like any request but rpm and max_concurrent do
 not apply to it: it adds no request to the minute window (which rpm reads) and its lease lives in
 `bleases` (which max_concurrent does not count); its tokens count toward tpm and the budgets.
 
@@ -52,24 +52,20 @@ from gateway.access.keys import REDIS_DOWN, ApiKey
 from gateway.access.levels import Level, levels_of, team_levels
 from gateway.access.local_limiter import LocalLimiter
 from gateway.access.quota_retry import PendingOps
-from gateway.access.quota_scripts import _ADMIT, _CANCEL, _RELEASE, _SETTLE
+from gateway.access.quota_scripts import _ADMIT, _CANCEL, _RELEASE, _SETTLE, LEASE_KEEP_MS
 from gateway.access.quota_windows import Window, rate_headers, refusal, refused_key, window
 from gateway.access.settle_batch import Release, SettleBatch
 from gateway.core.errors import Code, GatewayError, invalid, quota_unavailable
 from gateway.core.metrics import GatewayMetrics
 from gateway.core.request import ApiRequest
-from gateway.resp.client import LeanClient, Script
+from gateway.resp.client import Keys, LeanClient, Script, ScriptKeys
 from gateway.resp.lag import within
 from gateway.settings import NANOS
 
 log = logging.getLogger(__name__)
 
-MINUTE_TTL = 120
-DAY_TTL = 40 * 86400
-MONTH_TTL = 400 * 86400
-LEASE_KEEP_MS = 3_600_000
-
 TOMBSTONE_TTL = 3600
+MAX_CACHED_KEYS = 10_000  # levels whose keys are kept for the current minute
 # Lease ids: unique per process (a random prefix) and cheap (a counter): os.urandom per request
 # showed in profiles, and a lease id needs to be unique, not secret.
 _LEASE_PREFIX = secrets.token_hex(6)
@@ -89,17 +85,41 @@ class Admission:
     batch: bool = False  # a batch line: its lease is in `bleases`
     levels: tuple[Level, ...] = ()  # where it was reserved, key first (gateway/access/levels.py)
     money: int = 0  # the money reserved, in nano-units of the pricing currency
+    keys: Keys | None = None  # release_keys(), when made at admission
 
     @property
     def leases(self) -> str:
         return "bleases" if self.batch else "leases"
 
-    def release_keys(self) -> list[str]:
-        keys = []
-        for lv in self.levels:
-            b = lv.base
-            keys += [b + self.leases, f"{b}min:{self.minute}", b + "day:" + self.day, b + "month:" + self.month]
-        return keys
+    def release_keys(self) -> Keys:
+        if self.keys is None:
+            self.keys = settle_keys(self.levels, self.leases, self.minute, self.day, self.month)
+        return self.keys
+
+
+def admit_keys(levels: tuple[Level, ...], leases: str, minute: int, day: str, month: str) -> Keys:
+    """The admission script's keys but the tombstone: 5 a level (gateway/access/quota_scripts.py)."""
+    names: list[str] = []
+    for lv in levels:
+        b = lv.base
+        names += [lv.limits, f"{b}min:{minute}", b + "day:" + day, b + "month:" + month, b + leases]
+    return Keys(names)
+
+
+def settle_keys(levels: tuple[Level, ...], leases: str, minute: int, day: str, month: str) -> Keys:
+    """The release script's keys: 4 a level."""
+    names: list[str] = []
+    for lv in levels:
+        b = lv.base
+        names += [b + leases, f"{b}min:{minute}", b + "day:" + day, b + "month:" + month]
+    return Keys(names)
+
+
+def admit_args(
+    now_ms: int, model: str, reserve: int, lease_id: str, lease_ms: int, batch: bool = False, money: int = 0
+) -> list[str | int]:
+    """The admission script's ARGV (gateway/access/quota_scripts.py), its numbers worked out here."""
+    return [now_ms, model, reserve, lease_id, now_ms + lease_ms, lease_ms + LEASE_KEEP_MS, "1" if batch else "0", money]
 
 
 def reservation(key: ApiKey, request: ApiRequest, prompt_tokens: int) -> int:
@@ -156,6 +176,26 @@ class Quota:
         self._down = False
         self._pending = PendingOps(redis, 4 * self.deadline)  # cancels and releases waiting for Redis
         self.settles = SettleBatch(redis, self._release_failed)  # releases of one loop iteration, one call
+        self._keys_minute = -1
+        self._window_keys: dict[tuple[int, bool], tuple[tuple[Level, ...], Keys, Keys]] = {}
+
+    def _keys(self, levels: tuple[Level, ...], win: Window, batch: bool) -> tuple[Keys, Keys]:
+        """A request's keys for admission (but its tombstone) and settle: the same for every request
+        of these levels in this minute, so made and packed once a minute."""
+        if win.minute != self._keys_minute:
+            self._keys_minute = win.minute
+            self._window_keys.clear()
+        found = self._window_keys.get((id(levels), batch))
+        if found is not None and found[0] is levels:
+            return found[1], found[2]
+        if len(self._window_keys) >= MAX_CACHED_KEYS:
+            self._window_keys.clear()
+        leases = "bleases" if batch else "leases"
+        admitting = admit_keys(levels, leases, win.minute, win.day, win.month)
+        settling = settle_keys(levels, leases, win.minute, win.day, win.month)
+        # keyed by identity (levels_of returns the same tuple for a key), kept alive by the entry
+        self._window_keys[(id(levels), batch)] = (levels, admitting, settling)
+        return admitting, settling
 
     def levels(self, key: ApiKey) -> tuple[Level, ...]:
         if key.kind == "team" and key.team is not None:
@@ -184,27 +224,22 @@ class Quota:
             levels = self.levels(key)
             tag = levels[0].base  # every level shares the key's hash tag
             tombstone = f"{tag}gone:{lease_id}"
-            keys = [tombstone]
-            leases = "bleases" if batch else "leases"
-            for lv in levels:
-                b = lv.base
-                keys += [lv.limits, f"{b}min:{win.minute}", b + "day:" + win.day, b + "month:" + win.month, b + leases]
-            args: list[str | int] = [round(now * 1000), model, reserve_tokens, lease_id, self._lease_ms]
-            args += [LEASE_KEEP_MS, MINUTE_TTL, DAY_TTL, MONTH_TTL, int(batch), money]
+            admitting, settling = self._keys(levels, win, batch)
+            args = admit_args(round(now * 1000), model, reserve_tokens, lease_id, self._lease_ms, batch, money)
             try:
                 # No timer per call: the client drops a connection on which Redis stopped answering.
-                reply = await self.redis.run_script(_ADMIT, keys, args)
+                reply = await self.redis.run_script(_ADMIT, admitting.after(tombstone), args)
             except REDIS_DOWN as exc:
                 self._failed("admit", exc)
                 adm = Admission(key.id, lease_id, reserve_tokens, win.minute, win.day, win.month, batch=batch)
-                adm.levels, adm.money = levels, money
+                adm.levels, adm.money, adm.keys = levels, money, settling
                 cancel_args: list[str | int] = [lease_id, reserve_tokens, TOMBSTONE_TTL, int(batch), money]
                 self._retry(lease_id, _CANCEL, [*adm.release_keys(), tombstone], cancel_args)
             else:
                 if self._down:
                     self._recovered()
                 adm = self._decide(reply, key.id, model, reserve_tokens, lease_id, win, batch, levels)
-                adm.money = money
+                adm.money, adm.keys = money, settling
                 return adm
         if batch:
             raise quota_unavailable()
@@ -269,7 +304,7 @@ class Quota:
         lease_id, keys, args = release
         self._retry(lease_id, _RELEASE, keys, args)
 
-    def _retry(self, lease_id: str, script: Script, keys: list[str], args: list[str | int]) -> None:
+    def _retry(self, lease_id: str, script: Script, keys: ScriptKeys, args: list[str | int]) -> None:
         self._pending.add(lease_id, script, keys, args)
 
     async def flush_pending(self) -> bool:

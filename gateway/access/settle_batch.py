@@ -28,11 +28,11 @@ import hiredis
 from redis.crc import key_slot
 
 from gateway.access.quota_scripts import _SETTLE
-from gateway.resp.client import LeanClient
+from gateway.resp.client import Keys, LeanClient
 from gateway.resp.cluster import ClusterClient
 
 # (lease id, keys, the `_RELEASE` arguments): one request's release
-Release = tuple[str, list[str], list[str | int]]
+Release = tuple[str, Keys, list[str | int]]
 # called with a release the batch could not run, and the error (None: the script refused it)
 Failed = Callable[[Release, BaseException | None], None]
 
@@ -64,7 +64,7 @@ class SettleBatch:
             if self._cluster:
                 groups: dict[int, list[Release]] = {}
                 for release in queue:
-                    groups.setdefault(key_slot(release[1][0].encode()), []).append(release)
+                    groups.setdefault(key_slot(release[1].names[0].encode()), []).append(release)
                 for group in groups.values():
                     self._send(group)
             else:
@@ -73,11 +73,10 @@ class SettleBatch:
             sent.set_result(None)
 
     def _send(self, group: list[Release]) -> None:
-        call_keys: list[str] = []
         call_args: list[str | int] = []
         for _, keys, args in group:
-            call_keys += keys
             call_args += [len(keys) // 4, *args]  # its number of levels, then _RELEASE's arguments
+        call_keys = group[0][1] if len(group) == 1 else Keys.join(keys for _, keys, _ in group)
         self.calls += 1
         self._redis.send_script(_SETTLE, call_keys, call_args).add_done_callback(lambda done: self._done(done, group))
 
