@@ -1,14 +1,22 @@
 """Batch lines in the quota script (real Redis): rpm and max_concurrent do not apply to them and
 they leave the interactive path's windows alone; tpm and the budgets do apply; reconciling and
-refreshing their leases works as for interactive requests."""
+refreshing their leases works as for interactive requests. A line that runs again (its replica
+died before recording it, or another took it over) is charged once: the later run's charge
+replaces the earlier's, whether that was settled, only reserved, or cancelled."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import redis.asyncio as aioredis
 
 from gateway.access.keys import KeyStore
-from gateway.access.quota import Quota
+from gateway.access.quota import TOMBSTONE_TTL, Quota
+from gateway.access.quota_scripts import _CANCEL
 from gateway.access.quota_windows import window
+from gateway.access.teams import TeamStore
+from gateway.core.request import BatchLine
+from testkit.redis_cluster import RedisCluster
 from testkit.redis_server import RedisServer
 from tests.test_quota import MODEL, T, new_key, refused, run
 
@@ -73,3 +81,198 @@ def test_batch_lease_refresh_and_no_fail_open(redis_server: RedisServer) -> None
         assert (await quota.admit(key, MODEL, 1)).local
 
     run(redis_server, body, failure_mode="open", timeout=0.3)
+
+
+# ---- a batch line is charged once, however often it runs -------------------------------------
+
+
+def line(n: int, claim: int, batch_id: str = "batch_q") -> BatchLine:
+    return BatchLine(batch_id, n, claim, T + 86400)
+
+
+async def day_of(quota: Quota, base: str, now: float = T, period: str = "day") -> dict[str, int]:
+    """A day's (or month's) counters, read on the quota's own connection: after its releases."""
+    name = base + (f"day:{window(now).day}" if period == "day" else f"month:{window(now).month}")
+    flat = await quota.redis.execute("HGETALL", name)
+    return {flat[i].decode(): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+def test_a_rerun_replaces_the_charge_of_the_run_before(redis_server: RedisServer) -> None:
+    """Settled, then run again under a later claim (its replica died before recording it): the key
+    is charged the second run's usage and money only, once."""
+
+    async def body(store: KeyStore, quota: Quota, client: aioredis.Redis) -> None:
+        key = await new_key(store, daily_budget=1.0)
+        base = f"gw:{{{key.id}}}:"
+        first = await quota.admit(key, MODEL, 40, now=T, batch=True, money=4000, line=line(1, 1))
+        await quota.release(first, 5, 7, spend=1200)
+        second = await quota.admit(key, MODEL, 40, now=T, batch=True, money=4000, line=line(1, 2))
+        mid = await day_of(quota, base)  # the second run's reservation is all that is charged
+        assert (mid["requests"], mid["tokens"], mid["spend"]) == (1, 40, 4000)
+        assert (mid["prompt_tokens"], mid["completion_tokens"]) == (0, 0)
+        await quota.release(second, 6, 8, spend=1400)
+        await quota.release(first, 5, 7, spend=1200)  # a repeat of the first changes nothing
+        day = await day_of(quota, base)
+        assert (day["requests"], day["tokens"], day["spend"]) == (1, 14, 1400)
+        assert (day["prompt_tokens"], day["completion_tokens"]) == (6, 8)
+        month = await day_of(quota, base, period="month")
+        assert (month["tokens"], month["spend"], month["requests"]) == (14, 1400, 1)
+        assert await quota.redis.execute("ZCARD", base + "bleases") == 0
+        # Another line, and the same line of another batch, are charges of their own.
+        other = await quota.admit(key, MODEL, 40, now=T, batch=True, line=line(2, 1))
+        await quota.release(other, 1, 1)
+        again = await quota.admit(key, MODEL, 40, now=T, batch=True, line=line(1, 1, "batch_r"))
+        await quota.release(again, 1, 1)
+        assert (await day_of(quota, base))["tokens"] == 14 + 2 + 2
+
+    run(redis_server, body)
+
+
+def test_a_run_that_died_admitted_leaves_no_reservation_nor_lease(redis_server: RedisServer) -> None:
+    """Admitted, never settled (its replica died mid-request, or stalled and was taken over): the
+    rerun undoes the reservation and frees the lease; the old run's late settle changes nothing."""
+
+    async def body(store: KeyStore, quota: Quota, client: aioredis.Redis) -> None:
+        key = await new_key(store, daily_tokens=1000)
+        base = f"gw:{{{key.id}}}:"
+        died = await quota.admit(key, MODEL, 600, now=T, batch=True, money=900, line=line(3, 1))
+        # Without the undo, 600 + 600 would be over the daily 1000: the line could never run again.
+        rerun = await quota.admit(key, MODEL, 600, now=T, batch=True, money=900, line=line(3, 2))
+        assert await client.zrange(base + "bleases", 0, -1) == [rerun.lease_id.encode()]
+        await quota.release(rerun, 10, 20, spend=300)
+        await quota.release(died, 50, 50, spend=1000)  # the stalled run wakes up: too late
+        day = await day_of(quota, base)
+        assert (day["requests"], day["tokens"], day["spend"]) == (1, 30, 300)
+        assert (day["prompt_tokens"], day["completion_tokens"]) == (10, 20)
+        assert await quota.redis.execute("ZCARD", base + "bleases") == 0
+
+    run(redis_server, body)
+
+
+def test_a_run_of_an_older_claim_is_refused(redis_server: RedisServer) -> None:
+    async def body(store: KeyStore, quota: Quota, client: aioredis.Redis) -> None:
+        key = await new_key(store)
+        base = f"gw:{{{key.id}}}:"
+        newer = await quota.admit(key, MODEL, 10, now=T, batch=True, line=line(1, 3))
+        err = await refused(quota.admit(key, MODEL, 10, now=T, batch=True, line=line(1, 2)))
+        assert (err.status, err.code) == (409, "batch_line_superseded")
+        await quota.release(newer, 2, 3)
+        assert (await day_of(quota, base))["tokens"] == 5
+        # Attempts within one claim (an engine failure retried) replace each other too.
+        retried = await quota.admit(key, MODEL, 10, now=T, batch=True, line=line(1, 3))
+        await quota.release(retried, 4, 4)
+        day = await day_of(quota, base)
+        assert (day["requests"], day["tokens"], day["prompt_tokens"], day["completion_tokens"]) == (1, 8, 4, 4)
+
+    run(redis_server, body)
+
+
+def test_a_cancelled_admission_is_undone_once(redis_server: RedisServer) -> None:
+    """An admission given up on (Redis too slow) is cancelled: the rerun after it must not undo
+    that reservation a second time."""
+
+    async def body(store: KeyStore, quota: Quota, client: aioredis.Redis) -> None:
+        key = await new_key(store)
+        base = f"gw:{{{key.id}}}:"
+        kept = await quota.admit(key, MODEL, 30, now=T, batch=True, line=line(1, 1))
+        await quota.release(kept, 3, 3)
+        gone = await quota.admit(key, MODEL, 30, now=T, batch=True, line=line(1, 2))  # replaces the 6
+        tombstone = f"{base}gone:{gone.lease_id}"
+        cancel_args = [gone.lease_id, 30, TOMBSTONE_TTL, 1, 0]
+        assert await quota.redis.run_script(_CANCEL, [*gone.release_keys(), tombstone], cancel_args) == 1
+        assert (await day_of(quota, base))["tokens"] == 0
+        rerun = await quota.admit(key, MODEL, 30, now=T, batch=True, line=line(1, 2))
+        await quota.release(rerun, 4, 5)
+        day = await day_of(quota, base)
+        assert (day["requests"], day["tokens"], day["prompt_tokens"], day["completion_tokens"]) == (1, 9, 4, 5)
+
+    run(redis_server, body)
+
+
+def test_a_rerun_on_the_next_day_takes_the_charge_off_the_day_before(redis_server: RedisServer) -> None:
+    async def body(store: KeyStore, quota: Quota, client: aioredis.Redis) -> None:
+        key = await new_key(store)
+        base = f"gw:{{{key.id}}}:"
+        before = await quota.admit(key, MODEL, 30, now=T, batch=True, line=line(1, 1))
+        await quota.release(before, 3, 3)
+        after = await quota.admit(key, MODEL, 30, now=T + 86400, batch=True, line=line(1, 2))
+        await quota.release(after, 4, 5)
+        yesterday, today = await day_of(quota, base), await day_of(quota, base, T + 86400)
+        assert (yesterday["requests"], yesterday["tokens"], yesterday["completion_tokens"]) == (0, 0, 0)
+        assert (today["requests"], today["tokens"], today["completion_tokens"]) == (1, 9, 5)
+        month = await day_of(quota, base, period="month")  # both days in one month
+        assert (month["requests"], month["tokens"]) == (1, 9)
+
+    run(redis_server, body)
+
+
+def test_a_release_retried_after_a_failure_settles_the_line(redis_server: RedisServer) -> None:
+    """A release whose call failed (NOSCRIPT after a Redis restart) is retried one by one (`_SETTLE`, one release): it
+    settles the line's charge record too, so a rerun after it takes the usage off, not more."""
+
+    async def body(store: KeyStore, quota: Quota, client: aioredis.Redis) -> None:
+        key = await new_key(store)
+        base = f"gw:{{{key.id}}}:"
+        first = await quota.admit(key, MODEL, 30, now=T, batch=True, line=line(1, 1))
+        keys = [*first.release_keys(), f"{base}bline:batch_q:1"]
+        quota._release_failed((first.lease_id, keys, [first.lease_id, 6 - 30, 2, 4, 0]), None)
+        assert await quota.flush_pending()
+        assert (await day_of(quota, base))["completion_tokens"] == 4
+        second = await quota.admit(key, MODEL, 30, now=T, batch=True, line=line(1, 2))
+        await quota.release(second, 1, 2)
+        day = await day_of(quota, base)
+        assert (day["requests"], day["tokens"], day["prompt_tokens"], day["completion_tokens"]) == (1, 3, 1, 2)
+
+    run(redis_server, body)
+
+
+def test_a_rerun_is_charged_once_at_every_level(redis_server: RedisServer) -> None:
+    """A key of a team of an organization: the key, the team (whose max_concurrent keeps leases)
+    and the organization are each charged the last run's usage and money, and no lease is left."""
+    from tests.test_teams_quota import key_of, org, team
+    from tests.test_teams_quota import run as run_teams
+
+    async def body(store: KeyStore, teams: TeamStore, quota: Quota, client: aioredis.Redis) -> None:
+        o = await org(teams, daily_budget=1.0)
+        t = await team(teams, org=o.id, max_concurrent=2, daily_tokens=10_000)
+        key = await key_of(store, t)
+        levels = quota.levels(key)
+        settled = await quota.admit(key, MODEL, 50, now=T, batch=True, money=5000, line=line(1, 1))
+        await quota.release(settled, 10, 10, spend=2000)
+        await quota.admit(key, MODEL, 50, now=T, batch=True, money=5000, line=line(1, 2))  # its replica died
+        last = await quota.admit(key, MODEL, 50, now=T, batch=True, money=5000, line=line(1, 3))
+        await quota.release(last, 7, 9, spend=1600)
+        for level in levels:
+            day = await day_of(quota, level.base)
+            assert (day["requests"], day["tokens"], day["spend"]) == (1, 16, 1600), level
+            assert await quota.redis.execute("ZCARD", level.base + "bleases") == 0, level
+        key_day = await day_of(quota, levels[0].base)
+        assert (key_day["prompt_tokens"], key_day["completion_tokens"]) == (7, 9)
+
+    run_teams(redis_server, body)
+
+
+def test_a_rerun_on_another_replica_of_a_redis_cluster(redis_cluster: RedisCluster) -> None:
+    """On a real Redis Cluster, a line run on one replica and again on another, for a key alone and
+    for a key of a team of an organization: one slot per script call (the charge record is under
+    the key's tag), the usage counted once."""
+    from tests.test_cluster_stores import new_key as new_cluster_key
+    from tests.test_cluster_stores import run as run_cluster
+    from tests.test_teams_quota import key_of, org, team
+
+    async def body(a: Any, b: Any) -> None:
+        teams = TeamStore(a.clients.admin)
+        o = await org(teams)
+        keys = [(await new_cluster_key(a))[0], await key_of(a.keys, await team(teams, org=o.id))]
+        for key in keys:
+            first = await a.quota.admit(key, MODEL, 40, batch=True, line=line(5, 1))
+            await a.quota.release(first, 3, 4)
+            await b.quota.admit(key, MODEL, 40, batch=True, line=line(5, 2))  # b dies holding it
+            again = await a.quota.admit(key, MODEL, 40, batch=True, line=line(5, 3))
+            await a.quota.release(again, 5, 6)
+            for level in a.quota.levels(key):
+                usage = await a.quota.usage(level)  # on the connection of the release: after it
+                assert (usage["day"]["requests"], usage["day"]["tokens"]) == (1, 11), level
+        assert (await a.quota.usage(keys[0].id))["day"]["completion_tokens"] == 6
+
+    run_cluster(redis_cluster, body)

@@ -32,6 +32,21 @@ A batch line (`batch=True`, ARGV[10]) is charged like any request but rpm and ma
 not apply to it: it adds no request to the minute window (which rpm reads) and its lease lives in
 `bleases` (which max_concurrent does not count); its tokens count toward tpm and the budgets.
 
+A batch line is charged once, however often it runs: a replica may die after a line's charge and
+before its result is recorded, or stall while another takes the line over, and the line runs
+again. Each run is admitted with the line's identity (gateway/core/request.py: BatchLine) and
+its charge kept in a record next to the counters:
+
+    gw:{id}:bline:<batch>:<line>  HASH claim, lease, settled, day, month, tokens, spend,
+                                  prompt_tokens, completion_tokens   (TTL: the batch's window + LINE_KEEP)
+
+Admission undoes the charge the record holds (a reservation whose lease is still held, or a
+settled usage) from the windows it went to, then holds its own; the settle of the lease the
+record holds turns it into the usage. A run of an older claim is refused `superseded` (the store
+refuses its result too), and its late settle finds its lease gone and changes nothing. So a key is
+charged, per line, the usage of the run of its latest claim (of its last attempt there): the run
+whose result is recorded. The minute window (tpm) keeps every run's tokens until it passes.
+
 Every command goes through the lean RESP client of the request path (gateway/resp/client.py, or
 gateway/resp/cluster.py on a Redis Cluster).
 """
@@ -54,10 +69,10 @@ from gateway.access.local_limiter import LocalLimiter
 from gateway.access.quota_retry import PendingOps
 from gateway.access.quota_scripts import _ADMIT, _CANCEL, _RELEASE, _SETTLE
 from gateway.access.quota_windows import Window, rate_headers, refusal, refused_key, window
-from gateway.access.settle_batch import Release, SettleBatch
+from gateway.access.settle_batch import Release, SettleBatch, settle_args
 from gateway.core.errors import Code, GatewayError, invalid, quota_unavailable
 from gateway.core.metrics import GatewayMetrics
-from gateway.core.request import ApiRequest
+from gateway.core.request import ApiRequest, BatchLine
 from gateway.resp.client import LeanClient, Script
 from gateway.resp.lag import within
 from gateway.settings import NANOS
@@ -70,6 +85,7 @@ MONTH_TTL = 400 * 86400
 LEASE_KEEP_MS = 3_600_000
 
 TOMBSTONE_TTL = 3600
+LINE_KEEP = 3600  # a batch line's charge record outlives its batch's window by this (seconds)
 # Lease ids: unique per process (a random prefix) and cheap (a counter): os.urandom per request
 # showed in profiles, and a lease id needs to be unique, not secret.
 _LEASE_PREFIX = secrets.token_hex(6)
@@ -89,6 +105,7 @@ class Admission:
     batch: bool = False  # a batch line: its lease is in `bleases`
     levels: tuple[Level, ...] = ()  # where it was reserved, key first (gateway/access/levels.py)
     money: int = 0  # the money reserved, in nano-units of the pricing currency
+    line: str | None = None  # a batch line's charge record
 
     @property
     def leases(self) -> str:
@@ -171,10 +188,12 @@ class Quota:
         *,
         batch: bool = False,
         money: int = 0,
+        line: BatchLine | None = None,
     ) -> Admission:
         """Checks every limit of every level (key, team, organization) and reserves `reserve_tokens`
         and `money` (nano-units) at each. `batch`: a batch line, to which rpm and max_concurrent do
-        not apply; it never falls back to the per-process limiter (it waits for Redis instead)."""
+        not apply; it never falls back to the per-process limiter (it waits for Redis instead).
+        `line`: which batch line, whose earlier runs' charge this one replaces."""
         if reserve_tokens < 0 or money < 0:
             raise ValueError("reserve_tokens and money must be >= 0")
         now = time.time() if now is None else now
@@ -191,6 +210,11 @@ class Quota:
                 keys += [lv.limits, f"{b}min:{win.minute}", b + "day:" + win.day, b + "month:" + win.month, b + leases]
             args: list[str | int] = [round(now * 1000), model, reserve_tokens, lease_id, self._lease_ms]
             args += [LEASE_KEEP_MS, MINUTE_TTL, DAY_TTL, MONTH_TTL, int(batch), money]
+            record = None
+            if line is not None:
+                record = f"{tag}bline:{line.batch_id}:{line.line}"
+                keys.append(record)
+                args += [line.claim, int(max(0.0, line.until - now)) + LINE_KEEP, win.day, win.month]
             try:
                 # No timer per call: the client drops a connection on which Redis stopped answering.
                 reply = await self.redis.run_script(_ADMIT, keys, args)
@@ -204,7 +228,7 @@ class Quota:
                 if self._down:
                     self._recovered()
                 adm = self._decide(reply, key.id, model, reserve_tokens, lease_id, win, batch, levels)
-                adm.money = money
+                adm.money, adm.line = money, record
                 return adm
         if batch:
             raise quota_unavailable()
@@ -260,14 +284,21 @@ class Quota:
             return
         delta = prompt_tokens + completion_tokens - adm.reserved
         args: list[str | int] = [adm.lease_id, delta, prompt_tokens, completion_tokens, spend - adm.money]
-        await self.settles.add((adm.lease_id, adm.release_keys(), args))
+        keys = adm.release_keys()
+        if adm.line is not None:
+            keys.append(adm.line)
+        sent = self.settles.add((adm.lease_id, keys, args))
+        # Shared by the loop iteration's releases: a cancelled waiter would cancel it for all of
+        # them. A job aborting its batch lines cancels them (a client's request is not cancelled
+        # while it settles: its watch has stopped).
+        await (asyncio.shield(sent) if adm.batch else sent)
 
     def _release_failed(self, release: Release, error: BaseException | None) -> None:
         if isinstance(error, (*REDIS_DOWN, TimeoutError)):  # TimeoutError: the send was cancelled
             self._failed("release", error)
         # NOSCRIPT (Redis restarted) or Redis unreachable: run_script in the retry loads the script
         lease_id, keys, args = release
-        self._retry(lease_id, _RELEASE, keys, args)
+        self._retry(lease_id, _SETTLE, keys, settle_args(keys, args))
 
     def _retry(self, lease_id: str, script: Script, keys: list[str], args: list[str | int]) -> None:
         self._pending.add(lease_id, script, keys, args)

@@ -7,15 +7,47 @@ from __future__ import annotations
 
 from gateway.resp.client import Script
 
-# KEYS: the tombstone, then 5 per level (key first): limits, minute, day, month, leases.
+# KEYS: the tombstone, then 5 per level (key first): limits, minute, day, month, leases; for a
+# batch line, then its charge record.
 # ARGV: now (ms), model, reserved tokens, lease, lease ms, lease keep ms, minute/day/month TTLs,
-# batch ('1' or '0'), reserved money (nanos).
+# batch ('1' or '0'), reserved money (nanos); for a batch line, then its claim's number, the
+# record's TTL (s), the day and the month.
 _ADMIT = Script("""
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'cancelled'} end
 local now = tonumber(ARGV[1])
 local reserve, money, lease = tonumber(ARGV[3]), tonumber(ARGV[11]), ARGV[4]
 local batch = ARGV[10] == '1'
-local n = (#KEYS - 1) / 5
+local n = math.floor((#KEYS - 1) / 5)
+local line = ARGV[12] and KEYS[#KEYS]
+if line then
+  -- a batch line's run replaces the line's earlier runs, whose results can no longer be recorded
+  local was = redis.call('HMGET', line, 'claim', 'lease', 'settled', 'day', 'month', 'tokens', 'spend',
+    'prompt_tokens', 'completion_tokens')
+  if was[1] and tonumber(was[1]) > tonumber(ARGV[12]) then return {'superseded'} end
+  if was[2] ~= lease then
+    -- its charge is undone once: while its lease is held (the run died or was taken over), or settled
+    if was[2] and was[2] ~= '' and (redis.call('ZREM', KEYS[6], was[2]) == 1 or was[3] == '1') then
+      local toks, spent = 0 - tonumber(was[6]), 0 - tonumber(was[7])
+      for o = 1, 5 * n, 5 do
+        local base = string.sub(KEYS[o + 5], 1, -8)  -- <base>bleases
+        if o > 1 then redis.call('ZREM', KEYS[o + 5], was[2]) end
+        for _, period in ipairs({base .. 'day:' .. was[4], base .. 'month:' .. was[5]}) do
+          if redis.call('EXISTS', period) == 1 then
+            redis.call('HINCRBY', period, 'requests', -1)
+            redis.call('HINCRBY', period, 'tokens', toks)
+            if spent ~= 0 then redis.call('HINCRBY', period, 'spend', spent) end
+            if o == 1 and was[3] == '1' then
+              redis.call('HINCRBY', period, 'prompt_tokens', 0 - tonumber(was[8]))
+              redis.call('HINCRBY', period, 'completion_tokens', 0 - tonumber(was[9]))
+            end
+          end
+        end
+      end
+    end
+    redis.call('HSET', line, 'claim', ARGV[12], 'lease', '')
+    redis.call('EXPIRE', line, ARGV[13])
+  end
+end
 -- a missing field (false) and "" both mean null
 local function limit(v) if v and v ~= '' then return tonumber(v) end return -1 end
 local lim, win = {}, {}
@@ -92,6 +124,10 @@ for l = 1, n do
     redis.call('PEXPIRE', KEYS[o + 5], tonumber(ARGV[5]) + tonumber(ARGV[6]))
   end
 end
+if line then
+  redis.call('HSET', line, 'lease', lease, 'settled', 0, 'day', ARGV[14], 'month', ARGV[15], 'tokens', reserve,
+    'spend', money, 'prompt_tokens', 0, 'completion_tokens', 0)
+end
 if batch then return {'ok', k[1], kw[1], k[2], kw[2] + reserve} end
 return {'ok', k[1], kw[1] + 1, k[2], kw[2] + reserve}
 """)
@@ -146,13 +182,17 @@ return 0
 """)
 
 # Many releases in one call (gateway/access/settle_batch.py), each exactly as _RELEASE does it.
-# KEYS: each release's 4 per level (key first), one release after the other.
-# ARGV: per release 6: its number of levels, then _RELEASE's 5 (lease, tokens delta, prompt
-# tokens, completion tokens, spend delta). Returns how many releases were not repeats.
+# KEYS: each release's 4 per level (key first), then a batch line's charge record, one release
+# after the other.
+# ARGV: per release 6: its number of levels (negative for a batch line), then _RELEASE's 5
+# (lease, tokens delta, prompt tokens, completion tokens, spend delta). Returns how many
+# releases were not repeats.
 _SETTLE = Script("""
 local k, done = 0, 0
 for a = 0, #ARGV - 1, 6 do
   local n, lease = tonumber(ARGV[a + 1]), ARGV[a + 2]
+  local line = n < 0 and KEYS[k - 4 * n + 1]
+  if line then n = -n end
   if redis.call('ZREM', KEYS[k + 1], lease) == 1 then
     done = done + 1
     local delta, spend = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 6])
@@ -172,8 +212,15 @@ for a = 0, #ARGV - 1, 6 do
         end
       end
     end
+    if line and redis.call('HGET', line, 'lease') == lease then
+      -- the line's charge: from its reservation to what it used
+      redis.call('HINCRBY', line, 'tokens', delta)
+      redis.call('HINCRBY', line, 'spend', spend)
+      redis.call('HSET', line, 'settled', 1, 'prompt_tokens', ARGV[a + 4], 'completion_tokens', ARGV[a + 5])
+    end
   end
   k = k + 4 * n
+  if line then k = k + 1 end
 end
 return done
 """)
