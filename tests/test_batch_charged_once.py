@@ -220,3 +220,29 @@ def test_a_line_stalled_and_taken_over(logs_dir: Path, redis_server: RedisServer
         )
         assert runs(w) == {cid: 2 for cid in ids}
         assert_charged_once(w, b, key_id, output)
+
+
+def test_a_line_aborted_by_a_cancel_counts_alike_in_redis_and_the_store(
+    logs_dir: Path, redis_server: RedisServer
+) -> None:
+    """Lines in flight when a cancel's grace ends are aborted: each is recorded `batch_cancelled`
+    here with what it was charged until then, so the store's spend rows say what Redis says."""
+    with world(logs_dir, redis_server) as w:
+        w["config"]["batch"]["cancel_grace"] = 0.5
+        a = replica(w, logs_dir, "once-a4")
+        key_id, secret, batch_id, ids = start_batch(a, w)
+        c = client(a, secret)
+        c.batches.cancel(batch_id)
+        done = wait_final(c, batch_id, timeout=60)
+        output, errors = results(c, done)
+        assert done.status == "cancelled" and not output
+        assert sorted(e["custom_id"] for e in errors) == ids
+        assert {e["error"]["code"] for e in errors} == {"batch_cancelled"}
+        day = charged(w, key_id)
+        r = admin(a, "GET", f"/admin/spend?key={key_id}")
+        assert r.status_code == 200, r.text
+        rows = r.json()["data"]
+        stored = [sum(row[f] for row in rows) for f in ("requests", "prompt_tokens", "completion_tokens")]
+        assert stored == [day["requests"], day["prompt_tokens"], day["completion_tokens"]] == [LINES, 0, 0], day
+        assert day["tokens"] == 0 and day.get("spend", 0) == 0 and leases(w, key_id) == 0
+        assert scrape(a.url, "gateway_batch_lines_total", outcome="cancelled") == LINES

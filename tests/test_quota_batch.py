@@ -87,7 +87,7 @@ def test_batch_lease_refresh_and_no_fail_open(redis_server: RedisServer) -> None
 
 
 def line(n: int, claim: int, batch_id: str = "batch_q") -> BatchLine:
-    return BatchLine(batch_id, n, claim, T + 86400)
+    return BatchLine(batch_id, n, claim, 900)
 
 
 async def day_of(quota: Quota, base: str, now: float = T, period: str = "day") -> dict[str, int]:
@@ -276,3 +276,19 @@ def test_a_rerun_on_another_replica_of_a_redis_cluster(redis_cluster: RedisClust
         assert (await a.quota.usage(keys[0].id))["day"]["completion_tokens"] == 6
 
     run_cluster(redis_cluster, body)
+
+
+def test_a_line_record_outlives_its_run(redis_server: RedisServer) -> None:
+    """The record lives `keep` seconds from its admission, pushed back while its run's lease is
+    refreshed (a long run keeps it), and is gone after that: no record outlives its use."""
+
+    async def body(store: KeyStore, quota: Quota, client: aioredis.Redis) -> None:
+        key = await new_key(store)
+        adm = await quota.admit(key, MODEL, 10, batch=True, line=BatchLine("batch_t", 1, 1, 900))
+        record = f"gw:{{{key.id}}}:bline:batch_t:1"
+        assert adm.record == record and 890 <= await client.ttl(record) <= 900
+        await client.expire(record, 100)  # as if the run had gone on for 800 s
+        await quota.refresh_leases([adm])
+        assert 890 <= await client.ttl(record) <= 900
+
+    run(redis_server, body)

@@ -37,8 +37,8 @@ before its result is recorded, or stall while another takes the line over, and t
 again. Each run is admitted with the line's identity (gateway/core/request.py: BatchLine) and
 its charge kept in a record next to the counters:
 
-    gw:{id}:bline:<batch>:<line>  HASH claim, lease, settled, day, month, tokens, spend,
-                                  prompt_tokens, completion_tokens   (TTL: the batch's window + LINE_KEEP)
+    gw:{id}:bline:<batch>:<line>  HASH claim, lease, settled, day, tokens, spend, prompt, completion
+                                  (TTL: BatchLine.keep, pushed back with the run's lease)
 
 Admission undoes the charge the record holds (a reservation whose lease is still held, or a
 settled usage) from the windows it went to, then holds its own; the settle of the lease the
@@ -85,7 +85,6 @@ MONTH_TTL = 400 * 86400
 LEASE_KEEP_MS = 3_600_000
 
 TOMBSTONE_TTL = 3600
-LINE_KEEP = 3600  # a batch line's charge record outlives its batch's window by this (seconds)
 # Lease ids: unique per process (a random prefix) and cheap (a counter): os.urandom per request
 # showed in profiles, and a lease id needs to be unique, not secret.
 _LEASE_PREFIX = secrets.token_hex(6)
@@ -105,7 +104,8 @@ class Admission:
     batch: bool = False  # a batch line: its lease is in `bleases`
     levels: tuple[Level, ...] = ()  # where it was reserved, key first (gateway/access/levels.py)
     money: int = 0  # the money reserved, in nano-units of the pricing currency
-    line: str | None = None  # a batch line's charge record
+    line: BatchLine | None = None  # a batch line: `record` is its charge record
+    record: str = ""
 
     @property
     def leases(self) -> str:
@@ -210,11 +210,11 @@ class Quota:
                 keys += [lv.limits, f"{b}min:{win.minute}", b + "day:" + win.day, b + "month:" + win.month, b + leases]
             args: list[str | int] = [round(now * 1000), model, reserve_tokens, lease_id, self._lease_ms]
             args += [LEASE_KEEP_MS, MINUTE_TTL, DAY_TTL, MONTH_TTL, int(batch), money]
-            record = None
+            record = ""
             if line is not None:
                 record = f"{tag}bline:{line.batch_id}:{line.line}"
                 keys.append(record)
-                args += [line.claim, int(max(0.0, line.until - now)) + LINE_KEEP, win.day, win.month]
+                args += [line.claim, line.keep, win.day]
             try:
                 # No timer per call: the client drops a connection on which Redis stopped answering.
                 reply = await self.redis.run_script(_ADMIT, keys, args)
@@ -228,7 +228,7 @@ class Quota:
                 if self._down:
                     self._recovered()
                 adm = self._decide(reply, key.id, model, reserve_tokens, lease_id, win, batch, levels)
-                adm.money, adm.line = money, record
+                adm.money, adm.line, adm.record = money, line, record
                 return adm
         if batch:
             raise quota_unavailable()
@@ -286,7 +286,7 @@ class Quota:
         args: list[str | int] = [adm.lease_id, delta, prompt_tokens, completion_tokens, spend - adm.money]
         keys = adm.release_keys()
         if adm.line is not None:
-            keys.append(adm.line)
+            keys.append(adm.record)
         sent = self.settles.add((adm.lease_id, keys, args))
         # Shared by the loop iteration's releases: a cancelled waiter would cancel it for all of
         # them. A job aborting its batch lines cancels them (a client's request is not cancelled
@@ -324,6 +324,8 @@ class Quota:
                     # XX: never revive a released lease
                     calls.append(self.redis.execute("ZADD", leases, "XX", expiry, adm.lease_id))
                     calls.append(self.redis.execute("PEXPIRE", leases, keep))
+                if adm.line is not None:  # a batch line's charge record outlives its run
+                    calls.append(self.redis.execute("EXPIRE", adm.record, adm.line.keep))
         if not calls:
             return
         try:

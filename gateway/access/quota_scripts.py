@@ -11,7 +11,7 @@ from gateway.resp.client import Script
 # batch line, then its charge record.
 # ARGV: now (ms), model, reserved tokens, lease, lease ms, lease keep ms, minute/day/month TTLs,
 # batch ('1' or '0'), reserved money (nanos); for a batch line, then its claim's number, the
-# record's TTL (s), the day and the month.
+# record's TTL (s) and the day.
 _ADMIT = Script("""
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'cancelled'} end
 local now = tonumber(ARGV[1])
@@ -21,24 +21,23 @@ local n = math.floor((#KEYS - 1) / 5)
 local line = ARGV[12] and KEYS[#KEYS]
 if line then
   -- a batch line's run replaces the line's earlier runs, whose results can no longer be recorded
-  local was = redis.call('HMGET', line, 'claim', 'lease', 'settled', 'day', 'month', 'tokens', 'spend',
-    'prompt_tokens', 'completion_tokens')
+  local was = redis.call('HMGET', line, 'claim', 'lease', 'settled', 'day', 'tokens', 'spend', 'prompt', 'completion')
   if was[1] and tonumber(was[1]) > tonumber(ARGV[12]) then return {'superseded'} end
   if was[2] ~= lease then
     -- its charge is undone once: while its lease is held (the run died or was taken over), or settled
     if was[2] and was[2] ~= '' and (redis.call('ZREM', KEYS[6], was[2]) == 1 or was[3] == '1') then
-      local toks, spent = 0 - tonumber(was[6]), 0 - tonumber(was[7])
+      local toks, spent = 0 - tonumber(was[5]), 0 - tonumber(was[6])
       for o = 1, 5 * n, 5 do
         local base = string.sub(KEYS[o + 5], 1, -8)  -- <base>bleases
         if o > 1 then redis.call('ZREM', KEYS[o + 5], was[2]) end
-        for _, period in ipairs({base .. 'day:' .. was[4], base .. 'month:' .. was[5]}) do
+        for _, period in ipairs({base .. 'day:' .. was[4], base .. 'month:' .. string.sub(was[4], 1, 7)}) do
           if redis.call('EXISTS', period) == 1 then
             redis.call('HINCRBY', period, 'requests', -1)
             redis.call('HINCRBY', period, 'tokens', toks)
             if spent ~= 0 then redis.call('HINCRBY', period, 'spend', spent) end
             if o == 1 and was[3] == '1' then
-              redis.call('HINCRBY', period, 'prompt_tokens', 0 - tonumber(was[8]))
-              redis.call('HINCRBY', period, 'completion_tokens', 0 - tonumber(was[9]))
+              redis.call('HINCRBY', period, 'prompt_tokens', 0 - tonumber(was[7]))
+              redis.call('HINCRBY', period, 'completion_tokens', 0 - tonumber(was[8]))
             end
           end
         end
@@ -125,8 +124,8 @@ for l = 1, n do
   end
 end
 if line then
-  redis.call('HSET', line, 'lease', lease, 'settled', 0, 'day', ARGV[14], 'month', ARGV[15], 'tokens', reserve,
-    'spend', money, 'prompt_tokens', 0, 'completion_tokens', 0)
+  redis.call('HSET', line, 'lease', lease, 'settled', 0, 'day', ARGV[14], 'tokens', reserve, 'spend', money,
+    'prompt', 0, 'completion', 0)
 end
 if batch then return {'ok', k[1], kw[1], k[2], kw[2] + reserve} end
 return {'ok', k[1], kw[1] + 1, k[2], kw[2] + reserve}
@@ -216,7 +215,7 @@ for a = 0, #ARGV - 1, 6 do
       -- the line's charge: from its reservation to what it used
       redis.call('HINCRBY', line, 'tokens', delta)
       redis.call('HINCRBY', line, 'spend', spend)
-      redis.call('HSET', line, 'settled', 1, 'prompt_tokens', ARGV[a + 4], 'completion_tokens', ARGV[a + 5])
+      redis.call('HSET', line, 'settled', 1, 'prompt', ARGV[a + 4], 'completion', ARGV[a + 5])
     end
   end
   k = k + 4 * n

@@ -41,6 +41,9 @@ from gateway.proxy.exchange import Exchange
 from gateway.store import ClaimedLine, LineOutcome, Owner, SpendRow
 
 MAX_ATTEMPTS = 3
+# A line's charge record outlives its run by the time a takeover takes (its claim expires, its
+# batch's lease too) and this: a rerun later than that is charged again.
+RERUN_MARGIN = 600
 WAIT_MIN = 0.5
 WAIT_MAX = 10.0
 TPM_WAIT_MAX = 61.0
@@ -80,12 +83,12 @@ class Charge:
 class LineDispatcher:
     """Runs the lines of one batch as its owner."""
 
-    def __init__(self, gw: Gateway, endpoint: Endpoint, batch_id: str, owner: Owner, expires_at: float) -> None:
+    def __init__(self, gw: Gateway, endpoint: Endpoint, batch_id: str, owner: Owner, keep: int) -> None:
         self.gw = gw
         self.endpoint = endpoint
         self.batch_id = batch_id
         self.owner = owner
-        self.expires_at = expires_at
+        self.keep = keep  # seconds a line's charge record outlives its run (gateway/access/quota.py)
         self._principal: Principal | None = None
         self._principal_at = 0.0
 
@@ -127,7 +130,7 @@ class LineDispatcher:
         principal = await self._owner()
         request = parse_request(line.body.encode(), self.endpoint)  # fresh: the exchange writes to it
         request.batch_id = self.batch_id
-        request.batch_line = BatchLine(self.batch_id, line.line, line.attempts, self.expires_at)
+        request.batch_line = BatchLine(self.batch_id, line.line, line.attempts, self.keep)
         request_id = os.urandom(16).hex()
         collected = Collected()
         observe = self.gw.observe  # the line's access log line and span (gateway/observe/)

@@ -28,7 +28,7 @@ from collections import Counter, deque
 from contextlib import suppress
 from dataclasses import dataclass
 
-from gateway.batch.dispatch import Charge, LineDispatcher
+from gateway.batch.dispatch import RERUN_MARGIN, Charge, LineDispatcher
 from gateway.batch.slots import Slots
 from gateway.core.request import ENDPOINTS
 from gateway.proxy.context import Gateway
@@ -62,7 +62,9 @@ class BatchJob:
         self.store = ctx.store
         self.id = batch.id
         self.batch = batch
-        self.dispatcher = LineDispatcher(ctx.gw, ENDPOINTS[batch.endpoint], batch.id, batch.owner, batch.expires_at)
+        s = ctx.settings
+        keep = round(s.claim_ttl + s.lease_ttl) + RERUN_MARGIN
+        self.dispatcher = LineDispatcher(ctx.gw, ENDPOINTS[batch.endpoint], batch.id, batch.owner, keep)
         self.halted = asyncio.Event()  # no new line starts: cancelled, expired, lease lost, stopping
         # Why lines in flight are aborted, when it ends them (a cancel, an expiry): their error.
         # None: an abort hands them back (this process stops), to run again elsewhere.

@@ -212,7 +212,7 @@ class BatchLine:
     batch_id: str
     line: int  # its position in the input
     claim: int  # the claim's number: each claim of the line in the store counts one up
-    until: float  # the batch's expires_at (unix seconds): no run starts after it
+    keep: int  # seconds its charge record outlives its run: a rerun must come within them
 
 
 @dataclass(slots=True)
