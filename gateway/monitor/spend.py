@@ -6,9 +6,10 @@ of what every replica charged, and survives Redis.
 A store that is down keeps the rows here (merged, so memory grows with distinct rows, not
 requests) up to MAX_ROWS; past that the oldest hours are dropped and logged.
 
-A batch line's row is not added here: it is written with the line's result, in the same
-transaction (gateway/batch/job.py, `line_spend`), so a line that ran twice (its replica died
-before recording it) counts once, as its charge in Redis does: the run whose result is recorded.
+A batch line's row is not added here: made by `line_spend` (gateway/batch/dispatch.py), it is
+written with the line's result, in the same transaction (gateway/store/lines.py), so a line that
+ran twice (its replica died before recording it) counts once, as its charge in Redis does: the
+run whose result is recorded.
 """
 
 from __future__ import annotations
