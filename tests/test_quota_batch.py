@@ -6,12 +6,13 @@ replaces the earlier's, whether that was settled, only reserved, or cancelled.""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import redis.asyncio as aioredis
 
-from gateway.access.keys import KeyStore
-from gateway.access.quota import TOMBSTONE_TTL, Quota
+from gateway.access.keys import ApiKey, KeyStore
+from gateway.access.quota import TOMBSTONE_TTL, Admission, Quota
 from gateway.access.quota_scripts import _CANCEL
 from gateway.access.quota_windows import window
 from gateway.access.teams import TeamStore
@@ -85,9 +86,38 @@ def test_batch_lease_refresh_and_no_fail_open(redis_server: RedisServer) -> None
 
 # ---- a batch line is charged once, however often it runs -------------------------------------
 
+COUNTS = ("requests", "tokens", "prompt_tokens", "completion_tokens")
+
 
 def line(n: int, claim: int, batch_id: str = "batch_q") -> BatchLine:
     return BatchLine(batch_id, n, claim, 900)
+
+
+async def ran(
+    quota: Quota,
+    key: ApiKey,
+    claim: int,
+    used: tuple[int, int] | None,
+    *,
+    n: int = 1,
+    batch_id: str = "batch_q",
+    reserve: int = 30,
+    money: int = 0,
+    spend: int = 0,
+    now: float = T,
+) -> Admission:
+    """A run of line `n` under its `claim`-th claim: admitted, then settled with `used` (prompt,
+    completion tokens) and `spend`; None: its replica died before it settled."""
+    adm = await quota.admit(key, MODEL, reserve, now=now, batch=True, money=money, line=line(n, claim, batch_id))
+    if used is not None:
+        await quota.release(adm, *used, spend=spend)
+    return adm
+
+
+async def line_key(store: KeyStore, **limits: Any) -> tuple[ApiKey, str]:
+    """A key alone, and the prefix of its counters."""
+    key = await new_key(store, **limits)
+    return key, f"gw:{{{key.id}}}:"
 
 
 async def day_of(quota: Quota, base: str, now: float = T, period: str = "day") -> dict[str, int]:
@@ -97,33 +127,30 @@ async def day_of(quota: Quota, base: str, now: float = T, period: str = "day") -
     return {flat[i].decode(): int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
+async def figures(quota: Quota, base: str, names: tuple[str, ...] = COUNTS, **where: Any) -> tuple[int, ...]:
+    day = await day_of(quota, base, **where)
+    return tuple(day.get(name, 0) for name in names)
+
+
 def test_a_rerun_replaces_the_charge_of_the_run_before(redis_server: RedisServer) -> None:
     """Settled, then run again under a later claim (its replica died before recording it): the key
     is charged the second run's usage and money only, once."""
 
     async def body(store: KeyStore, quota: Quota, client: aioredis.Redis) -> None:
-        key = await new_key(store, daily_budget=1.0)
-        base = f"gw:{{{key.id}}}:"
-        first = await quota.admit(key, MODEL, 40, now=T, batch=True, money=4000, line=line(1, 1))
-        await quota.release(first, 5, 7, spend=1200)
-        second = await quota.admit(key, MODEL, 40, now=T, batch=True, money=4000, line=line(1, 2))
-        mid = await day_of(quota, base)  # the second run's reservation is all that is charged
-        assert (mid["requests"], mid["tokens"], mid["spend"]) == (1, 40, 4000)
-        assert (mid["prompt_tokens"], mid["completion_tokens"]) == (0, 0)
+        key, base = await line_key(store, daily_budget=1.0)
+        first = await ran(quota, key, 1, (5, 7), reserve=40, money=4000, spend=1200)
+        second = await ran(quota, key, 2, None, reserve=40, money=4000)
+        # the second run's reservation is all that is charged
+        assert await figures(quota, base, (*COUNTS, "spend")) == (1, 40, 0, 0, 4000)
         await quota.release(second, 6, 8, spend=1400)
         await quota.release(first, 5, 7, spend=1200)  # a repeat of the first changes nothing
-        day = await day_of(quota, base)
-        assert (day["requests"], day["tokens"], day["spend"]) == (1, 14, 1400)
-        assert (day["prompt_tokens"], day["completion_tokens"]) == (6, 8)
-        month = await day_of(quota, base, period="month")
-        assert (month["tokens"], month["spend"], month["requests"]) == (14, 1400, 1)
+        assert await figures(quota, base, (*COUNTS, "spend")) == (1, 14, 6, 8, 1400)
+        assert await figures(quota, base, ("requests", "tokens", "spend"), period="month") == (1, 14, 1400)
         assert await quota.redis.execute("ZCARD", base + "bleases") == 0
         # Another line, and the same line of another batch, are charges of their own.
-        other = await quota.admit(key, MODEL, 40, now=T, batch=True, line=line(2, 1))
-        await quota.release(other, 1, 1)
-        again = await quota.admit(key, MODEL, 40, now=T, batch=True, line=line(1, 1, "batch_r"))
-        await quota.release(again, 1, 1)
-        assert (await day_of(quota, base))["tokens"] == 14 + 2 + 2
+        await ran(quota, key, 1, (1, 1), n=2)
+        await ran(quota, key, 1, (1, 1), batch_id="batch_r")
+        assert await figures(quota, base, ("tokens",)) == (14 + 2 + 2,)
 
     run(redis_server, body)
 
@@ -133,17 +160,14 @@ def test_a_run_that_died_admitted_leaves_no_reservation_nor_lease(redis_server: 
     rerun undoes the reservation and frees the lease; the old run's late settle changes nothing."""
 
     async def body(store: KeyStore, quota: Quota, client: aioredis.Redis) -> None:
-        key = await new_key(store, daily_tokens=1000)
-        base = f"gw:{{{key.id}}}:"
-        died = await quota.admit(key, MODEL, 600, now=T, batch=True, money=900, line=line(3, 1))
+        key, base = await line_key(store, daily_tokens=1000)
+        died = await ran(quota, key, 1, None, reserve=600, money=900)
         # Without the undo, 600 + 600 would be over the daily 1000: the line could never run again.
-        rerun = await quota.admit(key, MODEL, 600, now=T, batch=True, money=900, line=line(3, 2))
+        rerun = await ran(quota, key, 2, None, reserve=600, money=900)
         assert await client.zrange(base + "bleases", 0, -1) == [rerun.lease_id.encode()]
         await quota.release(rerun, 10, 20, spend=300)
         await quota.release(died, 50, 50, spend=1000)  # the stalled run wakes up: too late
-        day = await day_of(quota, base)
-        assert (day["requests"], day["tokens"], day["spend"]) == (1, 30, 300)
-        assert (day["prompt_tokens"], day["completion_tokens"]) == (10, 20)
+        assert await figures(quota, base, (*COUNTS, "spend")) == (1, 30, 10, 20, 300)
         assert await quota.redis.execute("ZCARD", base + "bleases") == 0
 
     run(redis_server, body)
@@ -151,18 +175,14 @@ def test_a_run_that_died_admitted_leaves_no_reservation_nor_lease(redis_server: 
 
 def test_a_run_of_an_older_claim_is_refused(redis_server: RedisServer) -> None:
     async def body(store: KeyStore, quota: Quota, client: aioredis.Redis) -> None:
-        key = await new_key(store)
-        base = f"gw:{{{key.id}}}:"
-        newer = await quota.admit(key, MODEL, 10, now=T, batch=True, line=line(1, 3))
-        err = await refused(quota.admit(key, MODEL, 10, now=T, batch=True, line=line(1, 2)))
+        key, base = await line_key(store)
+        await ran(quota, key, 3, (2, 3))
+        err = await refused(ran(quota, key, 2, None))
         assert (err.status, err.code) == (409, "batch_line_superseded")
-        await quota.release(newer, 2, 3)
-        assert (await day_of(quota, base))["tokens"] == 5
+        assert await figures(quota, base) == (1, 5, 2, 3)
         # Attempts within one claim (an engine failure retried) replace each other too.
-        retried = await quota.admit(key, MODEL, 10, now=T, batch=True, line=line(1, 3))
-        await quota.release(retried, 4, 4)
-        day = await day_of(quota, base)
-        assert (day["requests"], day["tokens"], day["prompt_tokens"], day["completion_tokens"]) == (1, 8, 4, 4)
+        await ran(quota, key, 3, (4, 4))
+        assert await figures(quota, base) == (1, 8, 4, 4)
 
     run(redis_server, body)
 
@@ -172,56 +192,45 @@ def test_a_cancelled_admission_is_undone_once(redis_server: RedisServer) -> None
     that reservation a second time."""
 
     async def body(store: KeyStore, quota: Quota, client: aioredis.Redis) -> None:
-        key = await new_key(store)
-        base = f"gw:{{{key.id}}}:"
-        kept = await quota.admit(key, MODEL, 30, now=T, batch=True, line=line(1, 1))
-        await quota.release(kept, 3, 3)
-        gone = await quota.admit(key, MODEL, 30, now=T, batch=True, line=line(1, 2))  # replaces the 6
+        key, base = await line_key(store)
+        await ran(quota, key, 1, (3, 3))
+        gone = await ran(quota, key, 2, None)  # replaces the 6
         tombstone = f"{base}gone:{gone.lease_id}"
         cancel_args = [gone.lease_id, 30, TOMBSTONE_TTL, 1, 0]
         assert await quota.redis.run_script(_CANCEL, [*gone.release_keys(), tombstone], cancel_args) == 1
-        assert (await day_of(quota, base))["tokens"] == 0
-        rerun = await quota.admit(key, MODEL, 30, now=T, batch=True, line=line(1, 2))
-        await quota.release(rerun, 4, 5)
-        day = await day_of(quota, base)
-        assert (day["requests"], day["tokens"], day["prompt_tokens"], day["completion_tokens"]) == (1, 9, 4, 5)
+        assert await figures(quota, base, ("tokens",)) == (0,)
+        await ran(quota, key, 2, (4, 5))
+        assert await figures(quota, base) == (1, 9, 4, 5)
 
     run(redis_server, body)
 
 
 def test_a_rerun_on_the_next_day_takes_the_charge_off_the_day_before(redis_server: RedisServer) -> None:
     async def body(store: KeyStore, quota: Quota, client: aioredis.Redis) -> None:
-        key = await new_key(store)
-        base = f"gw:{{{key.id}}}:"
-        before = await quota.admit(key, MODEL, 30, now=T, batch=True, line=line(1, 1))
-        await quota.release(before, 3, 3)
-        after = await quota.admit(key, MODEL, 30, now=T + 86400, batch=True, line=line(1, 2))
-        await quota.release(after, 4, 5)
-        yesterday, today = await day_of(quota, base), await day_of(quota, base, T + 86400)
-        assert (yesterday["requests"], yesterday["tokens"], yesterday["completion_tokens"]) == (0, 0, 0)
-        assert (today["requests"], today["tokens"], today["completion_tokens"]) == (1, 9, 5)
-        month = await day_of(quota, base, period="month")  # both days in one month
-        assert (month["requests"], month["tokens"]) == (1, 9)
+        key, base = await line_key(store)
+        await ran(quota, key, 1, (3, 3))
+        await ran(quota, key, 2, (4, 5), now=T + 86400)
+        assert await figures(quota, base) == (0, 0, 0, 0)
+        assert await figures(quota, base, now=T + 86400) == (1, 9, 4, 5)
+        assert await figures(quota, base, period="month") == (1, 9, 4, 5)  # both days in one month
 
     run(redis_server, body)
 
 
 def test_a_release_retried_after_a_failure_settles_the_line(redis_server: RedisServer) -> None:
-    """A release whose call failed (NOSCRIPT after a Redis restart) is retried one by one (`_SETTLE`, one release): it
-    settles the line's charge record too, so a rerun after it takes the usage off, not more."""
+    """A release whose call failed (NOSCRIPT after a Redis restart) is retried one by one
+    (`_SETTLE`, one release): it settles the line's charge record too, so a rerun after it takes
+    the usage off, not more."""
 
     async def body(store: KeyStore, quota: Quota, client: aioredis.Redis) -> None:
-        key = await new_key(store)
-        base = f"gw:{{{key.id}}}:"
-        first = await quota.admit(key, MODEL, 30, now=T, batch=True, line=line(1, 1))
+        key, base = await line_key(store)
+        first = await ran(quota, key, 1, None)
         keys = [*first.release_keys(), f"{base}bline:batch_q:1"]
         quota._release_failed((first.lease_id, keys, [first.lease_id, 6 - 30, 2, 4, 0]), None)
         assert await quota.flush_pending()
-        assert (await day_of(quota, base))["completion_tokens"] == 4
-        second = await quota.admit(key, MODEL, 30, now=T, batch=True, line=line(1, 2))
-        await quota.release(second, 1, 2)
-        day = await day_of(quota, base)
-        assert (day["requests"], day["tokens"], day["prompt_tokens"], day["completion_tokens"]) == (1, 3, 1, 2)
+        assert await figures(quota, base) == (1, 6, 2, 4)
+        await ran(quota, key, 2, (1, 2))
+        assert await figures(quota, base) == (1, 3, 1, 2)
 
     run(redis_server, body)
 
@@ -236,18 +245,14 @@ def test_a_rerun_is_charged_once_at_every_level(redis_server: RedisServer) -> No
         o = await org(teams, daily_budget=1.0)
         t = await team(teams, org=o.id, max_concurrent=2, daily_tokens=10_000)
         key = await key_of(store, t)
+        await ran(quota, key, 1, (10, 10), reserve=50, money=5000, spend=2000)
+        await ran(quota, key, 2, None, reserve=50, money=5000)  # its replica died
+        await ran(quota, key, 3, (7, 9), reserve=50, money=5000, spend=1600)
         levels = quota.levels(key)
-        settled = await quota.admit(key, MODEL, 50, now=T, batch=True, money=5000, line=line(1, 1))
-        await quota.release(settled, 10, 10, spend=2000)
-        await quota.admit(key, MODEL, 50, now=T, batch=True, money=5000, line=line(1, 2))  # its replica died
-        last = await quota.admit(key, MODEL, 50, now=T, batch=True, money=5000, line=line(1, 3))
-        await quota.release(last, 7, 9, spend=1600)
         for level in levels:
-            day = await day_of(quota, level.base)
-            assert (day["requests"], day["tokens"], day["spend"]) == (1, 16, 1600), level
+            assert await figures(quota, level.base, ("requests", "tokens", "spend")) == (1, 16, 1600), level
             assert await quota.redis.execute("ZCARD", level.base + "bleases") == 0, level
-        key_day = await day_of(quota, levels[0].base)
-        assert (key_day["prompt_tokens"], key_day["completion_tokens"]) == (7, 9)
+        assert await figures(quota, levels[0].base, ("prompt_tokens", "completion_tokens")) == (7, 9)
 
     run_teams(redis_server, body)
 
@@ -265,11 +270,9 @@ def test_a_rerun_on_another_replica_of_a_redis_cluster(redis_cluster: RedisClust
         o = await org(teams)
         keys = [(await new_cluster_key(a))[0], await key_of(a.keys, await team(teams, org=o.id))]
         for key in keys:
-            first = await a.quota.admit(key, MODEL, 40, batch=True, line=line(5, 1))
-            await a.quota.release(first, 3, 4)
-            await b.quota.admit(key, MODEL, 40, batch=True, line=line(5, 2))  # b dies holding it
-            again = await a.quota.admit(key, MODEL, 40, batch=True, line=line(5, 3))
-            await a.quota.release(again, 5, 6)
+            await ran(a.quota, key, 1, (3, 4), now=time.time())
+            await ran(b.quota, key, 2, None, now=time.time())  # b dies holding it
+            await ran(a.quota, key, 3, (5, 6), now=time.time())
             for level in a.quota.levels(key):
                 usage = await a.quota.usage(level)  # on the connection of the release: after it
                 assert (usage["day"]["requests"], usage["day"]["tokens"]) == (1, 11), level
@@ -284,8 +287,8 @@ def test_a_line_record_outlives_its_run(redis_server: RedisServer) -> None:
 
     async def body(store: KeyStore, quota: Quota, client: aioredis.Redis) -> None:
         key = await new_key(store)
-        adm = await quota.admit(key, MODEL, 10, batch=True, line=BatchLine("batch_t", 1, 1, 900))
-        record = f"gw:{{{key.id}}}:bline:batch_t:1"
+        adm = await ran(quota, key, 1, None, now=time.time())
+        record = f"gw:{{{key.id}}}:bline:batch_q:1"
         assert adm.record == record and 890 <= await client.ttl(record) <= 900
         await client.expire(record, 100)  # as if the run had gone on for 800 s
         await quota.refresh_leases([adm])
