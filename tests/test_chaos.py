@@ -227,7 +227,7 @@ def chaos_world(tmp_path: Path, logs_dir: Path) -> Iterator[dict[str, Any]]:
         engines = {
             "e1": fake_upstream(logs_dir, *paced, name="chaos-e1"),
             "e2": fake_upstream(logs_dir, *paced, name="chaos-e2"),
-            "bulk": fake_upstream(logs_dir, "--delay-ms", "300", name="chaos-bulk"),
+            "bulk": fake_upstream(logs_dir, "--delay-ms", "300", "--count", name="chaos-bulk"),
         }
         for e in engines.values():
             e.start()
@@ -276,7 +276,12 @@ def test_nothing_a_client_sees_breaks_under_chaos(chaos_world: dict[str, Any]) -
             "custom_id": f"line-{n}",
             "method": "POST",
             "url": "/v1/chat/completions",
-            "body": {"model": "bulk", "messages": [{"role": "user", "content": f"line {n}"}], "max_tokens": 32},
+            "body": {
+                "model": "bulk",
+                "messages": [{"role": "user", "content": f"line {n}"}],
+                "max_tokens": 32,
+                "user": f"line-{n}",  # the engine counts its runs of each line
+            },
         }
         for n in range(BATCH_LINES)
     ]
@@ -424,7 +429,9 @@ def test_nothing_a_client_sees_breaks_under_chaos(chaos_world: dict[str, Any]) -
     final = wait_final(batches, batch.id, timeout=120)
     output, errors = results(batches, final)
     assert_each_once([line["custom_id"] for line in lines], output, errors)
-    chaos.say(f"batch {final.status}: {len(output)} done, {len(errors)} failed")
+    runs = httpx.get(engines["bulk"].url + "/counts", timeout=10).json()
+    rerun = sum(1 for n in runs.values() if n > 1)
+    chaos.say(f"batch {final.status}: {len(output)} done, {len(errors)} failed; {rerun} lines ran more than once")
 
     # Charged no more than the clients saw (a request cut before its usage may have been charged
     # its prompt and the chunks it was sent).
