@@ -32,6 +32,21 @@ A batch line (`batch=True`, ARGV[7]) is charged like any request but rpm and max
 not apply to it: it adds no request to the minute window (which rpm reads) and its lease lives in
 `bleases` (which max_concurrent does not count); its tokens count toward tpm and the budgets.
 
+A batch line is charged once, however often it runs: a replica may die after a line's charge and
+before its result is recorded, or stall while another takes the line over, and the line runs
+again. Each run is admitted with the line's identity (gateway/core/request.py: BatchLine) and
+its charge kept in a record next to the counters:
+
+    gw:{id}:bline:<batch>:<line>  HASH claim, lease, settled, day, tokens, spend, prompt, completion
+                                  (TTL: BatchLine.keep, pushed back with the run's lease)
+
+Admission undoes the charge the record holds (a reservation whose lease is still held, or a
+settled usage) from the windows it went to, then holds its own; the settle of the lease the
+record holds turns it into the usage. A run of an older claim is refused `superseded` (the store
+refuses its result too), and its late settle finds its lease gone and changes nothing. So a key is
+charged, per line, the usage of the run of its latest claim (of its last attempt there): the run
+whose result is recorded. The minute window (tpm) keeps every run's tokens until it passes.
+
 Every command goes through the lean RESP client of the request path (gateway/resp/client.py, or
 gateway/resp/cluster.py on a Redis Cluster).
 """
@@ -54,10 +69,10 @@ from gateway.access.local_limiter import LocalLimiter
 from gateway.access.quota_retry import PendingOps
 from gateway.access.quota_scripts import _ADMIT, _CANCEL, _RELEASE, _SETTLE, LEASE_KEEP_MS
 from gateway.access.quota_windows import Window, rate_headers, refusal, refused_key, window
-from gateway.access.settle_batch import Release, SettleBatch
+from gateway.access.settle_batch import Release, SettleBatch, settle_args
 from gateway.core.errors import Code, GatewayError, invalid, quota_unavailable
 from gateway.core.metrics import GatewayMetrics
-from gateway.core.request import ApiRequest
+from gateway.core.request import ApiRequest, BatchLine
 from gateway.resp.client import Keys, LeanClient, Script, ScriptKeys
 from gateway.resp.lag import within
 from gateway.settings import NANOS
@@ -86,6 +101,8 @@ class Admission:
     levels: tuple[Level, ...] = ()  # where it was reserved, key first (gateway/access/levels.py)
     money: int = 0  # the money reserved, in nano-units of the pricing currency
     keys: Keys | None = None  # release_keys(), when made at admission
+    line: BatchLine | None = None  # a batch line: `record` is its charge record
+    record: str = ""
 
     @property
     def leases(self) -> str:
@@ -211,10 +228,12 @@ class Quota:
         *,
         batch: bool = False,
         money: int = 0,
+        line: BatchLine | None = None,
     ) -> Admission:
         """Checks every limit of every level (key, team, organization) and reserves `reserve_tokens`
         and `money` (nano-units) at each. `batch`: a batch line, to which rpm and max_concurrent do
-        not apply; it never falls back to the per-process limiter (it waits for Redis instead)."""
+        not apply; it never falls back to the per-process limiter (it waits for Redis instead).
+        `line`: which batch line, whose earlier runs' charge this one replaces."""
         if reserve_tokens < 0 or money < 0:
             raise ValueError("reserve_tokens and money must be >= 0")
         now = time.time() if now is None else now
@@ -225,10 +244,16 @@ class Quota:
             tag = levels[0].base  # every level shares the key's hash tag
             tombstone = f"{tag}gone:{lease_id}"
             admitting, settling = self._keys(levels, win, batch)
+            keys = admitting.after(tombstone)
             args = admit_args(round(now * 1000), model, reserve_tokens, lease_id, self._lease_ms, batch, money)
+            record = ""
+            if line is not None:
+                record = f"{tag}bline:{line.batch_id}:{line.line}"
+                keys = Keys([*keys, record])
+                args += [line.claim, line.keep, win.day]
             try:
                 # No timer per call: the client drops a connection on which Redis stopped answering.
-                reply = await self.redis.run_script(_ADMIT, admitting.after(tombstone), args)
+                reply = await self.redis.run_script(_ADMIT, keys, args)
             except REDIS_DOWN as exc:
                 self._failed("admit", exc)
                 adm = Admission(key.id, lease_id, reserve_tokens, win.minute, win.day, win.month, batch=batch)
@@ -239,7 +264,7 @@ class Quota:
                 if self._down:
                     self._recovered()
                 adm = self._decide(reply, key.id, model, reserve_tokens, lease_id, win, batch, levels)
-                adm.money, adm.keys = money, settling
+                adm.money, adm.keys, adm.line, adm.record = money, settling, line, record
                 return adm
         if batch:
             raise quota_unavailable()
@@ -295,14 +320,21 @@ class Quota:
             return
         delta = prompt_tokens + completion_tokens - adm.reserved
         args: list[str | int] = [adm.lease_id, delta, prompt_tokens, completion_tokens, spend - adm.money]
-        await self.settles.add((adm.lease_id, adm.release_keys(), args))
+        keys = adm.release_keys()
+        if adm.line is not None:
+            keys = Keys([*keys, adm.record])
+        sent = self.settles.add((adm.lease_id, keys, args))
+        # Shared by the loop iteration's releases: a cancelled waiter would cancel it for all of
+        # them. A job aborting its batch lines cancels them (a client's request is not cancelled
+        # while it settles: its watch has stopped).
+        await (asyncio.shield(sent) if adm.batch else sent)
 
     def _release_failed(self, release: Release, error: BaseException | None) -> None:
         if isinstance(error, (*REDIS_DOWN, TimeoutError)):  # TimeoutError: the send was cancelled
             self._failed("release", error)
         # NOSCRIPT (Redis restarted) or Redis unreachable: run_script in the retry loads the script
         lease_id, keys, args = release
-        self._retry(lease_id, _RELEASE, keys, args)
+        self._retry(lease_id, _SETTLE, keys, settle_args(keys, args))
 
     def _retry(self, lease_id: str, script: Script, keys: ScriptKeys, args: list[str | int]) -> None:
         self._pending.add(lease_id, script, keys, args)
@@ -328,6 +360,8 @@ class Quota:
                     # XX: never revive a released lease
                     calls.append(self.redis.execute("ZADD", leases, "XX", expiry, adm.lease_id))
                     calls.append(self.redis.execute("PEXPIRE", leases, keep))
+                if adm.line is not None:  # a batch line's charge record outlives its run
+                    calls.append(self.redis.execute("EXPIRE", adm.record, adm.line.keep))
         if not calls:
             return
         try:
