@@ -46,7 +46,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.access.keys import REDIS_DOWN, ApiKey
 from gateway.access.levels import Level, levels_of, team_levels
@@ -55,12 +55,16 @@ from gateway.access.quota_retry import PendingOps
 from gateway.access.quota_scripts import _ADMIT, _CANCEL, _RELEASE, _SETTLE
 from gateway.access.quota_windows import Window, rate_headers, refusal, refused_key, window
 from gateway.access.settle_batch import Release, SettleBatch
+from gateway.access.slices import Slice
 from gateway.core.errors import Code, GatewayError, invalid, quota_unavailable
 from gateway.core.metrics import GatewayMetrics
 from gateway.core.request import ApiRequest
 from gateway.resp.client import LeanClient, Script
 from gateway.resp.lag import within
 from gateway.settings import NANOS
+
+if TYPE_CHECKING:
+    from gateway.access.leases import Leases
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,7 @@ MONTH_TTL = 400 * 86400
 LEASE_KEEP_MS = 3_600_000
 
 TOMBSTONE_TTL = 3600
+RECALLS = 3  # with leases, a refusal while slices are live asks for them back at most this often
 # Lease ids: unique per process (a random prefix) and cheap (a counter): os.urandom per request
 # showed in profiles, and a lease id needs to be unique, not secret.
 _LEASE_PREFIX = secrets.token_hex(6)
@@ -89,6 +94,7 @@ class Admission:
     batch: bool = False  # a batch line: its lease is in `bleases`
     levels: tuple[Level, ...] = ()  # where it was reserved, key first (gateway/access/levels.py)
     money: int = 0  # the money reserved, in nano-units of the pricing currency
+    slice: Slice | None = None  # admitted from this leased slice (gateway/access/leases.py)
 
     @property
     def leases(self) -> str:
@@ -156,13 +162,50 @@ class Quota:
         self._down = False
         self._pending = PendingOps(redis, 4 * self.deadline)  # cancels and releases waiting for Redis
         self.settles = SettleBatch(redis, self._release_failed)  # releases of one loop iteration, one call
+        self.leases: Leases | None = None  # leased budgets, when on (gateway/access/leases.py)
 
     def levels(self, key: ApiKey) -> tuple[Level, ...]:
         if key.kind == "team" and key.team is not None:
             return team_levels(self.prefix, key.team, key.org)
         return levels_of(self.prefix, key.id, key.team, key.org)
 
+    def start(self) -> None:
+        if self.leases is not None:
+            self.leases.start()
+
     async def admit(
+        self,
+        key: ApiKey,
+        model: str,
+        reserve_tokens: int,
+        now: float | None = None,
+        *,
+        batch: bool = False,
+        money: int = 0,
+    ) -> Admission:
+        """With leases on, a busy key's request is admitted from a slice of its budget this
+        process holds (gateway/access/leases.py); any other on its own (`_admit_one`), and a
+        refusal while other processes hold slices of the key asks for them back and tries again."""
+        leases = self.leases
+        if leases is None or batch or now is not None:
+            return await self._admit_one(key, model, reserve_tokens, now, batch=batch, money=money)
+        if reserve_tokens < 0 or money < 0:
+            raise ValueError("reserve_tokens and money must be >= 0")
+        seat = await leases.admit(key, model, reserve_tokens, money)
+        if seat is not None:
+            s, lease_id, headers = seat
+            adm = Admission(key.id, lease_id, reserve_tokens, s.minute, s.day, s.month, headers)
+            adm.levels, adm.money, adm.slice = s.account.levels, money, s
+            return adm
+        for _ in range(RECALLS):
+            try:
+                return await self._admit_one(key, model, reserve_tokens, money=money)
+            except GatewayError as refused:
+                if refused.status != 429 or not await leases.recall([refusing(self.levels(key), refused.code)]):
+                    raise
+        return await self._admit_one(key, model, reserve_tokens, money=money)
+
+    async def _admit_one(
         self,
         key: ApiKey,
         model: str,
@@ -258,6 +301,13 @@ class Quota:
         if adm.local:
             self.local.release(adm.lease_id, prompt_tokens + completion_tokens)
             return
+        leases = self.leases
+        if (
+            adm.slice is not None
+            and leases is not None
+            and await leases.settle(adm, prompt_tokens, completion_tokens, spend)
+        ):
+            return
         delta = prompt_tokens + completion_tokens - adm.reserved
         args: list[str | int] = [adm.lease_id, delta, prompt_tokens, completion_tokens, spend - adm.money]
         await self.settles.add((adm.lease_id, adm.release_keys(), args))
@@ -278,6 +328,8 @@ class Quota:
 
     async def close(self) -> None:
         """Stops the retries after one last try (a shutdown reconciles what it can)."""
+        if self.leases is not None:
+            await self.leases.close()
         self.settles.flush()
         await self._pending.close()
 
@@ -305,10 +357,18 @@ class Quota:
         """A key id stands for a key without a team; a Level for anything else."""
         return of if isinstance(of, Level) else levels_of(self.prefix, of, None, None)[0]
 
+    async def recall(self, levels: Iterable[Level]) -> None:
+        """After a change of these levels' records (a revoke, new limits): once this returns, no
+        process admits from a slice taken before it (gateway/access/leases.py has the bound)."""
+        if self.leases is not None:
+            await self.leases.recall(levels)
+
     async def usage(self, of: str | Level, now: float | None = None) -> dict[str, Any]:
-        """The current windows of a key (its id, when it has no team) or of any level."""
+        """The current windows of a key (its id, when it has no team) or of any level; with
+        leases on, slices of it are given back first, so what they admitted is in."""
         win = window(time.time() if now is None else now)
         level = self._level(of)
+        await self.recall((level,))
         base, key_id = level.base, level.id
         fields = ("requests", "tokens", "prompt_tokens", "completion_tokens", "spend")
         try:
@@ -334,7 +394,9 @@ class Quota:
         A day with no hash (no use, or older than DAY_TTL) counts zero."""
         today = date.fromisoformat(window(time.time() if now is None else now).day)
         dates = [(today - timedelta(days=back)).isoformat() for back in range(days - 1, -1, -1)]
-        base = self._level(of).base
+        level = self._level(of)
+        await self.recall((level,))
+        base = level.base
         fields = ("requests", "prompt_tokens", "completion_tokens", "tokens", "spend")
         try:
             async with within(self.admin_deadline):
@@ -363,6 +425,12 @@ class Quota:
     def _recovered(self) -> None:
         self._down = False
         log.warning("Redis reachable again: quotas back on Redis")
+
+
+def refusing(levels: tuple[Level, ...], code: str | None) -> Level:
+    """The level a 429's code names: team_rpm_exceeded -> the team; rpm_exceeded -> the first."""
+    kind = (code or "").partition("_")[0]
+    return next((lv for lv in levels if lv.kind == kind), levels[0])
 
 
 def _text(value: Any) -> str:

@@ -25,6 +25,7 @@ from gateway.settings.batch import BatchSettings, FilesSettings
 from gateway.settings.cache import CacheSettings
 from gateway.settings.engines import EngineSettings, VllmSettings
 from gateway.settings.inference_log import InferenceLogSettings, PayloadCapture
+from gateway.settings.leases import LeaseSettings
 from gateway.settings.models import ModelSettings, RouteSettings
 from gateway.settings.observe import AccessLogSettings, LoggingSettings, TracingSettings
 from gateway.settings.oidc import OidcSettings
@@ -111,6 +112,7 @@ SECTIONS: list[tuple[str, type, tuple[str, ...], dict[str, str]]] = [
     ("redis.", RedisSettings, (), {}),
     ("auth.", AuthSettings, ("oidc",), {"oidc": "single sign-on with an OpenID Connect provider, below"}),
     ("auth.oidc.", OidcSettings, ("client_secret",), {}),
+    ("leases.", LeaseSettings, (), {}),
     ("scheduler.", SchedulerSettings, (), {}),
     ("store.", StoreSettings, (), {}),
     ("inference_log.", InferenceLogSettings, (), {}),
