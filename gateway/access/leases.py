@@ -109,7 +109,8 @@ class Leases:
         self._tasks: list[asyncio.Task[None]] = []
         self.returns = ReturnBatch(redis, self._return_failed)
         redis.preload(_LEASE, _RETURN, _UNLEASE)
-        self.taken = 0  # slices taken, for the tests and the bench
+        self.calls = 0  # lease calls made, for the tests and the bench
+        self.taken = 0  # slices taken
         self.given_back = 0
         self.admitted = 0  # requests admitted from slices
 
@@ -235,6 +236,7 @@ class Leases:
         ends = round((until + self._drain + 1.0) * 1000)  # past this, no live process holds it
         args: list[str | int] = [round(now * 1000), model, reserve, money, sid, quota._lease_ms, LEASE_KEEP_MS]
         args += [MINUTE_TTL, DAY_TTL, MONTH_TTL, *wanted, self._share, ends, SLICE_KEEP]
+        self.calls += 1
         try:
             reply = await self._redis.run_script(_LEASE, keys, args)
         except REDIS_DOWN as exc:
