@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import secrets
 import time
 from collections.abc import Iterable
@@ -107,6 +108,7 @@ class Leases:
         self._drain = min(settings.idle, quota.lease_ttl / 4)
         self._accounts: dict[tuple[str, str], Account] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._warned = -math.inf
         self.returns = ReturnBatch(redis, self._return_failed)
         redis.preload(_LEASE, _RETURN, _UNLEASE)
         self.calls = 0  # lease calls made, for the tests and the bench
@@ -406,7 +408,10 @@ class Leases:
                         else:
                             del waiting[zset]
         except (*REDIS_DOWN, TimeoutError) as exc:
-            log.debug("slices of %s not all back: %r", [lv.id for lv in levels], exc)
+            if time.monotonic() - self._warned > 60:  # a stopped process makes every recall wait
+                self._warned = time.monotonic()
+                ids = [lv.id for lv in levels]
+                log.warning("slices of %s not all back within %ss (%r): a process does not answer", ids, self._wait, exc)
         return found
 
     async def _following(self) -> None:
