@@ -55,7 +55,7 @@ from gateway.access.lease_scripts import _LEASE, _RETURN, _UNLEASE
 from gateway.access.levels import Level
 from gateway.access.quota import DAY_TTL, LEASE_KEEP_MS, MINUTE_TTL, MONTH_TTL, RECALLS, TOMBSTONE_TTL, Admission, Quota
 from gateway.access.quota_windows import rate_headers, window
-from gateway.access.settle_batch import Release, SettleBatch
+from gateway.access.settle_batch import Failed, Release, SettleBatch
 from gateway.access.slices import Account, Slice
 from gateway.core.errors import GatewayError, quota_unavailable
 from gateway.resp.client import LeanClient
@@ -84,6 +84,10 @@ class Refused(Exception):
 class ReturnBatch(SettleBatch):
     """The returns of one loop iteration in one `_RETURN` call (per Redis Cluster slot)."""
 
+    def __init__(self, redis: LeanClient, failed: Failed) -> None:
+        super().__init__(redis, failed)
+        self.unanswered: set[asyncio.Future[Any]] = set()  # sent, no reply yet (a shutdown waits for them)
+
     def _send(self, group: list[Release]) -> None:
         call_keys: list[str] = []
         call_args: list[str | int] = []
@@ -91,7 +95,10 @@ class ReturnBatch(SettleBatch):
             call_keys += keys
             call_args += args
         self.calls += 1
-        self._redis.send_script(_RETURN, call_keys, call_args).add_done_callback(lambda done: self._done(done, group))
+        sent = self._redis.send_script(_RETURN, call_keys, call_args)
+        self.unanswered.add(sent)
+        sent.add_done_callback(self.unanswered.discard)
+        sent.add_done_callback(lambda done: self._done(done, group))
 
 
 class Leases:
@@ -127,10 +134,14 @@ class Leases:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        for account in list(self._accounts.values()):
-            for s in account.slices():
-                self._give_back(s)
+        # a lease call cut short could leave its slice charged: let those in flight answer first
+        calls = [a.leasing for a in self._accounts.values() if a.leasing is not None]
+        if calls:
+            await asyncio.wait(calls, timeout=self._wait)
+        self.drop_all()
         self.returns.flush()
+        if self.returns.unanswered:
+            await asyncio.wait(self.returns.unanswered, timeout=self._wait)
 
     # ---- admission ----------------------------------------------------------------------------
 
