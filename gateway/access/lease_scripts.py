@@ -71,31 +71,25 @@ local function refuse(code, l, used, cap)
 end
 -- the room left at every level: requests, tokens, money, leases (-1: no limit)
 local room = {-1, -1, -1, -1}
+-- per period: its hash (offset in a level's keys), its budget and token limits (in x), its name
+local periods = {{4, 7, 5, 'monthly'}, {3, 6, 4, 'daily'}}
 local function fit(i, left) if room[i] < 0 or left < room[i] then room[i] = left end end
 for l = 1, n do
   local o, x, w = 2 + (l - 1) * 6, lim[l], win[l]
-  if x[7] >= 0 or x[5] >= 0 then
-    local mo = redis.call('HMGET', KEYS[o + 4], 'spend', 'tokens')
-    local spent, toks = tonumber(mo[1] or 0), tonumber(mo[2] or 0)
-    if x[7] >= 0 then
-      if spent + m > x[7] then return refuse('monthly_budget', l, spent, x[7]) end
-      fit(3, x[7] - spent)
-    end
-    if x[5] >= 0 then
-      if toks + r > x[5] then return refuse('monthly_tokens', l, toks, x[5]) end
-      fit(2, x[5] - toks)
-    end
-  end
-  if x[6] >= 0 or x[4] >= 0 then
-    local d = redis.call('HMGET', KEYS[o + 3], 'spend', 'tokens')
-    local spent, toks = tonumber(d[1] or 0), tonumber(d[2] or 0)
-    if x[6] >= 0 then
-      if spent + m > x[6] then return refuse('daily_budget', l, spent, x[6]) end
-      fit(3, x[6] - spent)
-    end
-    if x[4] >= 0 then
-      if toks + r > x[4] then return refuse('daily_tokens', l, toks, x[4]) end
-      fit(2, x[4] - toks)
+  -- the month first: the longest-lasting refusal first, so its retry-after is honest
+  for _, p in ipairs(periods) do
+    local budget, cap = x[p[2]], x[p[3]]
+    if budget >= 0 or cap >= 0 then
+      local h = redis.call('HMGET', KEYS[o + p[1]], 'spend', 'tokens')
+      local spent, toks = tonumber(h[1] or 0), tonumber(h[2] or 0)
+      if budget >= 0 then
+        if spent + m > budget then return refuse(p[4] .. '_budget', l, spent, budget) end
+        fit(3, budget - spent)
+      end
+      if cap >= 0 then
+        if toks + r > cap then return refuse(p[4] .. '_tokens', l, toks, cap) end
+        fit(2, cap - toks)
+      end
     end
   end
   if x[1] >= 0 then

@@ -422,7 +422,9 @@ class Leases:
             if time.monotonic() - self._warned > 60:  # a stopped process makes every recall wait
                 self._warned = time.monotonic()
                 ids = [lv.id for lv in levels]
-                log.warning("slices of %s not all back within %ss (%r): a process does not answer", ids, self._wait, exc)
+                log.warning(
+                    "slices of %s not all back within %ss (%r): a process does not answer", ids, self._wait, exc
+                )
         return found
 
     async def _following(self) -> None:

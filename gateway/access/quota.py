@@ -183,43 +183,13 @@ class Quota:
         batch: bool = False,
         money: int = 0,
     ) -> Admission:
-        """With leases on, a busy key's request is admitted from a slice of its budget this
-        process holds (gateway/access/leases.py); any other on its own (`_admit_one`), and a
-        refusal while other processes hold slices of the key asks for them back and tries again."""
-        leases = self.leases
-        if leases is None or batch or now is not None:
-            return await self._admit_one(key, model, reserve_tokens, now, batch=batch, money=money)
-        if reserve_tokens < 0 or money < 0:
-            raise ValueError("reserve_tokens and money must be >= 0")
-        seat = await leases.admit(key, model, reserve_tokens, money)
-        if seat is not None:
-            s, lease_id, headers = seat
-            adm = Admission(key.id, lease_id, reserve_tokens, s.minute, s.day, s.month, headers)
-            adm.levels, adm.money, adm.slice = s.account.levels, money, s
-            return adm
-        for _ in range(RECALLS):
-            try:
-                return await self._admit_one(key, model, reserve_tokens, money=money)
-            except GatewayError as refused:
-                if refused.status != 429 or not await leases.recall([refusing(self.levels(key), refused.code)]):
-                    raise
-        return await self._admit_one(key, model, reserve_tokens, money=money)
-
-    async def _admit_one(
-        self,
-        key: ApiKey,
-        model: str,
-        reserve_tokens: int,
-        now: float | None = None,
-        *,
-        batch: bool = False,
-        money: int = 0,
-    ) -> Admission:
         """Checks every limit of every level (key, team, organization) and reserves `reserve_tokens`
         and `money` (nano-units) at each. `batch`: a batch line, to which rpm and max_concurrent do
         not apply; it never falls back to the per-process limiter (it waits for Redis instead)."""
         if reserve_tokens < 0 or money < 0:
             raise ValueError("reserve_tokens and money must be >= 0")
+        if self.leases is not None and now is None and not batch:
+            return await self._leased(key, model, reserve_tokens, money)
         now = time.time() if now is None else now
         win = window(now)
         lease_id = f"{_LEASE_PREFIX}{next(_lease_numbers):x}"
@@ -252,6 +222,25 @@ class Quota:
         if batch:
             raise quota_unavailable()
         return self._admit_without_redis(key, model, reserve_tokens, now, win, lease_id)
+
+    async def _leased(self, key: ApiKey, model: str, reserve: int, money: int) -> Admission:
+        """A busy key's request admitted from a slice of its budget this process holds
+        (gateway/access/leases.py); any other on its own (`admit` with `now`), and a refusal while
+        other processes hold slices of the key asks for them back and tries again."""
+        assert self.leases is not None
+        seat = await self.leases.admit(key, model, reserve, money)
+        if seat is not None:
+            s, lease_id, headers = seat
+            adm = Admission(key.id, lease_id, reserve, s.minute, s.day, s.month, headers)
+            adm.levels, adm.money, adm.slice = s.account.levels, money, s
+            return adm
+        for _ in range(RECALLS):
+            try:
+                return await self.admit(key, model, reserve, time.time(), money=money)
+            except GatewayError as refused:
+                if refused.status != 429 or not await self.leases.recall([refusing(self.levels(key), refused.code)]):
+                    raise
+        return await self.admit(key, model, reserve, time.time(), money=money)
 
     def _decide(
         self,

@@ -26,9 +26,9 @@ class LeaseSettings:
 
 def parse_leases(r: Reader, data: Mapping[str, Any]) -> LeaseSettings:
     leases: LeaseSettings = simple_section(r, data, "leases", LeaseSettings)
-    for name in ("horizon", "idle", "wait"):
-        if getattr(leases, name) <= 0:
-            raise r.fail(f"leases.{name}", f"must be > 0 seconds, got {getattr(leases, name)!r}")
+    zero = next((name for name in ("horizon", "idle", "wait") if getattr(leases, name) == 0), None)
+    if zero is not None:  # the reader refused negative numbers already
+        raise r.fail(f"leases.{zero}", "must be > 0 seconds")
     if leases.share < 2:
         raise r.fail("leases.share", f"must be >= 2 (a slice never takes all the room), got {leases.share!r}")
     return leases
