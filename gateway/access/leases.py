@@ -147,10 +147,9 @@ class Leases:
 
     async def admit(self, key: ApiKey, model: str, reserve: int, money: int) -> Seat | None:
         """A seat in a slice of this key's budget, or None: admit this request on its own."""
-        levels = self._quota.levels(key)
         account = self._accounts.get((key.id, model))
-        if account is None or account.levels is not levels:  # new, or the key changed team
-            account = self._account(key.id, model, levels, account)
+        if account is None or account.team != key.team or account.org != key.org:  # new, or it changed team
+            account = self._account(key, model, account)
         mono, now = time.monotonic(), time.time()
         account.arrive(mono, reserve, money)
         for _ in range(3):  # others may empty a new slice before this request's turn
@@ -189,12 +188,13 @@ class Leases:
             mono, now = time.monotonic(), time.time()
         return None
 
-    def _account(self, key_id: str, model: str, levels: tuple[Level, ...], old: Account | None) -> Account:
+    def _account(self, key: ApiKey, model: str, old: Account | None) -> Account:
         if old is not None:
             for s in old.slices():
                 self._give_back(s)
-        account = Account(key_id, model, levels, frozenset(lv.id for lv in levels))
-        self._accounts[key_id, model] = account
+        levels = self._quota.levels(key)
+        account = Account(key.id, model, levels, frozenset(lv.id for lv in levels), key.team, key.org)
+        self._accounts[key.id, model] = account
         return account
 
     def _headers(self, s: Slice, now: float) -> dict[str, str]:
@@ -207,15 +207,24 @@ class Leases:
         """The next slice, taken before this one runs out, so no request waits for it."""
         wanted = account.wanted(self._horizon, reserve, money)
         task = account.leasing = asyncio.get_running_loop().create_task(
-            self._lease(account, key, model, reserve, money, wanted)
+            self._lease(account, key, model, reserve, money, wanted, recalls=0)
         )
         task.add_done_callback(_retrieved)
 
     async def _lease(
-        self, account: Account, key: ApiKey, model: str, reserve: int, money: int, wanted: tuple[int, int, int, int]
+        self,
+        account: Account,
+        key: ApiKey,
+        model: str,
+        reserve: int,
+        money: int,
+        wanted: tuple[int, int, int, int],
+        recalls: int = RECALLS,
     ) -> Slice:
+        """A new slice; refused while slices are live at the refusing level, it asks for them back
+        and tries again, `recalls` times (a prefetch does not: no request waits on it)."""
         try:
-            for _ in range(RECALLS):
+            for _ in range(recalls):
                 try:
                     return await self._lease_once(account, key, model, reserve, money, wanted)
                 except Refused as refused:

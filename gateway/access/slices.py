@@ -101,6 +101,8 @@ class Account:
     model: str
     levels: tuple[Level, ...]
     ids: frozenset[str]  # the ids of its levels: a change to any of them returns its slices
+    team: str | None = None  # where its levels are: a key moved to another team starts afresh
+    org: str | None = None
     open: list[Slice] = field(default_factory=list)  # admitting, oldest first
     draining: list[Slice] = field(default_factory=list)  # stopped, waiting for their requests
     gap: float = 1.0  # seconds between two admissions, smoothed
