@@ -393,25 +393,25 @@ class Leases:
             for s in account.slices():
                 self._give_back(s)
 
+    async def live(self, level: Level) -> list[Any]:
+        """The slices of `level` some process holds now."""
+        zset = level.base + "slices"
+        return list(await self._redis.execute("ZRANGEBYSCORE", zset, f"({round(time.time() * 1000)}", "+inf"))
+
     async def recall(self, levels: Iterable[Level], live: list[Any] | None = None) -> bool:
         """Every slice of these levels back: this process's at once, every other process's asked
         for on the channel. Returns once the slices live now (`live`: those of the one level
         given) are back, or after `leases.wait`; False when none was live."""
         levels = list(levels)
         redis = self._redis
-        now_ms = round(time.time() * 1000)
         waiting: dict[str, list[Any]] = {}
         found = False
         try:
             async with asyncio.timeout(self._wait):
                 for lv in levels:
-                    zset = lv.base + "slices"
-                    if live is None:
-                        members = await redis.execute("ZRANGEBYSCORE", zset, f"({now_ms}", "+inf")
-                    else:
-                        members = live
+                    members = live if live is not None else await self.live(lv)
                     if members:
-                        waiting[zset] = list(members)
+                        waiting[lv.base + "slices"] = list(members)
                 if not waiting:
                     return False
                 found = True

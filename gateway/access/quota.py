@@ -352,12 +352,27 @@ class Quota:
         if self.leases is not None:
             await self.leases.recall(levels)
 
+    async def _recall_before_read(self, level: Level, op: str) -> None:
+        """With leases on, the slices of `level` back before a read of its counters. A Redis that
+        does not answer which slices are live within the admin deadline will not answer the
+        read either: 503 at once."""
+        if self.leases is None:
+            return
+        try:
+            async with within(self.admin_deadline):
+                live = await self.leases.live(level)
+        except (*REDIS_DOWN, TimeoutError) as exc:
+            self._failed(op, exc, trip=False)
+            raise quota_unavailable() from None
+        if live:
+            await self.leases.recall((level,), live)
+
     async def usage(self, of: str | Level, now: float | None = None) -> dict[str, Any]:
         """The current windows of a key (its id, when it has no team) or of any level; with
         leases on, slices of it are given back first, so what they admitted is in."""
         win = window(time.time() if now is None else now)
         level = self._level(of)
-        await self.recall((level,))
+        await self._recall_before_read(level, "usage")
         base, key_id = level.base, level.id
         fields = ("requests", "tokens", "prompt_tokens", "completion_tokens", "spend")
         try:
@@ -384,7 +399,7 @@ class Quota:
         today = date.fromisoformat(window(time.time() if now is None else now).day)
         dates = [(today - timedelta(days=back)).isoformat() for back in range(days - 1, -1, -1)]
         level = self._level(of)
-        await self.recall((level,))
+        await self._recall_before_read(level, "history")
         base = level.base
         fields = ("requests", "prompt_tokens", "completion_tokens", "tokens", "spend")
         try:
