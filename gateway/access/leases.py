@@ -243,7 +243,7 @@ class Leases:
     async def _lease_once(
         self, account: Account, key: ApiKey, model: str, reserve: int, money: int, wanted: tuple[int, int, int, int]
     ) -> Slice:
-        quota, levels = self._quota, account.levels
+        quota, levels, epoch = self._quota, account.levels, account.epoch
         now = time.time()
         win = window(now)
         sid = f"{_PREFIX}{next(_numbers):x}"
@@ -299,6 +299,8 @@ class Leases:
         )
         account.open.append(s)
         self.taken += 1
+        if account.epoch != epoch or self._accounts.get((account.key_id, account.model)) is not account:
+            self._give_back(s)  # recalled (or its key moved) while the call was out: it may predate a change
         return s
 
     # ---- settling and giving back -------------------------------------------------------------
@@ -383,6 +385,7 @@ class Leases:
         dropped = 0
         for account in list(self._accounts.values()):
             if not account.ids.isdisjoint(wanted):
+                account.epoch += 1  # a slice its lease call in flight brings back is given back too
                 for s in account.slices():
                     self._give_back(s)
                     dropped += 1
@@ -390,6 +393,7 @@ class Leases:
 
     def drop_all(self) -> None:
         for account in list(self._accounts.values()):
+            account.epoch += 1
             for s in account.slices():
                 self._give_back(s)
 

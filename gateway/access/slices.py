@@ -113,6 +113,7 @@ class Account:
     money: float = 0.0
     waiting: int = 0  # requests waiting for a lease call
     leasing: asyncio.Task[Slice] | None = None  # the lease call in flight: one at a time
+    epoch: int = 0  # counts recalls: a slice leased across one goes straight back
 
     def arrive(self, now: float, reserve: int, money: int) -> None:
         if self.arrived:
