@@ -73,6 +73,7 @@ class KeyedAccess:
 
     async def start(self) -> None:
         self._refresher = asyncio.create_task(self._refresh_leases(), name="lease-refresh")
+        self.quota.start()
 
     async def stop(self) -> None:
         if self._refresher:

@@ -61,7 +61,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.access.keys import REDIS_DOWN, ApiKey
 from gateway.access.levels import Level, levels_of, team_levels
@@ -70,6 +70,7 @@ from gateway.access.quota_retry import PendingOps
 from gateway.access.quota_scripts import _ADMIT, _CANCEL, _RELEASE, _SETTLE, LEASE_KEEP_MS
 from gateway.access.quota_windows import Window, rate_headers, refusal, refused_key, window
 from gateway.access.settle_batch import Release, SettleBatch, settle_args
+from gateway.access.slices import Slice
 from gateway.core.errors import Code, GatewayError, invalid, quota_unavailable
 from gateway.core.metrics import GatewayMetrics
 from gateway.core.request import ApiRequest, BatchLine
@@ -77,10 +78,14 @@ from gateway.resp.client import Keys, LeanClient, Script, ScriptKeys
 from gateway.resp.lag import within
 from gateway.settings import NANOS
 
+if TYPE_CHECKING:
+    from gateway.access.leases import Leases
+
 log = logging.getLogger(__name__)
 
 TOMBSTONE_TTL = 3600
 MAX_CACHED_KEYS = 10_000  # levels whose keys are kept for the current minute
+RECALLS = 3  # with leases, a refusal while slices are live asks for them back at most this often
 # Lease ids: unique per process (a random prefix) and cheap (a counter): os.urandom per request
 # showed in profiles, and a lease id needs to be unique, not secret.
 _LEASE_PREFIX = secrets.token_hex(6)
@@ -103,6 +108,7 @@ class Admission:
     keys: Keys | None = None  # release_keys(), when made at admission
     line: BatchLine | None = None  # a batch line: `record` is its charge record
     record: str = ""
+    slice: Slice | None = None  # admitted from this leased slice (gateway/access/leases.py)
 
     @property
     def leases(self) -> str:
@@ -195,6 +201,7 @@ class Quota:
         self.settles = SettleBatch(redis, self._release_failed)  # releases of one loop iteration, one call
         self._keys_minute = -1
         self._window_keys: dict[tuple[int, bool], tuple[tuple[Level, ...], Keys, Keys]] = {}
+        self.leases: Leases | None = None  # leased budgets, when on (gateway/access/leases.py)
 
     def _keys(self, levels: tuple[Level, ...], win: Window, batch: bool) -> tuple[Keys, Keys]:
         """A request's keys for admission (but its tombstone) and settle: the same for every request
@@ -219,6 +226,10 @@ class Quota:
             return team_levels(self.prefix, key.team, key.org)
         return levels_of(self.prefix, key.id, key.team, key.org)
 
+    def start(self) -> None:
+        if self.leases is not None:
+            self.leases.start()
+
     async def admit(
         self,
         key: ApiKey,
@@ -236,6 +247,8 @@ class Quota:
         `line`: which batch line, whose earlier runs' charge this one replaces."""
         if reserve_tokens < 0 or money < 0:
             raise ValueError("reserve_tokens and money must be >= 0")
+        if self.leases is not None and now is None and not batch:
+            return await self._leased(key, model, reserve_tokens, money)
         now = time.time() if now is None else now
         win = window(now)
         lease_id = f"{_LEASE_PREFIX}{next(_lease_numbers):x}"
@@ -269,6 +282,25 @@ class Quota:
         if batch:
             raise quota_unavailable()
         return self._admit_without_redis(key, model, reserve_tokens, now, win, lease_id)
+
+    async def _leased(self, key: ApiKey, model: str, reserve: int, money: int) -> Admission:
+        """A busy key's request admitted from a slice of its budget this process holds
+        (gateway/access/leases.py); any other on its own (`admit` with `now`), and a refusal while
+        other processes hold slices of the key asks for them back and tries again."""
+        assert self.leases is not None
+        seat = await self.leases.admit(key, model, reserve, money)
+        if seat is not None:
+            s, lease_id, headers = seat
+            adm = Admission(key.id, lease_id, reserve, s.minute, s.day, s.month, headers)
+            adm.levels, adm.money, adm.slice = s.account.levels, money, s
+            return adm
+        for _ in range(RECALLS):
+            try:
+                return await self.admit(key, model, reserve, time.time(), money=money)
+            except GatewayError as refused:
+                if refused.status != 429 or not await self.leases.recall([refusing(self.levels(key), refused.code)]):
+                    raise
+        return await self.admit(key, model, reserve, time.time(), money=money)
 
     def _decide(
         self,
@@ -318,6 +350,13 @@ class Quota:
         if adm.local:
             self.local.release(adm.lease_id, prompt_tokens + completion_tokens)
             return
+        leases = self.leases
+        if (
+            adm.slice is not None
+            and leases is not None
+            and await leases.settle(adm, prompt_tokens, completion_tokens, spend)
+        ):
+            return
         delta = prompt_tokens + completion_tokens - adm.reserved
         args: list[str | int] = [adm.lease_id, delta, prompt_tokens, completion_tokens, spend - adm.money]
         keys = adm.release_keys()
@@ -345,6 +384,8 @@ class Quota:
 
     async def close(self) -> None:
         """Stops the retries after one last try (a shutdown reconciles what it can)."""
+        if self.leases is not None:
+            await self.leases.close()
         self.settles.flush()
         await self._pending.close()
 
@@ -374,10 +415,33 @@ class Quota:
         """A key id stands for a key without a team; a Level for anything else."""
         return of if isinstance(of, Level) else levels_of(self.prefix, of, None, None)[0]
 
+    async def recall(self, levels: Iterable[Level]) -> None:
+        """After a change of these levels' records (a revoke, new limits): once this returns, no
+        process admits from a slice taken before it (gateway/access/leases.py has the bound)."""
+        if self.leases is not None:
+            await self.leases.recall(levels)
+
+    async def _recall_before_read(self, level: Level, op: str) -> None:
+        """With leases on, the slices of `level` back before a read of its counters. A Redis that
+        does not answer which slices are live within the admin deadline will not answer the
+        read either: 503 at once."""
+        if self.leases is None:
+            return
+        try:
+            async with within(self.admin_deadline):
+                live = await self.leases.live(level)
+        except (*REDIS_DOWN, TimeoutError) as exc:
+            self._failed(op, exc, trip=False)
+            raise quota_unavailable() from None
+        if live:
+            await self.leases.recall((level,), live)
+
     async def usage(self, of: str | Level, now: float | None = None) -> dict[str, Any]:
-        """The current windows of a key (its id, when it has no team) or of any level."""
+        """The current windows of a key (its id, when it has no team) or of any level; with
+        leases on, slices of it are given back first, so what they admitted is in."""
         win = window(time.time() if now is None else now)
         level = self._level(of)
+        await self._recall_before_read(level, "usage")
         base, key_id = level.base, level.id
         fields = ("requests", "tokens", "prompt_tokens", "completion_tokens", "spend")
         try:
@@ -403,7 +467,9 @@ class Quota:
         A day with no hash (no use, or older than DAY_TTL) counts zero."""
         today = date.fromisoformat(window(time.time() if now is None else now).day)
         dates = [(today - timedelta(days=back)).isoformat() for back in range(days - 1, -1, -1)]
-        base = self._level(of).base
+        level = self._level(of)
+        await self._recall_before_read(level, "history")
+        base = level.base
         fields = ("requests", "prompt_tokens", "completion_tokens", "tokens", "spend")
         try:
             async with within(self.admin_deadline):
@@ -432,6 +498,12 @@ class Quota:
     def _recovered(self) -> None:
         self._down = False
         log.warning("Redis reachable again: quotas back on Redis")
+
+
+def refusing(levels: tuple[Level, ...], code: str | None) -> Level:
+    """The level a 429's code names: team_rpm_exceeded -> the team; rpm_exceeded -> the first."""
+    kind = (code or "").partition("_")[0]
+    return next((lv for lv in levels if lv.kind == kind), levels[0])
 
 
 def _text(value: Any) -> str:

@@ -14,6 +14,7 @@ from gateway.access.auth import KeyedAccess
 from gateway.access.base import Access, OpenAccess
 from gateway.access.jwt_clients import JwtClients
 from gateway.access.keys import KeyStore
+from gateway.access.leases import Leases
 from gateway.access.oidc import OidcProvider
 from gateway.access.quota import Quota
 from gateway.access.sessions import OidcSignIn
@@ -76,6 +77,8 @@ class RedisServices:
             metrics=metrics,
             currency=settings.pricing.currency,
         )
+        if settings.leases.enabled:
+            quota.leases = Leases(quota, clients.lean, clients.subscriber, settings.leases)
         engines = {e.name: e for e in settings.engines}
         pricing = settings.pricing
         alerts = BudgetAlerts(pricing.alerts, clients.admin, pricing.currency) if pricing.alerts else None
