@@ -190,10 +190,16 @@ class ResponseCache:
         choices = whole.get("choices") or [{}]
         finish = choices[0].get("finish_reason") if isinstance(choices[0], dict) else None
         prompt, completion = _tokens(usage)
-        charge = self.settings.charge
         lookup.hit = True
         self._metrics.cache_tokens_by[lookup.model].inc(prompt + completion)
-        return Replay(ctype, body, usage, finish, Usage(round(prompt * charge), round(completion * charge), True))
+        return Replay(ctype, body, usage, finish, self.charged(prompt, completion))
+
+    def charged(self, prompt: int, completion: int) -> Usage:
+        """What a hit counts: `cache.charge` of the answer's tokens (none by default), the whole
+        prompt as cached, so spend prices it at the model's `cached_input`."""
+        charge = self.settings.charge
+        counted = round(prompt * charge)
+        return Usage(counted, round(completion * charge), True, counted)
 
     def finish(
         self, lookup: Lookup, request: ApiRequest, status: int, done: bool, usage: dict[str, Any] | None

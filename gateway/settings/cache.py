@@ -19,7 +19,7 @@ class CacheSettings:
     max_entry_bytes: int = 1 << 20  # larger answers are not cached
     max_memory: int = 256 << 20  # bytes of cached answers in Redis, all replicas together; oldest go first
     tools: bool = False  # also cache requests that carry tools or functions
-    charge: float = 0.0  # the share of a hit's tokens counted against quotas and usage (0: free)
+    charge: float = 0.0  # share of a hit's tokens counted in quotas, usage and spend (prompt at cached_input; 0: free)
     shared: tuple[str, ...] = ()  # models whose cached answers every key may get (else per key)
 
 
