@@ -226,7 +226,9 @@ def test_logfmt_to_a_file_reopened_on_sighup_and_untrusted_forwarding_ignored(
         for round_ in range(1000):
             ids = [f"after-rotation-{round_}-{i}" for i in range(6)]
             for request_id in ids:  # both workers serve some of them
-                r = httpx.post(gw.url + "/v1/chat/completions", json=body, headers={"x-request-id": request_id}, timeout=30)
+                r = httpx.post(
+                    gw.url + "/v1/chat/completions", json=body, headers={"x-request-id": request_id}, timeout=30
+                )
                 assert r.status_code == 200
             written = eventually(
                 lambda: (text(log_file), text(rotated)),

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from gateway.cache.near import Entry, NearCache
 from gateway.cache.shapes import fold_stream, unfold
 from gateway.engines.vllm_launch import vllm_command
 from gateway.settings import ConfigError, check_path, parse_settings
@@ -82,7 +83,7 @@ def test_paths_and_uris(tmp_path: Path) -> None:
 
 def test_cache_section_bounds(tmp_path: Path) -> None:
     assert settings(tmp_path).cache.enabled is False
-    for bad in ({"ttl": 0}, {"charge": 2}, {"max_memory": 10}, {"shared": "x"}, {"nope": 1}):
+    for bad in ({"ttl": 0}, {"charge": 2}, {"max_memory": 10}, {"local_memory": -1}, {"shared": "x"}, {"nope": 1}):
         with pytest.raises(ConfigError, match="cache"):
             settings(tmp_path, cache=bad)
 
@@ -112,3 +113,27 @@ def test_a_whole_answer_replays_as_a_stream_and_a_stream_folds_back() -> None:
     assert fold_stream(unfinished, chat=True, usage=None) is None
     text = b'data: {"id":"x","choices":[{"index":0,"text":"ab","finish_reason":"length"}]}\n\ndata: [DONE]\n\n'
     assert json.loads(fold_stream(text, chat=False, usage=None) or b"")["choices"][0]["text"] == "ab"
+
+
+def test_the_process_copy_is_bounded_expires_and_forgets_a_model() -> None:
+    body = b'{"choices":[{"index":0,"message":{"role":"assistant","content":"x"},"finish_reason":"stop"}]}'
+    size = Entry("m", body, 0).size
+    near = NearCache(3 * size)
+    for i in range(4):
+        near.put(f"d{i}", Entry("m" if i % 2 else "n", body, 100.0))
+    assert len(near) == 3 and near.bytes == 3 * size and near.get("d0", 1.0) is None  # least recent out
+    assert near.get("d1", 1.0) is not None  # used: now the most recent
+    near.put("d4", Entry("n", body, 100.0))
+    assert near.get("d2", 1.0) is None and near.get("d1", 1.0) is not None
+    assert near.get("d3", 100.0) is None and len(near) == 2  # expired: gone
+    near.drop_model("m")
+    assert near.get("d1", 1.0) is None and near.get("d4", 1.0) is not None and near.bytes == size
+    near.put("big", Entry("m", body * 10, 100.0))  # larger than the bound: not kept
+    assert near.get("big", 1.0) is None
+    near.drop_model(None)
+    assert len(near) == 0 and near.bytes == 0
+    entry = Entry("m", body, 100.0)
+    entry.parse()
+    assert entry.finish == "stop" and entry.usage is None
+    streamed = entry.stream(chat=True, with_usage=False)
+    assert streamed is not None and streamed is entry.stream(chat=True, with_usage=False)  # built once

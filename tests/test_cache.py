@@ -13,6 +13,7 @@ import pytest
 
 from testkit.keyed import admin, create_key, start_gateway, usage
 from testkit.metrics import metric
+from testkit.poll import eventually
 from testkit.procs import Proc, fake_upstream
 from testkit.redis_server import RedisServer
 
@@ -184,6 +185,31 @@ def test_keys_stay_apart_and_a_route_change_or_an_admin_call_invalidates(gw: Pro
     for bad in ({"model": 3}, {"model": "nope"}, [], {"x": 1}):
         assert admin(gw, "POST", "/admin/cache", bad).status_code in (400, 404)
     assert admin(gw, "GET", "/admin/cache").json()["enabled"] is True
+
+
+def test_an_invalidation_reaches_the_answers_another_replica_keeps(
+    logs_dir: Path, redis_server: RedisServer, fake: Proc
+) -> None:
+    """Each process keeps the answers it stored or read: after an admin call on replica a, a
+    stops serving them at once, b within its sync (about a second)."""
+    a = start_gateway(logs_dir, config(redis_server, fake), "gw-cache-a")
+    b = start_gateway(logs_dir, config(redis_server, fake), "gw-cache-b")
+    try:
+        _, secret = create_key(a)
+        for user in ("ra", "rb"):
+            assert ask(a, secret, user, **DET).headers["x-gateway-cache"] == "miss"
+            eventually(lambda: ask(b, secret, user, **DET).headers["x-gateway-cache"], lambda h: h == "hit")  # noqa: B023
+            for gw in (a, b, a, b):  # both keep it now
+                assert ask(gw, secret, user, **DET).headers["x-gateway-cache"] == "hit"
+        n = runs(fake, "rb")
+        assert admin(a, "POST", "/admin/cache", {"model": "fake"}).status_code == 200
+        assert ask(a, secret, "ra", **DET).headers["x-gateway-cache"] == "miss"
+        # "rb" only on b: a new answer that a stored would be a hit there, rightly
+        eventually(lambda: ask(b, secret, "rb", **DET).headers["x-gateway-cache"], lambda h: h == "miss", timeout=5)
+        assert runs(fake, "rb") == n + 1
+    finally:
+        a.stop()
+        b.stop()
 
 
 def test_the_memory_bound_holds_under_a_flood(gw: Proc, fake: Proc, redis_server: RedisServer) -> None:

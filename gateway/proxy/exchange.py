@@ -162,6 +162,8 @@ class Exchange:
         headers = [(b"content-type", replay.content_type), *self._headers()]
         if self.request.stream:
             headers.append((b"cache-control", b"no-cache"))
+        else:
+            headers.append((b"content-length", b"%d" % len(replay.body)))
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": replay.body})
         return True
