@@ -11,7 +11,7 @@ import pytest
 
 from gateway.cache.near import Entry, NearCache
 from gateway.cache.shapes import fold_stream, unfold
-from gateway.engines.vllm_launch import vllm_command
+from gateway.engines.vllm_launch import vllm_command, vllm_env
 from gateway.settings import ConfigError, check_path, parse_settings
 
 
@@ -36,6 +36,9 @@ def test_adapters_turn_lora_on_for_managed_vllm(tmp_path: Path) -> None:
     )
     cmd = vllm_command(on.engines[0], "python")
     assert cmd[cmd.index("--enable-lora") + 1 :][:2] == ["--max-loras", "1"]
+    # vLLM serves the load and unload endpoints only with this in its environment
+    assert vllm_env(on.engines[0], "/c")["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in vllm_env(off.engines[0], "/c")
     assert on.adapters.models[0].name == "a"
 
 

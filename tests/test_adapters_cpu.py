@@ -15,7 +15,6 @@ import concurrent.futures
 import importlib.util
 import json
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,25 +24,15 @@ import pytest
 
 from testkit.ci import require
 from testkit.keyed import admin, start_gateway
+from testkit.lora import scaled_adapter
 from testkit.metrics import scrape
-from testkit.procs import ROOT, TINY_MODEL, Proc, worker
+from testkit.procs import TINY_MODEL, Proc, worker
 from testkit.redis_server import RedisServer
 
-BUNDLED = ROOT / "engines" / "tiny_model" / "adapters" / "python-code"
 SCALES = {"a1": 1.0, "a2": -1.0, "a3": 2.0}
 BASE = "tiny"
 PROMPT = "The license"
 MAX_TOKENS = 8
-
-
-def make_adapter(source: Path, out: Path, scale: float) -> None:
-    """A copy of `source` whose update (B @ A) is scaled: scale B, leave A."""
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(source, out)
-    weights = load_file(str(out / "adapter_model.safetensors"))
-    scaled = {k: (v * scale).to(v.dtype) if "lora_B" in k else v for k, v in weights.items()}
-    save_file(scaled, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +40,7 @@ def adapter_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     require(importlib.util.find_spec("peft") is not None, "peft is not installed (the engine extra has it)")
     root = tmp_path_factory.mktemp("cpu-adapters")
     for name, scale in SCALES.items():
-        make_adapter(BUNDLED, root / name, scale)
+        scaled_adapter(root / name, scale)
     return root
 
 
