@@ -120,18 +120,19 @@ def test_a_whole_answer_replays_as_a_stream_and_a_stream_folds_back() -> None:
 
 def test_the_process_copy_is_bounded_expires_and_forgets_a_model() -> None:
     body = b'{"choices":[{"index":0,"message":{"role":"assistant","content":"x"},"finish_reason":"stop"}]}'
-    size = Entry("m", body, 0).size
-    near = NearCache(3 * size)
+    near = NearCache(3 * (len(body) + 200))
+    size = near.max_bytes // 3
     for i in range(4):
-        near.put(f"d{i}", Entry("m" if i % 2 else "n", body, 100.0))
+        near.put(f"d{i}", "m" if i % 2 else "n", body, 100.0)
     assert len(near) == 3 and near.bytes == 3 * size and near.get("d0", 1.0) is None  # least recent out
-    assert near.get("d1", 1.0) is not None  # used: now the most recent
-    near.put("d4", Entry("n", body, 100.0))
+    first = near.get("d1", 1.0)  # used: now the most recent, and an Entry from now on
+    assert first is not None and first is near.get("d1", 2.0) and first.body == body
+    near.put("d4", "n", body, 100.0)
     assert near.get("d2", 1.0) is None and near.get("d1", 1.0) is not None
     assert near.get("d3", 100.0) is None and len(near) == 2  # expired: gone
     near.drop_model("m")
     assert near.get("d1", 1.0) is None and near.get("d4", 1.0) is not None and near.bytes == size
-    near.put("big", Entry("m", body * 10, 100.0))  # larger than the bound: not kept
+    near.put("big", "m", body * 10, 100.0)  # larger than the bound: not kept
     assert near.get("big", 1.0) is None
     near.drop_model(None)
     assert len(near) == 0 and near.bytes == 0

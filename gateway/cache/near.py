@@ -28,7 +28,7 @@ class Entry:
     def __init__(self, model: str, body: bytes, expires: float) -> None:
         self.model = model
         self.body = body  # the whole JSON answer, replayed byte for byte
-        self.expires = expires  # loop time
+        self.expires = expires  # time.monotonic()
         self.parsed = False
         self.usage: dict[str, Any] | None = None
         self.finish: str | None = None
@@ -53,37 +53,42 @@ class Entry:
             self._streams[shape] = unfold(orjson.loads(self.body), chat, with_usage)
         return self._streams[shape]
 
-    @property
-    def size(self) -> int:
-        return len(self.body) + _OVERHEAD
-
 
 class NearCache:
+    """Digest -> entry. An answer stored here and never asked again (most misses) is a plain
+    tuple, no Entry and nothing for the garbage collector to follow; its first hit makes it one."""
+
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._entries: OrderedDict[str, Entry] = OrderedDict()
+        self._entries: OrderedDict[str, Entry | tuple[str, bytes, float]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def get(self, digest: str, now: float) -> Entry | None:
-        entry = self._entries.get(digest)
-        if entry is None:
+        item = self._entries.get(digest)
+        if item is None:
             return None
-        if entry.expires <= now:
+        if isinstance(item, tuple):
+            if item[2] <= now:
+                self._drop(digest)
+                return None
+            item = self._entries[digest] = Entry(*item)
+        elif item.expires <= now:
             self._drop(digest)
             return None
         self._entries.move_to_end(digest)
-        return entry
+        return item
 
-    def put(self, digest: str, entry: Entry) -> None:
-        if entry.size > self.max_bytes:
+    def put(self, digest: str, model: str, body: bytes, expires: float) -> None:
+        size = len(body) + _OVERHEAD
+        if size > self.max_bytes:
             return
         if digest in self._entries:
             self._drop(digest)
-        self._entries[digest] = entry
-        self.bytes += entry.size
+        self._entries[digest] = (model, body, expires)
+        self.bytes += size
         while self.bytes > self.max_bytes:
             self._drop(next(iter(self._entries)))
 
@@ -93,8 +98,9 @@ class NearCache:
             self._entries.clear()
             self.bytes = 0
             return
-        for digest in [d for d, e in self._entries.items() if e.model == model]:
+        for digest in [d for d, e in self._entries.items() if (e[0] if isinstance(e, tuple) else e.model) == model]:
             self._drop(digest)
 
     def _drop(self, digest: str) -> None:
-        self.bytes -= self._entries.pop(digest).size
+        item = self._entries.pop(digest)
+        self.bytes -= len(item[1] if isinstance(item, tuple) else item.body) + _OVERHEAD

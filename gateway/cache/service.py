@@ -246,10 +246,13 @@ class ResponseCache:
         if stored is None:
             return None
         gen, body, left_ms = stored
-        entry = Entry(lookup.model, body, now + left_ms / 1000)
+        expires = now + left_ms / 1000
         if self._gens is not None and gen == _tag(self._gens, lookup.model):
-            self._near.put(lookup.digest, entry)
-        return entry
+            self._near.put(lookup.digest, lookup.model, body, expires)
+            kept = self._near.get(lookup.digest, now)  # None when it does not fit
+            if kept is not None:
+                return kept
+        return Entry(lookup.model, body, expires)
 
     def charged(self, prompt: int, completion: int) -> Usage:
         """What a hit counts: `cache.charge` of the answer's tokens (none by default), the whole
@@ -274,7 +277,7 @@ class ResponseCache:
             return
         self._known.add(lookup.digest)
         if self._gens is not None:
-            self._near.put(lookup.digest, Entry(lookup.model, value, time.monotonic() + self.settings.ttl))
+            self._near.put(lookup.digest, lookup.model, value, time.monotonic() + self.settings.ttl)
         if not self._puts:
             asyncio.get_running_loop().call_later(PUT_EVERY, self._send_puts)
         self._puts.append((lookup.model, lookup.digest, value))
