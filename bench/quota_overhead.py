@@ -198,7 +198,7 @@ def main() -> None:
         team_r = [statistics.median(v[1] + v[3] for v in results[("team levels", n)])]
         trips = statistics.median(v[2] for v in results[("team levels", n)])
         print(f"{n:>7} {key_r[0]:>11.3f} {team_r[0]:>16.3f} {team_r[0] - key_r[0]:>14.3f} {trips:>16.2f}")
-    print("target: at most 0.03 ms more CPU per request, Redis included; still 2 commands per request")
+    print("target: at most 0.03 ms more CPU per request, Redis included")
 
 
 if __name__ == "__main__":
