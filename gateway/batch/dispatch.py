@@ -29,7 +29,7 @@ from starlette.types import Message
 from gateway.access.base import Principal
 from gateway.core.errors import Code, GatewayError
 from gateway.core.request import Endpoint, parse_request
-from gateway.proxy.context import Gateway
+from gateway.proxy.context import Current, Gateway
 from gateway.proxy.exchange import Exchange
 from gateway.store import ClaimedLine, LineOutcome, Owner
 
@@ -65,13 +65,18 @@ class Collected:
 class LineDispatcher:
     """Runs the lines of one batch as its owner."""
 
-    def __init__(self, gw: Gateway, endpoint: Endpoint, batch_id: str, owner: Owner) -> None:
-        self.gw = gw
+    def __init__(self, current: Current, endpoint: Endpoint, batch_id: str, owner: Owner) -> None:
+        self.current = current
         self.endpoint = endpoint
         self.batch_id = batch_id
         self.owner = owner
         self._principal: Principal | None = None
         self._principal_at = 0.0
+
+    @property
+    def gw(self) -> Gateway:
+        """The newest configuration: a line runs on the one it starts with (its exchange keeps it)."""
+        return self.current.gw
 
     async def run(self, line: ClaimedLine) -> LineOutcome:
         failures = 0

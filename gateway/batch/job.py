@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from gateway.batch.dispatch import LineDispatcher
 from gateway.batch.slots import Slots
 from gateway.core.request import ENDPOINTS
-from gateway.proxy.context import Gateway
+from gateway.proxy.context import Current, Gateway
 from gateway.settings import BatchSettings
 from gateway.store import ALL_OWNERS, FINAL_STATUSES, Batch, ClaimedLine, LineOutcome, Store, UnfinishedLinesError
 
@@ -44,11 +44,15 @@ EXPIRED = "The batch's completion window ended before this request ran."
 class JobContext:
     """What the jobs of one runner share."""
 
-    gw: Gateway
+    current: Current  # the newest configuration (gateway/proxy/context.py)
     store: Store
     settings: BatchSettings
     holder: str
     slots: Slots
+
+    @property
+    def gw(self) -> Gateway:
+        return self.current.gw
 
 
 class BatchJob:
@@ -57,7 +61,7 @@ class BatchJob:
         self.store = ctx.store
         self.id = batch.id
         self.batch = batch
-        self.dispatcher = LineDispatcher(ctx.gw, ENDPOINTS[batch.endpoint], batch.id, batch.owner)
+        self.dispatcher = LineDispatcher(ctx.current, ENDPOINTS[batch.endpoint], batch.id, batch.owner)
         self.halted = asyncio.Event()  # no new line starts: cancelled, expired, lease lost, stopping
         self.lost = False
         self.running: set[asyncio.Task[None]] = set()
