@@ -111,7 +111,8 @@ class Outcome:
     def describe(self) -> str:
         """One line for the log."""
         if self.status == "reloaded":
-            return f"configuration {self.previous} -> {self.version} ({', '.join(self.changed) or 'files it names'})"
+            what = ", ".join(self.changed) or "no section: the file's text, or a file it names"
+            return f"configuration {self.previous} -> {self.version} ({what})"
         if self.status == "unchanged":
             return f"configuration unchanged (version {self.version})"
         return f"reload {self.status}; the running configuration (version {self.version}) stays: " + "; ".join(

@@ -35,7 +35,7 @@ export async function render(view, ctx) {
       ...Object.entries(body.config).map(([name, value]) =>
         h(
           "details",
-          { dataset: { section: name }, open: name === "models" || name === "engines" },
+          { dataset: { section: name }, open: name === "models" },
           h("summary", null, name),
           h("pre", { class: "config-value" }, JSON.stringify(value, null, 2)),
         ),
