@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
@@ -90,16 +91,24 @@ class RedisServer:
         return self
 
 
-@pytest.fixture(scope="session")
-def redis_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+@contextmanager
+def private_redis(directory: Path) -> Iterator[RedisServer]:
+    """A redis-server of its own, in `directory`, for a test that stalls or kills it."""
     binary = shutil.which("redis-server")
     require(binary is not None, "redis-server is not on PATH")
     assert binary is not None
-    server = RedisServer(binary, free_port(), tmp_path_factory.mktemp("redis")).start()
+    directory.mkdir(parents=True, exist_ok=True)
+    server = RedisServer(binary, free_port(), directory).start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with private_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
 
 
 @pytest.fixture

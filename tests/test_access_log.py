@@ -18,8 +18,8 @@ import pytest
 
 from gateway.observe.access_log import FIELDS
 from testkit.batch import client, jsonl, wait_final
-from testkit.poll import eventually
 from testkit.keyed import ADMIN_KEY, chat, create_key, start_gateway
+from testkit.poll import eventually
 from testkit.procs import Proc, fake_upstream, gateway
 from testkit.redis_server import RedisServer
 
@@ -226,11 +226,13 @@ def test_logfmt_to_a_file_reopened_on_sighup_and_untrusted_forwarding_ignored(
         for round_ in range(1000):
             ids = [f"after-rotation-{round_}-{i}" for i in range(6)]
             for request_id in ids:  # both workers serve some of them
-                r = httpx.post(gw.url + "/v1/chat/completions", json=body, headers={"x-request-id": request_id}, timeout=30)
+                r = httpx.post(
+                    gw.url + "/v1/chat/completions", json=body, headers={"x-request-id": request_id}, timeout=30
+                )
                 assert r.status_code == 200
             written = eventually(
                 lambda: (text(log_file), text(rotated)),
-                lambda files: all(f"request_id={x} " in files[0] + files[1] for x in ids),
+                lambda files, ids=ids: all(f"request_id={x} " in files[0] + files[1] for x in ids),
                 what="every line written to one of the two files",
             )
             if all(f"request_id={x} " in written[0] for x in ids):

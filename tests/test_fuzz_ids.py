@@ -7,9 +7,7 @@ answer a 500, and the replicas' logs must hold no raw control character and no f
 from __future__ import annotations
 
 import logging
-import shutil
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from io import StringIO
 from pathlib import Path
 
@@ -20,27 +18,12 @@ from hypothesis import strategies as st
 
 from gateway.core.text import SafeFormatter
 from gateway.process.worker import LOG_FORMAT
-from testkit.ci import require
 from testkit.fuzz_rig import after_checks, rig
 from testkit.hostile import cases, learn, problem, send
-from testkit.procs import free_port
-from testkit.redis_server import RedisServer
+from testkit.redis_server import private_redis
 from testkit.stores import fresh_database
 from tests.hostile_ids import FORGED, id_cases, id_problem, log_problems
 from tests.test_fuzz import fuzz_settings
-
-
-@contextmanager
-def private_redis(directory: Path) -> Iterator[RedisServer]:
-    binary = shutil.which("redis-server")
-    require(binary is not None, "redis-server is not installed")
-    assert binary is not None
-    directory.mkdir(exist_ok=True)
-    server = RedisServer(binary, free_port(), directory).start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])

@@ -15,8 +15,8 @@ import httpx
 import orjson
 import pytest
 
-from gateway.core.bodies import MAX_DEPTH, check_depth
 from gateway.core.errors import GatewayError
+from gateway.core.request import MAX_DEPTH, check_depth
 from testkit.keyed import admin, chat, create_key, keyed_gateway, usage
 from testkit.metrics import metric
 from testkit.procs import TINY_MODEL, Proc, all_healthy, fake_upstream, worker
@@ -325,7 +325,9 @@ def test_big_prompts_are_counted_off_the_event_loop(gwr: Proc) -> None:
 
     statuses, worst = asyncio.run(run())
     assert statuses == [200, 200]
-    assert worst < 1.0, f"the event loop stalled for {worst:.2f}s"
+    # Counted on the loop, these prompts stalled it for about 9 s; off it, a health check waits at
+    # most for the body's JSON parse, and on two shared busy cores for its turn on a core.
+    assert worst < 3.0, f"the event loop stalled for {worst:.2f}s"
 
 
 # 16: a request that could never fit the key's limits is a 400 naming why, not a 429 to retry.

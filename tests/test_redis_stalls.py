@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -22,10 +21,9 @@ from typing import Any
 import httpx
 import pytest
 
-from testkit.ci import require
 from testkit.keyed import admin, create_key, start_gateway
-from testkit.procs import Proc, fake_upstream, free_port
-from testkit.redis_server import RedisServer
+from testkit.procs import Proc, fake_upstream
+from testkit.redis_server import RedisServer, private_redis
 
 REDIS_TIMEOUT = 0.5
 MARGIN = 0.75
@@ -34,16 +32,8 @@ REQUESTS = 300  # scheduling on a loaded 2-core machine, the HTTP round trip
 
 @pytest.fixture(scope="module")
 def redis(logs_dir: Path) -> Iterator[RedisServer]:
-    binary = shutil.which("redis-server")
-    require(binary is not None, "redis-server is not installed")
-    assert binary is not None
-    directory = logs_dir / "stalls-redis"
-    directory.mkdir(exist_ok=True)
-    server = RedisServer(binary, free_port(), directory).start()
-    try:
+    with private_redis(logs_dir / "stalls-redis") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

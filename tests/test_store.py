@@ -462,18 +462,23 @@ def test_report_rows_in_pages(store_env: StoreEnv, monkeypatch: pytest.MonkeyPat
     asyncio.run(main())
 
 
-def test_inference_log_sustains_3000_rows_per_second(store_env: StoreEnv) -> None:
+def test_inference_log_appends_batches_whole_and_in_order(store_env: StoreEnv) -> None:
+    """40 batches of 500 rows, as the background writer sends them: every row lands, newest
+    first. (How fast is bench/inference_log.py's question: 3,000 rows/s kept up on both stores.)"""
+
     async def main() -> None:
         async with store_env.open() as store:
             t0 = 1_800_000_000.0
             batches = [[log_row(b * 500 + i, t0 + b) for i in range(500)] for b in range(40)]
-            started = time.perf_counter()
-            for batch in batches:  # as the background writer does: one call per buffered batch
+            for batch in batches:
                 await store.append_requests(batch)
-            elapsed = time.perf_counter() - started
-            rate = 20_000 / elapsed
-            print(f"\n{store_env.backend}: inference log append {rate:,.0f} rows/s (batches of 500)")
-            assert (await store.query_requests(RequestFilter(), limit=1)).items[0].request_id == "req-19999"
-            assert rate > 3000, rate
+            ids, after = [], None
+            while True:
+                page = await store.query_requests(RequestFilter(), limit=5000, after=after)
+                ids += [r.request_id for r in page.items]
+                if not page.has_more:
+                    break
+                after = page.items[-1].id
+            assert ids == [f"req-{i}" for i in reversed(range(20_000))]
 
     asyncio.run(main())

@@ -13,8 +13,8 @@ from starlette.types import Scope
 
 from gateway.access.auth import bearer, is_admin_key
 from gateway.access.roles import Actor
-from gateway.core.bodies import header
 from gateway.core.errors import Code, GatewayError
+from gateway.core.request import header
 
 
 class SignIn(Protocol):

@@ -20,10 +20,9 @@ from gateway.access.keys import KeyStore
 from gateway.access.oidc import looks_like_jwt
 from gateway.access.quota import Admission, Quota, reservation
 from gateway.access.tokens import PromptCounter
-from gateway.core.bodies import header
 from gateway.core.errors import Code, GatewayError, invalid_key
 from gateway.core.metrics import GatewayMetrics
-from gateway.core.request import ApiRequest
+from gateway.core.request import ApiRequest, header
 from gateway.settings import AuthSettings, PricingSettings
 
 log = logging.getLogger(__name__)

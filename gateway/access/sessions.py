@@ -27,8 +27,8 @@ from gateway.access.keys import redis_or_503, texts
 from gateway.access.oidc import OidcError, OidcProvider, looks_like_jwt, pkce_pair
 from gateway.access.oidc_roles import actor_of
 from gateway.access.roles import Actor
-from gateway.core.bodies import header
 from gateway.core.errors import Code, GatewayError
+from gateway.core.request import header
 
 COOKIE = "gw_session"
 SIGNIN_TTL = 600

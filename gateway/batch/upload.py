@@ -18,8 +18,8 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from gateway.batch.objects import UPLOAD_PURPOSES
-from gateway.core.bodies import too_large
 from gateway.core.errors import Code, GatewayError, invalid
+from gateway.core.request import too_large
 from gateway.core.text import has_control
 from gateway.store import FileRecord, FileTooLargeError, Owner, Store
 

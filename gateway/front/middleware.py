@@ -19,8 +19,8 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.apis.messages import anthropic
-from gateway.core.bodies import ClientDisconnected
 from gateway.core.errors import Code, GatewayError, internal_error
+from gateway.core.request import ClientDisconnected
 from gateway.front.params import check_query
 from gateway.observe.observer import Observer
 from gateway.observe.record import CURRENT, Observation

@@ -30,9 +30,8 @@ from starlette.types import Receive, Send
 from gateway.access.base import Grant, Principal, Usage
 from gateway.apis.base import Translation
 from gateway.cache.service import Lookup
-from gateway.core.bodies import ClientDisconnected, ClientWatch
 from gateway.core.errors import Code, GatewayError, internal_error
-from gateway.core.request import ApiRequest
+from gateway.core.request import ApiRequest, ClientDisconnected, ClientWatch
 from gateway.dispatch.routing import Pick
 from gateway.engines.client import EngineUnreachable, UpstreamError, UpstreamResponse
 from gateway.engines.pool import Engine
@@ -43,7 +42,7 @@ from gateway.proxy.context import Gateway
 from gateway.proxy.prompt_bound import bound_prompt
 from gateway.proxy.relay import SSE_HEADERS, Outcome, broken, error_of, read_whole, relay_stream, send_last
 from gateway.proxy.resume import Splice, Transcript, continuation, read_transcript
-from gateway.proxy.translated import relay_translated_stream, relay_translated_whole
+from gateway.proxy.translated import JSON, read_translated_whole, relay_translated_stream
 
 log = logging.getLogger(__name__)
 
@@ -484,13 +483,22 @@ class Exchange:
         t, m = self.translation, self.gw.metrics
         assert t is not None
         if not (self.request.stream and response.status == 200):
-            await relay_translated_whole(response, send, self.out, headers, self._finishing, t)
+            body = await read_translated_whole(response, self.out, t)
+            await self._finishing()
+            if response.status == 200:
+                await t.finished()  # a stored answer (Responses) is there before its client has it
+            await send({"type": "http.response.start", "status": response.status, "headers": [JSON, *headers]})
+            await send({"type": "http.response.body", "body": body})
             return
         m.streams.inc()
         self.gw.watchdog.watch(self.out, self._watch.drop)
         try:
             on_gap = m.itl_by[self.request.model, self.pick.route.name if self.pick else "-"].observe
-            await relay_translated_stream(response, send, self.out, headers, self._finishing, t, on_gap)
+            tail = await relay_translated_stream(response, send, self.out, headers, t, on_gap)
+            await self._finishing()
+            if self.out.done:
+                await t.finished()
+            await send_last(send, self.out, tail)
         finally:
             self.gw.watchdog.unwatch(self.out)
             m.streams.dec()

@@ -111,12 +111,7 @@ async def relay_stream(
             data = await response.chunk()
             if not data:
                 break
-            now = time.perf_counter()
-            if out.first_chunk:
-                on_gap(now - out.last_chunk)
-            else:
-                out.first_chunk = now
-            out.last_chunk = now
+            arrived(out, on_gap)
             buf = buf + data if buf else data
             end = _event_end(buf)
             if not end or out.done:
@@ -148,6 +143,16 @@ async def relay_stream(
     if out.cut is None:
         out.error = out.error or "the engine closed the stream before it finished"
     return None
+
+
+def arrived(out: Outcome, on_gap: Callable[[float], None]) -> None:
+    """Notes when a chunk came: the first one's time (the TTFT) or the gap since the last."""
+    now = time.perf_counter()
+    if out.first_chunk:
+        on_gap(now - out.last_chunk)
+    else:
+        out.first_chunk = now
+    out.last_chunk = now
 
 
 def broken(out: Outcome) -> bytes:

@@ -1,23 +1,22 @@
 """The relay of an answer that a translation (gateway/apis/) rewrites on the way: the Responses
 and Messages APIs. Beside relay.py, whose raw-bytes path for chat stays untouched.
 
-Same contract as relay.py: the client's pace drives the reads, `finishing` (the exchange's
-settle) runs before the final bytes leave, and a stream that breaks ends in-band, here with the
-API's own error event. The translation reads the usage and finish reason (a translated stream
+Same contract as relay.py: the client's pace drives the reads, the last bytes are handed back
+unsent (the exchange settles before they leave), and a stream that breaks ends in-band, here with
+the API's own error event. The translation reads the usage and finish reason (a translated stream
 parses every chunk anyway; a native one only its final events) and they go into the Outcome.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from starlette.types import Send
 
 from gateway.apis.base import Translation
 from gateway.core.errors import Code, GatewayError
 from gateway.engines.client import UpstreamError, UpstreamResponse
-from gateway.proxy.relay import SSE_HEADERS, Outcome, _event_end, _send
+from gateway.proxy.relay import SSE_HEADERS, Outcome, _event_end, _send, arrived
 
 JSON = (b"content-type", b"application/json")
 
@@ -27,14 +26,8 @@ def _settled(t: Translation, out: Outcome) -> None:
     out.events = t.events
 
 
-async def relay_translated_whole(
-    response: UpstreamResponse,
-    send: Send,
-    out: Outcome,
-    headers: list[tuple[bytes, bytes]],
-    finishing: Callable[[], Awaitable[None]],
-    t: Translation,
-) -> None:
+async def read_translated_whole(response: UpstreamResponse, out: Outcome, t: Translation) -> bytes:
+    """The whole answer, rewritten into the API's own shape; the exchange settles, then sends it."""
     try:
         content = await response.read()
     except TimeoutError:
@@ -44,11 +37,7 @@ async def relay_translated_whole(
     out.status = response.status
     body = t.whole(response.status, content)
     _settled(t, out)
-    await finishing()
-    if response.status == 200:
-        await t.finished()
-    await send({"type": "http.response.start", "status": response.status, "headers": [JSON, *headers]})
-    await send({"type": "http.response.body", "body": body})
+    return body
 
 
 async def relay_translated_stream(
@@ -56,51 +45,48 @@ async def relay_translated_stream(
     send: Send,
     out: Outcome,
     headers: list[tuple[bytes, bytes]],
-    finishing: Callable[[], Awaitable[None]],
     t: Translation,
     on_gap: Callable[[float], None],
-) -> None:
+) -> bytes:
+    """Relays a stream's events, rewritten, up to its last, which it returns unsent: the API's
+    closing events, or its error event when the stream broke (`out.done` says which). The
+    exchange settles, then sends them with `send_last`, as for a chat stream."""
     out.status = 200
     await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *headers]})
     opening = t.open()
     if opening:
         await _send(send, out, opening)
-    buf = b""
+    buf = tail = b""
     try:
         while True:
             data = await response.chunk()
             if not data:
                 break
-            now = time.perf_counter()
-            if out.first_chunk:
-                on_gap(now - out.last_chunk)
-            else:
-                out.first_chunk = now
-            out.last_chunk = now
+            arrived(out, on_gap)
             buf = buf + data if buf else data
             end = _event_end(buf)
             if not end:
                 continue
             block, buf = buf[:end], buf[end:]
             block = t.feed(block)
-            if t.done and not out.done:
+            if out.done:  # what an engine sends after its last event waits behind it
+                tail += block
+            elif t.done:
                 out.done = True
                 _settled(t, out)
-                await finishing()
-                await t.finished()
-            if block:
+                tail = block
+            elif block:
                 await _send(send, out, block)
     except (UpstreamError, TimeoutError) as exc:
-        if out.cut is None:
+        if out.cut is None and not out.done:
             out.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    if not out.done:
-        if out.cut is not None:
-            error = out.cut
-        else:
-            out.error = out.error or "the engine closed the stream before it finished"
-            error = GatewayError(502, f"The upstream engine failed mid-stream ({out.error}).", code=Code.UPSTREAM_ERROR)
-        out.status, out.error_code = error.status, error.code
-        _settled(t, out)
-        await finishing()
-        await _send(send, out, t.failed(error))
-    await _send(send, out, b"", more=False)
+    if out.done:
+        return tail
+    if out.cut is not None:
+        error = out.cut
+    else:
+        out.error = out.error or "the engine closed the stream before it finished"
+        error = GatewayError(502, f"The upstream engine failed mid-stream ({out.error}).", code=Code.UPSTREAM_ERROR)
+    out.status, out.error_code = error.status, error.code
+    _settled(t, out)
+    return t.failed(error)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.store.common import SqlBase, page_size
+from gateway.store.common import SqlBase, newest_first
 from gateway.store.db import Row
 from gateway.store.records import AuditEntry, Page
 
@@ -40,24 +40,7 @@ class AuditOps(SqlBase):
         team: str | None = None,
         since: float | None = None,
     ) -> Page[AuditEntry]:
-        n = page_size(limit)
-        args: list[object] = []
-        clauses = []
-        for column, value in (("action", action), ("team", team)):
-            if value is not None:
-                args.append(value)
-                clauses.append(f"{column} = ${len(args)}")
-        if since is not None:
-            args.append(float(since))
-            clauses.append(f"time >= ${len(args)}")
-        if after is not None:
-            args.append(int(after))
-            clauses.append(f"seq < ${len(args)}")
-        args.append(n + 1)
-        sql = (
-            f"SELECT seq, {', '.join(AUDIT_COLUMNS)} FROM audit_log WHERE {' AND '.join(clauses) or 'TRUE'}"
-            f" ORDER BY seq DESC LIMIT ${len(args)}"
+        rows, more = await newest_first(
+            self.db, "audit_log", AUDIT_COLUMNS, limit, (("action", action), ("team", team)), since=since, after=after
         )
-        async with self.db.read() as conn:
-            rows = await conn.fetch(sql, *args)
-        return Page([_entry(r) for r in rows[:n]], has_more=len(rows) > n)
+        return Page([_entry(r) for r in rows], has_more=more)

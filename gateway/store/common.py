@@ -50,6 +50,44 @@ def sql_list(values: Iterable[str]) -> str:
     return "(" + ", ".join(f"'{v}'" for v in items) + ")"
 
 
+async def newest_first(
+    db: Database,
+    table: str,
+    columns: Iterable[str],
+    limit: int,
+    equal: Iterable[tuple[str, object]],
+    *,
+    since: float | None = None,
+    until: float | None = None,
+    after: int | None = None,
+) -> tuple[list[Any], bool]:
+    """One page of a log table (`seq`, `time` and `columns`), newest first: the rows whose
+    `equal` columns match (a None value matches all), in [since, until), older than the `seq`
+    `after`. Returns the rows and whether more follow."""
+    n = page_size(limit)
+    args: list[object] = []
+    clauses = []
+    for column, value in equal:
+        if value is not None:
+            args.append(value)
+            clauses.append(f"{column} = ${len(args)}")
+    for clause, value in (("time >=", since), ("time <", until)):
+        if value is not None:
+            args.append(float(value))
+            clauses.append(f"{clause} ${len(args)}")
+    if after is not None:
+        args.append(int(after))
+        clauses.append(f"seq < ${len(args)}")
+    args.append(n + 1)
+    sql = (
+        f"SELECT seq, {', '.join(columns)} FROM {table} WHERE {' AND '.join(clauses) or 'TRUE'}"
+        f" ORDER BY seq DESC LIMIT ${len(args)}"
+    )
+    async with db.read() as conn:
+        rows = await conn.fetch(sql, *args)
+    return rows[:n], len(rows) > n
+
+
 def page_size(limit: int) -> int:
     return max(1, min(int(limit), MAX_PAGE))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 
-from gateway.store.common import SqlBase, page_size
+from gateway.store.common import SqlBase, newest_first
 from gateway.store.db import Row
 from gateway.store.records import InferenceRecord, Page, ReportRow, RequestFilter
 
@@ -97,36 +97,17 @@ class InferenceLogOps(SqlBase):
     async def query_requests(
         self, where: RequestFilter, *, limit: int = 100, after: int | None = None
     ) -> Page[InferenceRecord]:
-        n = page_size(limit)
-        args: list[object] = []
-        clauses = []
-        for column, value in (
+        equal = (
             ("key_id", where.key_id),
             ("model", where.model),
             ("route", where.route),
             ("status", None if where.status is None else int(where.status)),
             ("api", where.api),
-        ):
-            if value is not None:
-                args.append(value)
-                clauses.append(f"{column} = ${len(args)}")
-        if where.since is not None:
-            args.append(float(where.since))
-            clauses.append(f"time >= ${len(args)}")
-        if where.until is not None:
-            args.append(float(where.until))
-            clauses.append(f"time < ${len(args)}")
-        if after is not None:
-            args.append(int(after))
-            clauses.append(f"seq < ${len(args)}")
-        args.append(n + 1)
-        sql = (
-            f"SELECT seq, {', '.join(REQUEST_COLUMNS)} FROM requests WHERE {' AND '.join(clauses) or 'TRUE'}"
-            f" ORDER BY seq DESC LIMIT ${len(args)}"
         )
-        async with self.db.read() as conn:
-            rows = await conn.fetch(sql, *args)
-        return Page([_record(r) for r in rows[:n]], has_more=len(rows) > n)
+        rows, more = await newest_first(
+            self.db, "requests", REQUEST_COLUMNS, limit, equal, since=where.since, until=where.until, after=after
+        )
+        return Page([_record(r) for r in rows], has_more=more)
 
     async def report_rows(self, model: str, since: float, until: float) -> AsyncIterator[ReportRow]:
         # Keyset pages on (time, seq), which the (model, time, seq) index serves in order.

@@ -8,8 +8,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.core.bodies import parse_json, read_body
 from gateway.core.errors import Code, GatewayError
+from gateway.core.request import parse_json, read_body
 from gateway.front.params import path_id
 from gateway.proxy.context import Gateway
 

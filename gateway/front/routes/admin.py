@@ -16,8 +16,8 @@ from gateway.access.keys import ApiKey, KeyStore
 from gateway.access.quota import Quota
 from gateway.access.roles import Actor
 from gateway.access.teams import TeamStore, not_found
-from gateway.core.bodies import parse_json, read_body
 from gateway.core.errors import Code, GatewayError, invalid, model_not_found
+from gateway.core.request import parse_json, read_body
 from gateway.dispatch.route_store import RouteStore, routes_json
 from gateway.dispatch.routing import Router
 from gateway.engines.pool import Engine

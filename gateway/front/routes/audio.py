@@ -15,11 +15,10 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from gateway.apis.checks import MAX_NAME
-from gateway.core.bodies import header, read_body
 from gateway.core.errors import invalid
-from gateway.core.request import ApiRequest, Endpoint
+from gateway.core.request import ApiRequest, Endpoint, header, read_body
+from gateway.front.routes.openai import check_model
 from gateway.front.routes.passthrough import not_served, served_by
-from gateway.front.routes.translated import check_model
 from gateway.proxy.context import Gateway
 from gateway.proxy.exchange import Exchange
 

@@ -20,9 +20,8 @@ from gateway.access.base import Principal
 from gateway.batch.objects import batch_object, check_metadata, list_object, parse_window
 from gateway.batch.runner import BatchRunner
 from gateway.batch.validate import InvalidLine, LineRules, valid_lines, validate_file
-from gateway.core.bodies import json_object, read_body
 from gateway.core.errors import Code, GatewayError, invalid
-from gateway.core.request import ENDPOINTS
+from gateway.core.request import ENDPOINTS, json_object, read_body
 from gateway.core.text import check_text
 from gateway.front.params import path_id, query_id
 from gateway.front.routes.files import file_content, file_not_found, int_param, store_of

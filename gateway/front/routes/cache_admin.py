@@ -8,8 +8,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.cache.store import CacheStore
-from gateway.core.bodies import parse_json, read_body
 from gateway.core.errors import invalid, model_not_found
+from gateway.core.request import parse_json, read_body
 from gateway.proxy.context import Gateway
 
 MAX_BODY = 4096

@@ -16,8 +16,8 @@ from starlette.routing import Route
 
 from gateway.batch.objects import file_object, list_object
 from gateway.batch.upload import receive_file
-from gateway.core.bodies import header
 from gateway.core.errors import Code, GatewayError, invalid
+from gateway.core.request import header
 from gateway.front.params import path_id, query_id
 from gateway.proxy.context import Gateway
 from gateway.store import FileRecord, Owner, OwnerScope, Store

@@ -14,10 +14,10 @@ from starlette.types import Receive, Scope, Send
 from gateway.access.tokens import PromptCounter
 from gateway.apis.messages import MessagesTranslation, anthropic
 from gateway.apis.messages_input import parse_messages
-from gateway.core.bodies import header, json_object, read_body
 from gateway.core.errors import GatewayError
-from gateway.core.request import MESSAGES
-from gateway.front.routes.translated import chat_request, check_model, serve_translated
+from gateway.core.request import MESSAGES, header, json_object, read_body
+from gateway.front.routes.openai import check_model
+from gateway.front.routes.translated import chat_request, serve_translated
 from gateway.proxy.context import Gateway
 
 

@@ -8,12 +8,33 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from gateway.core.bodies import read_body, too_large
+from gateway.access.base import Principal
 from gateway.core.errors import model_not_allowed, model_not_found
-from gateway.core.request import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, parse_request
+from gateway.core.request import (
+    CHAT,
+    COMPLETIONS,
+    EMBEDDINGS,
+    ApiRequest,
+    Endpoint,
+    parse_request,
+    read_body,
+    too_large,
+)
 from gateway.observe.record import current
 from gateway.proxy.context import Gateway
 from gateway.proxy.exchange import Exchange
+
+
+def check_model(gw: Gateway, principal: Principal, request: ApiRequest) -> None:
+    """What every inference route checks before admission: the model exists, the prompt fits its
+    bound, and the key may use it."""
+    if not gw.router.knows(request.model):
+        raise model_not_found(request.model)
+    limit = gw.prompt_limits.get(request.model)
+    if limit is not None and request.size > limit:
+        raise too_large(limit)
+    if not principal.may_use(request.model):
+        raise model_not_allowed(request.model)
 
 
 class OpenAIEndpoint:
@@ -33,13 +54,7 @@ class OpenAIEndpoint:
         request = parse_request(await read_body(scope, receive, gw.settings.server.max_body_bytes), self.endpoint)
         if obs is not None:
             obs.model = request.model
-        if not gw.router.knows(request.model):
-            raise model_not_found(request.model)
-        limit = gw.prompt_limits.get(request.model)
-        if limit is not None and request.size > limit:
-            raise too_large(limit)
-        if not principal.may_use(request.model):
-            raise model_not_allowed(request.model)
+        check_model(gw, principal, request)
         cache = gw.cache.consult(scope, request, principal) if gw.cache is not None else None
         async with Exchange(gw, principal, request, scope["request_id"], receive) as exchange:
             await exchange.admit()

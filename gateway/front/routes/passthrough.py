@@ -13,10 +13,9 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from gateway.apis.checks import model_of
-from gateway.core.bodies import json_object, read_body
 from gateway.core.errors import Code, GatewayError
-from gateway.core.request import ApiRequest, Endpoint
-from gateway.front.routes.translated import check_model
+from gateway.core.request import ApiRequest, Endpoint, json_object, read_body
+from gateway.front.routes.openai import check_model
 from gateway.proxy.context import Gateway
 from gateway.proxy.exchange import Exchange
 

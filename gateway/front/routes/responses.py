@@ -20,12 +20,12 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.apis.responses import ResponsesTranslation
 from gateway.apis.responses_input import ResponsesRequest, parse_responses
-from gateway.core.bodies import json_object, read_body
 from gateway.core.errors import Code, GatewayError, invalid
-from gateway.core.request import RESPONSES
+from gateway.core.request import RESPONSES, json_object, read_body
 from gateway.front.params import path_id
 from gateway.front.routes.files import int_param, store_of
-from gateway.front.routes.translated import chat_request, check_model, serve_translated
+from gateway.front.routes.openai import check_model
+from gateway.front.routes.translated import chat_request, serve_translated
 from gateway.proxy.context import Gateway
 from gateway.store import Owner, Store
 

@@ -16,7 +16,7 @@ from gateway.access.quota import Quota
 from gateway.access.roles import Actor
 from gateway.access.team_fields import ORG_FIELDS, TEAM_FIELDS, validate_group_fields
 from gateway.access.teams import Group, TeamStore, not_found
-from gateway.core.bodies import parse_json, read_body
+from gateway.core.request import parse_json, read_body
 from gateway.dispatch.routing import Router
 from gateway.front.params import path_id
 from gateway.front.routes.admin import MAX_ADMIN_BODY, days

@@ -7,8 +7,6 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.access.base import Principal
 from gateway.apis.base import Translation
-from gateway.core.bodies import too_large
-from gateway.core.errors import model_not_allowed, model_not_found
 from gateway.core.request import ApiRequest, Endpoint
 from gateway.proxy.context import Gateway
 from gateway.proxy.exchange import Exchange
@@ -22,16 +20,6 @@ def chat_request(
     request = ApiRequest(endpoint, model, t.chat, stream=t.stream, max_tokens=max_tokens, size=size)
     request.subject = subject or None
     return request
-
-
-def check_model(gw: Gateway, principal: Principal, request: ApiRequest) -> None:
-    if not gw.router.knows(request.model):
-        raise model_not_found(request.model)
-    limit = gw.prompt_limits.get(request.model)
-    if limit is not None and request.size > limit:
-        raise too_large(limit)
-    if not principal.may_use(request.model):
-        raise model_not_allowed(request.model)
 
 
 async def serve_translated(
