@@ -180,9 +180,12 @@ class EngineControl:
         self._woken[engine.name] = now
         self.send({"op": "wake", "engine": engine.name})
 
-    def send(self, message: dict[str, Any]) -> None:
-        if self._writer is not None and not self._writer.is_closing():
-            self._writer.write(encode(message))
+    def send(self, message: dict[str, Any]) -> bool:
+        """To the main process; False without a channel (or once it closed)."""
+        if self._writer is None or self._writer.is_closing():
+            return False
+        self._writer.write(encode(message))
+        return True
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:

@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 
 from gateway.engines.control import EngineState
 from gateway.settings import EngineSettings, TracingSettings
+from gateway.settings.changes import launch_changes
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ class ManagedEngine:
     stop_decided: float = 0.0
     halting: bool = False  # its process is being stopped (idle)
     retiring: bool = False  # a reload removed it: stopped once no worker has a request there
+    failure: str = ""  # why it is failed, in words
     wake_after_halt: bool = False
     reported: dict[int, tuple[int, int]] = field(default_factory=dict)  # worker -> (outstanding, picks)
 
@@ -208,9 +210,20 @@ class Supervisor:
     # -- changes made by a reload (gateway/process/reload.py) ---------------------------------
 
     def add(self, settings: EngineSettings) -> None:
-        """A managed engine the new configuration adds: started now."""
+        """A managed engine the new configuration adds: started now (or kept, when an earlier
+        reload dropped it and it has not stopped yet)."""
+        e = self.engines.get(settings.name)
+        if e is not None and e.retiring and not launch_changes(e.settings, settings):
+            e.retiring, e.settings = False, settings
+            return
         e = self.engines[settings.name] = ManagedEngine(settings)
         self._spawn(e, time.monotonic())
+
+    def stopping(self, settings: EngineSettings) -> bool:
+        """Whether an engine of that name, dropped by an earlier reload and not stopped yet, runs
+        with other launch settings (the new one must wait for it: its port, its memory)."""
+        e = self.engines.get(settings.name)
+        return e is not None and bool(launch_changes(e.settings, settings))
 
     def update(self, settings: EngineSettings) -> None:
         """New settings for a managed engine that need no new process (idle_stop, timeouts)."""
@@ -237,7 +250,7 @@ class Supervisor:
         problems = []
         for e in engines:
             if e.state == EngineState.FAILED:
-                problems.append(f"engine {e.name} did not start: its port is taken or it crash-loops (see the log)")
+                problems.append(f"engine {e.name} did not start: {e.failure} (see the log)")
             elif e.state != EngineState.RUNNING:
                 timeout = e.settings.startup_timeout
                 problems.append(
@@ -301,6 +314,7 @@ class Supervisor:
     def _spawn(self, e: ManagedEngine, now: float) -> None:
         s = e.settings
         if port_taken(s.port or 0):
+            e.failure = f"its port {s.port} is in use by another process"
             if e.state != EngineState.FAILED:
                 log.error("%s; retrying every %.0fs", port_conflict(s), PORT_RETRY)
             e.next_start = now + PORT_RETRY
@@ -323,6 +337,7 @@ class Supervisor:
     def _restart(self, e: ManagedEngine, now: float) -> None:
         recent = [t for t in e.restarts if now - t < 60]
         if len(recent) >= e.settings.max_restarts_per_minute:
+            e.failure = f"it crash-loops ({len(recent)} restarts in a minute)"
             if e.state != EngineState.FAILED:
                 log.error("engine %s crash-loops (%d restarts in a minute); pausing its restarts", e.name, len(recent))
             e.next_start = recent[0] + 60

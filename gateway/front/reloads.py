@@ -93,7 +93,10 @@ class Reloads:
         rid = next(self._ids)
         answer = self._waiting[rid] = asyncio.get_running_loop().create_future()
         try:
-            self.running.current.gw.control.send({"op": "reload_request", "id": rid, "why": why})
+            if not self.running.current.gw.control.send({"op": "reload_request", "id": rid, "why": why}):
+                raise GatewayError(
+                    503, "This worker has lost its main process; retry the reload.", code=Code.RELOAD_FAILED
+                )
             async with asyncio.timeout(ANSWER_TIMEOUT):
                 return Outcome.of(await answer)
         except TimeoutError:

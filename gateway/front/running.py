@@ -23,6 +23,7 @@ as it was.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -98,6 +99,7 @@ class Running:
             pool = old.gw.pool
             tls.forget()  # a renewed CA bundle under the same path is read again
             change = pool.stage(settings.engines, settings.health, settings.server.first_byte_timeout + 1)
+            gw: Gateway | None = None
             try:
                 old.gw.control.adopt(change.added.values())
                 await pool.probe(change.added.values())
@@ -107,6 +109,9 @@ class Running:
                 await lifecycle.start(gw, before=old.gw)
             except Exception as exc:
                 log.exception("the new configuration (version %s) could not be put in place", loaded.version)
+                if gw is not None:  # what it started, if anything, goes
+                    with contextlib.suppress(Exception):
+                        await lifecycle.stop(gw, [old.gw])
                 raise ReloadError(f"the new configuration could not be put in place: {exc!r}") from None
             for watcher in pool.commit(change):
                 self._background(watcher.stop())

@@ -80,9 +80,15 @@ class MainReloads:
         assert new is not None
         added, removed = engine_changes(running.settings, new.settings)
         engines = {e.name: e for e in new.settings.engines}
-        taken = [port_conflict(engines[n]) for n in added if port_taken(engines[n].port or 0)]
-        if taken:
-            return Outcome("failed", running.version, errors=tuple(taken))
+        stopping = [
+            f"engine {n}: the engine of that name an earlier reload dropped is still stopping; reload again in a moment"
+            for n in added
+            if self._supervisor.stopping(engines[n])
+        ]
+        fresh = [n for n in added if n not in self._supervisor.engines]
+        taken = [port_conflict(engines[n]) for n in fresh if port_taken(engines[n].port or 0)]
+        if stopping or taken:
+            return Outcome("failed", running.version, errors=(*stopping, *taken))
         for name in added:
             self._supervisor.add(engines[name])
         problems = await self._supervisor.started(added)
@@ -92,7 +98,10 @@ class MainReloads:
                 await self._swap_workers(running)  # those that took it go back
         if problems:
             for name in added:
-                await self._supervisor.remove(name, "the reload that started it failed")
+                if name in fresh:
+                    await self._supervisor.remove(name, "the reload that started it failed")
+                else:
+                    self._supervisor.retire(name)  # dropped still: kept by this reload only
             return Outcome("failed", running.version, errors=tuple(problems))
         for engine in new.settings.engines:
             if engine.managed and engine.name not in added:

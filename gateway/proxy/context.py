@@ -203,6 +203,8 @@ class Gateway:
             lambda g: g.upstream,
             lambda: Upstream(settings.server),
         )
+        if p is not None and upstream is p.upstream and any(e.ca_file for e in settings.engines):
+            upstream = Upstream(settings.server)  # its TLS contexts read the CA files again (renewed in place)
         adapters = None
         if redis is not None and settings.adapters is not None:
             prefix = settings.redis.prefix
