@@ -395,6 +395,11 @@ def test_a_reload_starts_and_stops_managed_engines_and_undoes_a_failed_start(
     gw = gateway(logs_dir, base, name="reload-managed", env={"GATEWAY_ADMIN_KEY": ADMIN_KEY})
     port, bad_port = free_port(), free_port()
     with running(gw, "/ready", timeout=60):
+        # logging changes live: Server-Timing turned on
+        assert "server-timing" not in chat_open(gw).headers
+        rewrite(gw, {**base, "logging": {"server_timing": True}})
+        assert reload(gw).json()["changed"] == ["logging"]
+        assert "upstream;dur=" in chat_open(gw).headers["server-timing"]
         first = running_version(gw)
         tiny = {"name": "tiny", "routes": [{"engine": "cpu-0", "model": "tiny"}]}
         engine = cpu_engine("cpu-0", port, "--served-model-name", "tiny")
@@ -426,6 +431,14 @@ def test_a_reload_starts_and_stops_managed_engines_and_undoes_a_failed_start(
         assert httpx.get(gw.url + "/ready?model=tiny", timeout=5).status_code == 404
 
 
+def chat_open(gw: Proc) -> httpx.Response:
+    """A chat request to a gateway with auth off."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    r = httpx.post(gw.url + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    return r
+
+
 def engine_pid(gw: Proc, port: int) -> int | None:
     assert gw.proc is not None
     for child in psutil.Process(gw.proc.pid).children(recursive=True):
@@ -435,6 +448,37 @@ def engine_pid(gw: Proc, port: int) -> int | None:
         except psutil.NoSuchProcess:
             continue
     return None
+
+
+def test_a_process_without_a_main_process_reloads_itself(
+    tmp_path: Path, engines: dict[str, Proc], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The app under another ASGI server (here Starlette's test client): the admin API reloads
+    the file in the process itself."""
+    from starlette.testclient import TestClient
+
+    from gateway.front.app import build_app
+    from gateway.settings.source import ConfigSource
+
+    monkeypatch.setenv("GATEWAY_ADMIN_KEY", ADMIN_KEY)
+    path = tmp_path / "gateway.yaml"
+    store = {"url": "sqlite:///gateway.db", "data_dir": str(tmp_path)}
+    path.write_text(yaml.safe_dump(config(engines, None, store)))
+    source = ConfigSource(str(path))
+    loaded = source.load()
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    with TestClient(build_app(loaded.settings, source=source, version=loaded.version)) as http:
+        eventually(lambda: http.get("/ready").status_code == 200)
+        assert http.post("/v1/chat/completions", json={**body, "model": NEW_MODEL}).status_code == 404
+        path.write_text(yaml.safe_dump(config(engines, None, store, new_model=True)))
+        r = http.post("/admin/reload", headers=_bearer(ADMIN_KEY))
+        assert r.status_code == 200 and r.json()["status"] == "reloaded" and r.json()["previous"] == loaded.version
+        assert http.post("/v1/chat/completions", json={**body, "model": NEW_MODEL}).status_code == 200
+        assert http.get("/admin/config", headers=_bearer(ADMIN_KEY)).json()["version"] == r.json()["version"]
+        path.write_text("models: [\n")
+        refused = http.post("/admin/reload", headers=_bearer(ADMIN_KEY))
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_config"
+        assert http.post("/v1/chat/completions", json={**body, "model": NEW_MODEL}).status_code == 200
 
 
 def test_a_renewed_certificate_is_served_without_a_restart(

@@ -82,8 +82,10 @@ class Reloads:
         if outcome is None:
             assert examined.loaded is not None
             try:
-                await self.running.apply(examined.loaded)
-                outcome = Outcome("reloaded", examined.loaded.version, current.version, examined.changed)
+                if await self.running.apply(examined.loaded):
+                    outcome = Outcome("reloaded", examined.loaded.version, current.version, examined.changed)
+                else:  # a reload at the same time put it in place first
+                    outcome = Outcome("unchanged", examined.loaded.version)
             except ReloadError as exc:
                 outcome = Outcome("failed", current.version, errors=(str(exc),))
         (log.info if outcome.ok else log.error)("%s: %s", why, outcome.describe())

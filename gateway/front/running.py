@@ -132,7 +132,10 @@ class Running:
         # Polled: an event set by the last request out would cost every request a check.
         while old.front.active or any(getattr(ex, "gw", None) is gw for ex in gw.drain.live):  # noqa: ASYNC110
             await asyncio.sleep(LET_GO_POLL)
-        await self._stop_replaced(old)
+        try:
+            await self._stop_replaced(old)
+        except Exception:  # what it held stays open; the process serves on
+            log.exception("configuration %s could not be let go cleanly", old.version)
 
     async def _stop_replaced(self, old: Version) -> None:
         self._replaced.remove(old)
