@@ -36,7 +36,7 @@ from gateway.access.base import Principal
 from gateway.core.errors import Code, GatewayError
 from gateway.core.request import BatchLine, Endpoint, parse_request
 from gateway.monitor.spend import line_spend
-from gateway.proxy.context import Gateway
+from gateway.proxy.context import Current, Gateway
 from gateway.proxy.exchange import Exchange
 from gateway.store import ClaimedLine, LineOutcome, Owner, SpendRow
 
@@ -83,14 +83,19 @@ class Charge:
 class LineDispatcher:
     """Runs the lines of one batch as its owner."""
 
-    def __init__(self, gw: Gateway, endpoint: Endpoint, batch_id: str, owner: Owner, keep: int) -> None:
-        self.gw = gw
+    def __init__(self, current: Current, endpoint: Endpoint, batch_id: str, owner: Owner, keep: int) -> None:
+        self.current = current
         self.endpoint = endpoint
         self.batch_id = batch_id
         self.owner = owner
         self.keep = keep  # seconds a line's charge record outlives its run (gateway/access/quota.py)
         self._principal: Principal | None = None
         self._principal_at = 0.0
+
+    @property
+    def gw(self) -> Gateway:
+        """The newest configuration: a line runs on the one it starts with (its exchange keeps it)."""
+        return self.current.gw
 
     async def run(self, line: ClaimedLine, charge: Charge) -> LineOutcome:
         """The line's outcome, carrying what it was charged (`charge` holds it meanwhile)."""

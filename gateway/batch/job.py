@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from gateway.batch.dispatch import RERUN_MARGIN, Charge, LineDispatcher
 from gateway.batch.slots import Slots
 from gateway.core.request import ENDPOINTS
-from gateway.proxy.context import Gateway
+from gateway.proxy.context import Current, Gateway
 from gateway.settings import BatchSettings
 from gateway.store import ALL_OWNERS, FINAL_STATUSES, Batch, ClaimedLine, LineOutcome, Store, UnfinishedLinesError
 
@@ -49,11 +49,15 @@ ENDED = {"cancelled": ("batch_cancelled", CANCELLED), "expired": ("batch_expired
 class JobContext:
     """What the jobs of one runner share."""
 
-    gw: Gateway
+    current: Current  # the newest configuration (gateway/proxy/context.py)
     store: Store
     settings: BatchSettings
     holder: str
     slots: Slots
+
+    @property
+    def gw(self) -> Gateway:
+        return self.current.gw
 
 
 class BatchJob:
@@ -64,7 +68,7 @@ class BatchJob:
         self.batch = batch
         s = ctx.settings
         keep = round(s.claim_ttl + s.lease_ttl) + RERUN_MARGIN
-        self.dispatcher = LineDispatcher(ctx.gw, ENDPOINTS[batch.endpoint], batch.id, batch.owner, keep)
+        self.dispatcher = LineDispatcher(ctx.current, ENDPOINTS[batch.endpoint], batch.id, batch.owner, keep)
         self.halted = asyncio.Event()  # no new line starts: cancelled, expired, lease lost, stopping
         # Why lines in flight are aborted, when it ends them (a cancel, an expiry): their error.
         # None: an abort hands them back (this process stops), to run again elsewhere.

@@ -18,6 +18,7 @@ STATUS_TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     408: "invalid_request_error",
+    409: "invalid_request_error",
     413: "invalid_request_error",
     431: "invalid_request_error",
     429: "rate_limit_exceeded",
@@ -91,6 +92,11 @@ class Code(StrEnum):
     ENDPOINT_NOT_SERVED = "endpoint_not_served"
     # the gateway
     INTERNAL_ERROR = "internal_error"
+    # a configuration reload (gateway/front/reloads.py)
+    INVALID_CONFIG = "invalid_config"
+    RESTART_REQUIRED = "restart_required"
+    RELOAD_FAILED = "reload_failed"
+    RELOAD_UNAVAILABLE = "reload_unavailable"
     # the connection and the server's life (gateway/front/http11.py, gateway/proxy/drain.py)
     HEADERS_TOO_LARGE = "headers_too_large"
     REQUEST_TIMEOUT = "request_timeout"

@@ -6,10 +6,15 @@ Unix socket the main process owns, in a private directory, one JSON object per l
 
     main -> worker   {"op": "states", "engines": {"cpu-0": "stopped", ...}}   at connect and on change
                      {"op": "woken", "engine": "cpu-0", "started": true}       the answer to a wake
-    worker -> main   {"op": "hello", "pid": 1234}                               once serving
+                     {"op": "reload", "id": 7, "text": "...", "version": "..."} serve this configuration
+                     {"op": "reload_result", "id": 3, "status": "reloaded", ...} the answer to a reload request
+                     {"op": "announce", "version": "..."}                       tell the other replicas
+    worker -> main   {"op": "hello", "pid": 1234, "version": "..."}             once serving
                      {"op": "wake", "engine": "cpu-0"}                          a request needs it
                      {"op": "load", "engines": {"cpu-0": [outstanding, picks]}} on change, <= 4/s
                      {"op": "health", "engines": {"cpu-0": true}}               on change
+                     {"op": "reload_request", "id": 3, "why": "..."}            reload the file (admin API)
+                     {"op": "reloaded", "id": 7, "error": null}                 the answer to a reload
 
 Why a Unix socket: both directions push (a wake reaches the supervisor and the new state reaches
 every worker at once, no polling), nothing else on the machine can reach it (a private 0700
@@ -83,16 +88,26 @@ class ControlServer:
             writer.close()
         self._writers.clear()
 
+    @property
+    def workers(self) -> list[int]:
+        """The workers connected now."""
+        return list(self._writers)
+
+    def send(self, worker: int, message: dict[str, Any]) -> bool:
+        """To one worker; False when it is gone."""
+        writer = self._writers.get(worker)
+        if writer is None or writer.is_closing():
+            return False
+        writer.write(encode(message))
+        return True
+
     def broadcast(self, data: bytes) -> None:
         for writer in list(self._writers.values()):
             if not writer.is_closing():
                 writer.write(data)
 
-    @property
-    def workers(self) -> set[int]:
-        return set(self._writers)
-
-    def send(self, worker: int, data: bytes) -> None:
+    def send_raw(self, worker: int, data: bytes) -> None:
+        """Lines already encoded (one message sent to several workers is encoded once)."""
         writer = self._writers.get(worker)
         if writer is not None and not writer.is_closing():
             writer.write(data)

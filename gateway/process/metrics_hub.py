@@ -75,16 +75,16 @@ class MetricsHub:
         if self._round is None or self._round.done():
             self._round = asyncio.get_running_loop().create_task(self._collect(worker))
         await asyncio.shield(self._round)
-        self._channel.send(worker, encode({"op": "sum", "id": ask, "families": self.total()}))
+        self._channel.send_raw(worker, encode({"op": "sum", "id": ask, "families": self.total()}))
 
     async def _collect(self, scraped: int) -> None:
         """Every other worker's snapshot, or its last one for those that do not answer in time."""
         self._round_id = next(self._rounds)
-        self._pending = self._channel.workers - {scraped}
+        self._pending = set(self._channel.workers) - {scraped}
         self._answered.clear()
         ask = encode({"op": "collect", "id": self._round_id})
         for worker in self._pending:
-            self._channel.send(worker, ask)
+            self._channel.send_raw(worker, ask)
         if self._pending:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(COLLECT_WAIT):

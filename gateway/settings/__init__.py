@@ -155,16 +155,23 @@ def parse_settings(
 
 
 def load_settings(path: str | Path, env: Mapping[str, str] | None = None) -> Settings:
-    path = Path(path)
+    return parse_text(read_config(path), path, env)
+
+
+def read_config(path: str | Path) -> str:
     try:
-        text = path.read_text()
+        return Path(path).read_text()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the file: {exc.strerror}") from None
+
+
+def parse_text(text: str, path: str | Path, env: Mapping[str, str] | None = None) -> Settings:
+    """The settings of a config file's text, as `load_settings` reads the file at `path`."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return parse_settings(data, str(path), base_dir=_project_root(path), env=env)
+    return parse_settings(data, str(path), base_dir=_project_root(Path(path)), env=env)
 
 
 def _project_root(config_path: Path) -> Path:
@@ -176,12 +183,12 @@ def _project_root(config_path: Path) -> Path:
 CONFIG_ENV = "LLM_GATEWAY_CONFIG"
 
 
-def settings_from_env() -> Settings:
+def config_path_from_env() -> str:
     """For running the app under another ASGI server: the config file named in the environment."""
     path = os.environ.get(CONFIG_ENV)
     if not path:
         raise ConfigError(f"{CONFIG_ENV} is not set: start the gateway with `llm-gateway serve --config FILE`")
-    return load_settings(path)
+    return path
 
 
 def admin_token() -> str | None:
@@ -232,4 +239,6 @@ __all__ = [
     "load_settings",
     "parse_routes",
     "parse_settings",
+    "parse_text",
+    "read_config",
 ]

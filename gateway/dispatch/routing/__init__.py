@@ -115,9 +115,7 @@ class Router:
     def members(self, route: RouteSettings) -> list[Engine]:
         """The engines a route names, as they are now (a `discover: dns` entry stands for the
         engines found under its name)."""
-        pool = self._pool
-        engines = pool.engines
-        return [e for entry in route.engines for name in pool.groups.get(entry, ()) if (e := engines.get(name))]
+        return self._pool.members_of(route.engines)
 
     def _usable(self, route: RouteSettings, tried: frozenset[str]) -> list[Engine]:
         return [e for e in self.members(route) if e.healthy and e.name not in tried]
