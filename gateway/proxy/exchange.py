@@ -37,7 +37,7 @@ from gateway.engines.client import EngineUnreachable, UpstreamError, UpstreamRes
 from gateway.engines.pool import Engine
 from gateway.monitor.payloads import Capture
 from gateway.monitor.writer import LogEntry
-from gateway.observe.record import current
+from gateway.observe.observer import current
 from gateway.proxy.context import Gateway
 from gateway.proxy.prompt_bound import bound_prompt
 from gateway.proxy.relay import SSE_HEADERS, Outcome, broken, error_of, read_whole, relay_stream, send_last
