@@ -31,7 +31,7 @@ import redis
 sys.path.insert(
     0, str(Path(__file__).resolve().parents[1])
 )  # the repo root, for bench/ and testkit/ (run as `python bench/x.py`)
-from gateway.access.quota import _ADMIT, _RELEASE, DAY_TTL, LEASE_KEEP_MS, MINUTE_TTL, MONTH_TTL, window
+from gateway.access.quota import _ADMIT, _RELEASE, admit_args, window
 from gateway.resp.client import RespClient, Script
 from gateway.resp.cluster import ClusterClient
 from testkit.procs import free_port
@@ -52,8 +52,7 @@ def admit_call(key_id: str, lease: str, now: float) -> tuple[list[str], list[Any
     # the tombstone, then the key's one level: limits, minute, day, month, leases (gateway/access/quota.py)
     keys = [f"{base}gone:{lease}", base + "rec", f"{base}min:{win.minute}", base + "day:" + win.day]
     keys += [base + "month:" + win.month, base + "leases"]
-    args = [round(now * 1000), "bench", 40, lease, 300_000, LEASE_KEEP_MS, MINUTE_TTL, DAY_TTL, MONTH_TTL, 0, 0]
-    return keys, args
+    return keys, admit_args(round(now * 1000), "bench", 40, lease, 300_000)
 
 
 def release_call(key_id: str, lease: str, now: float) -> tuple[list[str], list[Any]]:

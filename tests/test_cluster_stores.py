@@ -18,7 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.access.key_fields import validate_key_fields
 from gateway.access.keys import ApiKey, KeyStore
-from gateway.access.quota import _ADMIT, _RELEASE, DAY_TTL, LEASE_KEEP_MS, MINUTE_TTL, MONTH_TTL, Admission, Quota
+from gateway.access.quota import _ADMIT, _RELEASE, Admission, Quota, admit_args
 from gateway.access.quota_windows import window
 from gateway.core.errors import GatewayError
 from gateway.core.metrics import GatewayMetrics
@@ -125,8 +125,7 @@ async def admit(client: ClusterClient, key_id: str, reserve: int, now: float, le
     # the tombstone, then the key's one level: limits, minute, day, month, leases (gateway/access/quota.py)
     keys = [f"{base}gone:{lease}", base + "rec", f"{base}min:{win.minute}", base + "day:" + win.day]
     keys += [base + "month:" + win.month, base + "leases"]
-    args = [round(now * 1000), MODEL, reserve, lease, 300_000]
-    return list(await client.run_script(ADMIT, keys, [*args, LEASE_KEEP_MS, MINUTE_TTL, DAY_TTL, MONTH_TTL, 0, 0]))
+    return list(await client.run_script(ADMIT, keys, admit_args(round(now * 1000), MODEL, reserve, lease, 300_000)))
 
 
 async def release(client: ClusterClient, key_id: str, lease: str, reserved: int, used: int, now: float) -> None:

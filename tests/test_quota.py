@@ -472,17 +472,23 @@ def test_admission_is_one_round_trip(redis_server: RedisServer) -> None:
         key = await new_key(store, rpm=1000, tpm=10**6, max_concurrent=100, daily_tokens=10**7)
         await quota.release(await quota.admit(key, MODEL, 5), 1, 1)  # loads both scripts
         sent: list[str] = []
-        execute, send_script = quota.redis.execute, quota.redis.send_script
+        assert isinstance(quota.redis, RespClient)
+        execute, execute_packed, send_script = quota.redis.execute, quota.redis.execute_packed, quota.redis.send_script
 
         async def counting(*args: Any, **kwargs: Any) -> Any:
             sent.append(str(args[0]))
             return await execute(*args, **kwargs)
+
+        async def counting_packed(command: bytes) -> Any:  # a script call: its keys come packed
+            sent.append(command.split(b"\r\n")[2].decode())
+            return await execute_packed(command)
 
         def counting_send(script: Any, keys: Any, args: Any) -> Any:
             sent.append("EVALSHA")  # sent, not waited for (a release)
             return send_script(script, keys, args)
 
         quota.redis.execute = counting  # type: ignore[method-assign]
+        quota.redis.execute_packed = counting_packed  # type: ignore[method-assign]
         quota.redis.send_script = counting_send  # type: ignore[method-assign]
         for _ in range(10):
             await quota.release(await quota.admit(key, MODEL, 5), 1, 1)

@@ -170,10 +170,11 @@ def test_a_dead_collector_costs_spans_not_answers(logs_dir: Path, engine: Proc) 
                 for reason in ("queue_full", "export_failed")
                 if line.startswith(f'gateway_trace_spans_dropped_total{{reason="{reason}"}}')
             }
-            # 10 requests x 6 spans, every one counted: a queue of 4 drops some of each request's six at
-            # once; what was queued fails to export
+            # 10 requests x 6 spans, every one counted: what was queued fails to export (at once,
+            # unencoded, while the collector is left alone after a failure), what found the queue
+            # full is dropped (tests/test_span_queue.py fills one)
             full, failed = counts.get("queue_full", 0), counts.get("export_failed", 0)
-            if full + failed == 60 and full >= 1 and failed >= 1:
+            if full + failed == 60 and failed >= 1:
                 break
             assert time.monotonic() < deadline, counts
             time.sleep(0.5)

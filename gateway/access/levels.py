@@ -53,8 +53,10 @@ def levels_of(prefix: str, key_id: str, team: str | None, org: str | None) -> tu
     return tuple(found)
 
 
+@lru_cache(maxsize=65_536)
 def team_levels(prefix: str, team: str, org: str | None) -> tuple[Level, ...]:
-    """A client limited as its team (a client JWT): the team first, then its organization."""
+    """A client limited as its team (a client JWT): the team first, then its organization. Cached,
+    as levels_of (and its keys with it: gateway/access/quota.py)."""
     found = [team_level(prefix, team, org)]
     if org is not None:
         found.append(org_level(prefix, org))

@@ -28,9 +28,24 @@ run later. Either order nets to nothing, so no charge and no lease outlive a ref
 Releases that could not reach Redis are retried the same way (release is idempotent). Releases
 leave in batches, those of one loop iteration in one script call (gateway/access/settle_batch.py).
 
-A batch line (`batch=True`, ARGV[10]) is charged like any request but rpm and max_concurrent do
+A batch line (`batch=True`, ARGV[7]) is charged like any request but rpm and max_concurrent do
 not apply to it: it adds no request to the minute window (which rpm reads) and its lease lives in
 `bleases` (which max_concurrent does not count); its tokens count toward tpm and the budgets.
+
+A batch line is charged once, however often it runs: a replica may die after a line's charge and
+before its result is recorded, or stall while another takes the line over, and the line runs
+again. Each run is admitted with the line's identity (gateway/core/request.py: BatchLine) and
+its charge kept in a record next to the counters:
+
+    gw:{id}:bline:<batch>:<line>  HASH claim, lease, settled, day, tokens, spend, prompt, completion
+                                  (TTL: BatchLine.keep, pushed back with the run's lease)
+
+Admission undoes the charge the record holds (a reservation whose lease is still held, or a
+settled usage) from the windows it went to, then holds its own; the settle of the lease the
+record holds turns it into the usage. A run of an older claim is refused `superseded` (the store
+refuses its result too), and its late settle finds its lease gone and changes nothing. So a key is
+charged, per line, the usage of the run of its latest claim (of its last attempt there): the run
+whose result is recorded. The minute window (tpm) keeps every run's tokens until it passes.
 
 Every command goes through the lean RESP client of the request path (gateway/resp/client.py, or
 gateway/resp/cluster.py on a Redis Cluster).
@@ -46,30 +61,31 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.access.keys import REDIS_DOWN, ApiKey
 from gateway.access.levels import Level, levels_of, team_levels
 from gateway.access.local_limiter import LocalLimiter
 from gateway.access.quota_retry import PendingOps
-from gateway.access.quota_scripts import _ADMIT, _CANCEL, _RELEASE, _SETTLE
+from gateway.access.quota_scripts import _ADMIT, _CANCEL, _RELEASE, _SETTLE, LEASE_KEEP_MS
 from gateway.access.quota_windows import Window, rate_headers, refusal, refused_key, window
-from gateway.access.settle_batch import Release, SettleBatch
+from gateway.access.settle_batch import Release, SettleBatch, settle_args
+from gateway.access.slices import Slice
 from gateway.core.errors import Code, GatewayError, invalid, quota_unavailable
 from gateway.core.metrics import GatewayMetrics
-from gateway.core.request import ApiRequest
-from gateway.resp.client import LeanClient, Script
+from gateway.core.request import ApiRequest, BatchLine
+from gateway.resp.client import Keys, LeanClient, Script, ScriptKeys
 from gateway.resp.lag import within
 from gateway.settings import NANOS
 
+if TYPE_CHECKING:
+    from gateway.access.leases import Leases
+
 log = logging.getLogger(__name__)
 
-MINUTE_TTL = 120
-DAY_TTL = 40 * 86400
-MONTH_TTL = 400 * 86400
-LEASE_KEEP_MS = 3_600_000
-
 TOMBSTONE_TTL = 3600
+MAX_CACHED_KEYS = 10_000  # levels whose keys are kept for the current minute
+RECALLS = 3  # with leases, a refusal while slices are live asks for them back at most this often
 # Lease ids: unique per process (a random prefix) and cheap (a counter): os.urandom per request
 # showed in profiles, and a lease id needs to be unique, not secret.
 _LEASE_PREFIX = secrets.token_hex(6)
@@ -89,17 +105,44 @@ class Admission:
     batch: bool = False  # a batch line: its lease is in `bleases`
     levels: tuple[Level, ...] = ()  # where it was reserved, key first (gateway/access/levels.py)
     money: int = 0  # the money reserved, in nano-units of the pricing currency
+    keys: Keys | None = None  # release_keys(), when made at admission
+    line: BatchLine | None = None  # a batch line: `record` is its charge record
+    record: str = ""
+    slice: Slice | None = None  # admitted from this leased slice (gateway/access/leases.py)
 
     @property
     def leases(self) -> str:
         return "bleases" if self.batch else "leases"
 
-    def release_keys(self) -> list[str]:
-        keys = []
-        for lv in self.levels:
-            b = lv.base
-            keys += [b + self.leases, f"{b}min:{self.minute}", b + "day:" + self.day, b + "month:" + self.month]
-        return keys
+    def release_keys(self) -> Keys:
+        if self.keys is None:
+            self.keys = settle_keys(self.levels, self.leases, self.minute, self.day, self.month)
+        return self.keys
+
+
+def admit_keys(levels: tuple[Level, ...], leases: str, minute: int, day: str, month: str) -> Keys:
+    """The admission script's keys but the tombstone: 5 a level (gateway/access/quota_scripts.py)."""
+    names: list[str] = []
+    for lv in levels:
+        b = lv.base
+        names += [lv.limits, f"{b}min:{minute}", b + "day:" + day, b + "month:" + month, b + leases]
+    return Keys(names)
+
+
+def settle_keys(levels: tuple[Level, ...], leases: str, minute: int, day: str, month: str) -> Keys:
+    """The release script's keys: 4 a level."""
+    names: list[str] = []
+    for lv in levels:
+        b = lv.base
+        names += [b + leases, f"{b}min:{minute}", b + "day:" + day, b + "month:" + month]
+    return Keys(names)
+
+
+def admit_args(
+    now_ms: int, model: str, reserve: int, lease_id: str, lease_ms: int, batch: bool = False, money: int = 0
+) -> list[str | int]:
+    """The admission script's ARGV (gateway/access/quota_scripts.py), its numbers worked out here."""
+    return [now_ms, model, reserve, lease_id, now_ms + lease_ms, lease_ms + LEASE_KEEP_MS, "1" if batch else "0", money]
 
 
 def reservation(key: ApiKey, request: ApiRequest, prompt_tokens: int) -> int:
@@ -156,11 +199,36 @@ class Quota:
         self._down = False
         self._pending = PendingOps(redis, 4 * self.deadline)  # cancels and releases waiting for Redis
         self.settles = SettleBatch(redis, self._release_failed)  # releases of one loop iteration, one call
+        self._keys_minute = -1
+        self._window_keys: dict[tuple[int, bool], tuple[tuple[Level, ...], Keys, Keys]] = {}
+        self.leases: Leases | None = None  # leased budgets, when on (gateway/access/leases.py)
+
+    def _keys(self, levels: tuple[Level, ...], win: Window, batch: bool) -> tuple[Keys, Keys]:
+        """A request's keys for admission (but its tombstone) and settle: the same for every request
+        of these levels in this minute, so made and packed once a minute."""
+        if win.minute != self._keys_minute:
+            self._keys_minute = win.minute
+            self._window_keys.clear()
+        found = self._window_keys.get((id(levels), batch))
+        if found is not None and found[0] is levels:
+            return found[1], found[2]
+        if len(self._window_keys) >= MAX_CACHED_KEYS:
+            self._window_keys.clear()
+        leases = "bleases" if batch else "leases"
+        admitting = admit_keys(levels, leases, win.minute, win.day, win.month)
+        settling = settle_keys(levels, leases, win.minute, win.day, win.month)
+        # keyed by identity (levels_of returns the same tuple for a key), kept alive by the entry
+        self._window_keys[(id(levels), batch)] = (levels, admitting, settling)
+        return admitting, settling
 
     def levels(self, key: ApiKey) -> tuple[Level, ...]:
         if key.kind == "team" and key.team is not None:
             return team_levels(self.prefix, key.team, key.org)
         return levels_of(self.prefix, key.id, key.team, key.org)
+
+    def start(self) -> None:
+        if self.leases is not None:
+            self.leases.start()
 
     async def admit(
         self,
@@ -171,12 +239,16 @@ class Quota:
         *,
         batch: bool = False,
         money: int = 0,
+        line: BatchLine | None = None,
     ) -> Admission:
         """Checks every limit of every level (key, team, organization) and reserves `reserve_tokens`
         and `money` (nano-units) at each. `batch`: a batch line, to which rpm and max_concurrent do
-        not apply; it never falls back to the per-process limiter (it waits for Redis instead)."""
+        not apply; it never falls back to the per-process limiter (it waits for Redis instead).
+        `line`: which batch line, whose earlier runs' charge this one replaces."""
         if reserve_tokens < 0 or money < 0:
             raise ValueError("reserve_tokens and money must be >= 0")
+        if self.leases is not None and now is None and not batch:
+            return await self._leased(key, model, reserve_tokens, money)
         now = time.time() if now is None else now
         win = window(now)
         lease_id = f"{_LEASE_PREFIX}{next(_lease_numbers):x}"
@@ -184,31 +256,51 @@ class Quota:
             levels = self.levels(key)
             tag = levels[0].base  # every level shares the key's hash tag
             tombstone = f"{tag}gone:{lease_id}"
-            keys = [tombstone]
-            leases = "bleases" if batch else "leases"
-            for lv in levels:
-                b = lv.base
-                keys += [lv.limits, f"{b}min:{win.minute}", b + "day:" + win.day, b + "month:" + win.month, b + leases]
-            args: list[str | int] = [round(now * 1000), model, reserve_tokens, lease_id, self._lease_ms]
-            args += [LEASE_KEEP_MS, MINUTE_TTL, DAY_TTL, MONTH_TTL, int(batch), money]
+            admitting, settling = self._keys(levels, win, batch)
+            keys = admitting.after(tombstone)
+            args = admit_args(round(now * 1000), model, reserve_tokens, lease_id, self._lease_ms, batch, money)
+            record = ""
+            if line is not None:
+                record = f"{tag}bline:{line.batch_id}:{line.line}"
+                keys = Keys([*keys, record])
+                args += [line.claim, line.keep, win.day]
             try:
                 # No timer per call: the client drops a connection on which Redis stopped answering.
                 reply = await self.redis.run_script(_ADMIT, keys, args)
             except REDIS_DOWN as exc:
                 self._failed("admit", exc)
                 adm = Admission(key.id, lease_id, reserve_tokens, win.minute, win.day, win.month, batch=batch)
-                adm.levels, adm.money = levels, money
+                adm.levels, adm.money, adm.keys = levels, money, settling
                 cancel_args: list[str | int] = [lease_id, reserve_tokens, TOMBSTONE_TTL, int(batch), money]
                 self._retry(lease_id, _CANCEL, [*adm.release_keys(), tombstone], cancel_args)
             else:
                 if self._down:
                     self._recovered()
                 adm = self._decide(reply, key.id, model, reserve_tokens, lease_id, win, batch, levels)
-                adm.money = money
+                adm.money, adm.keys, adm.line, adm.record = money, settling, line, record
                 return adm
         if batch:
             raise quota_unavailable()
         return self._admit_without_redis(key, model, reserve_tokens, now, win, lease_id)
+
+    async def _leased(self, key: ApiKey, model: str, reserve: int, money: int) -> Admission:
+        """A busy key's request admitted from a slice of its budget this process holds
+        (gateway/access/leases.py); any other on its own (`admit` with `now`), and a refusal while
+        other processes hold slices of the key asks for them back and tries again."""
+        assert self.leases is not None
+        seat = await self.leases.admit(key, model, reserve, money)
+        if seat is not None:
+            s, lease_id, headers = seat
+            adm = Admission(key.id, lease_id, reserve, s.minute, s.day, s.month, headers)
+            adm.levels, adm.money, adm.slice = s.account.levels, money, s
+            return adm
+        for _ in range(RECALLS):
+            try:
+                return await self.admit(key, model, reserve, time.time(), money=money)
+            except GatewayError as refused:
+                if refused.status != 429 or not await self.leases.recall([refusing(self.levels(key), refused.code)]):
+                    raise
+        return await self.admit(key, model, reserve, time.time(), money=money)
 
     def _decide(
         self,
@@ -258,18 +350,32 @@ class Quota:
         if adm.local:
             self.local.release(adm.lease_id, prompt_tokens + completion_tokens)
             return
+        leases = self.leases
+        if (
+            adm.slice is not None
+            and leases is not None
+            and await leases.settle(adm, prompt_tokens, completion_tokens, spend)
+        ):
+            return
         delta = prompt_tokens + completion_tokens - adm.reserved
         args: list[str | int] = [adm.lease_id, delta, prompt_tokens, completion_tokens, spend - adm.money]
-        await self.settles.add((adm.lease_id, adm.release_keys(), args))
+        keys = adm.release_keys()
+        if adm.line is not None:
+            keys = Keys([*keys, adm.record])
+        sent = self.settles.add((adm.lease_id, keys, args))
+        # Shared by the loop iteration's releases: a cancelled waiter would cancel it for all of
+        # them. A job aborting its batch lines cancels them (a client's request is not cancelled
+        # while it settles: its watch has stopped).
+        await (asyncio.shield(sent) if adm.batch else sent)
 
     def _release_failed(self, release: Release, error: BaseException | None) -> None:
         if isinstance(error, (*REDIS_DOWN, TimeoutError)):  # TimeoutError: the send was cancelled
             self._failed("release", error)
         # NOSCRIPT (Redis restarted) or Redis unreachable: run_script in the retry loads the script
         lease_id, keys, args = release
-        self._retry(lease_id, _RELEASE, keys, args)
+        self._retry(lease_id, _SETTLE, keys, settle_args(keys, args))
 
-    def _retry(self, lease_id: str, script: Script, keys: list[str], args: list[str | int]) -> None:
+    def _retry(self, lease_id: str, script: Script, keys: ScriptKeys, args: list[str | int]) -> None:
         self._pending.add(lease_id, script, keys, args)
 
     async def flush_pending(self) -> bool:
@@ -278,6 +384,8 @@ class Quota:
 
     async def close(self) -> None:
         """Stops the retries after one last try (a shutdown reconciles what it can)."""
+        if self.leases is not None:
+            await self.leases.close()
         self.settles.flush()
         await self._pending.close()
 
@@ -293,6 +401,8 @@ class Quota:
                     # XX: never revive a released lease
                     calls.append(self.redis.execute("ZADD", leases, "XX", expiry, adm.lease_id))
                     calls.append(self.redis.execute("PEXPIRE", leases, keep))
+                if adm.line is not None:  # a batch line's charge record outlives its run
+                    calls.append(self.redis.execute("EXPIRE", adm.record, adm.line.keep))
         if not calls:
             return
         try:
@@ -305,10 +415,33 @@ class Quota:
         """A key id stands for a key without a team; a Level for anything else."""
         return of if isinstance(of, Level) else levels_of(self.prefix, of, None, None)[0]
 
+    async def recall(self, levels: Iterable[Level]) -> None:
+        """After a change of these levels' records (a revoke, new limits): once this returns, no
+        process admits from a slice taken before it (gateway/access/leases.py has the bound)."""
+        if self.leases is not None:
+            await self.leases.recall(levels)
+
+    async def _recall_before_read(self, level: Level, op: str) -> None:
+        """With leases on, the slices of `level` back before a read of its counters. A Redis that
+        does not answer which slices are live within the admin deadline will not answer the
+        read either: 503 at once."""
+        if self.leases is None:
+            return
+        try:
+            async with within(self.admin_deadline):
+                live = await self.leases.live(level)
+        except (*REDIS_DOWN, TimeoutError) as exc:
+            self._failed(op, exc, trip=False)
+            raise quota_unavailable() from None
+        if live:
+            await self.leases.recall((level,), live)
+
     async def usage(self, of: str | Level, now: float | None = None) -> dict[str, Any]:
-        """The current windows of a key (its id, when it has no team) or of any level."""
+        """The current windows of a key (its id, when it has no team) or of any level; with
+        leases on, slices of it are given back first, so what they admitted is in."""
         win = window(time.time() if now is None else now)
         level = self._level(of)
+        await self._recall_before_read(level, "usage")
         base, key_id = level.base, level.id
         fields = ("requests", "tokens", "prompt_tokens", "completion_tokens", "spend")
         try:
@@ -334,7 +467,9 @@ class Quota:
         A day with no hash (no use, or older than DAY_TTL) counts zero."""
         today = date.fromisoformat(window(time.time() if now is None else now).day)
         dates = [(today - timedelta(days=back)).isoformat() for back in range(days - 1, -1, -1)]
-        base = self._level(of).base
+        level = self._level(of)
+        await self._recall_before_read(level, "history")
+        base = level.base
         fields = ("requests", "prompt_tokens", "completion_tokens", "tokens", "spend")
         try:
             async with within(self.admin_deadline):
@@ -363,6 +498,12 @@ class Quota:
     def _recovered(self) -> None:
         self._down = False
         log.warning("Redis reachable again: quotas back on Redis")
+
+
+def refusing(levels: tuple[Level, ...], code: str | None) -> Level:
+    """The level a 429's code names: team_rpm_exceeded -> the team; rpm_exceeded -> the first."""
+    kind = (code or "").partition("_")[0]
+    return next((lv for lv in levels if lv.kind == kind), levels[0])
 
 
 def _text(value: Any) -> str:

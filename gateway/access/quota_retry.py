@@ -9,14 +9,14 @@ import asyncio
 import logging
 
 from gateway.access.keys import REDIS_DOWN
-from gateway.resp.client import LeanClient, Script
+from gateway.resp.client import LeanClient, Script, ScriptKeys
 
 log = logging.getLogger(__name__)
 
 RETRY_EVERY = 0.5
 MAX_PENDING = 100_000
 
-Op = tuple[Script, list[str], list[str | int]]
+Op = tuple[Script, ScriptKeys, list[str | int]]
 
 
 class PendingOps:
@@ -29,7 +29,7 @@ class PendingOps:
     def __len__(self) -> int:
         return len(self._ops)
 
-    def add(self, lease_id: str, script: Script, keys: list[str], args: list[str | int]) -> None:
+    def add(self, lease_id: str, script: Script, keys: ScriptKeys, args: list[str | int]) -> None:
         if len(self._ops) >= MAX_PENDING:
             self._ops.pop(next(iter(self._ops)))
             log.error("more than %d quota operations wait for Redis; dropped the oldest", MAX_PENDING)

@@ -85,6 +85,7 @@ class Code(StrEnum):
     BATCH_NOT_FOUND = "batch_not_found"
     INVALID_FILE_PURPOSE = "invalid_file_purpose"
     BATCH_NOT_CANCELLABLE = "batch_not_cancellable"
+    BATCH_LINE_SUPERSEDED = "batch_line_superseded"  # a run of an older claim (never reaches a client)
     STORE_UNAVAILABLE = "store_unavailable"
     # the Responses API's stored responses; an engine that does not serve an endpoint
     RESPONSE_NOT_FOUND = "response_not_found"

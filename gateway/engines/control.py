@@ -57,19 +57,29 @@ Handler = Callable[[int, dict[str, Any]], dict[str, Any] | None]
 
 class ControlServer:
     """The main process's end: one connection per worker. `handle(worker, message)` may return
-    an answer for that worker; `gone(worker)` is called when its connection ends."""
+    an answer for that worker; `gone(worker)` is called when its connection ends. (The metrics
+    hub, gateway/process/metrics_hub.py, serves its own socket with one of these: `limit` is the
+    longest line.)"""
 
-    def __init__(self, path: str, handle: Handler, gone: Callable[[int], None], greeting: Callable[[], bytes]) -> None:
+    def __init__(
+        self,
+        path: str,
+        handle: Handler,
+        gone: Callable[[int], None],
+        greeting: Callable[[], bytes] | None = None,
+        limit: int = MAX_LINE,
+    ) -> None:
         self.path = path
         self._handle = handle
         self._gone = gone
         self._greeting = greeting
+        self._limit = limit
         self._server: asyncio.Server | None = None
         self._writers: dict[int, asyncio.StreamWriter] = {}
         self._ids = itertools.count(1)
 
     async def start(self) -> None:
-        self._server = await asyncio.start_unix_server(self._serve, self.path, limit=MAX_LINE)
+        self._server = await asyncio.start_unix_server(self._serve, self.path, limit=self._limit)
 
     async def close(self) -> None:
         if self._server is not None:
@@ -96,10 +106,17 @@ class ControlServer:
             if not writer.is_closing():
                 writer.write(data)
 
+    def send_raw(self, worker: int, data: bytes) -> None:
+        """Lines already encoded (one message sent to several workers is encoded once)."""
+        writer = self._writers.get(worker)
+        if writer is not None and not writer.is_closing():
+            writer.write(data)
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         worker = next(self._ids)
         self._writers[worker] = writer
-        writer.write(self._greeting())
+        if self._greeting is not None:
+            writer.write(self._greeting())
         try:
             while line := await reader.readline():
                 try:

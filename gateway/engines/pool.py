@@ -338,8 +338,8 @@ class Pool(PoolChanges):
         self._publish(engine)
 
     def _forget(self, engine: Engine) -> None:
-        """A discovered engine left: its gauges read 0 (a series a worker process wrote stays in
-        the multiprocess files, and a stale waiting count would hold the autoscaler up)."""
+        """A discovered engine left: its gauges read 0 (a labelled series, once set, stays in the
+        scrape, and a stale waiting count would hold the autoscaler up)."""
         m = self._metrics
         m.engine_healthy.labels(engine.name).set(0)
         m.engine_waiting.labels(engine.name).set(0)

@@ -322,7 +322,6 @@ class Supervisor:
             return
         # No progress bars: engines log into the gateway's log, where a bar is noise.
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", **s.env}
-        env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the gateway's, not the engine's
         if s.kind == "vllm":
             from gateway.engines.vllm_launch import vllm_env
 

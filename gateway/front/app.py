@@ -35,7 +35,7 @@ from gateway.front.routes.responses import StoredResponseRoutes
 from gateway.front.running import Running
 from gateway.proxy.context import Current, Gateway
 from gateway.proxy.drain import Drain
-from gateway.settings import Settings, config_path_from_env, multiprocess_dir
+from gateway.settings import Settings, config_path_from_env
 from gateway.settings.source import ConfigSource
 from gateway.store.service import StoreUser
 
@@ -43,17 +43,17 @@ from gateway.store.service import StoreUser
 def build_app(
     settings: Settings,
     *,
-    multiprocess: str | None = None,
+    metrics_hub: str | None = None,
     drain: Drain | None = None,
     control_path: str | None = None,
     source: ConfigSource | None = None,
     version: str = "",
     replica: str | None = None,
 ) -> Running:
-    """`drain` and `control_path` come from the worker process's server (gateway/process/worker.py);
+    """`metrics_hub`, `drain` and `control_path` come from the worker process's server (gateway/process/worker.py);
     `source` is where a reload reads the configuration again (gateway/front/reloads.py), `version`
     the version of `settings` as read from it, `replica` names this replica's processes."""
-    gw = Gateway.build(settings, multiprocess, drain, control_path)
+    gw = Gateway.build(settings, metrics_hub, drain, control_path)
     holder = Current(gw)
     runner = BatchRunner(holder)
     reloads = Reloads(source, replica or secrets.token_hex(6), main=control_path is not None)
@@ -79,7 +79,7 @@ def _front(gw: Gateway, runner: BatchRunner, reloads: Reloads) -> Front:
         return JSONResponse(body, status_code=status)
 
     async def metrics(request: Request) -> Response:
-        body, media_type = gw.metrics.render(request.headers.get("accept", ""))
+        body, media_type = await gw.metrics.exposition(request.headers.get("accept", ""))
         return Response(body, media_type=media_type)
 
     routes: list[BaseRoute] = [
@@ -116,4 +116,4 @@ def app_from_env() -> Running:
     reload the file. `llm-gateway serve` (gateway/process/main.py) is the normal way."""
     source = ConfigSource(config_path_from_env())
     loaded = source.load()
-    return build_app(loaded.settings, multiprocess=multiprocess_dir(), source=source, version=loaded.version)
+    return build_app(loaded.settings, source=source, version=loaded.version)

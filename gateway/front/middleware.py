@@ -22,8 +22,7 @@ from gateway.apis.messages import anthropic
 from gateway.core.errors import Code, GatewayError, internal_error
 from gateway.core.request import ClientDisconnected
 from gateway.front.params import check_query
-from gateway.observe.observer import Observer
-from gateway.observe.record import CURRENT, Observation
+from gateway.observe.observer import CURRENT, Observation, Observer
 
 _MAX_ID = 200
 DISCONNECTED = 499  # nginx's code for a client that went away

@@ -1,10 +1,12 @@
-"""OpenTelemetry tracing: the SDK's tracer provider, sampler and OTLP exporter, set up once per process.
+"""OpenTelemetry tracing: the SDK's sampler, ids and context propagation, and our OTLP export,
+set up once per process.
 
-Spans leave through a `BatchSpanProcessor`: ending a span appends it to a bounded queue and a
-thread of the SDK's exports batches from it, so no request ever waits for the collector. A full
-queue drops the span (counted in `gateway_trace_spans_dropped{reason="queue_full"}`, without the
-SDK's warning per span); a failed export (the collector down or refusing) is counted with
-`reason="export_failed"`. A dead collector therefore costs spans, not latency.
+Spans leave through gateway/observe/export.py: a finished request's observation is queued (a
+bounded queue, never waited for) and a thread writes its spans' protobuf (gateway/observe/spans.py)
+and sends them in batches. A full queue drops the spans (counted in
+`gateway_trace_spans_dropped{reason="queue_full"}`); a failed export (the collector down or
+refusing) is counted with `reason="export_failed"`. A dead collector therefore costs spans, not
+latency. A batch's run is a span of the SDK's tracer, which joins the same queue when it ends.
 
 Sampling is parent-based: a client's sampled traceparent is followed, an unsampled one is not,
 and a new trace is sampled at `sample_ratio`. The context goes on to the engine either way (its
@@ -15,121 +17,98 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, get_current_span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from gateway.core.metrics import GatewayMetrics
-from gateway.observe.otlp import HttpExporter, encode
-from gateway.observe.record import Observation
+from gateway.observe.export import HttpSender, Sender, SpanQueue, grpc_sender
+from gateway.observe.otlp import resource_of, scope_of, span_field
 from gateway.observe.spans import RequestTrace
 from gateway.settings import TracingSettings
 
+if TYPE_CHECKING:  # the observer imports this module
+    from gateway.observe.observer import Observation
+
 log = logging.getLogger(__name__)
 
-EXPORT_TIMEOUT = 5.0  # seconds one export may take (the SDK's thread retries within it)
-SHUTDOWN_TIMEOUT_MS = 3000  # at exit: what is queued gets this long to leave
+EXPORT_TIMEOUT = 5.0  # seconds one export may take
+SHUTDOWN_TIMEOUT = 3.0  # at exit: what is queued gets this long to leave
+SCOPE = "llm-gateway"
 
 
-class _CountingExporter(SpanExporter):
-    """The OTLP exporter, with its failures counted."""
+class _Enqueue(SpanProcessor):
+    """The SDK tracer's ended spans (a batch's run) join the export queue."""
 
-    def __init__(self, inner: SpanExporter, failed: Any) -> None:
-        self._inner = inner
-        self._failed = failed
+    def __init__(self, queue: SpanQueue) -> None:
+        self._queue = queue
 
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        try:
-            result = self._inner.export(spans)
-        except Exception:
-            log.warning("tracing: the export of %d spans failed", len(spans), exc_info=True)
-            result = SpanExportResult.FAILURE
-        if result is not SpanExportResult.SUCCESS:
-            self._failed.inc(len(spans))
-        return result
-
-    def shutdown(self) -> None:
-        self._inner.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self._inner.force_flush(timeout_millis)
-
-
-class _BoundedProcessor(BatchSpanProcessor):
-    """The SDK's batch processor, which counts the spans a full queue drops (and does not log each)."""
-
-    def __init__(self, exporter: SpanExporter, max_queue_size: int, dropped: Any) -> None:
-        batch = min(512, max_queue_size)  # spans per export (the SDK's default, at most the queue)
-        super().__init__(
-            exporter, max_queue_size=max_queue_size, schedule_delay_millis=500, max_export_batch_size=batch
-        )
-        self._max = max_queue_size
-        self._dropped = dropped
-        self._queue = getattr(self._batch_processor, "_queue", None)  # the SDK's deque; its length only
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        pass
 
     def on_end(self, span: ReadableSpan) -> None:
-        queue = self._queue
-        if queue is not None and len(queue) >= self._max:
-            self._dropped.inc()
-            return
-        super().on_end(span)
+        if span.context is not None and span.context.trace_flags.sampled:
+            self._queue.put(span_field, span, 1)
 
     def shutdown(self) -> None:
-        self._batch_processor.shutdown(timeout_millis=SHUTDOWN_TIMEOUT_MS)
+        pass
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._queue.flush(timeout_millis / 1000)
 
 
-def _exporter(settings: TracingSettings) -> SpanExporter:
+def _sender(settings: TracingSettings) -> Sender:
     headers = dict(settings.headers)
     endpoint = settings.endpoint or ""
     if settings.protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-
-        class GrpcExporter(OTLPSpanExporter):
-            """The SDK's gRPC exporter, sending our encoding (gateway/observe/otlp.py) of the spans."""
-
-            def _translate_data(self, data: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
-                return ExportTraceServiceRequest.FromString(encode(data))
-
-        secure = endpoint.startswith("https://")
-        return GrpcExporter(endpoint=endpoint, insecure=not secure, headers=headers, timeout=EXPORT_TIMEOUT)
-    return HttpExporter(endpoint, headers, EXPORT_TIMEOUT)
+        return grpc_sender(endpoint, headers, EXPORT_TIMEOUT)
+    return HttpSender(endpoint, headers, EXPORT_TIMEOUT)
 
 
 class Tracing:
     def __init__(self, settings: TracingSettings, metrics: GatewayMetrics) -> None:
         self.settings = settings
         self.resource = Resource.create({"service.name": settings.service_name})
-        self.sampler = ParentBased(TraceIdRatioBased(settings.sample_ratio))
+        root = TraceIdRatioBased(settings.sample_ratio)
+        self.sampler = ParentBased(root)
+        self._bound = root.bound  # a new trace is sampled when its id's low 64 bits are below it
+        dropped = metrics.trace_spans_dropped
+        self.queue = SpanQueue(
+            _sender(settings),
+            resource_of(self.resource.attributes),
+            scope_of(SCOPE),
+            settings.queue_size,
+            dropped.labels("queue_full"),
+            dropped.labels("export_failed"),
+        )
         self.provider = TracerProvider(resource=self.resource, sampler=self.sampler)
-        exporter = _CountingExporter(_exporter(settings), metrics.trace_spans_dropped.labels("export_failed"))
-        dropped = metrics.trace_spans_dropped.labels("queue_full")
-        self.processor = _BoundedProcessor(exporter, settings.queue_size, dropped)
-        self.provider.add_span_processor(self.processor)
-        self.tracer = self.provider.get_tracer("llm-gateway")
-        self.scope = InstrumentationScope("llm-gateway")
+        self.provider.add_span_processor(_Enqueue(self.queue))
+        self.tracer = self.provider.get_tracer(SCOPE)
         self._ids = RandomIdGenerator()
         self.new_span_id = self._ids.generate_span_id
         self._propagator = TraceContextTextMapPropagator()
         self._batches: dict[str, SpanContext] = {}
 
-    def emit(self, spans: list[ReadableSpan]) -> None:
-        on_end = self.processor.on_end
-        for span in spans:
-            on_end(span)
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Waits until the spans queued now have been sent (tests and benchmarks)."""
+        return self.queue.flush(timeout)
 
     def _start(self, o: Observation, name: str, kind: SpanKind, context: Any, links: tuple[Link, ...] = ()) -> None:
         """The sampler's decision for a new span (a child of the context's span, if any)."""
-        parent = get_current_span(context).get_span_context() if context is not None else None
+        if context is None:  # a new trace: the ratio sampler's decision, without its objects
+            trace_id = self._ids.generate_trace_id()
+            sampled = trace_id & TraceIdRatioBased.TRACE_ID_LIMIT < self._bound
+            o.trace = RequestTrace(self, name, trace_id, None, None, sampled, links)
+            return
+        parent: SpanContext | None = get_current_span(context).get_span_context()
         if parent is not None and not parent.is_valid:
             parent = None
         trace_id = parent.trace_id if parent is not None else self._ids.generate_trace_id()
@@ -167,5 +146,9 @@ class Tracing:
             span.end()
 
     async def stop(self) -> None:
-        # The SDK's shutdown joins its thread and makes a last export: off the event loop.
-        await asyncio.to_thread(self.provider.shutdown)
+        # The export thread's last batches, and its join: off the event loop.
+        await asyncio.to_thread(self._close)
+
+    def _close(self) -> None:
+        self.provider.shutdown()
+        self.queue.close(SHUTDOWN_TIMEOUT)

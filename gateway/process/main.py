@@ -3,7 +3,8 @@
 It binds the listeners (the public one, and the admin one with `server.admin_port`), starts the
 managed engines (gateway/engines/supervisor.py) and N worker processes that serve the requests on the
 inherited sockets (gateway/process/worker.py), and carries the control channel between them
-(gateway/engines/control.py). The engines are started once whatever N, outlive a crashed worker, and stop
+(gateway/engines/control.py) and, with several workers, the sum of their metrics
+(gateway/process/metrics_hub.py). The engines are started once whatever N, outlive a crashed worker, and stop
 last, after the workers drained. This process says one line when the gateway can serve (the
 listeners are bound, every worker serves, every model has a healthy engine) and one when it has
 stopped.
@@ -36,6 +37,7 @@ from typing import Any
 
 from gateway.engines.control import ControlServer, EngineState, encode
 from gateway.engines.supervisor import Supervisor
+from gateway.process.metrics_hub import MetricsHub
 from gateway.process.reload import MainReloads
 from gateway.process.worker import CUT_WAIT, STARTUP_FAILURE, WorkerSpec, run_worker
 from gateway.settings import ConfigError, Settings
@@ -133,7 +135,7 @@ class MainProcess:
         self._signal: int | None = None
         self._stopping_since = 0.0
         self._exit_code = 0
-        self._metrics_dir: str | None = None
+        self._metrics: MetricsHub | None = None  # with several workers: sums their metrics for /metrics
 
     # -- the control channel -------------------------------------------------------------------
 
@@ -208,10 +210,8 @@ class MainProcess:
         loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         s = self.settings.server
         if s.workers > 1:
-            # Each worker writes its metric values here; any worker's /metrics sums them all.
-            self._metrics_dir = os.path.join(self._dir, "metrics")
-            os.mkdir(self._metrics_dir)
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir
+            self._metrics = MetricsHub(os.path.join(self._dir, "metrics.sock"))
+            await self._metrics.start()
         await self._control.start()
         try:
             await self.supervisor.start()
@@ -224,6 +224,8 @@ class MainProcess:
         finally:
             await self.supervisor.stop()
             await self._control.close()
+            if self._metrics is not None:
+                await self._metrics.close()
             self.listeners.close()
             shutil.rmtree(self._dir, ignore_errors=True)
         took = f" after {time.monotonic() - self._stopping_since:.1f}s" if self._stopping_since else ""
@@ -236,7 +238,7 @@ class MainProcess:
             index,
             self.log_level,
             self._control.path,
-            self._metrics_dir,
+            self._metrics.path if self._metrics is not None else None,
             self.source,
             self.version,
             self.replica,
@@ -283,7 +285,6 @@ class MainProcess:
                 log.error("worker %s did not stop in time; killing it", process.pid)
                 process.kill()
                 await asyncio.to_thread(process.join, 5)
-            self._mark_dead(process)
 
     async def _watch_workers(self) -> None:
         """A worker that dies is replaced; one that cannot start stops the gateway."""
@@ -293,7 +294,6 @@ class MainProcess:
                 code = process.exitcode
                 if code is None or self._stopping_since:
                     continue
-                self._mark_dead(process)
                 if code == STARTUP_FAILURE:
                     log.error("a worker could not start (see above); stopping")
                     self._exit_code = 1
@@ -303,12 +303,6 @@ class MainProcess:
                     return
                 log.warning("worker %s exited with %s; starting another", process.pid, code)
                 self.workers[i] = self._spawn(i)
-
-    def _mark_dead(self, process: BaseProcess) -> None:
-        if self._metrics_dir and process.pid is not None:
-            from prometheus_client import multiprocess
-
-            multiprocess.mark_process_dead(process.pid, self._metrics_dir)
 
     # -- the ready line ------------------------------------------------------------------------
 

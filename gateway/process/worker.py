@@ -60,7 +60,7 @@ class WorkerSpec:
     index: int
     log_level: str = "info"
     control_path: str | None = None
-    multiprocess_dir: str | None = None
+    metrics_hub: str | None = None  # with several workers: gateway/process/metrics_hub.py
     source: ConfigSource | None = None  # where a reload reads the configuration again
     version: str = ""  # of `settings` (gateway/settings/source.py)
     replica: str | None = None  # this replica's name in reload announcements, the same in all its workers
@@ -276,7 +276,7 @@ def build_server(spec: WorkerSpec) -> GatewayServer:
     drain = Drain()
     running = build_app(
         settings,
-        multiprocess=spec.multiprocess_dir,
+        metrics_hub=spec.metrics_hub,
         drain=drain,
         control_path=spec.control_path,
         source=spec.source,

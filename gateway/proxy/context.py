@@ -25,6 +25,7 @@ from gateway.access.auth import KeyedAccess
 from gateway.access.base import Access, OpenAccess
 from gateway.access.jwt_clients import JwtClients
 from gateway.access.keys import KeyStore
+from gateway.access.leases import Leases
 from gateway.access.oidc import OidcProvider
 from gateway.access.quota import Quota
 from gateway.access.sessions import OidcSignIn
@@ -104,6 +105,8 @@ class RedisServices:
             metrics=metrics,
             currency=settings.pricing.currency,
         )
+        if settings.leases.enabled:
+            quota.leases = Leases(quota, clients.lean, clients.subscriber, settings.leases)
         pricing = settings.pricing
         alerts = BudgetAlerts(pricing.alerts, clients.admin, pricing.currency) if pricing.alerts else None
         oidc = settings.auth.oidc
@@ -151,7 +154,7 @@ class Gateway:
     def build(
         cls,
         settings: Settings,
-        multiprocess_dir: str | None = None,
+        metrics_hub: str | None = None,
         drain: Drain | None = None,
         control_path: str | None = None,
         previous: Gateway | None = None,
@@ -161,7 +164,7 @@ class Gateway:
         # a breaker's trial request is void once it could have timed out (and its slot freed)
         trial_timeout = settings.server.first_byte_timeout + 1
         if p is None:
-            metrics = GatewayMetrics(multiprocess_dir)
+            metrics = GatewayMetrics(metrics_hub)
             pool = Pool(settings.engines, settings.health, metrics, trial_timeout=trial_timeout)
             slots = SlotQueue(pool, metrics)
         else:  # the caller stages the pool's changes and commits them (gateway/engines/pool.py)
@@ -176,7 +179,9 @@ class Gateway:
             lambda: PromptCounter({m.name: m.tokenizer for m in settings.models}),
         )
         # keys, quotas, spend: kept whole (their in-flight leases, their caches) unless they changed
-        whole = p is not None and p.counter is counter and kept.unchanged(lambda s: (s.redis, s.auth, s.pricing))
+        whole = (
+            p is not None and p.counter is counter and kept.unchanged(lambda s: (s.redis, s.auth, s.pricing, s.leases))
+        )
         redis = None
         if settings.redis.url:
             redis = RedisServices.build(settings, router, metrics, counter, p.redis if p else None, whole)

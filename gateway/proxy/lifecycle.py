@@ -61,6 +61,7 @@ async def start(
     if before is None:
         await gw.store.start([*users, *store_users(gw)])  # files, batches and the inference log
         await gw.control.start(greeting)
+        await gw.metrics.start()  # with several workers: the link to the main process's sum
         return
     for user in store_users(gw):
         if b.own_user(user):
@@ -102,3 +103,5 @@ async def stop(gw: Gateway, others: Sequence[Gateway] = ()) -> None:
         await gw.upstream.close()
     if gw.observe is not None and o.own(gw.observe, lambda g: g.observe):
         await gw.observe.stop()  # the last access log lines, the spans still queued
+    if last:
+        await gw.metrics.stop()  # with several workers: the last counts, to the main process

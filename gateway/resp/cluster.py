@@ -33,7 +33,7 @@ from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from gateway.resp.client import CommandNotSent, RespClient, Script
+from gateway.resp.client import CommandNotSent, RespClient, Script, ScriptKeys, pack, script_command
 from gateway.settings.redis_url import parse_redis_url
 
 log = logging.getLogger(__name__)
@@ -91,23 +91,23 @@ class ClusterClient:
         """Run one command on the master of `key`'s slot (default: the command's first key)."""
         if key is None:
             key = args[1] if isinstance(args[1], bytes) else str(args[1])
-        return await self._run(key_slot(key.encode() if isinstance(key, str) else key), args)
+        return await self._run(key_slot(key.encode() if isinstance(key, str) else key), pack(*args))
 
-    def send_script(self, script: Script, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+    def send_script(self, script: Script, keys: ScriptKeys, args: Sequence[Any]) -> asyncio.Future[Any]:
         """run_script without waiting for it (a task: the slot map may need reading first)."""
         return asyncio.ensure_future(self.run_script(script, keys, args))
 
-    async def run_script(self, script: Script, keys: list[str], args: list[Any]) -> Any:
+    async def run_script(self, script: Script, keys: ScriptKeys, args: Sequence[Any]) -> Any:
         """EVALSHA on the master of the first key's slot (every key must share that slot)."""
-        slot = key_slot(keys[0].encode())
+        slot = key_slot(next(iter(keys)).encode())
         try:
-            return await self._run(slot, ("EVALSHA", script.sha, len(keys), *keys, *args))
+            return await self._run(slot, script_command("EVALSHA", script.sha, keys, args))
         except ResponseError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
-            return await self._run(slot, ("EVAL", script.source, len(keys), *keys, *args))
+            return await self._run(slot, script_command("EVAL", script.source, keys, args))
 
-    async def _run(self, slot: int, args: tuple[Any, ...]) -> Any:
+    async def _run(self, slot: int, command: bytes) -> Any:
         node = self._slots[slot]
         if node is None:
             await self._refresh()
@@ -118,8 +118,8 @@ class ClusterClient:
         for _ in range(MAX_REDIRECTS):
             try:
                 if asking:
-                    return await node.execute_asking(*args)
-                return await node.execute(*args)
+                    return await node.execute_asking_packed(command)
+                return await node.execute_packed(command)
             except ResponseError as exc:
                 message = str(exc)
                 if message.startswith("MOVED "):

@@ -21,6 +21,7 @@ from gateway.settings.batch import BatchSettings, FilesSettings, parse_batch, pa
 from gateway.settings.cache import CacheSettings, parse_cache
 from gateway.settings.engines import ENGINE_KINDS, MANAGED_KINDS, EngineSettings, VllmSettings, parse_engine
 from gateway.settings.inference_log import InferenceLogSettings, PayloadCapture, parse_inference_log
+from gateway.settings.leases import LeaseSettings, parse_leases
 from gateway.settings.models import ModelSettings, RouteSettings, check_fallbacks, parse_model, parse_routes
 from gateway.settings.observe import (
     AccessLogSettings,
@@ -53,6 +54,7 @@ SECTIONS = (
     "models",
     "redis",
     "auth",
+    "leases",
     "store",
     "inference_log",
     "scheduler",
@@ -76,6 +78,7 @@ class Settings:
     models: tuple[ModelSettings, ...]
     redis: RedisSettings
     auth: AuthSettings
+    leases: LeaseSettings = field(default_factory=LeaseSettings)
     store: StoreSettings = field(default_factory=StoreSettings)
     inference_log: InferenceLogSettings = field(default_factory=InferenceLogSettings)
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
@@ -137,6 +140,7 @@ def parse_settings(
         models=models,
         redis=redis,
         auth=auth,
+        leases=parse_leases(r, data),
         store=store,
         inference_log=parse_inference_log(r, data),
         scheduler=parse_scheduler(r, data),
@@ -187,10 +191,6 @@ def config_path_from_env() -> str:
     return path
 
 
-def multiprocess_dir() -> str | None:
-    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
-
-
 def admin_token() -> str | None:
     """For the CLI: a provider's access token for the admin API, when there is no admin key."""
     return os.environ.get("GATEWAY_ADMIN_TOKEN") or None
@@ -218,6 +218,7 @@ __all__ = [
     "FilesSettings",
     "HealthSettings",
     "InferenceLogSettings",
+    "LeaseSettings",
     "LoggingSettings",
     "ModelSettings",
     "PayloadCapture",
