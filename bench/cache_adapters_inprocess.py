@@ -3,8 +3,10 @@
 
 - adapter: the adapter-affinity filter over two engines, then `Placement.ensure` and `done` for an
   adapter already loaded and marked in use (the steady state: no Redis);
-- cache miss: `consult` (policy and key), the lookup and the store against a real local Redis
-  (one EVALSHA each, through the request path's client), the recording of the answer and `finish`;
+- cache miss: `consult` (policy and key), the lookup (none: the digest is unknown), the recording
+  of the answer, `finish` and the store against a real local Redis (gathered, one EVALSHA per
+  batch, through the request path's client), the answer kept in the process too;
+- cache hit: `consult` and the answer from the process's own copy (no Redis), `finish`;
 - cache off: the one check the request path makes (`gw.cache is not None`).
 
     .venv/bin/python bench/cache_adapters_inprocess.py [--requests 20000]
@@ -94,6 +96,7 @@ async def run(n: int, redis_url: str) -> dict[str, float]:
         return None
 
     await clients.lean.execute("PING")  # connected, as the cache's sync task leaves it in the gateway
+    cache._follow(await store.generations())  # as the sync task does: answers kept in the process too
 
     start = time.process_time()
     for i in range(n):
@@ -114,6 +117,18 @@ async def run(n: int, redis_url: str) -> dict[str, float]:
         parse_request(raw, CHAT)
     out["(body build+parse, subtracted)"] = (time.process_time() - start) / n * 1000
     out["cache miss"] -= out["(body build+parse, subtracted)"]
+
+    # cache hit: consult and the answer kept in the process (no Redis)
+    raw = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "q0"}], "temperature": 0})
+    req = parse_request(raw, CHAT)
+    start = time.process_time()
+    for _ in range(n):
+        lookup = cache.consult(scope, req, principal)
+        assert lookup is not None
+        assert await cache.answer(lookup, req) is not None
+        cache.finish(lookup, req, 200, True, None)
+    out["cache hit (in-process part)"] = (time.process_time() - start) / n * 1000
+    await cache.stop()  # the last stores sent
     await clients.aclose()
     return out
 

@@ -94,8 +94,7 @@ async def _hooks_run(extra: dict[str, Any], requests: int) -> float:
     from gateway.access.base import Usage
     from gateway.core.metrics import GatewayMetrics
     from gateway.core.request import CHAT, ApiRequest
-    from gateway.observe.observer import Observer
-    from gateway.observe.record import CURRENT
+    from gateway.observe.observer import CURRENT, Observer
 
     settings = _settings(extra)
     metrics = GatewayMetrics()

@@ -31,7 +31,7 @@ sys.path.insert(
 )  # the repo root, for bench/ and testkit/ (run as `python bench/x.py`)
 from bench import servers
 from bench.servers import MODEL, UNLIMITED_KEY, RedisServer, Server, pinned
-from gateway.access import quota
+from gateway.access import lease_scripts, quota
 from gateway.resp.client import Script
 from testkit.procs import Proc, free_port, write_config
 from testkit.redis_cluster import ClusterNode, RedisCluster, free_cluster_ports
@@ -40,7 +40,8 @@ ADMIN_KEY = "bench-admin"
 # Commands the quota scripts run inside Redis: commandstats counts them too, but they are no round trips.
 IN_SCRIPTS = frozenset(
     name.lower()
-    for value in vars(quota).values()
+    for module in (quota, lease_scripts)
+    for value in vars(module).values()
     if isinstance(value, Script)
     for name in re.findall(r"redis\.call\('(\w+)'", value.source)
 )

@@ -1,8 +1,9 @@
 """Which gateway modules one keyed, streamed chat request runs through (startup excluded).
 
 A private redis-server and the fake engine run as processes; the gateway's worker server runs in
-this process, and a profile hook notes the file of every Python function called while a request
-is served (in a task: a process timer that fires meanwhile is not the request's code), after
+this process, and a profile hook notes the file of every Python function called in the request's
+own task (the server's `Cycle.run`: a timer or background task that runs meanwhile is not the
+request's code), after
 warm-up requests; a module counts when each of three requests ran it. Prints the gateway modules, grouped by package, and the count.
 
     .venv/bin/python bench/request_modules.py
@@ -58,9 +59,11 @@ class Recorder:
         self.functions: dict[str, set[str]] = defaultdict(set)
 
     def __call__(self, frame: FrameType, event: str, arg: Any) -> None:
-        # Code run in a task: the request's own (its handler, the relay, the Redis and engine
-        # calls it awaits), not a timer of the process that fired meanwhile.
-        if self.on and event == "call" and asyncio.current_task() is not None:
+        # Code run in the request's own task (its handler, the relay, the Redis and engine calls
+        # it awaits: the server runs each request in a task of `Cycle.run`), not a timer or a
+        # background task of the process (health checks, the store, flushes) that ran meanwhile.
+        task = asyncio.current_task() if self.on and event == "call" else None
+        if task is not None and task.get_coro().__qualname__ == "Cycle.run":  # type: ignore[union-attr]
             name = frame.f_code.co_filename
             if name.startswith(GATEWAY):
                 self.files.add(name[len(GATEWAY) :])

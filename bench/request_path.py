@@ -14,7 +14,7 @@ Sections (--sections, all but `profile` by default):
 - cpu (figures 1 and 3): non-stream closed loop at 1/16/64 clients: CPU per request, req/s;
 - paced (figure 2): streams whose chunks come 5 ms apart, 100/500/1,000 at once: CPU per chunk;
 - hold (figure 4): 5,000 streams, chunks 200 ms apart, held by one process: errors, peak RSS;
-- workers (figure 5): `--workers 2` vs 1, the gateway free on both cores;
+- workers (figure 5): `--workers 2` vs 1, the gateway free on both cores (with --baseline, that checkout's too);
 - profile: py-spy on the gateway (and the floor) under the cpu and paced loads (bench/profile_gateway.sh).
 
     .venv/bin/python bench/request_path.py [--quick] [--sections cpu,paced] [--rounds 3] [--json OUT]
@@ -217,6 +217,11 @@ class Bench:
                     redis = servers.RedisServer(self.tmp, a.client_core)
                     name = f"gateway+quota w{workers}"
                     group.append(servers.gateway(self.tmp, up.json_url, both, quota=redis, workers=workers, name=name))
+                if a.baseline is not None:  # the same, from another checkout: before vs after
+                    name = f"baseline w{workers}"
+                    group.append(
+                        servers.gateway(self.tmp, up.json_url, both, workers=workers, name=name, tree=a.baseline)
+                    )
             with started(*group):
                 warm_up(
                     group,

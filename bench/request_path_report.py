@@ -123,6 +123,15 @@ def _versus_litellm(runs: list[Run]) -> Figures:
     return out
 
 
+def _per_worker_ratio(table: dict[tuple[int, str], dict[int, Run]], n: int, w2: str, w1: str) -> float | None:
+    """CPU per request of `w2` at n clients over `w1`'s at n/2, round by round: each of two workers
+    holds about n/2 connections, and a process's CPU per request falls as its concurrency grows
+    (more work per loop wake-up), so this pair compares workers under the same load each."""
+    mine, theirs = table.get((n, w2), {}), table.get((n // 2, w1), {})
+    pairs = [mine[k].cpu_ms / theirs[k].cpu_ms for k in mine if k in theirs and theirs[k].cpu_ms]
+    return med(pairs) if pairs and n % 2 == 0 else None
+
+
 def _workers(runs: list[Run]) -> Figures:
     table = _by_round(runs, "workers")
     out: Figures = {}
@@ -137,6 +146,12 @@ def _workers(runs: list[Run]) -> Figures:
             "w2_over_w1": _ratio(table, n, server, base + " w1", "rps"),
             "w1_cpu_ms": med([r.cpu_ms for r in w1.values()]),
             "w2_cpu_ms": med([r.cpu_ms for r in w2.values()]),
+            "cpu_w2_over_w1": _ratio(table, n, server, base + " w1", "cpu_ms"),
+            "cpu_w2_over_w1_half": _per_worker_ratio(table, n, server, base + " w1"),
+            "w1_p50_ms": med([r.p50_ms for r in w1.values()]),
+            "w2_p50_ms": med([r.p50_ms for r in w2.values()]),
+            "w1_p99_ms": med([r.p99_ms for r in w1.values()]),
+            "w2_p99_ms": med([r.p99_ms for r in w2.values()]),
             "w1_client_core_busy": med([r.client_core_busy for r in w1.values()]),
             "w2_client_core_busy": med([r.client_core_busy for r in w2.values()]),
             "failures": sum(r.failures for r in [*w1.values(), *w2.values()]),
@@ -280,14 +295,20 @@ def print_hold(grid: Figures, streams: int, pace_ms: float) -> None:
 def print_workers(table: Figures, client_core: str, server_core: str) -> None:
     print(
         f"\nFigure 5. --workers 2 vs 1, the gateway free on cores {client_core},{server_core}"
-        f" (the load generator, the upstream and Redis pinned to core {client_core})"
+        f" (the load generator, the upstream and Redis pinned to core {client_core});"
+        " w2/w1@n/2: w2 at n clients over w1 at n/2, the same load per worker"
     )
-    print(f"{'clients':>7} {'server':<15}{'w1 req/s':>9}{'w2 req/s':>9}{'w2/w1':>7}{'CPU ms/req w1':>14}{'w2':>7}")
+    print(
+        f"{'clients':>7} {'server':<16}{'w1 req/s':>9}{'w2 req/s':>9}{'w2/w1':>7}{'CPU ms/req w1':>14}{'w2':>7}"
+        f"{'CPU w2/w1':>10}{'w2/w1@n/2':>10}{'p50 ms w1':>10}{'w2':>6}{'p99 ms w1':>10}{'w2':>8}"
+    )
     for n, row in table.items():
         for s, c in row.items():
             print(
-                f"{n:>7} {s:<15}{c['w1_rps']:>9.0f}{c['w2_rps']:>9.0f}{_x(c['w2_over_w1']):>7}"
-                f"{c['w1_cpu_ms']:>14.4f}{c['w2_cpu_ms']:>7.4f}"
+                f"{n:>7} {s:<16}{c['w1_rps']:>9.0f}{c['w2_rps']:>9.0f}{_x(c['w2_over_w1']):>7}"
+                f"{c['w1_cpu_ms']:>14.4f}{c['w2_cpu_ms']:>7.4f}{_x(c['cpu_w2_over_w1']):>10}"
+                f"{_x(c['cpu_w2_over_w1_half']):>10}"
+                f"{c['w1_p50_ms']:>10.2f}{c['w2_p50_ms']:>6.2f}{c['w1_p99_ms']:>10.2f}{c['w2_p99_ms']:>8.2f}"
             )
 
 

@@ -37,7 +37,7 @@ sys.path.insert(
 from bench.gateway_overhead import tree_cpu
 from bench.nginx_upstream import available as nginx_missing
 from bench.nginx_upstream import nginx_upstream
-from gateway.access import quota_scripts
+from gateway.access import lease_scripts, quota_scripts
 from gateway.resp.client import Script
 from testkit.procs import Proc, fake_upstream, free_port, tree_rss, write_config
 
@@ -51,7 +51,8 @@ SGLANG = ROOT / ".venv-sglang" / "bin" / "python"
 # sent on their own by the lease refresh, every lease_ttl / 3: none during a bench run.
 IN_SCRIPTS = frozenset(
     name.lower()
-    for value in vars(quota_scripts).values()
+    for module in (quota_scripts, lease_scripts)
+    for value in vars(module).values()
     if isinstance(value, Script)
     for name in re.findall(r"redis\.call\('(\w+)'", value.source)
 )

@@ -116,8 +116,9 @@ class LoraAdapters:
             adapter = self._adapters.pop(name, None)
             if adapter is None:
                 return False
+            running = adapter.in_flight  # they finish on it; the gateway never unloads one in use
             self._retire(adapter)
-            log.info("unloaded LoRA adapter %s", name)
+            log.info("unloaded LoRA adapter %s (%d requests in flight)", name, running)
             return True
 
         return await self._locked(work)

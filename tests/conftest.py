@@ -24,6 +24,7 @@ SLOW_FIRST = (
     "test_worker.py",
     "test_store_batches.py",
     "test_scale_to_zero.py",
+    "test_reload.py",
     "test_gateway.py",
 )
 

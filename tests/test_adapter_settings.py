@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
+from gateway.cache.near import Entry, NearCache
 from gateway.cache.shapes import fold_stream, unfold
-from gateway.engines.vllm_launch import vllm_command
+from gateway.engines.vllm_launch import vllm_command, vllm_env
 from gateway.settings import ConfigError, check_path, parse_settings
 
 
@@ -35,6 +36,9 @@ def test_adapters_turn_lora_on_for_managed_vllm(tmp_path: Path) -> None:
     )
     cmd = vllm_command(on.engines[0], "python")
     assert cmd[cmd.index("--enable-lora") + 1 :][:2] == ["--max-loras", "1"]
+    # vLLM serves the load and unload endpoints only with this in its environment
+    assert vllm_env(on.engines[0], "/c")["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in vllm_env(off.engines[0], "/c")
     assert on.adapters.models[0].name == "a"
 
 
@@ -82,7 +86,7 @@ def test_paths_and_uris(tmp_path: Path) -> None:
 
 def test_cache_section_bounds(tmp_path: Path) -> None:
     assert settings(tmp_path).cache.enabled is False
-    for bad in ({"ttl": 0}, {"charge": 2}, {"max_memory": 10}, {"shared": "x"}, {"nope": 1}):
+    for bad in ({"ttl": 0}, {"charge": 2}, {"max_memory": 10}, {"local_memory": -1}, {"shared": "x"}, {"nope": 1}):
         with pytest.raises(ConfigError, match="cache"):
             settings(tmp_path, cache=bad)
 
@@ -112,3 +116,28 @@ def test_a_whole_answer_replays_as_a_stream_and_a_stream_folds_back() -> None:
     assert fold_stream(unfinished, chat=True, usage=None) is None
     text = b'data: {"id":"x","choices":[{"index":0,"text":"ab","finish_reason":"length"}]}\n\ndata: [DONE]\n\n'
     assert json.loads(fold_stream(text, chat=False, usage=None) or b"")["choices"][0]["text"] == "ab"
+
+
+def test_the_process_copy_is_bounded_expires_and_forgets_a_model() -> None:
+    body = b'{"choices":[{"index":0,"message":{"role":"assistant","content":"x"},"finish_reason":"stop"}]}'
+    near = NearCache(3 * (len(body) + 200))
+    size = near.max_bytes // 3
+    for i in range(4):
+        near.put(f"d{i}", "m" if i % 2 else "n", body, 100.0)
+    assert len(near) == 3 and near.bytes == 3 * size and near.get("d0", 1.0) is None  # least recent out
+    first = near.get("d1", 1.0)  # used: now the most recent, and an Entry from now on
+    assert first is not None and first is near.get("d1", 2.0) and first.body == body
+    near.put("d4", "n", body, 100.0)
+    assert near.get("d2", 1.0) is None and near.get("d1", 1.0) is not None
+    assert near.get("d3", 100.0) is None and len(near) == 2  # expired: gone
+    near.drop_model("m")
+    assert near.get("d1", 1.0) is None and near.get("d4", 1.0) is not None and near.bytes == size
+    near.put("big", "m", body * 10, 100.0)  # larger than the bound: not kept
+    assert near.get("big", 1.0) is None
+    near.drop_model(None)
+    assert len(near) == 0 and near.bytes == 0
+    entry = Entry("m", body, 100.0)
+    entry.parse()
+    assert entry.finish == "stop" and entry.usage is None
+    streamed = entry.stream(chat=True, with_usage=False)
+    assert streamed is not None and streamed is entry.stream(chat=True, with_usage=False)  # built once

@@ -11,12 +11,14 @@ from typing import Any
 import httpx
 import pytest
 
-from testkit.keyed import admin, create_key, start_gateway
+from testkit.keyed import admin, create_key, start_gateway, usage
 from testkit.metrics import metric
+from testkit.poll import eventually
 from testkit.procs import Proc, fake_upstream
 from testkit.redis_server import RedisServer
 
 DET = {"temperature": 0}
+PRICE = {"input": 2.0, "output": 4.0, "cached_input": 1.0}  # per million tokens
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +41,7 @@ def config(redis: RedisServer, fake: Proc, **cache: Any) -> dict[str, Any]:
             {"name": "fake", "routes": [{"engine": "fake", "model": "fake"}], "cache": True},
             {"name": "plain", "routes": [{"engine": "fake", "model": "fake"}]},
         ],
+        "pricing": {"models": {"fake": PRICE}},
     }
 
 
@@ -184,6 +187,31 @@ def test_keys_stay_apart_and_a_route_change_or_an_admin_call_invalidates(gw: Pro
     assert admin(gw, "GET", "/admin/cache").json()["enabled"] is True
 
 
+def test_an_invalidation_reaches_the_answers_another_replica_keeps(
+    logs_dir: Path, redis_server: RedisServer, fake: Proc
+) -> None:
+    """Each process keeps the answers it stored or read: after an admin call on replica a, a
+    stops serving them at once, b within its sync (about a second)."""
+    a = start_gateway(logs_dir, config(redis_server, fake), "gw-cache-a")
+    b = start_gateway(logs_dir, config(redis_server, fake), "gw-cache-b")
+    try:
+        _, secret = create_key(a)
+        for user in ("ra", "rb"):
+            assert ask(a, secret, user, **DET).headers["x-gateway-cache"] == "miss"
+            eventually(lambda: ask(b, secret, user, **DET).headers["x-gateway-cache"], lambda h: h == "hit")  # noqa: B023
+            for gw in (a, b, a, b):  # both keep it now
+                assert ask(gw, secret, user, **DET).headers["x-gateway-cache"] == "hit"
+        n = runs(fake, "rb")
+        assert admin(a, "POST", "/admin/cache", {"model": "fake"}).status_code == 200
+        assert ask(a, secret, "ra", **DET).headers["x-gateway-cache"] == "miss"
+        # "rb" only on b: a new answer that a stored would be a hit there, rightly
+        eventually(lambda: ask(b, secret, "rb", **DET).headers["x-gateway-cache"], lambda h: h == "miss", timeout=5)
+        assert runs(fake, "rb") == n + 1
+    finally:
+        a.stop()
+        b.stop()
+
+
 def test_the_memory_bound_holds_under_a_flood(gw: Proc, fake: Proc, redis_server: RedisServer) -> None:
     _, secret = create_key(gw)
     with httpx.Client(timeout=30) as client:
@@ -205,3 +233,82 @@ def test_the_memory_bound_holds_under_a_flood(gw: Proc, fake: Proc, redis_server
         assert int(r.get("gw:{cache}:total") or 0) == held
     assert 0 < held <= 20_000 and stats["bytes"] <= 20_000, (held, stats)
     assert len(keys) == stats["entries"]
+
+
+def spend_by_route(gw: Proc, key_id: str) -> dict[str | None, dict[str, Any]]:
+    r = admin(gw, "GET", f"/admin/spend?group_by=route&key={key_id}")
+    assert r.status_code == 200, r.text
+    return {row["route"]: row for row in r.json()["data"]}
+
+
+def nanos(prompt: float, completion: float, cached: float = 0) -> int:
+    """Spend in nano-units at PRICE (per million tokens: price * tokens * 1000 nanos)."""
+    return round(
+        ((prompt - cached) * PRICE["input"] + cached * PRICE["cached_input"] + completion * PRICE["output"]) * 1000
+    )
+
+
+def hits_and_misses(gw: Proc, secret: str, rounds: int) -> tuple[int, int, dict[str, Any], str]:
+    """Asks one deterministic question until `rounds` hits came back (streamed and whole in turn);
+    returns the hits, the misses, the engine's usage and the route that answered a miss."""
+    hits = misses = 0
+    seen: dict[str, Any] = {}
+    route = ""
+    deadline = time.monotonic() + 10
+    while hits < rounds:
+        assert time.monotonic() < deadline
+        r = ask(gw, secret, "spend", stream=hits % 2 == 1, **DET)
+        assert r.status_code == 200, r.text
+        if r.headers["x-gateway-cache"] == "hit":
+            hits += 1
+        else:
+            misses += 1
+            seen, route = r.json()["usage"], r.headers["x-gateway-route"]
+    return hits, misses, seen, route
+
+
+def test_hits_are_counted_as_cached_free_by_default(gw: Proc) -> None:
+    key_id, secret = create_key(gw)
+    hits, misses, seen, route = hits_and_misses(gw, secret, 3)
+    p, c = seen["prompt_tokens"], seen["completion_tokens"]
+    rows = spend_by_route(gw, key_id)
+    assert set(rows) == {"cache", route}
+    cached = rows["cache"]
+    assert (cached["requests"], cached["prompt_tokens"], cached["completion_tokens"], cached["spend_nanos"]) == (
+        hits,
+        0,
+        0,
+        0,
+    )
+    engine = rows[route]
+    assert (engine["requests"], engine["prompt_tokens"], engine["completion_tokens"]) == (
+        misses,
+        misses * p,
+        misses * c,
+    )
+    assert engine["spend_nanos"] == misses * nanos(p, c)
+    day = usage(gw, key_id)["day"]
+    assert (day["requests"], day["prompt_tokens"], day["completion_tokens"]) == (hits + misses, misses * p, misses * c)
+
+
+def test_hits_priced_by_the_charge_prompt_at_cached_input(
+    logs_dir: Path, redis_server: RedisServer, fake: Proc
+) -> None:
+    gw = start_gateway(logs_dir, config(redis_server, fake, charge=0.5), "gw-cache-charge")
+    try:
+        key_id, secret = create_key(gw)
+        hits, misses, seen, _ = hits_and_misses(gw, secret, 4)
+        p, c = round(seen["prompt_tokens"] * 0.5), round(seen["completion_tokens"] * 0.5)
+        cached = spend_by_route(gw, key_id)["cache"]
+        assert (cached["requests"], cached["prompt_tokens"], cached["completion_tokens"], cached["cached_tokens"]) == (
+            hits,
+            hits * p,
+            hits * c,
+            hits * p,
+        )
+        assert cached["spend_nanos"] == hits * nanos(p, c, cached=p) > 0
+        total = admin(gw, "GET", f"/admin/spend?key={key_id}").json()["total"]
+        miss_cost = misses * nanos(seen["prompt_tokens"], seen["completion_tokens"])
+        assert total["spend"] == pytest.approx((miss_cost + hits * nanos(p, c, cached=p)) / 1e9)
+    finally:
+        gw.stop()

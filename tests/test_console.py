@@ -382,6 +382,20 @@ def file_bytes(gw: Proc, file_id: str) -> tuple[bytes, str]:
     return r.content, name.group(1)
 
 
+def test_config_page_shows_the_running_configuration_masked_and_reloads_it(page: Page, gw: Proc) -> None:
+    sign_in(page, gw, then="config")
+    running = admin(gw, "GET", "/admin/config").json()
+    expect(page.locator('dd[data-fact="version"]')).to_have_text(running["version"])
+    expect(page.locator('details[data-section="models"] pre')).to_contain_text(f'"name": "{MODEL}"')
+    auth = page.locator('details[data-section="auth"]')
+    auth.locator("summary").click()
+    expect(auth.locator("pre")).to_contain_text('"admin_key": "***"')
+    assert ADMIN_KEY not in page.content()
+    page.get_by_role("button", name="Reload the file").click()  # the file has not changed
+    expect(page.get_by_text(f"Unchanged: version {running['version']}.")).to_be_visible()
+    shot(page, "config")
+
+
 def test_batches_show_progress_cancel_and_download(page: Page, gw: Proc) -> None:
     owner = admin(gw, "POST", "/admin/keys", {"name": "batch-owner"}).json()
     client = openai.OpenAI(base_url=gw.url + "/v1", api_key=owner["key"], max_retries=0, timeout=30)

@@ -299,7 +299,8 @@ def test_a_request_whose_engines_all_fail_is_answered_at_once() -> None:
         waiter = asyncio.ensure_future(sched.acquire(request("only2", "a"), Principal(), None))
         await asyncio.sleep(0.01)
         e2.healthy = False
-        sched._checked(e2)  # the health check that took it out
+        for listener in pool.on_checked:  # the health check that took it out
+            listener(e2)
         with pytest.raises(GatewayError) as err:
             await asyncio.wait_for(waiter, 10)
         assert err.value.status == 503 and sched.view("only2")["bands"]["normal"]["queued"] == 0

@@ -14,8 +14,7 @@ import pytest
 
 from gateway.access.base import Usage
 from gateway.core.metrics import GatewayMetrics
-from gateway.observe.observer import Observer
-from gateway.observe.record import Observation
+from gateway.observe.observer import Observation, Observer
 from gateway.settings import parse_settings
 from tests.otlp_receiver import HttpReceiver, Span
 

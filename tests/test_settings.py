@@ -47,6 +47,9 @@ def test_env_overrides_redis_and_admin_key() -> None:
         (base(server={"workers": 0}), "server.workers"),
         (base(redis={"failure_mode": "maybe"}), "redis.failure_mode"),
         (base(auth={"enabled": True}), "auth.enabled"),
+        (base(leases={"share": 1}), "leases.share"),
+        (base(leases={"idle": 0}), "leases.idle"),
+        (base(leases={"enabled": "yes"}), "leases.enabled"),
         (base(surprise=1), "surprise"),
     ],
 )

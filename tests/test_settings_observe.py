@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gateway.observe.client_address import ClientAddress
+from gateway.observe.observer import ClientAddress
 from gateway.settings import ConfigError, Settings, parse_settings
 
 BASE: dict[str, Any] = {

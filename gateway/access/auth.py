@@ -73,6 +73,7 @@ class KeyedAccess:
 
     async def start(self) -> None:
         self._refresher = asyncio.create_task(self._refresh_leases(), name="lease-refresh")
+        self.quota.start()
 
     async def stop(self) -> None:
         if self._refresher:
@@ -116,7 +117,7 @@ class KeyedAccess:
         money = price.ceiling(prompt or 0, reserve - (prompt or 0)) if price is not None else 0
         try:
             admission = await self.quota.admit(
-                key, request.model, reserve, batch=request.batch_id is not None, money=money
+                key, request.model, reserve, batch=request.batch_id is not None, money=money, line=request.batch_line
             )
         except GatewayError as exc:
             if exc.status == 429 and exc.code is not None:
@@ -141,6 +142,7 @@ class KeyedAccess:
         model = grant.request.model if grant.request is not None else ""
         price = self._prices.get(model)
         cost = price.cost(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens) if price else 0
+        grant.usage, grant.cost = usage, cost  # before the release: a cancelled wait there has charged all the same
         await self.quota.release(admission, usage.prompt_tokens, usage.completion_tokens, cost)
         if self.spend_sink is not None:
             self.spend_sink(grant, usage, cost)

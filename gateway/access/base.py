@@ -44,6 +44,9 @@ class Grant:
     admission: Admission | None = None  # the quota's reservation, when one was made
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     route: str | None = None  # the route that served it (set by the exchange before settling)
+    # What settle charged, and its cost in nano-units: a batch line's spend row (gateway/monitor/spend.py).
+    usage: Usage | None = None
+    cost: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,21 @@ A batch line (`batch=True`, ARGV[7]) is charged like any request but rpm and max
 not apply to it: it adds no request to the minute window (which rpm reads) and its lease lives in
 `bleases` (which max_concurrent does not count); its tokens count toward tpm and the budgets.
 
+A batch line is charged once, however often it runs: a replica may die after a line's charge and
+before its result is recorded, or stall while another takes the line over, and the line runs
+again. Each run is admitted with the line's identity (gateway/core/request.py: BatchLine) and
+its charge kept in a record next to the counters:
+
+    gw:{id}:bline:<batch>:<line>  HASH claim, lease, settled, day, tokens, spend, prompt, completion
+                                  (TTL: BatchLine.keep, pushed back with the run's lease)
+
+Admission undoes the charge the record holds (a reservation whose lease is still held, or a
+settled usage) from the windows it went to, then holds its own; the settle of the lease the
+record holds turns it into the usage. A run of an older claim is refused `superseded` (the store
+refuses its result too), and its late settle finds its lease gone and changes nothing. So a key is
+charged, per line, the usage of the run of its latest claim (of its last attempt there): the run
+whose result is recorded. The minute window (tpm) keeps every run's tokens until it passes.
+
 Every command goes through the lean RESP client of the request path (gateway/resp/client.py, or
 gateway/resp/cluster.py on a Redis Cluster).
 """
@@ -46,7 +61,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.access.keys import REDIS_DOWN, ApiKey
 from gateway.access.levels import Level, levels_of, team_levels
@@ -57,18 +72,23 @@ from gateway.access.quota_scripts import DAY_TTL as DAY_TTL  # the windows' TTLs
 from gateway.access.quota_scripts import MINUTE_TTL as MINUTE_TTL
 from gateway.access.quota_scripts import MONTH_TTL as MONTH_TTL
 from gateway.access.quota_windows import Window, rate_headers, refusal, refused_key, window
-from gateway.access.settle_batch import Release, SettleBatch
+from gateway.access.settle_batch import Release, SettleBatch, settle_args
+from gateway.access.slices import Slice
 from gateway.core.errors import Code, GatewayError, invalid, quota_unavailable
 from gateway.core.metrics import GatewayMetrics
-from gateway.core.request import ApiRequest
+from gateway.core.request import ApiRequest, BatchLine
 from gateway.resp.client import Keys, LeanClient, Script, ScriptKeys
 from gateway.resp.lag import within
 from gateway.settings import NANOS
+
+if TYPE_CHECKING:
+    from gateway.access.leases import Leases
 
 log = logging.getLogger(__name__)
 
 TOMBSTONE_TTL = 3600
 MAX_CACHED_KEYS = 10_000  # levels whose keys are kept for the current minute
+RECALLS = 3  # with leases, a refusal while slices are live asks for them back at most this often
 # Lease ids: unique per process (a random prefix) and cheap (a counter): os.urandom per request
 # showed in profiles, and a lease id needs to be unique, not secret.
 _LEASE_PREFIX = secrets.token_hex(6)
@@ -89,6 +109,9 @@ class Admission:
     levels: tuple[Level, ...] = ()  # where it was reserved, key first (gateway/access/levels.py)
     money: int = 0  # the money reserved, in nano-units of the pricing currency
     keys: Keys | None = None  # release_keys(), when made at admission
+    line: BatchLine | None = None  # a batch line: `record` is its charge record
+    record: str = ""
+    slice: Slice | None = None  # admitted from this leased slice (gateway/access/leases.py)
 
     @property
     def leases(self) -> str:
@@ -181,6 +204,7 @@ class Quota:
         self.settles = SettleBatch(redis, self._release_failed)  # releases of one loop iteration, one call
         self._keys_minute = -1
         self._window_keys: dict[tuple[int, bool], tuple[tuple[Level, ...], Keys, Keys]] = {}
+        self.leases: Leases | None = None  # leased budgets, when on (gateway/access/leases.py)
 
     def _keys(self, levels: tuple[Level, ...], win: Window, batch: bool) -> tuple[Keys, Keys]:
         """A request's keys for admission (but its tombstone) and settle: the same for every request
@@ -205,6 +229,10 @@ class Quota:
             return team_levels(self.prefix, key.team, key.org)
         return levels_of(self.prefix, key.id, key.team, key.org)
 
+    def start(self) -> None:
+        if self.leases is not None:
+            self.leases.start()
+
     async def admit(
         self,
         key: ApiKey,
@@ -214,12 +242,16 @@ class Quota:
         *,
         batch: bool = False,
         money: int = 0,
+        line: BatchLine | None = None,
     ) -> Admission:
         """Checks every limit of every level (key, team, organization) and reserves `reserve_tokens`
         and `money` (nano-units) at each. `batch`: a batch line, to which rpm and max_concurrent do
-        not apply; it never falls back to the per-process limiter (it waits for Redis instead)."""
+        not apply; it never falls back to the per-process limiter (it waits for Redis instead).
+        `line`: which batch line, whose earlier runs' charge this one replaces."""
         if reserve_tokens < 0 or money < 0:
             raise ValueError("reserve_tokens and money must be >= 0")
+        if self.leases is not None and now is None and not batch:
+            return await self._leased(key, model, reserve_tokens, money)
         now = time.time() if now is None else now
         win = window(now)
         lease_id = f"{_LEASE_PREFIX}{next(_lease_numbers):x}"
@@ -228,10 +260,16 @@ class Quota:
             tag = levels[0].base  # every level shares the key's hash tag
             tombstone = f"{tag}gone:{lease_id}"
             admitting, settling = self._keys(levels, win, batch)
+            keys = admitting.after(tombstone)
             args = admit_args(round(now * 1000), model, reserve_tokens, lease_id, self._lease_ms, batch, money)
+            record = ""
+            if line is not None:
+                record = f"{tag}bline:{line.batch_id}:{line.line}"
+                keys = Keys([*keys, record])
+                args += [line.claim, line.keep, win.day]
             try:
                 # No timer per call: the client drops a connection on which Redis stopped answering.
-                reply = await self.redis.run_script(_ADMIT, admitting.after(tombstone), args)
+                reply = await self.redis.run_script(_ADMIT, keys, args)
             except REDIS_DOWN as exc:
                 self._failed("admit", exc)
                 adm = Admission(key.id, lease_id, reserve_tokens, win.minute, win.day, win.month, batch=batch)
@@ -242,11 +280,30 @@ class Quota:
                 if self._down:
                     self._recovered()
                 adm = self._decide(reply, key.id, model, reserve_tokens, lease_id, win, batch, levels)
-                adm.money, adm.keys = money, settling
+                adm.money, adm.keys, adm.line, adm.record = money, settling, line, record
                 return adm
         if batch:
             raise quota_unavailable()
         return self._admit_without_redis(key, model, reserve_tokens, now, win, lease_id)
+
+    async def _leased(self, key: ApiKey, model: str, reserve: int, money: int) -> Admission:
+        """A busy key's request admitted from a slice of its budget this process holds
+        (gateway/access/leases.py); any other on its own (`admit` with `now`), and a refusal while
+        other processes hold slices of the key asks for them back and tries again."""
+        assert self.leases is not None
+        seat = await self.leases.admit(key, model, reserve, money)
+        if seat is not None:
+            s, lease_id, headers = seat
+            adm = Admission(key.id, lease_id, reserve, s.minute, s.day, s.month, headers)
+            adm.levels, adm.money, adm.slice = s.account.levels, money, s
+            return adm
+        for _ in range(RECALLS):
+            try:
+                return await self.admit(key, model, reserve, time.time(), money=money)
+            except GatewayError as refused:
+                if refused.status != 429 or not await self.leases.recall([refusing(self.levels(key), refused.code)]):
+                    raise
+        return await self.admit(key, model, reserve, time.time(), money=money)
 
     def _decide(
         self,
@@ -296,16 +353,30 @@ class Quota:
         if adm.local:
             self.local.release(adm.lease_id, prompt_tokens + completion_tokens)
             return
+        leases = self.leases
+        if (
+            adm.slice is not None
+            and leases is not None
+            and await leases.settle(adm, prompt_tokens, completion_tokens, spend)
+        ):
+            return
         delta = prompt_tokens + completion_tokens - adm.reserved
         args: list[str | int] = [adm.lease_id, delta, prompt_tokens, completion_tokens, spend - adm.money]
-        await self.settles.add((adm.lease_id, adm.release_keys(), args))
+        keys = adm.release_keys()
+        if adm.line is not None:
+            keys = Keys([*keys, adm.record])
+        sent = self.settles.add((adm.lease_id, keys, args))
+        # Shared by the loop iteration's releases: a cancelled waiter would cancel it for all of
+        # them. A job aborting its batch lines cancels them (a client's request is not cancelled
+        # while it settles: its watch has stopped).
+        await (asyncio.shield(sent) if adm.batch else sent)
 
     def _release_failed(self, release: Release, error: BaseException | None) -> None:
         if isinstance(error, (*REDIS_DOWN, TimeoutError)):  # TimeoutError: the send was cancelled
             self._failed("release", error)
         # NOSCRIPT (Redis restarted) or Redis unreachable: run_script in the retry loads the script
         lease_id, keys, args = release
-        self._retry(lease_id, _RELEASE, keys, args)
+        self._retry(lease_id, _SETTLE, keys, settle_args(keys, args))
 
     def _retry(self, lease_id: str, script: Script, keys: ScriptKeys, args: list[str | int]) -> None:
         self._pending.add(lease_id, script, keys, args)
@@ -316,6 +387,8 @@ class Quota:
 
     async def close(self) -> None:
         """Stops the retries after one last try (a shutdown reconciles what it can)."""
+        if self.leases is not None:
+            await self.leases.close()
         self.settles.flush()
         await self._pending.close()
 
@@ -331,6 +404,8 @@ class Quota:
                     # XX: never revive a released lease
                     calls.append(self.redis.execute("ZADD", leases, "XX", expiry, adm.lease_id))
                     calls.append(self.redis.execute("PEXPIRE", leases, keep))
+                if adm.line is not None:  # a batch line's charge record outlives its run
+                    calls.append(self.redis.execute("EXPIRE", adm.record, adm.line.keep))
         if not calls:
             return
         try:
@@ -343,10 +418,33 @@ class Quota:
         """A key id stands for a key without a team; a Level for anything else."""
         return of if isinstance(of, Level) else levels_of(self.prefix, of, None, None)[0]
 
+    async def recall(self, levels: Iterable[Level]) -> None:
+        """After a change of these levels' records (a revoke, new limits): once this returns, no
+        process admits from a slice taken before it (gateway/access/leases.py has the bound)."""
+        if self.leases is not None:
+            await self.leases.recall(levels)
+
+    async def _recall_before_read(self, level: Level, op: str) -> None:
+        """With leases on, the slices of `level` back before a read of its counters. A Redis that
+        does not answer which slices are live within the admin deadline will not answer the
+        read either: 503 at once."""
+        if self.leases is None:
+            return
+        try:
+            async with within(self.admin_deadline):
+                live = await self.leases.live(level)
+        except (*REDIS_DOWN, TimeoutError) as exc:
+            self._failed(op, exc, trip=False)
+            raise quota_unavailable() from None
+        if live:
+            await self.leases.recall((level,), live)
+
     async def usage(self, of: str | Level, now: float | None = None) -> dict[str, Any]:
-        """The current windows of a key (its id, when it has no team) or of any level."""
+        """The current windows of a key (its id, when it has no team) or of any level; with
+        leases on, slices of it are given back first, so what they admitted is in."""
         win = window(time.time() if now is None else now)
         level = self._level(of)
+        await self._recall_before_read(level, "usage")
         base, key_id = level.base, level.id
         fields = ("requests", "tokens", "prompt_tokens", "completion_tokens", "spend")
         try:
@@ -372,7 +470,9 @@ class Quota:
         A day with no hash (no use, or older than DAY_TTL) counts zero."""
         today = date.fromisoformat(window(time.time() if now is None else now).day)
         dates = [(today - timedelta(days=back)).isoformat() for back in range(days - 1, -1, -1)]
-        base = self._level(of).base
+        level = self._level(of)
+        await self._recall_before_read(level, "history")
+        base = level.base
         fields = ("requests", "prompt_tokens", "completion_tokens", "tokens", "spend")
         try:
             async with within(self.admin_deadline):
@@ -401,6 +501,12 @@ class Quota:
     def _recovered(self) -> None:
         self._down = False
         log.warning("Redis reachable again: quotas back on Redis")
+
+
+def refusing(levels: tuple[Level, ...], code: str | None) -> Level:
+    """The level a 429's code names: team_rpm_exceeded -> the team; rpm_exceeded -> the first."""
+    kind = (code or "").partition("_")[0]
+    return next((lv for lv in levels if lv.kind == kind), levels[0])
 
 
 def _text(value: Any) -> str:

@@ -12,9 +12,11 @@ DAY_TTL = 40 * 86400
 MONTH_TTL = 400 * 86400
 LEASE_KEEP_MS = 3_600_000  # an expired lease is kept this long, so a late release still reconciles
 
-# KEYS: the tombstone, then 5 per level (key first): limits, minute, day, month, leases.
+# KEYS: the tombstone, then 5 per level (key first): limits, minute, day, month, leases; for a
+# batch line, then its charge record.
 # ARGV (admit_args in gateway/access/quota.py): now (ms), model, reserved tokens, lease, the lease's
-# expiry (ms), the lease sets' TTL (ms), batch ('1' or '0'), reserved money (nanos).
+# expiry (ms), the lease sets' TTL (ms), batch ('1' or '0'), reserved money (nanos); for a batch
+# line, then its claim's number, its charge record's TTL (s) and the day (the record is the last key).
 #
 # What a script costs in Redis (callgrind, instructions): a redis.call about 4,000 (a write some
 # 6,000), each field it reads into Lua about 3,000 more, each `tonumber` (strtod) about 2,000, each
@@ -30,7 +32,36 @@ local TTLS, KEEP = {{[2] = '{MINUTE_TTL}', [3] = '{DAY_TTL}', [4] = '{MONTH_TTL}
 local now = tonumber(ARGV[1])
 local reserve, money, lease = tonumber(ARGV[3]), tonumber(ARGV[8]), ARGV[4]
 local batch = ARGV[7] == '1'
-local n = (#KEYS - 1) / 5
+local n = math.floor((#KEYS - 1) / 5)
+local line = ARGV[9] and KEYS[#KEYS]
+if line then
+  -- a batch line's run replaces the line's earlier runs, whose results can no longer be recorded
+  local was = redis.call('HMGET', line, 'claim', 'lease', 'settled', 'day', 'tokens', 'spend', 'prompt', 'completion')
+  if was[1] and tonumber(was[1]) > tonumber(ARGV[9]) then return {'superseded'} end
+  if was[2] ~= lease then
+    -- its charge is undone once: while its lease is held (the run died or was taken over), or settled
+    if was[2] and was[2] ~= '' and (redis.call('ZREM', KEYS[6], was[2]) == 1 or was[3] == '1') then
+      local toks, spent = 0 - tonumber(was[5]), 0 - tonumber(was[6])
+      for o = 1, 5 * n, 5 do
+        local base = string.sub(KEYS[o + 5], 1, -8)  -- <base>bleases
+        if o > 1 then redis.call('ZREM', KEYS[o + 5], was[2]) end
+        for _, period in ipairs({base .. 'day:' .. was[4], base .. 'month:' .. string.sub(was[4], 1, 7)}) do
+          if redis.call('EXISTS', period) == 1 then
+            redis.call('HINCRBY', period, 'requests', -1)
+            redis.call('HINCRBY', period, 'tokens', toks)
+            if spent ~= 0 then redis.call('HINCRBY', period, 'spend', spent) end
+            if o == 1 and was[3] == '1' then
+              redis.call('HINCRBY', period, 'prompt_tokens', 0 - tonumber(was[7]))
+              redis.call('HINCRBY', period, 'completion_tokens', 0 - tonumber(was[8]))
+            end
+          end
+        end
+      end
+    end
+    redis.call('HSET', line, 'claim', ARGV[9], 'lease', '')
+    redis.call('EXPIRE', line, ARGV[10])
+  end
+end
 -- a missing field (false) and "" both mean null
 local function limit(v) if v and v ~= '' then return tonumber(v) end return -1 end
 -- per level: its limits (rpm, tpm, max_concurrent, daily/monthly tokens, daily/monthly budget) and
@@ -117,6 +148,10 @@ for l = 1, n do
     redis.call('PEXPIRE', KEYS[o + 5], ARGV[6])
   end
 end
+if line then
+  redis.call('HSET', line, 'lease', lease, 'settled', 0, 'day', ARGV[11], 'tokens', reserve, 'spend', money,
+    'prompt', 0, 'completion', 0)
+end
 if batch then return {'ok', k[1], kreq, k[2], ktok + reserve} end
 return {'ok', k[1], kreq + 1, k[2], ktok + reserve}
 """
@@ -172,13 +207,17 @@ return 0
 """)
 
 # Many releases in one call (gateway/access/settle_batch.py), each exactly as _RELEASE does it.
-# KEYS: each release's 4 per level (key first), one release after the other.
-# ARGV: per release 6: its number of levels, then _RELEASE's 5 (lease, tokens delta, prompt
-# tokens, completion tokens, spend delta). Returns how many releases were not repeats.
+# KEYS: each release's 4 per level (key first), then a batch line's charge record, one release
+# after the other.
+# ARGV: per release 6: its number of levels (negative for a batch line), then _RELEASE's 5
+# (lease, tokens delta, prompt tokens, completion tokens, spend delta). Returns how many
+# releases were not repeats.
 _SETTLE = Script("""
 local k, done = 0, 0
 for a = 0, #ARGV - 1, 6 do
   local n, lease = tonumber(ARGV[a + 1]), ARGV[a + 2]
+  local line = n < 0 and KEYS[k - 4 * n + 1]
+  if line then n = -n end
   if redis.call('ZREM', KEYS[k + 1], lease) == 1 then
     done = done + 1
     local delta, spend = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 6])
@@ -198,8 +237,15 @@ for a = 0, #ARGV - 1, 6 do
         end
       end
     end
+    if line and redis.call('HGET', line, 'lease') == lease then
+      -- the line's charge: from its reservation to what it used
+      redis.call('HINCRBY', line, 'tokens', delta)
+      redis.call('HINCRBY', line, 'spend', spend)
+      redis.call('HSET', line, 'settled', 1, 'prompt', ARGV[a + 4], 'completion', ARGV[a + 5])
+    end
   end
   k = k + 4 * n
+  if line then k = k + 1 end
 end
 return done
 """)

@@ -136,6 +136,8 @@ def _cash(nanos: int, currency: str) -> str:
 
 
 def refused_key(reason: str, model: str, expires_at: float | None = None) -> GatewayError:
+    if reason == "superseded":  # a batch line's run of an older claim: another runner has the line
+        return GatewayError(409, "This batch line was taken over by another run.", code=Code.BATCH_LINE_SUPERSEDED)
     if reason == "model":
         return model_not_allowed(model)
     if reason == "revoked":

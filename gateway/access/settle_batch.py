@@ -12,7 +12,7 @@ the client's last byte, and commands of one connection run in order, so a client
 on this replica is admitted after its previous lease was freed.
 
 A batch that fails (Redis down, NOSCRIPT after a Redis restart) goes to the retries release by
-release (`_RELEASE`, idempotent by lease id). A replica killed before a batch left loses at most
+release (`_SETTLE` with one release, idempotent by lease id). A replica killed before a batch left loses at most
 the releases of that loop iteration, and those requests' clients never got their last byte; their
 reservations stay charged (the safe side: never less than used) and their leases count toward
 max_concurrent until they expire (lease_ttl).
@@ -31,7 +31,8 @@ from gateway.access.quota_scripts import _SETTLE
 from gateway.resp.client import Keys, LeanClient, ScriptKeys
 from gateway.resp.cluster import ClusterClient
 
-# (lease id, keys, the `_RELEASE` arguments): one request's release
+# (lease id, keys, the `_RELEASE` arguments): one request's release; a batch line's keys end with
+# its charge record (gateway/access/quota.py)
 Release = tuple[str, ScriptKeys, list[str | int]]
 # called with a release the batch could not run, and the error (None: the script refused it)
 Failed = Callable[[Release, BaseException | None], None]
@@ -75,7 +76,7 @@ class SettleBatch:
     def _send(self, group: list[Release]) -> None:
         call_args: list[str | int] = []
         for _, keys, args in group:
-            call_args += [len(keys) // 4, *args]  # its number of levels, then _RELEASE's arguments
+            call_args += settle_args(keys, args)
         call_keys = group[0][1] if len(group) == 1 else Keys.join(keys for _, keys, _ in group)
         self.calls += 1
         self._redis.send_script(_SETTLE, call_keys, call_args).add_done_callback(lambda done: self._done(done, group))
@@ -87,3 +88,10 @@ class SettleBatch:
         reason = error if error is not None else (TimeoutError("cancelled") if done.cancelled() else None)
         for release in group:
             self._failed(release, reason)
+
+
+def settle_args(keys: Keys, args: list[str | int]) -> list[str | int]:
+    """One release's `_SETTLE` arguments: its number of levels (negative when its keys end with a
+    batch line's charge record), then `_RELEASE`'s."""
+    levels = len(keys) // 4
+    return [-levels if len(keys) % 4 else levels, *args]

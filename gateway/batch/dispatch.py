@@ -13,6 +13,12 @@ What is retried, and how:
 - an engine that failed (502, 504): up to MAX_ATTEMPTS tries, then the line fails;
 - anything else (a daily or monthly budget spent, a revoked key, the engine's 4xx): the line
   fails with that error's code.
+
+Charging: every run is admitted as its line (`batch_line`: the batch, the line, the claim's
+number), and replaces the charge of the line's earlier runs (gateway/access/quota.py), so a line
+that runs again (its replica died before recording it, or another took it over) is charged once.
+What the last attempt was charged goes with the outcome as its spend row, written to the store
+with the result (gateway/store/lines.py): the store counts it once too.
 """
 
 from __future__ import annotations
@@ -21,19 +27,23 @@ import asyncio
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import orjson
 from starlette.types import Message
 
 from gateway.access.base import Principal
 from gateway.core.errors import Code, GatewayError
-from gateway.core.request import Endpoint, parse_request
-from gateway.proxy.context import Gateway
+from gateway.core.request import BatchLine, Endpoint, parse_request
+from gateway.monitor.spend import line_spend
+from gateway.proxy.context import Current, Gateway
 from gateway.proxy.exchange import Exchange
-from gateway.store import ClaimedLine, LineOutcome, Owner
+from gateway.store import ClaimedLine, LineOutcome, Owner, SpendRow
 
 MAX_ATTEMPTS = 3
+# A line's charge record outlives its run by the time a takeover takes (its claim expires, its
+# batch's lease too) and this: a rerun later than that is charged again.
+RERUN_MARGIN = 600
 WAIT_MIN = 0.5
 WAIT_MAX = 10.0
 TPM_WAIT_MAX = 61.0
@@ -62,23 +72,42 @@ class Collected:
         return b"".join(self.chunks)
 
 
+@dataclass(slots=True)
+class Charge:
+    """What a line's last attempt here was charged, as its spend row (None: nothing). Kept apart
+    from the outcome, so a job that aborts the line still knows it."""
+
+    spend: SpendRow | None = None
+
+
 class LineDispatcher:
     """Runs the lines of one batch as its owner."""
 
-    def __init__(self, gw: Gateway, endpoint: Endpoint, batch_id: str, owner: Owner) -> None:
-        self.gw = gw
+    def __init__(self, current: Current, endpoint: Endpoint, batch_id: str, owner: Owner, keep: int) -> None:
+        self.current = current
         self.endpoint = endpoint
         self.batch_id = batch_id
         self.owner = owner
+        self.keep = keep  # seconds a line's charge record outlives its run (gateway/access/quota.py)
         self._principal: Principal | None = None
         self._principal_at = 0.0
 
-    async def run(self, line: ClaimedLine) -> LineOutcome:
+    @property
+    def gw(self) -> Gateway:
+        """The newest configuration: a line runs on the one it starts with (its exchange keeps it)."""
+        return self.current.gw
+
+    async def run(self, line: ClaimedLine, charge: Charge) -> LineOutcome:
+        """The line's outcome, carrying what it was charged (`charge` holds it meanwhile)."""
+        outcome = await self._attempts(line, charge)
+        return replace(outcome, spend=charge.spend)
+
+    async def _attempts(self, line: ClaimedLine, charge: Charge) -> LineOutcome:
         failures = 0
         wait = WAIT_MIN
         while True:
             try:
-                return await self._once(line)
+                return await self._once(line, charge)
             except GatewayError as exc:
                 if exc.code == Code.TPM_EXCEEDED:
                     await asyncio.sleep(min(TPM_WAIT_MAX, _retry_after(exc)))
@@ -102,18 +131,23 @@ class LineDispatcher:
             self._principal_at = time.monotonic()
         return self._principal
 
-    async def _once(self, line: ClaimedLine) -> LineOutcome:
+    async def _once(self, line: ClaimedLine, charge: Charge) -> LineOutcome:
         principal = await self._owner()
         request = parse_request(line.body.encode(), self.endpoint)  # fresh: the exchange writes to it
         request.batch_id = self.batch_id
+        request.batch_line = BatchLine(self.batch_id, line.line, line.attempts, self.keep)
         request_id = os.urandom(16).hex()
         collected = Collected()
         observe = self.gw.observe  # the line's access log line and span (gateway/observe/)
         with nullcontext() if observe is None else observe.batch_line(self.batch_id, request_id, self.endpoint.kind):
-            async with Exchange(self.gw, principal, request, request_id.encode(), None) as exchange:
-                await exchange.admit()
-                response = await exchange.call_engine()
-                await exchange.relay(response, collected)
+            exchange = Exchange(self.gw, principal, request, request_id.encode(), None)
+            try:
+                async with exchange:
+                    await exchange.admit()
+                    response = await exchange.call_engine()
+                    await exchange.relay(response, collected)
+            finally:  # this attempt's charge replaced the earlier ones' (none if it was refused)
+                charge.spend = line_spend(exchange.grant, time.time())
             if exchange.obs is not None:
                 exchange.obs.bytes_out = sum(map(len, collected.chunks))
         return outcome_of(collected.status, collected.body, request_id)

@@ -13,7 +13,10 @@ a slow line is never taken over while it runs) and watches the batch:
   flight finish and are recorded under their claims; the job ends.
 
 Whatever dies on the way, the store keeps every line to exactly one outcome: a line whose runner
-died is claimed again once its claim expires, and a late result of an old claim is refused.
+died is claimed again once its claim expires, and a late result of an old claim is refused. A
+result carries what its run was charged, written with it (gateway/batch/dispatch.py says how a
+line that ran twice is charged once); a line aborted by a cancel or an expiry is recorded here
+with the cancel's or expiry's error and what it was charged until then.
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ from collections import Counter, deque
 from contextlib import suppress
 from dataclasses import dataclass
 
-from gateway.batch.dispatch import LineDispatcher
+from gateway.batch.dispatch import RERUN_MARGIN, Charge, LineDispatcher
 from gateway.batch.slots import Slots
 from gateway.core.request import ENDPOINTS
-from gateway.proxy.context import Gateway
+from gateway.proxy.context import Current, Gateway
 from gateway.settings import BatchSettings
 from gateway.store import ALL_OWNERS, FINAL_STATUSES, Batch, ClaimedLine, LineOutcome, Store, UnfinishedLinesError
 
@@ -38,17 +41,23 @@ FLUSH_DELAY = 0.05  # results that arrive within this long share one commit
 RETRY_DELAY = 1.0  # after a failed store call
 CANCELLED = "The batch was cancelled before this request ran."
 EXPIRED = "The batch's completion window ended before this request ran."
+# The error of a line a cancel or an expiry ends (the same whether it was pending or in flight).
+ENDED = {"cancelled": ("batch_cancelled", CANCELLED), "expired": ("batch_expired", EXPIRED)}
 
 
 @dataclass(frozen=True)
 class JobContext:
     """What the jobs of one runner share."""
 
-    gw: Gateway
+    current: Current  # the newest configuration (gateway/proxy/context.py)
     store: Store
     settings: BatchSettings
     holder: str
     slots: Slots
+
+    @property
+    def gw(self) -> Gateway:
+        return self.current.gw
 
 
 class BatchJob:
@@ -57,8 +66,13 @@ class BatchJob:
         self.store = ctx.store
         self.id = batch.id
         self.batch = batch
-        self.dispatcher = LineDispatcher(ctx.gw, ENDPOINTS[batch.endpoint], batch.id, batch.owner)
+        s = ctx.settings
+        keep = round(s.claim_ttl + s.lease_ttl) + RERUN_MARGIN
+        self.dispatcher = LineDispatcher(ctx.current, ENDPOINTS[batch.endpoint], batch.id, batch.owner, keep)
         self.halted = asyncio.Event()  # no new line starts: cancelled, expired, lease lost, stopping
+        # Why lines in flight are aborted, when it ends them (a cancel, an expiry): their error.
+        # None: an abort hands them back (this process stops), to run again elsewhere.
+        self.ending: tuple[str, str] | None = None
         self.lost = False
         self.running: set[asyncio.Task[None]] = set()
         self.results: list[tuple[ClaimedLine, LineOutcome]] = []
@@ -165,11 +179,17 @@ class BatchJob:
         self.ctx.slots.give()
 
     async def _run_line(self, line: ClaimedLine) -> None:
+        charge = Charge()
         try:
-            outcome = await self.dispatcher.run(line)
+            outcome = await self.dispatcher.run(line, charge)
+        except asyncio.CancelledError:
+            if self.ending is None:
+                raise  # handed back: its next run's charge replaces this one's
+            outcome = LineOutcome.failure(*self.ending, spend=charge.spend)
         except Exception:
             log.exception("batch %s line %d failed in the gateway", self.id, line.line)
-            outcome = LineOutcome.failure("internal_error", "The gateway failed while running this request.")
+            message = "The gateway failed while running this request."
+            outcome = LineOutcome.failure("internal_error", message, spend=charge.spend)
         self.results.append((line, outcome))
         self._results_ready.set()
 
@@ -206,7 +226,7 @@ class BatchJob:
             lines = self.ctx.gw.metrics.batch_lines_by
             for (line, outcome), ok in zip(group, written, strict=True):
                 self._release(line.claim_token)
-                lines["discarded" if not ok else "failed" if outcome.failed else "completed"].inc()
+                lines[_label(outcome) if ok else "discarded"].inc()
 
     def _release(self, token: str) -> None:
         self.held[token] -= 1
@@ -231,9 +251,10 @@ class BatchJob:
 
     async def _expire(self) -> None:
         self.halt()
+        self.ending = ENDED["expired"]
         await self._abort_lines()
         await self._flush()
-        failed = await self.store.fail_pending(self.id, "batch_expired", EXPIRED)
+        failed = await self.store.fail_pending(self.id, *ENDED["expired"])
         batch = await self.store.finalize_batch(self.id, expect=["in_progress"], status="expired")
         if batch is not None:
             self.ctx.gw.metrics.batches_by["expired"].inc()
@@ -249,7 +270,7 @@ class BatchJob:
             if await self.store.count_claimed(self.id) <= sum(self.held.values()):
                 break
             await asyncio.sleep(self.ctx.settings.poll_interval)
-        failed = await self.store.fail_pending(self.id, "batch_cancelled", CANCELLED)
+        failed = await self.store.fail_pending(self.id, *ENDED["cancelled"])
         done = await self.store.finalize_batch(self.id, expect=["cancelling"], status="cancelled")
         if done is not None:
             self.ctx.gw.metrics.batches_by["cancelled"].inc()
@@ -289,9 +310,12 @@ class BatchJob:
         if batch.status == "cancelling":
             self.halt()
             if now >= (batch.cancelling_at or now) + self.ctx.settings.cancel_grace:
+                self.ending = ENDED["cancelled"]
                 self._abort_running()
         elif (batch.status == "in_progress" and now >= batch.expires_at) or batch.status in FINAL_STATUSES:
             self.halt()
+            if batch.status == "in_progress":
+                self.ending = ENDED["expired"]
             self._abort_running()
 
     def _abort_running(self) -> None:
@@ -310,3 +334,11 @@ class BatchJob:
                 await self.store.release_lease(self.id, self.ctx.holder)
         except Exception as exc:
             log.warning("batch %s: handing back claims and lease failed: %r", self.id, exc)
+
+
+def _label(outcome: LineOutcome) -> str:
+    """A written result's outcome in gateway_batch_lines_total."""
+    for label, (code, _) in ENDED.items():
+        if outcome.error_code == code:
+            return label
+    return "failed" if outcome.failed else "completed"

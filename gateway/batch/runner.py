@@ -21,16 +21,16 @@ from contextlib import suppress
 
 from gateway.batch.job import BatchJob, JobContext
 from gateway.batch.slots import Slots
-from gateway.proxy.context import Gateway
+from gateway.proxy.context import Current, Gateway
 from gateway.store import Batch, Store
 
 log = logging.getLogger(__name__)
 
 
 class BatchRunner:
-    def __init__(self, gw: Gateway) -> None:
-        self.gw = gw
-        self.settings = gw.settings.batch
+    def __init__(self, current: Current) -> None:
+        self.current = current  # the newest configuration: each line runs on the one it starts with
+        self.settings = current.gw.settings.batch
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.jobs: dict[str, BatchJob] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -39,8 +39,12 @@ class BatchRunner:
         self._purged = 0.0
         self._ctx: JobContext | None = None
 
+    @property
+    def gw(self) -> Gateway:
+        return self.current.gw
+
     def start(self, store: Store) -> None:
-        self._ctx = JobContext(self.gw, store, self.settings, self.holder, Slots(self.settings.concurrency))
+        self._ctx = JobContext(self.current, store, self.settings, self.holder, Slots(self.settings.concurrency))
         self._loop = asyncio.create_task(self._run(store), name="batch-runner")
 
     async def stop(self) -> None:

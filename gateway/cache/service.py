@@ -11,6 +11,12 @@ Each process keeps the digests of the entries it knows are stored (its own store
 replica's within `SYNC` seconds, read from the store's index), and asks Redis only for those: a
 miss costs no round trip before the engine is asked. An entry stored elsewhere less than `SYNC`
 ago may be missed once; a digest whose entry expired or was evicted costs one empty lookup.
+
+The answers themselves are kept in the process too, up to `cache.local_memory` bytes
+(gateway/cache/near.py): the ones it stored and the ones it read, so a repeated hit costs no Redis
+round trip either, and the stores leave for Redis together every PUT_EVERY seconds. An admin
+invalidation takes effect at once on the process that made it and within `SYNC` seconds on the
+others, which read the generations with the index.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ import orjson
 from starlette.types import Message, Scope, Send
 
 from gateway.access.base import Principal, Usage
-from gateway.cache.shapes import fold_stream, unfold
+from gateway.cache.near import Entry, NearCache
+from gateway.cache.shapes import fold_stream
 from gateway.cache.store import CacheStore
 from gateway.core.errors import invalid
 from gateway.core.metrics import GatewayMetrics
@@ -37,10 +44,14 @@ from gateway.settings import CacheSettings, ModelSettings, RouteSettings
 log = logging.getLogger(__name__)
 
 SYNC = 1.0  # seconds between reads of the entries other replicas stored
+PUT_EVERY = 0.005  # seconds the stores gather before they leave together (this process hits them meanwhile)
+MAX_PUTS = 64  # stores that leave at once without waiting for PUT_EVERY
 MAX_KNOWN = 1_000_000  # digests remembered; past it, forgotten and read again
 HEADER = b"x-gateway-cache"
 MODES = (b"use", b"refresh", b"skip")
 _NOT_KEYED = ("stream", "stream_options")  # both shapes share one entry
+SSE = b"text/event-stream; charset=utf-8"
+JSON = b"application/json"
 
 
 class Lookup:
@@ -93,6 +104,9 @@ class ResponseCache:
         self.store = store
         self._metrics = metrics
         self._known: set[str] = set()
+        self._near = NearCache(settings.local_memory)
+        self._puts: list[tuple[str, str, bytes]] = []  # stores not sent yet
+        self._gens: dict[str, str] | None = None  # the generations last read; None: not yet (keep nothing)
         self._seen = float("-inf")  # the newest index score read
         self._task: asyncio.Task[None] | None = None
 
@@ -100,6 +114,7 @@ class ResponseCache:
         self._task = asyncio.ensure_future(self._sync())
 
     async def stop(self) -> None:
+        self._send_puts()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -107,6 +122,7 @@ class ResponseCache:
     async def _sync(self) -> None:
         while True:
             try:
+                self._follow(await self.store.generations())
                 if len(self._known) > MAX_KNOWN:
                     self._known.clear()
                     self._seen = float("-inf")
@@ -118,6 +134,27 @@ class ResponseCache:
             except Exception as exc:  # Redis away: try again next time
                 log.warning("response cache sync failed: %s", exc)
             await asyncio.sleep(SYNC)
+
+    def _follow(self, gens: dict[str, str]) -> None:
+        """The generations as Redis has them now: a model whose generation moved (an invalidation
+        on any replica) loses the entries this process keeps of it."""
+        old, self._gens = self._gens, gens
+        if old is None or old == gens:
+            return
+        if old.get("*") != gens.get("*"):
+            self._near.drop_model(None)
+            return
+        for model in old.keys() | gens.keys():
+            if old.get(model) != gens.get(model):
+                self._near.drop_model(model)
+
+    async def invalidate(self, model: str | None) -> int:
+        """A new generation for the model (None: every model), in force here at once; returns it."""
+        generation = await self.store.invalidate(model)
+        self._near.drop_model(model)
+        if self._gens is not None:
+            self._gens = {**self._gens, model or "*": str(generation)}
+        return generation
 
     @staticmethod
     def wanted(settings: CacheSettings, models: Mapping[str, ModelSettings]) -> bool:
@@ -169,7 +206,37 @@ class ResponseCache:
         return known[1]
 
     async def answer(self, lookup: Lookup, request: ApiRequest) -> Replay | None:
-        if lookup.refresh or lookup.digest not in self._known:
+        if lookup.refresh:
+            return None
+        now = time.monotonic()
+        entry = self._near.get(lookup.digest, now)
+        if entry is None:
+            entry = await self._fetch(lookup, now)
+            if entry is None:
+                return None
+        if not entry.parsed:
+            try:
+                entry.parse()
+            except orjson.JSONDecodeError:  # not an answer we stored: the engine answers
+                return None
+            prompt, completion = _tokens(entry.usage)
+            entry.tokens, entry.charged = prompt + completion, self.charged(prompt, completion)
+        if request.stream:
+            body = entry.stream(request.endpoint.kind == "chat", request.usage_wanted)
+            if body is None:
+                return None
+            ctype = SSE
+        else:
+            body, ctype = entry.body, JSON
+        lookup.hit = True
+        self._metrics.cache_tokens_by[lookup.model].inc(entry.tokens)
+        assert entry.charged is not None
+        return Replay(ctype, body, entry.usage, entry.finish, entry.charged)
+
+    async def _fetch(self, lookup: Lookup, now: float) -> Entry | None:
+        """The entry from Redis, kept here when it is of the model's generation as this process
+        knows it (one read before the last invalidation is served once, not kept)."""
+        if lookup.digest not in self._known:
             return None
         try:
             stored = await self.store.get(lookup.model, lookup.digest)
@@ -178,22 +245,21 @@ class ResponseCache:
             return None
         if stored is None:
             return None
-        whole = orjson.loads(stored)
-        usage = whole.get("usage") if isinstance(whole.get("usage"), dict) else None
-        if request.stream:
-            body = unfold(whole, request.endpoint.kind == "chat", request.usage_wanted)
-            if body is None:
-                return None
-            ctype = b"text/event-stream; charset=utf-8"
-        else:
-            body, ctype = stored, b"application/json"
-        choices = whole.get("choices") or [{}]
-        finish = choices[0].get("finish_reason") if isinstance(choices[0], dict) else None
-        prompt, completion = _tokens(usage)
+        gen, body, left_ms = stored
+        expires = now + left_ms / 1000
+        if self._gens is not None and gen == _tag(self._gens, lookup.model):
+            self._near.put(lookup.digest, lookup.model, body, expires)
+            kept = self._near.get(lookup.digest, now)  # None when it does not fit
+            if kept is not None:
+                return kept
+        return Entry(lookup.model, body, expires)
+
+    def charged(self, prompt: int, completion: int) -> Usage:
+        """What a hit counts: `cache.charge` of the answer's tokens (none by default), the whole
+        prompt as cached, so spend prices it at the model's `cached_input`."""
         charge = self.settings.charge
-        lookup.hit = True
-        self._metrics.cache_tokens_by[lookup.model].inc(prompt + completion)
-        return Replay(ctype, body, usage, finish, Usage(round(prompt * charge), round(completion * charge), True))
+        counted = round(prompt * charge)
+        return Usage(counted, round(completion * charge), True, counted)
 
     def finish(
         self, lookup: Lookup, request: ApiRequest, status: int, done: bool, usage: dict[str, Any] | None
@@ -209,9 +275,21 @@ class ResponseCache:
         value = fold_stream(sent, request.endpoint.kind == "chat", usage) if request.stream else sent
         if value is None or len(value) > limit:
             return
-        # Sent without waiting (no task): the reply only says whether it fit.
         self._known.add(lookup.digest)
-        self.store.send_put(lookup.model, lookup.digest, value, int(time.time() * 1000)).add_done_callback(_stored)
+        if self._gens is not None:
+            self._near.put(lookup.digest, lookup.model, value, time.monotonic() + self.settings.ttl)
+        if not self._puts:
+            asyncio.get_running_loop().call_later(PUT_EVERY, self._send_puts)
+        self._puts.append((lookup.model, lookup.digest, value))
+        if len(self._puts) >= MAX_PUTS:
+            self._send_puts()
+
+    def _send_puts(self) -> None:
+        """The stores gathered so far, in one script call, without waiting (no task): the reply
+        only says how many fit."""
+        if self._puts:
+            puts, self._puts = self._puts, []
+            self.store.send_puts(puts, int(time.time() * 1000)).add_done_callback(_stored)
 
 
 def _stored(future: asyncio.Future[Any]) -> None:
@@ -219,6 +297,11 @@ def _stored(future: asyncio.Future[Any]) -> None:
     reply = None if exc is not None or future.cancelled() else future.result()
     if exc is not None or isinstance(reply, Exception):  # NOSCRIPT after a Redis restart included
         log.warning("response cache store failed: %s", exc or reply)
+
+
+def _tag(gens: dict[str, str], model: str) -> str:
+    """The model's generation as the store's scripts spell it (gateway/cache/store.py)."""
+    return f"{gens.get(model, '0')}.{gens.get('*', '0')}"
 
 
 def _tokens(usage: dict[str, Any] | None) -> tuple[int, int]:

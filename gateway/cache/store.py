@@ -8,8 +8,8 @@ Keys (one hash tag, so every script touches one slot of a Redis Cluster):
   {P}:{cache}:e:{model gen}.{all gen}:{digest}   an entry, with a TTL (PX)
 
 The memory bound is our own accounting, independent of Redis's maxmemory: before an entry is
-written, expired entries are dropped from the count (up to 64 a step), then the oldest entries
-are evicted until the new one fits. Redis may expire an entry before the sweep sees it: the
+written, expired entries are dropped from the count (up to 64 a step, and one more per entry
+written), then the oldest entries are evicted until each new one fits. Redis may expire an entry before the sweep sees it: the
 count then runs high for a while, so the bound errs on the safe side. An invalidation bumps a
 generation: old entries are never read again and leave by TTL or eviction.
 """
@@ -27,13 +27,15 @@ _GEN = """local gen = (redis.call('HGET', KEYS[1], ARGV[1]) or '0') .. '.' .. (r
 _GET = Script(
     _GEN
     + """
-return redis.call('GET', ARGV[2] .. gen .. ':' .. ARGV[3])
+local key = ARGV[2] .. gen .. ':' .. ARGV[3]
+local value = redis.call('GET', key)
+if not value then return nil end
+return {gen, value, redis.call('PTTL', key)}
 """
 )
 
 _PUT = Script(
-    _GEN
-    + """
+    """
 local function drop(k)
   local s = tonumber(redis.call('HGET', KEYS[3], k) or '0')
   redis.call('HDEL', KEYS[3], k)
@@ -41,29 +43,36 @@ local function drop(k)
   redis.call('DEL', k)
   if s > 0 then redis.call('DECRBY', KEYS[4], s) end
 end
-local now = tonumber(ARGV[6])
-for _, k in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 64)) do drop(k) end
-local key = ARGV[2] .. gen .. ':' .. ARGV[3]
-local size = #ARGV[4] + #key
-local max = tonumber(ARGV[7])
-if size > max then return 0 end
-if redis.call('HEXISTS', KEYS[3], key) == 1 then drop(key) end
-local total = tonumber(redis.call('GET', KEYS[4]) or '0')
-while total + size > max do
-  local oldest = redis.call('ZRANGE', KEYS[2], 0, 0)
-  if #oldest == 0 then
-    redis.call('SET', KEYS[4], 0)
-    total = 0
-  else
-    drop(oldest[1])
-    total = tonumber(redis.call('GET', KEYS[4]) or '0')
+local prefix, ttl, now, max = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local sweep = 64 + (#ARGV - 4) / 3
+for _, k in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, sweep)) do drop(k) end
+local all = redis.call('HGET', KEYS[1], '*') or '0'
+local stored = 0
+for i = 5, #ARGV, 3 do
+  local key = prefix .. (redis.call('HGET', KEYS[1], ARGV[i]) or '0') .. '.' .. all .. ':' .. ARGV[i + 1]
+  local value = ARGV[i + 2]
+  local size = #value + #key
+  if size <= max then
+    if redis.call('HEXISTS', KEYS[3], key) == 1 then drop(key) end
+    local total = tonumber(redis.call('GET', KEYS[4]) or '0')
+    while total + size > max do
+      local oldest = redis.call('ZRANGE', KEYS[2], 0, 0)
+      if #oldest == 0 then
+        redis.call('SET', KEYS[4], 0)
+        total = 0
+      else
+        drop(oldest[1])
+        total = tonumber(redis.call('GET', KEYS[4]) or '0')
+      end
+    end
+    redis.call('SET', key, value, 'PX', ttl)
+    redis.call('ZADD', KEYS[2], now + ttl, key)
+    redis.call('HSET', KEYS[3], key, size)
+    redis.call('INCRBY', KEYS[4], size)
+    stored = stored + 1
   end
 end
-redis.call('SET', key, ARGV[4], 'PX', ARGV[5])
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[5]), key)
-redis.call('HSET', KEYS[3], key, size)
-redis.call('INCRBY', KEYS[4], size)
-return 1
+return stored
 """
 )
 
@@ -78,15 +87,28 @@ class CacheStore:
         self._ttl_ms = int(ttl * 1000)
         self._max = max_memory
 
-    async def get(self, model: str, digest: str) -> bytes | None:
+    async def get(self, model: str, digest: str) -> tuple[str, bytes, int] | None:
+        """The entry under the model's current generation: (that generation, the answer, the
+        milliseconds it has left), or None."""
         reply = await self._redis.run_script(_GET, [self._gen], [model, self._entries, digest])
-        return bytes(reply) if reply is not None else None
+        if reply is None:
+            return None
+        gen, value, left = reply
+        return bytes(gen).decode(), bytes(value), int(left)
 
-    def send_put(self, model: str, digest: str, value: bytes, now_ms: int) -> asyncio.Future[Any]:
-        """Stores without waiting; the future's reply says whether the entry fit (1) or not (0),
-        or the error. The scripts are loaded on every (re)connection, so NOSCRIPT cannot happen."""
+    async def generations(self) -> dict[str, str]:
+        """Model -> its generation, and `*` -> the one of every model (absent: 0)."""
+        reply = await self._redis.execute("HGETALL", self._gen, key=self._gen)
+        return {bytes(reply[i]).decode(): bytes(reply[i + 1]).decode() for i in range(0, len(reply), 2)}
+
+    def send_puts(self, puts: list[tuple[str, str, bytes]], now_ms: int) -> asyncio.Future[Any]:
+        """Stores (model, digest, answer) entries in one step, without waiting; the future's reply
+        is how many fit, or the error. The scripts are loaded on every (re)connection, so NOSCRIPT
+        cannot happen."""
         keys = [self._gen, self._idx, self._size, self._total]
-        args = [model, self._entries, digest, value, self._ttl_ms, now_ms, self._max]
+        args: list[Any] = [self._entries, self._ttl_ms, now_ms, self._max]
+        for put in puts:
+            args.extend(put)
         return self._redis.send_script(_PUT, keys, args)
 
     async def new_entries(self, after: float, limit: int = 10_000) -> tuple[list[str], float]:

@@ -12,40 +12,27 @@ from gateway.cli.keys import add_keys_commands
 from gateway.cli.report import add_report_command
 from gateway.cli.teams import add_team_commands
 from gateway.process.worker import configure_logging
-from gateway.settings import ConfigError, Settings, load_settings
-
-
-def _settings(path: str) -> Settings | None:
-    try:
-        return load_settings(path)
-    except ConfigError as exc:
-        print(f"llm-gateway: {exc}", file=sys.stderr)
-        return None
+from gateway.settings import ConfigError
+from gateway.settings.source import ConfigSource
 
 
 def serve(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from gateway.process.main import serve as run
 
-    settings = _settings(args.config)
-    if settings is None:
+    source = ConfigSource(args.config, args.host, args.port, args.workers)
+    try:
+        loaded = source.load()
+    except ConfigError as exc:
+        print(f"llm-gateway: {exc}", file=sys.stderr)
         return 2
-    s = settings.server
-    server = dataclasses.replace(
-        s, host=args.host or s.host, port=args.port or s.port, workers=args.workers or s.workers
-    )
-    if server.admin_port is not None and server.admin_port == server.port:
-        print(
-            f"llm-gateway: --port {server.port} is also server.admin_port; give them different ports", file=sys.stderr
-        )
-        return 2
-    return run(dataclasses.replace(settings, server=server), args.log_level)
+    return run(source, loaded, args.log_level)
 
 
 def check(args: argparse.Namespace) -> int:
-    settings = _settings(args.config)
-    if settings is None:
+    try:
+        settings = ConfigSource(args.config).load().settings  # as `serve` reads it (the TLS pair too)
+    except ConfigError as exc:
+        print(f"llm-gateway: {exc}", file=sys.stderr)
         return 2
     print(f"{args.config}: ok ({len(settings.engines)} engines, {len(settings.models)} models)")
     return 0

@@ -18,6 +18,7 @@ STATUS_TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     408: "invalid_request_error",
+    409: "invalid_request_error",
     413: "invalid_request_error",
     431: "invalid_request_error",
     429: "rate_limit_exceeded",
@@ -84,12 +85,18 @@ class Code(StrEnum):
     BATCH_NOT_FOUND = "batch_not_found"
     INVALID_FILE_PURPOSE = "invalid_file_purpose"
     BATCH_NOT_CANCELLABLE = "batch_not_cancellable"
+    BATCH_LINE_SUPERSEDED = "batch_line_superseded"  # a run of an older claim (never reaches a client)
     STORE_UNAVAILABLE = "store_unavailable"
     # the Responses API's stored responses; an engine that does not serve an endpoint
     RESPONSE_NOT_FOUND = "response_not_found"
     ENDPOINT_NOT_SERVED = "endpoint_not_served"
     # the gateway
     INTERNAL_ERROR = "internal_error"
+    # a configuration reload (gateway/front/reloads.py)
+    INVALID_CONFIG = "invalid_config"
+    RESTART_REQUIRED = "restart_required"
+    RELOAD_FAILED = "reload_failed"
+    RELOAD_UNAVAILABLE = "reload_unavailable"
     # the connection and the server's life (gateway/front/http11.py, gateway/proxy/drain.py)
     HEADERS_TOO_LARGE = "headers_too_large"
     REQUEST_TIMEOUT = "request_timeout"

@@ -3,24 +3,27 @@ route names, which the admin API may also set), a fixed status set and key ids, 
 client input, so label sets stay bounded. `route` is the version label of a model's route (`-`
 for a request that never reached one), so versions compare side by side.
 
-With several uvicorn workers, prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR,
-set by the CLI) sums every worker's values into one scrape.
+Each process keeps its values in memory (prometheus_client's plain values: an update adds a float
+under a lock). With `--workers N`, a scrape of any worker shows the sum over all workers
+(gateway/core/metrics_sum.py says how each kind adds up; gateway/core/metrics_link.py asks for it).
+Each gauge says how its workers' values add up: `sum` (requests in flight) or `max` (engine health).
 
 The latency and time-to-first-token histograms carry exemplars: the trace id of a sampled request
 (gateway/observe/), shown in the OpenMetrics exposition when the scraper asks for it (Accept:
-application/openmetrics-text); with several workers through gateway/core/exemplars.py.
+application/openmetrics-text); with several workers, each bucket shows the newest of any worker.
 """
 
 from __future__ import annotations
 
-import time
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.openmetrics import exposition as openmetrics
-from prometheus_client.samples import Exemplar
 
-from gateway.core.exemplars import ExemplarFiles, MergedCollector
+from gateway.core.errors import GatewayError
+from gateway.core.metrics_link import MetricsLink
+from gateway.core.metrics_sum import Families, Summed, described, snapshot
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 COLD_START_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
@@ -33,12 +36,11 @@ class Children(dict[Any, Any]):
     a plain dict: a hit never runs Python code, where prometheus_client's own `labels()`
     validates and locks on every call, which shows in per-request profiles."""
 
-    __slots__ = ("_metric", "buckets", "name")
+    __slots__ = ("_metric",)
 
-    def __init__(self, metric: Any, name: str = "", buckets: tuple[float, ...] = ()) -> None:
+    def __init__(self, metric: Any) -> None:
         super().__init__()
         self._metric = metric
-        self.name, self.buckets = name, buckets  # a histogram's, for its exemplars
 
     def __missing__(self, labels: Any) -> Any:
         child = self[labels] = (
@@ -48,11 +50,12 @@ class Children(dict[Any, Any]):
 
 
 class GatewayMetrics:
-    def __init__(self, multiprocess_dir: str | None = None) -> None:
+    def __init__(self, hub: str | None = None) -> None:
+        """`hub`: the main process's metrics hub, with several workers (gateway/process/metrics_hub.py)."""
         self.registry = CollectorRegistry(auto_describe=True)
-        self._multiprocess_dir = multiprocess_dir
-        self._exemplar_files = ExemplarFiles(multiprocess_dir) if multiprocess_dir else None
+        self._gauge_merge: dict[str, str] = {}
         r = self.registry
+        gauge = self._gauge
         self.requests = Counter(
             "gateway_requests",
             "Requests by public model, engine, status, route (version) and API (chat, responses, messages, ...).",
@@ -90,32 +93,16 @@ class GatewayMetrics:
         self.key_tokens = Counter(
             "gateway_key_tokens", "Tokens by API key id and kind.", ["key_id", "kind"], registry=r
         )
-        self.in_flight = Gauge(
-            "gateway_requests_in_flight", "Requests being served.", registry=r, multiprocess_mode="livesum"
+        self.in_flight = gauge("gateway_requests_in_flight", "Requests being served.", across="sum")
+        self.streams = gauge("gateway_streams_in_flight", "Streams being relayed.", across="sum")
+        self.engine_healthy = gauge(
+            "gateway_engine_healthy", "1 when the engine passes health checks.", ["engine"], across="max"
         )
-        self.streams = Gauge(
-            "gateway_streams_in_flight", "Streams being relayed.", registry=r, multiprocess_mode="livesum"
+        self.engine_outstanding = gauge(
+            "gateway_engine_outstanding_requests", "Requests in flight to the engine.", ["engine"], across="sum"
         )
-        self.engine_healthy = Gauge(
-            "gateway_engine_healthy",
-            "1 when the engine passes health checks.",
-            ["engine"],
-            registry=r,
-            multiprocess_mode="livemax",
-        )
-        self.engine_outstanding = Gauge(
-            "gateway_engine_outstanding_requests",
-            "Requests in flight to the engine.",
-            ["engine"],
-            registry=r,
-            multiprocess_mode="livesum",
-        )
-        self.engine_waiting = Gauge(
-            "gateway_engine_waiting_requests",
-            "The engine's own waiting queue.",
-            ["engine"],
-            registry=r,
-            multiprocess_mode="livemax",
+        self.engine_waiting = gauge(
+            "gateway_engine_waiting_requests", "The engine's own waiting queue.", ["engine"], across="max"
         )
         self.routing = Counter(
             "gateway_routing_decisions", "Engines picked per model.", ["model", "engine"], registry=r
@@ -170,12 +157,8 @@ class GatewayMetrics:
             registry=r,
         )
         # The scheduler (gateway/dispatch/scheduler.py): requests waiting for an engine slot, by band.
-        self.queued = Gauge(
-            "gateway_queued_requests",
-            "Requests waiting in the gateway for an engine slot.",
-            ["band"],
-            registry=r,
-            multiprocess_mode="livesum",
+        self.queued = gauge(
+            "gateway_queued_requests", "Requests waiting in the gateway for an engine slot.", ["band"], across="sum"
         )
         self.queue_wait = Histogram(
             "gateway_queue_wait_seconds",
@@ -206,25 +189,21 @@ class GatewayMetrics:
             ["outcome"],
             registry=r,
         )
-        self.batch_lines_in_flight = Gauge(
-            "gateway_batch_lines_in_flight", "Batch lines running.", registry=r, multiprocess_mode="livesum"
-        )
+        self.batch_lines_in_flight = gauge("gateway_batch_lines_in_flight", "Batch lines running.", across="sum")
         self.batches_by = Children(self.batches)
         self.batch_lines_by = Children(self.batch_lines)
         # Scale to zero (gateway/dispatch/wake.py): engine states, cold starts, the wait they cost.
-        self.engine_state = Gauge(
+        self.engine_state = gauge(
             "gateway_engine_state",
             "1 for the engine's current state: stopped, starting, healthy, unhealthy.",
             ["engine", "state"],
-            registry=r,
-            multiprocess_mode="livemax",
+            across="max",
         )
-        self.engine_breaker = Gauge(
+        self.engine_breaker = gauge(
             "gateway_engine_breaker_state",
             "1 for the engine's circuit breaker state in this process: closed, open, half_open.",
             ["engine", "state"],
-            registry=r,
-            multiprocess_mode="livemax",
+            across="max",
         )
         self.breaker_opens = Counter(
             "gateway_engine_breaker_opens",
@@ -236,12 +215,11 @@ class GatewayMetrics:
             "gateway_engine_cold_starts", "Stopped engines started by a request.", ["engine"], registry=r
         )
         # What an autoscaler starts the first engine on (deploy/k8s/base/vllm-scaledobject.yaml).
-        self.cold_waiting = Gauge(
+        self.cold_waiting = gauge(
             "gateway_cold_waiting_requests",
             "Requests waiting for a cold model (engines stopped or scaled to zero) to get its first engine.",
             ["model"],
-            registry=r,
-            multiprocess_mode="livesum",
+            across="sum",
         )
         self.cold_start_wait = Histogram(
             "gateway_cold_start_wait_seconds",
@@ -294,8 +272,8 @@ class GatewayMetrics:
         # The children the request path touches, by label values (see Children).
         self.requests_by = Children(self.requests)
         self.key_requests_by = Children(self.key_requests)
-        self.latency_by = Children(self.latency, "gateway_request_duration_seconds", LATENCY_BUCKETS)
-        self.ttft_by = Children(self.ttft, "gateway_time_to_first_token_seconds", LATENCY_BUCKETS)
+        self.latency_by = Children(self.latency)
+        self.ttft_by = Children(self.ttft)
         self.itl_by = Children(self.itl)
         self.prompt_tokens_by = Children(self.prompt_tokens)
         self.completion_tokens_by = Children(self.completion_tokens)
@@ -308,28 +286,51 @@ class GatewayMetrics:
         self.upstream_errors_by = Children(self.upstream_errors)
         self.disconnects_by = Children(self.client_disconnects)
 
+        self._described = described(r)
+        self._link = MetricsLink(hub, self.snapshot) if hub else None
+
+    def _gauge(
+        self, name: str, documentation: str, labels: Sequence[str] = (), *, across: Literal["sum", "max"]
+    ) -> Gauge:
+        """A gauge, and how several workers' values of it add up into one scrape."""
+        self._gauge_merge[name] = across
+        return Gauge(name, documentation, labels, registry=self.registry)
+
     def observe(self, children: Children, labels: tuple[str, ...], value: float, trace_id: str | None) -> None:
         """A histogram observation, with the trace id of a sampled request as its exemplar."""
         if trace_id is None:
             children[labels].observe(value)
-            return
-        exemplar = {"trace_id": trace_id}
-        children[labels].observe(value, exemplar)
-        if self._exemplar_files is not None:  # prometheus_client's multiprocess values drop exemplars
-            self._exemplar_files.note(
-                children.name, labels, children.buckets, value, Exemplar(exemplar, value, time.time())
-            )
+        else:
+            children[labels].observe(value, {"trace_id": trace_id})
 
-    def render(self, accept: str = "") -> tuple[bytes, str]:
-        """The exposition and its content type: OpenMetrics (with exemplars) when `accept` asks for it."""
+    async def start(self) -> None:
+        if self._link is not None:
+            await self._link.start()
+
+    async def stop(self) -> None:
+        if self._link is not None:
+            await self._link.stop()
+
+    def snapshot(self) -> Families:
+        return snapshot(self.registry, self._gauge_merge)
+
+    async def exposition(self, accept: str = "") -> tuple[bytes, str]:
+        """/metrics: this process's metrics, or with several workers the sum over all of them."""
+        if self._link is None:
+            return self.render(accept)
+        try:
+            families = await self._link.sum()
+        except (ConnectionError, TimeoutError):
+            raise GatewayError(503, "The metrics of this gateway's other workers cannot be gathered now.") from None
+        return self.render(accept, families)
+
+    def render(self, accept: str = "", families: Families | None = None) -> tuple[bytes, str]:
+        """The exposition and its content type: OpenMetrics (with exemplars) when `accept` asks for it.
+        `families`: merged ones (gateway/core/metrics_sum.py) in place of this process's own."""
         registry = self.registry
-        if self._multiprocess_dir:
-            registry = CollectorRegistry()
-            histograms: dict[str, tuple[str, ...]] = {
-                self.latency_by.name: ("model", "route", "api"),
-                self.ttft_by.name: ("model", "route"),
-            }
-            registry.register(MergedCollector(self._multiprocess_dir, histograms))
+        if families is not None:
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(Summed(families, self._described))
         if "application/openmetrics-text" in accept:
             return openmetrics.generate_latest(registry), openmetrics.CONTENT_TYPE_LATEST
         return generate_latest(registry), TEXT

@@ -204,6 +204,17 @@ RESPONSES = Endpoint("/v1/responses", "responses", "messages", True)
 MESSAGES = Endpoint("/v1/messages", "messages", "messages", True)
 
 
+@dataclass(frozen=True, slots=True)
+class BatchLine:
+    """Which batch line a request runs, for its charge: a later run of the line replaces the
+    earlier runs' charge (gateway/access/quota.py)."""
+
+    batch_id: str
+    line: int  # its position in the input
+    claim: int  # the claim's number: each claim of the line in the store counts one up
+    keep: int  # seconds its charge record outlives its run: a rerun must come within them
+
+
 @dataclass(slots=True)
 class ApiRequest:
     endpoint: Endpoint
@@ -216,6 +227,7 @@ class ApiRequest:
     prompts: int = 1  # a completions request may carry a batch of prompts
     subject: str | None = None  # the `user` field: who the request is for (sticky routing)
     batch_id: str | None = None  # set for the lines of a batch
+    batch_line: BatchLine | None = None  # and which line, for its charge
     size: int = 0  # bytes of the raw body
     # A body that is not JSON (a multipart audio upload): its content type, and how to write it
     # for an upstream model name; None for every JSON request.

@@ -31,7 +31,7 @@ import asyncio
 import functools
 import math
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any, Protocol
 
 from gateway.access.base import PRIORITIES, Grant, Principal
@@ -94,79 +94,64 @@ class Unscheduled:
         return {"enabled": False, "engines": _engines_view(self._router, model, {})}
 
 
-class Scheduler:
-    def __init__(
-        self,
-        settings: Settings,
-        router: Router,
-        metrics: GatewayMetrics,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        s = settings.scheduler
-        self._router = router
-        self._pool: Pool = router.pool
-        self._clock = clock
-        self._max_wait = s.max_queue_wait
-        self._max_per_key = s.max_queued_per_key
-        self._learn = s.learn_capacity
-        self._workers = settings.server.workers
-        self._default_max_tokens = settings.auth.default_max_tokens
-        self._queue = FairQueue()
+class SlotQueue:
+    """What the schedulers of one process share, whatever configuration each was built from: the
+    waiting requests, each engine's capacity, the bands' recent waits. A reload builds a new
+    `Scheduler` over the same queue, so requests waiting under the old configuration keep their
+    place (and their route, picked by the router of their configuration), and every engine's
+    in-flight count stays one count."""
+
+    def __init__(self, pool: Pool, metrics: GatewayMetrics, clock: Callable[[], float] = time.monotonic) -> None:
+        self._pool = pool
+        self.clock = clock
+        self.queue = FairQueue()
         self._caps: dict[str, Capacity] = {}
+        self._workers = 1
+        self._learn = True
         self._recent_wait = [0.0] * len(BANDS)
-        self._queued = [metrics.queued.labels(b) for b in BANDS]
+        self.queued = [metrics.queued.labels(b) for b in BANDS]
         self._waits = [metrics.queue_wait.labels(b) for b in BANDS]
         self._dispatches = [metrics.dispatches.labels(b) for b in BANDS]
-        self._timeouts = [metrics.queue_timeouts.labels(b) for b in BANDS]
-        self._full = [metrics.queue_full.labels(b) for b in BANDS]
-        self._pool.on_checked.append(self._checked)
+        self.timeouts = [metrics.queue_timeouts.labels(b) for b in BANDS]
+        self.full = [metrics.queue_full.labels(b) for b in BANDS]
+        pool.on_checked.append(self._checked)
 
-    # ---- the request path ------------------------------------------------------------------
+    def configure(self, settings: Settings) -> None:
+        """The capacity settings of the newest configuration; capacities start over when they change."""
+        workers, learn = settings.server.workers, settings.scheduler.learn_capacity
+        if (workers, learn) != (self._workers, self._learn):
+            self._workers, self._learn = workers, learn
+            self._caps.clear()
 
-    async def acquire(self, request: ApiRequest, principal: Principal, grant: Grant | None) -> Pick | None:
-        route = self._router.assign(request)
-        if route is None:
-            return None
-        if not self._queue.size:
-            leave_out = self._room(route, NOTHING)
-            if leave_out is not None:
-                return self._take(request, route, leave_out)
-        return await self._wait(self._ticket(request, principal, grant, route))
-
-    def retry(self, request: ApiRequest, tried: frozenset[str]) -> Pick | None:
-        route = self._router.assign(request, tried)
-        if route is None:
-            return None
-        leave_out = self._room(route, tried)
-        return None if leave_out is None else self._take(request, route, leave_out)
+    def forget(self, names: Iterable[str]) -> None:
+        """Engines whose settings changed or that are gone: their capacity is learnt again."""
+        for name in names:
+            self._caps.pop(name, None)
 
     def release(self, engine: Engine) -> None:
         engine.outstanding -= 1
-        if self._queue.size:
+        if self.queue.size:
             self._pump()
-
-    def waiting(self) -> int:
-        return self._queue.size
 
     # ---- slots -----------------------------------------------------------------------------
 
-    def _capacity(self, engine: Engine) -> Capacity:
+    def capacity(self, engine: Engine) -> Capacity:
         cap = self._caps.get(engine.name)
         if cap is None:
             cap = self._caps[engine.name] = Capacity(engine.settings, self._workers, self._learn)
         return cap
 
-    def _room(self, route: RouteSettings, tried: frozenset[str]) -> frozenset[str] | None:
+    def room(self, route: RouteSettings, tried: frozenset[str]) -> frozenset[str] | None:
         """None when no usable engine of the route has room; else the engines to leave out of
         the pick (the full ones and those tried), usually none at all."""
         caps = self._caps
         room = False
         full: list[str] | None = None
-        for engine in self._router.members(route):
+        for engine in self._pool.members_of(route.engines):
             name = engine.name
             if not engine.healthy or name in tried:
                 continue
-            cap = caps.get(name) or self._capacity(engine)
+            cap = caps.get(name) or self.capacity(engine)
             if cap.limit is None or engine.outstanding < cap.limit:
                 room = True
             elif full is None:
@@ -177,8 +162,9 @@ class Scheduler:
             return None
         return tried if full is None else tried.union(full)
 
-    def _take(self, request: ApiRequest, route: RouteSettings, leave_out: frozenset[str]) -> Pick | None:
-        pick = self._router.pick(request, leave_out, route)
+    @staticmethod
+    def take(router: Router, request: ApiRequest, route: RouteSettings, leave_out: frozenset[str]) -> Pick | None:
+        pick = router.pick(request, leave_out, route)
         if pick is not None:
             pick.engine.outstanding += 1
         return pick
@@ -186,8 +172,8 @@ class Scheduler:
     def _checked(self, engine: Engine) -> None:
         """After each health check: learn capacity; room may have appeared (an engine back in
         rotation, a capacity raised), so waiting requests are offered it."""
-        self._capacity(engine).observe(engine)
-        if self._queue.size:
+        self.capacity(engine).observe(engine)
+        if self.queue.size:
             if not engine.healthy:
                 self._reroute()
             self._pump()
@@ -195,22 +181,130 @@ class Scheduler:
     def _reroute(self) -> None:
         """Waiting requests whose route lost every healthy engine are assigned a route again;
         with none left for their model they get 503 at once rather than wait for nothing."""
-        members = self._router.members
         for band in range(len(BANDS)):
-            stranded = [t for t in self._queue.tickets(band) if not any(e.healthy for e in members(t.payload[2]))]
+            stranded = [
+                t
+                for t in self.queue.tickets(band)
+                if not any(e.healthy for e in self._pool.members_of(t.payload[2].engines))
+            ]
             for ticket in stranded:
-                future, request, _ = ticket.payload
-                self._leave(ticket)
+                future, request, _, router = ticket.payload
+                self.leave(ticket)
                 if future.done():
                     continue  # its client left a moment ago
-                route = self._router.assign(request)
+                route = router.assign(request)
                 if route is None:
                     no_engine = f"No healthy engine serves '{request.model}' right now."
                     future.set_exception(GatewayError(503, no_engine, code=Code.NO_HEALTHY_ENGINE))
                     continue
-                ticket.group, ticket.payload = route, (future, request, route)
-                self._queue.push(ticket)
-                self._queued[band].inc()
+                ticket.group, ticket.payload = route, (future, request, route, router)
+                self.queue.push(ticket)
+                self.queued[band].inc()
+
+    # ---- the queue -------------------------------------------------------------------------
+
+    def push(self, ticket: Ticket) -> None:
+        self.queue.push(ticket)
+        self.queued[ticket.band].inc()
+        self._pump()  # it may go at once: those ahead of it may wait for other engines
+
+    def leave(self, ticket: Ticket) -> None:
+        if self.queue.remove(ticket):
+            self.queued[ticket.band].dec()
+
+    def _pump(self) -> None:
+        """Dispatches waiting tickets while one of them can use a free engine slot."""
+        queue = self.queue
+        while queue.size:
+            room: dict[Hashable, frozenset[str] | None] = {}  # per route, for this one decision
+            ticket = queue.pop(functools.partial(self._eligible, room))
+            if ticket is None:
+                return
+            self.queued[ticket.band].dec()
+            future, request, route, router = ticket.payload
+            if future.done():
+                continue  # its client left a moment ago; its task has not run yet
+            leave_out = room[ticket.group]
+            assert leave_out is not None
+            waited = self.clock() - ticket.enqueued
+            band = ticket.band
+            self._recent_wait[band] += _RECENT * (waited - self._recent_wait[band])
+            self._waits[band].observe(waited)
+            self._dispatches[band].inc()
+            future.set_result(self.take(router, request, route, leave_out))
+
+    def _eligible(self, room: dict[Hashable, frozenset[str] | None], route: Hashable) -> bool:
+        if route not in room:
+            assert isinstance(route, RouteSettings)
+            room[route] = self.room(route, NOTHING)
+        return room[route] is not None
+
+    def retry_after(self, band: int) -> str:
+        """How long requests of this band have waited lately: when a retry may get through."""
+        return str(max(1, math.ceil(self._recent_wait[band])))
+
+    def view(self, router: Router, model: str) -> dict[str, Any]:
+        now = self.clock()
+        bands: dict[str, dict[str, Any]] = {}
+        for i, name in enumerate(BANDS):
+            waits = [now - t.enqueued for t in self.queue.tickets(i) if t.model == model]
+            bands[name] = {"queued": len(waits), "oldest_wait_s": round(max(waits, default=0.0), 3)}
+        return {"enabled": True, "bands": bands, "engines": _engines_view(router, model, self._caps)}
+
+
+class Scheduler:
+    """The scheduler of one configuration: its router and queue bounds, over the process's SlotQueue."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        router: Router,
+        metrics: GatewayMetrics,
+        clock: Callable[[], float] = time.monotonic,
+        slots: SlotQueue | None = None,
+    ) -> None:
+        s = settings.scheduler
+        self._router = router
+        self._slots = slots or SlotQueue(router.pool, metrics, clock)
+        self._slots.configure(settings)
+        self._max_wait = s.max_queue_wait
+        self._max_per_key = s.max_queued_per_key
+        self._default_max_tokens = settings.auth.default_max_tokens
+
+    @property
+    def slots(self) -> SlotQueue:
+        return self._slots
+
+    # ---- the request path ------------------------------------------------------------------
+
+    async def acquire(self, request: ApiRequest, principal: Principal, grant: Grant | None) -> Pick | None:
+        router = self._router
+        route = router.assign(request)
+        if route is None:
+            return None
+        slots = self._slots
+        if not slots.queue.size:
+            leave_out = slots.room(route, NOTHING)
+            if leave_out is not None:
+                return slots.take(router, request, route, leave_out)
+        return await self._wait(self._ticket(request, principal, grant, route))
+
+    def retry(self, request: ApiRequest, tried: frozenset[str]) -> Pick | None:
+        router = self._router
+        route = router.assign(request, tried)
+        if route is None:
+            return None
+        leave_out = self._slots.room(route, tried)
+        return None if leave_out is None else self._slots.take(router, request, route, leave_out)
+
+    def release(self, engine: Engine) -> None:
+        self._slots.release(engine)
+
+    def waiting(self) -> int:
+        return self._slots.queue.size
+
+    def view(self, model: str) -> dict[str, Any]:
+        return self._slots.view(self._router, model)
 
     # ---- the queue -------------------------------------------------------------------------
 
@@ -223,91 +317,46 @@ class Scheduler:
             flow = principal.key_id
         else:  # auth off: the `user` field names the flow, so an application can share fairly
             flow = f"user:{request.subject}" if request.subject else "anonymous"
-        if self._queue.queued_by(flow) >= self._max_per_key:
-            self._full[band].inc()
+        slots = self._slots
+        if slots.queue.queued_by(flow) >= self._max_per_key:
+            slots.full[band].inc()
             raise GatewayError(
                 429,
                 f"Too many requests of this key are waiting for an engine ({self._max_per_key}); retry later.",
                 code=Code.QUEUE_FULL,
-                headers={"retry-after": self._retry_after(band)},
+                headers={"retry-after": slots.retry_after(band)},
             )
         cost = _cost(request, grant, self._default_max_tokens)
         future: asyncio.Future[Pick | None] = asyncio.get_running_loop().create_future()
-        payload = (future, request, route)
-        return Ticket(flow, band, route, cost, principal.weight, request.model, self._clock(), payload)
+        payload = (future, request, route, self._router)
+        return Ticket(flow, band, route, cost, principal.weight, request.model, slots.clock(), payload)
 
     async def _wait(self, ticket: Ticket) -> Pick | None:
         future: asyncio.Future[Pick | None] = ticket.payload[0]
-        self._queue.push(ticket)
-        self._queued[ticket.band].inc()
-        self._pump()  # it may go at once: those ahead of it may wait for other engines
+        slots = self._slots
+        slots.push(ticket)
         try:
             async with asyncio.timeout(self._max_wait):
                 return await future
         except TimeoutError:
             if future.done() and not future.cancelled():
                 return future.result()  # dispatched just as the time ran out: take it
-            self._leave(ticket)
-            self._timeouts[ticket.band].inc()
+            slots.leave(ticket)
+            slots.timeouts[ticket.band].inc()
             raise GatewayError(
                 429,
                 f"No engine slot freed up within {self._max_wait:g} s; retry later.",
                 code=Code.QUEUE_TIMEOUT,
-                headers={"retry-after": self._retry_after(ticket.band)},
+                headers={"retry-after": slots.retry_after(ticket.band)},
             ) from None
         except asyncio.CancelledError:  # the client left, or the server is stopping
             if not future.done() or future.cancelled():
-                self._leave(ticket)
+                slots.leave(ticket)
             elif future.exception() is None:
                 pick = future.result()
                 if pick is not None:
                     self.release(pick.engine)  # woken for a slot nobody will use now
             raise
-
-    def _leave(self, ticket: Ticket) -> None:
-        if self._queue.remove(ticket):
-            self._queued[ticket.band].dec()
-
-    def _pump(self) -> None:
-        """Dispatches waiting tickets while one of them can use a free engine slot."""
-        queue = self._queue
-        while queue.size:
-            room: dict[Hashable, frozenset[str] | None] = {}  # per route, for this one decision
-            ticket = queue.pop(functools.partial(self._eligible, room))
-            if ticket is None:
-                return
-            self._queued[ticket.band].dec()
-            future, request, route = ticket.payload
-            if future.done():
-                continue  # its client left a moment ago; its task has not run yet
-            leave_out = room[ticket.group]
-            assert leave_out is not None
-            waited = self._clock() - ticket.enqueued
-            band = ticket.band
-            self._recent_wait[band] += _RECENT * (waited - self._recent_wait[band])
-            self._waits[band].observe(waited)
-            self._dispatches[band].inc()
-            future.set_result(self._take(request, route, leave_out))
-
-    def _eligible(self, room: dict[Hashable, frozenset[str] | None], route: Hashable) -> bool:
-        if route not in room:
-            assert isinstance(route, RouteSettings)
-            room[route] = self._room(route, NOTHING)
-        return room[route] is not None
-
-    def _retry_after(self, band: int) -> str:
-        """How long requests of this band have waited lately: when a retry may get through."""
-        return str(max(1, math.ceil(self._recent_wait[band])))
-
-    # ---- the admin view --------------------------------------------------------------------
-
-    def view(self, model: str) -> dict[str, Any]:
-        now = self._clock()
-        bands: dict[str, dict[str, Any]] = {}
-        for i, name in enumerate(BANDS):
-            waits = [now - t.enqueued for t in self._queue.tickets(i) if t.model == model]
-            bands[name] = {"queued": len(waits), "oldest_wait_s": round(max(waits, default=0.0), 3)}
-        return {"enabled": True, "bands": bands, "engines": _engines_view(self._router, model, self._caps)}
 
 
 def _cost(request: ApiRequest, grant: Grant | None, default_max_tokens: int) -> float:

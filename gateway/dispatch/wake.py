@@ -16,6 +16,10 @@ pod answers /health. Four times a second the worker reports each engine's outsta
 it was sent, which the supervisor's idle timer reads.
 
 Without a channel (an app built on its own) every engine counts as running, as before.
+
+The channel outlives a configuration: a reload hands this the new configuration's router
+(`follow`) and its new managed engines (`adopt`), and the channel also carries the reload's own
+messages (gateway/front/reloads.py registers for them in `handlers`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import contextlib
 import logging
 import math
 import os
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
@@ -54,16 +59,30 @@ class EngineControl:
         self._woken: dict[str, float] = {}  # engine -> loop time its wake was sent
         self.stopped_models: frozenset[str] = frozenset()
         self._sent: dict[str, Any] = {}
-        if path:
-            for engine in pool.engines.values():
-                if engine.settings.managed:  # nothing is ours until the supervisor says so
-                    pool.set_state(engine, EngineState.STARTING)
+        self._states: dict[str, str] = {}  # the supervisor's last word on each managed engine
+        self.handlers: dict[str, Callable[[dict[str, Any]], None]] = {}  # other ops from the main process
+        self.adopt(pool.engines.values())
 
-    async def start(self) -> None:
+    def adopt(self, engines: Iterable[Engine]) -> None:
+        """Managed engines (of this configuration, or of a new one before it serves) take the
+        state the supervisor gave them; nothing is ours until it says so."""
+        if not self._path:
+            return
+        for engine in engines:
+            if engine.settings.managed:
+                state = self._states.get(engine.name)
+                self._pool.set_state(engine, EngineState(state) if state else EngineState.STARTING)
+
+    def follow(self, router: Router) -> None:
+        """A new configuration serves: its routes say which models a wake is for."""
+        self._router = router
+        self._stopped_models()
+
+    async def start(self, greeting: dict[str, Any] | None = None) -> None:
         if not self._path:
             return
         reader, self._writer = await asyncio.open_unix_connection(self._path, limit=MAX_LINE)
-        self._send({"op": "hello", "pid": os.getpid()})
+        self.send({"op": "hello", "pid": os.getpid(), **(greeting or {})})
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._read(reader)), loop.create_task(self._report())]
 
@@ -159,11 +178,14 @@ class EngineControl:
         if now - self._woken.get(engine.name, -math.inf) < WAKE_RESEND:
             return
         self._woken[engine.name] = now
-        self._send({"op": "wake", "engine": engine.name})
+        self.send({"op": "wake", "engine": engine.name})
 
-    def _send(self, message: dict[str, Any]) -> None:
-        if self._writer is not None and not self._writer.is_closing():
-            self._writer.write(encode(message))
+    def send(self, message: dict[str, Any]) -> bool:
+        """To the main process; False without a channel (or once it closed)."""
+        if self._writer is None or self._writer.is_closing():
+            return False
+        self._writer.write(encode(message))
+        return True
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
@@ -178,18 +200,24 @@ class EngineControl:
         op = message.get("op")
         if op == "states":
             engines = self._pool.engines
-            for name, state in message.get("engines", {}).items():
+            self._states = {str(k): str(v) for k, v in message.get("engines", {}).items()}
+            for name, state in self._states.items():
                 if (engine := engines.get(name)) is not None:
                     self._pool.set_state(engine, EngineState(state))
                     if engine.state != EngineState.STOPPED:
                         self._woken.pop(name, None)
-            self.stopped_models = frozenset(
-                model
-                for model in self._router.routes
-                if any(e.state in (EngineState.STOPPED, EngineState.STOPPING) for e in self._wakeable(model))
-            )
+            self._stopped_models()
         elif op == "woken" and message.get("started"):
             self._metrics.cold_starts.labels(str(message.get("engine"))).inc()
+        elif isinstance(op, str) and (handler := self.handlers.get(op)) is not None:
+            handler(message)
+
+    def _stopped_models(self) -> None:
+        self.stopped_models = frozenset(
+            model
+            for model in self._router.routes
+            if any(e.state in (EngineState.STOPPED, EngineState.STOPPING) for e in self._wakeable(model))
+        )
 
     async def _report(self) -> None:
         engines = self._pool.engines.values()
@@ -199,5 +227,5 @@ class EngineControl:
             for op, value in (("load", load), ("health", health)):
                 if self._sent.get(op) != value:
                     self._sent[op] = value
-                    self._send({"op": op, "engines": value})
+                    self.send({"op": op, "engines": value})
             await asyncio.sleep(REPORT_INTERVAL)

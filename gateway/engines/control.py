@@ -6,10 +6,15 @@ Unix socket the main process owns, in a private directory, one JSON object per l
 
     main -> worker   {"op": "states", "engines": {"cpu-0": "stopped", ...}}   at connect and on change
                      {"op": "woken", "engine": "cpu-0", "started": true}       the answer to a wake
-    worker -> main   {"op": "hello", "pid": 1234}                               once serving
+                     {"op": "reload", "id": 7, "text": "...", "version": "..."} serve this configuration
+                     {"op": "reload_result", "id": 3, "status": "reloaded", ...} the answer to a reload request
+                     {"op": "announce", "version": "..."}                       tell the other replicas
+    worker -> main   {"op": "hello", "pid": 1234, "version": "..."}             once serving
                      {"op": "wake", "engine": "cpu-0"}                          a request needs it
                      {"op": "load", "engines": {"cpu-0": [outstanding, picks]}} on change, <= 4/s
                      {"op": "health", "engines": {"cpu-0": true}}               on change
+                     {"op": "reload_request", "id": 3, "why": "..."}            reload the file (admin API)
+                     {"op": "reloaded", "id": 7, "error": null}                 the answer to a reload
 
 Why a Unix socket: both directions push (a wake reaches the supervisor and the new state reaches
 every worker at once, no polling), nothing else on the machine can reach it (a private 0700
@@ -52,19 +57,29 @@ Handler = Callable[[int, dict[str, Any]], dict[str, Any] | None]
 
 class ControlServer:
     """The main process's end: one connection per worker. `handle(worker, message)` may return
-    an answer for that worker; `gone(worker)` is called when its connection ends."""
+    an answer for that worker; `gone(worker)` is called when its connection ends. (The metrics
+    hub, gateway/process/metrics_hub.py, serves its own socket with one of these: `limit` is the
+    longest line.)"""
 
-    def __init__(self, path: str, handle: Handler, gone: Callable[[int], None], greeting: Callable[[], bytes]) -> None:
+    def __init__(
+        self,
+        path: str,
+        handle: Handler,
+        gone: Callable[[int], None],
+        greeting: Callable[[], bytes] | None = None,
+        limit: int = MAX_LINE,
+    ) -> None:
         self.path = path
         self._handle = handle
         self._gone = gone
         self._greeting = greeting
+        self._limit = limit
         self._server: asyncio.Server | None = None
         self._writers: dict[int, asyncio.StreamWriter] = {}
         self._ids = itertools.count(1)
 
     async def start(self) -> None:
-        self._server = await asyncio.start_unix_server(self._serve, self.path, limit=MAX_LINE)
+        self._server = await asyncio.start_unix_server(self._serve, self.path, limit=self._limit)
 
     async def close(self) -> None:
         if self._server is not None:
@@ -73,15 +88,35 @@ class ControlServer:
             writer.close()
         self._writers.clear()
 
+    @property
+    def workers(self) -> list[int]:
+        """The workers connected now."""
+        return list(self._writers)
+
+    def send(self, worker: int, message: dict[str, Any]) -> bool:
+        """To one worker; False when it is gone."""
+        writer = self._writers.get(worker)
+        if writer is None or writer.is_closing():
+            return False
+        writer.write(encode(message))
+        return True
+
     def broadcast(self, data: bytes) -> None:
         for writer in list(self._writers.values()):
             if not writer.is_closing():
                 writer.write(data)
 
+    def send_raw(self, worker: int, data: bytes) -> None:
+        """Lines already encoded (one message sent to several workers is encoded once)."""
+        writer = self._writers.get(worker)
+        if writer is not None and not writer.is_closing():
+            writer.write(data)
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         worker = next(self._ids)
         self._writers[worker] = writer
-        writer.write(self._greeting())
+        if self._greeting is not None:
+            writer.write(self._greeting())
         try:
             while line := await reader.readline():
                 try:

@@ -33,6 +33,7 @@ from gateway.core.metrics import GatewayMetrics
 from gateway.engines.breaker import BREAKER_STATES, Breaker, BreakerState
 from gateway.engines.control import EngineState
 from gateway.engines.discovery import DnsWatcher
+from gateway.engines.pool_changes import PoolChanges
 from gateway.engines.tls import engine_ssl
 from gateway.settings import EngineSettings, HealthSettings
 
@@ -111,7 +112,7 @@ def parse_load(text: bytes) -> tuple[float, float, float]:
     return waiting, running, kv
 
 
-class Pool:
+class Pool(PoolChanges):
     """Every engine this process may send to, by name. A config entry is a group of engines: one
     for a plain entry, one per address for a `discover: dns` entry (its members come and go as the
     name's answer changes), and routes name groups (`members`)."""
@@ -146,6 +147,11 @@ class Pool:
     def members(self, name: str) -> list[str]:
         """The engines a route's entry name stands for now."""
         return self.groups.get(name, [])
+
+    def members_of(self, entries: Iterable[str]) -> list[Engine]:
+        """The engines that a route's entries stand for now."""
+        engines = self.engines
+        return [e for entry in entries for name in self.groups.get(entry, ()) if (e := engines.get(name))]
 
     def cold_entries(self, entries: Iterable[str]) -> list[EngineSettings]:
         """The `discover: dns` entries among `entries` that are cold: no address, or none of their
@@ -332,8 +338,8 @@ class Pool:
         self._publish(engine)
 
     def _forget(self, engine: Engine) -> None:
-        """A discovered engine left: its gauges read 0 (a series a worker process wrote stays in
-        the multiprocess files, and a stale waiting count would hold the autoscaler up)."""
+        """A discovered engine left: its gauges read 0 (a labelled series, once set, stays in the
+        scrape, and a stale waiting count would hold the autoscaler up)."""
         m = self._metrics
         m.engine_healthy.labels(engine.name).set(0)
         m.engine_waiting.labels(engine.name).set(0)

@@ -30,12 +30,14 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 from gateway.engines.control import EngineState
 from gateway.settings import EngineSettings, TracingSettings
+from gateway.settings.changes import launch_changes
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +129,8 @@ class ManagedEngine:
     last_used: float = 0.0  # when a worker last reported traffic to it
     stop_decided: float = 0.0
     halting: bool = False  # its process is being stopped (idle)
+    retiring: bool = False  # a reload removed it: stopped once no worker has a request there
+    failure: str = ""  # why it is failed, in words
     wake_after_halt: bool = False
     reported: dict[int, tuple[int, int]] = field(default_factory=dict)  # worker -> (outstanding, picks)
 
@@ -166,7 +170,7 @@ class Supervisor:
     def wake(self, name: str) -> bool:
         """A request needs this engine: start it if it is stopped. True when this call started it."""
         e = self.engines.get(name)
-        if e is None or not e.settings.idle_stop:
+        if e is None or not e.settings.idle_stop or e.retiring:
             return False
         now = time.monotonic()
         e.last_used = now
@@ -183,8 +187,12 @@ class Supervisor:
         return False
 
     def report(self, worker: int, loads: dict[str, list[int]]) -> None:
-        """A worker's load: per engine, requests outstanding and requests sent so far."""
+        """A worker's load: per engine, requests outstanding and requests sent so far. Each report
+        is whole: an engine it leaves out has none of that worker's requests (its pool let go of it)."""
         now = time.monotonic()
+        for name, engine in self.engines.items():
+            if name not in loads:
+                engine.reported.pop(worker, None)
         for name, load in loads.items():
             e = self.engines.get(name)
             if e is None or not isinstance(load, list) or len(load) != 2:
@@ -198,6 +206,65 @@ class Supervisor:
     def forget(self, worker: int) -> None:
         for e in self.engines.values():
             e.reported.pop(worker, None)
+
+    # -- changes made by a reload (gateway/process/reload.py) ---------------------------------
+
+    def add(self, settings: EngineSettings) -> None:
+        """A managed engine the new configuration adds: started now (or kept, when an earlier
+        reload dropped it and it has not stopped yet)."""
+        e = self.engines.get(settings.name)
+        if e is not None and e.retiring and not launch_changes(e.settings, settings):
+            e.retiring, e.settings = False, settings
+            return
+        e = self.engines[settings.name] = ManagedEngine(settings)
+        self._spawn(e, time.monotonic())
+
+    def stopping(self, settings: EngineSettings) -> bool:
+        """Whether an engine of that name, dropped by an earlier reload and not stopped yet, runs
+        with other launch settings (the new one must wait for it: its port, its memory)."""
+        e = self.engines.get(settings.name)
+        return e is not None and bool(launch_changes(e.settings, settings))
+
+    def update(self, settings: EngineSettings) -> None:
+        """New settings for a managed engine that need no new process (idle_stop, timeouts)."""
+        e = self.engines.get(settings.name)
+        if e is not None:
+            e.settings = settings
+
+    def retire(self, name: str) -> None:
+        """The new configuration drops it: no new request goes there, and it is stopped once no
+        worker reports a request of its own there (those of the old configuration finish)."""
+        e = self.engines.get(name)
+        if e is not None:
+            e.retiring = True
+
+    async def started(self, names: list[str]) -> list[str]:
+        """Waits until these engines answer /health; what went wrong for those that did not
+        within their startup timeout (their port is taken, they crash, they are too slow)."""
+        engines = [self.engines[n] for n in names if n in self.engines]
+        deadline = time.monotonic() + max((e.settings.startup_timeout for e in engines), default=0.0)
+        while time.monotonic() < deadline:
+            if all(e.state in (EngineState.RUNNING, EngineState.FAILED) for e in engines):
+                break
+            await asyncio.sleep(TICK)
+        problems = []
+        for e in engines:
+            if e.state == EngineState.FAILED:
+                problems.append(f"engine {e.name} did not start: {e.failure} (see the log)")
+            elif e.state != EngineState.RUNNING:
+                timeout = e.settings.startup_timeout
+                problems.append(
+                    f"engine {e.name} did not start: not healthy {timeout:.0f}s after its start (see the log)"
+                )
+        return problems
+
+    async def remove(self, name: str, why: str) -> None:
+        """Stops the engine now and forgets it (a reload that failed takes back what it started)."""
+        e = self.engines.get(name)
+        if e is not None:
+            await self._halt(e, why)
+            self.engines.pop(name, None)
+            self.on_change()
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -220,8 +287,13 @@ class Supervisor:
     async def _tick(self) -> None:
         now = time.monotonic()
         probes = []
-        for e in self.engines.values():
+        for e in list(self.engines.values()):
             if e.halting:
+                continue
+            if e.retiring:
+                if not e.busy() and now - e.last_used >= STOP_CONFIRM:
+                    e.halting = True  # one halt, however many ticks it takes
+                    self._background(self.remove(e.name, "the configuration no longer has it"))
                 continue
             if e.proc is not None and e.proc.poll() is not None:
                 self._died(e, now)
@@ -242,6 +314,7 @@ class Supervisor:
     def _spawn(self, e: ManagedEngine, now: float) -> None:
         s = e.settings
         if port_taken(s.port or 0):
+            e.failure = f"its port {s.port} is in use by another process"
             if e.state != EngineState.FAILED:
                 log.error("%s; retrying every %.0fs", port_conflict(s), PORT_RETRY)
             e.next_start = now + PORT_RETRY
@@ -249,7 +322,6 @@ class Supervisor:
             return
         # No progress bars: engines log into the gateway's log, where a bar is noise.
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", **s.env}
-        env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the gateway's, not the engine's
         if s.kind == "vllm":
             from gateway.engines.vllm_launch import vllm_env
 
@@ -264,6 +336,7 @@ class Supervisor:
     def _restart(self, e: ManagedEngine, now: float) -> None:
         recent = [t for t in e.restarts if now - t < 60]
         if len(recent) >= e.settings.max_restarts_per_minute:
+            e.failure = f"it crash-loops ({len(recent)} restarts in a minute)"
             if e.state != EngineState.FAILED:
                 log.error("engine %s crash-loops (%d restarts in a minute); pausing its restarts", e.name, len(recent))
             e.next_start = recent[0] + 60
@@ -307,9 +380,12 @@ class Supervisor:
             self._set(e, EngineState.RUNNING)
         elif now - e.stop_decided >= STOP_CONFIRM:
             idle = now - e.last_used
-            task = asyncio.create_task(self._halt(e, f"no traffic for {idle:.0f}s (idle_stop)"))
-            self._halts.add(task)
-            task.add_done_callback(self._halts.discard)
+            self._background(self._halt(e, f"no traffic for {idle:.0f}s (idle_stop)"))
+
+    def _background(self, stopping: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(stopping)
+        self._halts.add(task)
+        task.add_done_callback(self._halts.discard)
 
     async def _halt(self, e: ManagedEngine, why: str) -> None:
         """Stops the engine's whole process group (SIGTERM, then SIGKILL): its memory is freed."""

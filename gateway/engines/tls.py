@@ -20,3 +20,8 @@ def engine_ssl(engine: EngineSettings) -> ssl.SSLContext | bool:
     """What aiohttp's `ssl=` takes for this engine: the CA file's context, or True (verify
     against the system's CAs; plain http:// ignores it)."""
     return _context(engine.ca_file) if engine.ca_file else True
+
+
+def forget() -> None:
+    """A reload: the CA files are read again at their next use (a renewed bundle, same path)."""
+    _context.cache_clear()

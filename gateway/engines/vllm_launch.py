@@ -66,6 +66,8 @@ def vllm_command(engine: EngineSettings, python: str, tracing: TracingSettings |
 
 def vllm_env(engine: EngineSettings, cache_root: str, tracing: TracingSettings | None = None) -> dict[str, str]:
     env = {**cpu_env(), "VLLM_CACHE_ROOT": cache_root}
+    if engine.max_loras:  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter exist only with it
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     if engine.vllm.kv_cache_space_gib is not None:
         env["VLLM_CPU_KVCACHE_SPACE"] = f"{engine.vllm.kv_cache_space_gib:g}"
     if tracing is not None and tracing.endpoint is not None:

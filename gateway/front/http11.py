@@ -399,6 +399,7 @@ class Cycle:
         "disconnected",
         "event",
         "expect_100",
+        "head",
         "head_only",
         "keep_alive",
         "left",
@@ -424,6 +425,7 @@ class Cycle:
         self.response_complete = False
         self.chunked = False
         self.left = 0  # body bytes still due under the response's content-length
+        self.head = b""  # a sized response's head, written with its first body bytes (one syscall)
 
     async def run(self, app: ASGIApp) -> None:
         try:
@@ -493,7 +495,10 @@ class Cycle:
             if len(body) > self.left:
                 raise RuntimeError("Response content longer than its content-length.")
             self.left -= len(body)
-            if body:
+            if self.head and body:
+                transport.writelines((self.head, body))
+                self.head = b""
+            elif body:
                 transport.write(body)
         if not more:
             if self.left and not self.head_only:
@@ -530,7 +535,10 @@ class Cycle:
             self.chunked = True
             content.append(b"transfer-encoding: chunked\r\n")
         content.append(b"\r\n")
-        self.conn.transport.write(b"".join(content))
+        if length and not self.head_only:
+            self.head = b"".join(content)  # the body follows at once
+        else:
+            self.conn.transport.write(b"".join(content))
 
 
 def _address(value: Any) -> tuple[str, int] | None:

@@ -22,8 +22,7 @@ from gateway.apis.messages import anthropic
 from gateway.core.errors import Code, GatewayError, internal_error
 from gateway.core.request import ClientDisconnected
 from gateway.front.params import check_query
-from gateway.observe.observer import Observer
-from gateway.observe.record import CURRENT, Observation
+from gateway.observe.observer import CURRENT, Observation, Observer
 
 _MAX_ID = 200
 DISCONNECTED = 499  # nginx's code for a client that went away
@@ -66,6 +65,7 @@ class Front:
     def __init__(self, app: ASGIApp, observe: Observer | None = None) -> None:
         self.app = app
         self.observe = observe  # the access log, traces, Server-Timing (gateway/observe/); None: all off
+        self.active = 0  # requests in here now: a replaced configuration is let go at 0 (gateway/front/running.py)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -74,10 +74,14 @@ class Front:
         rid = request_id_of(scope)
         scope["request_id"] = rid
         scope["app"] = self  # Starlette's router then raises HTTPException for 404/405 instead of answering
-        if self.observe is not None and (o := self.observe.begin(scope, rid)) is not None:
-            await self._observed(scope, receive, send, rid, o)
-        else:
-            await self._serve(scope, receive, send, rid)
+        self.active += 1
+        try:
+            if self.observe is not None and (o := self.observe.begin(scope, rid)) is not None:
+                await self._observed(scope, receive, send, rid, o)
+            else:
+                await self._serve(scope, receive, send, rid)
+        finally:
+            self.active -= 1
 
     async def _observed(self, scope: Scope, receive: Receive, send: Send, rid: bytes, o: Observation) -> None:
         observe = self.observe

@@ -40,6 +40,7 @@ class AuditLog:
         self._store: Store | None = None
         self._held: list[AuditEntry] = []
         self._task: asyncio.Task[None] | None = None
+        self._flushing = asyncio.Lock()
 
     @property
     def store(self) -> Store | None:
@@ -79,13 +80,14 @@ class AuditLog:
         await self._flush()
 
     async def _flush(self) -> None:
-        while self._held and self._store is not None:
-            try:
-                await self._store.append_audit(self._held[0])
-            except Exception as exc:  # any driver's error: retried by _run
-                log.warning("audit log: the store refused an entry (kept, retrying): %s", exc)
-                return
-            self._held.pop(0)
+        async with self._flushing:  # one writer: two changes audited at once must not write one entry twice
+            while self._held and self._store is not None:
+                try:
+                    await self._store.append_audit(self._held[0])
+                except Exception as exc:  # any driver's error: retried by _run
+                    log.warning("audit log: the store refused an entry (kept, retrying): %s", exc)
+                    return
+                self._held.pop(0)
 
     async def _run(self) -> None:
         while True:

@@ -5,6 +5,11 @@ of what every replica charged, and survives Redis.
 
 A store that is down keeps the rows here (merged, so memory grows with distinct rows, not
 requests) up to MAX_ROWS; past that the oldest hours are dropped and logged.
+
+A batch line's row is not added here: made by `line_spend` (gateway/batch/dispatch.py), it is
+written with the line's result, in the same transaction (gateway/store/lines.py), so a line that
+ran twice (its replica died before recording it) counts once, as its charge in Redis does: the
+run whose result is recorded.
 """
 
 from __future__ import annotations
@@ -42,11 +47,11 @@ class SpendLog:
         """The spend sink of gateway/access/auth.py: O(1), no I/O."""
         if self._alerts is not None and cost and grant.admission is not None:
             self._alerts.note(grant.admission.levels)
-        key = grant.principal.key
-        if key is None or grant.request is None:
+        if grant.request is not None and grant.request.batch_line is not None:
+            return  # written with the line's result
+        row = _row(grant, self._clock())
+        if row is None:
             return
-        hour = int(self._clock() // 3600 * 3600)
-        row = (hour, key.id, key.team or "", key.org or "", grant.request.model, grant.route or "")
         sums = self._rows.get(row)
         if sums is None:
             if len(self._rows) >= MAX_ROWS:
@@ -100,3 +105,22 @@ class SpendLog:
         while True:
             await asyncio.sleep(self.flush_seconds)
             await self.flush()
+
+
+def line_spend(grant: Grant | None, now: float) -> SpendRow | None:
+    """What a batch line's run was charged, as the spend row its result is recorded with; None when
+    it was charged nothing (refused at admission, or no key)."""
+    if grant is None or grant.usage is None:
+        return None
+    row = _row(grant, now)
+    if row is None:
+        return None
+    usage = grant.usage
+    return SpendRow(*row, 1, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, grant.cost)
+
+
+def _row(grant: Grant, now: float) -> _Key | None:
+    key = grant.principal.key
+    if key is None or grant.request is None:
+        return None
+    return (int(now // 3600 * 3600), key.id, key.team or "", key.org or "", grant.request.model, grant.route or "")

@@ -20,12 +20,14 @@ import stat
 import sys
 import time
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway.observe.record import Observation
 from gateway.settings import AccessLogSettings
+
+if TYPE_CHECKING:  # the observer imports this module
+    from gateway.observe.observer import Observation
 
 log = logging.getLogger(__name__)
 

@@ -25,12 +25,14 @@ Never a prompt, a completion or a secret: only ids, names, counts and times.
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry.trace import Link, SpanContext, TraceState
 
 from gateway.observe.otlp import FLAGS_LINK, FLAGS_SPAN, Attribute, field, length, status
-from gateway.observe.record import Observation
+
+if TYPE_CHECKING:  # the observer imports this module
+    from gateway.observe.observer import Observation
 
 _times = struct.Struct("<BQBQ").pack  # start (field 7) and end (field 8) times, fixed64
 _SERVER, _INTERNAL, _CLIENT = b"\x30\x02", b"\x30\x01", b"\x30\x03"  # Span.kind: the proto's enum

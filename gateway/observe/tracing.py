@@ -19,7 +19,7 @@ import asyncio
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
@@ -32,9 +32,11 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from gateway.core.metrics import GatewayMetrics
 from gateway.observe.export import HttpSender, Sender, SpanQueue, grpc_sender
 from gateway.observe.otlp import resource_of, scope_of, span_field
-from gateway.observe.record import Observation
 from gateway.observe.spans import RequestTrace
 from gateway.settings import TracingSettings
+
+if TYPE_CHECKING:  # the observer imports this module
+    from gateway.observe.observer import Observation
 
 log = logging.getLogger(__name__)
 

@@ -3,10 +3,13 @@
 It binds the listeners (the public one, and the admin one with `server.admin_port`), starts the
 managed engines (gateway/engines/supervisor.py) and N worker processes that serve the requests on the
 inherited sockets (gateway/process/worker.py), and carries the control channel between them
-(gateway/engines/control.py). The engines are started once whatever N, outlive a crashed worker, and stop
+(gateway/engines/control.py) and, with several workers, the sum of their metrics
+(gateway/process/metrics_hub.py). The engines are started once whatever N, outlive a crashed worker, and stop
 last, after the workers drained. This process says one line when the gateway can serve (the
 listeners are bound, every worker serves, every model has a healthy engine) and one when it has
 stopped.
+
+Reloading: SIGHUP, or `POST /admin/reload` on any worker (gateway/process/reload.py).
 
 Stopping: SIGTERM or Ctrl-C. The workers drain (gateway/proxy/drain.py); this process closes its own
 copy of the listening sockets when they close theirs (after `server.drain_grace` on SIGTERM, at
@@ -25,17 +28,20 @@ import os
 import shutil
 import signal
 import socket
-import ssl
 import tempfile
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from typing import Any
 
 from gateway.engines.control import ControlServer, EngineState, encode
 from gateway.engines.supervisor import Supervisor
+from gateway.process.metrics_hub import MetricsHub
+from gateway.process.reload import MainReloads
 from gateway.process.worker import CUT_WAIT, STARTUP_FAILURE, WorkerSpec, run_worker
-from gateway.settings import Settings
+from gateway.settings import ConfigError, Settings
+from gateway.settings.source import ConfigSource, Loaded, check_tls
 
 log = logging.getLogger("gateway")
 
@@ -84,12 +90,11 @@ def prepare(settings: Settings) -> tuple[Supervisor, Listeners]:
     conflicts = supervisor.conflicts()
     if conflicts:
         raise StartError("\n".join(conflicts))
+    try:
+        check_tls(settings)
+    except ConfigError as exc:
+        raise StartError(str(exc)) from None
     s = settings.server
-    if s.tls is not None:
-        try:
-            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(s.tls.cert, s.tls.key)
-        except (OSError, ssl.SSLError) as exc:
-            raise StartError(f"server.tls: cannot load {s.tls.cert} and {s.tls.key}: {exc}") from None
     public = bind(s.host, s.port, "server.port")
     try:
         admin = bind(s.admin_address, s.admin_port, "server.admin_port") if s.admin_port else None
@@ -100,22 +105,37 @@ def prepare(settings: Settings) -> tuple[Supervisor, Listeners]:
 
 
 class MainProcess:
-    def __init__(self, settings: Settings, supervisor: Supervisor, listeners: Listeners, log_level: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        supervisor: Supervisor,
+        listeners: Listeners,
+        log_level: str,
+        source: ConfigSource | None = None,
+        loaded: Loaded | None = None,
+    ) -> None:
         self.settings = settings
         self.supervisor = supervisor
         self.listeners = listeners
         self.log_level = log_level
+        self.source = source
+        self.version = loaded.version if loaded is not None else ""
+        self.replica = f"{socket.gethostname()}:{os.getpid()}"  # in reload announcements
         self.workers: list[BaseProcess] = []
         self._dir = tempfile.mkdtemp(prefix="llm-gateway-")
         self._control = ControlServer(os.path.join(self._dir, "control.sock"), self._handle, self._gone, self._states)
         supervisor.on_change = lambda: self._control.broadcast(self._states())
+        self.reloads: MainReloads | None = None
+        if source is not None and loaded is not None:
+            self.reloads = MainReloads(source, loaded, supervisor, self._control, self._commit)
+        self._tasks: set[asyncio.Task[None]] = set()
         self._hello: set[int] = set()
         self._health: dict[int, dict[str, bool]] = {}
         self._stop = asyncio.Event()
         self._signal: int | None = None
         self._stopping_since = 0.0
         self._exit_code = 0
-        self._metrics_dir: str | None = None
+        self._metrics: MetricsHub | None = None  # with several workers: sums their metrics for /metrics
 
     # -- the control channel -------------------------------------------------------------------
 
@@ -127,6 +147,12 @@ class MainProcess:
         engines = message.get("engines")
         if op == "hello":
             self._hello.add(worker)
+            if self.reloads is not None:
+                self.reloads.hello(worker, message.get("version"))
+        elif op == "reloaded" and self.reloads is not None:
+            self.reloads.answered(worker, message)
+        elif op == "reload_request":
+            self._background(self._reload_for(worker, message.get("id"), str(message.get("why") or "a worker")))
         elif op == "wake":
             name = str(message.get("engine"))
             return {"op": "woken", "engine": name, "started": self.supervisor.wake(name)}
@@ -137,9 +163,41 @@ class MainProcess:
         return None
 
     def _gone(self, worker: int) -> None:
+        if self.reloads is not None:
+            self.reloads.gone(worker)
         self._hello.discard(worker)
         self._health.pop(worker, None)
         self.supervisor.forget(worker)
+
+    # -- reloads (gateway/process/reload.py) ----------------------------------------------------
+
+    async def _reload_for(self, worker: int, rid: Any, why: str) -> None:
+        """A worker's reload request (the admin API): the outcome goes back to it."""
+        if self.reloads is None:
+            answer = {"status": "failed", "version": self.version, "errors": ["this gateway has no file to reload"]}
+        else:
+            answer = (await self.reloads.run(why)).json()
+        self._control.send(worker, {"op": "reload_result", "id": rid, **answer})
+
+    async def _reload_on_hup(self) -> None:
+        """SIGHUP: the file again; a change is announced to the other replicas by one worker."""
+        if self.reloads is None:
+            return
+        outcome = await self.reloads.run("SIGHUP")
+        if outcome.status == "reloaded" and (workers := self._control.workers):
+            self._control.send(workers[0], {"op": "announce", "version": outcome.version})
+
+    def _commit(self, loaded: Loaded) -> None:
+        self.settings, self.version = loaded.settings, loaded.version
+
+    def _on_hup(self) -> None:
+        self._send_workers(signal.SIGHUP)  # each worker reopens its access log (logrotate)
+        self._background(self._reload_on_hup())
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # -- life ----------------------------------------------------------------------------------
 
@@ -147,26 +205,27 @@ class MainProcess:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        # SIGHUP (logrotate): each worker reopens its access log file (gateway/observe/access_log.py).
-        loop.add_signal_handler(signal.SIGHUP, self._send_workers, signal.SIGHUP)
+        # SIGHUP: the configuration file is reloaded (gateway/process/reload.py), and each worker
+        # reopens its access log file (logrotate: gateway/observe/access_log.py).
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         s = self.settings.server
         if s.workers > 1:
-            # Each worker writes its metric values here; any worker's /metrics sums them all.
-            self._metrics_dir = os.path.join(self._dir, "metrics")
-            os.mkdir(self._metrics_dir)
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir
+            self._metrics = MetricsHub(os.path.join(self._dir, "metrics.sock"))
+            await self._metrics.start()
         await self._control.start()
         try:
             await self.supervisor.start()
             self.workers = [self._spawn(i) for i in range(s.workers)]
             tasks = [loop.create_task(self._watch_workers()), loop.create_task(self._announce_ready())]
             await self._stop.wait()
-            for task in tasks:
+            for task in [*tasks, *self._tasks]:
                 task.cancel()
             await self._stop_workers()
         finally:
             await self.supervisor.stop()
             await self._control.close()
+            if self._metrics is not None:
+                await self._metrics.close()
             self.listeners.close()
             shutil.rmtree(self._dir, ignore_errors=True)
         took = f" after {time.monotonic() - self._stopping_since:.1f}s" if self._stopping_since else ""
@@ -174,7 +233,16 @@ class MainProcess:
         return self._exit_code
 
     def _spawn(self, index: int) -> BaseProcess:
-        spec = WorkerSpec(self.settings, index, self.log_level, self._control.path, self._metrics_dir)
+        spec = WorkerSpec(
+            self.settings,
+            index,
+            self.log_level,
+            self._control.path,
+            self._metrics.path if self._metrics is not None else None,
+            self.source,
+            self.version,
+            self.replica,
+        )
         process = multiprocessing.get_context("spawn").Process(
             target=run_worker, args=(spec, self.listeners.all()), name=f"llm-gateway-worker-{index}"
         )
@@ -217,7 +285,6 @@ class MainProcess:
                 log.error("worker %s did not stop in time; killing it", process.pid)
                 process.kill()
                 await asyncio.to_thread(process.join, 5)
-            self._mark_dead(process)
 
     async def _watch_workers(self) -> None:
         """A worker that dies is replaced; one that cannot start stops the gateway."""
@@ -227,7 +294,6 @@ class MainProcess:
                 code = process.exitcode
                 if code is None or self._stopping_since:
                     continue
-                self._mark_dead(process)
                 if code == STARTUP_FAILURE:
                     log.error("a worker could not start (see above); stopping")
                     self._exit_code = 1
@@ -237,12 +303,6 @@ class MainProcess:
                     return
                 log.warning("worker %s exited with %s; starting another", process.pid, code)
                 self.workers[i] = self._spawn(i)
-
-    def _mark_dead(self, process: BaseProcess) -> None:
-        if self._metrics_dir and process.pid is not None:
-            from prometheus_client import multiprocess
-
-            multiprocess.mark_process_dead(process.pid, self._metrics_dir)
 
     # -- the ready line ------------------------------------------------------------------------
 
@@ -330,8 +390,10 @@ def raise_open_files(settings: Settings) -> None:
             )
 
 
-def serve(settings: Settings, log_level: str) -> int:
-    """Runs the gateway until it is stopped; the exit code."""
+def serve(source: ConfigSource, loaded: Loaded, log_level: str) -> int:
+    """Runs the gateway until it is stopped; the exit code. `loaded` was read from `source`,
+    which reloads read again."""
+    settings = loaded.settings
     raise_open_files(settings)
     try:
         supervisor, listeners = prepare(settings)
@@ -339,5 +401,5 @@ def serve(settings: Settings, log_level: str) -> int:
         for line in str(exc).splitlines():
             log.error("%s", line)
         return 1
-    main = MainProcess(settings, supervisor, listeners, log_level)
+    main = MainProcess(settings, supervisor, listeners, log_level, source, loaded)
     return asyncio.run(main.run())

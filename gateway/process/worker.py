@@ -19,7 +19,7 @@ import signal
 import socket
 import ssl
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvloop
 from starlette.types import ASGIApp, Message
@@ -29,6 +29,10 @@ from gateway.front.http11 import HttpConnection, ServerState
 from gateway.process import lifeline
 from gateway.proxy.drain import Drain
 from gateway.settings import ServerSettings, Settings
+from gateway.settings.source import ConfigSource
+
+if TYPE_CHECKING:  # the app's modules load in the worker process only
+    from gateway.front.running import Version
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +60,10 @@ class WorkerSpec:
     index: int
     log_level: str = "info"
     control_path: str | None = None
-    multiprocess_dir: str | None = None
+    metrics_hub: str | None = None  # with several workers: gateway/process/metrics_hub.py
+    source: ConfigSource | None = None  # where a reload reads the configuration again
+    version: str = ""  # of `settings` (gateway/settings/source.py)
+    replica: str | None = None  # this replica's name in reload announcements, the same in all its workers
 
 
 class Lifespan:
@@ -110,9 +117,11 @@ class Lifespan:
 
 class GatewayServer:
     def __init__(self, app: ASGIApp, drain: Drain, settings: ServerSettings) -> None:
+        self.app = app  # runs the lifespan; requests go to `state.app` (a reload changes it: `follow`)
         self.state = ServerState(app, settings, drain, "https" if settings.tls else "http")
         self.drain = drain
         self.settings = settings
+        self._tls: ssl.SSLContext | None = None
         self.started = False
         self.force_exit = False
         self._exit = False
@@ -143,10 +152,10 @@ class GatewayServer:
     async def serve(self, sockets: list[socket.socket]) -> None:
         loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        lifespan = Lifespan(self.state.app, self.state.lifespan_state)
+        lifespan = Lifespan(self.app, self.state.lifespan_state)
         if not await lifespan.startup():
             return
-        tls = self._tls_context()
+        tls = self._tls = self._tls_context()
         state = self.state
         for sock in sockets:
             server = await loop.create_server(lambda: HttpConnection(state), sock=sock, ssl=tls, backlog=4096)
@@ -170,6 +179,27 @@ class GatewayServer:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(tls.cert, tls.key)
         return context
+
+    def follow(self, version: Version) -> None:
+        """A reload swapped the configuration: new requests go to its app, new connections get
+        its limits and, when its certificate files changed, its certificate (the listeners keep
+        their TLS context: it is loaded anew in place)."""
+        settings = version.gw.settings.server
+        self.state.app = version.front
+        self.state.settings = self.settings = settings
+        tls = settings.tls
+        if self._tls is None or tls is None:
+            return
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(tls.cert, tls.key)
+            self._tls.load_cert_chain(tls.cert, tls.key)  # only once the pair is known to load
+        except (OSError, ssl.SSLError) as exc:
+            log.error(
+                "server.tls: cannot load %s and %s (%s); connections keep the previous certificate",
+                tls.cert,
+                tls.key,
+                exc,
+            )
 
     async def _until_done(self) -> None:
         assert self._wake is not None
@@ -244,8 +274,19 @@ def build_server(spec: WorkerSpec) -> GatewayServer:
 
     settings = spec.settings
     drain = Drain()
-    app = build_app(settings, multiprocess=spec.multiprocess_dir, drain=drain, control_path=spec.control_path)
-    return GatewayServer(app, drain, settings.server)
+    running = build_app(
+        settings,
+        metrics_hub=spec.metrics_hub,
+        drain=drain,
+        control_path=spec.control_path,
+        source=spec.source,
+        version=spec.version,
+        replica=spec.replica,
+    )
+    server = GatewayServer(running, drain, settings.server)
+    server.state.app = running.current.front  # per request: the configuration's own app, no hop
+    running.on_swap.append(server.follow)
+    return server
 
 
 def run_worker(spec: WorkerSpec, sockets: list[socket.socket]) -> None:

@@ -1,19 +1,31 @@
 """What every request of one gateway process shares: settings, metrics, engines, router, clients,
 access, the store. Built whole by `Gateway.build` before the app serves, and frozen: nothing
 reassigns a field afterwards. What changes at run time lives inside a service (the pool's engine
-states, the store service's open store, the route store's weights), never in the context."""
+states, the store service's open store, the route store's weights), never in the context.
+
+A configuration reload builds a new Gateway from its predecessor (`previous`): a request keeps
+the one it started with to its end, and new requests take the new one (gateway/front/running.py).
+What lives as long as the process is shared whatever changed (the metrics, the engine pool, the
+scheduler's queue, the control channel, the drain, the store, the Redis clients); a service whose
+settings did not change is reused (the upstream client, the observer, the access and quota, the
+prompt counter, the inference log); the rest is built anew (the router and what reads its routes:
+the scheduler, the route store, the response cache, the adapters). `Current` holds the newest, for
+the work that outlives a request (a batch takes it for each of its lines)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from gateway.access.admin_auth import AdminAuth
 from gateway.access.auth import KeyedAccess
 from gateway.access.base import Access, OpenAccess
 from gateway.access.jwt_clients import JwtClients
 from gateway.access.keys import KeyStore
+from gateway.access.leases import Leases
 from gateway.access.oidc import OidcProvider
 from gateway.access.quota import Quota
 from gateway.access.sessions import OidcSignIn
@@ -25,7 +37,7 @@ from gateway.cache.store import CacheStore
 from gateway.core.metrics import GatewayMetrics
 from gateway.dispatch.route_store import RouteStore
 from gateway.dispatch.routing import Router
-from gateway.dispatch.scheduler import Dispatcher, Scheduler, Unscheduled
+from gateway.dispatch.scheduler import Dispatcher, Scheduler, SlotQueue, Unscheduled
 from gateway.dispatch.wake import EngineControl
 from gateway.engines.client import Upstream
 from gateway.engines.pool import Pool
@@ -44,6 +56,7 @@ from gateway.store.service import StoreService
 # more than one command, and a loaded machine's Redis answers a list of keys more slowly than an
 # admission; a stalled Redis still gets a 503 within about a second, not the client library's 10.
 ADMIN_MARGIN = 0.5
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,11 +75,27 @@ class RedisServices:
 
     @classmethod
     def build(
-        cls, settings: Settings, router: Router, metrics: GatewayMetrics, counter: PromptCounter
+        cls,
+        settings: Settings,
+        router: Router,
+        metrics: GatewayMetrics,
+        counter: PromptCounter,
+        previous: RedisServices | None = None,
+        whole: bool = False,
     ) -> RedisServices:
+        """With `previous` (a reload): its clients (the redis section needs a restart), and, when
+        it is kept `whole` (`Gateway.build` says), everything but the route store (which follows
+        the new configuration's router)."""
         r = settings.redis
         assert r.url is not None
-        clients = build_clients(r.url, cluster=r.cluster, timeout=r.timeout)
+        engines = {e.name: e for e in settings.engines}
+        timeout = r.timeout + ADMIN_MARGIN
+        if previous is not None and whole:
+            routes = RouteStore(previous.clients.admin, previous.clients.subscriber, r.prefix, router, engines, timeout)
+            return dataclasses.replace(previous, routes=routes)
+        clients = (
+            previous.clients if previous is not None else build_clients(r.url, cluster=r.cluster, timeout=r.timeout)
+        )
         quota = Quota(
             clients.lean,
             r.prefix,
@@ -76,7 +105,8 @@ class RedisServices:
             metrics=metrics,
             currency=settings.pricing.currency,
         )
-        engines = {e.name: e for e in settings.engines}
+        if settings.leases.enabled:
+            quota.leases = Leases(quota, clients.lean, clients.subscriber, settings.leases)
         pricing = settings.pricing
         alerts = BudgetAlerts(pricing.alerts, clients.admin, pricing.currency) if pricing.alerts else None
         oidc = settings.auth.oidc
@@ -86,24 +116,11 @@ class RedisServices:
             KeyStore(clients.admin, r.prefix, timeout=2 * r.timeout, admin_timeout=r.timeout + ADMIN_MARGIN),
             TeamStore(clients.admin, r.prefix),
             quota,
-            RouteStore(clients.admin, clients.subscriber, r.prefix, router, engines, timeout=r.timeout + ADMIN_MARGIN),
+            RouteStore(clients.admin, clients.subscriber, r.prefix, router, engines, timeout),
             counter,
             alerts,
             sign_in,
         )
-
-    def start(self) -> None:
-        self.routes.start()  # follows route changes made on any replica
-        if self.alerts is not None:
-            self.alerts.start()
-
-    async def stop(self) -> None:
-        if self.sign_in is not None:
-            await self.sign_in.provider.close()
-        if self.alerts is not None:
-            await self.alerts.stop()
-        await self.routes.stop()
-        await self.clients.aclose()
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,29 +147,52 @@ class Gateway:
     observe: Observer | None  # access log, traces, Server-Timing; None when all are off
     cache: ResponseCache | None  # None: no model uses the response cache (or no Redis)
     adapters: Adapters | None  # None: no `adapters:` section (or no Redis)
+    slots: SlotQueue  # the scheduler's queue and capacities, shared by every configuration
     started: float = field(default_factory=time.time)
 
     @classmethod
     def build(
         cls,
         settings: Settings,
-        multiprocess_dir: str | None = None,
+        metrics_hub: str | None = None,
         drain: Drain | None = None,
         control_path: str | None = None,
+        previous: Gateway | None = None,
     ) -> Gateway:
-        metrics = GatewayMetrics(multiprocess_dir)
+        p = previous
+        kept = _Kept(p, settings)
         # a breaker's trial request is void once it could have timed out (and its slot freed)
         trial_timeout = settings.server.first_byte_timeout + 1
-        pool = Pool(settings.engines, settings.health, metrics, trial_timeout=trial_timeout)
+        if p is None:
+            metrics = GatewayMetrics(metrics_hub)
+            pool = Pool(settings.engines, settings.health, metrics, trial_timeout=trial_timeout)
+            slots = SlotQueue(pool, metrics)
+        else:  # the caller stages the pool's changes and commits them (gateway/engines/pool.py)
+            metrics, pool, slots = p.metrics, p.pool, p.slots
         router = Router(pool, settings.models, settings.routing)
-        scheduler = Scheduler(settings, router, metrics) if settings.scheduler.enabled else Unscheduled(router)
-        counter = PromptCounter({m.name: m.tokenizer for m in settings.models})
-        redis = RedisServices.build(settings, router, metrics, counter) if settings.redis.url else None
+        scheduler: Dispatcher = Scheduler(settings, router, metrics, slots=slots)
+        if not settings.scheduler.enabled:
+            scheduler = Unscheduled(router)
+        counter = kept.reuse(
+            lambda s: {m.name: m.tokenizer for m in s.models},
+            lambda g: g.counter,
+            lambda: PromptCounter({m.name: m.tokenizer for m in settings.models}),
+        )
+        # keys, quotas, spend: kept whole (their in-flight leases, their caches) unless they changed
+        whole = (
+            p is not None and p.counter is counter and kept.unchanged(lambda s: (s.redis, s.auth, s.pricing, s.leases))
+        )
+        redis = None
+        if settings.redis.url:
+            redis = RedisServices.build(settings, router, metrics, counter, p.redis if p else None, whole)
         access: Access = OpenAccess()
         audit = spend = None
         if redis is not None:
-            audit, spend = AuditLog(), SpendLog(alerts=redis.alerts)
-        if redis is not None and settings.auth.enabled:
+            audit = p.audit if p is not None and p.audit is not None else AuditLog()
+            spend = p.spend if p is not None and whole else SpendLog(alerts=redis.alerts)
+        if p is not None and whole:
+            access = p.access
+        elif redis is not None and settings.auth.enabled:
             access = _keyed_access(settings, redis, metrics, spend)
         admin_auth = AdminAuth(settings.auth.admin_key, redis.sign_in if redis is not None else None)
         log = settings.inference_log
@@ -163,35 +203,67 @@ class Gateway:
             c = settings.cache
             store = CacheStore(redis.clients.lean, settings.redis.prefix, c.ttl, c.max_memory)
             cache = ResponseCache(c, models, lambda m: router.routes[m], store, metrics)
-        upstream = Upstream(settings.server)
+        upstream = kept.reuse(
+            lambda s: (s.server, [(e.url, e.api_key, e.ca_file) for e in s.engines]),
+            lambda g: g.upstream,
+            lambda: Upstream(settings.server),
+        )
+        if p is not None and upstream is p.upstream and any(e.ca_file for e in settings.engines):
+            upstream = Upstream(settings.server)  # its TLS contexts read the CA files again (renewed in place)
         adapters = None
         if redis is not None and settings.adapters is not None:
-            p = settings.redis.prefix
-            adapters = Adapters(settings.adapters, redis.clients, p, router, models, upstream, metrics)
+            prefix = settings.redis.prefix
+            adapters = Adapters(settings.adapters, redis.clients, prefix, router, models, upstream, metrics)
+        send_timeout = settings.server.send_timeout
         return cls(
             settings,
             metrics,
             pool,
             router,
             upstream,
-            SendWatchdog(settings.server.send_timeout),
+            kept.reuse(lambda s: s.server.send_timeout, lambda g: g.watchdog, lambda: SendWatchdog(send_timeout)),
             scheduler,
-            EngineControl(pool, router, metrics, control_path),
-            drain or Drain(),
+            p.control if p is not None else EngineControl(pool, router, metrics, control_path),
+            p.drain if p is not None else drain or Drain(),
             access,
             admin_auth,
             redis,
             audit,
             spend,
-            StoreService(settings.store),
-            InferenceLog(log, settings.models, metrics) if log.enabled else None,
+            p.store if p is not None else StoreService(settings.store),
+            kept.reuse(
+                lambda s: (s.inference_log, [(m.name, m.log_payloads) for m in s.models]),
+                lambda g: g.inference_log,
+                lambda: InferenceLog(log, settings.models, metrics) if log.enabled else None,
+            ),
             {m.name: min(default, m.max_prompt_bytes or default) for m in settings.models},
             counter,
             models,
-            Observer.build(settings, metrics),
+            kept.reuse(
+                lambda s: (s.tracing, s.logging), lambda g: g.observe, lambda: Observer.build(settings, metrics)
+            ),
             cache,
             adapters,
+            slots,
+            p.started if p is not None else time.time(),
         )
+
+
+class _Kept:
+    """What a new configuration keeps of its predecessor's services."""
+
+    def __init__(self, previous: Gateway | None, settings: Settings) -> None:
+        self._previous = previous
+        self._settings = settings
+
+    def unchanged(self, part: Callable[[Settings], Any]) -> bool:
+        p = self._previous
+        return p is not None and part(p.settings) == part(self._settings)
+
+    def reuse(self, part: Callable[[Settings], Any], service: Callable[[Gateway], T], build: Callable[[], T]) -> T:
+        """The predecessor's service when the part of the settings it is built from is unchanged."""
+        p = self._previous
+        return service(p) if p is not None and self.unchanged(part) else build()
 
 
 def _keyed_access(
@@ -204,3 +276,13 @@ def _keyed_access(
     if redis.sign_in is not None and oidc is not None and oidc.client_audience:
         access.jwt_clients = JwtClients(redis.sign_in.provider, redis.teams, oidc.client_audience)
     return access
+
+
+class Current:
+    """The process's newest Gateway, for work that outlives a request: each piece of it (a batch
+    line) reads `gw` once when it starts and keeps what it read."""
+
+    __slots__ = ("gw",)
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw

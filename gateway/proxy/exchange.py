@@ -37,7 +37,7 @@ from gateway.engines.client import EngineUnreachable, UpstreamError, UpstreamRes
 from gateway.engines.pool import Engine
 from gateway.monitor.payloads import Capture
 from gateway.monitor.writer import LogEntry
-from gateway.observe.record import current
+from gateway.observe.observer import current
 from gateway.proxy.context import Gateway
 from gateway.proxy.prompt_bound import bound_prompt
 from gateway.proxy.relay import SSE_HEADERS, Outcome, broken, error_of, read_whole, relay_stream, send_last
@@ -154,10 +154,15 @@ class Exchange:
         out = self.out
         out.status, out.usage, out.finish_reason, out.done = 200, replay.usage, replay.finish_reason, True
         self._watch.stop()
-        self._settled = await self.gw.access.settle(self.grant, replay.charged) if self.grant else replay.charged
+        grant = self.grant
+        if grant is not None:
+            grant.route = "cache"  # spend rows by route show the hits apart
+        self._settled = await self.gw.access.settle(grant, replay.charged) if grant else replay.charged
         headers = [(b"content-type", replay.content_type), *self._headers()]
         if self.request.stream:
             headers.append((b"cache-control", b"no-cache"))
+        else:
+            headers.append((b"content-length", b"%d" % len(replay.body)))
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": replay.body})
         return True

@@ -21,6 +21,7 @@ from gateway.settings.batch import BatchSettings, FilesSettings, parse_batch, pa
 from gateway.settings.cache import CacheSettings, parse_cache
 from gateway.settings.engines import ENGINE_KINDS, MANAGED_KINDS, EngineSettings, VllmSettings, parse_engine
 from gateway.settings.inference_log import InferenceLogSettings, PayloadCapture, parse_inference_log
+from gateway.settings.leases import LeaseSettings, parse_leases
 from gateway.settings.models import ModelSettings, RouteSettings, check_fallbacks, parse_model, parse_routes
 from gateway.settings.observe import (
     AccessLogSettings,
@@ -53,6 +54,7 @@ SECTIONS = (
     "models",
     "redis",
     "auth",
+    "leases",
     "store",
     "inference_log",
     "scheduler",
@@ -76,6 +78,7 @@ class Settings:
     models: tuple[ModelSettings, ...]
     redis: RedisSettings
     auth: AuthSettings
+    leases: LeaseSettings = field(default_factory=LeaseSettings)
     store: StoreSettings = field(default_factory=StoreSettings)
     inference_log: InferenceLogSettings = field(default_factory=InferenceLogSettings)
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
@@ -137,6 +140,7 @@ def parse_settings(
         models=models,
         redis=redis,
         auth=auth,
+        leases=parse_leases(r, data),
         store=store,
         inference_log=parse_inference_log(r, data),
         scheduler=parse_scheduler(r, data),
@@ -151,16 +155,23 @@ def parse_settings(
 
 
 def load_settings(path: str | Path, env: Mapping[str, str] | None = None) -> Settings:
-    path = Path(path)
+    return parse_text(read_config(path), path, env)
+
+
+def read_config(path: str | Path) -> str:
     try:
-        text = path.read_text()
+        return Path(path).read_text()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the file: {exc.strerror}") from None
+
+
+def parse_text(text: str, path: str | Path, env: Mapping[str, str] | None = None) -> Settings:
+    """The settings of a config file's text, as `load_settings` reads the file at `path`."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return parse_settings(data, str(path), base_dir=_project_root(path), env=env)
+    return parse_settings(data, str(path), base_dir=_project_root(Path(path)), env=env)
 
 
 def _project_root(config_path: Path) -> Path:
@@ -172,16 +183,12 @@ def _project_root(config_path: Path) -> Path:
 CONFIG_ENV = "LLM_GATEWAY_CONFIG"
 
 
-def settings_from_env() -> Settings:
+def config_path_from_env() -> str:
     """For running the app under another ASGI server: the config file named in the environment."""
     path = os.environ.get(CONFIG_ENV)
     if not path:
         raise ConfigError(f"{CONFIG_ENV} is not set: start the gateway with `llm-gateway serve --config FILE`")
-    return load_settings(path)
-
-
-def multiprocess_dir() -> str | None:
-    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+    return path
 
 
 def admin_token() -> str | None:
@@ -211,6 +218,7 @@ __all__ = [
     "FilesSettings",
     "HealthSettings",
     "InferenceLogSettings",
+    "LeaseSettings",
     "LoggingSettings",
     "ModelSettings",
     "PayloadCapture",
@@ -231,4 +239,6 @@ __all__ = [
     "load_settings",
     "parse_routes",
     "parse_settings",
+    "parse_text",
+    "read_config",
 ]

@@ -25,6 +25,7 @@ from gateway.settings.batch import BatchSettings, FilesSettings
 from gateway.settings.cache import CacheSettings
 from gateway.settings.engines import EngineSettings, VllmSettings
 from gateway.settings.inference_log import InferenceLogSettings, PayloadCapture
+from gateway.settings.leases import LeaseSettings
 from gateway.settings.models import ModelSettings, RouteSettings
 from gateway.settings.observe import AccessLogSettings, LoggingSettings, TracingSettings
 from gateway.settings.oidc import OidcSettings
@@ -75,11 +76,6 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
     ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "`serve`", "the same for traces only; wins over the one above"),
     ("OTEL_SERVICE_NAME", "`serve`", "the service name of the gateway's spans, when `tracing.service_name` is not set"),
     ("OTEL_SDK_DISABLED", "`serve`", "`true` turns tracing off whatever the config says"),
-    (
-        "PROMETHEUS_MULTIPROC_DIR",
-        "`gateway.front.app:app_from_env`",
-        "metrics summed over processes; `serve` sets it for its own workers, so set it only for another ASGI server",
-    ),
 ]
 
 INTRO = """# Configuration reference
@@ -111,6 +107,7 @@ SECTIONS: list[tuple[str, type, tuple[str, ...], dict[str, str]]] = [
     ("redis.", RedisSettings, (), {}),
     ("auth.", AuthSettings, ("oidc",), {"oidc": "single sign-on with an OpenID Connect provider, below"}),
     ("auth.oidc.", OidcSettings, ("client_secret",), {}),
+    ("leases.", LeaseSettings, (), {}),
     ("scheduler.", SchedulerSettings, (), {}),
     ("store.", StoreSettings, (), {}),
     ("inference_log.", InferenceLogSettings, (), {}),
@@ -211,6 +208,11 @@ DESCRIPTIONS = {  # where the field's own comment is missing or says why rather 
     "models[].routes[].engines": "the engines of this route (required: `engines` or `engine`)",
     "models[].routes[].weight": "the share of traffic among the model's routes (0 = none)",
     "engines[].max_inflight": "requests the engine runs at once (split between workers); unset: learned",
+    "leases.enabled": "admit a busy key's requests from slices of its budget leased from Redis (false: one Redis call each)",
+    "leases.horizon": "seconds of the key's recent rate on a process that one slice holds",
+    "leases.share": "a slice takes at most 1/share of the room any limit has left",
+    "leases.idle": "seconds an unused slice is kept before it goes back",
+    "leases.wait": "seconds a refusal, a usage read or an admin change waits for slices to come back",
     "scheduler.enabled": "queue requests in the gateway when every engine of a model is full (false: FCFS)",
     "scheduler.max_queue_wait": "seconds a request may wait for an engine slot (then 429 `queue_timeout`)",
     "scheduler.max_queued_per_key": "requests one key may have waiting (the next gets 429 `queue_full`)",

@@ -6,7 +6,8 @@ A line is `pending`, `claimed` (by a holder, with a token and an expiry), then `
 line in flight on a dead replica runs again. A result is written only while the line is still
 claimed under the token that came with the claim: once a line was claimed again, or failed by
 expiry or cancel, the old runner's late result is refused. The batch's counts move in the same
-transaction as the line, so they stay exact.
+transaction as the line, so they stay exact, and so does the spend the result carries (what its
+run was charged): a line counts in the spend rollups once, with the result that was written.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from collections.abc import Collection, Sequence
 import orjson
 
 from gateway.store.common import SqlBase, page_size, sql_list
-from gateway.store.records import ClaimedLine, LineOutcome
+from gateway.store.records import ClaimedLine, LineOutcome, SpendRow
+from gateway.store.spend import add_spend_rows
 
 UNFINISHED = ("pending", "claimed")
 
@@ -76,6 +78,7 @@ class LineOps(SqlBase):
                 raise ValueError("a successful outcome needs its status_code")
         written: list[bool] = []
         counts: Counter[tuple[str, str]] = Counter()
+        spend: list[SpendRow] = []
         now = self.clock()
         async with self.db.write() as conn:
             for batch_id, line, token, outcome in results:
@@ -98,8 +101,11 @@ class LineOps(SqlBase):
                 written.append(changed == 1)
                 if changed:
                     counts[batch_id, "failed_count" if outcome.failed else "completed_count"] += 1
+                    if outcome.spend is not None:
+                        spend.append(outcome.spend)
             for (batch_id, column), n in sorted(counts.items()):
                 await conn.execute(f"UPDATE batches SET {column} = {column} + $2 WHERE id = $1", batch_id, n)
+            await add_spend_rows(conn, spend)
         return written
 
     async def fail_pending(self, batch_id: str, code: str, message: str) -> int:

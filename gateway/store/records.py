@@ -172,6 +172,8 @@ class LineOutcome:
     body: str | None = None  # the response body as JSON text
     error_code: str | None = None
     error_message: str | None = None
+    # What the run was charged: added to the spend rollups when, and only when, the result is written.
+    spend: SpendRow | None = None
 
     @classmethod
     def success(cls, status_code: int, request_id: str | None, body: str) -> LineOutcome:
@@ -186,8 +188,9 @@ class LineOutcome:
         status_code: int | None = None,
         request_id: str | None = None,
         body: str | None = None,
+        spend: SpendRow | None = None,
     ) -> LineOutcome:
-        return cls(status_code, request_id, body, code, message)
+        return cls(status_code, request_id, body, code, message, spend)
 
     @property
     def failed(self) -> bool:

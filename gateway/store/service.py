@@ -52,6 +52,19 @@ class StoreService:
         if not await self._open():
             self._opening = asyncio.create_task(self._keep_trying(), name="store-open")
 
+    def add(self, user: StoreUser) -> None:
+        """A user that comes later (a reload's new inference log): started now if the store is open."""
+        self._users.append(user)
+        if self.current is not None:
+            user.start(self.current)
+
+    async def remove(self, user: StoreUser) -> None:
+        """A user that goes before the store closes: stopped (it writes what it holds)."""
+        if user in self._users:
+            self._users.remove(user)
+            if self.current is not None:
+                await user.stop()
+
     async def stop(self) -> None:
         """Stops the users (each writes what it holds) before the store closes."""
         if self._opening is not None:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gateway.store.common import SqlBase
+from gateway.store.db import Conn
 from gateway.store.records import SpendQuery, SpendRow
 
 _KEY = ("hour", "key_id", "team_id", "org_id", "model", "route")
@@ -32,24 +33,8 @@ class SpendOps(SqlBase):
     async def add_spend(self, rows: Sequence[SpendRow]) -> None:
         if not rows:
             return
-        # Sorted: two replicas adding to the same rows lock them in the same order (no deadlock).
-        ordered = sorted(rows, key=lambda r: (r.hour, r.key_id, r.team_id, r.org_id, r.model, r.route))
         async with self.db.write() as conn:
-            for r in ordered:
-                await conn.execute(
-                    _UPSERT,
-                    int(r.hour),
-                    r.key_id,
-                    r.team_id,
-                    r.org_id,
-                    r.model,
-                    r.route,
-                    int(r.requests),
-                    int(r.prompt_tokens),
-                    int(r.completion_tokens),
-                    int(r.cached_tokens),
-                    int(r.spend),
-                )
+            await add_spend_rows(conn, rows)
 
     async def query_spend(self, q: SpendQuery) -> list[dict[str, Any]]:
         """Rows of the groups (each `day`/`hour` as Unix seconds), sums of the window's hours."""
@@ -86,3 +71,16 @@ class SpendOps(SqlBase):
             item.update({c: int(row[c]) for c in _SUMS})
             out.append(item)
         return out
+
+
+async def add_spend_rows(conn: Conn, rows: Sequence[SpendRow]) -> None:
+    """Adds the rows in the caller's transaction (also that of batch lines' results,
+    gateway/store/lines.py), one statement per distinct row."""
+    sums: dict[tuple[int, str, str, str, str, str], list[int]] = {}
+    for r in rows:
+        held = sums.setdefault((int(r.hour), r.key_id, r.team_id, r.org_id, r.model, r.route), [0, 0, 0, 0, 0])
+        for i, n in enumerate((r.requests, r.prompt_tokens, r.completion_tokens, r.cached_tokens, r.spend)):
+            held[i] += int(n)
+    # Sorted: two replicas adding to the same rows lock them in the same order (no deadlock).
+    for key, figures in sorted(sums.items()):
+        await conn.execute(_UPSERT, *key, *figures)

@@ -16,6 +16,7 @@ const PAGES = [
   { route: "batches", title: "Batches", module: "./pages/batches.js", nav: true, admin: true },
   { route: "experiments", title: "Experiments", module: "./pages/experiments.js", nav: true, admin: true },
   { route: "requests", title: "Requests", module: "./pages/requests.js", nav: true, admin: true },
+  { route: "config", title: "Configuration", module: "./pages/config.js", nav: true, admin: true },
   { route: "playground", title: "Playground", module: "./pages/playground.js", nav: true, admin: false },
   { route: "signin", title: "Sign in", module: "./pages/signin.js", admin: false },
 ];

@@ -115,7 +115,7 @@ class Router:
     def members(self, route: RouteSettings) -> list[Engine]:
         """The engines a route names, as they are now (a `discover: dns` entry stands for the
         engines found under its name)."""
-        pool = self._pool
+        pool = self._pool  # inline (not pool.members_of): a call less, on every pick
         engines = pool.engines
         return [e for entry in route.engines for name in pool.groups.get(entry, ()) if (e := engines.get(name))]
 

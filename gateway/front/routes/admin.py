@@ -120,6 +120,7 @@ class AdminRoutes:
             actor.require_change_team(fields["team"])
             org = await self._team_org(fields["team"])
         key = await self._keys.update(before.id, fields, org) or await self._key_or_404(before.id)
+        await self._quota.recall(self._quota.levels(before)[:1])  # its slices go back before the answer
         await self._audit.record(actor, "key.update", key.id, team=key.team, before=before.public(), after=key.public())
         return JSONResponse(key.public())
 
@@ -128,6 +129,7 @@ class AdminRoutes:
         before = await self._key_or_404(path_id(request, "key_id"))
         actor.require_change_team(before.team)
         key = await self._keys.revoke(before.id) or await self._key_or_404(before.id)
+        await self._quota.recall(self._quota.levels(before)[:1])
         await self._audit.record(actor, "key.revoke", key.id, team=key.team, before=before.public(), after=key.public())
         return JSONResponse(key.public())
 

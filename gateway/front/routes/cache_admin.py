@@ -44,7 +44,8 @@ def cache_admin_routes(gw: Gateway) -> list[Route]:
                 raise invalid("'model' must be a model name.", param="model")
             if not gw.router.knows(model):
                 raise model_not_found(model)
-        generation = await store.invalidate(model)
+        # through the process's cache when it has one: its own copies go at once
+        generation = await (gw.cache.invalidate(model) if gw.cache is not None else store.invalidate(model))
         if gw.audit is not None:
             await gw.audit.record(actor, "cache.invalidate", model or "*", after={"generation": generation})
         return JSONResponse({"object": "cache.invalidation", "model": model, "generation": generation})

@@ -20,7 +20,7 @@ from gateway.core.request import (
     read_body,
     too_large,
 )
-from gateway.observe.record import current
+from gateway.observe.observer import current
 from gateway.proxy.context import Gateway
 from gateway.proxy.exchange import Exchange
 

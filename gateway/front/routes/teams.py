@@ -12,6 +12,7 @@ from starlette.routing import Route
 
 from gateway.access.admin_auth import AdminAuth
 from gateway.access.keys import KeyStore
+from gateway.access.levels import team_level
 from gateway.access.quota import Quota
 from gateway.access.roles import Actor
 from gateway.access.team_fields import ORG_FIELDS, TEAM_FIELDS, validate_group_fields
@@ -99,6 +100,7 @@ class TeamRoutes:
         team = await self._teams.update_team(before.id, fields)
         if team is None:
             raise not_found("team", before.id)
+        await self._quota.recall([team_level(self._teams.prefix, team.id, team.org)])  # its keys' slices go back
         await self._audit.record(
             actor, "team.update", team.id, team=team.id, before=before.public(), after=team.public()
         )
@@ -157,6 +159,7 @@ class TeamRoutes:
         org = await self._teams.update_org(before.id, fields)
         if org is None:
             raise not_found("org", before.id)
+        await self._quota.recall([self._teams.org_level(org.id)])
         await self._audit.record(actor, "org.update", org.id, before=before.public(), after=org.public())
         return JSONResponse(org.public())
 
