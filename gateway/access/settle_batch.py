@@ -90,7 +90,7 @@ class SettleBatch:
             self._failed(release, reason)
 
 
-def settle_args(keys: Keys, args: list[str | int]) -> list[str | int]:
+def settle_args(keys: ScriptKeys, args: list[str | int]) -> list[str | int]:
     """One release's `_SETTLE` arguments: its number of levels (negative when its keys end with a
     batch line's charge record), then `_RELEASE`'s."""
     levels = len(keys) // 4
