@@ -14,7 +14,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from testkit.ci import require
+from testkit.poll import eventually
 from testkit.procs import TINY_MODEL, Proc, free_port, gateway, worker
 from tests.test_discovery import NAME, TinyDns
 
@@ -188,6 +189,18 @@ async def stream(client: httpx.AsyncClient, url: str, t0: float) -> tuple[int, f
     return 200, first, tokens, last
 
 
+def seen_by_all(gw: Proc, holds: Callable[[dict[str, Any]], bool], timeout: float = 20) -> None:
+    """`holds` for ten /ready answers in a row: each lands on one of the two worker processes, so
+    both see it."""
+    deadline = time.monotonic() + timeout
+    in_a_row = 0
+    while in_a_row < 10:
+        state = ready(gw)
+        in_a_row = in_a_row + 1 if holds(state) else 0
+        assert time.monotonic() < deadline, f"{state}\n{gw.log_tail()}"
+        time.sleep(0.1)
+
+
 def ready(gw: Proc) -> dict[str, Any]:
     r = httpx.get(gw.url + "/ready", timeout=10)
     return {"status": r.status_code, **r.json()}
@@ -229,8 +242,11 @@ def test_requests_wait_for_the_first_engine_and_are_all_served(logs_dir: Path, d
             f"first request; first token {firsts[0]:.2f} s after it (the last stream's: {firsts[-1]:.2f} s), "
             f"so the gateway served {firsts[0] - (keda.engine_ready_at - t0):.2f} s after the engine was up"
         )
-        state = ready(gw)
-        assert state["model_states"] == {MODEL: "ready"}, state
+        # Each worker process discovers engines on its own: one that had no request waiting
+        # finds the pod at its next discover_interval (a request that waits there hurries it),
+        # so the workers that served say ready; /ready lands on either.
+        state = eventually(lambda: ready(gw), lambda s: s["model_states"] == {MODEL: "ready"}, timeout=20)
+        assert state["engines"], state
         metrics = httpx.get(gw.url + "/metrics", timeout=10).text
         waiting = [v for n, labels, v in samples(metrics) if n == "gateway_cold_waiting_requests"]
         assert waiting and sum(waiting) == 0, "nobody waits any more"
@@ -241,14 +257,10 @@ def test_requests_wait_for_the_first_engine_and_are_all_served(logs_dir: Path, d
         # is cold again (not down) long before the 60 s discover_interval.
         dns_server.publish([])
         engine.stop()
-        deadline = time.monotonic() + 20
-        in_a_row = 0  # each /ready lands on one of the two worker processes: both must see it
-        while in_a_row < 10:
-            state = ready(gw)
-            cold = state["status"] == 200 and state["model_states"] == {MODEL: "cold"} and state["engines"] == {}
-            in_a_row = in_a_row + 1 if cold else 0
-            assert time.monotonic() < deadline, f"{state}\n{gw.log_tail()}"
-            time.sleep(0.1)
+        seen_by_all(
+            gw,
+            lambda state: state["status"] == 200 and state["model_states"] == {MODEL: "cold"} and not state["engines"],
+        )
     finally:
         keda.stop_event.set()
         if keda.is_alive():

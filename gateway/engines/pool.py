@@ -326,10 +326,11 @@ class Pool(PoolChanges):
             engine.healthy = healthy
             if healthy:
                 log.info("engine %s is healthy", engine.name)
-            elif not checked and (entry := self._entry_of.get(engine.name)) is not None:
-                # A discovered engine that stops answering was often scaled away: ask DNS now
-                # rather than at the next interval, so its model turns cold (not down) at once.
-                self._watchers[entry].kick()
+        if was_checked and not checked and (entry := self._entry_of.get(engine.name)) is not None:
+            # A discovered engine that stops answering was often scaled away: ask DNS now rather
+            # than at the next interval, so its model turns cold (not down) at once. (Its health
+            # check, not its breaker: an engine its breaker took out first is asked about too.)
+            self._watchers[entry].kick()
         if (was_checked and not checked) or (engine.breaker.state is BreakerState.OPEN and not was_open):
             for request in list(engine.inflight):
                 request.engine_out(engine, why or "it was taken out")
