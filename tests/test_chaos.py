@@ -471,4 +471,9 @@ def test_nothing_a_client_sees_breaks_under_chaos(chaos_world: dict[str, Any]) -
     left = _wait_gone(chaos.pids, 15)
     if left:
         problems.append(f"gateway processes left over: {sorted(left)}")
-    assert not problems, f"seed {SEED}:\n" + "\n".join(problems[:40])
+    if problems:  # what the replicas logged as errors: a failed run's logs may not outlive the run
+        for r in replicas:
+            lines = r.log_path.read_text(errors="replace").splitlines()
+            errors = [i for i, line in enumerate(lines) if " ERROR " in line or line.startswith("  Traceback")]
+            problems += [f"{r.name}: {line}" for i in errors[:5] for line in lines[i : i + 25]]
+    assert not problems, f"seed {SEED}:\n" + "\n".join(problems[:400])
