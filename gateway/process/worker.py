@@ -94,6 +94,12 @@ class Lifespan:
         scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": self._state}
         try:
             await self._app(scope, self._inbox.get, self._send)
+        except asyncio.CancelledError:
+            # The process stops at once (its main process is gone, or a second signal): no error
+            # of the app's; what the shutdown would have flushed is cut, and that is said once.
+            self.failed = not self._started.is_set()
+            log.warning("the gateway's shutdown was cut short: the process is stopping at once")
+            raise
         except BaseException as exc:
             if not self._started.is_set():
                 self.failed = True
