@@ -20,6 +20,7 @@ import pytest
 
 from testkit.ci import require
 from testkit.metrics import metric, scrape
+from testkit.poll import eventually
 from testkit.procs import ROOT, TINY_MODEL, Proc, child_pid_listening_on, cpu_engine, free_port, gateway
 from testkit.redis_server import RedisServer
 from tests.otlp_receiver import HttpReceiver
@@ -206,7 +207,10 @@ def test_disconnect_aborts_inside_vllm(stack: tuple[Proc, int], key: tuple[str, 
     ) as s:
         lines = s.iter_lines()
         assert next(lines).startswith("data: ")
-        assert scrape(f"http://127.0.0.1:{vllm_port}", "vllm:num_requests_running") == 1
+        # vLLM publishes its gauges from the engine loop's stats, a moment after a step
+        eventually(
+            lambda: scrape(f"http://127.0.0.1:{vllm_port}", "vllm:num_requests_running"), lambda n: n == 1, timeout=10
+        )
     deadline = time.monotonic() + 3
     while scrape(f"http://127.0.0.1:{vllm_port}", "vllm:num_requests_running") != 0:
         assert time.monotonic() < deadline, "vLLM still runs the abandoned request"
