@@ -42,6 +42,15 @@ class RedisStalled(RedisConnectionError):
     """The connection was dropped because Redis sent nothing for the stall timeout."""
 
 
+class RedisNotReady(RedisConnectionError):
+    """Redis answered but cannot serve yet: a restarted server still loading its data (`LOADING`),
+    a replica without its master (`MASTERDOWN`). Out of reach for the caller, like a closed port:
+    the quota's failure mode applies, not a 500."""
+
+
+NOT_READY = ("LOADING", "MASTERDOWN")
+
+
 def pack(*args: bytes | str | int | float) -> bytes:
     # hiredis packs in C: three times faster than the loop below, which matters for the admission
     # script's keys (5 per limited level); the loop stays for what hiredis refuses (a bool)
@@ -311,7 +320,10 @@ class RespClient:
         proto.send(command, future, asking)
         reply = await future
         if isinstance(reply, hiredis.ReplyError):
-            raise ResponseError(str(reply))
+            text = str(reply)
+            if text.startswith(NOT_READY):
+                raise RedisNotReady(text)
+            raise ResponseError(text)
         return reply
 
     async def execute_asking(self, *args: bytes | str | int | float) -> Any:
