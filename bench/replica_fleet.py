@@ -13,7 +13,6 @@ so on the cluster its traffic lands on one master (and that master's replica).
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import sys
 import time
@@ -30,21 +29,11 @@ sys.path.insert(
     0, str(Path(__file__).resolve().parents[1])
 )  # the repo root, for bench/ and testkit/ (run as `python bench/x.py`)
 from bench import servers
-from bench.servers import MODEL, UNLIMITED_KEY, RedisServer, Server, pinned
-from gateway.access import lease_scripts, quota
-from gateway.resp.client import Script
+from bench.servers import IN_SCRIPTS, MODEL, UNLIMITED_KEY, RedisServer, Server, pinned
 from testkit.procs import Proc, free_port, write_config
 from testkit.redis_cluster import ClusterNode, RedisCluster, free_cluster_ports
 
 ADMIN_KEY = "bench-admin"
-# Commands the quota scripts run inside Redis: commandstats counts them too, but they are no round trips.
-IN_SCRIPTS = frozenset(
-    name.lower()
-    for module in (quota, lease_scripts)
-    for value in vars(module).values()
-    if isinstance(value, Script)
-    for name in re.findall(r"redis\.call\('(\w+)'", value.source)
-)
 # Not from the gateways: this bench's INFO, and the replicas' acknowledgements to their master.
 NOT_CLIENTS = frozenset({"info", "replconf"})
 
